@@ -1,0 +1,86 @@
+#!/bin/busybox sh
+# /init of the vmafs test guest.  Job from the kernel command line:
+#   vmafs.mode=writer|idle|latency|bootok  vmafs.seed=N  vmafs.count=N  vmafs.interval_ms=N
+# Markers go to the console (ttyS0): VMAFS-READY, VMAFS-DONE, VMAFS-BOOT-OK, VMAFS-ERROR ...
+/bin/busybox mkdir -p /proc /sys /dev /run /tmp /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+
+fail() {
+    echo "VMAFS-ERROR $*"
+    poweroff -f
+    sleep 1000000
+}
+
+mode=idle seed=1 count=1000 interval_ms=0
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vmafs.mode=*) mode=${arg#*=} ;;
+        vmafs.seed=*) seed=${arg#*=} ;;
+        vmafs.count=*) count=${arg#*=} ;;
+        vmafs.interval_ms=*) interval_ms=${arg#*=} ;;
+    esac
+done
+
+if [ "$mode" = bootok ]; then
+    echo VMAFS-BOOT-OK
+    sync
+    poweroff -f
+    sleep 1000000
+fi
+
+# modules in dependency order, one path per line (written by tests/guestimage.py)
+if [ -f /etc/vmafs-modules ]; then
+    while read -r m; do
+        insmod "$m" || fail "insmod $m"
+    done </etc/vmafs-modules
+fi
+
+wait_dev() {
+    i=0
+    while [ ! -b "$1" ]; do
+        i=$((i + 1))
+        [ $i -gt 200 ] && fail "no $1"
+        usleep 50000
+    done
+}
+
+# qemu-ga on the virtio-serial port named org.qemu.guest_agent.0, if the host gave us one
+for port in /sys/class/virtio-ports/*; do
+    [ -f "$port/name" ] || continue
+    if [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
+        dev=/dev/${port##*/}
+        i=0
+        while [ ! -c "$dev" ] && [ $i -lt 100 ]; do i=$((i + 1)); usleep 50000; done
+        mkdir -p /run/qga
+        /usr/bin/qemu-ga -m virtio-serial -p "$dev" -t /run/qga -f /run/qemu-ga.pid \
+            -l /run/qemu-ga.log -d || fail "qemu-ga"
+        echo "VMAFS-QGA $dev"
+    fi
+done
+
+case "$mode" in
+    writer)
+        wait_dev /dev/vda
+        wait_dev /dev/vdb
+        echo VMAFS-READY
+        /bin/vmafs-guest writer /dev/vda /dev/vdb "$seed"
+        fail "writer exited"
+        ;;
+    latency)
+        wait_dev /dev/vda
+        echo VMAFS-READY
+        /bin/vmafs-guest latency /dev/vda "$count" "$interval_ms" "$seed" || fail "latency"
+        ;;
+    idle)
+        echo VMAFS-READY
+        ;;
+    *)
+        fail "unknown mode $mode"
+        ;;
+esac
+while :; do sleep 1000000; done

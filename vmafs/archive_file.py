@@ -1,0 +1,93 @@
+"""Opening an archive for writing: the container follows the name, and nothing half-written
+ever appears under the final name (PATH.part, fsync, rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+from vmafs import vma
+from vmafs.errors import VmafsError
+from vmafs.zstd_output import DEFAULT_FRAME_SIZE, PlainOutput, SeekableZstdOutput
+
+
+class FramedOutput:
+    """An output plus the extent size it wants, so zstd frames stay small for random reads."""
+
+    def __init__(self, inner: PlainOutput | SeekableZstdOutput, extent_bytes: int) -> None:
+        self.inner = inner
+        self.extent_bytes = extent_bytes
+
+    def write(self, chunk: bytes) -> None:
+        self.inner.write(chunk)
+
+    def end_frame(self) -> None:
+        self.inner.end_frame()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def bytes_out(self) -> int:
+        return self.inner.bytes_out
+
+
+def is_zstd_name(path: str) -> bool:
+    return path.endswith((".zst", ".zstd"))
+
+
+def check_output_name(path: str) -> None:
+    if path == "-":
+        return
+    if not path.endswith((".vma", ".vma.zst")):
+        raise VmafsError(f"{path}: archive name must end in .vma or .vma.zst")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise VmafsError(f"{path}: directory {parent} does not exist")
+
+
+@contextlib.contextmanager
+def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
+                threads: int = 2) -> Iterator[FramedOutput]:
+    """Yield an Output for PATH ('-' is stdout); commit on normal exit, discard on exception."""
+    check_output_name(path)
+    compressed = is_zstd_name(path) if zstd is None else zstd
+    if path == "-":
+        target = sys.stdout.buffer
+        out = _make(target, compressed, level, threads)
+        yield out
+        out.close()
+        return
+    part = path + ".part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as target:
+            out = _make(target, compressed, level, threads)
+            try:
+                yield out
+                out.close()
+            except BaseException:
+                out.inner.abort()
+                raise
+            os.fsync(target.fileno())
+        os.chmod(part, 0o644 & ~_umask())
+        os.rename(part, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
+        raise
+
+
+def _make(target: object, compressed: bool, level: int, threads: int) -> FramedOutput:
+    if compressed:
+        return FramedOutput(SeekableZstdOutput(target, level=level, threads=threads),  # type: ignore[arg-type]
+                            DEFAULT_FRAME_SIZE)
+    return FramedOutput(PlainOutput(target), vma.MAX_EXTENT_SIZE)  # type: ignore[arg-type]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

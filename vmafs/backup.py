@@ -1,0 +1,688 @@
+"""Live backup of a running QEMU VM into one archive, copy-before-write, over QMP.
+
+Data flows one way: QEMU's backup jobs -> one NBD export per disk (trio) -> a queue bounded
+in bytes -> ONE writer thread -> ArchiveWriter -> the output.  The NBD handlers only enqueue
+and return, so QEMU's copy-before-write requests (which hold up guest writes) are
+acknowledged at once; the queue bound is the back-pressure.
+
+What keeps the VM safe whatever happens:
+
+* one QMP `transaction` of `blockdev-backup sync=full` actions with grouped completion:
+  one point in time for all disks, and all jobs fail together;
+* a watchdog: if the writer thread makes no progress for `stall_timeout` seconds, the
+  sink stops storing and acknowledges everything (the backup is void anyway), so QEMU never
+  waits on us at a drain, which would freeze its monitor;
+* on any failure (signal, writer error, QEMU error, watchdog) the sink switches to
+  discard mode *before* the jobs are cancelled, so guest writes that trigger a copy never
+  see an error; then the jobs are cancelled, the NBD nodes deleted and the guest thawed, all
+  in shielded cleanup with time limits; if QEMU does not let go, the NBD connections are
+  dropped (the last resort, which may fail guest writes in flight);
+* the archive is committed (renamed to its final name) only when every job reported
+  BLOCK_JOB_COMPLETED without error and the writer finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio_asyncio
+
+from vmafs import blockgraph
+from vmafs.archive_file import check_output_name, open_output
+from vmafs.blockgraph import Disk
+from vmafs.errors import VmafsError
+from vmafs.nbd_server import serve_nbd
+from vmafs.progress import Progress
+from vmafs.qmp import GuestAgent, QemuGone, Qmp, QmpError, has_member, open_qmp
+from vmafs.writer import ArchiveWriter, DeviceSpec
+
+MiB = 1 << 20
+
+
+class BackupError(VmafsError):
+    """The backup failed; the VM was left as it was and no archive was written."""
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    qmp_socket: str
+    output: str                                       # .vma, .vma.zst or "-"
+    drives: Sequence[tuple[str, str | None]] = ()     # (NODE, DEVNAME or None); () = all
+    configs: Sequence[tuple[str, bytes]] = ()
+    qga_socket: str | None = None
+    zstd: bool | None = None                          # None: from the name
+    level: int = 3
+    threads: int = 2
+    queue_bytes: int = 64 * MiB                       # sink -> writer buffer (back-pressure)
+    stall_timeout: float = 30.0                       # watchdog: writer without progress
+    max_workers: int | None = 4                       # x-perf max-workers when QEMU has it
+    freeze_timeout: float = 60.0
+    cleanup_timeout: float = 30.0
+    progress: bool | None = None                      # None: when stderr is a terminal
+    handle_signals: bool = False                      # SIGINT/SIGTERM end the backup cleanly
+
+
+@dataclass
+class BackupResult:
+    archive: str
+    disks: list[Disk]
+    bytes: int
+    seconds: float
+    x_perf: bool
+    frozen: int | None          # filesystems frozen by the guest agent, None without --qga
+    transaction_at: float = 0.0  # monotonic time the transaction returned
+    nbd_requests: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "archive": self.archive,
+            "devices": [{"name": d.name, "node": d.node, "size": d.size} for d in self.disks],
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "rate": round(self.bytes / self.seconds) if self.seconds > 0 else None,
+            "x_perf": self.x_perf,
+            "frozen": self.frozen,
+        }
+
+
+# --- sink -> writer thread hand-off ------------------------------------------------------------
+
+_WRITE, _ZEROES, _FINISH, _ABORT = range(4)
+
+
+class _Pipe:
+    """Queue from the trio sink to the writer thread, bounded in bytes.
+
+    `put` waits (in trio) while the queue is full; after `discard()` it drops everything and
+    returns at once, which is what frees QEMU when the backup is void.
+    """
+
+    def __init__(self, capacity: int, token: trio.lowlevel.TrioToken) -> None:
+        self._capacity = capacity
+        self._token = token
+        self._cond = threading.Condition()
+        self._items: deque[tuple[Any, ...]] = deque()
+        self._bytes = 0
+        self._space: trio.Event | None = None
+        self.discarding = False
+        self.last_progress = time.monotonic()
+        self.busy = False      # the writer thread holds an item it has not finished
+
+    async def put(self, item: tuple[Any, ...], nbytes: int) -> None:
+        while True:
+            with self._cond:
+                if self.discarding:
+                    return
+                if self._bytes == 0 or self._bytes + nbytes <= self._capacity:
+                    if not self._items and not self.busy:
+                        self.last_progress = time.monotonic()  # the stall clock starts now
+                    self._items.append(item)
+                    self._bytes += nbytes
+                    self._cond.notify()
+                    return
+                if self._space is None:
+                    self._space = trio.Event()
+                space = self._space
+            await space.wait()
+
+    def put_control(self, kind: int) -> None:
+        with self._cond:
+            if kind == _ABORT:
+                self._items.clear()
+                self._items.appendleft((_ABORT,))
+            else:
+                self._items.append((kind,))
+            self._cond.notify()
+
+    def discard(self) -> None:
+        """Stop storing: wake every waiting put, drop the queue, tell the writer to abort."""
+        with self._cond:
+            self.discarding = True
+            self._bytes = 0
+            space, self._space = self._space, None
+        self.put_control(_ABORT)
+        if space is not None:
+            space.set()
+
+    def pending(self) -> bool:
+        with self._cond:
+            return bool(self._items) or self.busy
+
+    # writer-thread side
+
+    def get(self) -> tuple[Any, ...]:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            self.busy = True
+            return self._items.popleft()
+
+    def done(self, nbytes: int) -> None:
+        with self._cond:
+            self.busy = False
+            self.last_progress = time.monotonic()
+            if self.discarding:
+                return
+            self._bytes -= nbytes
+            space = self._space
+            if space is not None and self._bytes <= self._capacity // 2:
+                self._space = None
+            else:
+                space = None
+        if space is not None:
+            self._token.run_sync_soon(space.set)
+
+    def heartbeat(self) -> None:
+        self.last_progress = time.monotonic()
+
+
+class _DiskSink:
+    """The NBD ExportHandler of one disk: enqueue and return."""
+
+    def __init__(self, pipe: _Pipe, dev_id: int) -> None:
+        self._pipe = pipe
+        self._dev_id = dev_id
+
+    async def write(self, offset: int, data: bytes | bytearray) -> None:
+        # nbd_server hands us a buffer nobody else references: no copy needed.
+        await self._pipe.put((_WRITE, self._dev_id, offset, data), len(data))
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await self._pipe.put((_ZEROES, self._dev_id, offset, length), 0)
+
+    async def flush(self) -> None:
+        # Durability is decided at commit (fsync + rename), not per NBD flush; waiting here
+        # would only let a slow output hold up QEMU's blockdev-del.
+        return
+
+
+class _WriterThread:
+    """The one thread that owns the output and the ArchiveWriter."""
+
+    def __init__(self, opts: BackupOptions, disks: Sequence[Disk], pipe: _Pipe,
+                 progress: Progress, token: trio.lowlevel.TrioToken,
+                 on_error: Callable[[BaseException], None]) -> None:
+        self._opts = opts
+        self._disks = disks
+        self._pipe = pipe
+        self._progress = progress
+        self._token = token
+        self._on_error = on_error
+        self.ready = trio.Event()
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.committed = False
+        self.bytes_out = 0
+        self._thread = threading.Thread(target=self._main, name="vmafs-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _beat(self, nbytes: int) -> None:
+        self._pipe.heartbeat()
+        self._progress.update(nbytes)
+
+    def _main(self) -> None:
+        opts = self._opts
+        try:
+            with open_output(opts.output, zstd=opts.zstd, level=opts.level,
+                             threads=opts.threads) as out:
+                writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in self._disks],
+                                       opts.configs, progress=self._beat)
+                self._token.run_sync_soon(self.ready.set)
+                pipe = self._pipe
+                while True:
+                    item = pipe.get()
+                    kind = item[0]
+                    if kind == _WRITE:
+                        writer.write(item[1], item[2], item[3])
+                        pipe.done(len(item[3]))
+                    elif kind == _ZEROES:
+                        writer.write_zeroes(item[1], item[2], item[3])
+                        pipe.done(0)
+                    elif kind == _FINISH:
+                        writer.finish()
+                        pipe.done(0)
+                        if pipe.discarding:  # failed meanwhile: never under the final name
+                            raise _Aborted
+                        break
+                    else:
+                        raise _Aborted
+                self.bytes_out = getattr(out, "bytes_out", 0)
+            self.committed = True
+        except _Aborted:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - reported to the trio side, one line
+            self.error = exc
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._on_error, exc)
+        finally:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self.ready.set)
+                self._token.run_sync_soon(self.done.set)
+
+
+class _Aborted(Exception):
+    pass
+
+
+def describe_writer_error(exc: BaseException, output: str) -> str:
+    if isinstance(exc, VmafsError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = "standard output" if output == "-" else (exc.filename or output)
+        if exc.errno == errno.ENOSPC:
+            return f"writing {where}: no space left on device"
+        if exc.errno == errno.EPIPE:
+            return f"writing {where}: the reader went away (broken pipe)"
+        return f"writing {where}: {exc.strerror or exc}"
+    return f"archive writer failed: {exc!r}"
+
+
+# --- the backup ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    job_id: str
+    disk: Disk
+    target: str
+    ended: bool = False
+    error: str | None = None
+
+
+@dataclass
+class _State:
+    added_nodes: list[str] = field(default_factory=list)
+    jobs: list[_Job] = field(default_factory=list)
+    maybe_frozen: bool = False
+
+
+class Backup:
+    """One backup run.  `await Backup(opts).run()` inside a trio-asyncio loop, or `backup()`."""
+
+    def __init__(self, opts: BackupOptions) -> None:
+        self.opts = opts
+        self.failure: str | None = None
+        self.tag = secrets.token_hex(3)
+        self.disks: list[Disk] = []
+        self.x_perf = False
+        self.frozen: int | None = None
+        self.transaction_at = 0.0
+        self.writer: _WriterThread | None = None
+        self.pipe: _Pipe | None = None
+        self._st = _State()
+        self._scope = trio.CancelScope()
+        self._nbd_scope = trio.CancelScope()
+        self._qmp: Qmp | None = None
+        self._sockdir: str | None = None
+        self.progress: Progress | None = None
+        self._nbd_stats: list[Any] = []
+        #: Set once the jobs run; tests use it to inject failures at the right moment.
+        self.jobs_started = trio.Event()
+        self._jobs_maybe = False
+
+    # -- failure plumbing --
+
+    def fail(self, reason: str) -> None:
+        """Record the first failure reason, stop storing, and stop the main flow."""
+        if self.failure is None:
+            self.failure = reason
+        if self.pipe is not None:
+            self.pipe.discard()
+        self._scope.cancel()
+
+    def drop_nbd_connections(self) -> None:
+        """Close every NBD connection now (QEMU's jobs then fail with an I/O error)."""
+        self._nbd_scope.cancel()
+
+    def _writer_failed(self, exc: BaseException) -> None:
+        self.fail(describe_writer_error(exc, self.opts.output))
+
+    # -- entry --
+
+    async def run(self) -> BackupResult:
+        opts = self.opts
+        check_output_name(opts.output)
+        started = time.monotonic()
+        try:
+            async with open_qmp(opts.qmp_socket) as qmp, trio.open_nursery() as nursery:
+                self._qmp = qmp
+                if opts.handle_signals:
+                    await nursery.start(self._signals)
+                ok = False
+                try:
+                    with self._scope:
+                        await self._preflight(qmp)
+                        await self._start_writer(nursery)
+                        await self._start_nbd(nursery)
+                        await self._add_nodes(qmp)
+                        await self._start_jobs(qmp)
+                        await self._wait_jobs(qmp)
+                        ok = True
+                except VmafsError as exc:
+                    self.fail(str(exc))
+                finally:
+                    if not ok and self.failure is None:
+                        self.fail("the backup was interrupted")
+                    with trio.CancelScope(shield=True):
+                        await self._teardown(qmp)
+                if self.failure is None:
+                    await self._commit()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish_progress()
+            self._remove_sockdir()
+        if self.failure is not None:
+            raise BackupError(self.failure)
+        assert self.writer is not None
+        total = sum(d.size for d in self.disks)
+        return BackupResult(opts.output, self.disks, total, time.monotonic() - started,
+                            self.x_perf, self.frozen, self.transaction_at,
+                            sum(s.requests for s in self._nbd_stats))
+
+    async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                self.fail(f"interrupted by {signal.Signals(signum).name}")
+
+    # -- phases --
+
+    async def _preflight(self, qmp: Qmp) -> None:
+        """Everything that can refuse the backup, before anything is touched."""
+        status = await qmp.execute("query-status")
+        if status.get("status") in ("shutdown", "guest-panicked", "internal-error"):
+            raise BackupError(f"the VM is in state {status.get('status')!r}")
+        blocks = await qmp.execute("query-block")
+        nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+        types: dict[str, str] = {}
+        for path in blockgraph.type_queries(blocks):
+            with contextlib.suppress(QmpError):
+                types[path] = await qmp.execute("qom-get", {"path": path, "property": "type"})
+        self.disks = blockgraph.select_disks(blocks, nodes, types, self.opts.drives)
+        blockgraph.check_no_jobs(await qmp.execute("query-block-jobs"))
+        schema = await qmp.schema()
+        self.x_perf = (self.opts.max_workers is not None
+                       and has_member(schema, "blockdev-backup", "x-perf", "max-workers"))
+        if self.opts.qga_socket:
+            async with GuestAgent.open(self.opts.qga_socket) as agent:
+                await agent.execute("guest-ping")
+
+    async def _start_writer(self, nursery: trio.Nursery) -> None:
+        token = trio.lowlevel.current_trio_token()
+        self.pipe = _Pipe(self.opts.queue_bytes, token)
+        total = sum(d.size for d in self.disks)
+        label = "backup" if self.opts.output == "-" else os.path.basename(self.opts.output)
+        self.progress = Progress(label, total, enabled=self.opts.progress)
+        self.writer = _WriterThread(self.opts, self.disks, self.pipe, self.progress, token,
+                                    self._writer_failed)
+        self.writer.start()
+        nursery.start_soon(self._watchdog)
+        await self.writer.ready.wait()
+        if self.writer.error is not None:
+            raise BackupError(describe_writer_error(self.writer.error, self.opts.output))
+
+    async def _start_nbd(self, nursery: trio.Nursery) -> None:
+        self._sockdir = tempfile.mkdtemp(prefix="vmafs-nbd-")
+        await nursery.start(self._serve_all)
+
+    async def _serve_all(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        assert self.pipe is not None and self._sockdir is not None
+        with self._nbd_scope:
+            async with trio.open_nursery() as nursery:
+                for i, disk in enumerate(self.disks):
+                    path = os.path.join(self._sockdir, f"{i}.sock")
+                    stats = await nursery.start(
+                        serve_nbd, path, disk.size, _DiskSink(self.pipe, i + 1))
+                    self._nbd_stats.append(stats)
+                task_status.started()
+
+    async def _add_nodes(self, qmp: Qmp) -> None:
+        assert self._sockdir is not None
+        for i, disk in enumerate(self.disks):
+            node = f"vmafs-{self.tag}-t{i}"
+            path = os.path.join(self._sockdir, f"{i}.sock")
+            self._st.added_nodes.append(node)  # before the call: a timeout may still add it
+            await qmp.execute("blockdev-add", {
+                "driver": "nbd", "node-name": node,
+                "server": {"type": "unix", "path": path},
+            })
+            self._st.jobs.append(_Job(f"vmafs-{self.tag}-{i}", disk, node))
+
+    async def _start_jobs(self, qmp: Qmp) -> None:
+        actions = []
+        for i, job in enumerate(self._st.jobs):
+            data: dict[str, Any] = {
+                "job-id": job.job_id, "device": job.disk.node, "target": job.target,
+                "sync": "full", "auto-finalize": True, "auto-dismiss": True,
+                "filter-node-name": f"vmafs-{self.tag}-cbw{i}",
+                "on-source-error": "report", "on-target-error": "report",
+            }
+            if self.x_perf:
+                data["x-perf"] = {"max-workers": self.opts.max_workers}
+            actions.append({"type": "blockdev-backup", "data": data})
+        args = {"actions": actions, "properties": {"completion-mode": "grouped"}}
+        try:
+            if self.opts.qga_socket:
+                await self._freeze()
+            # From here on the jobs may exist (a cancelled wait does not undo the command),
+            # so teardown asks QEMU about them.
+            self._jobs_maybe = True
+            await qmp.execute("transaction", args)
+            self.transaction_at = time.monotonic()
+        finally:
+            if self._st.maybe_frozen:
+                with trio.CancelScope(shield=True):
+                    await self._thaw()
+        self.jobs_started.set()
+
+    async def _freeze(self) -> None:
+        assert self.opts.qga_socket
+        self._st.maybe_frozen = True
+        async with GuestAgent.open(self.opts.qga_socket) as agent:
+            self.frozen = int(await agent.execute("guest-fsfreeze-freeze",
+                                                  timeout=self.opts.freeze_timeout))
+
+    async def _thaw(self) -> None:
+        """Thaw (idempotent); a guest left frozen is worse than a failed backup."""
+        assert self.opts.qga_socket
+        last: Exception | None = None
+        for _ in range(3):
+            try:
+                with trio.fail_after(self.opts.freeze_timeout + 15):
+                    async with GuestAgent.open(self.opts.qga_socket) as agent:
+                        await agent.execute("guest-fsfreeze-thaw",
+                                            timeout=self.opts.freeze_timeout)
+                self._st.maybe_frozen = False
+                return
+            except (VmafsError, trio.TooSlowError) as exc:
+                last = exc
+                await trio.sleep(0.5)
+        if self.failure is None:
+            self.failure = f"could not thaw the guest's filesystems: {last}"
+
+    async def _next_event(self, qmp: Qmp) -> dict[str, Any]:
+        try:
+            return await qmp.events.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise QemuGone("QEMU exited or closed the QMP connection during the backup") from None
+
+    def _note_job_event(self, ev: dict[str, Any]) -> _Job | None:
+        name = ev.get("event")
+        if name not in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            return None
+        data = ev.get("data", {})
+        for job in self._st.jobs:
+            if job.job_id == data.get("device") and not job.ended:
+                job.ended = True
+                if name == "BLOCK_JOB_CANCELLED":
+                    job.error = "cancelled"
+                elif "error" in data:
+                    job.error = str(data["error"])
+                elif data.get("offset") != data.get("len"):
+                    job.error = f"copied {data.get('offset')} of {data.get('len')} bytes"
+                return job
+        return None
+
+    async def _wait_jobs(self, qmp: Qmp) -> None:
+        while not all(job.ended for job in self._st.jobs):
+            job = self._note_job_event(await self._next_event(qmp))
+            if job is not None and job.error is not None and job.error != "cancelled":
+                break
+        errors = [j for j in self._st.jobs if j.error not in (None, "cancelled")]
+        if errors:
+            j = errors[0]
+            raise BackupError(f"QEMU's backup job for {j.disk.name} failed: {j.error}")
+        if any(j.error for j in self._st.jobs):
+            raise BackupError("QEMU cancelled the backup jobs")
+
+    async def _watchdog(self) -> None:
+        assert self.pipe is not None
+        timeout = self.opts.stall_timeout
+        while True:
+            await trio.sleep(min(0.5, timeout / 4))
+            pipe = self.pipe
+            if pipe.discarding or not pipe.pending():
+                continue
+            idle = time.monotonic() - pipe.last_progress
+            if idle > timeout:
+                self.fail(f"the archive writer made no progress for {idle:.0f} s "
+                          "(output blocked?); backup abandoned")
+                return
+
+    # -- cleanup and commit --
+
+    async def _teardown(self, qmp: Qmp) -> None:
+        """Leave the VM as we found it: no jobs, no filter, no nodes, guest thawed."""
+        opts = self.opts
+        failed = self.failure is not None
+        if failed and self.pipe is not None:
+            self.pipe.discard()
+        with trio.move_on_after(opts.cleanup_timeout) as scope:
+            try:
+                running = [j for j in self._st.jobs if not j.ended] if self._jobs_maybe else []
+                if running:
+                    await self._cancel_jobs(qmp, running)
+                for node in list(self._st.added_nodes):
+                    await self._delete_node(qmp, node)
+            except QemuGone:
+                pass
+        self.drop_nbd_connections()
+        if self._st.maybe_frozen:
+            await self._thaw()
+        if scope.cancelled_caught and self.failure is None:
+            self.failure = "QEMU did not release the backup nodes in time"
+        if not qmp.gone.is_set() and self._st.added_nodes:
+            left = ", ".join(self._st.added_nodes)
+            self.failure = self.failure or f"could not remove block nodes {left}"
+
+    async def _delete_node(self, qmp: Qmp, node: str) -> None:
+        for attempt in range(2):
+            try:
+                await qmp.execute("blockdev-del", {"node-name": node}, timeout=15)
+            except QmpError as exc:
+                if "Failed to find node" not in exc.desc:
+                    if attempt == 0:
+                        # Still in use: QEMU cannot let go of the connection; drop it.
+                        self.drop_nbd_connections()
+                        await trio.sleep(0.5)
+                        continue
+                    return
+            self._st.added_nodes.remove(node)
+            return
+
+    async def _cancel_jobs(self, qmp: Qmp, running: list[_Job]) -> None:
+        """Cancel our jobs and wait for them to end; drop NBD if QEMU cannot let go."""
+        for job in running:
+            with contextlib.suppress(QmpError):
+                await qmp.execute("block-job-cancel", {"device": job.job_id, "force": True},
+                                  timeout=10)
+        live = {j["device"] for j in await qmp.execute("query-block-jobs", timeout=10)}
+        for job in running:
+            if job.job_id not in live and not job.ended:
+                job.ended = True
+        with trio.move_on_after(10):
+            while not all(j.ended for j in running):
+                self._note_job_event(await self._next_event(qmp))
+        if not all(j.ended for j in running):
+            self.drop_nbd_connections()
+            while not all(j.ended for j in running):
+                self._note_job_event(await self._next_event(qmp))
+
+    async def _commit(self) -> None:
+        """Every job completed: let the writer finish the archive and rename it."""
+        assert self.pipe is not None and self.writer is not None
+        self.pipe.put_control(_FINISH)
+        with self._scope_for_commit():
+            await self.writer.done.wait()
+        if self.failure is None and self.writer.error is not None:
+            self.failure = describe_writer_error(self.writer.error, self.opts.output)
+        if self.failure is None and not self.writer.committed:
+            self.failure = "the archive writer stopped without finishing"
+
+    @contextlib.contextmanager
+    def _scope_for_commit(self) -> Any:
+        # The watchdog (still running in the nursery) cancels this scope via fail().
+        self._scope = trio.CancelScope()
+        with self._scope:
+            yield
+
+    def _finish_progress(self) -> None:
+        if self.progress is not None and self.failure is None:
+            self.progress.finish()
+        elif self.progress is not None and self.progress.enabled:
+            self.progress.stream.write("\n")
+
+    def _remove_sockdir(self) -> None:
+        if self._sockdir is not None:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+            self._sockdir = None
+
+    async def abort_writer(self) -> None:
+        """Wait (briefly) for an aborted writer thread; it may be stuck in a blocked write."""
+        if self.writer is None:
+            return
+        if self.pipe is not None:
+            self.pipe.discard()
+        with trio.move_on_after(5):
+            await self.writer.done.wait()
+
+    @property
+    def writer_stuck(self) -> bool:
+        return self.writer is not None and self.writer.alive
+
+
+async def run_backup(job: Backup) -> BackupResult:
+    """Run a backup inside the current trio run (opens the trio-asyncio loop it needs)."""
+    async with trio_asyncio.open_loop():
+        try:
+            return await job.run()
+        finally:
+            if job.failure is not None:
+                with trio.CancelScope(shield=True):
+                    await job.abort_writer()
+
+
+def backup(opts: BackupOptions) -> BackupResult:
+    """Synchronous entry point: runs its own trio loop; raises BackupError on failure."""
+    return trio.run(run_backup, Backup(opts))

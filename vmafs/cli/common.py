@@ -1,0 +1,58 @@
+"""Pieces shared by the subcommands: flags, safe file names, progress."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+
+from vmafs.progress import Progress
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+:@=,-]")
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print a machine-readable JSON summary on stdout")
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
+def add_compression(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--level", type=int, default=3, metavar="N",
+                        help="zstd level for .vma.zst output (default 3)")
+    parser.add_argument("--threads", type=int, default=2, metavar="N",
+                        help="zstd compression threads (default 2)")
+    parser.add_argument("--zstd", action="store_true",
+                        help="compress (seekable zstd) even when writing to stdout")
+
+
+def safe_name(name: str) -> str:
+    """A name from an archive made safe as one path component: never '/', '..' or NUL."""
+    cleaned = _UNSAFE.sub("_", name)
+    if cleaned in ("", ".", ".."):
+        cleaned = cleaned.replace(".", "_") or "_"
+    return cleaned[:200]
+
+
+def disk_file_name(devname: str) -> str:
+    return f"disk-{safe_name(devname)}.raw"
+
+
+def progress_for(args: argparse.Namespace, label: str, total: int) -> Progress:
+    return Progress(label, total, enabled=False if getattr(args, "quiet", False) else None)
+
+
+def format_ctime(ctime: int) -> str:
+    """Like C's ctime() without the newline, as `vma list` prints it."""
+    return time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(ctime))
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

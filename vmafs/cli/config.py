@@ -1,0 +1,32 @@
+"""`vmafs config`: print one config file of an archive (default qemu-server.conf)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vmafs.decompress import open_stream
+from vmafs.errors import VmafsError
+from vmafs.scan import read_header
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print a config file stored in an archive",
+                       description="Print a config file stored in an archive, like "
+                                   "Proxmox's `vma config`. Reads only the header.")
+    p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")
+    p.add_argument("name", nargs="?", default="qemu-server.conf",
+                   help="config file name (default qemu-server.conf)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_stream(args.archive) as stream:
+        header = read_header(stream)
+    configs = dict(header.configs)
+    if args.name not in configs:
+        have = ", ".join(configs) or "none"
+        raise VmafsError(f"no config file {args.name!r} in the archive (it has: {have})")
+    sys.stdout.buffer.write(configs[args.name])
+    sys.stdout.buffer.flush()
+    return 0

@@ -1,0 +1,76 @@
+"""`vmafs create`: back up image files (any format QEMU reads) into one archive."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from vmafs import images
+from vmafs.archive_file import open_output
+from vmafs.cli.common import add_compression, add_json, add_quiet, progress_for
+from vmafs.errors import VmafsError
+from vmafs.progress import print_json
+from vmafs.vma import MAX_BLOB_SIZE
+from vmafs.writer import ArchiveWriter, DeviceSpec
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("create", help="back up disk image files into an archive",
+                       description="Back up disk images of any format QEMU reads into one "
+                                   "archive. ARCHIVE ending in .vma is plain, .vma.zst is "
+                                   "seekable zstd; - writes to stdout.")
+    p.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
+                   help="archive to write (.vma, .vma.zst, or - for stdout)")
+    p.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
+                   help="add a config file (stored by its base name; repeatable)")
+    p.add_argument("drives", nargs="+", metavar="[format=FMT:]DEVNAME=IMAGE",
+                   help="a disk: device name (like drive-scsi0) and image file")
+    add_compression(p)
+    add_json(p)
+    add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def read_configs(paths: list[str]) -> list[tuple[str, bytes]]:
+    configs = []
+    for path in paths:
+        name = os.path.basename(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_BLOB_SIZE + 1)
+        except OSError as exc:
+            raise VmafsError(f"{path}: {exc.strerror}") from None
+        if len(data) > MAX_BLOB_SIZE:
+            raise VmafsError(f"{path}: config files are limited to 65535 bytes by VMA")
+        if name in dict(configs):
+            raise VmafsError(f"two config files named {name}")
+        configs.append((name, data))
+    return configs
+
+
+def run(args: argparse.Namespace) -> int:
+    parsed = [images.parse_drive(arg) for arg in args.drives]
+    names = [p[0] for p in parsed]
+    if len(set(names)) != len(names):
+        raise VmafsError("each device name may appear only once")
+    specs = [images.probe(*p) for p in parsed]
+    configs = read_configs(args.config)
+    total = sum(s.size for s in specs)
+    progress = progress_for(args, "create", total)
+    with open_output(args.output, zstd=args.zstd or None, level=args.level,
+                     threads=args.threads) as out:
+        writer = ArchiveWriter(out, [DeviceSpec(s.devname, s.size) for s in specs], configs,
+                               progress=progress.update)
+        for dev_id, spec in enumerate(specs, start=1):
+            if spec.format == "raw":
+                images.copy_raw(writer, dev_id, spec.path, spec.size)
+            else:
+                images.copy_with_qemu_img(writer, dev_id, spec)
+        writer.finish()
+    progress.finish()
+    if args.json:
+        print_json({"archive": args.output, "bytes": out.bytes_out, "seconds":
+                    round(progress.elapsed, 3),
+                    "devices": [{"name": s.devname, "size": s.size, "format": s.format,
+                                 "image": s.path} for s in specs]})
+    return 0

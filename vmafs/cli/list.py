@@ -1,0 +1,43 @@
+"""`vmafs list`: what an archive holds, as `vma list` prints it (or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+from vmafs.cli.common import add_json, format_ctime
+from vmafs.decompress import open_stream
+from vmafs.progress import print_json
+from vmafs.scan import read_header
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="list the devices and config files of an archive",
+                       description="List the config files and devices of an archive, like "
+                                   "Proxmox's `vma list`. Reads only the header.")
+    p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")
+    add_json(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_stream(args.archive) as stream:
+        header = read_header(stream)
+    if args.json:
+        print_json({
+            "uuid": str(uuid.UUID(bytes=header.uuid)),
+            "ctime": header.ctime,
+            "configs": [{"name": n, "size": len(d)} for n, d in header.configs],
+            "devices": [{"dev_id": d.dev_id, "name": d.name, "size": d.size}
+                        for d in header.devices],
+            "vmstate": ({"dev_id": header.vmstate.dev_id, "size": header.vmstate.size}
+                        if header.vmstate else None),
+        })
+        return 0
+    lines = [f"CFG: size: {len(data)} name: {name}" for name, data in header.configs]
+    lines += [f"DEV: dev_id={d.dev_id} size: {d.size} devname: {d.name}" for d in header.devices]
+    if header.vmstate:
+        lines.append(f"VMSTATE: dev_id={header.vmstate.dev_id} memory: {header.vmstate.size}")
+    lines.append(f"CTIME: {format_ctime(header.ctime)}")
+    print("\n".join(lines))
+    return 0

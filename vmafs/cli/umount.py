@@ -1,0 +1,27 @@
+"""`vmafs umount`: unmount an archive mounted by `vmafs mount`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DESCRIPTION = """\
+Unmount a vmafs mount; its daemon then exits. If a file in it is still open the unmount fails,
+unless --lazy is given: then the mount point is detached at once and the daemon keeps serving the
+open files until they are closed."""
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("umount", help="unmount an archive mounted by vmafs mount",
+                              description=DESCRIPTION)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-l", "-z", "--lazy", action="store_true",
+                   help="detach now, even if files are open; finish when they are closed")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vmafs.mountd import unmount
+
+    unmount(args.mountpoint, lazy=args.lazy)
+    return 0

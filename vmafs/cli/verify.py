@@ -1,0 +1,57 @@
+"""`vmafs verify`: every rule Proxmox's reader enforces, completeness, and our checksums."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vmafs.cli.common import add_json, add_quiet, progress_for
+from vmafs.decompress import open_stream
+from vmafs.errors import FormatError, VmafsError
+from vmafs.progress import print_json
+from vmafs.scan import read_header, scan_stream
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check an archive completely",
+                       description="Read the whole archive and check every rule of Proxmox's "
+                                   "VMA reader, that every cluster of every device is present "
+                                   "exactly once, and the data checksums of the trailing index. "
+                                   "Exit status 0 only if everything holds.")
+    p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")
+    add_json(p)
+    add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    total = 0
+    if args.archive != "-":
+        with open_stream(args.archive) as stream:
+            header = read_header(stream)
+        total = sum(d.size for d in header.devices)
+    progress = progress_for(args, "verify", total)
+    try:
+        with open_stream(args.archive) as stream:
+            result = scan_stream(stream, progress=progress.update)
+    except FormatError as exc:
+        progress.finish()
+        if args.json:
+            print_json({"archive": args.archive, "ok": False, "problems": [str(exc)]})
+        raise VmafsError(f"{args.archive}: {exc}") from None
+    progress.finish()
+    ok = not result.problems
+    if args.json:
+        print_json({
+            "archive": args.archive, "ok": ok, "problems": result.problems,
+            "devices": len(result.header.devices), "extents": result.extents,
+            "stored_bytes": result.stored_bytes, "indexed": result.has_index,
+        })
+    elif ok:
+        what = "data checksums verified" if result.has_index else "no vmafs index: no data checksums"
+        print(f"{args.archive}: OK ({len(result.header.devices)} devices, "
+              f"{result.extents} extents, {result.stored_bytes} bytes stored; {what})")
+    else:
+        for problem in result.problems:
+            print(f"{args.archive}: {problem}", file=sys.stderr)
+    return 0 if ok else 1

@@ -1,0 +1,333 @@
+"""The read-only FUSE view of an archive: one `disk-<dev>.raw` per device plus the config blobs.
+
+Thin on purpose: it turns FUSE requests into `Archive.read` calls and knows nothing of the VMA
+format. Cheap reads (plain archives, config blobs) are answered inline in the trio task, because a
+thread hop costs more than the read itself; reads that decompress run in worker threads, and a
+small read-ahead keeps the next chunks of a sequential reader decompressing in the background.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyfuse3
+import trio
+
+from vmafs.errors import ChecksumError, VmafsError
+
+log = logging.getLogger("vmafs.mount")
+
+# The archive never changes while mounted: let the kernel cache names and attributes for a year.
+TIMEOUT = 365 * 24 * 3600.0
+NAME_MAX = 255
+FIRST_CONFIG_INODE = 1024   # disks use 1 + dev_id (dev_id is 1..255), configs count up from here
+BLOCK_SIZE = 65536          # reported st_blksize / f_bsize: one VMA cluster
+
+# Read-ahead for archives whose reads decompress (sizes in bytes of device offsets).
+CHUNK = 1 << 20
+AHEAD = 4                   # chunks decompressed ahead of a sequential reader
+CACHED_CHUNKS = 24          # decompressed chunks kept, all readers together
+WORKERS = 2                 # decompression threads at once
+
+
+class DeviceLike(Protocol):
+    @property
+    def dev_id(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+
+
+class ArchiveLike(Protocol):
+    """What the file system needs from `vmafs.reader.Archive`."""
+
+    @property
+    def devices(self) -> Sequence[DeviceLike]: ...
+    @property
+    def configs(self) -> Mapping[str, bytes]: ...
+    @property
+    def ctime(self) -> int: ...
+    @property
+    def compressed(self) -> bool: ...
+    def read(self, dev_id: int, offset: int, length: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file in the mount's root directory."""
+
+    inode: int
+    name: bytes
+    size: int
+    dev_id: int = 0          # 0 for a config blob
+    data: bytes = b""        # a config blob's content
+
+
+def safe_name(raw: str) -> bytes:
+    """Turn a name taken from the archive into one path component, whatever it contains."""
+    name = os.fsencode(raw) if isinstance(raw, str) else bytes(raw)
+    name = name.replace(b"/", b"_").replace(b"\0", b"_")
+    name = bytes(c if c >= 0x20 and c != 0x7F else 0x5F for c in name)   # no control chars
+    if name in (b"", b".", b".."):
+        name = b"_" + name
+    if len(name) > NAME_MAX - 16:   # leave room for "disk-", ".raw" and a "~N" suffix
+        name = name[: NAME_MAX - 16]
+    return name
+
+
+def _unique(name: bytes, taken: set[bytes], suffix: bytes = b"") -> bytes:
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = stem + b"~%d" % n + suffix
+    taken.add(candidate)
+    return candidate
+
+
+def layout(devices: Sequence[DeviceLike], configs: Mapping[str, bytes]) -> list[Entry]:
+    """The root directory: disks by dev_id, then configs in archive order; names sanitised and
+    unique, inode numbers stable for a given archive."""
+    taken: set[bytes] = set()
+    entries: list[Entry] = []
+    for dev in sorted(devices, key=lambda d: d.dev_id):
+        name = _unique(b"disk-" + safe_name(dev.name) + b".raw", taken, b".raw")
+        entries.append(Entry(1 + dev.dev_id, name, dev.size, dev_id=dev.dev_id))
+    for i, (cname, data) in enumerate(configs.items()):
+        name = _unique(safe_name(cname), taken)
+        entries.append(Entry(FIRST_CONFIG_INODE + i, name, len(data), data=bytes(data)))
+    return entries
+
+
+class _Fetch:
+    """A chunk being (or done being) decompressed; several reads may wait on it."""
+
+    __slots__ = ("done", "data", "failed")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes = b""
+        self.failed = False
+
+
+@dataclass
+class _Handle:
+    entry: Entry
+    next_offset: int = -1                 # where a sequential reader's next read would start
+    streak: int = 0                       # consecutive sequential reads
+
+
+class VmaFS(pyfuse3.Operations):
+    """pyfuse3 operations over one open archive. `nursery` (set by the daemon before serving)
+    runs read-ahead tasks; without it there is no read-ahead."""
+
+    def __init__(self, archive: ArchiveLike, *, uid: int | None = None,
+                 gid: int | None = None) -> None:
+        super().__init__()
+        self.archive = archive
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.ctime_ns = int(archive.ctime) * 1_000_000_000
+        self.entries = layout(archive.devices, archive.configs)
+        self.by_inode = {e.inode: e for e in self.entries}
+        self.by_name = {e.name: e for e in self.entries}
+        self.compressed = bool(archive.compressed)
+        self.nursery: trio.Nursery | None = None
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._chunks: OrderedDict[tuple[int, int], _Fetch] = OrderedDict()
+        self._limiter = trio.CapacityLimiter(WORKERS)
+
+    # -- attributes and names ------------------------------------------------------------------
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        if inode == pyfuse3.ROOT_INODE:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.st_size = 0
+        else:
+            entry = self.by_inode.get(inode)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = entry.size
+        attr.st_ino = inode
+        attr.st_uid = self.uid
+        attr.st_gid = self.gid
+        attr.st_blksize = BLOCK_SIZE
+        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.ctime_ns
+        attr.attr_timeout = TIMEOUT
+        attr.entry_timeout = TIMEOUT
+        return attr
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attr(pyfuse3.ROOT_INODE)
+        entry = self.by_name.get(name)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(entry.inode)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # start_id is the index of the next entry to send; "." and ".." come from the kernel.
+        for i in range(start_id, len(self.entries)):
+            entry = self.entries[i]
+            if not pyfuse3.readdir_reply(token, entry.name, self._attr(entry.inode), i + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = BLOCK_SIZE
+        total = sum(e.size for e in self.entries)
+        st.f_blocks = (total + BLOCK_SIZE - 1) // BLOCK_SIZE
+        st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self.entries) + 1
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = NAME_MAX
+        return st
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return not mode & os.W_OK
+
+    # -- files ---------------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        entry = self.by_inode.get(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(entry)
+        # Page cache on and kept across opens: the content never changes.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # pyfuse3 takes any buffer from read(); its stub says bytes.
+    async def read(self, fh: int, off: int, size: int  # type: ignore[override]
+                   ) -> bytes | memoryview:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        entry = handle.entry
+        if off >= entry.size or size <= 0:
+            return b""
+        size = min(size, entry.size - off)
+        if not entry.dev_id:
+            return memoryview(entry.data)[off:off + size]
+        if not self.compressed:
+            try:
+                return self.archive.read(entry.dev_id, off, size)
+            except ChecksumError as exc:
+                raise self._bad(entry, off, size, exc) from None
+            except OSError as exc:
+                raise self._ioerror(entry, off, size, exc) from None
+        sequential = off == handle.next_offset or (entry.dev_id, off // CHUNK) in self._chunks
+        handle.streak = handle.streak + 1 if sequential else 0
+        handle.next_offset = off + size
+        if handle.streak >= 1 and self.nursery is not None:
+            data = await self._read_chunked(entry, off, size)
+            if data is not None:
+                return data
+        return await self._read_thread(entry, off, size)
+
+    # -- the decompressing path ----------------------------------------------------------------
+
+    async def _read_thread(self, entry: Entry, off: int, size: int) -> bytes:
+        try:
+            return await trio.to_thread.run_sync(
+                self.archive.read, entry.dev_id, off, size, limiter=self._limiter)
+        except ChecksumError as exc:
+            raise self._bad(entry, off, size, exc) from None
+        except (OSError, VmafsError) as exc:
+            raise self._ioerror(entry, off, size, exc) from None
+
+    async def _read_chunked(self, entry: Entry, off: int, size: int
+                            ) -> bytes | memoryview | None:
+        """Serve a sequential read from whole decompressed chunks and start the next ones.
+        Returns None if a chunk failed, so the caller re-reads exactly the asked range (a bad
+        cluster must fail only the reads that touch it)."""
+        first, last = off // CHUNK, (off + size - 1) // CHUNK
+        nchunks = (entry.size + CHUNK - 1) // CHUNK
+        for idx in range(last + 1, min(last + 1 + AHEAD, nchunks)):
+            self._fetch(entry, idx)
+        parts: list[memoryview] = []
+        for idx in range(first, last + 1):
+            fetch = self._fetch(entry, idx)
+            await fetch.done.wait()
+            if fetch.failed:
+                return None
+            start = max(off, idx * CHUNK) - idx * CHUNK
+            end = min(off + size, (idx + 1) * CHUNK) - idx * CHUNK
+            parts.append(memoryview(fetch.data)[start:end])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fetch(self, entry: Entry, idx: int) -> _Fetch:
+        key = (entry.dev_id, idx)
+        fetch = self._chunks.get(key)
+        if fetch is not None:
+            self._chunks.move_to_end(key)
+            return fetch
+        fetch = _Fetch()
+        self._chunks[key] = fetch
+        while len(self._chunks) > CACHED_CHUNKS:
+            self._chunks.popitem(last=False)
+        assert self.nursery is not None
+        self.nursery.start_soon(self._decompress, entry, idx, fetch)
+        return fetch
+
+    async def _decompress(self, entry: Entry, idx: int, fetch: _Fetch) -> None:
+        start = idx * CHUNK
+        length = min(CHUNK, entry.size - start)
+        try:
+            fetch.data = await trio.to_thread.run_sync(
+                self.archive.read, entry.dev_id, start, length, limiter=self._limiter)
+        except (OSError, VmafsError):
+            fetch.failed = True      # reported by the exact re-read, if anyone asks for it
+            self._chunks.pop((entry.dev_id, idx), None)
+        finally:
+            fetch.done.set()
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def _bad(self, entry: Entry, off: int, size: int, exc: Exception) -> pyfuse3.FUSEError:
+        log.error("%s: bytes %d-%d: %s; returning EIO", os.fsdecode(entry.name), off,
+                  off + size - 1, exc)
+        return pyfuse3.FUSEError(errno.EIO)
+
+    def _ioerror(self, entry: Entry, off: int, size: int, exc: Exception) -> pyfuse3.FUSEError:
+        log.error("%s: bytes %d-%d: cannot read the archive: %s", os.fsdecode(entry.name), off,
+                  off + size - 1, exc)
+        return pyfuse3.FUSEError(errno.EIO)

@@ -1,0 +1,134 @@
+"""Disk images as input to `vmafs create`: raw files are read directly (skipping holes); any
+other format QEMU reads is pushed by `qemu-img convert` into an NBD sink, like a live backup."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import trio
+
+from vmafs import vma
+from vmafs.errors import VmafsError
+from vmafs.writer import ArchiveWriter
+
+READ_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    devname: str
+    path: str
+    format: str
+    size: int
+
+
+def parse_drive(arg: str) -> tuple[str, str, str | None]:
+    """'[format=FMT:]DEVNAME=PATH' -> (devname, path, format or None)."""
+    fmt = None
+    if arg.startswith("format="):
+        fmt, sep, arg = arg[len("format="):].partition(":")
+        if not sep or not fmt:
+            raise VmafsError(f"bad drive argument {arg!r}: expected format=FMT:DEVNAME=IMAGE")
+    devname, sep, path = arg.partition("=")
+    if not sep or not devname or not path:
+        raise VmafsError(f"bad drive argument {arg!r}: expected DEVNAME=IMAGE "
+                         "(for example drive-scsi0=disk.qcow2)")
+    try:
+        vma.check_device_name(devname)
+    except vma.FormatError as exc:
+        raise VmafsError(str(exc)) from None
+    return devname, path, fmt
+
+
+def probe(devname: str, path: str, fmt: str | None) -> ImageSpec:
+    """Format and virtual size, as QEMU sees them."""
+    if not os.path.exists(path):
+        raise VmafsError(f"{path}: no such image")
+    cmd = ["qemu-img", "info", "--output=json", "-U"] + (["-f", fmt] if fmt else []) + [path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise VmafsError("qemu-img not found: install qemu-utils") from None
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unreadable"
+        raise VmafsError(f"{path}: cannot read image: {reason.removeprefix('qemu-img: ')}")
+    info = json.loads(proc.stdout)
+    size = int(info["virtual-size"])
+    if size <= 0:
+        raise VmafsError(f"{path}: image is empty")
+    return ImageSpec(devname, path, info["format"], size)
+
+
+def copy_raw(writer: ArchiveWriter, dev_id: int, path: str, size: int) -> None:
+    """Read the data regions of a raw file (SEEK_DATA/SEEK_HOLE) into the writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        pos = 0
+        while pos < size:
+            try:
+                data_start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break  # only a hole remains
+                raise
+            data_start = min(data_start // vma.CLUSTER_SIZE * vma.CLUSTER_SIZE, size)
+            hole = min(os.lseek(fd, data_start, os.SEEK_HOLE), size)
+            hole = min(-(-hole // vma.CLUSTER_SIZE) * vma.CLUSTER_SIZE, size)
+            data_start = max(data_start, pos)
+            while data_start < hole:
+                n = min(READ_CHUNK, hole - data_start)
+                chunk = os.pread(fd, n, data_start)
+                if len(chunk) != n:
+                    raise VmafsError(f"{path}: image changed size while reading")
+                writer.write(dev_id, data_start, chunk)
+                data_start += n
+            pos = hole
+    finally:
+        os.close(fd)
+
+
+class _WriterSink:
+    """NBD export handler feeding one device of the writer from a worker thread."""
+
+    def __init__(self, writer: ArchiveWriter, dev_id: int) -> None:
+        self.writer = writer
+        self.dev_id = dev_id
+        self.limiter = trio.CapacityLimiter(1)
+
+    async def write(self, offset: int, data: bytes | bytearray) -> None:
+        await trio.to_thread.run_sync(self.writer.write, self.dev_id, offset, data,
+                                      limiter=self.limiter)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await trio.to_thread.run_sync(self.writer.write_zeroes, self.dev_id, offset, length,
+                                      limiter=self.limiter)
+
+    async def flush(self) -> None:
+        pass
+
+
+def copy_with_qemu_img(writer: ArchiveWriter, dev_id: int, image: ImageSpec) -> None:
+    """Let qemu-img read any format and write it, holes as WRITE_ZEROES, into our NBD sink."""
+    from vmafs.nbd_server import serve_nbd
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory(prefix="vmafs-") as tmp:
+            sock = os.path.join(tmp, "nbd.sock")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_nbd, sock, image.size, _WriterSink(writer, dev_id))
+                proc = await trio.run_process(
+                    ["qemu-img", "convert", "-U", "-n", "-f", image.format, "-O", "raw",
+                     "-m", "4", "-W", image.path, f"nbd+unix:///?socket={sock}"],
+                    capture_stderr=True, check=False)
+                nursery.cancel_scope.cancel()
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise VmafsError(f"{image.path}: qemu-img failed: {err[-1] if err else 'unknown'}")
+
+    trio.run(main)

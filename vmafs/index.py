@@ -1,0 +1,169 @@
+"""Pure codec of vmafs's trailing extent index and the footer that locates it.
+
+Proxmox's reader accepts nothing after the last extent except more extents, so the index travels
+in null extents (vma.encode_null_extents) at the end of the stream, and the very last extent is a
+footer saying where the index starts. A reader finds everything from the last 512 bytes.
+
+The index is columnar so it loads with a handful of numpy calls, whatever its size:
+  header    magic "VMAFSIX1", version u32, flags u32, n_extents u64, n_slots u64
+  extents   offset u64 [n_extents], stored slots u16 [n_extents]   (extents holding data, in order)
+  slots     cluster u32, mask u16, dev_id u8, crc32 u32 [n_slots]  (stored clusters, slot order)
+Zero clusters are not listed. A slot's data offset follows from its extent's offset and the
+popcounts of the masks before it; crc32 covers the cluster's stored blocks. About 11 bytes per
+stored cluster and 10 per data extent, all little-endian. The footer carries the index's crc32.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from array import array
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmafs import vma
+from vmafs.errors import ChecksumError, FormatError
+
+INDEX_MAGIC = b"VMAFSIX1"
+FOOTER_MAGIC = b"VMAFSFT1"
+INDEX_VERSION = 1
+_INDEX_HEAD = struct.Struct("<8sIIQQ")
+_FOOTER = struct.Struct("<8sIQQI")
+# Index limits, checked before allocating: one slot per cluster of 254 devices of 256 TiB.
+MAX_SLOTS = 1 << 40
+MAX_INDEX_BYTES = 1 << 36
+
+
+@dataclass(frozen=True)
+class Footer:
+    index_offset: int  # stream offset of the first index null extent
+    index_length: int  # bytes of index payload
+    index_crc: int
+
+
+class IndexBuilder:
+    """Collects extents and stored clusters as a writer emits them; cheap per cluster."""
+
+    def __init__(self) -> None:
+        self.ext_offsets = array("Q")
+        self.ext_counts = array("H")
+        self.clusters = array("I")
+        self.masks = array("H")
+        self.dev_ids = array("B")
+        self.crcs = array("I")
+
+    def add_extent(self, offset: int, slots: list[tuple[int, int, int, int]]) -> None:
+        """slots: (dev_id, cluster, mask, crc) of the extent's stored clusters in slot order."""
+        if not slots:
+            return
+        self.ext_offsets.append(offset)
+        self.ext_counts.append(len(slots))
+        for dev_id, cluster, mask, crc in slots:
+            self.dev_ids.append(dev_id)
+            self.clusters.append(cluster)
+            self.masks.append(mask)
+            self.crcs.append(crc)
+
+    def encode(self) -> bytes:
+        head = _INDEX_HEAD.pack(INDEX_MAGIC, INDEX_VERSION, 0, len(self.ext_offsets),
+                                len(self.clusters))
+        parts = [head]
+        for arr in (self.ext_offsets, self.ext_counts, self.clusters, self.masks,
+                    self.dev_ids, self.crcs):
+            if arr.itemsize > 1 and np.little_endian is False:  # pragma: no cover
+                arr = array(arr.typecode, arr)
+                arr.byteswap()
+            parts.append(arr.tobytes())
+        return b"".join(parts)
+
+
+@dataclass
+class IndexTable:
+    """A decoded index: one row per stored cluster, with absolute data offsets."""
+
+    dev_ids: np.ndarray  # uint8
+    clusters: np.ndarray  # uint32
+    masks: np.ndarray  # uint16
+    offsets: np.ndarray  # uint64, stream offset of the cluster's first stored block
+    crcs: np.ndarray | None  # uint32, None for archives indexed by walking (no checksums)
+
+
+def decode_index(blob: bytes) -> IndexTable:
+    if len(blob) < _INDEX_HEAD.size:
+        raise FormatError("index too short")
+    magic, version, _flags, n_ext, n_slots = _INDEX_HEAD.unpack_from(blob)
+    if magic != INDEX_MAGIC:
+        raise FormatError("bad index magic")
+    if version != INDEX_VERSION:
+        raise FormatError(f"unsupported index version {version}")
+    expected = _INDEX_HEAD.size + n_ext * 10 + n_slots * 11
+    if n_slots > MAX_SLOTS or n_ext > n_slots or expected != len(blob):
+        raise FormatError("index sizes do not add up")
+    pos = _INDEX_HEAD.size
+
+    def take(dtype: str, count: int) -> np.ndarray:
+        nonlocal pos
+        arr = np.frombuffer(blob, dtype, count, pos)
+        pos += arr.nbytes
+        return arr
+
+    ext_offsets = take("<u8", n_ext)
+    ext_counts = take("<u2", n_ext)
+    clusters = take("<u4", n_slots)
+    masks = take("<u2", n_slots)
+    dev_ids = take("u1", n_slots)
+    crcs = take("<u4", n_slots)
+    if int(ext_counts.sum(dtype=np.uint64)) != n_slots or (ext_counts == 0).any():
+        raise FormatError("index extent counts do not match its slots")
+    if (ext_counts > vma.SLOTS_PER_EXTENT).any() or (masks == 0).any() or (dev_ids == 0).any():
+        raise FormatError("index holds impossible slots")
+    return IndexTable(dev_ids, clusters, masks,
+                      data_offsets(ext_offsets, ext_counts, masks), crcs)
+
+
+def data_offsets(ext_offsets: np.ndarray, ext_counts: np.ndarray,
+                 masks: np.ndarray) -> np.ndarray:
+    """Absolute offset of each slot's data: its extent's data start plus earlier slots' blocks."""
+    blocks = vma.POPCOUNT16[masks].astype(np.uint64)
+    before = np.cumsum(blocks) - blocks  # blocks stored before each slot, over all extents
+    first = np.cumsum(ext_counts.astype(np.int64)) - ext_counts  # first slot of each extent
+    ext_of_slot = np.repeat(np.arange(len(ext_counts)), ext_counts.astype(np.int64))
+    within = before - before[first][ext_of_slot] if len(first) else before
+    base = ext_offsets.astype(np.uint64)[ext_of_slot] + np.uint64(vma.EXTENT_HEADER_SIZE)
+    return base + within * np.uint64(vma.BLOCK_SIZE)
+
+
+def encode_footer(footer: Footer) -> bytes:
+    return _FOOTER.pack(FOOTER_MAGIC, INDEX_VERSION, footer.index_offset,
+                        footer.index_length, footer.index_crc)
+
+
+def decode_footer(payload: bytes) -> Footer | None:
+    """The footer from a null extent's payload, or None if that extent is not our footer."""
+    if payload[:8] != FOOTER_MAGIC:
+        return None
+    _, version, offset, length, crc = _FOOTER.unpack_from(payload)
+    if version != INDEX_VERSION:
+        raise FormatError(f"unsupported index version {version}")
+    if length > MAX_INDEX_BYTES:
+        raise FormatError("index length is impossible")
+    return Footer(offset, length, crc)
+
+
+def index_extent_span(footer: Footer, footer_offset: int) -> int:
+    """Bytes of null extents the index occupies; checked against the footer's position."""
+    n_extents = max(1, -(-footer.index_length // vma.NULL_PAYLOAD_SIZE))
+    span = n_extents * vma.EXTENT_HEADER_SIZE
+    if footer.index_offset + span != footer_offset:
+        raise FormatError("index position in the footer does not match the archive")
+    return span
+
+
+def check_index_blob(blob: bytes, footer: Footer) -> bytes:
+    blob = blob[:footer.index_length]
+    if len(blob) != footer.index_length:
+        raise FormatError("index is truncated")
+    if zlib.crc32(blob) != footer.index_crc:
+        raise ChecksumError("index checksum mismatch")
+    return blob

@@ -1,0 +1,344 @@
+"""The mount daemon: FUSE options, daemonizing once the mount is ready, the trio loop, signals.
+
+The parent process returns only when the outcome is known: exit 0 once the file system is mounted
+(the child then serves it in the background), or the one-line reason it could not be mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmafs.errors import VmafsError
+
+log = logging.getLogger("vmafs.mount")
+
+FSNAME = "vmafs"
+READ_AHEAD_KB = 1024        # 1 MiB FUSE read requests instead of 128 KiB: about 2x throughput
+# Options vmafs sets itself, or that would break a read-only image mount.
+_REFUSED = {
+    "rw": "the mount is read-only",
+    "fsname": "vmafs sets fsname itself",
+    "subtype": "vmafs sets subtype itself",
+    "max_read": "max_read breaks FUSE mounts on this kernel",
+    "blkdev": "vmafs is not a block-device file system",
+}
+
+
+class MountError(VmafsError):
+    """The archive or mount point cannot be mounted."""
+
+
+@dataclass
+class MountOptions:
+    """Parsed `-o` options: our own (uid=, gid=) and the FUSE ones passed through."""
+
+    fuse: set[str] = field(default_factory=set)
+    uid: int | None = None
+    gid: int | None = None
+
+
+def parse_options(values: Iterable[str]) -> MountOptions:
+    """Split `-o a,b=c` lists; keep uid/gid for file ownership; pass the rest to FUSE."""
+    result = MountOptions(fuse={"ro", "default_permissions", f"fsname={FSNAME}",
+                                f"subtype={FSNAME}"})
+    for value in values:
+        for opt in value.split(","):
+            opt = opt.strip()
+            if not opt:
+                continue
+            key, _, arg = opt.partition("=")
+            if key in ("uid", "gid"):
+                try:
+                    number = int(arg)
+                except ValueError:
+                    raise MountError(f"-o {opt}: expected a number") from None
+                setattr(result, key, number)
+            elif key in _REFUSED:
+                raise MountError(f"-o {opt}: not supported ({_REFUSED[key]})")
+            elif key in ("ro", "default_permissions"):
+                continue
+            else:
+                result.fuse.add(opt)
+    return result
+
+
+# -- /proc/self/mountinfo ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    device: str             # "major:minor"
+    fstype: str
+    source: str
+
+
+def _unescape(field_: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field_):
+        code = field_[i + 1:i + 4]
+        if field_[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountInfo]:
+    mounts = []
+    for line in text.splitlines():
+        parts = line.split(" ")
+        if "-" not in parts[6:]:
+            continue
+        sep = parts.index("-", 6)
+        mounts.append(MountInfo(_unescape(parts[4]), parts[2], parts[sep + 1],
+                                _unescape(parts[sep + 2])))
+    return mounts
+
+
+def find_mount(mountpoint: str) -> MountInfo | None:
+    """The topmost mount at this path, if any."""
+    path = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError:
+        return None
+    found = None
+    for m in parse_mountinfo(text):
+        if m.mountpoint == path:
+            found = m
+    return found
+
+
+def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+    """Best effort, needs root: larger kernel read-ahead means larger FUSE read requests."""
+    m = find_mount(mountpoint)
+    if m is None or os.geteuid() != 0:
+        return
+    path = f"/sys/class/bdi/{m.device}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        log.debug("cannot set %s: %s", path, exc)
+
+
+# -- logging ------------------------------------------------------------------------------------
+
+def _setup_logging(foreground: bool, log_file: str | None, debug: bool) -> None:
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s vmafs[%(process)d] %(levelname)s: %(message)s"))
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("vmafs mount: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("vmafs[%(process)d]: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root = logging.getLogger("vmafs")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False
+
+
+# -- mounting and serving -----------------------------------------------------------------------
+
+@dataclass
+class MountRequest:
+    archive: str
+    mountpoint: str
+    options: Sequence[str] = ()
+    foreground: bool = False
+    log_file: str | None = None
+    debug: bool = False
+
+
+def _open_archive(path: str) -> Any:
+    from vmafs.reader import Archive
+    return Archive.open(path)
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint}: mount point is not a directory")
+    existing = find_mount(mountpoint)
+    if existing is not None and existing.fstype == f"fuse.{FSNAME}":
+        raise MountError(f"{mountpoint}: a vmafs archive is already mounted there")
+
+
+def _init_fuse(archive: Any, req: MountRequest, opts: MountOptions) -> Any:
+    """Mount (synchronously): from here on the kernel queues requests for us."""
+    import pyfuse3
+
+    from vmafs.fs import VmaFS
+
+    ops = VmaFS(archive, uid=opts.uid, gid=opts.gid)
+    fuse_opts = set(opts.fuse)
+    if req.debug:
+        fuse_opts.add("debug")
+    try:
+        pyfuse3.init(ops, req.mountpoint, fuse_opts)
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount on {req.mountpoint}: {exc} "
+                         f"(options: {','.join(sorted(opts.fuse))})") from None
+    set_read_ahead(req.mountpoint)
+    log.info("mounted %s on %s", req.archive, req.mountpoint)
+    return ops
+
+
+async def _serve(ops: Any) -> None:
+    import pyfuse3
+    import trio
+
+    async def on_signal(scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
+        nursery.start_soon(on_signal, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()       # unmounted from outside: stop the signal task
+
+
+def _run_loop(ops: Any, mountpoint: str) -> int:
+    """Serve until unmounted or signalled; always leave no mount behind."""
+    import pyfuse3
+    import trio
+
+    code = 0
+    try:
+        trio.run(_serve, ops)
+    except BaseException:
+        log.exception("mount daemon failed")
+        code = 1
+    finally:
+        # Lazily unmounts if still mounted (signal, crash); a no-op after an external unmount.
+        pyfuse3.close(unmount=True)
+    log.info("unmounted %s", mountpoint)
+    return code
+
+
+def mount(req: MountRequest) -> int:
+    """`vmafs mount`: returns (in the parent) 0 once mounted, or raises MountError."""
+    req.archive = os.path.abspath(req.archive)
+    req.mountpoint = os.path.abspath(req.mountpoint)
+    opts = parse_options(req.options)
+    _check_mountpoint(req.mountpoint)
+    if req.foreground:
+        _setup_logging(True, req.log_file, req.debug)
+        archive = _open_archive(req.archive)
+        try:
+            ops = _init_fuse(archive, req, opts)
+            return _run_loop(ops, req.mountpoint)
+        finally:
+            archive.close()
+    return _daemonize(req, opts)
+
+
+def _daemonize(req: MountRequest, opts: MountOptions) -> int:
+    rfd, wfd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as pipe:
+            status = pipe.read()
+        if status == b"OK":
+            return 0
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        message = status.decode(errors="replace").strip()
+        raise MountError(message or "the mount daemon died before the mount was ready")
+
+    # The daemon: its own session, no terminal, stdio to /dev/null (or the log file).
+    os.close(rfd)
+    code = 1
+    try:
+        os.setsid()
+        _setup_logging(False, req.log_file, req.debug)
+        _detach_stdio(req.log_file)
+        archive = _open_archive(req.archive)
+        ops = _init_fuse(archive, req, opts)
+        os.chdir("/")
+        os.write(wfd, b"OK")
+        os.close(wfd)
+        wfd = -1
+        code = _run_loop(ops, req.mountpoint)
+    except VmafsError as exc:
+        _report(wfd, str(exc))
+    except BaseException as exc:
+        log.exception("mount failed")
+        _report(wfd, f"internal error: {exc!r}")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _report(wfd: int, message: str) -> None:
+    if wfd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(wfd, message.splitlines()[0].encode() if message else b"")
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    out = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if log_file else null
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in {null, out}:
+        if fd > 2:
+            os.close(fd)
+
+
+# -- unmounting -----------------------------------------------------------------------------------
+
+def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 10.0) -> None:
+    """`vmafs umount`: unmount a vmafs mount; busy mounts fail unless lazy."""
+    path = os.path.realpath(mountpoint)
+    m = find_mount(path)
+    if m is None:
+        raise MountError(f"{mountpoint}: not mounted")
+    if m.fstype != f"fuse.{FSNAME}":
+        raise MountError(f"{mountpoint}: not a vmafs mount (it is {m.fstype})")
+    if shutil.which("fusermount3"):
+        cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", path]
+    else:
+        cmd = ["umount", *(["-l"] if lazy else []), path]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        detail = (result.stderr.strip().splitlines() or ["failed"])[-1]
+        if "busy" in detail.lower():
+            raise MountError(f"{mountpoint}: busy (a file in it is open); close it, "
+                             f"or use --lazy to detach now and unmount when it is closed")
+        raise MountError(f"{mountpoint}: cannot unmount: {detail}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = find_mount(path)
+        if now is None or now.device != m.device:
+            return
+        time.sleep(0.02)
+    raise MountError(f"{mountpoint}: still mounted after {timeout:.0f} s")

@@ -1,0 +1,271 @@
+"""Random access to an archive's disks: the index (trailing, or built by walking the extent
+headers of a Proxmox archive) maps each cluster to its stored blocks in the stream."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+import zlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from vmafs import index, vma
+from vmafs.decompress import detect_container
+from vmafs.errors import ChecksumError, FormatError, IncompleteError, NotSeekableError
+
+CLUSTER = vma.CLUSTER_SIZE
+ZEROS = bytes(4 * 1024 * 1024)
+
+
+class StreamSource(Protocol):
+    """The archive's VMA stream, readable at any offset."""
+
+    size: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class PlainSource:
+    """An uncompressed .vma file."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        while len(data) < length:
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class Device:
+    dev_id: int
+    name: str
+    size: int
+
+
+class _DeviceMap:
+    """Sorted stored clusters of one device: cluster -> (mask, data offset, crc)."""
+
+    __slots__ = ("clusters", "masks", "offsets", "crcs")
+
+    def __init__(self, clusters: np.ndarray, masks: np.ndarray, offsets: np.ndarray,
+                 crcs: np.ndarray | None) -> None:
+        order = np.argsort(clusters, kind="stable")
+        self.clusters = clusters[order]
+        if len(self.clusters) > 1 and (np.diff(self.clusters.astype(np.int64)) == 0).any():
+            raise FormatError("the archive holds a cluster twice")
+        self.masks = masks[order]
+        self.offsets = offsets[order]
+        self.crcs = crcs[order] if crcs is not None else None
+
+
+class Archive:
+    """An archive opened for random reads; thread-safe (reads use pread only)."""
+
+    def __init__(self, source: StreamSource, header: vma.Header, table: index.IndexTable,
+                 *, indexed: bool, compressed: bool, warnings: list[str]) -> None:
+        self.source = source
+        self.header = header
+        self.uuid = uuidlib.UUID(bytes=header.uuid)
+        self.ctime = header.ctime
+        self.devices = [Device(d.dev_id, d.name, d.size) for d in header.devices]
+        self.configs = dict(header.configs)
+        self.indexed = indexed  # True when a trailing index (with data checksums) was found
+        self.compressed = compressed
+        self.warnings = warnings
+        self._maps: dict[int, _DeviceMap] = {}
+        sizes = {d.dev_id: d.clusters for d in header.devices}
+        for dev_id in sizes:
+            rows = table.dev_ids == dev_id
+            clusters = table.clusters[rows]
+            if len(clusters) and int(clusters.max()) >= sizes[dev_id]:
+                raise FormatError(f"index places data beyond the end of device {dev_id}")
+            self._maps[dev_id] = _DeviceMap(
+                clusters, table.masks[rows], table.offsets[rows],
+                table.crcs[rows] if table.crcs is not None else None)
+        if table.crcs is not None and len(table.offsets):
+            ends = table.offsets + vma.POPCOUNT16[table.masks].astype(np.uint64) * vma.BLOCK_SIZE
+            if int(ends.max()) > source.size:
+                raise IncompleteError("index points past the end of the archive")
+        self._sizes = {d.dev_id: d.size for d in header.devices}
+
+    @classmethod
+    def open(cls, path: str) -> Archive:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            kind = detect_container(os.pread(fd, 8, 0))
+            source: StreamSource
+            if kind == "vma":
+                source = PlainSource(fd)
+            elif kind == "zstd":
+                from vmafs.zstd_source import SeekableZstdSource
+                source = SeekableZstdSource(fd)
+            else:
+                raise NotSeekableError(
+                    f"{path}: a {kind} archive can only be read start to end; make it "
+                    f"mountable with: vmafs convert {path} OUT.vma.zst"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            return cls._load(source, compressed=kind != "vma")
+        except BaseException:
+            source.close()
+            raise
+
+    @classmethod
+    def _load(cls, source: StreamSource, *, compressed: bool) -> Archive:
+        prefix = source.pread(0, vma.HEADER_FIXED_SIZE)
+        header_size = vma.header_size_of(prefix)
+        header = vma.decode_header(prefix + source.pread(vma.HEADER_FIXED_SIZE,
+                                                         header_size - vma.HEADER_FIXED_SIZE))
+        warnings: list[str] = []
+        table = _read_trailing_index(source, header)
+        if table is not None:
+            return cls(source, header, table, indexed=True, compressed=compressed,
+                       warnings=warnings)
+        return cls(source, header, _walk_extents(source, header, warnings), indexed=False,
+                   compressed=compressed, warnings=warnings)
+
+    def device(self, dev_id: int) -> Device:
+        for dev in self.devices:
+            if dev.dev_id == dev_id:
+                return dev
+        raise KeyError(dev_id)
+
+    def read(self, dev_id: int, offset: int, length: int) -> bytes:
+        """Device bytes [offset, offset+length), clipped at the device end."""
+        size = self._sizes[dev_id]
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        dmap = self._maps[dev_id]
+        first = offset // CLUSTER
+        last = (end - 1) // CLUSTER
+        lo = int(np.searchsorted(dmap.clusters, first))
+        hi = int(np.searchsorted(dmap.clusters, last, side="right"))
+        if lo == hi:  # a hole: no stored cluster touched
+            return _zeros(end - offset)
+        parts: list[bytes | memoryview] = []
+        pos = offset
+        for i in range(lo, hi):
+            cluster = int(dmap.clusters[i])
+            start = cluster * CLUSTER
+            if start > pos:
+                parts.append(_zeros(start - pos))
+                pos = start
+            data = self._cluster(dmap, i, cluster, dev_id)
+            stop = min(start + CLUSTER, end)
+            parts.append(memoryview(data)[pos - start:stop - start])
+            pos = stop
+        if pos < end:
+            parts.append(_zeros(end - pos))
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+    def _cluster(self, dmap: _DeviceMap, i: int, cluster: int, dev_id: int) -> bytes:
+        mask = int(dmap.masks[i])
+        data_offset = int(dmap.offsets[i])
+        nbytes = int(vma.POPCOUNT16[mask]) * vma.BLOCK_SIZE
+        stored = self.source.pread(data_offset, nbytes)
+        if len(stored) != nbytes:
+            raise IncompleteError(f"cluster {cluster} of device {dev_id} is cut off")
+        if dmap.crcs is not None and zlib.crc32(stored) != int(dmap.crcs[i]):
+            name = self.device(dev_id).name
+            raise ChecksumError(f"data checksum mismatch in cluster {cluster} of {name} "
+                                f"(stream offset {data_offset})")
+        return vma.expand_blocks(stored, mask)
+
+    def stored_ranges(self, dev_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Clusters holding data and their masks (everything else reads as zeros)."""
+        dmap = self._maps[dev_id]
+        return dmap.clusters, dmap.masks
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _zeros(n: int) -> bytes:
+    return ZEROS[:n] if n <= len(ZEROS) else bytes(n)
+
+
+def _read_trailing_index(source: StreamSource, header: vma.Header) -> index.IndexTable | None:
+    """The index from the last extent's footer, or None if this archive has none."""
+    footer_offset = source.size - vma.EXTENT_HEADER_SIZE
+    if footer_offset < header.header_size:
+        return None
+    raw = source.pread(footer_offset, vma.EXTENT_HEADER_SIZE)
+    try:
+        ext = vma.decode_extent_header(raw, header.uuid)
+    except FormatError:
+        return None
+    if ext.slots or ext.block_count:
+        return None
+    footer = index.decode_footer(vma.null_extent_payload(raw))
+    if footer is None:
+        return None
+    span = index.index_extent_span(footer, footer_offset)
+    raw_index = source.pread(footer.index_offset, span)
+    payloads = []
+    for pos in range(0, span, vma.EXTENT_HEADER_SIZE):
+        head = raw_index[pos:pos + vma.EXTENT_HEADER_SIZE]
+        vma.decode_extent_header(head, header.uuid)
+        payloads.append(vma.null_extent_payload(head))
+    return index.decode_index(index.check_index_blob(b"".join(payloads), footer))
+
+
+def _walk_extents(source: StreamSource, header: vma.Header,
+                  warnings: list[str]) -> index.IndexTable:
+    """Index a Proxmox archive by reading each extent header (one 512-byte read per extent)."""
+    ext_offsets: list[int] = []
+    ext_counts: list[int] = []
+    dev_ids: list[int] = []
+    clusters: list[int] = []
+    masks: list[int] = []
+    offset = header.header_size
+    while offset < source.size:
+        raw = source.pread(offset, vma.EXTENT_HEADER_SIZE)
+        try:
+            ext = vma.decode_extent_header(raw, header.uuid)
+            if offset + ext.size > source.size:
+                raise IncompleteError("archive is truncated")
+            blocks = sum(int(vma.POPCOUNT16[m]) for _, _, m in ext.slots)
+            if blocks != ext.block_count:
+                raise FormatError("vma extent error - missing blocks")
+        except FormatError as exc:
+            warnings.append(f"stopped reading at offset {offset}: {exc}; later data reads as zeros")
+            break
+        # every stored slot counts for data offsets, even one of a device we do not show
+        stored = [(d, c, m) for d, c, m in ext.slots if m]
+        if stored:
+            ext_offsets.append(offset)
+            ext_counts.append(len(stored))
+            for d, c, m in stored:
+                dev_ids.append(d)
+                clusters.append(c)
+                masks.append(m)
+        offset += ext.size
+    masks_arr = np.array(masks, np.uint16)
+    offsets = index.data_offsets(np.array(ext_offsets, np.uint64),
+                                 np.array(ext_counts, np.uint16), masks_arr)
+    return index.IndexTable(np.array(dev_ids, np.uint8), np.array(clusters, np.uint32),
+                            masks_arr, offsets, None)

@@ -1,0 +1,353 @@
+"""Pure codec of Proxmox VMA v1: the archive header, extent headers and null extents.
+
+Bytes in, objects out; no I/O. Error messages follow Proxmox's reader (vma-reader.c) where it has
+one, so users can match them to `vma verify`. Byte-level facts: shared/research/vma-format.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmafs.errors import FormatError
+
+MAGIC = b"VMA\0"
+EXTENT_MAGIC = b"VMAE"
+VERSION = 1
+CLUSTER_SIZE = 65536
+BLOCK_SIZE = 4096
+BLOCKS_PER_CLUSTER = CLUSTER_SIZE // BLOCK_SIZE
+FULL_MASK = 0xFFFF
+HEADER_FIXED_SIZE = 12288
+EXTENT_HEADER_SIZE = 512
+SLOTS_PER_EXTENT = 59
+MAX_EXTENT_SIZE = EXTENT_HEADER_SIZE + SLOTS_PER_EXTENT * CLUSTER_SIZE
+MAX_BLOB_SIZE = 65535
+MAX_CONFIGS = 256
+MAX_DEV_ID = 254  # Proxmox's tools restore ids 1..254; 0 is reserved
+MAX_DEVICE_SIZE = (1 << 32) * CLUSTER_SIZE  # cluster numbers are 32-bit
+NULL_PAYLOAD_SIZE = SLOTS_PER_EXTENT * 7  # the 7 bytes of each slot a reader never looks at
+VMSTATE = "vmstate"
+
+_MD5_FIELD = slice(32, 48)
+_EXTENT_MD5_FIELD = slice(24, 40)
+_FIXED = struct.Struct(">4sI16sq16sIII")
+_DEVINFO = struct.Struct(">I4xQ16x")
+_SLOTS = struct.Struct(">59Q")
+_EXTENT_HEAD = struct.Struct(">4sHH16s16s")
+_DEVNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,127}")
+
+# popcount of every 16-bit mask, for stored-byte arithmetic without per-cluster Python loops.
+POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
+_BIT_WEIGHTS = (1 << np.arange(BLOCKS_PER_CLUSTER, dtype=np.uint32)).astype(np.uint32)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A disk in the archive; dev_id is its index in the header's device table (1-based)."""
+
+    dev_id: int
+    name: str
+    size: int
+
+    @property
+    def clusters(self) -> int:
+        return -(-self.size // CLUSTER_SIZE)
+
+
+@dataclass(frozen=True)
+class Header:
+    uuid: bytes
+    ctime: int
+    header_size: int
+    devices: tuple[Device, ...]  # without vmstate
+    configs: tuple[tuple[str, bytes], ...]
+    vmstate: Device | None = None
+
+    def device(self, dev_id: int) -> Device | None:
+        for dev in self.devices:
+            if dev.dev_id == dev_id:
+                return dev
+        if self.vmstate is not None and self.vmstate.dev_id == dev_id:
+            return self.vmstate
+        return None
+
+
+@dataclass(frozen=True)
+class ExtentHeader:
+    block_count: int
+    # (dev_id, cluster, mask) of every used slot (dev_id != 0), in slot order.
+    slots: tuple[tuple[int, int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return EXTENT_HEADER_SIZE + self.block_count * BLOCK_SIZE
+
+
+def check_device_name(name: str) -> None:
+    """Proxmox names: no whitespace, no '/', usable as a file name and in `vma list` output."""
+    if name == VMSTATE:
+        raise FormatError("'vmstate' is reserved for RAM state and is never written")
+    if not _DEVNAME.fullmatch(name):
+        raise FormatError(
+            f"invalid device name {name!r}: use letters, digits and _ . + : - (like drive-scsi0)"
+        )
+
+
+def check_config_name(name: str) -> None:
+    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name) > 255:
+        raise FormatError(f"invalid config name {name!r}: it must be a plain file name")
+
+
+# --- header -------------------------------------------------------------------------------------
+
+
+def encode_header(
+    uuid: bytes,
+    ctime: int,
+    devices: Sequence[tuple[str, int]],
+    configs: Sequence[tuple[str, bytes]] = (),
+) -> bytes:
+    """The archive header: configs first (name, data), then device names, like vma-writer.c."""
+    if len(uuid) != 16:
+        raise ValueError("uuid must be 16 bytes")
+    if len(devices) > MAX_DEV_ID:
+        raise FormatError(f"too many devices ({len(devices)} > {MAX_DEV_ID})")
+    if len(configs) > MAX_CONFIGS:
+        raise FormatError(f"too many config files ({len(configs)} > {MAX_CONFIGS})")
+    blobs = bytearray(b"\0")
+
+    def add_blob(data: bytes) -> int:
+        if len(data) > MAX_BLOB_SIZE:
+            raise FormatError(f"blob of {len(data)} bytes is over the VMA limit of 65535")
+        pos = len(blobs)
+        blobs.extend(len(data).to_bytes(2, "little"))
+        blobs.extend(data)
+        return pos
+
+    names = [0] * MAX_CONFIGS
+    datas = [0] * MAX_CONFIGS
+    for i, (name, data) in enumerate(configs):
+        check_config_name(name)
+        if len(data) > MAX_BLOB_SIZE:
+            raise FormatError(f"config {name!r} is {len(data)} bytes; VMA allows at most 65535")
+        names[i] = add_blob(name.encode() + b"\0")
+        datas[i] = add_blob(bytes(data))
+    devinfo = bytearray(256 * 32)
+    for dev_id, (name, size) in enumerate(devices, start=1):
+        check_device_name(name)
+        if not 0 < size <= MAX_DEVICE_SIZE:
+            raise FormatError(f"device {name} has an unsupported size {size}")
+        ptr = add_blob(name.encode() + b"\0")
+        _DEVINFO.pack_into(devinfo, dev_id * 32, ptr, size)
+    header_size = HEADER_FIXED_SIZE + -(-len(blobs) // 512) * 512
+    buf = bytearray(header_size)
+    _FIXED.pack_into(buf, 0, MAGIC, VERSION, uuid, ctime, bytes(16),
+                     HEADER_FIXED_SIZE, len(blobs), header_size)
+    struct.pack_into(">256I", buf, 2044, *names)
+    struct.pack_into(">256I", buf, 3068, *datas)
+    buf[4096:HEADER_FIXED_SIZE] = devinfo
+    buf[HEADER_FIXED_SIZE:HEADER_FIXED_SIZE + len(blobs)] = blobs
+    buf[_MD5_FIELD] = hashlib.md5(buf).digest()
+    return bytes(buf)
+
+
+def header_size_of(prefix: bytes) -> int:
+    """The whole header's size, from its first 12288 bytes."""
+    if len(prefix) < HEADER_FIXED_SIZE:
+        raise FormatError("can't read vma header - got EOF")
+    if prefix[:4] != MAGIC:
+        raise FormatError("not a vma file - wrong magic number")
+    header_size = int.from_bytes(prefix[56:60], "big")
+    if header_size <= HEADER_FIXED_SIZE or header_size > HEADER_FIXED_SIZE + 16 * 1024 * 1024:
+        raise FormatError(f"wrong vma header size {header_size - HEADER_FIXED_SIZE}")
+    return header_size
+
+
+def decode_header(buf: bytes) -> Header:
+    """Parse and check a whole header with every rule of vma_reader_read_head."""
+    header_size = header_size_of(buf)
+    if len(buf) < header_size:
+        raise FormatError("can't read vma header data")
+    buf = bytes(buf[:header_size])
+    magic, version, uuid, ctime, md5, blob_off, blob_size, _ = _FIXED.unpack_from(buf)
+    zeroed = bytearray(buf)
+    zeroed[_MD5_FIELD] = bytes(16)
+    if hashlib.md5(zeroed).digest() != md5:
+        raise FormatError("wrong vma header chechsum (md5 mismatch)")
+    if version != VERSION:
+        raise FormatError(f"wrong vma version {version}")
+    if blob_off < HEADER_FIXED_SIZE or blob_off >= header_size:
+        raise FormatError("wrong vma blob buffer offset")
+    if blob_off + blob_size > header_size:
+        raise FormatError("wrong vma blob buffer size")
+    blobs = _parse_blobs(buf[blob_off:blob_off + blob_size])
+
+    def blob_str(ptr: int) -> str | None:
+        data = blobs.get(ptr)
+        if data is None or not data.endswith(b"\0"):
+            return None
+        return data[:-1].decode("utf-8", "replace")
+
+    devices: list[Device] = []
+    vmstate = None
+    for dev_id in range(1, 256):
+        ptr, size = _DEVINFO.unpack_from(buf, 4096 + 32 * dev_id)
+        name = blob_str(ptr) if ptr else None
+        if not size or name is None:
+            continue
+        if size > MAX_DEVICE_SIZE:
+            raise FormatError(f"device {name!r} has an impossible size {size}")
+        if name == VMSTATE:
+            vmstate = Device(dev_id, name, size)
+        else:
+            devices.append(Device(dev_id, name, size))
+    names = struct.unpack_from(">256I", buf, 2044)
+    datas = struct.unpack_from(">256I", buf, 3068)
+    configs = []
+    for name_ptr, data_ptr in zip(names, datas, strict=True):
+        if not name_ptr or not data_ptr:
+            continue
+        cname = blob_str(name_ptr)
+        cdata = blobs.get(data_ptr)
+        if cname is None or cdata is None:
+            raise FormatError("vma contains invalid data pointers")
+        configs.append((cname, cdata))
+    return Header(uuid, ctime, header_size, tuple(devices), tuple(configs), vmstate)
+
+
+def _parse_blobs(area: bytes) -> dict[int, bytes]:
+    """Blob chain from relative offset 1; a pointer is valid only at an exact chain position."""
+    blobs = {}
+    pos = 1
+    end = len(area)
+    while pos + 2 <= end:
+        size = area[pos] | area[pos + 1] << 8
+        if pos + 2 + size <= end:
+            blobs[pos] = area[pos + 2:pos + 2 + size]
+        pos += size + 2
+    return blobs
+
+
+# --- extents ------------------------------------------------------------------------------------
+
+
+def encode_extent_header(
+    uuid: bytes, slots: Sequence[tuple[int, int, int]], block_count: int
+) -> bytes:
+    """A 512-byte extent header for (dev_id, cluster, mask) slots."""
+    if len(slots) > SLOTS_PER_EXTENT:
+        raise ValueError("too many slots for one extent")
+    infos = [mask << 48 | dev_id << 32 | cluster for dev_id, cluster, mask in slots]
+    infos.extend([0] * (SLOTS_PER_EXTENT - len(infos)))
+    return seal_extent(uuid, block_count, _SLOTS.pack(*infos))
+
+
+def seal_extent(uuid: bytes, block_count: int, slot_bytes: bytes) -> bytes:
+    head = bytearray(EXTENT_HEADER_SIZE)
+    _EXTENT_HEAD.pack_into(head, 0, EXTENT_MAGIC, 0, block_count, uuid, bytes(16))
+    head[40:] = slot_bytes
+    head[_EXTENT_MD5_FIELD] = hashlib.md5(head).digest()
+    return bytes(head)
+
+
+def decode_extent_header(buf: bytes, uuid: bytes) -> ExtentHeader:
+    """Check an extent header in Proxmox's order (md5, uuid, magic) and list its used slots."""
+    if len(buf) < EXTENT_HEADER_SIZE:
+        raise FormatError(f"read short extent ({len(buf)} bytes)")
+    head = bytearray(buf[:EXTENT_HEADER_SIZE])
+    magic, reserved, block_count, ext_uuid, md5 = _EXTENT_HEAD.unpack_from(head)
+    head[_EXTENT_MD5_FIELD] = bytes(16)
+    if hashlib.md5(head).digest() != md5:
+        raise FormatError("wrong vma extent header chechsum (md5 mismatch)")
+    if ext_uuid != uuid:
+        raise FormatError("wrong vma extent uuid")
+    if magic != EXTENT_MAGIC or reserved != 0:
+        raise FormatError("wrong vma extent header magic")
+    if block_count > SLOTS_PER_EXTENT * BLOCKS_PER_CLUSTER:
+        raise FormatError(f"short vma extent ({MAX_EXTENT_SIZE} < "
+                          f"{EXTENT_HEADER_SIZE + block_count * BLOCK_SIZE})")
+    slots = tuple(
+        (info >> 32 & 0xFF, info & 0xFFFFFFFF, info >> 48)
+        for info in _SLOTS.unpack_from(head, 40)
+        if info >> 32 & 0xFF
+    )
+    return ExtentHeader(block_count, slots)
+
+
+def encode_null_extents(uuid: bytes, payload: bytes) -> bytes:
+    """Carry payload in null extents: block_count 0, every slot's dev_id byte 0.
+
+    Proxmox's reader skips such slots whole, so 7 of each slot's 8 bytes are ours.
+    """
+    out = []
+    for start in range(0, max(len(payload), 1), NULL_PAYLOAD_SIZE):
+        chunk = payload[start:start + NULL_PAYLOAD_SIZE].ljust(NULL_PAYLOAD_SIZE, b"\0")
+        slot_bytes = bytearray(SLOTS_PER_EXTENT * 8)
+        arr = np.frombuffer(slot_bytes, np.uint8).reshape(SLOTS_PER_EXTENT, 8)
+        src = np.frombuffer(chunk, np.uint8).reshape(SLOTS_PER_EXTENT, 7)
+        arr[:, 0:3] = src[:, 0:3]
+        arr[:, 4:8] = src[:, 3:7]
+        out.append(seal_extent(uuid, 0, bytes(slot_bytes)))
+    return b"".join(out)
+
+
+def null_extent_payload(buf: bytes) -> bytes:
+    """The 413 payload bytes of a null extent header (checked by decode_extent_header first)."""
+    arr = np.frombuffer(buf[40:EXTENT_HEADER_SIZE], np.uint8).reshape(SLOTS_PER_EXTENT, 8)
+    if arr[:, 3].any():
+        raise FormatError("not a null extent")
+    return np.concatenate([arr[:, 0:3], arr[:, 4:8]], axis=1).tobytes()
+
+
+# --- cluster payloads ---------------------------------------------------------------------------
+
+
+def cluster_masks(data: bytes | memoryview) -> np.ndarray:
+    """The 16-bit block mask of every 64 KiB cluster in data (a multiple of 64 KiB long).
+
+    One vectorised pass; bit j is set when 4 KiB block j holds a non-zero byte.
+    """
+    words = np.frombuffer(data, np.uint64).reshape(-1, BLOCKS_PER_CLUSTER, BLOCK_SIZE // 8)
+    nonzero = words.max(axis=2) != 0
+    return (nonzero.astype(np.uint32) @ _BIT_WEIGHTS).astype(np.uint16)
+
+
+def stored_blocks(cluster: bytes | memoryview, mask: int) -> bytes | memoryview:
+    """The bytes VMA stores for one cluster: the blocks whose mask bit is set, in order."""
+    if mask == FULL_MASK:
+        return cluster
+    if mask == 0:
+        return b""
+    view = memoryview(cluster)
+    return b"".join(
+        view[j * BLOCK_SIZE:(j + 1) * BLOCK_SIZE]
+        for j in range(BLOCKS_PER_CLUSTER) if mask >> j & 1
+    )
+
+
+def end_mask(device_size: int, cluster: int) -> int:
+    """Mask bits allowed in this cluster: none for blocks at or past the device end."""
+    remaining = device_size - cluster * CLUSTER_SIZE
+    if remaining >= CLUSTER_SIZE:
+        return FULL_MASK
+    blocks = -(-remaining // BLOCK_SIZE) if remaining > 0 else 0
+    return (1 << blocks) - 1
+
+
+def expand_blocks(payload: bytes | memoryview, mask: int) -> bytes:
+    """Inverse of stored_blocks: the whole 64 KiB cluster, zeros where the mask is clear."""
+    if mask == FULL_MASK:
+        return bytes(payload)
+    out = bytearray(CLUSTER_SIZE)
+    pos = 0
+    for j in range(BLOCKS_PER_CLUSTER):
+        if mask >> j & 1:
+            out[j * BLOCK_SIZE:(j + 1) * BLOCK_SIZE] = payload[pos:pos + BLOCK_SIZE]
+            pos += BLOCK_SIZE
+    return bytes(out)

@@ -1,0 +1,287 @@
+"""The archive writer: cluster data in any order in, a VMA stream with a trailing index out.
+
+It never seeks and holds at most one extent plus the partially written clusters, so it can feed a
+pipe or a compressor. Every cluster is emitted exactly once; clusters never written (or zeroed)
+become zero slots at the end, then the index and the footer follow as null extents.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from vmafs import index, vma
+from vmafs.errors import FormatError
+
+CLUSTER = vma.CLUSTER_SIZE
+
+# Per-cluster states in ArchiveWriter._state.
+_UNTOUCHED, _ZEROED, _PARTIAL, _EMITTED = 0, 1, 2, 3
+
+
+class Output(Protocol):
+    """Where the stream goes. Each write() is whole extents, so any call may start a zstd frame."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def end_frame(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    size: int
+
+
+class _PartialCluster:
+    """A cluster written in pieces; complete once its covered bytes reach its length."""
+
+    __slots__ = ("data", "ranges", "length")
+
+    def __init__(self, length: int) -> None:
+        self.data = bytearray(CLUSTER)
+        self.ranges: list[tuple[int, int]] = []
+        self.length = length
+
+    def add(self, start: int, chunk: bytes | memoryview) -> bool:
+        self.data[start:start + len(chunk)] = chunk
+        merged = []
+        lo, hi = start, start + len(chunk)
+        for a, b in self.ranges:
+            if b < lo or a > hi:
+                merged.append((a, b))
+            else:
+                lo, hi = min(lo, a), max(hi, b)
+        merged.append((lo, hi))
+        self.ranges = merged
+        return len(merged) == 1 and merged[0] == (0, self.length)
+
+
+class ArchiveWriter:
+    """Turns writes of device data into VMA extents; synchronous, use from one thread."""
+
+    def __init__(
+        self,
+        out: Output,
+        devices: Sequence[DeviceSpec],
+        configs: Sequence[tuple[str, bytes]] = (),
+        *,
+        uuid: bytes | None = None,
+        ctime: int | None = None,
+        extent_bytes: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.out = out
+        self.devices = list(devices)
+        self.uuid = uuid if uuid is not None else uuidlib.uuid4().bytes
+        self.ctime = int(time.time()) if ctime is None else ctime
+        limit = extent_bytes or getattr(out, "extent_bytes", None) or vma.MAX_EXTENT_SIZE
+        self._extent_blocks = max(vma.BLOCKS_PER_CLUSTER,
+                                  min(limit // vma.BLOCK_SIZE,
+                                      vma.SLOTS_PER_EXTENT * vma.BLOCKS_PER_CLUSTER))
+        self._progress = progress
+        header = vma.encode_header(self.uuid, self.ctime,
+                                   [(d.name, d.size) for d in self.devices], configs)
+        self._state = [np.zeros(-(-d.size // CLUSTER), np.uint8) for d in self.devices]
+        self._partial: dict[tuple[int, int], _PartialCluster] = {}
+        self._slots: list[tuple[int, int, int]] = []
+        self._chunks: list[bytes | memoryview] = []
+        self._stored: list[tuple[int, int, int, int]] = []
+        self._blocks = 0
+        self._index = index.IndexBuilder()
+        self.position = 0  # bytes of stream emitted so far
+        self.finished = False
+        self._emit(header)
+
+    # --- input ----------------------------------------------------------------------------------
+
+    def write(self, dev_id: int, offset: int, data: bytes | memoryview) -> None:
+        """Device bytes at offset; whole clusters go straight out, pieces wait for the rest."""
+        size = self._check_range(dev_id, offset, len(data))
+        view = memoryview(data).cast("B")
+        first_full, last_full = _whole_clusters(offset, offset + len(view), size)
+        if first_full >= last_full:
+            self._write_pieces(dev_id, offset, view)
+            return
+        head = first_full * CLUSTER - offset
+        tail_start = min(last_full * CLUSTER, size) - offset
+        if head:
+            self._write_pieces(dev_id, offset, view[:head])
+        self._write_clusters(dev_id, first_full, view[head:tail_start], size)
+        if tail_start < len(view):
+            self._write_pieces(dev_id, offset + tail_start, view[tail_start:])
+
+    def write_zeroes(self, dev_id: int, offset: int, length: int) -> None:
+        """Zeros cost nothing now: whole clusters become zero slots at finish()."""
+        size = self._check_range(dev_id, offset, length)
+        end = offset + length
+        first, last = _whole_clusters(offset, end, size)
+        if first >= last:
+            self._write_pieces(dev_id, offset, memoryview(bytes(length)))
+            return
+        state = self._state[dev_id - 1]
+        if state[first:last].any():
+            self._duplicate(dev_id, first + int(np.flatnonzero(state[first:last])[0]))
+        state[first:last] = _ZEROED
+        self._report(min(last * CLUSTER, size) - first * CLUSTER)
+        if offset < first * CLUSTER:
+            self._write_pieces(dev_id, offset, memoryview(bytes(first * CLUSTER - offset)))
+        if last * CLUSTER < end:
+            self._write_pieces(dev_id, last * CLUSTER, memoryview(bytes(end - last * CLUSTER)))
+
+    def finish(self) -> None:
+        """Emit the rest: pieces, zero slots for every cluster not yet emitted, index, footer."""
+        if self.finished:
+            raise RuntimeError("archive already finished")
+        for (dev_id, cluster), part in sorted(self._partial.items()):
+            self._state[dev_id - 1][cluster] = _EMITTED
+            self._add_cluster(dev_id, cluster, memoryview(part.data)[:part.length], part.length)
+        self._partial.clear()
+        for dev_id, state in enumerate(self._state, start=1):
+            untouched = np.flatnonzero(state == _UNTOUCHED)
+            if len(untouched):
+                size = self.devices[dev_id - 1].size
+                tail = len(state) * CLUSTER - size if untouched[-1] == len(state) - 1 else 0
+                self._report(len(untouched) * CLUSTER - tail)
+            missing = np.flatnonzero(state != _EMITTED)
+            state[missing] = _EMITTED
+            self._add_zero_clusters(dev_id, missing)
+        self._flush_extent()
+        if not self.devices:
+            self._emit(vma.encode_extent_header(self.uuid, [], 0))  # like vma create
+        blob = self._index.encode()
+        self.out.end_frame()
+        index_offset = self.position
+        self._emit(vma.encode_null_extents(self.uuid, blob))
+        self.out.end_frame()
+        footer = index.Footer(index_offset, len(blob), zlib.crc32(blob))
+        self._emit(vma.encode_null_extents(self.uuid, index.encode_footer(footer)))
+        self.finished = True
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _check_range(self, dev_id: int, offset: int, length: int) -> int:
+        if self.finished:
+            raise RuntimeError("archive already finished")
+        if not 1 <= dev_id <= len(self.devices):
+            raise FormatError(f"unknown device id {dev_id}")
+        size = self.devices[dev_id - 1].size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise FormatError(f"write of {length} bytes at {offset} is outside device "
+                              f"{self.devices[dev_id - 1].name} ({size} bytes)")
+        return size
+
+    def _duplicate(self, dev_id: int, cluster: int) -> None:
+        raise FormatError(f"cluster {cluster} of {self.devices[dev_id - 1].name} written twice")
+
+    def _write_clusters(self, dev_id: int, first: int, view: memoryview, size: int) -> None:
+        """Whole clusters (the last may be the device's short tail), masks in one numpy pass."""
+        count = -(-len(view) // CLUSTER)
+        state = self._state[dev_id - 1]
+        if state[first:first + count].any():
+            self._duplicate(dev_id, first + int(np.flatnonzero(state[first:first + count])[0]))
+        state[first:first + count] = _EMITTED
+        if len(view) % CLUSTER:
+            padded = bytearray(count * CLUSTER)
+            padded[:len(view)] = view
+            view = memoryview(padded)
+        masks = vma.cluster_masks(view)
+        blocks = np.frombuffer(view, np.uint8).reshape(-1, vma.BLOCK_SIZE)
+        compact: np.ndarray | None = None
+        if not (masks == vma.FULL_MASK).all():
+            bits = (masks[:, None] >> np.arange(16, dtype=np.uint16)) & 1
+            compact = blocks[bits.ravel().astype(bool)]
+        starts = np.concatenate(([0], np.cumsum(vma.POPCOUNT16[masks], dtype=np.int64)))
+        for i in range(count):
+            cluster = first + i
+            length = min(CLUSTER, size - cluster * CLUSTER)
+            mask = int(masks[i]) & vma.end_mask(size, cluster)
+            if compact is None:
+                payload: bytes | memoryview = view[i * CLUSTER:(i + 1) * CLUSTER]
+            else:
+                payload = memoryview(compact[starts[i]:starts[i + 1]]).cast("B")
+            self._add_stored(dev_id, cluster, mask, payload, length)
+
+    def _write_pieces(self, dev_id: int, offset: int, view: memoryview) -> None:
+        size = self.devices[dev_id - 1].size
+        state = self._state[dev_id - 1]
+        pos = 0
+        while pos < len(view):
+            cluster, start = divmod(offset + pos, CLUSTER)
+            n = min(CLUSTER - start, len(view) - pos)
+            key = (dev_id, cluster)
+            part = self._partial.get(key)
+            if part is None:
+                if state[cluster] != _UNTOUCHED:
+                    self._duplicate(dev_id, cluster)
+                state[cluster] = _PARTIAL
+                part = self._partial[key] = _PartialCluster(min(CLUSTER, size - cluster * CLUSTER))
+            if part.add(start, view[pos:pos + n]):
+                del self._partial[key]
+                state[cluster] = _EMITTED
+                self._add_cluster(dev_id, cluster, memoryview(part.data)[:part.length], part.length)
+            pos += n
+
+    def _add_cluster(self, dev_id: int, cluster: int, data: memoryview, length: int) -> None:
+        full = bytes(data).ljust(CLUSTER, b"\0")
+        size = self.devices[dev_id - 1].size
+        mask = int(vma.cluster_masks(full)[0]) & vma.end_mask(size, cluster)
+        self._add_stored(dev_id, cluster, mask, vma.stored_blocks(full, mask), length)
+
+    def _add_stored(self, dev_id: int, cluster: int, mask: int,
+                    payload: bytes | memoryview, length: int) -> None:
+        nblocks = len(payload) // vma.BLOCK_SIZE
+        if len(self._slots) == vma.SLOTS_PER_EXTENT or self._blocks + nblocks > self._extent_blocks:
+            self._flush_extent()
+        self._slots.append((dev_id, cluster, mask))
+        if mask:
+            self._chunks.append(payload)
+            self._stored.append((dev_id, cluster, mask, zlib.crc32(payload)))
+            self._blocks += nblocks
+        self._report(length)
+
+    def _add_zero_clusters(self, dev_id: int, clusters: np.ndarray) -> None:
+        """Zero slots in bulk: a 1 TiB empty disk is 16 M of them."""
+        if not len(clusters):
+            return
+        if self._slots:
+            take = vma.SLOTS_PER_EXTENT - len(self._slots)
+            for cluster in clusters[:take].tolist():
+                self._slots.append((dev_id, cluster, 0))
+            clusters = clusters[take:]
+            self._flush_extent()
+        infos = (np.uint64(dev_id) << np.uint64(32)) | clusters.astype(np.uint64)
+        for start in range(0, len(infos), vma.SLOTS_PER_EXTENT):
+            group = infos[start:start + vma.SLOTS_PER_EXTENT]
+            slots = group.astype(">u8").tobytes().ljust(vma.SLOTS_PER_EXTENT * 8, b"\0")
+            self._emit(vma.seal_extent(self.uuid, 0, slots))
+
+    def _flush_extent(self) -> None:
+        if not self._slots:
+            return
+        head = vma.encode_extent_header(self.uuid, self._slots, self._blocks)
+        self._index.add_extent(self.position, self._stored)
+        self._emit(b"".join([head, *self._chunks]))
+        self._slots, self._chunks, self._stored, self._blocks = [], [], [], 0
+
+    def _report(self, nbytes: int) -> None:
+        if self._progress and nbytes:
+            self._progress(nbytes)
+
+    def _emit(self, data: bytes) -> None:
+        self.out.write(data)
+        self.position += len(data)
+
+
+def _whole_clusters(offset: int, end: int, size: int) -> tuple[int, int]:
+    """[first, last) clusters that [offset, end) covers whole; the device's short tail counts."""
+    last = -(-size // CLUSTER) if end == size else end // CLUSTER
+    return -(-offset // CLUSTER), last

@@ -1,0 +1,228 @@
+"""Random access into the decompressed stream of a seekable ``.vma.zst``.
+
+Reading any byte decompresses only the frame that holds it.  All file reads use
+``os.pread`` (no shared file position), decompressors are per thread, and the
+frame cache has its own lock, so every method is safe to call from worker
+threads, e.g. a read-ahead pipeline running ``frame(i + 1)`` while ``frame(i)``
+is being served.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from types import TracebackType
+
+import zstandard
+
+from vmafs.errors import FormatError, NotSeekableError
+from vmafs.seektable import (
+    FOOTER_SIZE,
+    SEEKABLE_MAGIC,
+    SeekTable,
+    decode_seek_table,
+    parse_seek_table_footer,
+)
+
+DEFAULT_CACHE_BYTES = 32 << 20
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _is_skippable_magic(head: bytes) -> bool:
+    return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
+
+
+class SeekableZstdSource:
+    """A seekable zstd file, read by decompressed offset."""
+
+    def __init__(
+        self, file: str | os.PathLike[str] | int, *, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
+        if isinstance(file, int):
+            self._fd = file
+            self._own_fd = False
+            self.name = f"fd {file}"
+        else:
+            self._fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+            self._own_fd = True
+            self.name = os.fspath(file)
+        try:
+            self.table = self._load_table()
+        except BaseException:
+            self.close()
+            raise
+        self._cache_limit = cache_bytes
+        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._cache_used = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    # -- opening --------------------------------------------------------------
+
+    def _pread_exact(self, length: int, offset: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise FormatError(
+                f"{self.name}: short read at {offset}: {len(data)} of {length} bytes "
+                "(file changed while open?)"
+            )
+        return data
+
+    def _not_seekable(self, why: str) -> NotSeekableError:
+        return NotSeekableError(
+            f"{self.name}: {why}; convert it first: vmafs convert {self.name} OUT.vma.zst"
+        )
+
+    def _load_table(self) -> SeekTable:
+        file_size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 4, 0)
+        if head != _ZSTD_MAGIC and not _is_skippable_magic(head):
+            raise FormatError(f"{self.name}: not a zstd file")
+        if file_size < FOOTER_SIZE:
+            raise self._not_seekable("no zstd seek table (file too short)")
+        tail = self._pread_exact(FOOTER_SIZE, file_size - FOOTER_SIZE)
+        if int.from_bytes(tail[-4:], "little") != SEEKABLE_MAGIC:
+            raise self._not_seekable("zstd file without a seek table (one-frame, as vzdump writes)")
+        try:
+            footer = parse_seek_table_footer(tail)
+            if footer.table_size > file_size:
+                raise FormatError(
+                    f"seek table of {footer.num_frames} frames is larger than the file"
+                )
+            table_bytes = self._pread_exact(footer.table_size, file_size - footer.table_size)
+            return decode_seek_table(table_bytes, file_size)
+        except FormatError as e:
+            raise FormatError(f"{self.name}: bad zstd seek table: {e}") from None
+
+    # -- geometry -------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Size of the decompressed stream."""
+        return self.table.decompressed_size
+
+    @property
+    def num_frames(self) -> int:
+        return self.table.num_frames
+
+    def frame_of(self, offset: int) -> int:
+        """Index of the frame holding decompressed byte ``offset``."""
+        return self.table.frame_for(offset)
+
+    def frame_bounds(self, index: int) -> tuple[int, int]:
+        """Decompressed ``[start, end)`` of frame ``index``."""
+        if not 0 <= index < self.table.num_frames:
+            raise IndexError(f"frame {index} out of range 0..{self.table.num_frames - 1}")
+        return self.table.decompressed_range(index)
+
+    # -- decompression --------------------------------------------------------
+
+    def read_frame(self, index: int) -> bytes:
+        """Decompress frame ``index`` from the file, bypassing the cache (thread-safe)."""
+        start, end = self.frame_bounds(index)
+        c_start, c_end = self.table.compressed_range(index)
+        data = self._pread_exact(c_end - c_start, c_start)
+        expected = end - start
+        if expected == 0 and _is_skippable_magic(data):
+            return b""
+        if data[:4] != _ZSTD_MAGIC:
+            raise FormatError(f"{self.name}: frame {index} at {c_start} is not a zstd frame")
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = zstandard.ZstdDecompressor()
+            self._local.dctx = dctx
+        try:
+            # decompressobj, unlike decompress(), tells whether the frame ended exactly
+            # at the end of its table entry, and needs no content size in the header.
+            dobj = dctx.decompressobj(write_size=max(expected, 1))
+            out = dobj.decompress(data)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"{self.name}: frame {index} at {c_start}: {e}") from None
+        if not dobj.eof:
+            raise FormatError(f"{self.name}: frame {index} at {c_start} is truncated")
+        if dobj.unused_data:
+            raise FormatError(
+                f"{self.name}: frame {index} at {c_start} ends {len(dobj.unused_data)} bytes "
+                "before the seek table says"
+            )
+        if len(out) != expected:
+            raise FormatError(
+                f"{self.name}: frame {index} decompresses to {len(out)} bytes, "
+                f"the seek table says {expected}"
+            )
+        return out
+
+    def frame(self, index: int) -> bytes:
+        """Frame ``index`` decompressed, through the LRU cache (thread-safe)."""
+        with self._lock:
+            data = self._cache.get(index)
+            if data is not None:
+                self._cache.move_to_end(index)
+                return data
+        data = self.read_frame(index)
+        self._remember(index, data)
+        return data
+
+    def _remember(self, index: int, data: bytes) -> None:
+        if len(data) > self._cache_limit:
+            return
+        with self._lock:
+            if index in self._cache:
+                return
+            self._cache[index] = data
+            self._cache_used += len(data)
+            while self._cache_used > self._cache_limit:
+                _, old = self._cache.popitem(last=False)
+                self._cache_used -= len(old)
+
+    def cached(self, index: int) -> bool:
+        with self._lock:
+            return index in self._cache
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at decompressed ``offset`` (short only at the end)."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first = self.frame_of(offset)
+        f_start, f_end = self.table.decompressed_range(first)
+        if end <= f_end:
+            return self.frame(first)[offset - f_start : end - f_start]
+        parts: list[bytes] = []
+        index = first
+        pos = offset
+        while pos < end:
+            f_start, f_end = self.table.decompressed_range(index)
+            if f_end > f_start:
+                whole = f_start >= offset and f_end <= end
+                # Frames a big read covers whole are not cached: they would evict hotter ones.
+                data = self.read_frame(index) if whole and not self.cached(index) else self.frame(index)
+                parts.append(data[pos - f_start : min(end, f_end) - f_start])
+                pos = min(end, f_end)
+            index += 1
+        return b"".join(parts)
+
+    # -- lifetime -------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._own_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        if hasattr(self, "_cache"):
+            with self._lock:
+                self._cache.clear()
+                self._cache_used = 0
+
+    def __enter__(self) -> SeekableZstdSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
