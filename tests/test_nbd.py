@@ -6,10 +6,11 @@ import errno
 import json
 import os
 import shutil
+import socket as stdsocket
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,9 @@ def test_named_export() -> None:
     conn = nbd.NBDServer(MiB, export_name="drive-scsi0")
     conn.data_to_send()
     conn.receive_data(
-        client_flags() + option(nbd.OPT_GO, go_data("")) + option(nbd.OPT_GO, go_data("drive-scsi0"))
+        client_flags()
+        + option(nbd.OPT_GO, go_data(""))
+        + option(nbd.OPT_GO, go_data("drive-scsi0"))
     )
     assert events(conn) == [nbd.TransmissionStarted("drive-scsi0", "GO")]
     replies = parse_opt_replies(conn.data_to_send())
@@ -481,10 +484,14 @@ class RecordingHandler:
         self.fail_after: int | None = None  # raise ENOSPC after this many writes
         self.stall_after: int | None = None  # block forever after this many writes
         self.stalled = trio.Event()
+        self.fail_next: Exception | None = None  # raised once, by the next write
         self.writes = 0
 
     async def write(self, offset: int, data: bytes | bytearray) -> None:
         self.writes += 1
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
         if self.stall_after is not None and self.writes > self.stall_after:
             self.stalled.set()
             await trio.sleep_forever()
@@ -619,6 +626,46 @@ def test_qemu_io_refused_requests(tmp_path: Path) -> None:
     assert "read failed" in out
     assert "wrote 4096/4096 bytes at offset 0" in out
     assert handler.ops[0] == ("write", 0, 4096)
+
+
+@needs_qemu_utils
+def test_handler_error_is_eio_and_connection_survives(tmp_path: Path) -> None:
+    sock = short_tmp(tmp_path) / "nbd.sock"
+    # A stale socket file from an earlier run is replaced.
+    stale = stdsocket.socket(stdsocket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()
+    size = MiB
+    handler = RecordingHandler(size)
+    handler.fail_next = RuntimeError("the archive writer broke")
+
+    async def run_qemu_io(*commands: str) -> str:
+        args = [QEMU_IO or "qemu-io", "-f", "raw"]
+        for c in commands:
+            args += ["-c", c]
+        result = await trio.run_process(
+            [*args, f"nbd+unix:///?socket={sock}"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        return (result.stdout + result.stderr).decode()
+
+    async def main() -> tuple[str, str, NBDStats]:
+        async with nbd_server(sock, size, handler) as (stats, _):
+            first = await run_qemu_io("write -P 1 0 4k", "write -P 2 4k 4k")
+            second = await run_qemu_io("write -P 3 8k 4k")
+            return first, second, stats
+
+    first, second, stats = trio.run(main)
+    assert "write failed: Input/output error" in first
+    assert "wrote 4096/4096 bytes at offset 4096" in first
+    assert "wrote 4096/4096 bytes at offset 8192" in second
+    assert stats.connections == 2 and stats.errors == 1
+    assert [op for op in handler.ops if op[0] == "write"] == [
+        ("write", 4096, 4096),
+        ("write", 8192, 4096),
+    ]
 
 
 @pytest.mark.skipif(not QEMU_NBD, reason="qemu-nbd not installed")
@@ -768,10 +815,8 @@ async def qemu_vm(tmp_path: Path, image: Path) -> AsyncIterator[tuple[QMP, trio.
         finally:
             with trio.move_on_after(10) as scope:
                 scope.shield = True
-                try:
+                with suppress(EOFError, OSError, trio.BrokenResourceError):
                     await qmp.execute("quit")
-                except (EOFError, OSError, trio.BrokenResourceError):
-                    pass
                 await proc.wait()
                 await qmp.stream.aclose()
     finally:
@@ -783,14 +828,22 @@ async def qemu_vm(tmp_path: Path, image: Path) -> AsyncIterator[tuple[QMP, trio.
 
 async def start_backup(qmp: QMP, sock: Path) -> None:
     await qmp.execute(
-        "blockdev-add", driver="nbd", **{"node-name": "target0"}, server={"type": "unix", "path": str(sock)}
+        "blockdev-add",
+        driver="nbd",
+        **{"node-name": "target0"},
+        server={"type": "unix", "path": str(sock)},
     )
     await qmp.execute(
         "transaction",
         actions=[
             {
                 "type": "blockdev-backup",
-                "data": {"job-id": "backup0", "device": "disk0", "target": "target0", "sync": "full"},
+                "data": {
+                    "job-id": "backup0",
+                    "device": "disk0",
+                    "target": "target0",
+                    "sync": "full",
+                },
             }
         ],
         properties={"completion-mode": "grouped"},
@@ -806,9 +859,12 @@ def test_qemu_backup_job(tmp_path: Path) -> None:
     handler = RecordingHandler(size)
 
     async def main() -> tuple[dict[str, Any], NBDStats]:
-        async with nbd_server(sock, size, handler) as (stats, _), qemu_vm(tmp_path, image) as (
-            qmp,
-            _proc,
+        async with (
+            nbd_server(sock, size, handler) as (stats, _),
+            qemu_vm(tmp_path, image) as (
+                qmp,
+                _proc,
+            ),
         ):
             with trio.fail_after(120):
                 await start_backup(qmp, sock)
@@ -840,9 +896,12 @@ def test_qemu_backup_job_enospc(tmp_path: Path) -> None:
     handler.fail_after = 2
 
     async def main() -> tuple[dict[str, Any], Any]:
-        async with nbd_server(sock, size, handler) as (stats, _), qemu_vm(tmp_path, image) as (
-            qmp,
-            _proc,
+        async with (
+            nbd_server(sock, size, handler) as (stats, _),
+            qemu_vm(tmp_path, image) as (
+                qmp,
+                _proc,
+            ),
         ):
             with trio.fail_after(120):
                 await start_backup(qmp, sock)
@@ -869,9 +928,10 @@ def test_cancelling_the_server_fails_the_job_without_hanging_qemu(tmp_path: Path
     async def main() -> tuple[dict[str, Any], Any]:
         async with qemu_vm(tmp_path, image) as (qmp, proc):
             with trio.fail_after(120):
-                async with nbd_server(sock, size, handler) as (_stats, server_scope):
+                async with nbd_server(sock, size, handler) as (stats, server_scope):
                     await start_backup(qmp, sock)
                     await handler.stalled.wait()
+                    assert stats.busy_since is not None  # what a watchdog looks at
                     server_scope.cancel()  # the watchdog's lever
                 done = await qmp.wait_event("BLOCK_JOB_COMPLETED")
                 # The monitor still answers, and the node can be removed.

@@ -176,9 +176,7 @@ def test_short_inputs_are_rejected() -> None:
 
 # -- property ----------------------------------------------------------------------------
 
-entry_st = st.tuples(
-    st.integers(1, 0xFFFFFFFF), st.integers(0, MAX_FRAME_DECOMPRESSED_SIZE)
-)
+entry_st = st.tuples(st.integers(1, 0xFFFFFFFF), st.integers(0, MAX_FRAME_DECOMPRESSED_SIZE))
 
 
 @settings(max_examples=200, deadline=None)

@@ -78,16 +78,27 @@ async def convert_to_nbd(src: Path, sock: Path, size: int) -> tuple[float, NBDSt
     return elapsed, stats, handler
 
 
-async def backup_to_nbd(src: Path, workdir: Path, size: int) -> tuple[float, NBDStats, Any]:
-    """QEMU's real backup job (sync=full) into the discarding sink."""
+async def backup_to_nbd(
+    src: Path, workdir: Path, size: int, null_co: bool = False
+) -> tuple[float, NBDStats, Any]:
+    """QEMU's real backup job (sync=full) into the discarding sink (or QEMU's null-co)."""
     sock = workdir / "backup.sock"
     qmp_path = workdir / "qmp.sock"
     handler = DiscardHandler()
     proc = await trio.lowlevel.open_process(
         [
-            "qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none",
-            "-machine", "none", "-qmp", f"unix:{qmp_path},server=on,wait=off",
-            "-blockdev", f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={src}",
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "none",
+            "-qmp",
+            f"unix:{qmp_path},server=on,wait=off",
+            "-blockdev",
+            f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={src}",
         ],
         stderr=subprocess.DEVNULL,
     )
@@ -121,10 +132,15 @@ async def backup_to_nbd(src: Path, workdir: Path, size: int) -> tuple[float, NBD
         await execute("qmp_capabilities")
         async with trio.open_nursery() as nursery:
             stats = await nursery.start(serve_nbd, str(sock), size, handler)
-            await execute(
-                "blockdev-add", driver="nbd", **{"node-name": "t0"},
-                server={"type": "unix", "path": str(sock)},
-            )
+            if null_co:
+                await execute("blockdev-add", driver="null-co", size=size, **{"node-name": "t0"})
+            else:
+                await execute(
+                    "blockdev-add",
+                    driver="nbd",
+                    **{"node-name": "t0"},
+                    server={"type": "unix", "path": str(sock)},
+                )
             t0 = time.perf_counter()
             await execute(
                 "blockdev-backup", **{"job-id": "j0"}, device="disk0", target="t0", sync="full"
@@ -165,13 +181,19 @@ async def main() -> None:
             subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(dst)], check=True)
             report("qemu-img convert -> raw file", size, time.perf_counter() - t0)
             dst.unlink()
+            cpu = time.process_time()
             elapsed, stats, handler = await convert_to_nbd(src, work / "nbd.sock", size)
             report("qemu-img convert -> vmafs NBD (discard)", size, elapsed)
+            print(f"   server CPU: {(time.process_time() - cpu) / (size / 1e9):.2f} s per GB")
         describe(stats, handler)
         if args.backup:
             for _ in range(args.rounds):
+                cpu = time.process_time()
                 elapsed, stats, handler = await backup_to_nbd(src, work, size)
                 report("QEMU blockdev-backup -> vmafs NBD", size, elapsed)
+                print(f"   server CPU: {(time.process_time() - cpu) / (size / 1e9):.2f} s per GB")
+                elapsed, _, _ = await backup_to_nbd(src, work, size, null_co=True)
+                report("QEMU blockdev-backup -> null-co (in QEMU)", size, elapsed)
             describe(stats, handler)
 
 

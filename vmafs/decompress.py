@@ -8,6 +8,7 @@ truncated or damaged input as FormatError instead of ending the stream quietly.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import threading
 import zlib
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import zstandard
 
@@ -48,7 +49,8 @@ def detect_container(first_bytes: bytes) -> str:
     if first_bytes.startswith(LZOP_MAGIC):
         return "lzo"
     raise FormatError(
-        f"not a VMA archive, nor zstd, gzip or lzop compressed (starts with {first_bytes[:9].hex()})"
+        "not a VMA archive, nor zstd, gzip or lzop compressed "
+        f"(starts with {first_bytes[:9].hex()})"
     )
 
 
@@ -190,7 +192,7 @@ class _ZstdRaw(io.RawIOBase):
         self._raw = raw
         self._source = _CheckedSource(raw)
         self._reader = zstandard.ZstdDecompressor().stream_reader(
-            self._source, read_size=CHUNK, read_across_frames=True, closefd=False
+            cast(BinaryIO, self._source), read_size=CHUNK, read_across_frames=True, closefd=False
         )
 
     def readable(self) -> bool:
@@ -205,10 +207,9 @@ class _ZstdRaw(io.RawIOBase):
             raise FormatError(
                 f"zstd stream damaged near offset {self._source.checker.offset}: {e}"
             ) from None
-        if n == 0 and not self._source.at_eof:
-            # The decoder stopped; anything left must be nothing at all.
-            if self._source.read(CHUNK):
-                raise FormatError("zstd stream: data after the last frame")
+        # If the decoder stopped before its source did, anything left is junk.
+        if n == 0 and not self._source.at_eof and self._source.read(CHUNK):
+            raise FormatError("zstd stream: data after the last frame")
         return n
 
     def close(self) -> None:
@@ -265,7 +266,9 @@ class _GzipRaw(io.RawIOBase):
             try:
                 out = self._d.decompress(self._tail, want)
             except zlib.error as e:
-                raise FormatError(f"gzip stream damaged before offset {self._offset}: {e}") from None
+                raise FormatError(
+                    f"gzip stream damaged before offset {self._offset}: {e}"
+                ) from None
             self._tail = self._d.unconsumed_tail
             if out:
                 b[: len(out)] = out
@@ -282,7 +285,7 @@ class _LzopRaw(io.RawIOBase):
 
     def __init__(self, raw: io.RawIOBase, direct_fd: int | None) -> None:
         self._raw = raw
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self._feeder: threading.Thread | None = None
         self._feed_error: BaseException | None = None
         try:
@@ -295,7 +298,9 @@ class _LzopRaw(io.RawIOBase):
             )
         except FileNotFoundError:
             self._stderr.close()
-            raise VmafsError("reading a .lzo archive needs the lzop program (apt install lzop)") from None
+            raise VmafsError(
+                "reading a .lzo archive needs the lzop program (apt install lzop)"
+            ) from None
         if direct_fd is None:
             self._feeder = threading.Thread(target=self._feed, name="vmafs-lzop-feed", daemon=True)
             self._feeder.start()
@@ -311,10 +316,9 @@ class _LzopRaw(io.RawIOBase):
         except BaseException as e:  # noqa: BLE001 - handed to the reading thread
             self._feed_error = e
         finally:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 stdin.close()
-            except BrokenPipeError:
-                pass
+            self._raw.close()  # the feeder owns the source: no close while it reads
 
     def readable(self) -> bool:
         return True
@@ -322,14 +326,13 @@ class _LzopRaw(io.RawIOBase):
     def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
         if not len(b):
             return 0
-        stdout = self._proc.stdout
-        assert stdout is not None
+        stdout = cast(io.FileIO, self._proc.stdout)  # bufsize=0: unbuffered
         n = stdout.readinto(b)
         if n:
             return n
         rc = self._proc.wait()
-        if self._feeder is not None:
-            self._feeder.join()
+        if rc == 0 and self._feeder is not None:
+            self._feeder.join()  # lzop saw the end of its input: the feeder is done
         if self._feed_error is not None:
             raise self._feed_error
         if rc != 0:
@@ -347,9 +350,12 @@ class _LzopRaw(io.RawIOBase):
                 self._proc.stdout.close()
             self._proc.wait()
             if self._feeder is not None:
-                self._feeder.join()
+                # It may still wait for input from a pipe; it is a daemon and closes
+                # the source itself when it ends.
+                self._feeder.join(timeout=1.0)
+            else:
+                self._raw.close()
             self._stderr.close()
-            self._raw.close()
         super().close()
 
 
@@ -369,11 +375,13 @@ def _peek(raw: io.RawIOBase) -> bytes:
 def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
     """The archive's VMA stream, decompressed as needed; ``"-"`` reads standard input."""
     if os.fspath(path) == "-":
-        raw: io.RawIOBase = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+        raw: io.RawIOBase = open(  # noqa: SIM115 - returned
+            sys.stdin.fileno(), "rb", buffering=0, closefd=False
+        )
         name = "standard input"
     else:
         try:
-            raw = open(path, "rb", buffering=0)
+            raw = open(path, "rb", buffering=0)  # noqa: SIM115 - returned
         except OSError as e:
             raise VmafsError(f"cannot open {os.fspath(path)}: {e.strerror}") from None
         name = os.fspath(path)
@@ -402,4 +410,4 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         raw.close()
         raise
-    return io.BufferedReader(decoded, buffer_size=CHUNK)  # type: ignore[return-value]
+    return io.BufferedReader(decoded, buffer_size=CHUNK)

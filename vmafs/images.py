@@ -1,5 +1,5 @@
-"""Disk images as input to `vmafs create`: raw files are read directly (skipping holes); any
-other format QEMU reads is pushed by `qemu-img convert` into an NBD sink, like a live backup."""
+"""Disk images as input to `vmafs create`: argument parsing, probing with qemu-img, and the
+fast path for raw files (read directly, holes skipped). Other formats: qemu_img_feed."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import errno
 import json
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
-
-import trio
 
 from vmafs import vma
 from vmafs.errors import VmafsError
@@ -69,6 +66,7 @@ def copy_raw(writer: ArchiveWriter, dev_id: int, path: str, size: int) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        file_size = os.fstat(fd).st_size  # QEMU rounds a raw image's size up to 512 bytes
         pos = 0
         while pos < size:
             try:
@@ -85,50 +83,11 @@ def copy_raw(writer: ArchiveWriter, dev_id: int, path: str, size: int) -> None:
                 n = min(READ_CHUNK, hole - data_start)
                 chunk = os.pread(fd, n, data_start)
                 if len(chunk) != n:
-                    raise VmafsError(f"{path}: image changed size while reading")
+                    if data_start + len(chunk) != file_size:
+                        raise VmafsError(f"{path}: image changed size while reading")
+                    chunk += bytes(n - len(chunk))  # the tail QEMU adds reads as zeros
                 writer.write(dev_id, data_start, chunk)
                 data_start += n
             pos = hole
     finally:
         os.close(fd)
-
-
-class _WriterSink:
-    """NBD export handler feeding one device of the writer from a worker thread."""
-
-    def __init__(self, writer: ArchiveWriter, dev_id: int) -> None:
-        self.writer = writer
-        self.dev_id = dev_id
-        self.limiter = trio.CapacityLimiter(1)
-
-    async def write(self, offset: int, data: bytes | bytearray) -> None:
-        await trio.to_thread.run_sync(self.writer.write, self.dev_id, offset, data,
-                                      limiter=self.limiter)
-
-    async def write_zeroes(self, offset: int, length: int) -> None:
-        await trio.to_thread.run_sync(self.writer.write_zeroes, self.dev_id, offset, length,
-                                      limiter=self.limiter)
-
-    async def flush(self) -> None:
-        pass
-
-
-def copy_with_qemu_img(writer: ArchiveWriter, dev_id: int, image: ImageSpec) -> None:
-    """Let qemu-img read any format and write it, holes as WRITE_ZEROES, into our NBD sink."""
-    from vmafs.nbd_server import serve_nbd
-
-    async def main() -> None:
-        with tempfile.TemporaryDirectory(prefix="vmafs-") as tmp:
-            sock = os.path.join(tmp, "nbd.sock")
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_nbd, sock, image.size, _WriterSink(writer, dev_id))
-                proc = await trio.run_process(
-                    ["qemu-img", "convert", "-U", "-n", "-f", image.format, "-O", "raw",
-                     "-m", "4", "-W", image.path, f"nbd+unix:///?socket={sock}"],
-                    capture_stderr=True, check=False)
-                nursery.cancel_scope.cancel()
-        if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace").strip().splitlines()
-            raise VmafsError(f"{image.path}: qemu-img failed: {err[-1] if err else 'unknown'}")
-
-    trio.run(main)

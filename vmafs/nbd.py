@@ -430,9 +430,7 @@ class NBDServer:
         if name != self.export_name:
             self._opt_reply(option, REP_ERR_UNKNOWN, b"no such export")
             return None
-        requests = {
-            _U16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(n_req)
-        }
+        requests = {_U16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(n_req)}
         self._opt_reply(
             option, REP_INFO, _INFO_EXPORT.pack(INFO_EXPORT, self.size, TRANSMISSION_FLAGS)
         )

@@ -5,7 +5,8 @@ that state machine and calls an `ExportHandler`.  Requests of one connection
 are handled in order (the handler's awaits are the back-pressure); QEMU keeps
 many requests in flight, so replies to everything parsed from one read go out
 in one send.  Cancelling the scope around `serve_nbd` closes every connection
-at once: that is how a watchdog frees QEMU from a stalled sink.
+at once: that is how a watchdog frees QEMU from a stalled sink — so handler
+awaits must be cancellable (e.g. `trio.to_thread.run_sync(..., cancellable=True)`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class NBDStats:
     bytes_zeroed: int = 0
     flushes: int = 0
     errors: int = 0  # error replies sent (refused requests and handler failures)
-    last_activity: float = 0.0  # trio.current_time() of the last completed request
+    last_activity: float = 0.0  # trio.current_time() of the last reply sent
+    busy_since: float | None = None
+    """trio.current_time() when the handler call in progress began (None: idle).
+    A watchdog that sees this too old knows the sink is stalled, not idle."""
     request_kinds: dict[tuple[int, int], int] = field(default_factory=dict)
     """(command, flags) -> count: what the client actually sends."""
     max_write: int = 0
@@ -151,6 +155,7 @@ async def _run(
                 key = (nbd.CMD_WRITE, ev.flags)
                 kinds[key] = kinds.get(key, 0) + 1
                 length = len(ev.data)
+                stats.busy_since = trio.current_time()
                 try:
                     await handler.write(ev.offset, ev.data)
                 except Exception as exc:
@@ -163,6 +168,7 @@ async def _run(
             elif isinstance(ev, nbd.WriteZeroes):
                 key = (nbd.CMD_WRITE_ZEROES, ev.flags)
                 kinds[key] = kinds.get(key, 0) + 1
+                stats.busy_since = trio.current_time()
                 try:
                     await handler.write_zeroes(ev.offset, ev.length)
                 except Exception as exc:
@@ -174,6 +180,7 @@ async def _run(
             elif isinstance(ev, nbd.Flush):
                 key = (nbd.CMD_FLUSH, 0)
                 kinds[key] = kinds.get(key, 0) + 1
+                stats.busy_since = trio.current_time()
                 try:
                     await handler.flush()
                 except Exception as exc:
@@ -198,6 +205,7 @@ async def _run(
                 log.debug("NBD client disconnected: %s", ev.reason)
                 return
             stats.requests += 1
+        stats.busy_since = None
         handshake = conn.data_to_send()
         if handshake:
             out.append(handshake)
@@ -206,9 +214,7 @@ async def _run(
             await _send_all(sock, b"".join(out))
 
 
-def _failed(
-    conn: nbd.NBDServer, handle: int, exc: Exception, what: str, stats: NBDStats
-) -> bytes:
+def _failed(conn: nbd.NBDServer, handle: int, exc: Exception, what: str, stats: NBDStats) -> bytes:
     code = _nbd_errno(exc)
     log.error("NBD %s failed, reporting %s to the client: %r", what, errno.errorcode[code], exc)
     stats.errors += 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import uuid as uuidlib
-import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,17 +58,17 @@ class Device:
 class _DeviceMap:
     """Sorted stored clusters of one device: cluster -> (mask, data offset, crc)."""
 
-    __slots__ = ("clusters", "masks", "offsets", "crcs")
+    __slots__ = ("clusters", "masks", "offsets", "checksums")
 
     def __init__(self, clusters: np.ndarray, masks: np.ndarray, offsets: np.ndarray,
-                 crcs: np.ndarray | None) -> None:
+                 checksums: np.ndarray | None) -> None:
         order = np.argsort(clusters, kind="stable")
         self.clusters = clusters[order]
         if len(self.clusters) > 1 and (np.diff(self.clusters.astype(np.int64)) == 0).any():
             raise FormatError("the archive holds a cluster twice")
         self.masks = masks[order]
         self.offsets = offsets[order]
-        self.crcs = crcs[order] if crcs is not None else None
+        self.checksums = checksums[order] if checksums is not None else None
 
 
 class Archive:
@@ -95,8 +94,8 @@ class Archive:
                 raise FormatError(f"index places data beyond the end of device {dev_id}")
             self._maps[dev_id] = _DeviceMap(
                 clusters, table.masks[rows], table.offsets[rows],
-                table.crcs[rows] if table.crcs is not None else None)
-        if table.crcs is not None and len(table.offsets):
+                table.checksums[rows] if table.checksums is not None else None)
+        if table.checksums is not None and len(table.offsets):
             ends = table.offsets + vma.POPCOUNT16[table.masks].astype(np.uint64) * vma.BLOCK_SIZE
             if int(ends.max()) > source.size:
                 raise IncompleteError("index points past the end of the archive")
@@ -183,7 +182,7 @@ class Archive:
         stored = self.source.pread(data_offset, nbytes)
         if len(stored) != nbytes:
             raise IncompleteError(f"cluster {cluster} of device {dev_id} is cut off")
-        if dmap.crcs is not None and zlib.crc32(stored) != int(dmap.crcs[i]):
+        if dmap.checksums is not None and index.checksum(stored) != int(dmap.checksums[i]):
             name = self.device(dev_id).name
             raise ChecksumError(f"data checksum mismatch in cluster {cluster} of {name} "
                                 f"(stream offset {data_offset})")

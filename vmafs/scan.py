@@ -6,7 +6,6 @@ themselves are pure: vma.py checks each header, ClusterCheck checks the slots of
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -22,7 +21,7 @@ class StreamExtent:
     offset: int  # stream offset of the extent header
     header: vma.ExtentHeader
     raw_header: bytes
-    data: bytes
+    data: memoryview  # valid until the next extent is read: the buffer is reused
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,17 @@ def read_exact(stream: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
+def read_into(stream: BinaryIO, view: memoryview) -> int:
+    """Fill view; fewer bytes only at end of stream."""
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def read_header(stream: BinaryIO) -> vma.Header:
     prefix = read_exact(stream, vma.HEADER_FIXED_SIZE)
     size = vma.header_size_of(prefix)
@@ -66,6 +76,7 @@ def read_header(stream: BinaryIO) -> vma.Header:
 def iter_extents(stream: BinaryIO, header: vma.Header) -> Iterator[StreamExtent]:
     """Each extent in order; the stream may only end at an extent boundary."""
     offset = header.header_size
+    buffer = memoryview(bytearray(vma.MAX_EXTENT_SIZE))
     while True:
         raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
         if not raw:
@@ -77,10 +88,11 @@ def iter_extents(stream: BinaryIO, header: vma.Header) -> Iterator[StreamExtent]
         except FormatError as exc:
             raise FormatError(f"{exc} at offset {offset}") from None
         need = ext.block_count * vma.BLOCK_SIZE
-        data = read_exact(stream, need) if need else b""
-        if len(data) != need:
+        data = buffer[:need]
+        got = read_into(stream, data)
+        if got != need:
             raise IncompleteError(
-                f"short vma extent ({vma.EXTENT_HEADER_SIZE + len(data)} < "
+                f"short vma extent ({vma.EXTENT_HEADER_SIZE + got} < "
                 f"{vma.EXTENT_HEADER_SIZE + need}) at offset {offset}: archive is truncated"
             )
         yield StreamExtent(offset, ext, raw, data)
@@ -89,7 +101,7 @@ def iter_extents(stream: BinaryIO, header: vma.Header) -> Iterator[StreamExtent]
 
 def stored_clusters(ext: StreamExtent) -> Iterator[StoredCluster]:
     """The used slots of an extent with their data; block_count must match the masks exactly."""
-    view = memoryview(ext.data)
+    view = ext.data
     pos = 0
     base = ext.offset + vma.EXTENT_HEADER_SIZE
     for dev_id, cluster, mask in ext.header.slots:
@@ -163,7 +175,7 @@ class TrailerCheck:
             return
         self.null_run = []
         self.index.add_extent(ext.offset, [
-            (s.dev_id, s.cluster, s.mask, zlib.crc32(s.data)) for s in stored if s.mask
+            (s.dev_id, s.cluster, s.mask, index.checksum(s.data)) for s in stored if s.mask
         ])
 
     def verify(self) -> tuple[bool, list[str]]:
@@ -184,8 +196,8 @@ class TrailerCheck:
         for name in ("dev_ids", "clusters", "masks", "offsets"):
             if not np.array_equal(getattr(seen, name), getattr(table, name)):
                 return True, [f"trailing index does not match the data ({name} differ)"]
-        assert seen.crcs is not None and table.crcs is not None
-        bad = np.flatnonzero(seen.crcs != table.crcs)
+        assert seen.checksums is not None and table.checksums is not None
+        bad = np.flatnonzero(seen.checksums != table.checksums)
         return True, [
             f"data checksum mismatch in cluster {int(seen.clusters[i])} of device "
             f"{int(seen.dev_ids[i])} (stream offset {int(seen.offsets[i])})"

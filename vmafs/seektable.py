@@ -123,7 +123,9 @@ def parse_seek_table_footer(tail: bytes) -> SeekTableFooter:
         raise FormatError(f"seek table footer needs {FOOTER_SIZE} bytes, file has {len(tail)}")
     num_frames, descriptor, magic = _FOOTER.unpack_from(tail, len(tail) - FOOTER_SIZE)
     if magic != SEEKABLE_MAGIC:
-        raise FormatError(f"no zstd seek table: last 4 bytes are {magic:#010x}, not {SEEKABLE_MAGIC:#x}")
+        raise FormatError(
+            f"no zstd seek table: last 4 bytes are {magic:#010x}, not {SEEKABLE_MAGIC:#x}"
+        )
     if descriptor & _RESERVED_BITS:
         raise FormatError(f"seek table descriptor {descriptor:#04x} has reserved bits set")
     if num_frames > MAX_FRAMES:
@@ -164,7 +166,9 @@ class SeekTable:
     def frame_for(self, offset: int) -> int:
         """Index of the frame holding decompressed byte ``offset`` (never an empty frame)."""
         if not 0 <= offset < self.decompressed_size:
-            raise IndexError(f"offset {offset} outside the stream of {self.decompressed_size} bytes")
+            raise IndexError(
+                f"offset {offset} outside the stream of {self.decompressed_size} bytes"
+            )
         return int(np.searchsorted(self.d_offsets, offset, side="right")) - 1
 
     def decompressed_range(self, index: int) -> tuple[int, int]:
@@ -197,9 +201,7 @@ def decode_seek_table(table: bytes, file_size: int) -> SeekTable:
     table = table[len(table) - size :]
     magic, frame_size = _SKIP_HEADER.unpack_from(table, 0)
     if magic != SKIPPABLE_MAGIC:
-        raise FormatError(
-            f"seek table frame magic is {magic:#010x}, expected {SKIPPABLE_MAGIC:#x}"
-        )
+        raise FormatError(f"seek table frame magic is {magic:#010x}, expected {SKIPPABLE_MAGIC:#x}")
     if frame_size != size - SKIPPABLE_HEADER_SIZE:
         raise FormatError(
             f"seek table Frame_Size is {frame_size}, expected {size - SKIPPABLE_HEADER_SIZE} "

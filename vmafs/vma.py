@@ -43,7 +43,8 @@ _EXTENT_HEAD = struct.Struct(">4sHH16s16s")
 _DEVNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,127}")
 
 # popcount of every 16-bit mask, for stored-byte arithmetic without per-cluster Python loops.
-POPCOUNT16 = np.array([bin(i).count("1") for i in range(1 << 16)], dtype=np.uint8)
+POPCOUNT16 = np.unpackbits(np.arange(1 << 16, dtype=">u2").view(np.uint8)).reshape(
+    -1, 16).sum(axis=1, dtype=np.uint8)
 _BIT_WEIGHTS = (1 << np.arange(BLOCKS_PER_CLUSTER, dtype=np.uint32)).astype(np.uint32)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -162,7 +161,7 @@ class ArchiveWriter:
         index_offset = self.position
         self._emit(vma.encode_null_extents(self.uuid, blob))
         self.out.end_frame()
-        footer = index.Footer(index_offset, len(blob), zlib.crc32(blob))
+        footer = index.Footer(index_offset, len(blob), index.checksum(blob))
         self._emit(vma.encode_null_extents(self.uuid, index.encode_footer(footer)))
         self.finished = True
 
@@ -244,7 +243,7 @@ class ArchiveWriter:
         self._slots.append((dev_id, cluster, mask))
         if mask:
             self._chunks.append(payload)
-            self._stored.append((dev_id, cluster, mask, zlib.crc32(payload)))
+            self._stored.append((dev_id, cluster, mask, index.checksum(payload)))
             self._blocks += nblocks
         self._report(length)
 

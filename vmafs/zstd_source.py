@@ -133,23 +133,40 @@ class SeekableZstdSource:
             dctx = zstandard.ZstdDecompressor()
             self._local.dctx = dctx
         try:
-            # decompressobj, unlike decompress(), tells whether the frame ended exactly
-            # at the end of its table entry, and needs no content size in the header.
-            dobj = dctx.decompressobj(write_size=max(expected, 1))
-            out = dobj.decompress(data)
+            content_size = zstandard.get_frame_parameters(data).content_size
+            if content_size == expected:
+                # Fast path (our frames): one call, one output allocation.  Data after the
+                # frame inside its table entry goes unnoticed here, but then the next
+                # frame's entry starts in the wrong place and fails.
+                out = dctx.decompress(data)
+            elif content_size != zstandard.CONTENTSIZE_UNKNOWN:
+                raise FormatError(
+                    f"{self.name}: frame {index} decompresses to {content_size} bytes, "
+                    f"the seek table says {expected}"
+                )
+            else:
+                out = self._decompress_unsized(dctx, data, index, c_start)
         except zstandard.ZstdError as e:
             raise FormatError(f"{self.name}: frame {index} at {c_start}: {e}") from None
+        if len(out) != expected:
+            raise FormatError(
+                f"{self.name}: frame {index} decompresses to {len(out)} bytes, "
+                f"the seek table says {expected}"
+            )
+        return out
+
+    def _decompress_unsized(
+        self, dctx: zstandard.ZstdDecompressor, data: bytes, index: int, c_start: int
+    ) -> bytes:
+        """Frames without a content size (other writers): decompressobj checks the end."""
+        dobj = dctx.decompressobj()
+        out: bytes = dobj.decompress(data)
         if not dobj.eof:
             raise FormatError(f"{self.name}: frame {index} at {c_start} is truncated")
         if dobj.unused_data:
             raise FormatError(
                 f"{self.name}: frame {index} at {c_start} ends {len(dobj.unused_data)} bytes "
                 "before the seek table says"
-            )
-        if len(out) != expected:
-            raise FormatError(
-                f"{self.name}: frame {index} decompresses to {len(out)} bytes, "
-                f"the seek table says {expected}"
             )
         return out
 
@@ -163,6 +180,17 @@ class SeekableZstdSource:
         data = self.read_frame(index)
         self._remember(index, data)
         return data
+
+    def prefetch(self, index: int) -> None:
+        """Decompress frame ``index`` into the cache unless it is there (for worker threads)."""
+        if not self.cached(index):
+            self.frame(index)
+
+    @property
+    def cache_used(self) -> int:
+        """Bytes of decompressed frames held in the cache."""
+        with self._lock:
+            return self._cache_used
 
     def _remember(self, index: int, data: bytes) -> None:
         if len(data) > self._cache_limit:
@@ -199,7 +227,10 @@ class SeekableZstdSource:
             if f_end > f_start:
                 whole = f_start >= offset and f_end <= end
                 # Frames a big read covers whole are not cached: they would evict hotter ones.
-                data = self.read_frame(index) if whole and not self.cached(index) else self.frame(index)
+                if whole and not self.cached(index):
+                    data = self.read_frame(index)
+                else:
+                    data = self.frame(index)
                 parts.append(data[pos - f_start : min(end, f_end) - f_start])
                 pos = min(end, f_end)
             index += 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import time
 
@@ -50,9 +49,3 @@ def format_ctime(ctime: int) -> str:
     """Like C's ctime() without the newline, as `vma list` prints it."""
     return time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(ctime))
 
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             if spec.format == "raw":
                 images.copy_raw(writer, dev_id, spec.path, spec.size)
             else:
-                images.copy_with_qemu_img(writer, dev_id, spec)
+                from vmafs.qemu_img_feed import copy_with_qemu_img  # imports trio
+                copy_with_qemu_img(writer, dev_id, spec)
         writer.finish()
     progress.finish()
     if args.json:

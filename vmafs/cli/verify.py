@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
             "stored_bytes": result.stored_bytes, "indexed": result.has_index,
         })
     elif ok:
-        what = "data checksums verified" if result.has_index else "no vmafs index: no data checksums"
+        what = ("data checksums verified" if result.has_index
+                else "no vmafs index: no data checksums")
         print(f"{args.archive}: OK ({len(result.header.devices)} devices, "
               f"{result.extents} extents, {result.stored_bytes} bytes stored; {what})")
     else:

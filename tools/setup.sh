@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs everything vmafs and its tests need on Debian 12 (run as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+    fuse3 libfuse3-dev pkg-config gcc python3-dev \
+    qemu-utils qemu-system-x86 qemu-block-extra \
+    zstd lzop gzip cpio busybox-static extlinux syslinux-common \
+    e2fsprogs fdisk mount util-linux kmod >/dev/null
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
