@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import guestimage as gi
 import numpy as np
 import pytest
 import trio
 import trio_asyncio
 
-import guestimage as gi
 from vmafs import blockgraph, scan, vma
 from vmafs.backup import Backup, BackupError, BackupOptions, run_backup
 from vmafs.blockgraph import Disk, SelectionError
@@ -326,8 +326,7 @@ def check_consistent(arc: Archive, sources: list[bytes]) -> tuple[int, int]:
 def test_blockgraph_on_live_qemu(guest: gi.Guest, tmp_path: Path) -> None:
     ro = gi.create_disk(tmp_path / "ro.raw", 4 * MiB, "raw")
     extra = [gi.Disk(ro, fmt="raw", readonly=True, dev_id="virtio7"),
-             gi.Disk(None, media="cdrom"),
-             gi.Disk(ro, fmt="raw", media="cdrom", dev_id="ide3")]
+             gi.Disk(ro, fmt="raw", media="cdrom", dev_id="ide2")]
     with Lab(guest, tmp_path, mode="idle", extra=extra) as lab:
 
         async def probe() -> list[Disk]:

@@ -21,7 +21,8 @@ ZEROS = bytes(4 * 1024 * 1024)
 class StreamSource(Protocol):
     """The archive's VMA stream, readable at any offset."""
 
-    size: int
+    @property
+    def size(self) -> int: ...
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
@@ -33,7 +34,11 @@ class PlainSource:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.size = os.fstat(fd).st_size
+        self._size = os.fstat(fd).st_size
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)

@@ -57,7 +57,7 @@ def read_into(stream: BinaryIO, view: memoryview) -> int:
     """Fill view; fewer bytes only at end of stream."""
     got = 0
     while got < len(view):
-        n = stream.readinto(view[got:])
+        n = stream.readinto(view[got:])  # type: ignore[attr-defined]
         if not n:
             break
         got += n

@@ -102,7 +102,7 @@ class ArchiveWriter:
 
     # --- input ----------------------------------------------------------------------------------
 
-    def write(self, dev_id: int, offset: int, data: bytes | memoryview) -> None:
+    def write(self, dev_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Device bytes at offset; whole clusters go straight out, pieces wait for the rest."""
         size = self._check_range(dev_id, offset, len(data))
         view = memoryview(data).cast("B")
@@ -206,7 +206,7 @@ class ArchiveWriter:
             if compact is None:
                 payload: bytes | memoryview = view[i * CLUSTER:(i + 1) * CLUSTER]
             else:
-                payload = memoryview(compact[starts[i]:starts[i + 1]]).cast("B")
+                payload = compact[starts[i]:starts[i + 1]].data.cast("B")
             self._add_stored(dev_id, cluster, mask, payload, length)
 
     def _write_pieces(self, dev_id: int, offset: int, view: memoryview) -> None:

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def read_configs(paths: list[str]) -> list[tuple[str, bytes]]:
-    configs = []
+    configs: list[tuple[str, bytes]] = []
     for path in paths:
         name = os.path.basename(path)
         try:
