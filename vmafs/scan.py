@@ -217,10 +217,10 @@ class ScanResult:
 
 def scan_stream(
     stream: BinaryIO,
-    on_cluster: Callable[[StoredCluster], None] | None = None,
+    on_extent: Callable[[list[StoredCluster]], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ScanResult:
-    """Read a whole archive, checking every rule; on_cluster sees each used slot.
+    """Read a whole archive, checking every rule; on_extent sees each extent's checked slots.
 
     A broken extent raises FormatError (nothing after it can be trusted); missing clusters and
     a trailing index that disagrees with the data are collected in ScanResult.problems.
@@ -236,11 +236,11 @@ def scan_stream(
         done = 0
         for slot in stored:
             clusters.check(slot)
-            if on_cluster is not None:
-                on_cluster(slot)
             size = sizes.get(slot.dev_id)
             if size is not None:
                 done += min(vma.CLUSTER_SIZE, size - slot.cluster * vma.CLUSTER_SIZE)
+        if on_extent is not None:
+            on_extent(stored)
         trailer.add_extent(ext, stored)
         result.extents += 1
         result.stored_bytes += len(ext.data)

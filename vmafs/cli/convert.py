@@ -47,20 +47,21 @@ def run(args: argparse.Namespace) -> int:
                                header.configs, uuid=header.uuid, ctime=header.ctime,
                                progress=progress.update)
 
-        def on_cluster(slot: StoredCluster) -> None:
-            dev_id = new_ids.get(slot.dev_id)
-            if dev_id is None or not slot.mask:
-                return  # zero clusters are emitted by finish()
-            start = slot.cluster * vma.CLUSTER_SIZE
-            length = min(vma.CLUSTER_SIZE, sizes[slot.dev_id] - start)
-            # copy: the scan reuses its buffer, the writer keeps what it is given
-            data = (bytes(slot.data[:length]) if slot.mask == vma.FULL_MASK
-                    else vma.expand_blocks(slot.data, slot.mask)[:length])
-            writer.write(dev_id, start, data)
+        def on_extent(slots: list[StoredCluster]) -> None:
+            for slot in slots:
+                dev_id = new_ids.get(slot.dev_id)
+                if dev_id is None or not slot.mask:
+                    continue  # zero clusters are emitted by finish()
+                start = slot.cluster * vma.CLUSTER_SIZE
+                length = min(vma.CLUSTER_SIZE, sizes[slot.dev_id] - start)
+                # copy: the scan reuses its buffer, the writer keeps what it is given
+                data = (bytes(slot.data[:length]) if slot.mask == vma.FULL_MASK
+                        else vma.expand_blocks(slot.data, slot.mask)[:length])
+                writer.write(dev_id, start, data)
 
         with open_stream(args.input) as stream:
             try:
-                result = scan_stream(stream, on_cluster)
+                result = scan_stream(stream, on_extent)
             except FormatError as exc:
                 raise VmafsError(f"{args.input}: {exc}") from None
         if result.problems:

@@ -64,15 +64,12 @@ def run(args: argparse.Namespace) -> int:
             fds[dev_id] = fd
             os.ftruncate(fd, sizes[dev_id])
 
-        def on_cluster(slot: StoredCluster) -> None:
-            fd = fds.get(slot.dev_id)
-            if fd is None or not slot.mask:
-                return
-            write_cluster(fd, slot, sizes[slot.dev_id])
+        def on_extent(slots: list[StoredCluster]) -> None:
+            write_extent(fds, slots, sizes)
 
         with open_stream(args.archive) as stream:
             try:
-                result = scan_stream(stream, on_cluster,
+                result = scan_stream(stream, on_extent,
                                      progress.update)
             except FormatError as exc:
                 raise VmafsError(f"{args.archive}: {exc}") from None
@@ -103,12 +100,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[int, int]) -> None:
+    """Write an extent's stored data; runs of whole adjacent clusters in one pwritev."""
+    run: list[memoryview] = []
+    run_fd, run_start, run_end = -1, 0, 0
+    for slot in slots:
+        fd = fds.get(slot.dev_id)
+        if fd is None or not slot.mask:
+            continue
+        start = slot.cluster * vma.CLUSTER_SIZE
+        if slot.mask != vma.FULL_MASK:
+            write_cluster(fd, slot, sizes[slot.dev_id])
+            continue
+        data = slot.data[:sizes[slot.dev_id] - start]
+        if run and (fd != run_fd or start != run_end):
+            os.pwritev(run_fd, run, run_start)
+            run = []
+        if not run:
+            run_fd, run_start = fd, start
+        run.append(data)
+        run_end = start + len(data)
+    if run:
+        os.pwritev(run_fd, run, run_start)
+
+
 def write_cluster(fd: int, slot: StoredCluster, size: int) -> None:
     """Write the stored blocks of one cluster; clear blocks stay holes in the sparse file."""
     base = slot.cluster * vma.CLUSTER_SIZE
-    if slot.mask == vma.FULL_MASK:
-        os.pwrite(fd, slot.data[:size - base], base)
-        return
     pos = 0
     j = 0
     while j < vma.BLOCKS_PER_CLUSTER:
