@@ -326,6 +326,22 @@ def test_refused_payload_is_skipped_across_chunks() -> None:
     assert [type(e) for e in evs] == [nbd.BadRequest, nbd.Flush]
 
 
+def test_oversized_write_is_refused_without_buffering() -> None:
+    conn = transmitting(1 << 40)
+    length = nbd.MAX_BLOCK + 1
+    conn.receive_data(request(nbd.CMD_WRITE, 1, 0, length))
+    assert events(conn) == []
+    chunk = bytes(MiB)
+    for _ in range(length // MiB):
+        conn.receive_data(chunk)
+        assert events(conn) == []
+        assert len(conn._buf) == 0  # discarded as it streams by
+    conn.receive_data(b"z" + request(nbd.CMD_FLUSH, 2))
+    evs = events(conn)
+    assert len(evs) == 2 and evs[1] == nbd.Flush(2)
+    assert isinstance(evs[0], nbd.BadRequest) and (evs[0].handle, evs[0].error) == (1, nbd.EINVAL)
+
+
 def test_bad_request_magic() -> None:
     conn = transmitting()
     conn.receive_data(struct.pack(">IHHQQI", 0xDEADBEEF, 0, nbd.CMD_WRITE, 1, 0, 512))

@@ -160,6 +160,26 @@ def test_output_into_a_pipe_never_seeks() -> None:
     assert result[0] == b"".join(chunks)
 
 
+def test_output_from_trio_worker_threads(tmp_path: Path) -> None:
+    """The live backup writes from trio.to_thread workers, one call at a time."""
+    trio = pytest.importorskip("trio")
+    chunks = _extents(13, 40)
+    path = tmp_path / "t.zst"
+
+    async def main() -> None:
+        with open(path, "wb") as f:
+            out = SeekableZstdOutput(f, frame_size=25000)
+            for i, chunk in enumerate(chunks):
+                await trio.to_thread.run_sync(out.write, chunk)
+                if i == 20:
+                    await trio.to_thread.run_sync(out.end_frame)
+            await trio.to_thread.run_sync(out.close)
+
+    trio.run(main)
+    with SeekableZstdSource(path) as src:
+        assert src.pread(0, src.size) == b"".join(chunks)
+
+
 def test_reused_caller_buffer_is_copied(tmp_path: Path) -> None:
     chunks = _extents(5, 30)
     path = tmp_path / "r.zst"
@@ -235,9 +255,21 @@ def test_reads_seekable_vector_like_zstd_d() -> None:
 def test_source_on_fd() -> None:
     fd = os.open(SPEC / "two-disks.seekable.vma.zst", os.O_RDONLY)
     try:
-        with SeekableZstdSource(fd) as src:
+        with SeekableZstdSource(fd, closefd=False) as src:
             assert src.pread(100, 1000) == TWO_DISKS.read_bytes()[100:1100]
         os.fstat(fd)  # not closed: the caller owns it
+    finally:
+        os.close(fd)
+    fd = os.open(SPEC / "two-disks.seekable.vma.zst", os.O_RDONLY)
+    with SeekableZstdSource(fd) as src:
+        assert src.size == TWO_DISKS.stat().st_size
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closefd=True (the default): closed with the source
+    fd = os.open(SPEC / "two-disks.vma.zst", os.O_RDONLY)
+    try:
+        with pytest.raises(NotSeekableError):
+            SeekableZstdSource(fd)
+        os.fstat(fd)  # a failed open leaves the descriptor to the caller
     finally:
         os.close(fd)
 
@@ -421,6 +453,31 @@ def test_open_stream_stdin(name: str) -> None:
         cat.wait()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == TWO_DISKS.read_bytes()
+
+
+@needs_lzop
+@pytest.mark.parametrize("name", ["sample-2disks.vma.lzo", "sample-2disks.vma.zst"])
+def test_open_stream_stdin_closed_early(name: str) -> None:
+    """A reader that stops early (vma config reads only the header) ends cleanly."""
+    code = (
+        "from vmafs.decompress import open_stream; f = open_stream('-'); "
+        "assert f.read(4) == b'VMA\\0'; f.close(); print('closed')"
+    )
+    root = Path(__file__).resolve().parent.parent
+    with open(PROXMOX / name, "rb") as f:
+        cat = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            stdin=cat.stdout,
+            capture_output=True,
+            cwd=root,
+            timeout=60,
+        )
+        assert cat.stdout is not None
+        cat.stdout.close()
+        cat.wait()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"closed\n"
 
 
 def test_detect_container() -> None:

@@ -482,6 +482,8 @@ class NBDServer:
         self._pos = pos
         if cmd == CMD_WRITE:
             error, reason = self._check_write(flags, offset, length, 0)
+            if not error and length > MAX_BLOCK:
+                error, reason = EINVAL, f"WRITE of {length} bytes exceeds {MAX_BLOCK}"
             if error:
                 return self._refuse_payload(handle, cmd, offset, length, error, reason)
             self._inflight.add(handle)

@@ -6,7 +6,7 @@ are handled in order (the handler's awaits are the back-pressure); QEMU keeps
 many requests in flight, so replies to everything parsed from one read go out
 in one send.  Cancelling the scope around `serve_nbd` closes every connection
 at once: that is how a watchdog frees QEMU from a stalled sink — so handler
-awaits must be cancellable (e.g. `trio.to_thread.run_sync(..., cancellable=True)`).
+awaits must be cancellable (a thread it waits for must be abandoned on cancel).
 """
 
 from __future__ import annotations

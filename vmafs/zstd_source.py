@@ -37,21 +37,31 @@ class SeekableZstdSource:
     """A seekable zstd file, read by decompressed offset."""
 
     def __init__(
-        self, file: str | os.PathLike[str] | int, *, cache_bytes: int = DEFAULT_CACHE_BYTES
+        self,
+        file: str | os.PathLike[str] | int,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        closefd: bool = True,
+        name: str | None = None,
     ) -> None:
+        """Open a path, or take a file descriptor (closed by ``close`` if ``closefd``).
+
+        If opening fails, a descriptor passed in is left open: it is still the caller's.
+        """
         if isinstance(file, int):
             self._fd = file
             self._own_fd = False
-            self.name = f"fd {file}"
+            self.name = name or f"fd {file}"
         else:
             self._fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
             self._own_fd = True
-            self.name = os.fspath(file)
+            self.name = name or os.fspath(file)
         try:
             self.table = self._load_table()
         except BaseException:
             self.close()
             raise
+        self._own_fd = self._own_fd or closefd
         self._cache_limit = cache_bytes
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_used = 0
