@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -43,6 +44,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -132,7 +134,7 @@ def counter_record(n: int) -> bytes:
     return head + bytes(RECORD_SIZE - len(head) - len(tail)) + tail
 
 
-def parse_counter(data: bytes | memoryview, offset: int = COUNTER_OFFSET) -> int | None:
+def parse_counter(data: bytes | bytearray | memoryview, offset: int = COUNTER_OFFSET) -> int | None:
     """Counter value of a writer disk (raw bytes of the disk, or of just the record).
 
     ``data`` is the raw disk content starting at byte 0 (``offset`` is where the record is),
@@ -163,8 +165,17 @@ def read_counter(image: Path, fmt: str = "raw") -> int | None:
         out = Path(tmp) / "rec"
         _run(
             [
-                "qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={RECORD_SIZE}", "count=1",
-                f"skip={COUNTER_OFFSET // RECORD_SIZE}", f"if={image}", f"of={out}",
+                "qemu-img",
+                "dd",
+                "-f",
+                fmt,
+                "-O",
+                "raw",
+                f"bs={RECORD_SIZE}",
+                "count=1",
+                f"skip={COUNTER_OFFSET // RECORD_SIZE}",
+                f"if={image}",
+                f"of={out}",
             ]
         )
         return parse_counter(out.read_bytes(), 0)
@@ -210,6 +221,29 @@ def _locked(cache: Path, name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: Builds unused for this long are deleted when a new build of the same kind is published.
+_PRUNE_AFTER = 3 * 24 * 3600
+
+
+def _mark_used(final: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(final / "complete")
+
+
+def _prune(final: Path) -> None:
+    """Delete old builds of the same kind (same name prefix) that nobody used lately."""
+    prefix = final.name.rsplit("-", 1)[0] + "-"
+    now = time.time()
+    for other in final.parent.glob(prefix + "*"):
+        if other == final or other.name.startswith("."):
+            continue
+        try:
+            if now - (other / "complete").stat().st_mtime > _PRUNE_AFTER:
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def _publish(tmpdir: Path, final: Path) -> None:
     """Rename a finished build into place; another process may have won the race."""
     try:
@@ -218,6 +252,7 @@ def _publish(tmpdir: Path, final: Path) -> None:
         if not (final / "complete").exists():
             raise
         shutil.rmtree(tmpdir, ignore_errors=True)
+    _prune(final)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,36 +269,72 @@ class DebPackage:
     sha256: str
 
 
-def _resolve(pkg: str) -> DebPackage:
+def _apt(argv: list[str]) -> subprocess.CompletedProcess[str]:
     try:
-        out = subprocess.run(
-            ["apt-get", "download", "--print-uris", pkg],
-            capture_output=True, text=True, check=False,
-        )
+        return subprocess.run(argv, capture_output=True, text=True, check=False)
     except FileNotFoundError as e:
-        raise GuestUnavailable("apt-get not found: need a Debian host") from e
-    for line in out.stdout.splitlines():
-        m = re.fullmatch(r"'(\S+)' (\S+\.deb) \d+ SHA256:([0-9a-f]{64})", line.strip())
-        if m:
-            return DebPackage(pkg, m.group(1), m.group(2), m.group(3))
-    err = out.stderr.strip().splitlines()
-    raise GuestUnavailable(
-        f"apt cannot offer package {pkg} (run apt-get update?): {' / '.join(err[-2:])}"
-    )
+        raise GuestUnavailable(f"{argv[0]} not found: need a Debian host") from e
 
 
-def _kernel_package() -> str:
-    """The linux-image-<abi>-amd64 package the meta package linux-image-amd64 depends on."""
-    try:
-        out = subprocess.run(
-            ["apt-cache", "depends", KERNEL_META], capture_output=True, text=True, check=False
-        )
-    except FileNotFoundError as e:
-        raise GuestUnavailable("apt-cache not found: need a Debian host") from e
+def _apt_state() -> str:
+    """Fingerprint of apt's package lists and config: resolutions are valid while it holds."""
+    h = hashlib.sha256()
+    for top in (Path("/var/lib/apt/lists"), Path("/etc/apt")):
+        if not top.is_dir():
+            continue
+        for p in sorted(top.rglob("*")):
+            if p.is_file() and "partial" not in p.parts and p.name != "lock":
+                st = p.stat()
+                h.update(f"{p}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _resolve_uncached() -> dict[str, DebPackage]:
+    out = _apt(["apt-cache", "depends", KERNEL_META])
     m = re.search(r"^\s*Depends: (linux-image-\S+-amd64)\s*$", out.stdout, re.M)
     if m is None:
         raise GuestUnavailable(f"apt offers no {KERNEL_META} (run apt-get update?)")
-    return m.group(1)
+    names = [m.group(1), *GUEST_PACKAGES]
+    out = _apt(["apt-get", "download", "--print-uris", *names])
+    found: dict[str, DebPackage] = {}
+    for line in out.stdout.splitlines():
+        mm = re.fullmatch(r"'(\S+)' (\S+\.deb) \d+ SHA256:([0-9a-f]{64})", line.strip())
+        if mm:
+            name = mm.group(2).split("_", 1)[0]
+            found[name] = DebPackage(name, mm.group(1), mm.group(2), mm.group(3))
+    missing = [n for n in names if n not in found]
+    if missing:
+        err = out.stderr.strip().splitlines()
+        raise GuestUnavailable(
+            f"apt cannot offer {', '.join(missing)} (run apt-get update?): {' / '.join(err[-2:])}"
+        )
+    return {"kernel": found[names[0]], **{n: found[n] for n in GUEST_PACKAGES}}
+
+
+_resolved: dict[str, dict[str, DebPackage]] = {}
+
+
+def _resolve_packages(cache: Path) -> dict[str, DebPackage]:
+    """The .debs apt offers now: keys "kernel" and GUEST_PACKAGES.
+
+    Each apt call costs >1 s where apt keeps no pkgcache.bin (Docker images), so the answer
+    is remembered in the cache, keyed by the state of apt's lists.
+    """
+    state = _apt_state()
+    if state in _resolved:
+        return _resolved[state]
+    memo = cache / f"apt-{state}.json"
+    try:
+        raw = json.loads(memo.read_text())
+        result = {k: DebPackage(**v) for k, v in raw.items()}
+    except (OSError, ValueError, TypeError):
+        result = _resolve_uncached()
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({k: vars(v) for k, v in result.items()}))
+        os.replace(tmp, memo)
+    _resolved[state] = result
+    return result
 
 
 def _fetch(cache: Path, deb: DebPackage) -> Path:
@@ -275,7 +346,10 @@ def _fetch(cache: Path, deb: DebPackage) -> Path:
     debs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".dl-", dir=debs) as tmp:
         out = subprocess.run(
-            ["apt-get", "download", f"{deb.name}"], cwd=tmp, capture_output=True, text=True,
+            ["apt-get", "download", f"{deb.name}"],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
             check=False,
         )
         got = Path(tmp) / deb.filename
@@ -288,9 +362,24 @@ def _fetch(cache: Path, deb: DebPackage) -> Path:
     return path
 
 
-def _extract(deb: Path, dest: Path) -> None:
+def _extract(deb: Path, dest: Path, members: Sequence[str] | None = None) -> None:
+    """Unpack a .deb (``dpkg-deb -x``), or only the members matching the glob patterns."""
     dest.mkdir(parents=True, exist_ok=True)
-    _run(["dpkg-deb", "-x", deb, dest])
+    if members is None:
+        _run(["dpkg-deb", "-x", deb, dest])
+        return
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./")
+                if any(fnmatch.fnmatchcase(name, pat) for pat in members):
+                    tar.extract(member, dest, filter="data")
+    finally:
+        proc.stdout.close()
+        if proc.wait() not in (0, -signal.SIGPIPE):
+            raise GuestError(f"dpkg-deb --fsys-tarfile {deb.name} failed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,12 +394,26 @@ class _Cpio:
         self._ino = 1
         self._dirs: set[str] = set()
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         nm = name.lstrip("/").encode() + b"\0"
         hdr = "070701" + "".join(
             f"{v:08x}"
             for v in (
-                self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(nm), 0,
+                self._ino,
+                mode,
+                0,
+                0,
+                1,
+                0,
+                len(data),
+                0,
+                0,
+                rdev[0],
+                rdev[1],
+                len(nm),
+                0,
             )
         )
         self._ino += 1
@@ -500,13 +603,20 @@ def _ldd(binary: Path) -> list[Path]:
 def build_guest(cache: Path | None = None) -> Guest:
     """Build (or find in the cache) the test guest kernel + initramfs."""
     cache = default_cache() if cache is None else cache
-    kpkg = _kernel_package()
-    debs = [_resolve(kpkg)] + [_resolve(p) for p in GUEST_PACKAGES]
+    pkgs = _resolve_packages(cache)
+    debs = [pkgs["kernel"]] + [pkgs[p] for p in GUEST_PACKAGES]
     csrc = (GUEST_SRC / "vmafs-guest.c").read_bytes()
     init = (GUEST_SRC / "init.sh").read_bytes()
     key = _inputs_key(
-        [_RECIPE_VERSION, Path(__file__).read_bytes(), csrc, init, _layout_header(),
-         _tool_version(["gcc", "--version"]), *(d.filename + d.sha256 for d in debs)]
+        [
+            _RECIPE_VERSION,
+            Path(__file__).read_bytes(),
+            csrc,
+            init,
+            _layout_header(),
+            _tool_version(["gcc", "--version"]),
+            *(d.filename + d.sha256 for d in debs),
+        ]
     )
     final = cache / f"guest-{key}"
     with _locked(cache, "guest"):
@@ -517,8 +627,9 @@ def build_guest(cache: Path | None = None) -> Guest:
             try:
                 _build_guest_into(tmp, files, csrc, init)
                 (tmp / "build.json").write_text(
-                    json.dumps({"seconds": time.monotonic() - t0,
-                                "debs": [d.filename for d in debs]})
+                    json.dumps(
+                        {"seconds": time.monotonic() - t0, "debs": [d.filename for d in debs]}
+                    )
                 )
                 (tmp / "complete").touch()
                 tmp.chmod(0o755)
@@ -528,6 +639,7 @@ def build_guest(cache: Path | None = None) -> Guest:
             build_seconds = float(json.loads((final / "build.json").read_text())["seconds"])
         else:
             build_seconds = 0.0
+            _mark_used(final)
     kernel = final / "vmlinux"
     return Guest(
         kernel=kernel if kernel.exists() else final / "vmlinuz",
@@ -539,10 +651,10 @@ def build_guest(cache: Path | None = None) -> Guest:
     )
 
 
-def _unpack_kernel(work: Path, kernel_deb: Path) -> tuple[Path, Path, str]:
-    """Unpack the kernel package; return (vmlinuz, module dir, version)."""
+def _unpack_kernel(work: Path, kernel_deb: Path, modules: bool = True) -> tuple[Path, Path, str]:
+    """Unpack the kernel package (only /boot unless modules); (vmlinuz, module dir, version)."""
     root = work / "kernel"
-    _extract(kernel_deb, root)
+    _extract(kernel_deb, root, None if modules else ["boot/*"])
     vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
     if not vmlinuz:
         raise GuestError(f"{kernel_deb.name} has no /boot/vmlinuz-*")
@@ -584,8 +696,20 @@ def _build_guest_into(out: Path, debs: list[Path], csrc: bytes, init: bytes) -> 
     (work / "vmafs_layout.h").write_text(_layout_header())
     (work / "vmafs-guest.c").write_bytes(csrc)
     prog = work / "vmafs-guest"
-    _run(["gcc", "-static", "-O2", "-Wall", "-include", work / "vmafs_layout.h", "-o", prog,
-          work / "vmafs-guest.c"])
+    _run(
+        [
+            "gcc",
+            "-static",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-include",
+            work / "vmafs_layout.h",
+            "-o",
+            prog,
+            work / "vmafs-guest.c",
+        ]
+    )
 
     cp = _base_initramfs(busybox, init)
     cp.file("/bin/vmafs-guest", prog.read_bytes(), 0o755)
@@ -633,12 +757,19 @@ def build_boot_disk(cache: Path | None = None) -> Path:
         raise GuestUnavailable(f"{mbr} missing (package syslinux-common)")
     if os.geteuid() != 0:
         raise GuestUnavailable("building the boot disk needs root (loop mount for extlinux)")
-    kpkg = _kernel_package()
-    debs = [_resolve(kpkg), _resolve("busybox-static")]
+    pkgs = _resolve_packages(cache)
+    debs = [pkgs["kernel"], pkgs["busybox-static"]]
     init = (GUEST_SRC / "init.sh").read_bytes()
     key = _inputs_key(
-        [_RECIPE_VERSION, "boot", Path(__file__).read_bytes(), init, mbr.read_bytes(),
-         _tool_version(["extlinux", "--version"]), *(d.filename + d.sha256 for d in debs)]
+        [
+            _RECIPE_VERSION,
+            "boot",
+            Path(__file__).read_bytes(),
+            init,
+            mbr.read_bytes(),
+            _tool_version(["extlinux", "--version"]),
+            *(d.filename + d.sha256 for d in debs),
+        ]
     )
     final = cache / f"bootdisk-{key}"
     with _locked(cache, "bootdisk"):
@@ -652,10 +783,13 @@ def build_boot_disk(cache: Path | None = None) -> Path:
                 _publish(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _mark_used(final)
     return final / "boot.raw"
 
 
 _EXTLINUX_CONF = f"""\
+SERIAL 0 115200
 DEFAULT vmafs
 PROMPT 0
 TIMEOUT 0
@@ -669,7 +803,7 @@ LABEL vmafs
 def _build_boot_disk_into(out: Path, debs: list[Path], init: bytes, mbr: Path) -> None:
     kernel_deb, busybox_deb = debs
     work = out / "work"
-    vmlinuz, _moddir, _version = _unpack_kernel(work, kernel_deb)
+    vmlinuz, _moddir, _version = _unpack_kernel(work, kernel_deb, modules=False)
     _extract(busybox_deb, work / "busybox")
     cp = _base_initramfs(work / "busybox" / "bin" / "busybox", init)
 
@@ -694,12 +828,26 @@ def _build_boot_disk_into(out: Path, debs: list[Path], init: bytes, mbr: Path) -
     )
     _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", img], input=table)
     env = dict(os.environ, E2FSPROGS_FAKE_TIME="1700000000")
-    # no 64bit/metadata_csum_seed: keep to the ext4 features syslinux 6.04 reads
+    # syslinux 6.04 fails ("Loading /boot/vmlinuz failed: I/O error") on the extent trees
+    # mkfs -d writes for an 8 MB kernel, and cannot read 64bit: ext4 without those two
     _run(
-        ["mkfs.ext4", "-q", "-F", "-L", "vmafsboot", "-U", BOOT_FS_UUID,
-         "-E", f"offset={BOOT_PARTITION_OFFSET},hash_seed={BOOT_FS_UUID}",
-         "-O", "^64bit,^metadata_csum_seed", "-d", root, img,
-         f"{BOOT_PARTITION_SIZE // 1024}k"],
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "vmafsboot",
+            "-U",
+            BOOT_FS_UUID,
+            "-E",
+            f"offset={BOOT_PARTITION_OFFSET},hash_seed={BOOT_FS_UUID}",
+            "-O",
+            "^64bit,^extent",
+            "-d",
+            root,
+            img,
+            f"{BOOT_PARTITION_SIZE // 1024}k",
+        ],
         env=env,
     )
     with open(img, "r+b") as f:
@@ -712,8 +860,16 @@ def _build_boot_disk_into(out: Path, debs: list[Path], init: bytes, mbr: Path) -
 def _extlinux_install(img: Path, mnt: Path) -> None:
     mnt.mkdir(parents=True, exist_ok=True)
     loop = _run(
-        ["losetup", "-f", "--show", "-o", str(BOOT_PARTITION_OFFSET),
-         "--sizelimit", str(BOOT_PARTITION_SIZE), img]
+        [
+            "losetup",
+            "-f",
+            "--show",
+            "-o",
+            str(BOOT_PARTITION_OFFSET),
+            "--sizelimit",
+            str(BOOT_PARTITION_SIZE),
+            img,
+        ]
     ).stdout.strip()
     try:
         _run(["mount", "-t", "ext4", loop, mnt])
@@ -775,7 +931,9 @@ def _disk_args(disk: Disk) -> list[str]:
         opts = [f"if=none,id={disk.drive_id},media=cdrom"]
         if disk.path is not None:
             opts.append(f"file={_qopt(disk.path)},format={disk.fmt},readonly=on")
-        dev = f"ide-cd,bus=ide.1,unit=0,drive={disk.drive_id},id={disk.dev_id}"
+        m = re.fullmatch(r"ide(\d)", disk.dev_id)
+        index = int(m.group(1)) if m else 2
+        dev = f"ide-cd,bus=ide.{index // 2},unit={index % 2},drive={disk.drive_id},id={disk.dev_id}"
         if disk.bootindex is not None:
             dev += f",bootindex={disk.bootindex}"
         return ["-drive", ",".join(opts), "-device", dev]
@@ -805,8 +963,10 @@ def _disk_args(disk: Disk) -> list[str]:
         if disk.readonly:
             spec["read-only"] = True
         if disk.cache:
-            spec["cache"] = {"direct": disk.cache in ("none", "directsync"),
-                             "no-flush": disk.cache == "unsafe"}
+            spec["cache"] = {
+                "direct": disk.cache in ("none", "directsync"),
+                "no-flush": disk.cache == "unsafe",
+            }
             if disk.cache in ("none", "directsync"):
                 spec["file"]["cache"] = {"direct": True}
         spec.update(disk.extra)
@@ -821,7 +981,10 @@ def _disk_args(disk: Disk) -> list[str]:
 class QemuVM:
     """A qemu-system-x86_64 (TCG) process with serial log, QMP socket and optional qemu-ga.
 
-    Use as a context manager; the process is always gone afterwards.  Sockets and logs live
+    Use as a context manager; the process is always gone afterwards.  ``disks`` get their
+    ``dev_id`` (virtio0, virtio1, ... / ide2, ide3 for CD-ROMs) and, blockdev style, their
+    ``node_name`` (node-<dev_id>) filled in when not given.  KVM does not boot Linux guests
+    on the development machine, hence TCG by default.  Sockets and logs live
     in a short private directory under /tmp (unix socket paths are limited to 107 bytes)
     unless ``workdir`` is given.
     """
@@ -835,6 +998,7 @@ class QemuVM:
         disks: Sequence[Disk] = (),
         qga: bool = False,
         memory: str = "256M",
+        accel: str = "tcg",
         extra_args: Sequence[str] = (),
         workdir: Path | None = None,
         name: str = "vmafs-test",
@@ -859,11 +1023,26 @@ class QemuVM:
                     d.dev_id = f"virtio{n_virtio}"
                     n_virtio += 1
         argv = [
-            "qemu-system-x86_64", "-name", name, "-accel", "tcg", "-cpu", "max", "-m", memory,
-            "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot",
-            "-chardev", f"file,id=serial0,path={_qopt(self.serial_log)}",
-            "-serial", "chardev:serial0",
-            "-qmp", f"unix:{_qopt(self.qmp_path)},server=on,wait=off",
+            "qemu-system-x86_64",
+            "-name",
+            name,
+            "-accel",
+            accel,
+            "-cpu",
+            "max",
+            "-m",
+            memory,
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-user-config",
+            "-no-reboot",
+            "-chardev",
+            f"file,id=serial0,path={_qopt(self.serial_log)}",
+            "-serial",
+            "chardev:serial0",
+            "-qmp",
+            f"unix:{_qopt(self.qmp_path)},server=on,wait=off",
         ]
         if kernel is not None:
             argv += ["-kernel", str(kernel)]
@@ -873,9 +1052,12 @@ class QemuVM:
             argv += ["-append", append]
         if self.qga_path is not None:
             argv += [
-                "-chardev", f"socket,id=qga0,path={_qopt(self.qga_path)},server=on,wait=off",
-                "-device", "virtio-serial-pci,id=virtio-serial0",
-                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                "-chardev",
+                f"socket,id=qga0,path={_qopt(self.qga_path)},server=on,wait=off",
+                "-device",
+                "virtio-serial-pci,id=virtio-serial0",
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             ]
         for d in self.disks:
             argv += _disk_args(d)
@@ -971,6 +1153,13 @@ class QemuVM:
         except FileNotFoundError:
             return ""
 
+    def serial_mark(self) -> int:
+        """Current length of the serial log: pass as ``after`` to wait for a new marker."""
+        try:
+            return self.serial_log.stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def wait_for(self, marker: str, timeout: float = 120.0, after: int = 0) -> float:
         """Wait for ``marker`` in the serial log (from byte ``after``); seconds since start.
 
@@ -1031,15 +1220,24 @@ class QemuVM:
         """One guest-agent command (after a guest-sync handshake); its ``return`` value."""
         if self.qga_path is None:
             raise GuestError("this VM has no guest agent channel (qga=False)")
+        deadline = time.monotonic() + timeout
         with _JsonLines(self.qga_path, timeout) as conn:
-            token = random.randrange(1, 2**31)
-            # 0xff makes the agent drop any partial input; then sync to skip stale replies
-            conn.send_raw(b"\xff")
-            conn.send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
-            while True:
-                reply = conn.recv()
-                if reply.get("return") == token:
-                    break
+            # 0xff makes the agent drop partial input; guest-sync-delimited skips stale replies.
+            # Resend it: bytes sent before the agent opened its port can be lost.
+            tokens: set[int] = set()
+            synced = False
+            while not synced:
+                if time.monotonic() > deadline:
+                    raise GuestError(f"guest agent did not sync within {timeout:.0f} s")
+                token = random.randrange(1, 2**31)
+                tokens.add(token)
+                conn.send_raw(b"\xff")
+                conn.send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
+                conn.sock.settimeout(1.0)
+                with contextlib.suppress(GuestError):
+                    while not synced:
+                        synced = conn.recv().get("return") in tokens
+            conn.sock.settimeout(max(0.1, deadline - time.monotonic()))
             msg: dict[str, Any] = {"execute": command}
             if arguments:
                 msg["arguments"] = arguments

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    fuse3 libfuse3-dev pkg-config gcc python3-dev \
+    fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev \
     qemu-utils qemu-system-x86 qemu-block-extra \
     zstd lzop gzip cpio busybox-static extlinux syslinux-common \
     e2fsprogs fdisk mount util-linux kmod >/dev/null

@@ -49,7 +49,20 @@ wait_dev() {
     done
 }
 
-# qemu-ga on the virtio-serial port named org.qemu.guest_agent.0, if the host gave us one
+# qemu-ga on the virtio-serial port named org.qemu.guest_agent.0, if the host gave us one.
+# Ports appear asynchronously after virtio_console binds: wait for them when there is a
+# virtio console device (virtio device id 3).
+for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" = 0x0003 ] || continue
+    i=0
+    while [ $i -lt 200 ]; do
+        for n in /sys/class/virtio-ports/*/name; do
+            [ -f "$n" ] && [ "$(cat "$n")" = org.qemu.guest_agent.0 ] && i=1000
+        done
+        i=$((i + 1))
+        [ $i -lt 200 ] && usleep 25000
+    done
+done
 for port in /sys/class/virtio-ports/*; do
     [ -f "$port/name" ] || continue
     if [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then

@@ -26,7 +26,7 @@
 #error "build with -DVMAFS_RECORD_SIZE etc. (see tests/guestimage.py)"
 #endif
 
-static void die(const char *what)
+_Noreturn static void die(const char *what)
 {
     dprintf(1, "VMAFS-ERROR %s: %s\n", what, strerror(errno));
     exit(1);
@@ -88,7 +88,7 @@ static void scribble(int fd, unsigned char *buf)
     pwrite_all(fd, buf, blocks * 4096, off);
 }
 
-static int writer(const char *dev_a, const char *dev_b, uint64_t seed)
+_Noreturn static void writer(const char *dev_a, const char *dev_b, uint64_t seed)
 {
     int fa = open(dev_a, O_RDWR | O_DIRECT);
     if (fa < 0)
@@ -149,7 +149,7 @@ static int latency(const char *dev, long count, long interval_ms, uint64_t seed)
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "writer") == 0)
-        return writer(argv[2], argv[3], strtoull(argv[4], NULL, 0));
+        writer(argv[2], argv[3], strtoull(argv[4], NULL, 0));
     if (argc == 6 && strcmp(argv[1], "latency") == 0)
         return latency(argv[2], strtol(argv[3], NULL, 0), strtol(argv[4], NULL, 0),
                        strtoull(argv[5], NULL, 0));
