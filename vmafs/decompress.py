@@ -49,8 +49,8 @@ def detect_container(first_bytes: bytes) -> str:
     if first_bytes.startswith(LZOP_MAGIC):
         return "lzo"
     raise FormatError(
-        "not a VMA archive, nor zstd, gzip or lzop compressed "
-        f"(starts with {first_bytes[:9].hex()})"
+        "not a vma file - wrong magic number (nor zstd, gzip or lzop compressed; "
+        f"starts with {first_bytes[:9].hex()})"
     )
 
 

@@ -75,8 +75,9 @@ def copy_raw(writer: ArchiveWriter, dev_id: int, path: str, size: int) -> None:
                 if exc.errno == errno.ENXIO:
                     break  # only a hole remains
                 raise
-            data_start = min(data_start // vma.CLUSTER_SIZE * vma.CLUSTER_SIZE, size)
+            # find the hole from the data itself: the cluster start may lie in the hole before it
             hole = min(os.lseek(fd, data_start, os.SEEK_HOLE), size)
+            data_start = min(data_start // vma.CLUSTER_SIZE * vma.CLUSTER_SIZE, size)
             hole = min(-(-hole // vma.CLUSTER_SIZE) * vma.CLUSTER_SIZE, size)
             data_start = max(data_start, pos)
             while data_start < hole:

@@ -110,13 +110,13 @@ class Archive:
     def open(cls, path: str) -> Archive:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            kind = detect_container(os.pread(fd, 8, 0))
+            kind = detect_container(os.pread(fd, 16, 0))
             source: StreamSource
             if kind == "vma":
                 source = PlainSource(fd)
             elif kind == "zstd":
                 from vmafs.zstd_source import SeekableZstdSource
-                source = SeekableZstdSource(fd)
+                source = SeekableZstdSource(fd, name=path)
             else:
                 raise NotSeekableError(
                     f"{path}: a {kind} archive can only be read start to end; make it "

@@ -185,6 +185,9 @@ class TrailerCheck:
         footer_offset, footer_payload = self.null_run[-1]
         footer = index.decode_footer(footer_payload)
         if footer is None:
+            if any(p.startswith(index.INDEX_MAGIC) for _, p in self.null_run):
+                # our index is there but its footer (the last extent) is not: cut short
+                return True, ["trailing index has no footer: the archive is truncated"]
             return False, []
         try:
             index.index_extent_span(footer, footer_offset)
@@ -219,13 +222,17 @@ def scan_stream(
     stream: BinaryIO,
     on_extent: Callable[[list[StoredCluster]], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    header: vma.Header | None = None,
 ) -> ScanResult:
     """Read a whole archive, checking every rule; on_extent sees each extent's checked slots.
 
     A broken extent raises FormatError (nothing after it can be trusted); missing clusters and
     a trailing index that disagrees with the data are collected in ScanResult.problems.
+    Pass the header if it was already read from this stream (stdin cannot be opened twice).
     """
-    header = read_header(stream)
+    if header is None:
+        header = read_header(stream)
     result = ScanResult(header)
     clusters = ClusterCheck(header)
     trailer = TrailerCheck()

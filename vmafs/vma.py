@@ -166,7 +166,7 @@ def header_size_of(prefix: bytes) -> int:
         raise FormatError("not a vma file - wrong magic number")
     header_size = int.from_bytes(prefix[56:60], "big")
     if header_size <= HEADER_FIXED_SIZE or header_size > HEADER_FIXED_SIZE + 16 * 1024 * 1024:
-        raise FormatError(f"wrong vma header size {header_size - HEADER_FIXED_SIZE}")
+        raise FormatError(f"wrong vma header size {header_size}")
     return header_size
 
 

@@ -103,7 +103,11 @@ class ArchiveWriter:
     # --- input ----------------------------------------------------------------------------------
 
     def write(self, dev_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Device bytes at offset; whole clusters go straight out, pieces wait for the rest."""
+        """Device bytes at offset; whole clusters go straight out, pieces wait for the rest.
+
+        The writer keeps a reference to data until its extent is written (no copy on the hot
+        path): hand over a buffer and do not change it afterwards.
+        """
         size = self._check_range(dev_id, offset, len(data))
         view = memoryview(data).cast("B")
         first_full, last_full = _whole_clusters(offset, offset + len(view), size)
@@ -206,7 +210,9 @@ class ArchiveWriter:
             if compact is None:
                 payload: bytes | memoryview = view[i * CLUSTER:(i + 1) * CLUSTER]
             else:
-                payload = compact[starts[i]:starts[i + 1]].data.cast("B")
+                stored = compact[starts[i]:starts[i + 1]]
+                # an empty (zero-cluster) slice cannot be cast: numpy gives it a 0 in its shape
+                payload = stored.data.cast("B") if len(stored) else b""
             self._add_stored(dev_id, cluster, mask, payload, length)
 
     def _write_pieces(self, dev_id: int, offset: int, view: memoryview) -> None:

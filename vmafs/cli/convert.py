@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import BinaryIO
 
 from vmafs import vma
 from vmafs.archive_file import open_output
@@ -32,8 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_stream(args.input) as stream:
-        header = read_header(stream)
+    with open_stream(args.input) as stream:  # one pass: stdin cannot be opened twice
+        return _run(args, stream)
+
+
+def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
+    header = read_header(stream)
     if header.vmstate is not None:
         print(f"vmafs convert: warning: dropping the {header.vmstate.size}-byte vmstate "
               "(RAM state) device; vmafs never writes one", file=sys.stderr)
@@ -59,11 +64,10 @@ def run(args: argparse.Namespace) -> int:
                         else vma.expand_blocks(slot.data, slot.mask)[:length])
                 writer.write(dev_id, start, data)
 
-        with open_stream(args.input) as stream:
-            try:
-                result = scan_stream(stream, on_extent)
-            except FormatError as exc:
-                raise VmafsError(f"{args.input}: {exc}") from None
+        try:
+            result = scan_stream(stream, on_extent, header=header)
+        except FormatError as exc:
+            raise VmafsError(f"{args.input}: {exc}") from None
         if result.problems:
             raise VmafsError(f"{args.input}: {result.problems[0]}")
         writer.finish()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from typing import BinaryIO
 
 from vmafs import vma
 from vmafs.cli.common import add_json, add_quiet, disk_file_name, progress_for, safe_name
@@ -32,8 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_stream(args.archive) as stream:
+    with open_stream(args.archive) as stream:  # one pass: stdin cannot be opened twice
+        return _run(args, stream)
+
+
+def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
+    try:
         header = read_header(stream)
+    except FormatError as exc:
+        raise VmafsError(f"{args.archive}: {exc}") from None
     names = {d.name for d in header.devices}
     unknown = [n for n in args.drive if n not in names]
     if unknown:
@@ -67,12 +75,10 @@ def run(args: argparse.Namespace) -> int:
         def on_extent(slots: list[StoredCluster]) -> None:
             write_extent(fds, slots, sizes)
 
-        with open_stream(args.archive) as stream:
-            try:
-                result = scan_stream(stream, on_extent,
-                                     progress.update)
-            except FormatError as exc:
-                raise VmafsError(f"{args.archive}: {exc}") from None
+        try:
+            result = scan_stream(stream, on_extent, progress.update, header=header)
+        except FormatError as exc:
+            raise VmafsError(f"{args.archive}: {exc}") from None
         problems = [p for p in result.problems if _concerns(p, wanted)]
         if problems:
             raise VmafsError(f"{args.archive}: {problems[0]}")

@@ -8,7 +8,7 @@ import sys
 from vmafs.cli.common import add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
 from vmafs.errors import FormatError, VmafsError
-from vmafs.progress import print_json
+from vmafs.progress import Progress, print_json
 from vmafs.scan import read_header, scan_stream
 
 
@@ -25,20 +25,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    total = 0
-    if args.archive != "-":
-        with open_stream(args.archive) as stream:
+    progress: Progress | None = None
+    with open_stream(args.archive) as stream:  # one pass, so stdin works too
+        try:
             header = read_header(stream)
-        total = sum(d.size for d in header.devices)
-    progress = progress_for(args, "verify", total)
-    try:
-        with open_stream(args.archive) as stream:
-            result = scan_stream(stream, progress=progress.update)
-    except FormatError as exc:
-        progress.finish()
-        if args.json:
-            print_json({"archive": args.archive, "ok": False, "problems": [str(exc)]})
-        raise VmafsError(f"{args.archive}: {exc}") from None
+            progress = progress_for(args, "verify", sum(d.size for d in header.devices))
+            result = scan_stream(stream, progress=progress.update, header=header)
+        except FormatError as exc:
+            if progress is not None:
+                progress.finish()
+            if args.json:
+                print_json({"archive": args.archive, "ok": False, "problems": [str(exc)]})
+            raise VmafsError(f"{args.archive}: {exc}") from None
     progress.finish()
     ok = not result.problems
     if args.json:

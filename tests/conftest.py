@@ -1,0 +1,64 @@
+"""Fixtures shared by every test module: the shared test vectors and the real `vmafs` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT.parent / "shared" / "vectors"
+
+
+def run_vmafs(*args: str | os.PathLike[str], input: bytes | None = None,
+              env: dict[str, str] | None = None, timeout: float = 300,
+              cwd: str | os.PathLike[str] | None = None) -> tuple[int, bytes, str]:
+    """Run `python -m vmafs ARGS...` as a real subprocess: (returncode, stdout bytes, stderr).
+
+    stdout stays bytes (archives and configs may go there); stderr is decoded text. Without
+    `input` the command's stdin is /dev/null, so a command never waits on the terminal.
+    """
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmafs", *map(str, args)],
+        input=input, stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True, env=full_env, timeout=timeout, cwd=cwd or ROOT, check=False,
+    )
+    return proc.returncode, proc.stdout, proc.stderr.decode(errors="replace")
+
+
+def assert_one_line_error(rc: int, stderr: str, *fragments: str) -> str:
+    """A user error: exit non-zero, exactly one line on stderr, no traceback, naming the problem."""
+    assert rc != 0, "expected a failure"
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    """../shared/vectors relative to the project root; skips the test where it is absent."""
+    if not VECTORS.is_dir():
+        pytest.skip(f"test vectors not found at {VECTORS}")
+    return VECTORS
+
+
+@pytest.fixture(scope="session")
+def proxmox_manifest(vectors: Path) -> dict[str, Any]:
+    return json.loads((vectors / "proxmox" / "MANIFEST.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def spec_manifest(vectors: Path) -> dict[str, Any]:
+    return json.loads((vectors / "spec" / "MANIFEST.json").read_text())

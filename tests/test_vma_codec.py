@@ -1,0 +1,415 @@
+"""vmafs.vma, the pure VMA codec: header and extent round trips, Proxmox's error texts, null
+extents, and the mask helpers against naive per-block references."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+
+import numpy as np
+import pytest
+from conftest import VECTORS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmafs import vma
+from vmafs.errors import FormatError
+
+UUID = bytes.fromhex("6a1f0c52d7b34c0e9a44c1b2e3f40517")
+
+devnames = st.from_regex(r"\A[a-z][a-z0-9_-]{0,20}\Z", fullmatch=True).filter(
+    lambda s: s != vma.VMSTATE)
+confnames = st.from_regex(r"\A[a-z][a-z0-9._-]{0,30}\Z", fullmatch=True)
+
+
+def reseal_header(buf: bytes | bytearray) -> bytes:
+    """Recompute the header md5 after a deliberate edit (so a later check is reached)."""
+    b = bytearray(buf)
+    size = struct.unpack_from(">I", b, 56)[0]
+    b[32:48] = bytes(16)
+    b[32:48] = hashlib.md5(b[:size]).digest()
+    return bytes(b)
+
+
+def sample_header() -> bytes:
+    return vma.encode_header(UUID, 1700000000,
+                             [("drive-scsi0", 1 << 20), ("drive-efidisk0", 70144)],
+                             [("qemu-server.conf", b"cores: 2\n"), ("qemu-server.fw", b"")])
+
+
+# --- header -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    uuid=st.binary(min_size=16, max_size=16),
+    ctime=st.integers(-(2**40), 2**40),
+    devices=st.dictionaries(devnames, st.integers(1, vma.MAX_DEVICE_SIZE), max_size=6),
+    configs=st.dictionaries(confnames, st.binary(max_size=3000), max_size=5),
+)
+def test_header_round_trip(uuid: bytes, ctime: int, devices: dict[str, int],
+                           configs: dict[str, bytes]) -> None:
+    buf = vma.encode_header(uuid, ctime, list(devices.items()), list(configs.items()))
+    assert len(buf) % 512 == 0 and len(buf) > vma.HEADER_FIXED_SIZE
+    assert vma.header_size_of(buf[:vma.HEADER_FIXED_SIZE]) == len(buf)
+    h = vma.decode_header(buf)
+    assert (h.uuid, h.ctime, h.header_size) == (uuid, ctime, len(buf))
+    assert [(d.dev_id, d.name, d.size) for d in h.devices] == [
+        (i, n, s) for i, (n, s) in enumerate(devices.items(), start=1)]
+    assert h.configs == tuple(configs.items())
+    assert h.vmstate is None
+
+
+def test_header_layout_details() -> None:
+    buf = sample_header()
+    assert buf[:4] == b"VMA\0"
+    assert struct.unpack_from(">I", buf, 4)[0] == 1
+    assert struct.unpack_from(">I", buf, 48)[0] == 12288  # blob_buffer_offset
+    # the blob buffer starts with the zero pad; lengths are little-endian
+    assert buf[12288] == 0
+    assert buf[12289:12291] == len(b"qemu-server.conf\0").to_bytes(2, "little")
+    assert buf[12291:12291 + 17] == b"qemu-server.conf\0"
+    assert struct.unpack_from(">I", buf, 2044)[0] == 1  # first config name at relative offset 1
+    # blob_buffer_size counts the pad byte and is not rounded
+    blob_size = struct.unpack_from(">I", buf, 52)[0]
+    assert blob_size == 1 + (2 + 17) + (2 + 9) + (2 + 15) + (2 + 0) + (2 + 12) + (2 + 15)
+    assert vma.decode_header(reseal_header(buf)) == vma.decode_header(buf)
+
+
+@pytest.mark.parametrize("name", ["sample-2disks.vma", "sample-1disk-nocfg.vma",
+                                  "sample-odd-size-1000b.vma", "sample-legacy-positional.vma"])
+def test_header_identical_to_proxmox(name: str) -> None:
+    """Re-encoding what we decode from a real `vma create` header gives the same bytes."""
+    path = VECTORS / "proxmox" / name
+    if not path.exists():
+        pytest.skip("vectors absent")
+    raw = path.read_bytes()[:65536]
+    h = vma.decode_header(raw)
+    again = vma.encode_header(h.uuid, h.ctime, [(d.name, d.size) for d in h.devices], h.configs)
+    assert again == raw[:h.header_size]
+
+
+def test_header_identical_to_spec_vector() -> None:
+    path = VECTORS / "spec" / "two-disks.vma"
+    if not path.exists():
+        pytest.skip("vectors absent")
+    raw = path.read_bytes()
+    h = vma.decode_header(raw)
+    assert [d.name for d in h.devices] == ["drive-efidisk0", "drive-scsi0"]
+    again = vma.encode_header(h.uuid, h.ctime, [(d.name, d.size) for d in h.devices], h.configs)
+    assert again == raw[:h.header_size]
+
+
+def test_header_errors_use_proxmox_texts() -> None:
+    good = sample_header()
+    with pytest.raises(FormatError, match="can't read vma header - got EOF"):
+        vma.decode_header(good[:12287])
+    with pytest.raises(FormatError, match="not a vma file - wrong magic number"):
+        vma.decode_header(b"VMB\0" + good[4:])
+    with pytest.raises(FormatError, match="wrong vma header chechsum"):
+        bad = bytearray(good)
+        bad[100] ^= 1
+        vma.decode_header(bytes(bad))
+    with pytest.raises(FormatError, match="wrong vma version 2"):
+        vma.decode_header(reseal_header(good[:4] + struct.pack(">I", 2) + good[8:]))
+    with pytest.raises(FormatError, match="wrong vma header size 12288"):
+        bad = bytearray(good)
+        struct.pack_into(">I", bad, 56, 12288)
+        vma.decode_header(bytes(bad))
+    with pytest.raises(FormatError, match="can't read vma header data"):
+        vma.decode_header(good[:-1])
+    with pytest.raises(FormatError, match="wrong vma blob buffer offset"):
+        bad = bytearray(good)
+        struct.pack_into(">I", bad, 48, 12000)
+        vma.decode_header(reseal_header(bad))
+    with pytest.raises(FormatError, match="wrong vma blob buffer size"):
+        bad = bytearray(good)
+        struct.pack_into(">I", bad, 52, len(good))
+        vma.decode_header(reseal_header(bad))
+    with pytest.raises(FormatError, match="vma contains invalid data pointers"):
+        bad = bytearray(good)
+        struct.pack_into(">I", bad, 3068, 2)  # config data pointer off the blob chain
+        vma.decode_header(reseal_header(bad))
+
+
+def test_header_lenient_like_proxmox() -> None:
+    """What the real reader ignores: reserved bytes; devices with size 0 or a bad name pointer."""
+    good = bytearray(sample_header())
+    good[60:2044] = os.urandom(1984)
+    struct.pack_into(">Q", good, 4096 + 32 * 2 + 8, 0)  # efidisk0 size 0 -> no such device
+    h = vma.decode_header(reseal_header(good))
+    assert [d.name for d in h.devices] == ["drive-scsi0"]
+    struct.pack_into(">I", good, 4096 + 32 * 1, 7)  # scsi0's name pointer off the chain
+    assert vma.decode_header(reseal_header(good)).devices == ()
+
+
+def test_vmstate_device_is_separate() -> None:
+    """Headers we decode may carry Proxmox's legacy vmstate; we never encode one."""
+    path = VECTORS / "spec" / "vmstate.vma"
+    if not path.exists():
+        pytest.skip("vectors absent")
+    h = vma.decode_header(path.read_bytes())
+    assert [d.name for d in h.devices] == ["drive-scsi1"]
+    assert h.vmstate == vma.Device(2, "vmstate", 196608)
+    assert h.device(2) == h.vmstate
+    with pytest.raises(FormatError, match="vmstate"):
+        vma.encode_header(UUID, 0, [("vmstate", 65536)])
+
+
+@pytest.mark.parametrize("name", ["", "drive scsi0", "drive-scsi0\n", "a/b", "..", "vmstate",
+                                  "x" * 200, "drive\tx", "-leading-dash"])
+def test_invalid_device_names(name: str) -> None:
+    with pytest.raises(FormatError):
+        vma.check_device_name(name)
+    with pytest.raises(FormatError):
+        vma.encode_header(UUID, 0, [(name, 65536)])
+
+
+def test_header_limits() -> None:
+    with pytest.raises(FormatError, match="65535"):
+        vma.encode_header(UUID, 0, [], [("big.conf", bytes(65536))])
+    vma.encode_header(UUID, 0, [], [("max.conf", bytes(65535))])  # exactly at the limit
+    with pytest.raises(FormatError, match="too many devices"):
+        vma.encode_header(UUID, 0, [(f"d{i}", 512) for i in range(255)])
+    with pytest.raises(FormatError):
+        vma.encode_header(UUID, 0, [("d", 0)])
+    with pytest.raises(FormatError):
+        vma.encode_header(UUID, 0, [("d", vma.MAX_DEVICE_SIZE + 1)])
+    for bad in ("a/b", "", "..", "."):
+        with pytest.raises(FormatError, match="config name"):
+            vma.encode_header(UUID, 0, [], [(bad, b"x")])
+
+
+# --- extents ------------------------------------------------------------------------------------
+
+slot_lists = st.lists(
+    st.tuples(st.integers(1, 255), st.integers(0, 2**32 - 1), st.integers(0, 0xFFFF)),
+    max_size=vma.SLOTS_PER_EXTENT)
+
+
+@settings(max_examples=100, deadline=None)
+@given(uuid=st.binary(min_size=16, max_size=16), slots=slot_lists,
+       block_count=st.integers(0, vma.SLOTS_PER_EXTENT * vma.BLOCKS_PER_CLUSTER))
+def test_extent_header_round_trip(uuid: bytes, slots: list[tuple[int, int, int]],
+                                  block_count: int) -> None:
+    raw = vma.encode_extent_header(uuid, slots, block_count)
+    assert len(raw) == 512 and raw[:4] == b"VMAE" and raw[4:6] == b"\0\0"
+    ext = vma.decode_extent_header(raw, uuid)
+    assert ext.block_count == block_count
+    assert ext.slots == tuple(slots)
+    assert ext.size == 512 + 4096 * block_count
+    # the blockinfo layout: mask<<48 | dev_id<<32 | cluster, big-endian
+    for i, (dev_id, cluster, mask) in enumerate(slots):
+        assert struct.unpack_from(">Q", raw, 40 + 8 * i)[0] == mask << 48 | dev_id << 32 | cluster
+
+
+def test_extent_header_ignores_unused_slots() -> None:
+    """A slot with dev_id 0 is skipped whatever its other 7 bytes say (slot-gaps-ok.vma)."""
+    infos = [0] * 59
+    infos[0] = 0xFFFF << 48 | 1 << 32 | 5
+    infos[1] = 0xABCD << 48 | 0x7F << 40 | 0 << 32 | 0xDEADBEEF  # dev_id 0
+    infos[3] = 0x0001 << 48 | 2 << 32 | 9
+    raw = vma.seal_extent(UUID, 17, struct.pack(">59Q", *infos))
+    assert vma.decode_extent_header(raw, UUID).slots == ((1, 5, 0xFFFF), (2, 9, 1))
+
+
+def test_extent_errors_in_proxmox_order() -> None:
+    good = vma.encode_extent_header(UUID, [(1, 0, 0xFFFF)], 16)
+    with pytest.raises(FormatError, match=r"read short extent \(100 bytes\)"):
+        vma.decode_extent_header(good[:100], UUID)
+    with pytest.raises(FormatError, match="wrong vma extent header chechsum"):
+        vma.decode_extent_header(good[:50] + bytes([good[50] ^ 4]) + good[51:], UUID)
+    with pytest.raises(FormatError, match="wrong vma extent header chechsum"):
+        vma.decode_extent_header(bytes(512), UUID)
+    # md5 is checked before the uuid, the uuid before the magic
+    other = bytes(16)
+    with pytest.raises(FormatError, match="wrong vma extent uuid"):
+        vma.decode_extent_header(good, other)
+    bad_magic = bytearray(good)
+    bad_magic[0:4] = b"VMAX"
+    bad_magic[24:40] = bytes(16)
+    bad_magic[24:40] = hashlib.md5(bad_magic).digest()
+    with pytest.raises(FormatError, match="wrong vma extent uuid"):
+        vma.decode_extent_header(bytes(bad_magic), other)
+    with pytest.raises(FormatError, match="wrong vma extent header magic"):
+        vma.decode_extent_header(bytes(bad_magic), UUID)
+    reserved = bytearray(good)
+    reserved[4:6] = b"\0\1"
+    reserved[24:40] = bytes(16)
+    reserved[24:40] = hashlib.md5(reserved).digest()
+    with pytest.raises(FormatError, match="wrong vma extent header magic"):
+        vma.decode_extent_header(bytes(reserved), UUID)
+    too_big = vma.encode_extent_header(UUID, [], 945)
+    with pytest.raises(FormatError, match=r"short vma extent \(3867136 < 3871232\)"):
+        vma.decode_extent_header(too_big, UUID)
+    with pytest.raises(ValueError):
+        vma.encode_extent_header(UUID, [(1, i, 0) for i in range(60)], 0)
+
+
+@pytest.mark.parametrize("name", ["sample-2disks.vma", "sample-legacy-positional.vma"])
+def test_extent_headers_identical_to_proxmox(name: str) -> None:
+    """Every extent header of a real `vma create` archive re-encodes to the same 512 bytes."""
+    path = VECTORS / "proxmox" / name
+    if not path.exists():
+        pytest.skip("vectors absent")
+    raw = path.read_bytes()
+    h = vma.decode_header(raw)
+    pos = h.header_size
+    count = 0
+    while pos < len(raw):
+        ext = vma.decode_extent_header(raw[pos:pos + 512], h.uuid)
+        assert len(ext.slots) <= 58  # the real writer's limit
+        assert vma.encode_extent_header(h.uuid, ext.slots, ext.block_count) == raw[pos:pos + 512]
+        assert sum(bin(m).count("1") for _, _, m in ext.slots) == ext.block_count
+        pos += ext.size
+        count += 1
+    assert pos == len(raw) and count > 1
+
+
+# --- null extents -------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.binary(max_size=3 * vma.NULL_PAYLOAD_SIZE + 5))
+def test_null_extent_payload_round_trip(payload: bytes) -> None:
+    raw = vma.encode_null_extents(UUID, payload)
+    n = max(1, -(-len(payload) // vma.NULL_PAYLOAD_SIZE))
+    assert len(raw) == 512 * n
+    got = b""
+    for i in range(n):
+        head = raw[512 * i:512 * (i + 1)]
+        ext = vma.decode_extent_header(head, UUID)
+        # what Proxmox sees: block_count 0, no used slot
+        assert ext.block_count == 0 and ext.slots == ()
+        assert all(head[40 + 8 * s + 3] == 0 for s in range(59))
+        part = vma.null_extent_payload(head)
+        assert len(part) == 413
+        got += part
+    assert got[:len(payload)] == payload
+    assert got[len(payload):] == bytes(len(got) - len(payload))
+
+
+def test_null_extent_full_413_bytes() -> None:
+    payload = bytes(range(256)) + bytes(range(157))
+    assert len(payload) == 413 == vma.NULL_PAYLOAD_SIZE
+    raw = vma.encode_null_extents(UUID, payload)
+    assert len(raw) == 512
+    assert vma.null_extent_payload(raw) == payload
+    assert len(vma.encode_null_extents(UUID, payload + b"x")) == 1024
+
+
+def test_null_extent_payload_rejects_used_slot() -> None:
+    raw = vma.encode_extent_header(UUID, [(1, 0, 0)], 0)
+    with pytest.raises(FormatError, match="not a null extent"):
+        vma.null_extent_payload(raw)
+
+
+def test_spec_null_extent_trailer_payload() -> None:
+    """The spec vector's trailer (written independently) decodes as null extents with JSON."""
+    path = VECTORS / "spec" / "two-disks-null-extent-trailer.vma"
+    if not path.exists():
+        pytest.skip("vectors absent")
+    raw = path.read_bytes()
+    uuid = vma.decode_header(raw).uuid
+    payload = b"".join(vma.null_extent_payload(raw[p:p + 512])
+                       for p in (len(raw) - 1024, len(raw) - 512))
+    assert payload.rstrip(b"\0").startswith(b"{") and len(payload.rstrip(b"\0")) == 739
+    for p in (len(raw) - 1024, len(raw) - 512):
+        assert vma.decode_extent_header(raw[p:p + 512], uuid).slots == ()
+
+
+# --- masks and blocks ---------------------------------------------------------------------------
+
+
+def naive_masks(data: bytes) -> list[int]:
+    out = []
+    for c in range(0, len(data), vma.CLUSTER_SIZE):
+        mask = 0
+        for j in range(16):
+            block = data[c + j * 4096:c + (j + 1) * 4096]
+            if block.count(0) != len(block):
+                mask |= 1 << j
+        out.append(mask)
+    return out
+
+
+def random_clusters(rng: random.Random, n: int) -> bytes:
+    buf = bytearray(n * vma.CLUSTER_SIZE)
+    for c in range(n):
+        kind = rng.choice(["zero", "full", "mixed", "single-byte"])
+        base = c * vma.CLUSTER_SIZE
+        if kind == "full":
+            buf[base:base + vma.CLUSTER_SIZE] = rng.randbytes(vma.CLUSTER_SIZE)
+        elif kind == "mixed":
+            for j in range(16):
+                if rng.random() < 0.5:
+                    buf[base + j * 4096:base + (j + 1) * 4096] = rng.randbytes(4096)
+        elif kind == "single-byte":
+            for _ in range(rng.randint(1, 4)):
+                buf[base + rng.randrange(vma.CLUSTER_SIZE)] = rng.randint(1, 255)
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cluster_masks_vs_naive(seed: int) -> None:
+    rng = random.Random(seed)
+    data = random_clusters(rng, rng.randint(1, 24))
+    masks = vma.cluster_masks(data)
+    assert masks.dtype == np.uint16
+    assert masks.tolist() == naive_masks(data)
+    # also from a memoryview and for the edge bytes of each block
+    assert vma.cluster_masks(memoryview(data)).tolist() == naive_masks(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(positions=st.sets(st.integers(0, 2 * vma.CLUSTER_SIZE - 1), max_size=20),
+       value=st.integers(1, 255))
+def test_cluster_masks_single_bytes(positions: set[int], value: int) -> None:
+    data = bytearray(2 * vma.CLUSTER_SIZE)
+    for p in positions:
+        data[p] = value
+    assert vma.cluster_masks(bytes(data)).tolist() == naive_masks(bytes(data))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stored_and_expand_blocks_inverse(seed: int) -> None:
+    rng = random.Random(seed)
+    data = random_clusters(rng, 6)
+    for c, mask in enumerate(naive_masks(data)):
+        cluster = data[c * vma.CLUSTER_SIZE:(c + 1) * vma.CLUSTER_SIZE]
+        stored = bytes(vma.stored_blocks(cluster, mask))
+        assert len(stored) == 4096 * bin(mask).count("1")
+        assert stored == b"".join(cluster[j * 4096:(j + 1) * 4096]
+                                  for j in range(16) if mask >> j & 1)
+        assert vma.expand_blocks(stored, mask) == cluster
+    # a set bit may hold zeros (legal); a clear bit expands to zeros whatever was there
+    assert vma.expand_blocks(bytes(4096), 1) == bytes(vma.CLUSTER_SIZE)
+    assert vma.stored_blocks(b"\1" * vma.CLUSTER_SIZE, 0) == b""
+
+
+@pytest.mark.parametrize(("size", "cluster", "expected"), [
+    (65536, 0, 0xFFFF),
+    (65536 * 3, 2, 0xFFFF),
+    (1024, 0, 0x0001),
+    (1000, 0, 0x0001),
+    (70144, 1, 0x0003),  # one block + 512 bytes: the straddling block is allowed
+    (65536 + 4096, 1, 0x0001),
+    (65536, 1, 0x0000),  # past the end
+    (10486272, 160, 0x0001),
+])
+def test_end_mask(size: int, cluster: int, expected: int) -> None:
+    assert vma.end_mask(size, cluster) == expected
+
+
+def test_popcount_table() -> None:
+    rng = random.Random(1)
+    for m in [0, 1, 0xFFFF, 0x8000] + [rng.randrange(1 << 16) for _ in range(200)]:
+        assert int(vma.POPCOUNT16[m]) == bin(m).count("1")
+
+
+def test_device_clusters() -> None:
+    assert vma.Device(1, "d", 1).clusters == 1
+    assert vma.Device(1, "d", 65536).clusters == 1
+    assert vma.Device(1, "d", 65537).clusters == 2
