@@ -11,7 +11,7 @@ from vmafs.scan import read_header
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config", help="print a config file stored in an archive",
+    p = sub.add_parser("config", help=COMMANDS["config"],
                        description="Print a config file stored in an archive, like "
                                    "Proxmox's `vma config`. Reads only the header.")
     p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")

@@ -9,6 +9,7 @@ from typing import BinaryIO
 
 from vmafs import vma
 from vmafs.archive_file import open_output
+from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_compression, add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
 from vmafs.errors import FormatError, VmafsError
@@ -18,7 +19,7 @@ from vmafs.writer import ArchiveWriter, DeviceSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="rewrite an archive as an indexed (mountable) one",
+    p = sub.add_parser("convert", help=COMMANDS["convert"],
                        description="Rewrite any archive vmafs reads (plain, zstd, gzip or lzo "
                                    "Proxmox archives included) into an indexed vmafs archive: "
                                    "OUT ending in .vma is plain, .vma.zst seekable zstd. One "

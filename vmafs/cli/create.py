@@ -7,6 +7,7 @@ import os
 
 from vmafs import images
 from vmafs.archive_file import open_output
+from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_compression, add_json, add_quiet, progress_for
 from vmafs.errors import VmafsError
 from vmafs.progress import print_json
@@ -15,7 +16,7 @@ from vmafs.writer import ArchiveWriter, DeviceSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("create", help="back up disk image files into an archive",
+    p = sub.add_parser("create", help=COMMANDS["create"],
                        description="Back up disk images of any format QEMU reads into one "
                                    "archive. ARCHIVE ending in .vma is plain, .vma.zst is "
                                    "seekable zstd; - writes to stdout.")

@@ -9,6 +9,7 @@ import os
 from typing import BinaryIO
 
 from vmafs import vma
+from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json, add_quiet, disk_file_name, progress_for, safe_name
 from vmafs.decompress import open_stream
 from vmafs.errors import FormatError, VmafsError
@@ -17,7 +18,7 @@ from vmafs.scan import StoredCluster, read_header, scan_stream
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract", help="restore disk images and config files into a directory",
+    p = sub.add_parser("extract", help=COMMANDS["extract"],
                        description="Extract every disk as a sparse raw image "
                                    "disk-<devname>.raw of the exact device size, plus the config "
                                    "files, into DIR (created if missing). Files appear under "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import uuid
 
+from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json, format_ctime
 from vmafs.decompress import open_stream
 from vmafs.progress import print_json
@@ -12,7 +13,7 @@ from vmafs.scan import read_header
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="list the devices and config files of an archive",
+    p = sub.add_parser("list", help=COMMANDS["list"],
                        description="List the config files and devices of an archive, like "
                                    "Proxmox's `vma list`. Reads only the header.")
     p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")

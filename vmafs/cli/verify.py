@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
 from vmafs.errors import FormatError, VmafsError
@@ -13,7 +14,7 @@ from vmafs.scan import read_header, scan_stream
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="check an archive completely",
+    p = sub.add_parser("verify", help=COMMANDS["verify"],
                        description="Read the whole archive and check every rule of Proxmox's "
                                    "VMA reader, that every cluster of every device is present "
                                    "exactly once, and the data checksums of the trailing index. "
