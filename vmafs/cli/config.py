@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vmafs.cli import COMMANDS
 from vmafs.decompress import open_stream
 from vmafs.errors import VmafsError
 from vmafs.scan import read_header
