@@ -13,51 +13,30 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import pyfuse3
 import trio
 
 from vmafs.errors import ChecksumError, VmafsError
+from vmafs.names import NAME_MAX, disk_file_name, safe_name
+from vmafs.reader import Archive, Device
 
 log = logging.getLogger("vmafs.mount")
 
 # The archive never changes while mounted: let the kernel cache names and attributes for a year.
 TIMEOUT = 365 * 24 * 3600.0
-NAME_MAX = 255
 FIRST_CONFIG_INODE = 1024   # disks use 1 + dev_id (dev_id is 1..255), configs count up from here
 BLOCK_SIZE = 65536          # reported st_blksize / f_bsize: one VMA cluster
 
-# Read-ahead for archives whose reads decompress (sizes in bytes of device offsets).
+# Read-ahead for sequential readers of compressed archives (sizes in device bytes).
 CHUNK = 1 << 20
 AHEAD = 4                   # chunks decompressed ahead of a sequential reader
-CACHED_CHUNKS = 24          # decompressed chunks kept, all readers together
-WORKERS = 2                 # decompression threads at once
-
-
-class DeviceLike(Protocol):
-    @property
-    def dev_id(self) -> int: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-
-
-class ArchiveLike(Protocol):
-    """What the file system needs from `vmafs.reader.Archive`."""
-
-    @property
-    def devices(self) -> Sequence[DeviceLike]: ...
-    @property
-    def configs(self) -> Mapping[str, bytes]: ...
-    @property
-    def ctime(self) -> int: ...
-    @property
-    def compressed(self) -> bool: ...
-    def read(self, dev_id: int, offset: int, length: int) -> bytes: ...
+CACHED_CHUNKS = 12          # chunks kept, all readers together
+WORKERS = 2                 # decompressing threads at once (one per core here)
+ZEROS = bytes(4 << 20)      # holes are slices of this
+ZEROS_VIEW = memoryview(ZEROS)
 
 
 @dataclass(frozen=True)
@@ -71,18 +50,6 @@ class Entry:
     data: bytes = b""        # a config blob's content
 
 
-def safe_name(raw: str) -> bytes:
-    """Turn a name taken from the archive into one path component, whatever it contains."""
-    name = os.fsencode(raw) if isinstance(raw, str) else bytes(raw)
-    name = name.replace(b"/", b"_").replace(b"\0", b"_")
-    name = bytes(c if c >= 0x20 and c != 0x7F else 0x5F for c in name)   # no control chars
-    if name in (b"", b".", b".."):
-        name = b"_" + name
-    if len(name) > NAME_MAX - 16:   # leave room for "disk-", ".raw" and a "~N" suffix
-        name = name[: NAME_MAX - 16]
-    return name
-
-
 def _unique(name: bytes, taken: set[bytes], suffix: bytes = b"") -> bytes:
     stem = name[: len(name) - len(suffix)] if suffix else name
     candidate, n = name, 1
@@ -93,16 +60,16 @@ def _unique(name: bytes, taken: set[bytes], suffix: bytes = b"") -> bytes:
     return candidate
 
 
-def layout(devices: Sequence[DeviceLike], configs: Mapping[str, bytes]) -> list[Entry]:
+def layout(devices: Sequence[Device], configs: Mapping[str, bytes]) -> list[Entry]:
     """The root directory: disks by dev_id, then configs in archive order; names sanitised and
     unique, inode numbers stable for a given archive."""
     taken: set[bytes] = set()
     entries: list[Entry] = []
     for dev in sorted(devices, key=lambda d: d.dev_id):
-        name = _unique(b"disk-" + safe_name(dev.name) + b".raw", taken, b".raw")
+        name = _unique(os.fsencode(disk_file_name(dev.name)), taken, b".raw")
         entries.append(Entry(1 + dev.dev_id, name, dev.size, dev_id=dev.dev_id))
     for i, (cname, data) in enumerate(configs.items()):
-        name = _unique(safe_name(cname), taken)
+        name = _unique(os.fsencode(safe_name(cname)), taken)
         entries.append(Entry(FIRST_CONFIG_INODE + i, name, len(data), data=bytes(data)))
     return entries
 
@@ -127,9 +94,10 @@ class _Handle:
 
 class VmaFS(pyfuse3.Operations):
     """pyfuse3 operations over one open archive. `nursery` (set by the daemon before serving)
-    runs read-ahead tasks; without it there is no read-ahead."""
+    runs read-ahead tasks; without it there is no read-ahead. `on_init` is called once the
+    kernel's FUSE_INIT has been handled."""
 
-    def __init__(self, archive: ArchiveLike, *, uid: int | None = None,
+    def __init__(self, archive: Archive, *, uid: int | None = None,
                  gid: int | None = None) -> None:
         super().__init__()
         self.archive = archive
@@ -141,10 +109,19 @@ class VmaFS(pyfuse3.Operations):
         self.by_name = {e.name: e for e in self.entries}
         self.compressed = bool(archive.compressed)
         self.nursery: trio.Nursery | None = None
+        self.on_init: Callable[[], None] | None = None
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._chunks: OrderedDict[tuple[int, int], _Fetch] = OrderedDict()
         self._limiter = trio.CapacityLimiter(WORKERS)
+        # st_blocks of a disk counts its stored data, so du and ls -s show how sparse it is.
+        self._allocated = {e.inode: archive.stored_bytes(e.dev_id)
+                           for e in self.entries if e.dev_id}
+
+    def init(self) -> None:
+        """FUSE_INIT is answered: the mount is fully up."""
+        if self.on_init is not None:
+            self.on_init()
 
     # -- attributes and names ------------------------------------------------------------------
 
@@ -165,7 +142,7 @@ class VmaFS(pyfuse3.Operations):
         attr.st_uid = self.uid
         attr.st_gid = self.gid
         attr.st_blksize = BLOCK_SIZE
-        attr.st_blocks = (attr.st_size + 511) // 512
+        attr.st_blocks = (self._allocated.get(inode, attr.st_size) + 511) // 512
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.ctime_ns
         attr.attr_timeout = TIMEOUT
         attr.entry_timeout = TIMEOUT
@@ -192,10 +169,12 @@ class VmaFS(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # start_id is the index of the next entry to send; "." and ".." come from the kernel.
-        for i in range(start_id, len(self.entries)):
-            entry = self.entries[i]
-            if not pyfuse3.readdir_reply(token, entry.name, self._attr(entry.inode), i + 1):
+        # start_id is the position of the next entry to send: ".", "..", then the files.
+        names = [(b".", pyfuse3.ROOT_INODE), (b"..", pyfuse3.ROOT_INODE)]
+        names += [(e.name, e.inode) for e in self.entries]
+        for i in range(start_id, len(names)):
+            name, inode = names[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode), i + 1):
                 return
 
     async def releasedir(self, fh: int) -> None:
@@ -247,23 +226,35 @@ class VmaFS(pyfuse3.Operations):
         size = min(size, entry.size - off)
         if not entry.dev_id:
             return memoryview(entry.data)[off:off + size]
+        sequential = off == handle.next_offset or (entry.dev_id, off // CHUNK) in self._chunks
+        handle.streak = handle.streak + 1 if sequential else 0
+        handle.next_offset = off + size
+        if size <= len(ZEROS) and self._is_hole(entry.dev_id, off, size):
+            return ZEROS_VIEW[:size]
         if not self.compressed:
+            # Plain archive: an index lookup and preads, cheaper inline than a thread hop. The
+            # preads stay in stream order, so the kernel's read-ahead on the archive streams.
             try:
                 return self.archive.read(entry.dev_id, off, size)
             except ChecksumError as exc:
                 raise self._bad(entry, off, size, exc) from None
-            except OSError as exc:
+            except (OSError, VmafsError) as exc:
                 raise self._ioerror(entry, off, size, exc) from None
-        sequential = off == handle.next_offset or (entry.dev_id, off // CHUNK) in self._chunks
-        handle.streak = handle.streak + 1 if sequential else 0
-        handle.next_offset = off + size
         if handle.streak >= 1 and self.nursery is not None:
+            # A streaming reader: whole chunks, decompressed ahead in threads.
             data = await self._read_chunked(entry, off, size)
             if data is not None:
                 return data
         return await self._read_thread(entry, off, size)
 
-    # -- the decompressing path ----------------------------------------------------------------
+    def _is_hole(self, dev_id: int, off: int, size: int) -> bool:
+        """True if no stored data lies in [off, off+size): answered from the zero buffer."""
+        try:
+            return self.archive.is_hole(dev_id, off, size)
+        except VmafsError:
+            return False  # the read reports it
+
+    # -- reads in worker threads ---------------------------------------------------------------
 
     async def _read_thread(self, entry: Entry, off: int, size: int) -> bytes:
         try:
@@ -276,39 +267,45 @@ class VmaFS(pyfuse3.Operations):
 
     async def _read_chunked(self, entry: Entry, off: int, size: int
                             ) -> bytes | memoryview | None:
-        """Serve a sequential read from whole decompressed chunks and start the next ones.
+        """Serve a sequential read from whole chunks and start reading the next ones.
         Returns None if a chunk failed, so the caller re-reads exactly the asked range (a bad
         cluster must fail only the reads that touch it)."""
         first, last = off // CHUNK, (off + size - 1) // CHUNK
         nchunks = (entry.size + CHUNK - 1) // CHUNK
+        wanted = [(idx, self._fetch(entry, idx)) for idx in range(first, last + 1)]
         for idx in range(last + 1, min(last + 1 + AHEAD, nchunks)):
             self._fetch(entry, idx)
         parts: list[memoryview] = []
-        for idx in range(first, last + 1):
-            fetch = self._fetch(entry, idx)
+        for idx, fetch in wanted:
+            start = max(off, idx * CHUNK) - idx * CHUNK
+            end = min(off + size, (idx + 1) * CHUNK) - idx * CHUNK
+            if fetch is None:
+                parts.append(ZEROS_VIEW[start:end])
+                continue
             await fetch.done.wait()
             if fetch.failed:
                 return None
-            start = max(off, idx * CHUNK) - idx * CHUNK
-            end = min(off + size, (idx + 1) * CHUNK) - idx * CHUNK
             parts.append(memoryview(fetch.data)[start:end])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fetch(self, entry: Entry, idx: int) -> _Fetch:
+    def _fetch(self, entry: Entry, idx: int) -> _Fetch | None:
+        """The chunk's fetch, started if need be; None for a chunk that is all hole."""
         key = (entry.dev_id, idx)
         fetch = self._chunks.get(key)
         if fetch is not None:
             self._chunks.move_to_end(key)
             return fetch
+        if self._is_hole(entry.dev_id, idx * CHUNK, min(CHUNK, entry.size - idx * CHUNK)):
+            return None
         fetch = _Fetch()
         self._chunks[key] = fetch
         while len(self._chunks) > CACHED_CHUNKS:
             self._chunks.popitem(last=False)
         assert self.nursery is not None
-        self.nursery.start_soon(self._decompress, entry, idx, fetch)
+        self.nursery.start_soon(self._read_ahead, entry, idx, fetch)
         return fetch
 
-    async def _decompress(self, entry: Entry, idx: int, fetch: _Fetch) -> None:
+    async def _read_ahead(self, entry: Entry, idx: int, fetch: _Fetch) -> None:
         start = idx * CHUNK
         length = min(CHUNK, entry.size - start)
         try:
@@ -328,6 +325,6 @@ class VmaFS(pyfuse3.Operations):
         return pyfuse3.FUSEError(errno.EIO)
 
     def _ioerror(self, entry: Entry, off: int, size: int, exc: Exception) -> pyfuse3.FUSEError:
-        log.error("%s: bytes %d-%d: cannot read the archive: %s", os.fsdecode(entry.name), off,
-                  off + size - 1, exc)
+        log.error("%s: bytes %d-%d: cannot read the archive: %s; returning EIO",
+                  os.fsdecode(entry.name), off, off + size - 1, exc)
         return pyfuse3.FUSEError(errno.EIO)

@@ -7,6 +7,7 @@ The parent process returns only when the outcome is known: exit 0 once the file 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import logging.handlers
 import os
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,9 +110,17 @@ def parse_mountinfo(text: str) -> list[MountInfo]:
     return mounts
 
 
+def resolve(path: str) -> str:
+    """Absolute, symlinks resolved, without stat'ing the last component: stat'ing our own mount
+    point from the daemon before it serves would deadlock, and a dead mount fails ENOTCONN."""
+    path = os.path.abspath(path)
+    head, tail = os.path.split(path)
+    return os.path.join(os.path.realpath(head), tail) if tail else path
+
+
 def find_mount(mountpoint: str) -> MountInfo | None:
     """The topmost mount at this path, if any."""
-    path = os.path.realpath(mountpoint)
+    path = resolve(mountpoint)
     try:
         with open("/proc/self/mountinfo", errors="surrogateescape") as f:
             text = f.read()
@@ -151,6 +160,11 @@ def _setup_logging(foreground: bool, log_file: str | None, debug: bool) -> None:
     elif os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("vmafs[%(process)d]: %(message)s"))
+    elif os.access("/dev/kmsg", os.W_OK):
+        # No syslog (containers): the kernel log still shows what a daemon refused to read.
+        handler = logging.StreamHandler(open("/dev/kmsg", "w", buffering=1))  # noqa: SIM115
+        handler.setFormatter(logging.Formatter("vmafs[%(process)d]: %(message)s"))
+        handler.setLevel(logging.WARNING)
     else:
         handler = logging.NullHandler()
     root = logging.getLogger("vmafs")
@@ -173,15 +187,23 @@ class MountRequest:
 
 def _open_archive(path: str) -> Any:
     from vmafs.reader import Archive
-    return Archive.open(path)
+    try:
+        return Archive.open(path)
+    except OSError as exc:
+        raise MountError(f"{path}: {exc.strerror or exc}") from None
 
 
 def _check_mountpoint(mountpoint: str) -> None:
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"{mountpoint}: mount point is not a directory")
     existing = find_mount(mountpoint)
     if existing is not None and existing.fstype == f"fuse.{FSNAME}":
+        try:
+            os.stat(mountpoint)
+        except OSError:
+            raise MountError(f"{mountpoint}: its vmafs daemon is gone; clear it with "
+                             f"`fusermount3 -u {mountpoint}`") from None
         raise MountError(f"{mountpoint}: a vmafs archive is already mounted there")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint}: mount point is not a directory")
 
 
 def _init_fuse(archive: Any, req: MountRequest, opts: MountOptions) -> Any:
@@ -199,14 +221,23 @@ def _init_fuse(archive: Any, req: MountRequest, opts: MountOptions) -> Any:
     except RuntimeError as exc:
         raise MountError(f"cannot mount on {req.mountpoint}: {exc} "
                          f"(options: {','.join(sorted(opts.fuse))})") from None
-    set_read_ahead(req.mountpoint)
     log.info("mounted %s on %s", req.archive, req.mountpoint)
+    for warning in _warnings(archive):
+        log.warning("%s", warning)
     return ops
 
 
-async def _serve(ops: Any) -> None:
+def _warnings(archive: Any) -> list[str]:
+    """What the reader could not trust in the archive (e.g. where a damaged stream ends)."""
+    return [" ".join(str(w).split()) for w in getattr(archive, "warnings", [])]
+
+
+async def _serve(ops: Any, mountpoint: str, on_ready: Callable[[], None] | None) -> None:
     import pyfuse3
     import trio
+
+    initialized = trio.Event()
+    ops.on_init = initialized.set
 
     async def on_signal(scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -215,21 +246,38 @@ async def _serve(ops: Any) -> None:
                 scope.cancel()
                 return
 
+    async def when_ready() -> None:
+        await initialized.wait()
+        # Once the INIT reply is through: the kernel clamps read-ahead to what INIT offered.
+        await trio.sleep(0)
+        set_read_ahead(mountpoint)
+        if on_ready is not None:
+            on_ready()
+
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
         nursery.start_soon(on_signal, nursery.cancel_scope)
+        nursery.start_soon(when_ready)
         await pyfuse3.main()
-        nursery.cancel_scope.cancel()       # unmounted from outside: stop the signal task
+        nursery.cancel_scope.cancel()       # unmounted from outside: stop the other tasks
 
 
-def _run_loop(ops: Any, mountpoint: str) -> int:
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Decompressing threads each get a glibc malloc arena by default, and freed 1 MiB buffers
+    linger in them; two arenas keep the daemon's RSS near its caches' size."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, arenas)       # M_ARENA_MAX
+
+
+def _run_loop(ops: Any, mountpoint: str, on_ready: Callable[[], None] | None = None) -> int:
     """Serve until unmounted or signalled; always leave no mount behind."""
     import pyfuse3
     import trio
 
+    _limit_malloc_arenas()
     code = 0
     try:
-        trio.run(_serve, ops)
+        trio.run(_serve, ops, mountpoint, on_ready)
     except BaseException:
         log.exception("mount daemon failed")
         code = 1
@@ -243,7 +291,8 @@ def _run_loop(ops: Any, mountpoint: str) -> int:
 def mount(req: MountRequest) -> int:
     """`vmafs mount`: returns (in the parent) 0 once mounted, or raises MountError."""
     req.archive = os.path.abspath(req.archive)
-    req.mountpoint = os.path.abspath(req.mountpoint)
+    req.log_file = os.path.abspath(req.log_file) if req.log_file else None
+    req.mountpoint = os.path.realpath(req.mountpoint)
     opts = parse_options(req.options)
     _check_mountpoint(req.mountpoint)
     if req.foreground:
@@ -266,7 +315,9 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
         os.close(wfd)
         with os.fdopen(rfd, "rb") as pipe:
             status = pipe.read()
-        if status == b"OK":
+        if status.startswith(b"OK"):
+            for line in status.decode(errors="replace").splitlines()[1:]:
+                print(f"vmafs mount: warning: {line}", file=sys.stderr)
             return 0
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
@@ -283,10 +334,15 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
         archive = _open_archive(req.archive)
         ops = _init_fuse(archive, req, opts)
         os.chdir("/")
-        os.write(wfd, b"OK")
-        os.close(wfd)
-        wfd = -1
-        code = _run_loop(ops, req.mountpoint)
+
+        def ready() -> None:
+            nonlocal wfd
+            with contextlib.suppress(OSError):      # the parent may be gone: serve anyway
+                os.write(wfd, "\n".join(["OK", *_warnings(archive)]).encode())
+            os.close(wfd)
+            wfd = -1
+
+        code = _run_loop(ops, req.mountpoint, ready)
     except VmafsError as exc:
         _report(wfd, str(exc))
     except BaseException as exc:
@@ -318,7 +374,7 @@ def _detach_stdio(log_file: str | None) -> None:
 
 def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 10.0) -> None:
     """`vmafs umount`: unmount a vmafs mount; busy mounts fail unless lazy."""
-    path = os.path.realpath(mountpoint)
+    path = resolve(mountpoint)
     m = find_mount(path)
     if m is None:
         raise MountError(f"{mountpoint}: not mounted")

@@ -61,12 +61,17 @@ class Device:
 
 
 class _DeviceMap:
-    """Sorted stored clusters of one device: cluster -> (mask, data offset, crc)."""
+    """Sorted stored clusters of one device: cluster -> (mask, data offset, checksum).
 
-    __slots__ = ("clusters", "masks", "offsets", "checksums")
+    `known` is set only for a damaged archive read by walking: the clusters seen before the
+    damage. A cluster neither stored nor known may have been lost, so it must not read as zeros.
+    """
+
+    __slots__ = ("clusters", "masks", "offsets", "checksums", "known")
 
     def __init__(self, clusters: np.ndarray, masks: np.ndarray, offsets: np.ndarray,
-                 checksums: np.ndarray | None) -> None:
+                 checksums: np.ndarray | None, known: np.ndarray | None = None) -> None:
+        self.known = known
         order = np.argsort(clusters, kind="stable")
         self.clusters = clusters[order]
         if len(self.clusters) > 1 and (np.diff(self.clusters.astype(np.int64)) == 0).any():
@@ -80,7 +85,8 @@ class Archive:
     """An archive opened for random reads; thread-safe (reads use pread only)."""
 
     def __init__(self, source: StreamSource, header: vma.Header, table: index.IndexTable,
-                 *, indexed: bool, compressed: bool, warnings: list[str]) -> None:
+                 *, indexed: bool, compressed: bool, warnings: list[str],
+                 known: dict[int, np.ndarray] | None = None) -> None:
         self.source = source
         self.header = header
         self.uuid = uuidlib.UUID(bytes=header.uuid)
@@ -99,7 +105,8 @@ class Archive:
                 raise FormatError(f"index places data beyond the end of device {dev_id}")
             self._maps[dev_id] = _DeviceMap(
                 clusters, table.masks[rows], table.offsets[rows],
-                table.checksums[rows] if table.checksums is not None else None)
+                table.checksums[rows] if table.checksums is not None else None,
+                known.get(dev_id) if known is not None else None)
         if table.checksums is not None and len(table.offsets):
             ends = table.offsets + vma.POPCOUNT16[table.masks].astype(np.uint64) * vma.BLOCK_SIZE
             if int(ends.max()) > source.size:
@@ -142,8 +149,9 @@ class Archive:
         if table is not None:
             return cls(source, header, table, indexed=True, compressed=compressed,
                        warnings=warnings)
-        return cls(source, header, _walk_extents(source, header, warnings), indexed=False,
-                   compressed=compressed, warnings=warnings)
+        table, known = _walk_extents(source, header, warnings)
+        return cls(source, header, table, indexed=False, compressed=compressed,
+                   warnings=warnings, known=known)
 
     def device(self, dev_id: int) -> Device:
         for dev in self.devices:
@@ -158,10 +166,7 @@ class Archive:
         if offset >= end:
             return b""
         dmap = self._maps[dev_id]
-        first = offset // CLUSTER
-        last = (end - 1) // CLUSTER
-        lo = int(np.searchsorted(dmap.clusters, first))
-        hi = int(np.searchsorted(dmap.clusters, last, side="right"))
+        lo, hi = self._span(dev_id, offset, end)
         if lo == hi:  # a hole: no stored cluster touched
             return _zeros(end - offset)
         parts: list[bytes | memoryview] = []
@@ -180,6 +185,31 @@ class Archive:
             parts.append(_zeros(end - pos))
         return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
+    def is_hole(self, dev_id: int, offset: int, length: int) -> bool:
+        """True if [offset, offset+length) holds no stored data (it reads as zeros)."""
+        end = min(offset + length, self._sizes[dev_id])
+        if offset >= end:
+            return True
+        lo, hi = self._span(dev_id, offset, end)
+        return lo == hi
+
+    def stored_bytes(self, dev_id: int) -> int:
+        """Bytes of data the archive stores for a device (what `du` of its image shows)."""
+        masks = self._maps[dev_id].masks
+        return int(vma.POPCOUNT16[masks].sum(dtype=np.int64)) * vma.BLOCK_SIZE
+
+    def _span(self, dev_id: int, offset: int, end: int) -> tuple[int, int]:
+        """Index range of the stored clusters in [offset, end), after the damage check."""
+        dmap = self._maps[dev_id]
+        first = offset // CLUSTER
+        last = (end - 1) // CLUSTER
+        if dmap.known is not None and not dmap.known[first:last + 1].all():
+            lost = first + int(np.flatnonzero(~dmap.known[first:last + 1])[0])
+            raise IncompleteError(f"cluster {lost} of {self.device(dev_id).name} lies past "
+                                  "the damaged part of the archive")
+        return (int(np.searchsorted(dmap.clusters, first)),
+                int(np.searchsorted(dmap.clusters, last, side="right")))
+
     def _cluster(self, dmap: _DeviceMap, i: int, cluster: int, dev_id: int) -> bytes:
         mask = int(dmap.masks[i])
         data_offset = int(dmap.offsets[i])
@@ -192,11 +222,6 @@ class Archive:
             raise ChecksumError(f"data checksum mismatch in cluster {cluster} of {name} "
                                 f"(stream offset {data_offset})")
         return vma.expand_blocks(stored, mask)
-
-    def stored_ranges(self, dev_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Clusters holding data and their masks (everything else reads as zeros)."""
-        dmap = self._maps[dev_id]
-        return dmap.clusters, dmap.masks
 
     def close(self) -> None:
         self.source.close()
@@ -237,9 +262,14 @@ def _read_trailing_index(source: StreamSource, header: vma.Header) -> index.Inde
     return index.decode_index(index.check_index_blob(b"".join(payloads), footer))
 
 
-def _walk_extents(source: StreamSource, header: vma.Header,
-                  warnings: list[str]) -> index.IndexTable:
-    """Index a Proxmox archive by reading each extent header (one 512-byte read per extent)."""
+def _walk_extents(source: StreamSource, header: vma.Header, warnings: list[str]
+                  ) -> tuple[index.IndexTable, dict[int, np.ndarray] | None]:
+    """Index a Proxmox archive by reading each extent header (one 512-byte read per extent).
+
+    Also returns, only if the walk stopped at damage, which clusters it saw per device.
+    """
+    seen = {d.dev_id: np.zeros(d.clusters, bool) for d in header.devices}
+    damaged = False
     ext_offsets: list[int] = []
     ext_counts: list[int] = []
     dev_ids: list[int] = []
@@ -256,8 +286,13 @@ def _walk_extents(source: StreamSource, header: vma.Header,
             if blocks != ext.block_count:
                 raise FormatError("vma extent error - missing blocks")
         except FormatError as exc:
-            warnings.append(f"stopped reading at offset {offset}: {exc}; later data reads as zeros")
+            warnings.append(f"damaged at offset {offset}: {exc}; clusters not seen before it "
+                            "cannot be read")
+            damaged = True
             break
+        for d, c, _ in ext.slots:
+            if d in seen and c < len(seen[d]):
+                seen[d][c] = True
         # every stored slot counts for data offsets, even one of a device we do not show
         stored = [(d, c, m) for d, c, m in ext.slots if m]
         if stored:
@@ -271,5 +306,6 @@ def _walk_extents(source: StreamSource, header: vma.Header,
     masks_arr = np.array(masks, np.uint16)
     offsets = index.data_offsets(np.array(ext_offsets, np.uint64),
                                  np.array(ext_counts, np.uint16), masks_arr)
-    return index.IndexTable(np.array(dev_ids, np.uint8), np.array(clusters, np.uint32),
-                            masks_arr, offsets, None)
+    table = index.IndexTable(np.array(dev_ids, np.uint8), np.array(clusters, np.uint32),
+                             masks_arr, offsets, None)
+    return table, (seen if damaged else None)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 import time
 
 from vmafs.progress import Progress
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.+:@=,-]")
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
@@ -27,18 +24,6 @@ def add_compression(parser: argparse.ArgumentParser) -> None:
                         help="zstd compression threads (default 2)")
     parser.add_argument("--zstd", action="store_true",
                         help="compress (seekable zstd) even when writing to stdout")
-
-
-def safe_name(name: str) -> str:
-    """A name from an archive made safe as one path component: never '/', '..' or NUL."""
-    cleaned = _UNSAFE.sub("_", name)
-    if cleaned in ("", ".", ".."):
-        cleaned = cleaned.replace(".", "_") or "_"
-    return cleaned[:200]
-
-
-def disk_file_name(devname: str) -> str:
-    return f"disk-{safe_name(devname)}.raw"
 
 
 def progress_for(args: argparse.Namespace, label: str, total: int) -> Progress:

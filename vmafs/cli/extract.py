@@ -10,9 +10,10 @@ from typing import BinaryIO
 
 from vmafs import vma
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_json, add_quiet, disk_file_name, progress_for, safe_name
+from vmafs.cli.common import add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
 from vmafs.errors import FormatError, VmafsError
+from vmafs.names import disk_file_name, safe_name
 from vmafs.progress import print_json
 from vmafs.scan import StoredCluster, read_header, scan_stream
 

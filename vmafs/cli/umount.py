@@ -14,7 +14,8 @@ open files until they are closed."""
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("umount", help="unmount an archive mounted by vmafs mount",
                               description=DESCRIPTION)
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT",
+                   help="the directory the archive is mounted on")
     p.add_argument("-l", "-z", "--lazy", action="store_true",
                    help="detach now, even if files are open; finish when they are closed")
     p.set_defaults(run=run)
