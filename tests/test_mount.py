@@ -655,7 +655,7 @@ def test_killed_daemon_leaves_clearable_mount(source: Source, tmp_path: Path) ->
     wait_until(lambda: pid_gone(pid), what="daemon death")
     with pytest.raises(OSError) as exc:
         os.listdir(mnt)
-    assert exc.value.errno == errno.ENOTCONN
+    assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # kernel-dependent
     assert "fusermount3 -u" in one_line_error(vmafs("mount", source.plain, mnt))
     subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
     assert not is_mounted(mnt)
