@@ -4,13 +4,15 @@ ever appears under the final name (PATH.part, fsync, rename)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vmafs import vma
 from vmafs.errors import VmafsError
-from vmafs.zstd_output import DEFAULT_FRAME_SIZE, PlainOutput, SeekableZstdOutput
+from vmafs.zstd_output import DEFAULT_FRAME_SIZE, PlainOutput, SeekableZstdOutput, Writable
 
 
 class FramedOutput:
@@ -32,6 +34,46 @@ class FramedOutput:
     @property
     def bytes_out(self) -> int:
         return self.inner.bytes_out
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class WritebackFile:
+    """A file that starts the kernel's writeback every 64 MiB (sync_file_range, no waiting).
+
+    Otherwise gigabytes of dirty pages wait for the final fsync, and a backup pays the whole
+    write-out at the end instead of overlapping it with the copy (measured: 0.62x -> 1.0x of
+    qemu-img convert for a live backup).
+    """
+
+    STEP = 64 << 20
+
+    def __init__(self, raw: io.FileIO) -> None:
+        self.raw = raw
+        self.written = 0
+        self._next = self.STEP
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        n = self.raw.write(data) or 0
+        self.written += n
+        if self.written >= self._next and _SYNC_FILE_RANGE is not None:
+            self._next = self.written + self.STEP
+            _SYNC_FILE_RANGE(self.raw.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
+        return n
+
+    def flush(self) -> None:
+        pass
 
 
 def is_zstd_name(path: str) -> bool:
@@ -64,7 +106,7 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb", buffering=0) as target:
-            out = _make(target, compressed, level, threads)
+            out = _make(WritebackFile(target), compressed, level, threads)
             try:
                 yield out
                 out.close()
@@ -72,7 +114,7 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
                 out.inner.abort()
                 raise
             os.fsync(target.fileno())
-        os.chmod(part, 0o644 & ~_umask())
+        os.chmod(part, 0o644 & ~current_umask())
         os.rename(part, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -80,14 +122,14 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
         raise
 
 
-def _make(target: object, compressed: bool, level: int, threads: int) -> FramedOutput:
+def _make(target: Writable, compressed: bool, level: int, threads: int) -> FramedOutput:
     if compressed:
-        return FramedOutput(SeekableZstdOutput(target, level=level, threads=threads),  # type: ignore[arg-type]
+        return FramedOutput(SeekableZstdOutput(target, level=level, threads=threads),
                             DEFAULT_FRAME_SIZE)
-    return FramedOutput(PlainOutput(target), vma.MAX_EXTENT_SIZE)  # type: ignore[arg-type]
+    return FramedOutput(PlainOutput(target), vma.MAX_EXTENT_SIZE)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

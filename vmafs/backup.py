@@ -24,13 +24,11 @@ What keeps the VM safe whatever happens:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import secrets
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -255,8 +253,7 @@ class _WriterThread:
         opts = self._opts
         try:
             with open_output(opts.output, zstd=opts.zstd, level=opts.level,
-                             threads=opts.threads) as out, \
-                    contextlib.closing(_Writeback(opts.output)) as writeback:
+                             threads=opts.threads) as out:
                 writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in self._disks],
                                        opts.configs, progress=self._beat)
                 self._token.run_sync_soon(self.ready.set)
@@ -267,7 +264,6 @@ class _WriterThread:
                     if kind == _WRITE:
                         writer.write(item[1], item[2], item[3])
                         pipe.done(len(item[3]))
-                        writeback.kick(out.bytes_out)
                     elif kind == _ZEROES:
                         writer.write_zeroes(item[1], item[2], item[3])
                         pipe.done(0)
@@ -295,42 +291,6 @@ class _WriterThread:
 
 class _Aborted(Exception):
     pass
-
-
-class _Writeback:
-    """Start writeback of the archive file as it grows (sync_file_range WRITE, no waiting).
-
-    Otherwise the kernel holds gigabytes of dirty pages until the commit's fsync, and the
-    backup pays for the whole write-out at the end instead of overlapping it with the copy.
-    Linux only; elsewhere (or for stdout) it does nothing.
-    """
-
-    STEP = 64 * MiB
-    _libc: Any = None
-
-    def __init__(self, path: str) -> None:
-        self._fd = -1
-        self._next = self.STEP
-        if path == "-" or not sys.platform.startswith("linux"):
-            return
-        try:
-            if _Writeback._libc is None:
-                _Writeback._libc = ctypes.CDLL(None, use_errno=True)
-                fn = _Writeback._libc.sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            self._fd = os.open(path + ".part", os.O_RDONLY | os.O_CLOEXEC)
-        except (OSError, AttributeError):
-            self._fd = -1
-
-    def kick(self, written: int) -> None:
-        if self._fd >= 0 and written >= self._next:
-            self._next = written + self.STEP
-            self._libc.sync_file_range(self._fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 def describe_writer_error(exc: BaseException, output: str) -> str:

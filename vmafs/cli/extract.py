@@ -9,6 +9,7 @@ import os
 from typing import BinaryIO
 
 from vmafs import vma
+from vmafs.archive_file import current_umask
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
@@ -91,7 +92,7 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
         for fd in fds.values():
             os.fsync(fd)
         for name in finals:
-            os.chmod(os.path.join(args.dir, name + ".part"), 0o644 & ~_umask())
+            os.chmod(os.path.join(args.dir, name + ".part"), 0o644 & ~current_umask())
             os.replace(os.path.join(args.dir, name + ".part"), os.path.join(args.dir, name))
     finally:
         for fd in fds.values():
@@ -158,8 +159,3 @@ def _concerns(problem: str, wanted: list[vma.Device]) -> bool:
     return any(problem.endswith(f"stream {d.name}") or f"stream {d.name} (" in problem
                for d in wanted)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
