@@ -3,6 +3,7 @@
 # check the archive, mount it, loop-mount the guest file system from the mounted image and read
 # a file back, without ever restoring the disk. Needs root (loop devices) and /dev/fuse.
 set -euo pipefail
+vmafs() { python3 -m vmafs "$@"; }  # works before the console script is on PATH
 work=$(mktemp -d /var/tmp/vmafs-demo.XXXXXX)
 cleanup() {
     umount "$work/fs" 2>/dev/null || true
