@@ -270,7 +270,8 @@ def test_listing_and_stat(source: Source, archive: Path, tmp_path: Path) -> None
         fields = mount_entry(mnt)
         assert fields is not None
         sep = fields.index("-")
-        assert fields[sep + 1] == "fuse.vmafs" and fields[sep + 2] == "vmafs"
+        # the mount names its archive as its source, as `mount` and `df` show it
+        assert fields[sep + 1] == "fuse.vmafs" and fields[sep + 2] == str(archive)
         assert "ro" in fields[5].split(",")
         assert "allow_other" not in fields[sep + 3]
     with mounted(archive, tmp_path / "mnt2") as mnt:
@@ -649,24 +650,28 @@ def test_busy_unmount_fails_or_detaches_lazily(source: Source, tmp_path: Path) -
 def test_killed_daemon_leaves_clearable_mount(source: Source, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    vmafs("mount", source.plain, mnt, check=True)
-    (pid,) = daemon_pids(mnt)
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: pid_gone(pid), what="daemon death")
-    with pytest.raises(OSError) as exc:
-        os.listdir(mnt)
-    assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # kernel-dependent
-    assert "fusermount3 -u" in one_line_error(vmafs("mount", source.plain, mnt))
-    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-    assert not is_mounted(mnt)
-    assert os.listdir(mnt) == []
-    # vmafs umount clears a dead mount too
-    vmafs("mount", source.plain, mnt, check=True)
-    (pid,) = daemon_pids(mnt)
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: pid_gone(pid), what="daemon death")
-    vmafs("umount", mnt, check=True)
-    assert not is_mounted(mnt)
+    try:
+        vmafs("mount", source.plain, mnt, check=True)
+        (pid,) = daemon_pids(mnt)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: pid_gone(pid), what="daemon death")
+        with pytest.raises(OSError) as exc:
+            os.listdir(mnt)
+        assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # kernel-dependent
+        assert "fusermount3 -u" in one_line_error(vmafs("mount", source.plain, mnt))
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        assert not is_mounted(mnt)
+        assert os.listdir(mnt) == []
+        # vmafs umount clears a dead mount too
+        vmafs("mount", source.plain, mnt, check=True)
+        (pid,) = daemon_pids(mnt)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: pid_gone(pid), what="daemon death")
+        vmafs("umount", mnt, check=True)
+        assert not is_mounted(mnt)
+    finally:  # never leave a dead mount behind, even when an assertion fails
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -563,7 +563,7 @@ def test_truncated_seekable_and_skippable(tmp_path: Path) -> None:
 def test_unknown_and_empty_inputs(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="empty"):
         _decode_all(b"", tmp_path)
-    with pytest.raises(FormatError, match="not a VMA archive"):
+    with pytest.raises(FormatError, match="not a vma file"):
         _decode_all(b"hello world", tmp_path)
 
 

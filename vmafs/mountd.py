@@ -49,9 +49,13 @@ class MountOptions:
     gid: int | None = None
 
 
-def parse_options(values: Iterable[str]) -> MountOptions:
-    """Split `-o a,b=c` lists; keep uid/gid for file ownership; pass the rest to FUSE."""
-    result = MountOptions(fuse={"ro", "default_permissions", f"fsname={FSNAME}",
+def parse_options(values: Iterable[str], source: str = FSNAME) -> MountOptions:
+    """Split `-o a,b=c` lists; keep uid/gid for file ownership; pass the rest to FUSE.
+
+    The mount's source (fsname, what `mount` and `df` show) is the archive's path.
+    """
+    escaped = source.replace("\\", "\\\\").replace(",", "\\,")
+    result = MountOptions(fuse={"ro", "default_permissions", f"fsname={escaped}",
                                 f"subtype={FSNAME}"})
     for value in values:
         for opt in value.split(","):
@@ -293,7 +297,7 @@ def mount(req: MountRequest) -> int:
     req.archive = os.path.abspath(req.archive)
     req.log_file = os.path.abspath(req.log_file) if req.log_file else None
     req.mountpoint = os.path.realpath(req.mountpoint)
-    opts = parse_options(req.options)
+    opts = parse_options(req.options, req.archive)
     _check_mountpoint(req.mountpoint)
     if req.foreground:
         _setup_logging(True, req.log_file, req.debug)
