@@ -47,6 +47,13 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_STEP = 64 << 20
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk now, without waiting (Linux)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 class WritebackFile:
@@ -57,19 +64,17 @@ class WritebackFile:
     qemu-img convert for a live backup).
     """
 
-    STEP = 64 << 20
-
     def __init__(self, raw: io.FileIO) -> None:
         self.raw = raw
         self.written = 0
-        self._next = self.STEP
+        self._next = WRITEBACK_STEP
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         n = self.raw.write(data) or 0
         self.written += n
-        if self.written >= self._next and _SYNC_FILE_RANGE is not None:
-            self._next = self.written + self.STEP
-            _SYNC_FILE_RANGE(self.raw.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)
+        if self.written >= self._next:
+            self._next = self.written + WRITEBACK_STEP
+            start_writeback(self.raw.fileno())
         return n
 
     def flush(self) -> None:

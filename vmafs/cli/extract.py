@@ -9,7 +9,7 @@ import os
 from typing import BinaryIO
 
 from vmafs import vma
-from vmafs.archive_file import current_umask
+from vmafs.archive_file import WRITEBACK_STEP, current_umask, start_writeback
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
@@ -75,8 +75,15 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
             fds[dev_id] = fd
             os.ftruncate(fd, sizes[dev_id])
 
+        written = 0
+
         def on_extent(slots: list[StoredCluster]) -> None:
-            write_extent(fds, slots, sizes)
+            nonlocal written
+            before = written // WRITEBACK_STEP
+            written += write_extent(fds, slots, sizes)
+            if written // WRITEBACK_STEP != before:  # overlap the disk writes with the reading
+                for fd in fds.values():
+                    start_writeback(fd)
 
         try:
             result = scan_stream(stream, on_extent, progress.update, header=header)
@@ -109,8 +116,10 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
     return 0
 
 
-def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[int, int]) -> None:
-    """Write an extent's stored data; runs of whole adjacent clusters in one pwritev."""
+def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[int, int]) -> int:
+    """Write an extent's stored data, runs of whole adjacent clusters in one pwritev; returns
+    the bytes written."""
+    written = sum(len(s.data) for s in slots if s.dev_id in fds)
     run: list[memoryview] = []
     run_fd, run_start, run_end = -1, 0, 0
     for slot in slots:
@@ -131,6 +140,7 @@ def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[in
         run_end = start + len(data)
     if run:
         os.pwritev(run_fd, run, run_start)
+    return written
 
 
 def write_cluster(fd: int, slot: StoredCluster, size: int) -> None:
