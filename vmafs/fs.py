@@ -81,7 +81,7 @@ class _Fetch:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes = b""
+        self.data: bytes | memoryview = b""
         self.failed = False
 
 
@@ -256,7 +256,7 @@ class VmaFS(pyfuse3.Operations):
 
     # -- reads in worker threads ---------------------------------------------------------------
 
-    async def _read_thread(self, entry: Entry, off: int, size: int) -> bytes:
+    async def _read_thread(self, entry: Entry, off: int, size: int) -> bytes | memoryview:
         try:
             return await trio.to_thread.run_sync(
                 self.archive.read, entry.dev_id, off, size, limiter=self._limiter)

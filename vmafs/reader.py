@@ -16,6 +16,7 @@ from vmafs.errors import ChecksumError, FormatError, IncompleteError, NotSeekabl
 
 CLUSTER = vma.CLUSTER_SIZE
 ZEROS = bytes(4 * 1024 * 1024)
+ZERO_VIEW = memoryview(ZEROS)
 
 
 class StreamSource(Protocol):
@@ -159,8 +160,12 @@ class Archive:
                 return dev
         raise KeyError(dev_id)
 
-    def read(self, dev_id: int, offset: int, length: int) -> bytes:
-        """Device bytes [offset, offset+length), clipped at the device end."""
+    def read(self, dev_id: int, offset: int, length: int) -> bytes | memoryview:
+        """Device bytes [offset, offset+length) as a bytes-like object, clipped at the end.
+
+        Clusters adjacent on the device and in the stream are fetched with one pread; whole
+        clusters are not copied again, holes are views of a shared zero buffer.
+        """
         size = self._sizes[dev_id]
         end = min(offset + length, size)
         if offset >= end:
@@ -171,19 +176,50 @@ class Archive:
             return _zeros(end - offset)
         parts: list[bytes | memoryview] = []
         pos = offset
-        for i in range(lo, hi):
-            cluster = int(dmap.clusters[i])
-            start = cluster * CLUSTER
-            if start > pos:
-                parts.append(_zeros(start - pos))
-                pos = start
-            data = self._cluster(dmap, i, cluster, dev_id)
-            stop = min(start + CLUSTER, end)
-            parts.append(memoryview(data)[pos - start:stop - start])
-            pos = stop
+        i = lo
+        while i < hi:
+            j, run = self._fetch_run(dmap, i, hi, dev_id)
+            for k in range(i, j):
+                start = int(dmap.clusters[k]) * CLUSTER
+                if start > pos:
+                    parts.append(_zeros(start - pos))
+                    pos = start
+                stop = min(start + CLUSTER, end)
+                parts.append(run[k - i][pos - start:stop - start])
+                pos = stop
+            i = j
         if pos < end:
             parts.append(_zeros(end - pos))
-        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fetch_run(self, dmap: _DeviceMap, i: int, hi: int,
+                   dev_id: int) -> tuple[int, list[memoryview]]:
+        """Read stored clusters i.. that follow each other on the device and in the stream
+        with one pread, and check each one's checksum. Returns (end index, cluster views)."""
+        nbytes = [int(vma.POPCOUNT16[dmap.masks[i]]) * vma.BLOCK_SIZE]
+        j = i + 1
+        while (j < hi and dmap.clusters[j] == dmap.clusters[j - 1] + 1
+               and dmap.offsets[j] == dmap.offsets[j - 1] + nbytes[-1]):
+            nbytes.append(int(vma.POPCOUNT16[dmap.masks[j]]) * vma.BLOCK_SIZE)
+            j += 1
+        first = int(dmap.offsets[i])
+        data = memoryview(self.source.pread(first, sum(nbytes)))
+        if len(data) != sum(nbytes):
+            raise IncompleteError(f"cluster {int(dmap.clusters[j - 1])} of "
+                                  f"{self.device(dev_id).name} is cut off")
+        views = []
+        pos = 0
+        for k in range(i, j):
+            stored = data[pos:pos + nbytes[k - i]]
+            if dmap.checksums is not None and index.checksum(stored) != int(dmap.checksums[k]):
+                raise ChecksumError(
+                    f"data checksum mismatch in cluster {int(dmap.clusters[k])} of "
+                    f"{self.device(dev_id).name} (stream offset {first + pos})")
+            pos += len(stored)
+            mask = int(dmap.masks[k])
+            views.append(stored if mask == vma.FULL_MASK
+                         else memoryview(vma.expand_blocks(stored, mask)))
+        return j, views
 
     def is_hole(self, dev_id: int, offset: int, length: int) -> bool:
         """True if [offset, offset+length) holds no stored data (it reads as zeros)."""
@@ -210,19 +246,6 @@ class Archive:
         return (int(np.searchsorted(dmap.clusters, first)),
                 int(np.searchsorted(dmap.clusters, last, side="right")))
 
-    def _cluster(self, dmap: _DeviceMap, i: int, cluster: int, dev_id: int) -> bytes:
-        mask = int(dmap.masks[i])
-        data_offset = int(dmap.offsets[i])
-        nbytes = int(vma.POPCOUNT16[mask]) * vma.BLOCK_SIZE
-        stored = self.source.pread(data_offset, nbytes)
-        if len(stored) != nbytes:
-            raise IncompleteError(f"cluster {cluster} of device {dev_id} is cut off")
-        if dmap.checksums is not None and index.checksum(stored) != int(dmap.checksums[i]):
-            name = self.device(dev_id).name
-            raise ChecksumError(f"data checksum mismatch in cluster {cluster} of {name} "
-                                f"(stream offset {data_offset})")
-        return vma.expand_blocks(stored, mask)
-
     def close(self) -> None:
         self.source.close()
 
@@ -233,8 +256,8 @@ class Archive:
         self.close()
 
 
-def _zeros(n: int) -> bytes:
-    return ZEROS[:n] if n <= len(ZEROS) else bytes(n)
+def _zeros(n: int) -> bytes | memoryview:
+    return ZERO_VIEW[:n] if n <= len(ZEROS) else bytes(n)
 
 
 def _read_trailing_index(source: StreamSource, header: vma.Header) -> index.IndexTable | None:
