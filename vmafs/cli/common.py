@@ -8,6 +8,11 @@ import time
 from vmafs.progress import Progress
 
 
+def add_archive_input(parser: argparse.ArgumentParser, dest: str = "archive") -> None:
+    parser.add_argument(dest, help="archive to read: .vma, .vma.zst, .vma.gz, .vma.lzo "
+                                   "(any vzdump archive), or - for stdin")
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print a machine-readable JSON summary on stdout")

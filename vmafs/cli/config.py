@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from vmafs.cli import COMMANDS
+from vmafs.cli.common import add_archive_input
 from vmafs.decompress import open_stream
 from vmafs.errors import VmafsError
 from vmafs.scan import read_header
@@ -15,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help=COMMANDS["config"],
                        description="Print a config file stored in an archive, like "
                                    "Proxmox's `vma config`. Reads only the header.")
-    p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")
+    add_archive_input(p)
     p.add_argument("name", nargs="?", default="qemu-server.conf",
                    help="config file name (default qemu-server.conf)")
     p.set_defaults(run=run)

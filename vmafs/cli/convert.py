@@ -10,7 +10,7 @@ from typing import BinaryIO
 from vmafs import vma
 from vmafs.archive_file import open_output
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_compression, add_json, add_quiet, progress_for
+from vmafs.cli.common import add_archive_input, add_compression, add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
 from vmafs.errors import FormatError, VmafsError
 from vmafs.progress import print_json
@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "OUT ending in .vma is plain, .vma.zst seekable zstd. One "
                                    "streaming pass, no temporary file; the input is fully "
                                    "checked and OUT appears only if it passes.")
-    p.add_argument("input", help="archive to read (or - for stdin)")
+    add_archive_input(p, "input")
     p.add_argument("output", help="archive to write (.vma, .vma.zst, or - for stdout)")
     add_compression(p)
     add_json(p)

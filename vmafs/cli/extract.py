@@ -11,7 +11,7 @@ from typing import BinaryIO
 from vmafs import vma
 from vmafs.archive_file import WRITEBACK_STEP, current_umask, start_writeback
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_json, add_quiet, progress_for
+from vmafs.cli.common import add_archive_input, add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
 from vmafs.errors import FormatError, VmafsError
 from vmafs.names import disk_file_name, safe_name
@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "disk-<devname>.raw of the exact device size, plus the config "
                                    "files, into DIR (created if missing). Files appear under "
                                    "their final names only after the whole archive was checked.")
-    p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")
+    add_archive_input(p)
     p.add_argument("dir", help="target directory")
     p.add_argument("-d", "--drive", action="append", metavar="DEVNAME", default=[],
                    help="extract only this device (repeatable); configs are always written")

@@ -6,7 +6,7 @@ import argparse
 import uuid
 
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_json, format_ctime
+from vmafs.cli.common import add_archive_input, add_json, format_ctime
 from vmafs.decompress import open_stream
 from vmafs.progress import print_json
 from vmafs.scan import read_header
@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help=COMMANDS["list"],
                        description="List the config files and devices of an archive, like "
                                    "Proxmox's `vma list`. Reads only the header.")
-    p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")
+    add_archive_input(p)
     add_json(p)
     p.set_defaults(run=run)
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_json, add_quiet, progress_for
+from vmafs.cli.common import add_archive_input, add_json, add_quiet, progress_for
 from vmafs.decompress import open_stream
 from vmafs.errors import FormatError, VmafsError
 from vmafs.progress import Progress, print_json
@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "VMA reader, that every cluster of every device is present "
                                    "exactly once, and the data checksums of the trailing index. "
                                    "Exit status 0 only if everything holds.")
-    p.add_argument("archive", help="archive (.vma, .vma.zst, .vma.gz, .vma.lzo, or - for stdin)")
+    add_archive_input(p)
     add_json(p)
     add_quiet(p)
     p.set_defaults(run=run)
