@@ -178,24 +178,31 @@ class Archive:
         pos = offset
         i = lo
         while i < hi:
-            j, run = self._fetch_run(dmap, i, hi, dev_id)
-            for k in range(i, j):
-                start = int(dmap.clusters[k]) * CLUSTER
-                if start > pos:
-                    parts.append(_zeros(start - pos))
-                    pos = start
-                stop = min(start + CLUSTER, end)
-                parts.append(run[k - i][pos - start:stop - start])
+            j, data, views = self._fetch_run(dmap, i, hi, dev_id)
+            start = int(dmap.clusters[i]) * CLUSTER
+            if start > pos:
+                parts.append(_zeros(start - pos))
+                pos = start
+            if views is None:  # whole clusters back to back: the device range is the buffer
+                stop = min(int(dmap.clusters[j - 1] + 1) * CLUSTER, end)
+                parts.append(data[pos - start:stop - start])
                 pos = stop
+            else:
+                for k in range(i, j):
+                    start = int(dmap.clusters[k]) * CLUSTER
+                    stop = min(start + CLUSTER, end)
+                    parts.append(views[k - i][pos - start:stop - start])
+                    pos = stop
             i = j
         if pos < end:
             parts.append(_zeros(end - pos))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fetch_run(self, dmap: _DeviceMap, i: int, hi: int,
-                   dev_id: int) -> tuple[int, list[memoryview]]:
+    def _fetch_run(self, dmap: _DeviceMap, i: int, hi: int, dev_id: int
+                   ) -> tuple[int, memoryview, list[memoryview] | None]:
         """Read stored clusters i.. that follow each other on the device and in the stream
-        with one pread, and check each one's checksum. Returns (end index, cluster views)."""
+        with one pread, and check each one's checksum. Returns the end index, the data, and
+        per-cluster views unless every cluster is whole (then the data is the device range)."""
         nbytes = [int(vma.POPCOUNT16[dmap.masks[i]]) * vma.BLOCK_SIZE]
         j = i + 1
         while (j < hi and dmap.clusters[j] == dmap.clusters[j - 1] + 1
@@ -207,7 +214,8 @@ class Archive:
         if len(data) != sum(nbytes):
             raise IncompleteError(f"cluster {int(dmap.clusters[j - 1])} of "
                                   f"{self.device(dev_id).name} is cut off")
-        views = []
+        views: list[memoryview] = []
+        whole = True
         pos = 0
         for k in range(i, j):
             stored = data[pos:pos + nbytes[k - i]]
@@ -217,9 +225,10 @@ class Archive:
                     f"{self.device(dev_id).name} (stream offset {first + pos})")
             pos += len(stored)
             mask = int(dmap.masks[k])
+            whole = whole and mask == vma.FULL_MASK
             views.append(stored if mask == vma.FULL_MASK
                          else memoryview(vma.expand_blocks(stored, mask)))
-        return j, views
+        return j, data, None if whole else views
 
     def is_hole(self, dev_id: int, offset: int, length: int) -> bool:
         """True if [offset, offset+length) holds no stored data (it reads as zeros)."""
