@@ -65,16 +65,22 @@ def make_image(path: Path, size: int) -> None:
 
 
 def dd_rate(path: Path, *, skip_mib: int = 0, count_mib: int | None = None) -> float:
-    """Cold sequential read with dd bs=1M; bytes per second."""
-    drop_caches()
+    """Cold sequential read with dd bs=1M; bytes per second, best of two runs.
+
+    Both runs start with the page cache dropped; the first also pays for the host backing the
+    VM's memory pages on first touch (seen here: 0.5 GB/s, then 2.9 GB/s for the same read).
+    """
     args = ["dd", f"if={path}", "of=/dev/null", "bs=1M", f"skip={skip_mib}"]
     if count_mib is not None:
         args.append(f"count={count_mib}")
-    t = time.perf_counter()
-    out = subprocess.run(args, check=True, capture_output=True, text=True)
-    elapsed = time.perf_counter() - t
-    copied = int(out.stderr.strip().splitlines()[-1].split()[0])
-    return copied / elapsed
+    best = 0.0
+    for _ in range(2):
+        drop_caches()
+        t = time.perf_counter()
+        out = subprocess.run(args, check=True, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t
+        best = max(best, int(out.stderr.strip().splitlines()[-1].split()[0]) / elapsed)
+    return best
 
 
 def random_reads(path: Path, size: int, n: int, *, data_only: bool, seed: int = 7) -> float:
