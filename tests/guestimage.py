@@ -1206,15 +1206,33 @@ class QemuVM:
         QEMU serves one QMP client at a time: do not call this while another client (e.g. a
         running vmafs backup) holds the socket.
         """
-        with _JsonLines(self.qmp_path, timeout) as conn:
-            greeting = conn.recv()
-            if "QMP" not in greeting:
-                raise GuestError(f"unexpected QMP greeting {greeting}")
-            conn.call({"execute": "qmp_capabilities"})
-            msg: dict[str, Any] = {"execute": command}
-            if arguments:
-                msg["arguments"] = arguments
-            return conn.call(msg)
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        for attempt in range(5):
+            with _JsonLines(self.qmp_path, timeout) as conn:
+                try:
+                    greeting = conn.recv()
+                    if "QMP" not in greeting:
+                        raise GuestError(f"unexpected QMP greeting {greeting}")
+                    conn.call({"execute": "qmp_capabilities"})
+                except (ConnectionResetError, BrokenPipeError):
+                    # The previous client (often a vmafs backup that just ended) is still being
+                    # torn down by QEMU, which serves one client at a time: the command was not
+                    # sent yet, so connecting again is safe.
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.2)
+                    continue
+                try:
+                    return conn.call(msg)
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    time.sleep(0.5)
+                    state = "running" if self.proc is None or self.proc.poll() is None \
+                        else f"exited with {self.proc.returncode}"
+                    raise GuestError(f"QMP connection lost during {command} (QEMU {state}): "
+                                     f"{self._tail(self.qemu_log)}") from exc
+        raise AssertionError("unreachable")
 
     def qga(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
         """One guest-agent command (after a guest-sync handshake); its ``return`` value."""

@@ -81,8 +81,13 @@ case "$mode" in
         wait_dev /dev/vda
         wait_dev /dev/vdb
         echo VMAFS-READY
-        /bin/vmafs-guest writer /dev/vda /dev/vdb "$seed"
-        fail "writer exited"
+        # A write can fail (EIO) when a backup's NBD sink dies under it: that is QEMU's way,
+        # and the VM must keep running, so say so and start writing again instead of halting.
+        while true; do
+            /bin/vmafs-guest writer /dev/vda /dev/vdb "$seed"
+            echo "VMAFS-ERROR writer exited; restarting"
+            sleep 1
+        done
         ;;
     latency)
         wait_dev /dev/vda
