@@ -229,17 +229,18 @@ class VmaFS(pyfuse3.Operations):
         sequential = off == handle.next_offset or (entry.dev_id, off // CHUNK) in self._chunks
         handle.streak = handle.streak + 1 if sequential else 0
         handle.next_offset = off + size
-        if size <= len(ZEROS) and self._is_hole(entry.dev_id, off, size):
-            return ZEROS_VIEW[:size]
         if not self.compressed:
-            # Plain archive: an index lookup and preads, cheaper inline than a thread hop. The
-            # preads stay in stream order, so the kernel's read-ahead on the archive streams.
+            # Plain archive: an index lookup and preads (holes are views of a zero buffer),
+            # cheaper inline than a thread hop. The preads stay in stream order, so the
+            # kernel's read-ahead on the archive streams.
             try:
                 return self.archive.read(entry.dev_id, off, size)
             except ChecksumError as exc:
                 raise self._bad(entry, off, size, exc) from None
             except (OSError, VmafsError) as exc:
                 raise self._ioerror(entry, off, size, exc) from None
+        if size <= len(ZEROS) and self._is_hole(entry.dev_id, off, size):
+            return ZEROS_VIEW[:size]  # no thread hop for what needs no decompression
         if handle.streak >= 1 and self.nursery is not None:
             # A streaming reader: whole chunks, decompressed ahead in threads.
             data = await self._read_chunked(entry, off, size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-from typing import Protocol
+from typing import Protocol, Self
 
 import zstandard
 
@@ -69,7 +69,26 @@ def compression_params(level: int, frame_size: int) -> zstandard.ZstdCompression
     )
 
 
-class SeekableZstdOutput:
+class _Output:
+    """As a context manager: close() on success, abort() after an exception."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SeekableZstdOutput(_Output):
     """Writes a zstd seekable file: one frame per ≥ ``frame_size`` bytes, then the seek table.
 
     The underlying file is neither sought nor closed; ``close`` flushes it.  Frame
@@ -196,17 +215,9 @@ class SeekableZstdOutput:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> SeekableZstdOutput:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
-class PlainOutput:
+class PlainOutput(_Output):
     """Uncompressed ``.vma``: the same interface, writes gathered into ~1 MiB blocks."""
 
     def __init__(self, target: Writable, *, buffer_size: int = PLAIN_BUFFER_SIZE) -> None:
@@ -252,11 +263,3 @@ class PlainOutput:
         self._buf = bytearray()
         self._closed = True
 
-    def __enter__(self) -> PlainOutput:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
