@@ -229,6 +229,8 @@ def test_mount_options() -> None:
             "subtype=vmafs"} <= opts.fuse
     assert (opts.uid, opts.gid) == (1000, 5)
     assert "allow_other" not in parse_options([]).fuse
+    assert parse_options(["ro,direct_io"]).direct_io and not opts.direct_io
+    assert "direct_io" not in parse_options(["direct_io"]).fuse  # ours, not libfuse's
     for bad in ("rw", "uid=x", "fsname=foo", "max_read=4096"):
         with pytest.raises(VmafsError):
             parse_options([bad])
@@ -349,6 +351,36 @@ def test_random_reads_match(source: Source, archive: Path, tmp_path: Path) -> No
                 assert buf[:n] == expected[off:off + n]
         finally:
             os.close(dfd)
+
+
+def test_direct_io_mount(source: Source, archive: Path, tmp_path: Path) -> None:
+    """-o direct_io: reads of any size and offset bypass the page cache and stay exact;
+    MAP_SHARED mmap of a disk is refused, as the man page says; configs still map."""
+    rnd = random.Random(99)
+    expected = source.disk0.read_bytes()
+    with mounted(archive, tmp_path / "mnt", "-o", "direct_io") as mnt:
+        disk0 = mnt / "disk-drive-scsi0.raw"
+        for bs in ("1M", "4M", "4096", "1000"):
+            dd = subprocess.run(f"dd if='{disk0}' bs={bs} status=none | sha256sum", shell=True,
+                                capture_output=True, text=True, check=True)
+            assert dd.stdout.split()[0] == sha256_file(source.disk0), bs
+        fd = os.open(disk0, os.O_RDONLY)
+        try:
+            for _ in range(200):
+                size = rnd.choice([1, 4096, 65537, 1 << 20, 3 << 20])
+                off = rnd.randrange(0, DISK0_SIZE + 10_000)
+                assert os.pread(fd, size, off) == expected[off:off + size], (off, size)
+            with pytest.raises(OSError) as exc:
+                mmap.mmap(fd, DISK0_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+            assert exc.value.errno == errno.ENODEV
+            with mmap.mmap(fd, DISK0_SIZE, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
+                assert m[CLUSTER - 100:3 * CLUSTER] == expected[CLUSTER - 100:3 * CLUSTER]
+        finally:
+            os.close(fd)
+        assert sha256_file(mnt / "disk-drive-virtio1.raw") == sha256_file(source.disk1)
+        with open(mnt / "qemu-server.conf", "rb") as f, \
+                mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            assert m[:] == (mnt / "qemu-server.conf").read_bytes()
 
 
 def test_parallel_readers(source: Source, archive: Path, tmp_path: Path) -> None:

@@ -95,12 +95,19 @@ class _Handle:
 class VmaFS(pyfuse3.Operations):
     """pyfuse3 operations over one open archive. `nursery` (set by the daemon before serving)
     runs read-ahead tasks; without it there is no read-ahead. `on_init` is called once the
-    kernel's FUSE_INIT has been handled."""
+    kernel's FUSE_INIT has been handled.
+
+    Disks are opened through the page cache by default (mmap works, small reads get kernel
+    read-ahead). `direct_io` hands each read straight to the reader's buffer instead: no
+    second cached copy of the data and no page-cache fill, which is what bounds streaming
+    reads through FUSE, but MAP_SHARED mmap of a disk fails with ENODEV.
+    """
 
     def __init__(self, archive: Archive, *, uid: int | None = None,
-                 gid: int | None = None) -> None:
+                 gid: int | None = None, direct_io: bool = False) -> None:
         super().__init__()
         self.archive = archive
+        self.direct_io = direct_io
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.ctime_ns = int(archive.ctime) * 1_000_000_000
@@ -205,8 +212,9 @@ class VmaFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = _Handle(entry)
-        # Page cache on and kept across opens: the content never changes.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        # Page cache (when used) is kept across opens: the content never changes.
+        direct = self.direct_io and bool(entry.dev_id)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)

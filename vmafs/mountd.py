@@ -42,11 +42,12 @@ class MountError(VmafsError):
 
 @dataclass
 class MountOptions:
-    """Parsed `-o` options: our own (uid=, gid=) and the FUSE ones passed through."""
+    """Parsed `-o` options: our own (uid=, gid=, direct_io) and the FUSE ones passed through."""
 
     fuse: set[str] = field(default_factory=set)
     uid: int | None = None
     gid: int | None = None
+    direct_io: bool = False
 
 
 def parse_options(values: Iterable[str], source: str = FSNAME) -> MountOptions:
@@ -69,6 +70,8 @@ def parse_options(values: Iterable[str], source: str = FSNAME) -> MountOptions:
                 except ValueError:
                     raise MountError(f"-o {opt}: expected a number") from None
                 setattr(result, key, number)
+            elif opt == "direct_io":
+                result.direct_io = True
             elif key in _REFUSED:
                 raise MountError(f"-o {opt}: not supported ({_REFUSED[key]})")
             elif key in ("ro", "default_permissions"):
@@ -216,7 +219,7 @@ def _init_fuse(archive: Any, req: MountRequest, opts: MountOptions) -> Any:
 
     from vmafs.fs import VmaFS
 
-    ops = VmaFS(archive, uid=opts.uid, gid=opts.gid)
+    ops = VmaFS(archive, uid=opts.uid, gid=opts.gid, direct_io=opts.direct_io)
     fuse_opts = set(opts.fuse)
     if req.debug:
         fuse_opts.add("debug")

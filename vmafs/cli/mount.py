@@ -16,6 +16,9 @@ EPILOG = """\
 options (-o, comma-separated, may be repeated):
   allow_other      let other users read the mount (it is private to you by default)
   uid=N, gid=N     owner of the files (default: you)
+  direct_io        serve disk reads straight into the reader's buffer, bypassing the page
+                   cache: faster for big streaming reads (dd, qemu-img), no second cached
+                   copy; MAP_SHARED mmap of a disk then fails (ENODEV)
   other FUSE mount options (e.g. allow_root, auto_unmount, noatime) pass through to FUSE.
 """
 
