@@ -312,6 +312,36 @@ def test_concurrent_reads(tmp_path: Path) -> None:
     assert not errors
 
 
+def test_prefix_reads(tmp_path: Path) -> None:
+    """With prefix_reads, a small read decompresses its frame only up to the read's end (and
+    reads about that much of the frame), for compressible and incompressible frames alike."""
+    chunks = _extents(41, 400)
+    stream = b"".join(chunks)
+    path = tmp_path / "p.zst"
+    _write_seekable(path, chunks, frame_size=1 << 20)
+    rng = random.Random(5)
+    with SeekableZstdSource(path, cache_bytes=0) as src:
+        src.prefix_reads = True
+        read: list[int] = []
+        pread_exact = src._pread_exact
+
+        def counting(length: int, offset: int) -> bytes:
+            read.append(length)
+            return pread_exact(length, offset)
+
+        src._pread_exact = counting  # type: ignore[method-assign]
+        for _ in range(300):
+            off = rng.randrange(src.size)
+            n = rng.choice([1, 4096, 65536, 256 << 10, 300 << 10])
+            assert src.pread(off, n) == stream[off : off + n], (off, n)
+        read.clear()
+        start, end = src.frame_bounds(0)
+        assert src.pread(start + 4096, 4096) == stream[start + 4096 : start + 8192]
+        c_start, c_end = src.table.compressed_range(0)
+        assert sum(read) < (c_end - c_start) // 2
+        assert src.read_prefix(0, end - start) == stream[start:end]
+
+
 def _seekable_bytes(tmp_path: Path) -> tuple[bytes, list[bytes]]:
     chunks = _extents(31, 30)
     path = tmp_path / "s.zst"
@@ -395,6 +425,8 @@ def test_damaged_frame_data_is_caught(tmp_path: Path) -> None:
     bad.write_bytes(damaged)
     with SeekableZstdSource(bad) as src, pytest.raises(FormatError):
         src.pread(0, src.size)
+    with SeekableZstdSource(bad) as src, pytest.raises(FormatError):
+        src.read_prefix(0, 10)  # damage in a compressed block fails a prefix read too
 
 
 # -- streaming input -----------------------------------------------------------------------

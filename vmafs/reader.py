@@ -138,7 +138,7 @@ class Archive:
             if kind == "vma":
                 source = PlainSource(fd)
             elif kind == "zstd":
-                from vmafs.zstd_source import SeekableZstdSource
+                from vmafs.zstd_source import SeekableZstdSource  # zstandard: only if needed
                 source = SeekableZstdSource(fd, name=path)
             else:
                 raise NotSeekableError(
@@ -149,10 +149,15 @@ class Archive:
             os.close(fd)
             raise
         try:
-            return cls._load(source, compressed=kind != "vma")
+            archive = cls._load(source, compressed=kind != "vma")
         except BaseException:
             source.close()
             raise
+        if archive.indexed and hasattr(source, "prefix_reads"):
+            # Every cluster read is checked against the index, so small reads may stop
+            # decompressing a frame before its end (where zstd checks the frame's checksum).
+            source.prefix_reads = True
+        return archive
 
     @classmethod
     def _load(cls, source: StreamSource, *, compressed: bool) -> Archive:

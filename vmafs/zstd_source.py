@@ -26,6 +26,12 @@ from vmafs.seektable import (
 )
 
 DEFAULT_CACHE_BYTES = 32 << 20
+# With prefix_reads on, a read of at most this many bytes from a frame not in the cache
+# decompresses the frame only up to the read's end: a random 4 KiB read then costs half a frame
+# of disk reads on average, not a whole one.
+PREFIX_READ_MAX = 256 << 10
+# Compressed bytes read past the proportional guess: one zstd block (<= 128 KiB) and its header.
+PREFIX_SLACK = (128 << 10) + 64
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -67,6 +73,9 @@ class SeekableZstdSource:
         self._cache_used = 0
         self._lock = threading.Lock()
         self._local = threading.local()
+        # Off by default: a frame's content checksum is only checked at its end, so a reader
+        # may turn this on only if it checks what it reads itself (an indexed archive does).
+        self.prefix_reads = False
 
     # -- opening --------------------------------------------------------------
 
@@ -138,10 +147,7 @@ class SeekableZstdSource:
             return b""
         if data[:4] != _ZSTD_MAGIC:
             raise FormatError(f"{self.name}: frame {index} at {c_start} is not a zstd frame")
-        dctx = getattr(self._local, "dctx", None)
-        if dctx is None:
-            dctx = zstandard.ZstdDecompressor()
-            self._local.dctx = dctx
+        dctx = self._dctx()
         try:
             content_size = zstandard.get_frame_parameters(data).content_size
             if content_size == expected:
@@ -162,6 +168,40 @@ class SeekableZstdSource:
             raise FormatError(
                 f"{self.name}: frame {index} decompresses to {len(out)} bytes, "
                 f"the seek table says {expected}"
+            )
+        return out
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = zstandard.ZstdDecompressor()
+            self._local.dctx = dctx
+        return dctx
+
+    def read_prefix(self, index: int, need: int) -> bytes:
+        """At least the first ``need`` decompressed bytes of frame ``index`` (not cached).
+
+        Reads the compressed bytes in proportion to ``need``, plus a block's worth, and
+        decompresses them as a stream; only if that falls short is the rest read.
+        """
+        start, end = self.frame_bounds(index)
+        c_start, c_end = self.table.compressed_range(index)
+        c_size = c_end - c_start
+        guess = min(c_size, need * c_size // max(end - start, 1) + PREFIX_SLACK)
+        data = self._pread_exact(guess, c_start)
+        if data[:4] != _ZSTD_MAGIC:
+            raise FormatError(f"{self.name}: frame {index} at {c_start} is not a zstd frame")
+        try:
+            dobj = self._dctx().decompressobj()
+            out: bytes = dobj.decompress(data)
+            if len(out) < need and guess < c_size:
+                out += dobj.decompress(self._pread_exact(c_size - guess, c_start + guess))
+        except zstandard.ZstdError as e:
+            raise FormatError(f"{self.name}: frame {index} at {c_start}: {e}") from None
+        if len(out) < min(need, end - start) or len(out) > end - start:
+            raise FormatError(
+                f"{self.name}: frame {index} does not decompress to the {end - start} bytes "
+                "the seek table says"
             )
         return out
 
@@ -228,6 +268,9 @@ class SeekableZstdSource:
         first = self.frame_of(offset)
         f_start, f_end = self.table.decompressed_range(first)
         if end <= f_end:
+            if (self.prefix_reads and end - offset <= PREFIX_READ_MAX and end < f_end
+                    and not self.cached(first)):
+                return self.read_prefix(first, end - f_start)[offset - f_start : end - f_start]
             return self.frame(first)[offset - f_start : end - f_start]
         parts: list[bytes] = []
         index = first
