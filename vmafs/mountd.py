@@ -192,10 +192,11 @@ class MountRequest:
     debug: bool = False
 
 
-def _open_archive(path: str) -> Any:
+def _open_archive(path: str, opts: MountOptions) -> Any:
     from vmafs.reader import Archive
     try:
-        return Archive.open(path)
+        # Served through the page cache, the data is cached there: drop the archive's copy.
+        return Archive.open(path, drop_behind=not opts.direct_io)
     except OSError as exc:
         raise MountError(f"{path}: {exc.strerror or exc}") from None
 
@@ -304,7 +305,7 @@ def mount(req: MountRequest) -> int:
     _check_mountpoint(req.mountpoint)
     if req.foreground:
         _setup_logging(True, req.log_file, req.debug)
-        archive = _open_archive(req.archive)
+        archive = _open_archive(req.archive, opts)
         try:
             ops = _init_fuse(archive, req, opts)
             return _run_loop(ops, req.mountpoint)
@@ -338,7 +339,7 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
         os.setsid()
         _setup_logging(False, req.log_file, req.debug)
         _detach_stdio(req.log_file)
-        archive = _open_archive(req.archive)
+        archive = _open_archive(req.archive, opts)
         ops = _init_fuse(archive, req, opts)
         os.chdir("/")
 

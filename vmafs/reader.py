@@ -35,16 +35,21 @@ class PlainSource:
     """An uncompressed .vma file.
 
     A reader that goes through the stream in order gets the next PREFETCH bytes requested
-    ahead (POSIX_FADV_WILLNEED), so the disk works while the data already read is served.
+    ahead (POSIX_FADV_WILLNEED), so the disk works while the data already read is served. With
+    `drop_behind`, what such a reader has passed is dropped from the page cache: when the mount
+    serves it through the page cache, a second cached copy would only double the memory used
+    (and filling fresh pages is what costs most in a streaming read).
     """
 
     PREFETCH = 8 << 20
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, drop_behind: bool = False) -> None:
         self.fd = fd
+        self.drop_behind = drop_behind
         self._size = os.fstat(fd).st_size
         self._next = 0  # where a sequential reader reads next
         self._ahead = 0  # end of what was already requested ahead
+        self._behind = 0  # where the sequential reader's run started, or was dropped up to
 
     @property
     def size(self) -> int:
@@ -52,7 +57,8 @@ class PlainSource:
 
     def pread(self, offset: int, length: int) -> bytes:
         end = offset + length
-        if abs(offset - self._next) <= CLUSTER and end + self.PREFETCH // 2 > self._ahead:
+        sequential = abs(offset - self._next) <= CLUSTER
+        if sequential and end + self.PREFETCH // 2 > self._ahead:
             start = max(end, self._ahead)
             self._ahead = end + self.PREFETCH
             os.posix_fadvise(self.fd, start, self._ahead - start, os.POSIX_FADV_WILLNEED)
@@ -63,6 +69,13 @@ class PlainSource:
             if not more:
                 break
             data += more
+        if not sequential:
+            self._behind = offset
+        elif self.drop_behind and offset > self._behind:
+            # whole pages only: the page holding `offset` may still be needed by this read
+            os.posix_fadvise(self.fd, self._behind, offset - self._behind,
+                             os.POSIX_FADV_DONTNEED)
+            self._behind = offset
         return data
 
     def close(self) -> None:
@@ -130,13 +143,14 @@ class Archive:
         self._sizes = {d.dev_id: d.size for d in header.devices}
 
     @classmethod
-    def open(cls, path: str) -> Archive:
+    def open(cls, path: str, *, drop_behind: bool = False) -> Archive:
+        """Open for random reads; `drop_behind` as in PlainSource (plain archives only)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             kind = detect_container(os.pread(fd, 16, 0))
             source: StreamSource
             if kind == "vma":
-                source = PlainSource(fd)
+                source = PlainSource(fd, drop_behind=drop_behind)
             elif kind == "zstd":
                 from vmafs.zstd_source import SeekableZstdSource  # zstandard: only if needed
                 source = SeekableZstdSource(fd, name=path)
