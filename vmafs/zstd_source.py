@@ -25,7 +25,7 @@ from vmafs.seektable import (
     parse_seek_table_footer,
 )
 
-DEFAULT_CACHE_BYTES = 32 << 20
+DEFAULT_CACHE_BYTES = 16 << 20  # 32 frames of the default size
 # With prefix_reads on, a read of at most this many bytes from a frame not in the cache
 # decompresses the frame only up to the read's end: a random 4 KiB read then costs half a frame
 # of disk reads on average, not a whole one.
@@ -96,7 +96,7 @@ class SeekableZstdSource:
         """
         buf: bytearray | None = getattr(self._local, "buf", None)
         if buf is None or len(buf) < length:
-            buf = bytearray(max(length, 1 << 20))
+            buf = bytearray(-(-length // (64 << 10)) * (64 << 10))
             self._local.buf = buf
         view = memoryview(buf)[:length]
         got = os.preadv(self._fd, [view], offset)
