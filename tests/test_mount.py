@@ -355,7 +355,7 @@ def test_random_reads_match(source: Source, archive: Path, tmp_path: Path) -> No
 
 def test_direct_io_mount(source: Source, archive: Path, tmp_path: Path) -> None:
     """-o direct_io: reads of any size and offset bypass the page cache and stay exact;
-    MAP_SHARED mmap of a disk is refused, as the man page says; configs still map."""
+    MAP_SHARED mmap of a disk is refused cleanly (or works); configs still map."""
     rnd = random.Random(99)
     expected = source.disk0.read_bytes()
     with mounted(archive, tmp_path / "mnt", "-o", "direct_io") as mnt:
@@ -370,9 +370,11 @@ def test_direct_io_mount(source: Source, archive: Path, tmp_path: Path) -> None:
                 size = rnd.choice([1, 4096, 65537, 1 << 20, 3 << 20])
                 off = rnd.randrange(0, DISK0_SIZE + 10_000)
                 assert os.pread(fd, size, off) == expected[off:off + size], (off, size)
-            with pytest.raises(OSError) as exc:
-                mmap.mmap(fd, DISK0_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
-            assert exc.value.errno == errno.ENODEV
+            try:  # refused unless libfuse >= 3.16 and the kernel allow mmap with direct_io
+                with mmap.mmap(fd, DISK0_SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                    assert m[:3 * CLUSTER] == expected[:3 * CLUSTER]
+            except OSError as exc:
+                assert exc.errno == errno.ENODEV
             with mmap.mmap(fd, DISK0_SIZE, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
                 assert m[CLUSTER - 100:3 * CLUSTER] == expected[CLUSTER - 100:3 * CLUSTER]
         finally:

@@ -100,7 +100,7 @@ class VmaFS(pyfuse3.Operations):
     Disks are opened through the page cache by default (mmap works, small reads get kernel
     read-ahead). `direct_io` hands each read straight to the reader's buffer instead: no
     second cached copy of the data and no page-cache fill, which is what bounds streaming
-    reads through FUSE, but MAP_SHARED mmap of a disk fails with ENODEV.
+    reads through FUSE, but MAP_SHARED mmap of a disk fails with ENODEV (libfuse < 3.16).
     """
 
     def __init__(self, archive: Archive, *, uid: int | None = None,

@@ -18,7 +18,7 @@ options (-o, comma-separated, may be repeated):
   uid=N, gid=N     owner of the files (default: you)
   direct_io        serve disk reads straight into the reader's buffer, bypassing the page
                    cache: faster for big streaming reads (dd, qemu-img), no second cached
-                   copy; MAP_SHARED mmap of a disk then fails (ENODEV)
+                   copy; MAP_SHARED mmap of a disk may then fail (ENODEV)
   other FUSE mount options (e.g. allow_root, auto_unmount, noatime) pass through to FUSE.
 """
 
