@@ -32,6 +32,8 @@ DEFAULT_CACHE_BYTES = 16 << 20  # 32 frames of the default size
 PREFIX_READ_MAX = 256 << 10
 # Compressed bytes read past the proportional guess: one zstd block (<= 128 KiB) and its header.
 PREFIX_SLACK = (128 << 10) + 64
+# Whole frames read in file order get this many compressed bytes requested ahead of them.
+PREFETCH = 8 << 20
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -76,6 +78,8 @@ class SeekableZstdSource:
         # Off by default: a frame's content checksum is only checked at its end, so a reader
         # may turn this on only if it checks what it reads itself (an indexed archive does).
         self.prefix_reads = False
+        self._next_frame = 0  # the frame a reader going through the file in order reads next
+        self._ahead = 0  # end of the compressed bytes already requested ahead
 
     # -- opening --------------------------------------------------------------
 
@@ -165,6 +169,7 @@ class SeekableZstdSource:
         """Decompress frame ``index`` from the file, bypassing the cache (thread-safe)."""
         start, end = self.frame_bounds(index)
         c_start, c_end = self.table.compressed_range(index)
+        self._prefetch_after(index, c_end)
         data = self._pread_frame(c_end - c_start, c_start)
         expected = end - start
         if expected == 0 and _is_skippable_magic(data):
@@ -194,6 +199,18 @@ class SeekableZstdSource:
                 f"the seek table says {expected}"
             )
         return out
+
+    def _prefetch_after(self, index: int, c_end: int) -> None:
+        """Frames read in order (give or take the threads of a read-ahead pipeline) keep the
+        disk busy with the next PREFETCH bytes (POSIX_FADV_WILLNEED)."""
+        with self._lock:
+            sequential = abs(index - self._next_frame) <= 4
+            self._next_frame = index + 1
+            if not sequential or c_end + PREFETCH // 2 <= self._ahead:
+                return
+            start = max(c_end, self._ahead)
+            self._ahead = c_end + PREFETCH
+        os.posix_fadvise(self._fd, start, c_end + PREFETCH - start, os.POSIX_FADV_WILLNEED)
 
     def _dctx(self) -> zstandard.ZstdDecompressor:
         dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
