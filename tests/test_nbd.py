@@ -866,30 +866,37 @@ async def start_backup(qmp: QMP, sock: Path) -> None:
     )
 
 
-@needs_qemu_system
-def test_qemu_backup_job(tmp_path: Path) -> None:
+def run_backup_job(tmp_path: Path, image: Path, size: int, handler: RecordingHandler
+                   ) -> tuple[dict[str, Any], NBDStats, Any, str]:
+    """Run QEMU's backup job of `image` into `handler` through our NBD server; returns the
+    job's completion event, the server's stats, the block jobs left after it, and the kind of
+    the last request before the target was deleted."""
     sock = short_tmp(tmp_path) / "nbd.sock"
-    size = 16 * MiB + 4096
-    image = tmp_path / "disk.qcow2"
-    expected = make_sparse_qcow2(image, size)
-    handler = RecordingHandler(size)
 
-    async def main() -> tuple[dict[str, Any], NBDStats]:
+    async def main() -> tuple[dict[str, Any], NBDStats, Any, str]:
         async with (
             nbd_server(sock, size, handler) as (stats, _),
-            qemu_vm(tmp_path, image) as (
-                qmp,
-                _proc,
-            ),
+            qemu_vm(tmp_path, image) as (qmp, _proc),
         ):
             with trio.fail_after(120):
                 await start_backup(qmp, sock)
                 done = await qmp.wait_event("BLOCK_JOB_COMPLETED")
-                assert handler.ops[-1][0] != "flush"
+                last = handler.ops[-1][0] if handler.ops else ""
+                jobs = await qmp.execute("query-block-jobs")
                 await qmp.execute("blockdev-del", **{"node-name": "target0"})
-                return done, stats
+                return done, stats, jobs, last
 
-    done, stats = trio.run(main)
+    return trio.run(main)
+
+
+@needs_qemu_system
+def test_qemu_backup_job(tmp_path: Path) -> None:
+    size = 16 * MiB + 4096
+    image = tmp_path / "disk.qcow2"
+    expected = make_sparse_qcow2(image, size)
+    handler = RecordingHandler(size)
+    done, stats, _, last = run_backup_job(tmp_path, image, size, handler)
+    assert last != "flush"
     assert "error" not in done["data"], done
     assert done["data"]["offset"] == done["data"]["len"]  # counted in 64 KiB clusters
     assert handler.image == expected
@@ -904,30 +911,13 @@ def test_qemu_backup_job(tmp_path: Path) -> None:
 
 @needs_qemu_system
 def test_qemu_backup_job_enospc(tmp_path: Path) -> None:
-    sock = short_tmp(tmp_path) / "nbd.sock"
     size = 16 * MiB
     image = tmp_path / "disk.qcow2"
     make_sparse_qcow2(image, size)
     handler = RecordingHandler(size)
     handler.fail_after = 2
-
-    async def main() -> tuple[dict[str, Any], Any]:
-        async with (
-            nbd_server(sock, size, handler) as (stats, _),
-            qemu_vm(tmp_path, image) as (
-                qmp,
-                _proc,
-            ),
-        ):
-            with trio.fail_after(120):
-                await start_backup(qmp, sock)
-                done = await qmp.wait_event("BLOCK_JOB_COMPLETED")
-                jobs = await qmp.execute("query-block-jobs")
-                await qmp.execute("blockdev-del", **{"node-name": "target0"})
-                assert stats.errors >= 1
-                return done, jobs
-
-    done, jobs = trio.run(main)
+    done, stats, jobs, _ = run_backup_job(tmp_path, image, size, handler)
+    assert stats.errors >= 1
     assert "No space left on device" in done["data"].get("error", ""), done
     assert jobs == []
 

@@ -476,18 +476,11 @@ def test_open_stream_proxmox_vectors(name: str) -> None:
 def test_open_stream_stdin(name: str) -> None:
     if name.endswith(".lzo") and shutil.which("lzop") is None:
         pytest.skip("lzop program not installed")
-    code = (
+    proc = _open_stream_from_pipe(
+        SPEC / name,
         "import sys; from vmafs.decompress import open_stream; "
-        "sys.stdout.buffer.write(open_stream('-').read())"
+        "sys.stdout.buffer.write(open_stream('-').read())",
     )
-    root = Path(__file__).resolve().parent.parent
-    with open(SPEC / name, "rb") as f:
-        # A pipe, not a file: stdin cannot seek back after the magic is peeked.
-        cat = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
-        proc = subprocess.run(
-            [sys.executable, "-c", code], stdin=cat.stdout, capture_output=True, cwd=root
-        )
-        cat.wait()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == TWO_DISKS.read_bytes()
 
@@ -496,25 +489,29 @@ def test_open_stream_stdin(name: str) -> None:
 @pytest.mark.parametrize("name", ["sample-2disks.vma.lzo", "sample-2disks.vma.zst"])
 def test_open_stream_stdin_closed_early(name: str) -> None:
     """A reader that stops early (vma config reads only the header) ends cleanly."""
-    code = (
+    proc = _open_stream_from_pipe(
+        PROXMOX / name,
         "from vmafs.decompress import open_stream; f = open_stream('-'); "
-        "assert f.read(4) == b'VMA\\0'; f.close(); print('closed')"
+        "assert f.read(4) == b'VMA\\0'; f.close(); print('closed')",
     )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"closed\n"
+
+
+def _open_stream_from_pipe(path: Path, code: str) -> subprocess.CompletedProcess[bytes]:
+    """Run `code` in a child whose stdin is `path` through a pipe, not a file: stdin cannot
+    seek back after the magic is peeked."""
     root = Path(__file__).resolve().parent.parent
-    with open(PROXMOX / name, "rb") as f:
+    with open(path, "rb") as f:
         cat = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
         proc = subprocess.run(
-            [sys.executable, "-c", code],
-            stdin=cat.stdout,
-            capture_output=True,
-            cwd=root,
+            [sys.executable, "-c", code], stdin=cat.stdout, capture_output=True, cwd=root,
             timeout=60,
         )
         assert cat.stdout is not None
         cat.stdout.close()
         cat.wait()
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == b"closed\n"
+    return proc
 
 
 def test_detect_container() -> None:
