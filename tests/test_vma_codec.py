@@ -33,6 +33,14 @@ def reseal_header(buf: bytes | bytearray) -> bytes:
     return bytes(b)
 
 
+def reseal_extent(buf: bytes | bytearray) -> bytes:
+    """Recompute an extent header's md5 after a deliberate edit."""
+    b = bytearray(buf)
+    b[24:40] = bytes(16)
+    b[24:40] = hashlib.md5(b).digest()
+    return bytes(b)
+
+
 def sample_header() -> bytes:
     return vma.encode_header(UUID, 1700000000,
                              [("drive-scsi0", 1 << 20), ("drive-efidisk0", 70144)],
@@ -227,20 +235,14 @@ def test_extent_errors_in_proxmox_order() -> None:
     other = bytes(16)
     with pytest.raises(FormatError, match="wrong vma extent uuid"):
         vma.decode_extent_header(good, other)
-    bad_magic = bytearray(good)
-    bad_magic[0:4] = b"VMAX"
-    bad_magic[24:40] = bytes(16)
-    bad_magic[24:40] = hashlib.md5(bad_magic).digest()
+    bad_magic = reseal_extent(b"VMAX" + good[4:])
     with pytest.raises(FormatError, match="wrong vma extent uuid"):
-        vma.decode_extent_header(bytes(bad_magic), other)
+        vma.decode_extent_header(bad_magic, other)
     with pytest.raises(FormatError, match="wrong vma extent header magic"):
-        vma.decode_extent_header(bytes(bad_magic), UUID)
-    reserved = bytearray(good)
-    reserved[4:6] = b"\0\1"
-    reserved[24:40] = bytes(16)
-    reserved[24:40] = hashlib.md5(reserved).digest()
+        vma.decode_extent_header(bad_magic, UUID)
+    reserved = reseal_extent(good[:4] + b"\0\1" + good[6:])
     with pytest.raises(FormatError, match="wrong vma extent header magic"):
-        vma.decode_extent_header(bytes(reserved), UUID)
+        vma.decode_extent_header(reserved, UUID)
     too_big = vma.encode_extent_header(UUID, [], 945)
     with pytest.raises(FormatError, match=r"short vma extent \(3867136 < 3871232\)"):
         vma.decode_extent_header(too_big, UUID)
