@@ -1,5 +1,6 @@
 """Helpers for the archive tests: an independent VMA walker (struct + hashlib only, so it does
-not share bugs with vmafs.vma), an in-memory Output, and dissect.archive as a second reader."""
+not share bugs with vmafs.format.vma), an in-memory Output, and dissect.archive as a second
+reader."""
 
 from __future__ import annotations
 

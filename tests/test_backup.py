@@ -26,11 +26,13 @@ import pytest
 import trio
 import trio_asyncio
 
-from vmafs import blockgraph, scan, vma
-from vmafs.backup import Backup, BackupError, BackupOptions, run_backup
-from vmafs.blockgraph import Disk, SelectionError
-from vmafs.qmp import has_member, open_qmp
-from vmafs.reader import Archive
+from vmafs.archive import scan
+from vmafs.archive.reader import Archive
+from vmafs.backup import blockgraph
+from vmafs.backup.blockgraph import Disk, SelectionError
+from vmafs.backup.live import Backup, BackupError, BackupOptions, run_backup
+from vmafs.backup.qmp import has_member, open_qmp
+from vmafs.format import vma
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import pytest
 from archive_helpers import assert_every_cluster_once, dissect_read, sha256, walk_vma
 from conftest import VECTORS, assert_one_line_error, run_vmafs
 
-from vmafs.reader import Archive
+from vmafs.archive.reader import Archive
 
 CLUSTER = 65536
 HAVE_QEMU_IMG = shutil.which("qemu-img") is not None

@@ -13,10 +13,10 @@ import pytest
 from archive_helpers import MemOutput, walk_vma
 from conftest import run_vmafs
 
-from vmafs import index, vma
+from vmafs.archive.reader import Archive
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.errors import ChecksumError, FormatError
-from vmafs.reader import Archive
-from vmafs.writer import ArchiveWriter, DeviceSpec
+from vmafs.format import index, vma
 
 CLUSTER = 65536
 

@@ -1,4 +1,4 @@
-"""vmafs.index, the pure codec of the trailing extent index and its footer."""
+"""vmafs.format.index, the pure codec of the trailing extent index and its footer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmafs import index, vma
 from vmafs.errors import ChecksumError, FormatError
+from vmafs.format import index, vma
 
 UUID = bytes(range(16))
 

@@ -197,8 +197,8 @@ def archive(request: pytest.FixtureRequest, source: Source) -> Path:
 # -- pure parts --------------------------------------------------------------------------------
 
 def test_names_are_sanitised_and_unique() -> None:
-    from vmafs.fs import layout
-    from vmafs.reader import Device
+    from vmafs.archive.reader import Device
+    from vmafs.mount.fs import layout
 
     devices = [Device(2, "drive-scsi0", 10), Device(1, "../../etc", 5),
                Device(3, "drive-scsi0", 7), Device(4, "a\0b/c", 1)]
@@ -222,7 +222,7 @@ def test_names_are_sanitised_and_unique() -> None:
 
 def test_mount_options() -> None:
     from vmafs.errors import VmafsError
-    from vmafs.mountd import parse_mountinfo, parse_options
+    from vmafs.mount.daemon import parse_mountinfo, parse_options
 
     opts = parse_options(["allow_other,uid=1000", "gid=5,noatime"])
     assert {"allow_other", "noatime", "ro", "default_permissions", "fsname=vmafs",
@@ -243,7 +243,7 @@ def test_mount_options() -> None:
 # -- what the mount shows ----------------------------------------------------------------------
 
 def test_listing_and_stat(source: Source, archive: Path, tmp_path: Path) -> None:
-    from vmafs.reader import Archive
+    from vmafs.archive.reader import Archive
 
     with Archive.open(str(archive)) as a:
         ctime = a.ctime
@@ -282,8 +282,8 @@ def test_listing_and_stat(source: Source, archive: Path, tmp_path: Path) -> None
 
 def test_big_directory_and_sparse_sizes(tmp_path: Path) -> None:
     """readdir resumes at the right offset over many entries; st_blocks shows sparseness."""
-    from vmafs.archive_file import open_output
-    from vmafs.writer import ArchiveWriter, DeviceSpec
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.output import open_output
 
     configs = [(f"cfg-{i:03d}-{'x' * 80}.conf", b"%d\n" % i) for i in range(150)]
     archive = tmp_path / "many.vma"

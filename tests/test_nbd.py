@@ -19,8 +19,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmafs import nbd
-from vmafs.nbd_server import NBDStats, serve_nbd
+from vmafs.backup.nbd_server import NBDStats, serve_nbd
+from vmafs.format import nbd
 
 MiB = 1024 * 1024
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmafs.errors import FormatError
-from vmafs.seektable import (
+from vmafs.format.seektable import (
     MAX_FRAME_DECOMPRESSED_SIZE,
     MAX_FRAMES,
     SEEKABLE_MAGIC,

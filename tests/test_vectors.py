@@ -27,8 +27,8 @@ import pytest
 from archive_helpers import file_sha256, sha256
 from conftest import VECTORS, assert_one_line_error, run_vmafs
 
+from vmafs.archive.reader import Archive
 from vmafs.errors import NotSeekableError
-from vmafs.reader import Archive
 
 PROXMOX = VECTORS / "proxmox"
 SPEC = VECTORS / "spec"

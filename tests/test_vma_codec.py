@@ -1,4 +1,4 @@
-"""vmafs.vma, the pure VMA codec: header and extent round trips, Proxmox's error texts, null
+"""vmafs.format.vma, the pure VMA codec: header and extent round trips, Proxmox's error texts, null
 extents, and the mask helpers against naive per-block references."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from conftest import VECTORS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmafs import vma
 from vmafs.errors import FormatError
+from vmafs.format import vma
 
 UUID = bytes.fromhex("6a1f0c52d7b34c0e9a44c1b2e3f40517")
 

@@ -17,10 +17,10 @@ from conftest import run_vmafs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmafs import vma
+from vmafs.archive.reader import Archive
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.errors import FormatError
-from vmafs.reader import Archive
-from vmafs.writer import ArchiveWriter, DeviceSpec
+from vmafs.format import vma
 
 CLUSTER = 65536
 UUID = bytes.fromhex("00112233445566778899aabbccddeeff")

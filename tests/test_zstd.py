@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from vmafs.decompress import ZstdFrameChecker, detect_container, open_stream
-from vmafs.errors import FormatError, NotSeekableError
-from vmafs.seektable import SEEKABLE_MAGIC, SKIPPABLE_MAGIC, encode_seek_table
-from vmafs.zstd_output import (
+from vmafs.container.streams import ZstdFrameChecker, detect_container, open_stream
+from vmafs.container.zstd_output import (
     MAX_WINDOW_LOG,
     PlainOutput,
     SeekableZstdOutput,
     compression_params,
 )
-from vmafs.zstd_source import SeekableZstdSource
+from vmafs.container.zstd_source import SeekableZstdSource
+from vmafs.errors import FormatError, NotSeekableError
+from vmafs.format.seektable import SEEKABLE_MAGIC, SKIPPABLE_MAGIC, encode_seek_table
 
 VECTORS = Path(__file__).resolve().parent.parent.parent / "shared" / "vectors"
 SPEC = VECTORS / "spec"
@@ -478,7 +478,7 @@ def test_open_stream_stdin(name: str) -> None:
         pytest.skip("lzop program not installed")
     proc = _open_stream_from_pipe(
         SPEC / name,
-        "import sys; from vmafs.decompress import open_stream; "
+        "import sys; from vmafs.container.streams import open_stream; "
         "sys.stdout.buffer.write(open_stream('-').read())",
     )
     assert proc.returncode == 0, proc.stderr
@@ -491,7 +491,7 @@ def test_open_stream_stdin_closed_early(name: str) -> None:
     """A reader that stops early (vma config reads only the header) ends cleanly."""
     proc = _open_stream_from_pipe(
         PROXMOX / name,
-        "from vmafs.decompress import open_stream; f = open_stream('-'); "
+        "from vmafs.container.streams import open_stream; f = open_stream('-'); "
         "assert f.read(4) == b'VMA\\0'; f.close(); print('closed')",
     )
     assert proc.returncode == 0, proc.stderr

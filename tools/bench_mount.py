@@ -182,8 +182,8 @@ def rss_hwm(pid: int) -> int:
 
 def sparse_archive(work: Path, suffix: str) -> Path:
     """A 1 TiB disk with 256 scattered 64 KiB clusters of data."""
-    from vmafs.archive_file import open_output
-    from vmafs.writer import ArchiveWriter, DeviceSpec
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.output import open_output
 
     archive = work / f"sparse-1t{suffix}"
     if not archive.exists():

@@ -24,7 +24,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmafs import nbd  # noqa: E402
-from vmafs.nbd_server import NBDStats, serve_nbd  # noqa: E402
+from vmafs.backup.nbd_server import NBDStats, serve_nbd  # noqa: E402
 
 
 class DiscardHandler:

@@ -48,8 +48,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmafs.zstd_output import SeekableZstdOutput  # noqa: E402
-from vmafs.zstd_source import SeekableZstdSource  # noqa: E402
+from vmafs.container.zstd_output import SeekableZstdOutput  # noqa: E402
+from vmafs.container.zstd_source import SeekableZstdSource  # noqa: E402
 
 CLUSTER = 65536
 BLOCK = 4096
@@ -147,7 +147,7 @@ def bench_frame_size(
 
 def bench_decoders(plain: Path) -> None:
     """open_stream throughput per container, next to the command-line decompressor."""
-    from vmafs.decompress import open_stream
+    from vmafs.container.streams import open_stream
 
     raw = plain.stat().st_size
     for ext, comp, decomp in [

@@ -8,7 +8,7 @@ import sys
 
 import trio
 
-from vmafs.backup import Backup, BackupOptions, run_backup
+from vmafs.backup.live import Backup, BackupOptions, run_backup
 from vmafs.cli.common import add_compression, add_json, add_quiet
 from vmafs.cli.create import read_configs
 from vmafs.errors import VmafsError

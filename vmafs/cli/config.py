@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vmafs.archive.scan import read_header
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input
-from vmafs.decompress import open_stream
+from vmafs.container.streams import open_stream
 from vmafs.errors import VmafsError
-from vmafs.scan import read_header
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -7,15 +7,15 @@ import argparse
 import sys
 from typing import BinaryIO
 
-from vmafs import vma
-from vmafs.archive_file import open_output
+from vmafs.archive.scan import StoredCluster, read_header, scan_stream
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_compression, add_json, add_quiet, progress_for
-from vmafs.decompress import open_stream
+from vmafs.container.output import open_output
+from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, VmafsError
+from vmafs.format import vma
 from vmafs.progress import print_json
-from vmafs.scan import StoredCluster, read_header, scan_stream
-from vmafs.writer import ArchiveWriter, DeviceSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

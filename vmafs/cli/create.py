@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from vmafs import images
-from vmafs.archive_file import open_output
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+from vmafs.backup import images
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_compression, add_json, add_quiet, progress_for
+from vmafs.container.output import open_output
 from vmafs.errors import VmafsError
+from vmafs.format.vma import MAX_BLOB_SIZE
 from vmafs.progress import print_json
-from vmafs.vma import MAX_BLOB_SIZE
-from vmafs.writer import ArchiveWriter, DeviceSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             if spec.format == "raw":
                 images.copy_raw(writer, dev_id, spec.path, spec.size)
             else:
-                from vmafs.qemu_img_feed import copy_with_qemu_img  # imports trio
+                from vmafs.backup.qemu_img_feed import copy_with_qemu_img  # imports trio
                 copy_with_qemu_img(writer, dev_id, spec)
         writer.finish()
     progress.finish()

@@ -8,15 +8,15 @@ import contextlib
 import os
 from typing import BinaryIO
 
-from vmafs import vma
-from vmafs.archive_file import WRITEBACK_STEP, current_umask, start_writeback
+from vmafs.archive.scan import StoredCluster, read_header, scan_stream
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_json, add_quiet, progress_for
-from vmafs.decompress import open_stream
+from vmafs.container.output import WRITEBACK_STEP, current_umask, start_writeback
+from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, VmafsError
-from vmafs.names import disk_file_name, safe_name
+from vmafs.format import vma
+from vmafs.format.names import disk_file_name, safe_name
 from vmafs.progress import print_json
-from vmafs.scan import StoredCluster, read_header, scan_stream
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

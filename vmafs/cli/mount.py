@@ -42,7 +42,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmafs.mountd import MountRequest, mount
+    from vmafs.mount.daemon import MountRequest, mount
 
     return mount(MountRequest(archive=args.archive, mountpoint=args.mountpoint,
                               options=args.options, foreground=args.foreground,

@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmafs.mountd import unmount
+    from vmafs.mount.daemon import unmount
 
     unmount(args.mountpoint, lazy=args.lazy)
     return 0

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vmafs.archive.scan import read_header, scan_stream
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_json, add_quiet, progress_for
-from vmafs.decompress import open_stream
+from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, VmafsError
 from vmafs.progress import Progress, print_json
-from vmafs.scan import read_header, scan_stream
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -17,7 +17,7 @@ from types import TracebackType
 import zstandard
 
 from vmafs.errors import FormatError, NotSeekableError
-from vmafs.seektable import (
+from vmafs.format.seektable import (
     FOOTER_SIZE,
     SEEKABLE_MAGIC,
     SeekTable,

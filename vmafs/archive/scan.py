@@ -12,8 +12,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from vmafs import index, vma
 from vmafs.errors import FormatError, IncompleteError
+from vmafs.format import index, vma
 
 
 @dataclass(frozen=True)

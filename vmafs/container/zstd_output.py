@@ -16,7 +16,7 @@ from typing import Protocol, Self
 
 import zstandard
 
-from vmafs.seektable import MAX_FRAME_DECOMPRESSED_SIZE, SeekTableBuilder
+from vmafs.format.seektable import MAX_FRAME_DECOMPRESSED_SIZE, SeekTableBuilder
 
 DEFAULT_FRAME_SIZE = 512 << 10
 """Sets random-read latency through a mount (one frame prefix read per cold read) against ratio;

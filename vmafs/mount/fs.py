@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from vmafs.archive.reader import Archive, Device
 from vmafs.errors import ChecksumError, VmafsError
-from vmafs.names import NAME_MAX, disk_file_name, safe_name
-from vmafs.reader import Archive, Device
+from vmafs.format.names import NAME_MAX, disk_file_name, safe_name
 
 log = logging.getLogger("vmafs.mount")
 

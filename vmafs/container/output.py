@@ -10,9 +10,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from vmafs import vma
+from vmafs.container.zstd_output import (
+    DEFAULT_FRAME_SIZE,
+    PlainOutput,
+    SeekableZstdOutput,
+    Writable,
+)
 from vmafs.errors import VmafsError
-from vmafs.zstd_output import DEFAULT_FRAME_SIZE, PlainOutput, SeekableZstdOutput, Writable
+from vmafs.format import vma
 
 
 class FramedOutput:

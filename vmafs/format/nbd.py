@@ -4,7 +4,7 @@ vmafs is the *target* of QEMU's backup job: QEMU connects as an NBD client and
 writes the disk into us.  This module turns the bytes QEMU sends into events
 (`receive_data` / `next_event`) and produces the bytes to send back
 (`data_to_send` for the handshake, `reply` for requests).  The trio shell in
-`vmafs.nbd_server` does the socket work.
+`vmafs.backup.nbd_server` does the socket work.
 
 Scope, on purpose: fixed newstyle handshake, one export of an exact size,
 simple replies only, and only the commands a backup target needs (WRITE,

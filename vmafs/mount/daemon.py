@@ -193,7 +193,7 @@ class MountRequest:
 
 
 def _open_archive(path: str, opts: MountOptions) -> Any:
-    from vmafs.reader import Archive
+    from vmafs.archive.reader import Archive
     try:
         # Served through the page cache, the data is cached there: drop the archive's copy.
         return Archive.open(path, drop_behind=not opts.direct_io)
@@ -218,7 +218,7 @@ def _init_fuse(archive: Any, req: MountRequest, opts: MountOptions) -> Any:
     """Mount (synchronously): from here on the kernel queues requests for us."""
     import pyfuse3
 
-    from vmafs.fs import VmaFS
+    from vmafs.mount.fs import VmaFS
 
     ops = VmaFS(archive, uid=opts.uid, gid=opts.gid, direct_io=opts.direct_io)
     fuse_opts = set(opts.fuse)

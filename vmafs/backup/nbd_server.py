@@ -1,6 +1,6 @@
 """A trio NBD server on a unix socket: the sink QEMU's backup job writes into.
 
-The protocol lives in `vmafs.nbd`; this shell moves bytes between a socket and
+The protocol lives in `vmafs.format.nbd`; this shell moves bytes between a socket and
 that state machine and calls an `ExportHandler`.  Requests of one connection
 are handled in order (the handler's awaits are the back-pressure); QEMU keeps
 many requests in flight, so replies to everything parsed from one read go out
@@ -22,7 +22,7 @@ from typing import Protocol
 
 import trio
 
-from . import nbd
+from vmafs.format import nbd
 
 log = logging.getLogger(__name__)
 

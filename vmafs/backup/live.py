@@ -40,14 +40,14 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from vmafs import blockgraph
-from vmafs.archive_file import check_output_name, open_output
-from vmafs.blockgraph import Disk
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+from vmafs.backup import blockgraph
+from vmafs.backup.blockgraph import Disk
+from vmafs.backup.nbd_server import serve_nbd
+from vmafs.backup.qmp import GuestAgent, QemuGone, Qmp, QmpError, has_member, open_qmp
+from vmafs.container.output import check_output_name, open_output
 from vmafs.errors import VmafsError
-from vmafs.nbd_server import serve_nbd
 from vmafs.progress import Progress
-from vmafs.qmp import GuestAgent, QemuGone, Qmp, QmpError, has_member, open_qmp
-from vmafs.writer import ArchiveWriter, DeviceSpec
 
 MiB = 1 << 20
 

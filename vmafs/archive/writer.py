@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from vmafs import index, vma
 from vmafs.errors import FormatError
+from vmafs.format import index, vma
 
 CLUSTER = vma.CLUSTER_SIZE
 

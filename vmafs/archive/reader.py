@@ -10,9 +10,9 @@ from typing import Protocol
 
 import numpy as np
 
-from vmafs import index, vma
-from vmafs.decompress import detect_container
+from vmafs.container.streams import detect_container
 from vmafs.errors import ChecksumError, FormatError, IncompleteError, NotSeekableError
+from vmafs.format import index, vma
 
 CLUSTER = vma.CLUSTER_SIZE
 ZEROS = bytes(4 * 1024 * 1024)
@@ -152,7 +152,9 @@ class Archive:
             if kind == "vma":
                 source = PlainSource(fd, drop_behind=drop_behind)
             elif kind == "zstd":
-                from vmafs.zstd_source import SeekableZstdSource  # zstandard: only if needed
+                from vmafs.container.zstd_source import (
+                    SeekableZstdSource,  # zstandard: only if needed
+                )
                 source = SeekableZstdSource(fd, name=path)
             else:
                 raise NotSeekableError(

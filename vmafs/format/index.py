@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from vmafs import vma
 from vmafs.errors import ChecksumError, FormatError
+from vmafs.format import vma
 
 INDEX_MAGIC = b"VMAFSIX1"
 FOOTER_MAGIC = b"VMAFSFT1"

@@ -8,10 +8,10 @@ import tempfile
 
 import trio
 
+from vmafs.archive.writer import ArchiveWriter
+from vmafs.backup.images import ImageSpec
+from vmafs.backup.nbd_server import serve_nbd
 from vmafs.errors import VmafsError
-from vmafs.images import ImageSpec
-from vmafs.nbd_server import serve_nbd
-from vmafs.writer import ArchiveWriter
 
 
 class _WriterSink:

@@ -9,9 +9,9 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from vmafs import vma
+from vmafs.archive.writer import ArchiveWriter
 from vmafs.errors import VmafsError
-from vmafs.writer import ArchiveWriter
+from vmafs.format import vma
 
 READ_CHUNK = 4 * 1024 * 1024
 

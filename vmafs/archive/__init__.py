@@ -1,0 +1,1 @@
+"""The archive model: opening, walking, checking and writing VMA streams."""

@@ -1,0 +1,1 @@
+"""Pure codecs: VMA, the trailing index, the zstd seek table, NBD, names. No I/O."""
