@@ -16,19 +16,29 @@ BLOCK = 4096
 class MemOutput:
     """An ArchiveWriter Output that keeps the stream in memory and records frame ends."""
 
+    extent_bytes = 512 + 59 * 65536  # whole VMA extents, as a plain output writes them
+
     def __init__(self) -> None:
         self.buf = bytearray()
         self.frame_ends: list[int] = []
         self.closed = False
 
-    def write(self, chunk: bytes) -> None:
+    @property
+    def bytes_out(self) -> int:
+        return len(self.buf)
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> int:
         assert not self.closed
         self.buf += chunk
+        return len(chunk)
 
     def end_frame(self) -> None:
         self.frame_ends.append(len(self.buf))
 
     def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
         self.closed = True
 
 

@@ -109,7 +109,7 @@ def check_random_reads(archive: Path, srcs: list[Source], configs: dict[str, byt
         assert a.indexed
         assert [(d.name, d.size) for d in a.devices] == [(s.devname, len(s.content))
                                                          for s in srcs]
-        assert a.configs == configs
+        assert dict(a.configs) == configs
         for dev, s in zip(a.devices, srcs, strict=True):
             assert a.read(dev.dev_id, 0, dev.size) == s.content
             for _ in range(25):
@@ -258,7 +258,7 @@ def test_convert_proxmox_archive(name: str, suffix: str, proxmox_manifest: dict,
         for dev in a.devices:
             assert sha256(a.read(dev.dev_id, 0, dev.size)) == \
                 entry["devices"][dev.name]["sha256"]
-        assert {n: sha256(c) for n, c in a.configs.items()} == {
+        assert {n: sha256(c) for n, c in a.configs} == {
             n: c["sha256"] for n, c in entry["configs"].items()}
     if suffix == ".vma":
         walk = walk_vma(out.read_bytes())

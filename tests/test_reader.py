@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmafs.archive.reader import PlainSource
+from vmafs.container.plain import PlainSource
 
 MiB = 1 << 20
 

@@ -16,6 +16,8 @@ from vmafs.format.seektable import (
     SEEKABLE_MAGIC,
     SKIPPABLE_MAGIC,
     SeekTableBuilder,
+    check_seek_table_header,
+    decode_entries,
     decode_seek_table,
     encode_seek_table,
     parse_seek_table_footer,
@@ -221,3 +223,24 @@ def test_any_single_byte_change_is_rejected_or_harmless(
     else:
         assert 8 <= pos < descriptor_at - 4 and (pos - 8) % 8 >= 4
     assert st_.compressed_size == file_size - len(table)
+
+
+def test_entries_piece_by_piece() -> None:
+    """What a reader going through the table in pieces gets is what the whole decoder gets."""
+    table, size = _decode(ENTRIES)
+    footer = parse_seek_table_footer(table)
+    check_seek_table_header(table[:8], footer)
+    area = table[8:-9]
+    assert decode_entries(area, False) == ENTRIES
+    assert decode_entries(area[:20], False) == ENTRIES[:2]  # a partial entry is left out
+    with_sums = b"".join(struct.pack("<III", c, d, 7) for c, d in ENTRIES)
+    assert decode_entries(with_sums, True) == ENTRIES
+    bad = bytearray(table)
+    bad[4] ^= 1
+    with pytest.raises(FormatError, match="Frame_Size"):
+        check_seek_table_header(bytes(bad[:8]), footer)
+    bad = bytearray(table)
+    bad[0] ^= 1
+    with pytest.raises(FormatError, match="magic"):
+        check_seek_table_header(bytes(bad[:8]), footer)
+    assert decode_seek_table(table, size).entries() == ENTRIES

@@ -140,7 +140,7 @@ def test_proxmox_random_access(name: str, proxmox_manifest: dict[str, Any]) -> N
         assert not archive.indexed and not archive.compressed
         assert [(d.dev_id, d.name, d.size) for d in archive.devices] == [
             (d["dev_id"], n, d["size"]) for n, d in entry["devices"].items()]
-        assert {n: sha256(c) for n, c in archive.configs.items()} == {
+        assert {n: sha256(c) for n, c in archive.configs} == {
             n: c["sha256"] for n, c in entry["configs"].items()}
         for dev in archive.devices:
             data = archive.read(dev.dev_id, 0, dev.size + 12345)  # clipped at the end
@@ -198,7 +198,7 @@ def test_spec_sample_random_access(name: str, spec_manifest: dict[str, Any]) -> 
     with Archive.open(str(SPEC / name)) as archive:
         assert archive.uuid.hex == spec_manifest["uuid"]
         assert archive.ctime == spec_manifest["ctime"]
-        assert {n: sha256(c) for n, c in archive.configs.items()} == entry["configs"]
+        assert {n: sha256(c) for n, c in archive.configs} == entry["configs"]
         want = {d["name"]: d for d in entry["devices"] if d["name"] != "vmstate"}
         assert {d.name: d.size for d in archive.devices} == {n: d["size"] for n, d in want.items()}
         for dev in archive.devices:

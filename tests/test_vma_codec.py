@@ -153,6 +153,43 @@ def test_header_lenient_like_proxmox() -> None:
     assert vma.decode_header(reseal_header(good)).devices == ()
 
 
+def _with_blob(buf: bytes, ptr_at: int, blob: bytes) -> bytes:
+    """The header with the blob that the pointer at ptr_at names replaced (same length)."""
+    b = bytearray(buf)
+    at = vma.HEADER_FIXED_SIZE + struct.unpack_from(">I", b, ptr_at)[0]
+    assert int.from_bytes(b[at:at + 2], "little") == len(blob)
+    b[at + 2:at + 2 + len(blob)] = blob
+    return reseal_header(b)
+
+
+def test_header_names_are_c_strings_of_raw_bytes() -> None:
+    """get_header_str: a NUL-terminated blob read up to its first NUL; bytes that are not
+    UTF-8 stay those bytes (surrogateescape), never U+FFFD."""
+    good = sample_header()  # drive-scsi0 (11 bytes + NUL), qemu-server.conf (16 + NUL)
+    h = vma.decode_header(_with_blob(good, 2044, b"qemu-server\0conf\0"))
+    assert h.configs[0][0] == "qemu-server"
+    h = vma.decode_header(_with_blob(good, 4096 + 32, b"drive-\xffcsi0\0"))
+    assert h.devices[0].name == "drive-\udcffcsi0"
+    assert os.fsencode(h.devices[0].name) == b"drive-\xffcsi0"
+    h = vma.decode_header(_with_blob(good, 4096 + 32, b"drive/scsi0\0"))
+    assert h.devices[0].name == "drive/scsi0"  # accepted; file names are sanitised
+    h = vma.decode_header(_with_blob(good, 4096 + 32, b"drive-scsi0x"))  # no final NUL
+    assert [d.name for d in h.devices] == ["drive-efidisk0"]
+    with pytest.raises(FormatError, match="invalid data pointers"):
+        vma.decode_header(_with_blob(good, 2044, b"qemu-server.confx"))
+
+
+def test_raw_config_names_round_trip_but_device_names_stay_strict() -> None:
+    """convert re-encodes what it decoded: a config name's raw bytes come back unchanged;
+    the writer still refuses device names Proxmox would not make."""
+    name = os.fsdecode(b"caf\xe9.conf")
+    h = vma.decode_header(vma.encode_header(UUID, 0, [("drive-scsi0", 4096)], [(name, b"x")]))
+    assert h.configs == ((name, b"x"),)
+    for bad in ("drive/scsi0", "drive scsi0", os.fsdecode(b"drive-\xff"), "a\nb", ""):
+        with pytest.raises(FormatError, match="invalid device name"):
+            vma.encode_header(UUID, 0, [(bad, 4096)])
+
+
 def test_vmstate_device_is_separate() -> None:
     """Headers we decode may carry Proxmox's legacy vmstate; we never encode one."""
     path = VECTORS / "spec" / "vmstate.vma"

@@ -107,7 +107,7 @@ def check_archive(out: MemOutput, images: list[bytes], configs: list[tuple[str, 
         assert archive.indexed
         assert [(d.name, d.size) for d in archive.devices] == [
             (f"drive-scsi{i}", len(img)) for i, img in enumerate(images)]
-        assert archive.configs == dict(configs)
+        assert dict(archive.configs) == dict(configs)
         for dev_id, img in enumerate(images, start=1):
             assert archive.read(dev_id, 0, len(img)) == img
             for _ in range(20):
@@ -310,3 +310,117 @@ def test_writer_takes_over_handed_buffers() -> None:
     writer.write(1, 2 * CLUSTER, memoryview(second))
     writer.finish()
     assert bytes(walk_vma(out.buf).images[1]) == bytes(first) + bytes(second) + bytes(CLUSTER)
+
+
+class RecordingOutput(MemOutput):
+    """MemOutput that also keeps each write's length: zstd frames may only end between writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[int] = []
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> int:
+        self.writes.append(len(chunk))
+        return super().write(chunk)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), chunk=st.sampled_from([1, 2, 58, 59, 60, 118, 1000]),
+       device_sizes=st.lists(st.integers(1, 300).map(lambda n: n * CLUSTER - n % 3 * 512),
+                             min_size=1, max_size=3))
+def test_zero_slots_in_chunks_are_the_same_stream(seed: int, chunk: int,
+                                                  device_sizes: list[int]) -> None:
+    """finish() walks the zero slots in bounded chunks; the bytes and the writes are those of a
+    single pass (grouping of 59 runs across chunks, the open extent is filled first)."""
+    from vmafs.archive import writer as writer_module
+
+    def run(zero_chunk: int) -> RecordingOutput:
+        rng = random.Random(seed)
+        out = RecordingOutput()
+        old = writer_module.ZERO_CHUNK
+        writer_module.ZERO_CHUNK = zero_chunk
+        try:
+            writer = ArchiveWriter(out, [DeviceSpec(f"d{i}", s)
+                                         for i, s in enumerate(device_sizes)],
+                                   uuid=UUID, ctime=0)
+            for dev_id, size in enumerate(device_sizes, start=1):
+                for _ in range(rng.randint(0, 6)):
+                    off = rng.randrange(size)
+                    n = min(size - off, rng.choice([100, CLUSTER, 3 * CLUSTER + 7]))
+                    try:
+                        if rng.random() < 0.3:
+                            writer.write_zeroes(dev_id, off, n)
+                        else:
+                            writer.write(dev_id, off, rng.randbytes(n))
+                    except FormatError:
+                        pass  # overlapping random writes: the duplicate is refused, go on
+            writer.finish()
+        finally:
+            writer_module.ZERO_CHUNK = old
+        return out
+
+    small, whole = run(chunk), run(1 << 30)
+    assert small.buf == whole.buf and small.writes == whole.writes
+    assert_every_cluster_once(walk_vma(small.buf))
+
+
+def test_duplicates_across_cluster_set_pages() -> None:
+    """A 5 TiB sparse device spans many ClusterSet pages: duplicates are found in any of them,
+    with the first duplicate cluster named, whatever wrote it first."""
+    size = 5 << 40
+    page = 1 << 16
+    out = MemOutput()
+    writer = ArchiveWriter(out, [DeviceSpec("d0", size), DeviceSpec("d1", CLUSTER)],
+                           uuid=UUID, ctime=0)
+    far = 7 * page + 5
+    writer.write(1, far * CLUSTER, os.urandom(3 * CLUSTER))
+    writer.write_zeroes(1, (far - 2 * page) * CLUSTER, 2 * page * CLUSTER)  # ends at far
+    writer.write(1, (9 * page - 1) * CLUSTER + 10, b"x")  # partial, last cluster of a page
+    with pytest.raises(FormatError, match=f"cluster {far + 1} of d0 written twice"):
+        writer.write(1, (far + 1) * CLUSTER, bytes(4 * CLUSTER))
+    with pytest.raises(FormatError, match=f"cluster {far - 1} of d0 written twice"):
+        writer.write_zeroes(1, (far - 1) * CLUSTER, 10 * CLUSTER)
+    with pytest.raises(FormatError, match=f"cluster {9 * page - 1} of d0 written twice"):
+        writer.write(1, (9 * page - 2) * CLUSTER, bytes(2 * CLUSTER))
+    writer.write(1, (9 * page - 1) * CLUSTER + 100, b"y")  # more of a partial cluster is fine
+    assert len(writer._touched[0]) == 3 + 2 * page + 1
+    writer.write(2, 0, b"z" * CLUSTER)  # the other device is unaffected
+    # nothing per cluster of the device: the sets hold a few pages
+    assert len(writer._touched[0]._pages) <= 4 and len(writer._zeroed[0]._pages) <= 3
+
+
+def test_sparse_device_finishes_in_bounded_memory() -> None:
+    """A 256 GiB empty device: 2^22 zero slots (16 chunks) stream out in 59-slot extents, one
+    write each, without any per-cluster array over the device."""
+    import tracemalloc
+
+    class Counting(MemOutput):
+        """Counts, keeps nothing."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+            self.writes = 0
+
+        def write(self, chunk: bytes | bytearray | memoryview) -> int:
+            self.n += len(chunk)
+            self.writes += 1
+            return len(chunk)
+
+    size = 1 << 38
+    out = Counting()
+    tracemalloc.start()
+    try:
+        writer = ArchiveWriter(out, [DeviceSpec("drive-scsi0", size)], uuid=UUID, ctime=0)
+        writer.write(1, size - 100, b"end")
+        before, before_writes = out.n, out.writes
+        writer.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    clusters = size // CLUSTER
+    zero_extents = -(-(clusters - 1 - 58) // 59)  # 58 fill the tail cluster's open extent
+    assert peak < 32 << 20
+    # the partial tail cluster's extent, the zero slots, then index + footer
+    assert out.n - before == 512 + 4096 + zero_extents * 512 + 2 * 512
+    assert out.writes - before_writes == 1 + zero_extents + 2

@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from vmafs.container.streams import ZstdFrameChecker, detect_container, open_stream
+from vmafs.container.streams import detect_container, open_stream
+from vmafs.container.zstd_frames import ZSTD_MAGIC, FrameInfo, ZstdFrameParser, walk_frame
 from vmafs.container.zstd_output import (
     MAX_WINDOW_LOG,
     PlainOutput,
     SeekableZstdOutput,
     compression_params,
 )
-from vmafs.container.zstd_source import SeekableZstdSource
+from vmafs.container.zstd_source import MAX_FRAME_SIZE, SeekableZstdSource
 from vmafs.errors import FormatError, NotSeekableError
 from vmafs.format.seektable import SEEKABLE_MAGIC, SKIPPABLE_MAGIC, encode_seek_table
 
@@ -313,15 +314,15 @@ def test_concurrent_reads(tmp_path: Path) -> None:
 
 
 def test_prefix_reads(tmp_path: Path) -> None:
-    """With prefix_reads, a small read decompresses its frame only up to the read's end (and
-    reads about that much of the frame), for compressible and incompressible frames alike."""
+    """Once the reader checks every read, a small read decompresses its frame only up to the
+    read's end (and reads about that much of the frame), compressible frames or not."""
     chunks = _extents(41, 400)
     stream = b"".join(chunks)
     path = tmp_path / "p.zst"
     _write_seekable(path, chunks, frame_size=1 << 20)
     rng = random.Random(5)
     with SeekableZstdSource(path, cache_bytes=0) as src:
-        src.prefix_reads = True
+        src.checked_by_reader = True
         read: list[int] = []
         pread_exact, pread_frame = src._pread_exact, src._pread_frame
 
@@ -393,7 +394,7 @@ def test_table_lying_about_sizes_is_caught_on_read(tmp_path: Path) -> None:
     )
     bad = tmp_path / "lie.zst"
     bad.write_bytes(damaged)
-    with SeekableZstdSource(bad) as src, pytest.raises(FormatError, match="decompresses to"):
+    with SeekableZstdSource(bad) as src, pytest.raises(FormatError, match="does not describe"):
         src.read_frame(0)
     # Move a frame boundary: frame 0 then holds a piece of frame 1.
     damaged = bytearray(data)
@@ -415,7 +416,7 @@ def test_table_lying_about_sizes_is_caught_on_read(tmp_path: Path) -> None:
     entries[1] = (entries[1][0] - 5, entries[1][1])
     bad.write_bytes(b"".join(frames) + encode_seek_table(entries))
     with SeekableZstdSource(bad) as src:
-        with pytest.raises(FormatError, match="before the seek table says"):
+        with pytest.raises(FormatError, match="does not describe"):
             src.read_frame(0)
         with pytest.raises(FormatError):
             src.read_frame(1)
@@ -431,7 +432,7 @@ def test_damaged_frame_data_is_caught(tmp_path: Path) -> None:
     with SeekableZstdSource(bad) as src, pytest.raises(FormatError):
         src.pread(0, src.size)
     with SeekableZstdSource(bad) as src, pytest.raises(FormatError):
-        src.read_prefix(0, 10)  # damage in a compressed block fails a prefix read too
+        src.read_prefix(0, src.frame_bounds(0)[1])  # a prefix of all of it checks the checksum
 
 
 # -- streaming input -----------------------------------------------------------------------
@@ -612,14 +613,367 @@ def _split_points(n: int, seed: int) -> Iterator[int]:
 def test_frame_checker_any_split() -> None:
     data = (SPEC / "two-disks.skipidx.vma.zst").read_bytes()
     for seed in range(5):
-        checker = ZstdFrameChecker()
+        checker = ZstdFrameParser()
         prev = 0
         for pos in _split_points(len(data), seed):
             checker.feed(data[prev:pos])
             prev = pos
         checker.finish()
         assert checker.frames == 2 and checker.offset == len(data)
-    checker = ZstdFrameChecker()
+    checker = ZstdFrameParser()
     checker.feed(data[:-3])
     with pytest.raises(FormatError):
         checker.finish()
+
+
+def test_parser_and_walker_agree() -> None:
+    """The stream parser (fed in any pieces) and the random-access walker (headers only)
+    describe every frame of a file the same way."""
+    data = (SPEC / "two-disks.seekable.vma.zst").read_bytes()
+    seen: list[FrameInfo] = []
+    parser = ZstdFrameParser(seen.append)
+    prev = 0
+    for pos in _split_points(len(data), 9):
+        parser.feed(data[prev:pos])
+        prev = pos
+    parser.finish()
+    assert len(seen) > 2 and seen[-1].skippable and seen[-1].end == len(data)
+    reads = 0
+
+    def read(offset: int, length: int) -> bytes:
+        nonlocal reads
+        reads += 1
+        return data[offset : offset + length]
+
+    for info in seen:
+        walked, end = walk_frame(read, info.start, len(data), max_blocks=1 << 20)
+        assert walked == info and end == info.end
+    assert reads <= sum(1 + f.blocks for f in seen)
+    with SeekableZstdSource(SPEC / "two-disks.seekable.vma.zst") as src:
+        for i, info in enumerate(seen[:-1]):
+            assert src.table.compressed_range(i) == (info.start, info.end)
+            # Made by the reference seekable writer: no content sizes, so never prefix reads.
+            assert info.content_size is None and info.checksum is False
+
+
+# -- forged seek tables and frames: the same bytes as zstd -d, or an error ----------------------
+
+
+def _zstd_d_partial(path: Path) -> tuple[bool, bytes]:
+    """``zstd -d``'s verdict and what it wrote before stopping."""
+    proc = subprocess.run(["zstd", "-q", "-d", "-c", str(path)], capture_output=True, check=False)
+    return proc.returncode == 0, proc.stdout
+
+
+def _sized(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(data)
+
+
+def _unsized(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(write_content_size=False, write_checksum=True).compress(data)
+
+
+def _frame_header(content_size: int | None, window_log: int = 20) -> bytes:
+    """Magic and a header with a window descriptor and, if given, a 4-byte content size."""
+    if content_size is None:
+        return ZSTD_MAGIC + bytes([0, (window_log - 10) << 3])
+    return ZSTD_MAGIC + bytes([2 << 6, (window_log - 10) << 3]) + struct.pack("<I", content_size)
+
+
+def _block(last: bool, kind: int, size: int) -> bytes:
+    return (int(last) | kind << 1 | size << 3).to_bytes(3, "little")
+
+
+def _rle_bomb(content_size: int | None, blocks: int) -> bytes:
+    """RLE blocks of 128 KiB each: 4 bytes of file per 128 KiB of output."""
+    body = b"".join(_block(i == blocks - 1, 1, 128 << 10) + b"A" for i in range(blocks))
+    return _frame_header(content_size) + body
+
+
+def _literals_bomb(content_size: int | None, blocks: int) -> bytes:
+    """Compressed blocks holding only RLE literals: 8 bytes per 128 KiB that no block header
+    gives away (only decompressing tells their size)."""
+    literals = (1 | 3 << 2 | ((128 << 10) - 1) << 4).to_bytes(3, "little") + b"B"
+    payload = literals + b"\x00"  # no sequences
+    body = b"".join(_block(i == blocks - 1, 2, len(payload)) + payload for i in range(blocks))
+    return _frame_header(content_size) + body
+
+
+def _agrees_with_zstd_d(path: Path, reads: list[tuple[int, int]]) -> list[str]:
+    """Every read path gives the bytes ``zstd -d`` writes there, or a clear error; returns
+    what each path did (for the cases that must fail).
+
+    The random-access reader checks a frame at its first use; that proves the frame's bytes,
+    and its offset as long as the entries before it hold their frames (``check_frames`` and
+    open_stream prove that for all of them).  So reads are compared with zstd -d up to the
+    first entry that does not describe its frame; after it, a read is compared with nothing
+    (zstd -d's output stops at a damaged frame; a mount serves there only what the archive's
+    index checksums), but once every frame is checked, a table that lies about good frames is
+    refused.
+    """
+    ok, oracle = _zstd_d_partial(path)
+    outcomes = []
+    try:
+        with open_stream(path) as f:
+            stream = f.read()
+        assert ok and stream == oracle, "open_stream passed what zstd -d does not give"
+        outcomes.append("stream ok")
+    except FormatError:
+        outcomes.append("stream error")
+    for mode in ("whole", "prefix", "checked"):
+        try:
+            src = SeekableZstdSource(path, cache_bytes=0)
+        except (FormatError, NotSeekableError):
+            outcomes.append("source refused")
+            continue
+        with src:
+            src.checked_by_reader = mode == "prefix"
+            trusted = src.size  # decompressed offset of the first entry not describing its frame
+            probe = SeekableZstdSource(path)
+            for i in range(probe.num_frames):
+                try:
+                    probe.read_frame(i)
+                except FormatError:
+                    trusted = probe.frame_bounds(i)[0]
+                    break
+            probe.close()
+            if mode == "checked":
+                try:
+                    src.check_frames()
+                except FormatError:
+                    outcomes.append("source refused")
+                    continue
+            for off, n in [*reads, (0, src.size)]:
+                try:
+                    got = src.pread(off, n)
+                except FormatError:
+                    outcomes.append("read error")
+                    continue
+                outcomes.append("read ok")
+                if off + n > trusted:
+                    # Past a frame zstd -d cannot decompress: its output stops there.  Past an
+                    # entry that lies about good frames: refused once every frame is checked.
+                    assert not (mode == "checked" and ok), (off, n, mode)
+                    continue
+                # What zstd -d wrote (all of its output if it succeeded) must cover the read.
+                assert got == oracle[off : off + n] and (ok or off + len(got) <= len(oracle)), (
+                    off, n, mode)
+    return outcomes
+
+
+def _seekable(path: Path, frames: list[bytes], entries: list[tuple[int, int]]) -> Path:
+    path.write_bytes(b"".join(frames) + encode_seek_table(entries))
+    return path
+
+
+@needs_zstd
+def test_entry_covering_two_frames(tmp_path: Path) -> None:
+    """Class 2: zstd -d reads a+b+c; a table reading only a (or a+b as one frame) is refused."""
+    a, b, c = (bytes([i]) * 1000 + os.urandom(3000) for i in range(3))
+    fa, fb, fc = _sized(a), _sized(b), _sized(c)
+    for entries in (
+        [(len(fa) + len(fb), len(a)), (len(fc), len(c))],
+        [(len(fa) + len(fb), len(a) + len(b)), (len(fc), len(c))],
+    ):
+        path = _seekable(tmp_path / "two.zst", [fa, fb, fc], entries)
+        assert _zstd_d(path) == a + b + c
+        outcomes = _agrees_with_zstd_d(path, [(0, 100), (len(a) - 10, 20), (len(a) + 5, 100)])
+        assert outcomes[0] == "stream error"
+        with SeekableZstdSource(path) as src, pytest.raises(FormatError, match="another frame"):
+            src.pread(0, 10)
+        with pytest.raises(FormatError, match="does not describe the frames"):
+            open_stream(path).read()
+    # The honest table of the same frames reads like zstd -d everywhere.
+    path = _seekable(tmp_path / "ok.zst", [fa, fb, fc],
+                     [(len(fa), len(a)), (len(fb), len(b)), (len(fc), len(c))])
+    assert set(_agrees_with_zstd_d(path, [(0, 100), (len(a) - 10, 20)])) == {
+        "stream ok", "read ok"}
+
+
+@needs_zstd
+def test_wrong_sizes_in_entries(tmp_path: Path) -> None:
+    parts = [os.urandom(2000) + bytes(5000) for _ in range(4)]
+    frames = [_sized(p) for p in parts]
+    honest = [(len(f), len(p)) for f, p in zip(frames, parts, strict=True)]
+    forged = {
+        "decompressed +1": [honest[0], (honest[1][0], honest[1][1] + 1), *honest[2:]],
+        "decompressed -1, next +1": [honest[0], (honest[1][0], honest[1][1] - 1),
+                                     (honest[2][0], honest[2][1] + 1), honest[3]],
+        "boundary moved": [(honest[0][0] + 7, honest[0][1]), (honest[1][0] - 7, honest[1][1]),
+                           *honest[2:]],
+        "one entry too many": [*honest[:3], (honest[3][0] - 20, honest[3][1]), (20, 0)],
+        "one entry too few": [*honest[:2], (honest[2][0] + honest[3][0], honest[2][1]
+                                            + honest[3][1])],
+    }
+    for what, entries in forged.items():
+        path = _seekable(tmp_path / "w.zst", frames, entries)
+        assert _zstd_d(path) == b"".join(parts), what
+        outcomes = _agrees_with_zstd_d(path, [(0, 10), (7000, 10), (14005, 100), (21000, 50)])
+        assert outcomes[0] == "stream error", what
+        assert "read error" in outcomes or "source refused" in outcomes, what
+
+
+@needs_zstd
+def test_frames_without_content_size(tmp_path: Path) -> None:
+    """Other writers leave out Frame_Content_Size: such frames are decompressed whole (never
+    by prefix), bounded by the table's size."""
+    parts = [os.urandom(3000) + bytes(60000) for _ in range(3)]
+    frames = [_unsized(p) for p in parts]
+    entries = [(len(f), len(p)) for f, p in zip(frames, parts, strict=True)]
+    path = _seekable(tmp_path / "u.zst", frames, entries)
+    reads = [(0, 4096), (70000, 4096), (63000 * 2 + 5, 10)]
+    assert set(_agrees_with_zstd_d(path, reads)) == {"stream ok", "read ok"}
+    with SeekableZstdSource(path, cache_bytes=0) as src:
+        src.checked_by_reader = True
+        assert src.read_prefix(1, 10) == parts[1]  # the whole frame: nothing less is proven
+    # The table claims less than the frame holds, or more.
+    for delta in (-1, 1, -60000):
+        lying = [entries[0], (entries[1][0], entries[1][1] + delta), entries[2]]
+        path = _seekable(tmp_path / "l.zst", frames, lying)
+        outcomes = _agrees_with_zstd_d(path, reads)
+        assert outcomes[0] == "stream error" and "read error" in outcomes, delta
+
+
+@needs_zstd
+def test_hidden_frame_in_an_empty_entry(tmp_path: Path) -> None:
+    """An empty entry may hold a skippable frame (zstd -d skips it), but not data."""
+    a, b = os.urandom(5000), os.urandom(6000)
+    skippable = struct.pack("<II", 0x184D2A50, 5) + b"hello"
+    hidden = _unsized(b"hidden " * 100)
+    for middle, honest in ((skippable, True), (hidden, False), (_sized(b""), True)):
+        frames = [_sized(a), middle, _sized(b)]
+        entries = [(len(frames[0]), len(a)), (len(middle), 0), (len(frames[2]), len(b))]
+        path = _seekable(tmp_path / "e.zst", frames, entries)
+        outcomes = _agrees_with_zstd_d(path, [(0, 100), (5000, 100), (4990, 20)])
+        if honest:
+            assert set(outcomes) == {"stream ok", "read ok"}
+        else:
+            assert outcomes[0] == "stream error" and "read error" in outcomes
+            with SeekableZstdSource(path) as src:
+                assert src.pread(0, 100) == a[:100]  # before the hidden frame: same offsets
+                with pytest.raises(FormatError, match="does not describe"):
+                    src.pread(5000, 100)
+
+
+_BOMB_CHILD = """
+import resource, sys
+from vmafs.container.zstd_source import MAX_FRAME_SIZE, SeekableZstdSource
+from vmafs.errors import FormatError
+src = SeekableZstdSource(sys.argv[1], cache_bytes=0)
+src.checked_by_reader = sys.argv[2] == "prefix"
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    got = len(src.pread(int(sys.argv[3]), 4096))
+except FormatError as e:
+    got = str(e)
+print(repr(got), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@needs_zstd
+@pytest.mark.parametrize("kind", ["rle", "literals"])
+@pytest.mark.parametrize("sized", [True, False], ids=["claims-64KiB", "no-content-size"])
+def test_bomb_is_refused_in_bounded_memory(tmp_path: Path, kind: str, sized: bool) -> None:
+    """Class 7: ~100 KB whose frame expands to 3 GiB while the table (and maybe the frame
+    header) says 64 KiB: refused, using at most a few MiB."""
+    blocks = 24 << 10  # 3 GiB of output
+    frame = (_rle_bomb if kind == "rle" else _literals_bomb)(64 << 10 if sized else None, blocks)
+    tail = _sized(b"after the bomb")
+    entries = [(len(frame), 64 << 10), (len(tail), 14)]
+    path = _seekable(tmp_path / "bomb.zst", [frame, tail], entries)
+    assert path.stat().st_size < 200_000
+    root = Path(__file__).resolve().parent.parent
+    for mode in ("whole", "prefix"):
+        for offset in (0, 64 << 10):
+            proc = subprocess.run(
+                [sys.executable, "-c", _BOMB_CHILD, str(path), mode, str(offset)],
+                capture_output=True, text=True, cwd=root, timeout=120, check=False,
+            )
+            assert proc.returncode == 0, proc.stderr
+            result, grown_kib = proc.stdout.rsplit(" ", 1)
+            assert int(grown_kib) < 8 << 10, (mode, offset, result)
+            if offset == 0:
+                assert "bomb.zst" in result, (mode, result)  # a FormatError naming the file
+            else:
+                assert result == "14", (mode, result)  # the frame after it is fine
+    # Streaming stops within a read of the table's size too (zstd -d is no oracle here: it
+    # writes the 3 GiB, or fails at once where the frame header says 64 KiB).
+    out = 0
+    with pytest.raises(FormatError), open_stream(path) as f:  # the table's or zstd's check
+        while chunk := f.read(1 << 20):
+            out += len(chunk)
+    assert out <= 4 << 20
+
+
+def test_frame_larger_than_the_cap_is_not_seekable(tmp_path: Path) -> None:
+    """A legal frame above MAX_FRAME_SIZE (the format allows 2 GiB) is refused for random
+    access with the way out; streaming it still works."""
+    path = tmp_path / "big.zst"
+    stream = bytes(MAX_FRAME_SIZE + 4096)
+    with open(path, "wb") as f:
+        out = SeekableZstdOutput(f, frame_size=len(stream), threads=0)
+        out.write(stream)
+        out.close()
+    with pytest.raises(NotSeekableError, match=f"vmafs convert {path}"):
+        SeekableZstdSource(path)
+    with open_stream(path) as f:
+        assert f.read() == stream
+    # A table that only claims a huge frame is refused the same way, before any read.
+    small = _sized(b"x" * 100)
+    lying = _seekable(tmp_path / "claim.zst", [small], [(len(small), 2 << 30)])
+    with pytest.raises(NotSeekableError, match="more than"):
+        SeekableZstdSource(lying)
+
+
+def test_huge_window_without_content_size_is_refused(tmp_path: Path) -> None:
+    frame = _frame_header(None, window_log=30) + _block(True, 0, 5) + b"hello"
+    path = _seekable(tmp_path / "w.zst", [frame], [(len(frame), 5)])
+    with SeekableZstdSource(path) as src, pytest.raises(FormatError, match="window"):
+        src.pread(0, 5)
+
+
+def test_stream_checks_the_table_of_a_file_only(tmp_path: Path) -> None:
+    """A piped seekable file is read like zstd -d (its table is for random access, which
+    needs the file); the file itself has its table compared."""
+    a, b = os.urandom(3000), os.urandom(4000)
+    fa, fb = _sized(a), _sized(b)
+    path = _seekable(tmp_path / "p.zst", [fa, fb], [(len(fa) + len(fb), len(a))])
+    with pytest.raises(FormatError, match=r"does not describe the frames \(entry 0"):
+        open_stream(path).read()
+    proc = _open_stream_from_pipe(
+        path,
+        "import sys; from vmafs.container.streams import open_stream; "
+        "sys.stdout.buffer.write(open_stream('-').read())",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == a + b
+    # A file ending in a seek-table footer whose table is malformed is refused.
+    damaged = bytearray(_seekable(tmp_path / "d.zst", [fa], [(len(fa), len(a))]).read_bytes())
+    damaged[-5] |= 0x10  # a reserved descriptor bit
+    (tmp_path / "d.zst").write_bytes(damaged)
+    with pytest.raises(FormatError, match="bad zstd seek table"):
+        open_stream(tmp_path / "d.zst").read()
+
+
+def test_fifo_without_writer_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code = (
+        "import sys\n"
+        "from vmafs.container.streams import open_stream\n"
+        "from vmafs.container.zstd_source import SeekableZstdSource\n"
+        "from vmafs.errors import VmafsError\n"
+        "for opener in (open_stream, SeekableZstdSource):\n"
+        "    try:\n"
+        "        opener(sys.argv[1])\n"
+        "    except VmafsError as e:\n"
+        "        print(type(e).__name__, e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(fifo)], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parent.parent, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("FormatError") and "empty" in lines[0]
+    assert lines[1].startswith("NotSeekableError") and "not a regular file" in lines[1]

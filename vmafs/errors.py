@@ -17,5 +17,10 @@ class IncompleteError(FormatError):
     """The archive ends early: truncated, or a cluster is missing."""
 
 
+class ContainerError(FormatError):
+    """The compression layer around the VMA stream (zstd frames, seek table, gzip, lzop) is
+    damaged or inconsistent."""
+
+
 class NotSeekableError(VmafsError):
     """The archive can only be read from start to end (gzip, lzo, one-frame zstd)."""

@@ -1,7 +1,8 @@
-"""Reading a VMA stream from start to end, for verify, extract, convert and list.
+"""Reading a VMA stream from start to end, for verify, extract and convert.
 
-Works on any input (a pipe, gzip, lzo, one-frame zstd): it only ever reads forward. The rules
-themselves are pure: vma.py checks each header, ClusterCheck checks the slots of every extent.
+Works on any input (a pipe, gzip, lzo, one-frame zstd): it only ever reads forward. The rules are
+those of every reader: walk.py accepts each extent, rules.ClusterRules each slot, and the
+trailing index (if any) must describe exactly what the stream holds, checksums included.
 """
 
 from __future__ import annotations
@@ -12,16 +13,24 @@ from typing import BinaryIO
 
 import numpy as np
 
-from vmafs.errors import FormatError, IncompleteError
+from vmafs.archive import problems
+from vmafs.archive.problems import Problem
+from vmafs.archive.rules import ClusterRules
+from vmafs.archive.walk import (
+    Extent,
+    HeaderBatch,
+    decode_extent,
+    iter_stream,
+    iter_stream_runs,
+    read_header,
+    slot_offsets,
+)
+from vmafs.errors import ChecksumError, FormatError
 from vmafs.format import index, vma
 
+__all__ = ["ScanResult", "StoredCluster", "iter_extents", "read_header", "scan_stream"]
 
-@dataclass(frozen=True)
-class StreamExtent:
-    offset: int  # stream offset of the extent header
-    header: vma.ExtentHeader
-    raw_header: bytes
-    data: memoryview  # valid until the next extent is read: the buffer is reused
+iter_extents = iter_stream
 
 
 @dataclass(frozen=True)
@@ -35,177 +44,117 @@ class StoredCluster:
     data: memoryview
 
 
-def read_exact(stream: BinaryIO, n: int) -> bytes:
-    """Up to n bytes; fewer only at end of stream."""
-    data = stream.read(n)
-    if data is None:
-        raise FormatError("input would block")
-    if len(data) == n or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < n:
-        more = stream.read(n - got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-def read_into(stream: BinaryIO, view: memoryview) -> int:
-    """Fill view; fewer bytes only at end of stream."""
-    got = 0
-    while got < len(view):
-        n = stream.readinto(view[got:])  # type: ignore[attr-defined]
-        if not n:
-            break
-        got += n
-    return got
-
-
-def read_header(stream: BinaryIO) -> vma.Header:
-    prefix = read_exact(stream, vma.HEADER_FIXED_SIZE)
-    size = vma.header_size_of(prefix)
-    rest = read_exact(stream, size - vma.HEADER_FIXED_SIZE)
-    if len(rest) != size - vma.HEADER_FIXED_SIZE:
-        raise IncompleteError("can't read vma header data")
-    return vma.decode_header(prefix + rest)
-
-
-def iter_extents(stream: BinaryIO, header: vma.Header) -> Iterator[StreamExtent]:
-    """Each extent in order; the stream may only end at an extent boundary."""
-    offset = header.header_size
-    buffer = memoryview(bytearray(vma.MAX_EXTENT_SIZE))
-    while True:
-        raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
-        if not raw:
-            return
-        if len(raw) < vma.EXTENT_HEADER_SIZE:
-            raise IncompleteError(f"read short extent ({len(raw)} bytes) at offset {offset}")
-        try:
-            ext = vma.decode_extent_header(raw, header.uuid)
-        except FormatError as exc:
-            raise FormatError(f"{exc} at offset {offset}") from None
-        need = ext.block_count * vma.BLOCK_SIZE
-        data = buffer[:need]
-        got = read_into(stream, data)
-        if got != need:
-            raise IncompleteError(
-                f"short vma extent ({vma.EXTENT_HEADER_SIZE + got} < "
-                f"{vma.EXTENT_HEADER_SIZE + need}) at offset {offset}: archive is truncated"
-            )
-        yield StreamExtent(offset, ext, raw, data)
-        offset += vma.EXTENT_HEADER_SIZE + need
-
-
-def stored_clusters(ext: StreamExtent) -> Iterator[StoredCluster]:
-    """The used slots of an extent with their data; block_count must match the masks exactly."""
-    view = ext.data
-    pos = 0
+def stored_clusters(ext: Extent, data: memoryview) -> Iterator[StoredCluster]:
+    """The used slots of an (already checked) extent with views of their data."""
     base = ext.offset + vma.EXTENT_HEADER_SIZE
-    for dev_id, cluster, mask in ext.header.slots:
-        n = int(vma.POPCOUNT16[mask]) * vma.BLOCK_SIZE
-        if pos + n > len(view):
-            raise FormatError(f"short vma extent - too many blocks at offset {ext.offset}")
-        yield StoredCluster(dev_id, cluster, mask, base + pos, view[pos:pos + n])
-        pos += n
-    if pos != len(view):
-        raise FormatError(f"vma extent error - missing blocks at offset {ext.offset}")
-
-
-class ClusterCheck:
-    """Proxmox's per-slot rules plus completeness: every cluster exactly once, in range."""
-
-    def __init__(self, header: vma.Header) -> None:
-        self.header = header
-        self.devices = {d.dev_id: d for d in header.devices}
-        self.seen = {d.dev_id: np.zeros(d.clusters, bool) for d in header.devices}
-        self.vmstate_next = 0
-
-    def check(self, slot: StoredCluster) -> None:
-        dev = self.devices.get(slot.dev_id)
-        if dev is None:
-            vmstate = self.header.vmstate
-            if vmstate is not None and slot.dev_id == vmstate.dev_id:
-                if slot.cluster != self.vmstate_next:
-                    raise FormatError("found out of order vmstate data")
-                self.vmstate_next += 1
-                return
-            raise FormatError(f"got wrong dev id {slot.dev_id}")
-        seen = self.seen[dev.dev_id]
-        if slot.cluster >= len(seen):
-            capacity = -(-len(seen) // 64) * 64
-            if slot.mask == 0 and slot.cluster < capacity:
-                return  # Proxmox accepts zero slots inside its bitmap's rounding
-            if slot.mask == 0:
-                raise FormatError(f"cluster {slot.cluster} beyond the end of stream {dev.name}")
-            raise FormatError("got wrong block address - write beyond end "
-                              f"(cluster {slot.cluster} of stream {dev.name})")
-        if seen[slot.cluster]:
-            raise FormatError(f"found duplicated cluster {slot.cluster} for stream {dev.name}")
-        seen[slot.cluster] = True
-        if slot.mask & ~vma.end_mask(dev.size, slot.cluster):
-            raise FormatError("got wrong block address - write beyond end "
-                              f"(cluster {slot.cluster} of stream {dev.name})")
-
-    def missing(self) -> list[str]:
-        problems = []
-        for dev_id, seen in self.seen.items():
-            absent = np.flatnonzero(~seen)
-            if len(absent):
-                name = self.devices[dev_id].name
-                problems.append(f"detected missing cluster {int(absent[0])} for stream {name}"
-                                + (f" ({len(absent)} clusters missing)" if len(absent) > 1 else ""))
-        return problems
+    offsets = (slot_offsets(ext) - base).tolist()
+    for dev_id, cluster, mask, pos in zip(ext.dev_ids.tolist(), ext.clusters.tolist(),
+                                          ext.masks.tolist(), offsets, strict=True):
+        n = vma.POPCOUNT16_LIST[mask] * vma.BLOCK_SIZE
+        yield StoredCluster(dev_id, cluster, mask, base + pos, data[pos:pos + n])
 
 
 class TrailerCheck:
     """Collects the null extents at the end of a stream and checks our index against the data."""
 
-    def __init__(self) -> None:
+    def __init__(self, header: vma.Header) -> None:
+        self.header = header
         self.index = index.IndexBuilder()
         self.null_run: list[tuple[int, bytes]] = []  # (offset, payload) of trailing null extents
-        self.last_offset = 0
+        self.tail = b""  # the stream's last 512 bytes, when they are data
 
-    def add_extent(self, ext: StreamExtent, stored: list[StoredCluster]) -> None:
-        self.last_offset = ext.offset
-        if not ext.header.slots:
-            self.null_run.append((ext.offset, vma.null_extent_payload(ext.raw_header)))
+    def add_extent(self, ext: Extent, stored: list[StoredCluster], data: memoryview) -> None:
+        if ext.is_null:
+            self.null_run.append((ext.offset, ext.payload()))
+            self.tail = b""
             return
         self.null_run = []
+        self.tail = bytes(data[-vma.EXTENT_HEADER_SIZE:]) if len(data) else b""
         self.index.add_extent(ext.offset, [
             (s.dev_id, s.cluster, s.mask, index.checksum(s.data)) for s in stored if s.mask
         ])
 
-    def verify(self) -> tuple[bool, list[str]]:
+    def add_run(self, batch: HeaderBatch) -> None:
+        """A run of extents without data: null extents (a trailer) or zero slots."""
+        used = (batch.dev_ids != 0).any(axis=1)
+        if used.any():
+            last = int(np.flatnonzero(used)[-1])
+            self.null_run = []
+            rows = range(last + 1, len(used))
+        else:
+            rows = range(len(used))
+        self.tail = b""
+        for i in rows:
+            self.null_run.append((int(batch.offsets[i]),
+                                  vma.null_extent_payload(batch.raw[i].tobytes())))
+
+    def verify(self) -> tuple[bool, list[Problem]]:
         """(has_index, problems): the trailing index must list exactly what the data holds."""
         if not self.null_run:
-            return False, []
+            return False, self._forged_tail()
         footer_offset, footer_payload = self.null_run[-1]
-        footer = index.decode_footer(footer_payload)
+        try:
+            footer = index.decode_footer(footer_payload)
+        except FormatError as exc:
+            return True, [_index_problem(f"trailing index: {exc}", footer_offset)]
         if footer is None:
             if any(p.startswith(index.INDEX_MAGIC) for _, p in self.null_run):
                 # our index is there but its footer (the last extent) is not: cut short
-                return True, ["trailing index has no footer: the archive is truncated"]
+                return True, [Problem(problems.TRUNCATED, "trailing index has no footer: the "
+                                      "archive is truncated", offset=footer_offset)]
             return False, []
         try:
             index.index_extent_span(footer, footer_offset)
             blob = b"".join(p for off, p in self.null_run[:-1] if off >= footer.index_offset)
             table = index.decode_index(index.check_index_blob(blob, footer))
+        except ChecksumError as exc:
+            return True, [Problem(problems.CHECKSUM, f"trailing index: {exc}",
+                                  offset=footer.index_offset)]
         except FormatError as exc:
-            return True, [f"trailing index: {exc}"]
+            return True, [_index_problem(f"trailing index: {exc}", footer.index_offset)]
         seen = index.decode_index(self.index.encode())
         for name in ("dev_ids", "clusters", "masks", "offsets"):
             if not np.array_equal(getattr(seen, name), getattr(table, name)):
-                return True, [f"trailing index does not match the data ({name} differ)"]
+                return True, [_index_problem(
+                    f"trailing index does not match the data ({name} differ)",
+                    footer.index_offset)]
         assert seen.checksums is not None and table.checksums is not None
         bad = np.flatnonzero(seen.checksums != table.checksums)
-        return True, [
-            f"data checksum mismatch in cluster {int(seen.clusters[i])} of device "
-            f"{int(seen.dev_ids[i])} (stream offset {int(seen.offsets[i])})"
-            for i in bad[:10]
-        ] + ([f"... and {len(bad) - 10} more bad clusters"] if len(bad) > 10 else [])
+        names = {d.dev_id: d.name for d in self.header.devices}
+        found = [Problem(problems.CHECKSUM,
+                         f"data checksum mismatch in cluster {int(seen.clusters[i])} of "
+                         f"{names.get(int(seen.dev_ids[i]), seen.dev_ids[i])} "
+                         f"(stream offset {int(seen.offsets[i])})",
+                         device=names.get(int(seen.dev_ids[i])), cluster=int(seen.clusters[i]),
+                         offset=int(seen.offsets[i]))
+                 for i in bad[:10].tolist()]
+        if len(bad) > 10:
+            found.append(Problem(problems.CHECKSUM, f"... and {len(bad) - 10} more bad clusters"))
+        return True, found
+
+    def _forged_tail(self) -> list[Problem]:
+        """A stream without an index whose last data bytes look like a vmafs footer: a random
+        access reader would find an index there that the stream does not have."""
+        if len(self.tail) < vma.EXTENT_HEADER_SIZE:
+            return []
+        try:
+            ext = decode_extent(self.tail, self.header.uuid, 0)
+            if not ext.is_null or not ext.payload().startswith(index.FOOTER_MAGIC):
+                return []
+        except FormatError:
+            return []
+        return [_index_problem("the archive's last data bytes look like a vmafs footer: an "
+                               "index that is not part of the stream", None)]
+
+
+def _covered(sizes: np.ndarray, dev_ids: np.ndarray, clusters: np.ndarray) -> int:
+    """Device bytes these slots account for (for progress), clipped at each device's end."""
+    left = sizes[dev_ids.astype(np.intp)] - clusters.astype(np.int64) * vma.CLUSTER_SIZE
+    return int(np.clip(left, 0, vma.CLUSTER_SIZE).sum())
+
+
+def _index_problem(message: str, offset: int | None) -> Problem:
+    return Problem(problems.INDEX, message, offset=offset)
 
 
 @dataclass
@@ -215,7 +164,7 @@ class ScanResult:
     stored_bytes: int = 0
     stream_bytes: int = 0
     has_index: bool = False
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
 
 def scan_stream(
@@ -227,35 +176,49 @@ def scan_stream(
 ) -> ScanResult:
     """Read a whole archive, checking every rule; on_extent sees each extent's checked slots.
 
-    A broken extent raises FormatError (nothing after it can be trusted); missing clusters and
-    a trailing index that disagrees with the data are collected in ScanResult.problems.
-    Pass the header if it was already read from this stream (stdin cannot be opened twice).
+    A broken extent or slot raises ArchiveError (nothing after it can be trusted); missing
+    clusters and a trailing index that disagrees with the data are collected in
+    ScanResult.problems. Pass the header if it was already read from this stream (stdin cannot
+    be opened twice).
     """
     if header is None:
         header = read_header(stream)
     result = ScanResult(header)
-    clusters = ClusterCheck(header)
-    trailer = TrailerCheck()
-    sizes = {d.dev_id: d.size for d in header.devices}
+    rules = ClusterRules(header)
+    trailer = TrailerCheck(header)
+    sizes = np.zeros(256, np.int64)  # per dev_id; 0 for vmstate and unknown ids
+    for dev in header.devices:
+        sizes[dev.dev_id] = dev.size
     end = header.header_size
-    for ext in iter_extents(stream, header):
-        stored = list(stored_clusters(ext))
-        done = 0
-        for slot in stored:
-            clusters.check(slot)
-            size = sizes.get(slot.dev_id)
-            if size is not None:
-                done += min(vma.CLUSTER_SIZE, size - slot.cluster * vma.CLUSTER_SIZE)
+    for item in iter_stream_runs(stream, header):
+        if isinstance(item, HeaderBatch):
+            used = item.dev_ids != 0
+            rules.check(item.dev_ids[used], item.clusters[used], item.masks[used],
+                        np.repeat(item.offsets, used.sum(axis=1)))
+            trailer.add_run(item)
+            result.extents += len(item.offsets)
+            end = int(item.offsets[-1]) + vma.EXTENT_HEADER_SIZE
+            if progress is not None:
+                done = _covered(sizes, item.dev_ids[used], item.clusters[used])
+                if done:
+                    progress(done)
+            continue
+        ext, data = item
+        rules.check(ext.dev_ids, ext.clusters, ext.masks,
+                    np.full(len(ext.dev_ids), ext.offset, np.int64))
+        stored = list(stored_clusters(ext, data))
         if on_extent is not None:
             on_extent(stored)
-        trailer.add_extent(ext, stored)
+        trailer.add_extent(ext, stored, data)
         result.extents += 1
-        result.stored_bytes += len(ext.data)
-        end = ext.offset + vma.EXTENT_HEADER_SIZE + len(ext.data)
-        if progress is not None and done:
-            progress(done)
+        result.stored_bytes += len(data)
+        end = ext.offset + ext.size
+        if progress is not None:
+            done = _covered(sizes, ext.dev_ids, ext.clusters)
+            if done:
+                progress(done)
     result.stream_bytes = end
-    result.problems.extend(clusters.missing())
+    result.problems.extend(rules.missing())
     result.has_index, index_problems = trailer.verify()
     result.problems.extend(index_problems)
     return result

@@ -3,35 +3,30 @@
 It never seeks and holds at most one extent plus the partially written clusters, so it can feed a
 pipe or a compressor. Every cluster is emitted exactly once; clusters never written (or zeroed)
 become zero slots at the end, then the index and the footer follow as null extents.
+
+Which clusters were seen is kept in ClusterSets, not in arrays over whole devices: a 16 TiB sparse
+disk (2^28 clusters) costs memory for what was written, and finish() walks the zero slots in
+chunks, building their extent headers with numpy (md5 per header is the only per-extent work).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
+from vmafs.archive.clusterset import ClusterSet
+from vmafs.container.zstd_output import Output
 from vmafs.errors import FormatError
 from vmafs.format import index, vma
 
 CLUSTER = vma.CLUSTER_SIZE
-
-# Per-cluster states in ArchiveWriter._state.
-_UNTOUCHED, _ZEROED, _PARTIAL, _EMITTED = 0, 1, 2, 3
-
-
-class Output(Protocol):
-    """Where the stream goes. Each write() is whole extents, so any call may start a zstd frame."""
-
-    def write(self, chunk: bytes) -> None: ...
-
-    def end_frame(self) -> None: ...
-
-    def close(self) -> None: ...
+SLOTS = vma.SLOTS_PER_EXTENT
+ZERO_CHUNK = 1 << 18  # zero slots per numpy step in finish(): ~10 MB of temporaries
 
 
 @dataclass(frozen=True)
@@ -82,14 +77,19 @@ class ArchiveWriter:
         self.devices = list(devices)
         self.uuid = uuid if uuid is not None else uuidlib.uuid4().bytes
         self.ctime = int(time.time()) if ctime is None else ctime
-        limit = extent_bytes or getattr(out, "extent_bytes", None) or vma.MAX_EXTENT_SIZE
+        limit = extent_bytes or out.extent_bytes
         self._extent_blocks = max(vma.BLOCKS_PER_CLUSTER,
                                   min(limit // vma.BLOCK_SIZE,
                                       vma.SLOTS_PER_EXTENT * vma.BLOCKS_PER_CLUSTER))
         self._progress = progress
         header = vma.encode_header(self.uuid, self.ctime,
                                    [(d.name, d.size) for d in self.devices], configs)
-        self._state = [np.zeros(-(-d.size // CLUSTER), np.uint8) for d in self.devices]
+        # touched: written, zeroed or begun (a second write of any is a duplicate); zeroed: by
+        # write_zeroes. Zero slots at the end: the untouched and the zeroed clusters. Whole
+        # clusters written (the hot path) touch only one set.
+        self._touched = [ClusterSet(-(-d.size // CLUSTER)) for d in self.devices]
+        self._zeroed = [ClusterSet(-(-d.size // CLUSTER)) for d in self.devices]
+        self._zero_template = _zero_extent_template(self.uuid)
         self._partial: dict[tuple[int, int], _PartialCluster] = {}
         self._slots: list[tuple[int, int, int]] = []
         self._chunks: list[bytes | memoryview] = []
@@ -130,10 +130,8 @@ class ArchiveWriter:
         if first >= last:
             self._write_pieces(dev_id, offset, memoryview(bytes(length)))
             return
-        state = self._state[dev_id - 1]
-        if state[first:last].any():
-            self._duplicate(dev_id, first + int(np.flatnonzero(state[first:last])[0]))
-        state[first:last] = _ZEROED
+        self._claim(dev_id, first, last)
+        self._zeroed[dev_id - 1].add_range(first, last)
         self._report(min(last * CLUSTER, size) - first * CLUSTER)
         if offset < first * CLUSTER:
             self._write_pieces(dev_id, offset, memoryview(bytes(first * CLUSTER - offset)))
@@ -145,18 +143,15 @@ class ArchiveWriter:
         if self.finished:
             raise RuntimeError("archive already finished")
         for (dev_id, cluster), part in sorted(self._partial.items()):
-            self._state[dev_id - 1][cluster] = _EMITTED
             self._add_cluster(dev_id, cluster, memoryview(part.data)[:part.length], part.length)
         self._partial.clear()
-        for dev_id, state in enumerate(self._state, start=1):
-            untouched = np.flatnonzero(state == _UNTOUCHED)
-            if len(untouched):
-                size = self.devices[dev_id - 1].size
-                tail = len(state) * CLUSTER - size if untouched[-1] == len(state) - 1 else 0
-                self._report(len(untouched) * CLUSTER - tail)
-            missing = np.flatnonzero(state != _EMITTED)
-            state[missing] = _EMITTED
-            self._add_zero_clusters(dev_id, missing)
+        for dev_id, touched in enumerate(self._touched, start=1):
+            untouched = touched.missing_count()
+            if untouched:
+                last = touched.limit - 1
+                tail = touched.limit * CLUSTER - self.devices[dev_id - 1].size
+                self._report(untouched * CLUSTER - (0 if last in touched else tail))
+            self._add_zero_clusters(dev_id, self._zero_slots(dev_id))
         self._flush_extent()
         if not self.devices:
             self._emit(vma.encode_extent_header(self.uuid, [], 0))  # like vma create
@@ -185,13 +180,22 @@ class ArchiveWriter:
     def _duplicate(self, dev_id: int, cluster: int) -> None:
         raise FormatError(f"cluster {cluster} of {self.devices[dev_id - 1].name} written twice")
 
+    def _claim(self, dev_id: int, first: int, last: int) -> None:
+        """Mark clusters [first, last) touched; any touched before is a duplicate."""
+        touched = self._touched[dev_id - 1]
+        if last - first == 1:  # one cluster (QEMU's backup job writes 64 KiB): one step
+            if not touched.add(first):
+                self._duplicate(dev_id, first)
+            return
+        dup = touched.first_present(first, last)
+        if dup is not None:
+            self._duplicate(dev_id, dup)
+        touched.add_range(first, last)
+
     def _write_clusters(self, dev_id: int, first: int, view: memoryview, size: int) -> None:
         """Whole clusters (the last may be the device's short tail), masks in one numpy pass."""
         count = -(-len(view) // CLUSTER)
-        state = self._state[dev_id - 1]
-        if state[first:first + count].any():
-            self._duplicate(dev_id, first + int(np.flatnonzero(state[first:first + count])[0]))
-        state[first:first + count] = _EMITTED
+        self._claim(dev_id, first, first + count)
         if len(view) % CLUSTER:
             padded = bytearray(count * CLUSTER)
             padded[:len(view)] = view
@@ -217,7 +221,7 @@ class ArchiveWriter:
 
     def _write_pieces(self, dev_id: int, offset: int, view: memoryview) -> None:
         size = self.devices[dev_id - 1].size
-        state = self._state[dev_id - 1]
+        touched = self._touched[dev_id - 1]
         pos = 0
         while pos < len(view):
             cluster, start = divmod(offset + pos, CLUSTER)
@@ -225,13 +229,11 @@ class ArchiveWriter:
             key = (dev_id, cluster)
             part = self._partial.get(key)
             if part is None:
-                if state[cluster] != _UNTOUCHED:
+                if not touched.add(cluster):
                     self._duplicate(dev_id, cluster)
-                state[cluster] = _PARTIAL
                 part = self._partial[key] = _PartialCluster(min(CLUSTER, size - cluster * CLUSTER))
             if part.add(start, view[pos:pos + n]):
                 del self._partial[key]
-                state[cluster] = _EMITTED
                 self._add_cluster(dev_id, cluster, memoryview(part.data)[:part.length], part.length)
             pos += n
 
@@ -253,21 +255,69 @@ class ArchiveWriter:
             self._blocks += nblocks
         self._report(length)
 
-    def _add_zero_clusters(self, dev_id: int, clusters: np.ndarray) -> None:
-        """Zero slots in bulk: a 1 TiB empty disk is 16 M of them."""
-        if not len(clusters):
+    def _zero_slots(self, dev_id: int) -> Iterator[np.ndarray]:
+        """The clusters that go out as zero slots, ascending, in chunks of at most ZERO_CHUNK:
+        never touched, or zeroed (the two are disjoint)."""
+        touched, zeroed = self._touched[dev_id - 1], self._zeroed[dev_id - 1]
+        if not len(zeroed):
+            yield from touched.iter_missing(ZERO_CHUNK)
             return
-        if self._slots:
-            take = vma.SLOTS_PER_EXTENT - len(self._slots)
-            for cluster in clusters[:take].tolist():
-                self._slots.append((dev_id, cluster, 0))
-            clusters = clusters[take:]
-            self._flush_extent()
-        infos = (np.uint64(dev_id) << np.uint64(32)) | clusters.astype(np.uint64)
-        for start in range(0, len(infos), vma.SLOTS_PER_EXTENT):
-            group = infos[start:start + vma.SLOTS_PER_EXTENT]
-            slots = group.astype(">u8").tobytes().ljust(vma.SLOTS_PER_EXTENT * 8, b"\0")
-            self._emit(vma.seal_extent(self.uuid, 0, slots))
+        for lo in range(0, touched.limit, ZERO_CHUNK):
+            hi = min(lo + ZERO_CHUNK, touched.limit)
+            parts = [*touched.iter_missing(ZERO_CHUNK, lo, hi),
+                     *zeroed.iter_present(ZERO_CHUNK, lo, hi)]
+            if len(parts) > 1:
+                yield np.sort(np.concatenate(parts))
+            elif parts:
+                yield parts[0]
+
+    def _add_zero_clusters(self, dev_id: int, chunks: Iterator[np.ndarray]) -> None:
+        """Zero slots for clusters in ascending chunks: first they fill the open extent (if
+        any), then go out in 59-slot extents, the last one short (a 16 TiB empty disk is 4.5 M
+        extents). The grouping runs across chunks, as if all came at once."""
+        fill = SLOTS - len(self._slots) if self._slots else 0
+        carry = np.zeros(0, np.int64)
+        for chunk in chunks:
+            if fill:
+                head, chunk = chunk[:fill], chunk[fill:]
+                self._slots.extend((dev_id, c, 0) for c in head.tolist())
+                fill -= len(head)
+                if fill:
+                    continue
+                self._flush_extent()
+            if len(carry):
+                chunk = np.concatenate((carry, chunk))
+            whole = len(chunk) - len(chunk) % SLOTS
+            self._emit_zero_extents(dev_id, chunk[:whole])
+            carry = chunk[whole:]
+        if fill and len(self._slots) > SLOTS - fill:
+            self._flush_extent()  # fewer zero slots than the open extent had room for
+        self._emit_zero_extents(dev_id, carry)
+
+    def _emit_zero_extents(self, dev_id: int, clusters: np.ndarray) -> None:
+        """Extent headers of zero slots only, 59 a header (the last padded with empty slots):
+        built as one numpy array, sealed by an md5 each, each written as one extent."""
+        count = -(-len(clusters) // SLOTS)
+        if not count:
+            return
+        infos = np.zeros(count * SLOTS, ">u8")
+        infos[:len(clusters)] = (np.uint64(dev_id) << np.uint64(32)) | clusters.astype(np.uint64)
+        heads = np.empty((count, vma.EXTENT_HEADER_SIZE), np.uint8)
+        heads[:, :_SLOTS_AT] = self._zero_template
+        heads[:, _SLOTS_AT:] = infos.view(np.uint8).reshape(count, -1)
+        flat = heads.data.cast("B")
+        md5 = hashlib.md5
+        size = vma.EXTENT_HEADER_SIZE
+        digests = b"".join([md5(flat[at:at + size]).digest()
+                            for at in range(0, count * size, size)])
+        heads[:, _MD5_AT:_SLOTS_AT] = np.frombuffer(digests, np.uint8).reshape(count, 16)
+        data = heads.tobytes()
+        del heads, flat
+        # one write per extent, as before: a zstd output cuts frames only between writes
+        write = self.out.write
+        for at in range(0, len(data), size):
+            write(data[at:at + size])
+        self.position += len(data)
 
     def _flush_extent(self) -> None:
         if not self._slots:
@@ -284,6 +334,16 @@ class ArchiveWriter:
     def _emit(self, data: bytes) -> None:
         self.out.write(data)
         self.position += len(data)
+
+
+_MD5_AT, _SLOTS_AT = 24, 40  # where an extent header's md5 and slots begin
+
+
+def _zero_extent_template(uuid: bytes) -> np.ndarray:
+    """The first 40 bytes of every zero-slot extent header (md5 still zero)."""
+    head = np.frombuffer(vma.seal_extent(uuid, 0, bytes(SLOTS * 8)), np.uint8)[:_SLOTS_AT].copy()
+    head[_MD5_AT:_SLOTS_AT] = 0
+    return head
 
 
 def _whole_clusters(offset: int, end: int, size: int) -> tuple[int, int]:

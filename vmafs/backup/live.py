@@ -24,28 +24,26 @@ What keeps the VM safe whatever happens:
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
 import shutil
 import signal
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 import trio_asyncio
 
-from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.backup import blockgraph
 from vmafs.backup.blockgraph import Disk
 from vmafs.backup.nbd_server import serve_nbd
+from vmafs.backup.pipe import FINISH, DiskSink, Pipe
 from vmafs.backup.qmp import GuestAgent, QemuGone, Qmp, QmpError, has_member, open_qmp
-from vmafs.container.output import check_output_name, open_output
+from vmafs.backup.writer_thread import WriterThread, describe_writer_error
+from vmafs.container.output import check_output_name
 from vmafs.errors import VmafsError
 from vmafs.progress import Progress
 
@@ -83,8 +81,6 @@ class BackupResult:
     seconds: float
     x_perf: bool
     frozen: int | None          # filesystems frozen by the guest agent, None without --qga
-    transaction_at: float = 0.0  # monotonic time the transaction returned
-    nbd_requests: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -96,214 +92,6 @@ class BackupResult:
             "x_perf": self.x_perf,
             "frozen": self.frozen,
         }
-
-
-# --- sink -> writer thread hand-off ------------------------------------------------------------
-
-_WRITE, _ZEROES, _FINISH, _ABORT = range(4)
-
-
-class _Pipe:
-    """Queue from the trio sink to the writer thread, bounded in bytes.
-
-    `put` waits (in trio) while the queue is full; after `discard()` it drops everything and
-    returns at once, which is what frees QEMU when the backup is void.
-    """
-
-    def __init__(self, capacity: int, token: trio.lowlevel.TrioToken) -> None:
-        self._capacity = capacity
-        self._token = token
-        self._cond = threading.Condition()
-        self._items: deque[tuple[Any, ...]] = deque()
-        self._bytes = 0
-        self._space: trio.Event | None = None
-        self.discarding = False
-        self.last_progress = time.monotonic()
-        self.busy = False      # the writer thread holds an item it has not finished
-
-    async def put(self, item: tuple[Any, ...], nbytes: int) -> None:
-        while True:
-            with self._cond:
-                if self.discarding:
-                    return
-                if self._bytes == 0 or self._bytes + nbytes <= self._capacity:
-                    items = self._items
-                    if not items and not self.busy:
-                        self.last_progress = time.monotonic()  # the stall clock starts now
-                    elif item[0] == _ZEROES and items and _extends(items[-1], item):
-                        # Empty space comes as a run of adjacent zero requests: one item.
-                        last = items[-1]
-                        items[-1] = (_ZEROES, last[1], last[2], last[3] + item[3])
-                        return
-                    items.append(item)
-                    self._bytes += nbytes
-                    self._cond.notify()
-                    return
-                if self._space is None:
-                    self._space = trio.Event()
-                space = self._space
-            await space.wait()
-
-    def put_control(self, kind: int) -> None:
-        with self._cond:
-            if kind == _ABORT:
-                self._items.clear()
-                self._items.appendleft((_ABORT,))
-            else:
-                self._items.append((kind,))
-            self._cond.notify()
-
-    def discard(self) -> None:
-        """Stop storing: wake every waiting put, drop the queue, tell the writer to abort."""
-        with self._cond:
-            self.discarding = True
-            self._bytes = 0
-            space, self._space = self._space, None
-        self.put_control(_ABORT)
-        if space is not None:
-            space.set()
-
-    def pending(self) -> bool:
-        with self._cond:
-            return bool(self._items) or self.busy
-
-    # writer-thread side
-
-    def get(self) -> tuple[Any, ...]:
-        with self._cond:
-            while not self._items:
-                self._cond.wait()
-            self.busy = True
-            return self._items.popleft()
-
-    def done(self, nbytes: int) -> None:
-        with self._cond:
-            self.busy = False
-            self.last_progress = time.monotonic()
-            if self.discarding:
-                return
-            self._bytes -= nbytes
-            space = self._space
-            if space is not None and self._bytes <= self._capacity // 2:
-                self._space = None
-            else:
-                space = None
-        if space is not None:
-            self._token.run_sync_soon(space.set)
-
-    def heartbeat(self) -> None:
-        self.last_progress = time.monotonic()
-
-
-def _extends(last: tuple[Any, ...], item: tuple[Any, ...]) -> bool:
-    return bool(last[0] == _ZEROES and last[1] == item[1] and last[2] + last[3] == item[2])
-
-
-class _DiskSink:
-    """The NBD ExportHandler of one disk: enqueue and return."""
-
-    def __init__(self, pipe: _Pipe, dev_id: int) -> None:
-        self._pipe = pipe
-        self._dev_id = dev_id
-
-    async def write(self, offset: int, data: bytes | bytearray) -> None:
-        # nbd_server hands us a buffer nobody else references: no copy needed.
-        await self._pipe.put((_WRITE, self._dev_id, offset, data), len(data))
-
-    async def write_zeroes(self, offset: int, length: int) -> None:
-        await self._pipe.put((_ZEROES, self._dev_id, offset, length), 0)
-
-    async def flush(self) -> None:
-        # Durability is decided at commit (fsync + rename), not per NBD flush; waiting here
-        # would only let a slow output hold up QEMU's blockdev-del.
-        return
-
-
-class _WriterThread:
-    """The one thread that owns the output and the ArchiveWriter."""
-
-    def __init__(self, opts: BackupOptions, disks: Sequence[Disk], pipe: _Pipe,
-                 progress: Progress, token: trio.lowlevel.TrioToken,
-                 on_error: Callable[[BaseException], None]) -> None:
-        self._opts = opts
-        self._disks = disks
-        self._pipe = pipe
-        self._progress = progress
-        self._token = token
-        self._on_error = on_error
-        self.ready = trio.Event()
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-        self.committed = False
-        self.bytes_out = 0
-        self._thread = threading.Thread(target=self._main, name="vmafs-writer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _beat(self, nbytes: int) -> None:
-        self._pipe.heartbeat()
-        self._progress.update(nbytes)
-
-    def _main(self) -> None:
-        opts = self._opts
-        try:
-            with open_output(opts.output, zstd=opts.zstd, level=opts.level,
-                             threads=opts.threads) as out:
-                writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in self._disks],
-                                       opts.configs, progress=self._beat)
-                self._token.run_sync_soon(self.ready.set)
-                pipe = self._pipe
-                while True:
-                    item = pipe.get()
-                    kind = item[0]
-                    if kind == _WRITE:
-                        writer.write(item[1], item[2], item[3])
-                        pipe.done(len(item[3]))
-                    elif kind == _ZEROES:
-                        writer.write_zeroes(item[1], item[2], item[3])
-                        pipe.done(0)
-                    elif kind == _FINISH:
-                        writer.finish()
-                        pipe.done(0)
-                        if pipe.discarding:  # failed meanwhile: never under the final name
-                            raise _Aborted
-                        break
-                    else:
-                        raise _Aborted
-                self.bytes_out = getattr(out, "bytes_out", 0)
-            self.committed = True
-        except _Aborted:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - reported to the trio side, one line
-            self.error = exc
-            with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._on_error, exc)
-        finally:
-            with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self.ready.set)
-                self._token.run_sync_soon(self.done.set)
-
-
-class _Aborted(Exception):
-    pass
-
-
-def describe_writer_error(exc: BaseException, output: str) -> str:
-    if isinstance(exc, VmafsError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        where = "standard output" if output == "-" else (exc.filename or output)
-        if exc.errno == errno.ENOSPC:
-            return f"writing {where}: no space left on device"
-        if exc.errno == errno.EPIPE:
-            return f"writing {where}: the reader went away (broken pipe)"
-        return f"writing {where}: {exc.strerror or exc}"
-    return f"archive writer failed: {exc!r}"
 
 
 # --- the backup ------------------------------------------------------------------------------
@@ -335,16 +123,14 @@ class Backup:
         self.disks: list[Disk] = []
         self.x_perf = False
         self.frozen: int | None = None
-        self.transaction_at = 0.0
-        self.writer: _WriterThread | None = None
-        self.pipe: _Pipe | None = None
+        self.writer: WriterThread | None = None
+        self.pipe: Pipe | None = None
         self._st = _State()
         self._scope = trio.CancelScope()
         self._nbd_scope = trio.CancelScope()
         self._qmp: Qmp | None = None
         self._sockdir: str | None = None
         self.progress: Progress | None = None
-        self._nbd_stats: list[Any] = []
         #: Set once the jobs run; tests use it to inject failures at the right moment.
         self.jobs_started = trio.Event()
         self._jobs_maybe = False
@@ -405,8 +191,7 @@ class Backup:
         assert self.writer is not None
         total = sum(d.size for d in self.disks)
         return BackupResult(opts.output, self.disks, total, time.monotonic() - started,
-                            self.x_perf, self.frozen, self.transaction_at,
-                            sum(s.requests for s in self._nbd_stats))
+                            self.x_perf, self.frozen)
 
     async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
@@ -439,11 +224,11 @@ class Backup:
 
     async def _start_writer(self, nursery: trio.Nursery) -> None:
         token = trio.lowlevel.current_trio_token()
-        self.pipe = _Pipe(self.opts.queue_bytes, token)
+        self.pipe = Pipe(self.opts.queue_bytes, token)
         total = sum(d.size for d in self.disks)
         label = "backup" if self.opts.output == "-" else os.path.basename(self.opts.output)
         self.progress = Progress(label, total, enabled=self.opts.progress)
-        self.writer = _WriterThread(self.opts, self.disks, self.pipe, self.progress, token,
+        self.writer = WriterThread(self.opts, self.disks, self.pipe, self.progress, token,
                                     self._writer_failed)
         self.writer.start()
         nursery.start_soon(self._watchdog)
@@ -462,9 +247,7 @@ class Backup:
             async with trio.open_nursery() as nursery:
                 for i, disk in enumerate(self.disks):
                     path = os.path.join(self._sockdir, f"{i}.sock")
-                    stats = await nursery.start(
-                        serve_nbd, path, disk.size, _DiskSink(self.pipe, i + 1))
-                    self._nbd_stats.append(stats)
+                    await nursery.start(serve_nbd, path, disk.size, DiskSink(self.pipe, i + 1))
                 task_status.started()
 
     async def _add_nodes(self, qmp: Qmp) -> None:
@@ -499,7 +282,6 @@ class Backup:
             # so teardown asks QEMU about them.
             self._jobs_maybe = True
             await qmp.execute("transaction", args)
-            self.transaction_at = time.monotonic()
         finally:
             if self._st.maybe_frozen:
                 with trio.CancelScope(shield=True):
@@ -642,7 +424,7 @@ class Backup:
     async def _commit(self) -> None:
         """Every job completed: let the writer finish the archive and rename it."""
         assert self.pipe is not None and self.writer is not None
-        self.pipe.put_control(_FINISH)
+        self.pipe.put_control(FINISH)
         with self._scope_for_commit():
             await self.writer.done.wait()
         if self.failure is None and self.writer.error is not None:
@@ -697,8 +479,3 @@ async def run_backup(job: Backup) -> BackupResult:
                     await job.abort_writer()
     assert error is not None
     raise error
-
-
-def backup(opts: BackupOptions) -> BackupResult:
-    """Synchronous entry point: runs its own trio loop; raises BackupError on failure."""
-    return trio.run(run_backup, Backup(opts))

@@ -36,6 +36,9 @@ def progress_for(args: argparse.Namespace, label: str, total: int) -> Progress:
 
 
 def format_ctime(ctime: int) -> str:
-    """Like C's ctime() without the newline, as `vma list` prints it."""
-    return time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(ctime))
-
+    """Like C's ctime() without the newline, as `vma list` prints it; the plain number when the
+    platform cannot represent that time (the header's ctime is any int64)."""
+    try:
+        return time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(ctime))
+    except (OverflowError, OSError, ValueError):
+        return str(ctime)

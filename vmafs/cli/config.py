@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vmafs.archive.scan import read_header
@@ -10,6 +11,7 @@ from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input
 from vmafs.container.streams import open_stream
 from vmafs.errors import VmafsError
+from vmafs.format.names import display, raw
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,10 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     with open_stream(args.archive) as stream:
         header = read_header(stream)
-    configs = dict(header.configs)
-    if args.name not in configs:
-        have = ", ".join(configs) or "none"
-        raise VmafsError(f"no config file {args.name!r} in the archive (it has: {have})")
-    sys.stdout.buffer.write(configs[args.name])
+    wanted = os.fsencode(args.name)
+    # by bytes, the first match, like `vma config` (strcmp over the config slots in order)
+    data = next((d for n, d in header.configs if raw(n) == wanted), None)
+    if data is None:
+        have = ", ".join(display(n) for n, _ in header.configs) or "none"
+        raise VmafsError(f"no config file '{display(args.name)}' in the archive (it has: {have})")
+    sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
     return 0

@@ -4,18 +4,19 @@ whole archive has been read and every check (checksums included) has passed."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import stat
 from typing import BinaryIO
 
+from vmafs.archive.problems import MISSING
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_json, add_quiet, progress_for
-from vmafs.container.output import WRITEBACK_STEP, current_umask, start_writeback
+from vmafs.container.output import WRITEBACK_STEP, TempFile, open_dir, start_writeback
 from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, VmafsError
 from vmafs.format import vma
-from vmafs.format.names import disk_file_name, safe_name
+from vmafs.format.names import display, file_names, json_name, raw
 from vmafs.progress import print_json
 
 
@@ -45,75 +46,96 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
         header = read_header(stream)
     except FormatError as exc:
         raise VmafsError(f"{args.archive}: {exc}") from None
-    names = {d.name for d in header.devices}
-    unknown = [n for n in args.drive if n not in names]
+    by_name = {raw(d.name) for d in header.devices}
+    unknown = [n for n in args.drive if os.fsencode(n) not in by_name]
     if unknown:
-        raise VmafsError(f"no device {unknown[0]!r} in the archive (it has: "
-                         f"{', '.join(sorted(names)) or 'none'})")
-    wanted = [d for d in header.devices if not args.drive or d.name in args.drive]
-    targets = {d.dev_id: disk_file_name(d.name) for d in wanted}
-    if header.vmstate is not None and not args.drive:
-        targets[header.vmstate.dev_id] = "vmstate.bin"
-    configs = {safe_name(name): data for name, data in header.configs}
-    finals = list(targets.values()) + list(configs)
-    if len(set(finals)) != len(finals):
-        raise VmafsError("two items of the archive map to the same file name")
-    os.makedirs(args.dir, exist_ok=True)
-    for name in finals:
-        if os.path.lexists(os.path.join(args.dir, name)) and not args.force:
-            raise VmafsError(f"{os.path.join(args.dir, name)} exists (use --force to replace it)")
-    sizes = {d.dev_id: d.size for d in header.devices}
-    if header.vmstate is not None:
+        raise VmafsError(f"no device '{display(unknown[0])}' in the archive (it has: "
+                         f"{', '.join(sorted(display(d.name) for d in header.devices)) or 'none'})")
+    chosen = {os.fsencode(n) for n in args.drive}
+    wanted = [d for d in header.devices if not args.drive or raw(d.name) in chosen]
+    # the names of every item, whatever -d picks, so they are the names the mount shows
+    names = file_names(header.devices, [name for name, _ in header.configs],
+                       vmstate=header.vmstate is not None)
+    targets = {d.dev_id: names.disks[d.dev_id] for d in wanted}
+    sizes = {d.dev_id: d.size for d in wanted}
+    extracted = [d.name for d in wanted]
+    if header.vmstate is not None and not args.drive and names.vmstate is not None:
+        targets[header.vmstate.dev_id] = names.vmstate
         sizes[header.vmstate.dev_id] = header.vmstate.size
-    fds: dict[int, int] = {}
-    parts = [os.path.join(args.dir, name + ".part") for name in finals]
-    progress = progress_for(args, "extract", sum(d.size for d in wanted))
-    try:
-        for dev_id, name in targets.items():
-            fd = os.open(os.path.join(args.dir, name + ".part"),
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            fds[dev_id] = fd
-            os.ftruncate(fd, sizes[dev_id])
-
-        written = 0
-
-        def on_extent(slots: list[StoredCluster]) -> None:
-            nonlocal written
-            before = written // WRITEBACK_STEP
-            written += write_extent(fds, slots, sizes)
-            if written // WRITEBACK_STEP != before:  # overlap the disk writes with the reading
-                for fd in fds.values():
-                    start_writeback(fd)
-
+        extracted.append(header.vmstate.name)
+    configs = list(zip(names.configs, header.configs, strict=True))  # (file, (name, data))
+    os.makedirs(args.dir, exist_ok=True)
+    with open_dir(args.dir) as dir_fd:
+        for fname in [*targets.values(), *(f for f, _ in configs)]:
+            _check_target(dir_fd, os.path.join(args.dir, os.fsdecode(fname)), fname, args.force)
+        progress = progress_for(args, "extract", sum(d.size for d in wanted))
+        temps: list[TempFile] = []
         try:
-            result = scan_stream(stream, on_extent, progress.update, header=header)
-        except FormatError as exc:
-            raise VmafsError(f"{args.archive}: {exc}") from None
-        problems = [p for p in result.problems if _concerns(p, wanted)]
-        if problems:
-            raise VmafsError(f"{args.archive}: {problems[0]}")
-        for name, data in configs.items():
-            with open(os.path.join(args.dir, name + ".part"), "wb") as f:
-                f.write(data)
-                os.fsync(f.fileno())
-        for fd in fds.values():
-            os.fsync(fd)
-        for name in finals:
-            os.chmod(os.path.join(args.dir, name + ".part"), 0o644 & ~current_umask())
-            os.replace(os.path.join(args.dir, name + ".part"), os.path.join(args.dir, name))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-        for part in parts:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(part)
+            fds: dict[int, int] = {}
+            for dev_id, fname in targets.items():
+                tmp = _temp(dir_fd, args.dir, fname)
+                temps.append(tmp)
+                fds[dev_id] = tmp.fd
+                os.ftruncate(tmp.fd, sizes[dev_id])
+
+            written = 0
+
+            def on_extent(slots: list[StoredCluster]) -> None:
+                nonlocal written
+                before = written // WRITEBACK_STEP
+                written += write_extent(fds, slots, sizes)
+                if written // WRITEBACK_STEP != before:  # overlap the disk writes with reading
+                    for fd in fds.values():
+                        start_writeback(fd)
+
+            try:
+                result = scan_stream(stream, on_extent, progress.update, header=header)
+            except FormatError as exc:
+                raise VmafsError(f"{args.archive}: {exc}") from None
+            problems = [p for p in result.problems if _concerns(p, extracted)]
+            if problems:
+                raise VmafsError(f"{args.archive}: {problems[0]}")
+            for fname, (_, data) in configs:
+                tmp = _temp(dir_fd, args.dir, fname)
+                temps.append(tmp)
+                _write_all(tmp.fd, data)
+            for tmp in temps:
+                tmp.commit(replace=args.force)
+        finally:
+            for tmp in temps:
+                tmp.discard()  # a no-op for those committed
     progress.finish()
     if args.json:
         print_json({"archive": args.archive, "dir": args.dir,
-                    "devices": [{"name": d.name, "size": d.size,
-                                 "file": targets[d.dev_id]} for d in wanted],
-                    "configs": list(configs), "indexed": result.has_index})
+                    "devices": [{**json_name(d.name), "size": d.size,
+                                 **json_name(targets[d.dev_id], "file")} for d in wanted],
+                    "configs": [{**json_name(name), "size": len(data),
+                                 **json_name(fname, "file")}
+                                for fname, (name, data) in configs],
+                    "indexed": result.has_index})
     return 0
+
+
+def _check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
+    """Before any work: an existing file is an error without --force; a directory always."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise VmafsError(f"{display(path)} exists and is a directory")
+    if not force:
+        raise VmafsError(f"{display(path)} exists (use --force to replace it)")
+
+
+def _temp(dir_fd: int, dir_path: str, name: bytes) -> TempFile:
+    return TempFile(dir_fd, name, label=display(os.path.join(dir_path, os.fsdecode(name))))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[int, int]) -> int:
@@ -162,10 +184,18 @@ def write_cluster(fd: int, slot: StoredCluster, size: int) -> None:
         j = run
 
 
-def _concerns(problem: str, wanted: list[vma.Device]) -> bool:
-    """Missing clusters of devices not extracted do not matter (like `vma extract -d`)."""
-    if "missing cluster" not in problem:
-        return True
-    return any(problem.endswith(f"stream {d.name}") or f"stream {d.name} (" in problem
-               for d in wanted)
+def _concerns(problem: object, extracted: list[str]) -> bool:
+    """Missing clusters of devices not extracted do not matter (like `vma extract -d`).
 
+    Problems are structured (archive.problems.Problem: kind, device) or, from older scans,
+    text; both are understood.
+    """
+    kind = getattr(problem, "kind", None)
+    if kind is not None:
+        device = getattr(problem, "device", None)
+        return kind != MISSING or device is None or device in extracted
+    text = str(problem)
+    if "missing cluster" not in text:
+        return True
+    return any(text.endswith(f"stream {name}") or f"stream {name} (" in text
+               for name in extracted)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import io
+import sys
 import uuid
 
 from vmafs.archive.scan import read_header
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_json, format_ctime
 from vmafs.container.streams import open_stream
+from vmafs.format.names import display, json_name
 from vmafs.progress import print_json
 
 
@@ -24,21 +27,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     with open_stream(args.archive) as stream:
         header = read_header(stream)
-    if args.json:
+    if args.json:  # exact names (json_name: non-UTF-8 bytes also as hex)
         print_json({
             "uuid": str(uuid.UUID(bytes=header.uuid)),
             "ctime": header.ctime,
-            "configs": [{"name": n, "size": len(d)} for n, d in header.configs],
-            "devices": [{"dev_id": d.dev_id, "name": d.name, "size": d.size}
+            "configs": [{**json_name(n), "size": len(d)} for n, d in header.configs],
+            "devices": [{"dev_id": d.dev_id, **json_name(d.name), "size": d.size}
                         for d in header.devices],
             "vmstate": ({"dev_id": header.vmstate.dev_id, "size": header.vmstate.size}
                         if header.vmstate else None),
         })
         return 0
-    lines = [f"CFG: size: {len(data)} name: {name}" for name, data in header.configs]
-    lines += [f"DEV: dev_id={d.dev_id} size: {d.size} devname: {d.name}" for d in header.devices]
+    # every name escaped: a newline in a name must not forge a line, nor ESC reach the terminal
+    lines = [f"CFG: size: {len(data)} name: {display(name)}" for name, data in header.configs]
+    lines += [f"DEV: dev_id={d.dev_id} size: {d.size} devname: {display(d.name)}"
+              for d in header.devices]
     if header.vmstate:
         lines.append(f"VMSTATE: dev_id={header.vmstate.dev_id} memory: {header.vmstate.size}")
     lines.append(f"CTIME: {format_ctime(header.ctime)}")
-    print("\n".join(lines))
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a terminal that cannot show a character
+        sys.stdout.reconfigure(errors="backslashreplace")
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vmafs.archive.problems import problem_of
 from vmafs.archive.scan import read_header, scan_stream
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_json, add_quiet, progress_for
@@ -36,13 +37,15 @@ def run(args: argparse.Namespace) -> int:
             if progress is not None:
                 progress.finish()
             if args.json:
-                print_json({"archive": args.archive, "ok": False, "problems": [str(exc)]})
+                print_json({"archive": args.archive, "ok": False,
+                            "problems": [problem_of(exc).to_json()]})
             raise VmafsError(f"{args.archive}: {exc}") from None
     progress.finish()
     ok = not result.problems
     if args.json:
         print_json({
-            "archive": args.archive, "ok": ok, "problems": result.problems,
+            "archive": args.archive, "ok": ok,
+            "problems": [p.to_json() for p in result.problems],
             "devices": len(result.header.devices), "extents": result.extents,
             "stored_bytes": result.stored_bytes, "indexed": result.has_index,
         })

@@ -1,44 +1,20 @@
 """Opening an archive for writing: the container follows the name, and nothing half-written
-ever appears under the final name (PATH.part, fsync, rename)."""
+ever appears under the final name (a fresh exclusive temporary file, fsync, rename without
+replacing). TempFile is the same rule for every file a command writes (extract uses it too)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import io
 import os
+import secrets
 import sys
 from collections.abc import Callable, Iterator
 
-from vmafs.container.zstd_output import (
-    DEFAULT_FRAME_SIZE,
-    PlainOutput,
-    SeekableZstdOutput,
-    Writable,
-)
+from vmafs.container.zstd_output import Output, PlainOutput, SeekableZstdOutput, Writable
 from vmafs.errors import VmafsError
-from vmafs.format import vma
-
-
-class FramedOutput:
-    """An output plus the extent size it wants, so zstd frames stay small for random reads."""
-
-    def __init__(self, inner: PlainOutput | SeekableZstdOutput, extent_bytes: int) -> None:
-        self.inner = inner
-        self.extent_bytes = extent_bytes
-
-    def write(self, chunk: bytes) -> None:
-        self.inner.write(chunk)
-
-    def end_frame(self) -> None:
-        self.inner.end_frame()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def bytes_out(self) -> int:
-        return self.inner.bytes_out
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -90,7 +66,9 @@ def is_zstd_name(path: str) -> bool:
     return path.endswith((".zst", ".zstd"))
 
 
-def check_output_name(path: str) -> None:
+def check_output_name(path: str, *, replace: bool = False) -> None:
+    """Refuse a bad archive name, a missing directory or (unless replace) an existing file,
+    before any work starts."""
     if path == "-":
         return
     if not path.endswith((".vma", ".vma.zst")):
@@ -98,13 +76,19 @@ def check_output_name(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise VmafsError(f"{path}: directory {parent} does not exist")
+    if not replace and os.path.lexists(path):
+        raise VmafsError(f"{path} exists (vmafs does not replace existing files)")
 
 
 @contextlib.contextmanager
 def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
-                threads: int = 2) -> Iterator[FramedOutput]:
-    """Yield an Output for PATH ('-' is stdout); commit on normal exit, discard on exception."""
-    check_output_name(path)
+                threads: int = 2, replace: bool = False) -> Iterator[Output]:
+    """Yield an Output for PATH ('-' is stdout); commit on normal exit, discard on exception.
+
+    The data goes to a fresh temporary file beside PATH (TempFile); PATH appears only when
+    complete, and never replaces a file that is there (unless replace).
+    """
+    check_output_name(path, replace=replace)
     compressed = is_zstd_name(path) if zstd is None else zstd
     if path == "-":
         target = sys.stdout.buffer
@@ -112,31 +96,155 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
         yield out
         out.close()
         return
-    part = path + ".part"
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open_dir(os.path.dirname(os.path.abspath(path))) as dir_fd:
+        tmp = TempFile(dir_fd, os.fsencode(os.path.basename(path)), label=path)
+        try:
+            with os.fdopen(tmp.fd, "wb", buffering=0, closefd=False) as target:
+                out = _make(WritebackFile(target), compressed, level, threads)
+                try:
+                    yield out
+                    out.close()
+                except BaseException:
+                    out.abort()
+                    raise
+            tmp.commit(replace=replace)
+        except BaseException:
+            tmp.discard()
+            raise
+
+
+# --- exclusive temporary files ------------------------------------------------------------------
+
+_TEMP_SUFFIX = b".part"
+_TEMP_RANDOM = 6
+_TEMP_STEM_MAX = 255 - 2 - _TEMP_RANDOM - len(_TEMP_SUFFIX)  # "." NAME "." XXXXXX ".part"
+_RENAME_NOREPLACE = 1
+
+
+def temp_name(final: bytes) -> bytes:
+    """A fresh temporary name for FINAL: .FINAL.XXXXXX.part (random), within NAME_MAX."""
+    tag = secrets.token_hex(_TEMP_RANDOM // 2).encode()
+    return b"." + final[:_TEMP_STEM_MAX] + b"." + tag + _TEMP_SUFFIX
+
+
+@contextlib.contextmanager
+def open_dir(path: str | bytes) -> Iterator[int]:
+    """A directory fd, so every name below is resolved in the same directory."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with os.fdopen(fd, "wb", buffering=0) as target:
-            out = _make(WritebackFile(target), compressed, level, threads)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class TempFile:
+    """A new file under a fresh name in a directory, later committed under its final name or
+    discarded. Created with O_CREAT|O_EXCL|O_NOFOLLOW, so it is never a file that was there and
+    never reached through a symlink; discard removes only this file, commit never replaces a
+    file the user had (unless asked to, and then it replaces a symlink, never follows it)."""
+
+    def __init__(self, dir_fd: int, final: bytes, *, label: str | None = None) -> None:
+        self.dir_fd = dir_fd
+        self.final = final
+        self.label = label if label is not None else os.fsdecode(final)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for _ in range(100):
+            name = temp_name(final)
             try:
-                yield out
-                out.close()
-            except BaseException:
-                out.inner.abort()
-                raise
-            os.fsync(target.fileno())
-        os.chmod(part, 0o644 & ~current_umask())
-        os.rename(part, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
+                self.fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise VmafsError(f"{self.label}: cannot create a temporary file beside it")
+        self.name = name
+        st = os.fstat(self.fd)
+        self._id = (st.st_dev, st.st_ino)
+        self._open = True
+        self._done = False
+
+    def commit(self, *, replace: bool = False) -> None:
+        """fsync, mode 0644 & ~umask, then rename to the final name (atomically, even with
+        replace); fails with "NAME exists" rather than replace a file without replace."""
+        os.fsync(self.fd)
+        os.fchmod(self.fd, 0o644 & ~current_umask())
+        self._close()
+        if replace:
+            os.rename(self.name, self.final, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        else:
+            try:
+                rename_noreplace(self.dir_fd, self.name, self.final)
+            except FileExistsError:
+                raise VmafsError(f"{self.label} exists (vmafs does not replace existing "
+                                 "files)") from None
+        self._done = True
+        os.fsync(self.dir_fd)
+
+    def discard(self) -> None:
+        """Remove the temporary file, if it is still ours and was not committed."""
+        self._close()
+        if self._done:
+            return
+        self._done = True
+        with contextlib.suppress(OSError):
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == self._id:
+                os.unlink(self.name, dir_fd=self.dir_fd)
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            os.close(self.fd)
+
+
+def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+
+
+def rename_noreplace(dir_fd: int, src: bytes, dst: bytes) -> None:
+    """Rename src to dst in one directory, FileExistsError if dst exists (even a symlink).
+
+    renameat2(RENAME_NOREPLACE) where the kernel and file system have it; else a hard link
+    (which never replaces) and unlink; else, on file systems without either, a check and a
+    rename (the one case with a race, against another writer of the same name).
+    """
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(dir_fd, src, dir_fd, dst, _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), os.fsdecode(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), os.fsdecode(dst))
+    try:
+        os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
         raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        try:
+            os.stat(dst, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst)) from None
+    os.unlink(src, dir_fd=dir_fd)
 
 
-def _make(target: Writable, compressed: bool, level: int, threads: int) -> FramedOutput:
+def _make(target: Writable, compressed: bool, level: int, threads: int) -> Output:
     if compressed:
-        return FramedOutput(SeekableZstdOutput(target, level=level, threads=threads),
-                            DEFAULT_FRAME_SIZE)
-    return FramedOutput(PlainOutput(target), vma.MAX_EXTENT_SIZE)
+        return SeekableZstdOutput(target, level=level, threads=threads)
+    return PlainOutput(target)
 
 
 def current_umask() -> int:

@@ -9,8 +9,10 @@ truncated or damaged input as FormatError instead of ending the stream quietly.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,20 +22,33 @@ from typing import BinaryIO, cast
 
 import zstandard
 
-from vmafs.errors import FormatError, VmafsError
+from vmafs.container.zstd_frames import (
+    ZSTD_MAGIC,
+    FrameInfo,
+    ZstdFrameParser,
+    entry_mismatch,
+    is_skippable_magic,
+)
+from vmafs.errors import ContainerError, FormatError, VmafsError
+from vmafs.format.seektable import (
+    ENTRY_SIZE,
+    ENTRY_SIZE_CHECKSUMS,
+    FOOTER_SIZE,
+    SEEKABLE_MAGIC,
+    SKIPPABLE_HEADER_SIZE,
+    SeekTableFooter,
+    check_seek_table_header,
+    decode_entries,
+    parse_seek_table_footer,
+)
 
 CHUNK = 1 << 20
 """Read and buffer size: big sequential reads go in MiB pieces."""
 PEEK = 16
 
 VMA_MAGIC = b"VMA\0"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 LZOP_MAGIC = b"\x89LZO\x00\r\n\x1a\n"
-
-
-def _is_skippable(head: bytes | bytearray | memoryview) -> bool:
-    return len(head) >= 4 and head[0] & 0xF0 == 0x50 and bytes(head[1:4]) == b"\x2a\x4d\x18"
 
 
 def detect_container(first_bytes: bytes) -> str:
@@ -42,7 +57,7 @@ def detect_container(first_bytes: bytes) -> str:
         raise FormatError("empty archive")
     if first_bytes.startswith(VMA_MAGIC):
         return "vma"
-    if first_bytes.startswith(ZSTD_MAGIC) or _is_skippable(first_bytes):
+    if first_bytes.startswith(ZSTD_MAGIC) or is_skippable_magic(first_bytes):
         return "zstd"
     if first_bytes.startswith(GZIP_MAGIC):
         return "gzip"
@@ -54,92 +69,115 @@ def detect_container(first_bytes: bytes) -> str:
     )
 
 
-# -- zstd frame structure (pure) ---------------------------------------------------
+# -- zstd seek table against the frames --------------------------------------------
 
-_MAGIC, _SKIP_SIZE, _FHD, _BLOCK = range(4)
-_HEADER_NEED = {_MAGIC: 4, _SKIP_SIZE: 4, _FHD: 1, _BLOCK: 3}
-_BLOCK_SIZE_MAX = 128 << 10
+_ENTRIES_CHUNK = 4096
+"""Seek-table entries read at a time: the table is compared piece by piece, never held."""
 
 
-class ZstdFrameChecker:
-    """Follows zstd frame and block headers of a byte stream, without decompressing.
+class _SeekTableCheck:
+    """Compares each frame of a seekable zstd file with its seek-table entry as it passes.
 
-    python-zstandard's stream reader ends quietly when its input stops in the middle
-    of a frame; this walker, fed the same bytes, knows whether the input ended
-    exactly at a frame boundary.  Costs one small header parse per block.
+    ``zstd -d`` reads the frames and ignores the table; the random-access reader trusts the
+    table (checking each frame before its first use).  So that verify, extract and convert
+    reject a table the mount would trip over, every frame must match its entry.  Only for
+    files (the table is read from the end by pread); a pipe's table is not compared.
     """
 
-    def __init__(self) -> None:
-        self._state = _MAGIC
-        self._hdr = bytearray()
-        self._skip = 0
-        self._checksum = False
-        self.offset = 0
-        """Bytes consumed so far."""
-        self.frames = 0
-        """Complete frames (skippable ones included) seen so far."""
+    def __init__(self, fd: int, name: str, file_size: int, footer: SeekTableFooter) -> None:
+        self._fd = fd
+        self._name = name
+        self._footer = footer
+        self.table_start = file_size - footer.table_size
+        self._entries_at = self.table_start + SKIPPABLE_HEADER_SIZE
+        self._width = ENTRY_SIZE_CHECKSUMS if footer.checksums else ENTRY_SIZE
+        self._chunk: list[tuple[int, int]] = []
+        self._chunk_first = 0
+        self.index = 0
+        """Frames compared so far."""
+        self.decompressed = 0
+        """Their decompressed size, as the table gives it."""
+        self._table_seen = False
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        pos = 0
-        end = len(view)
-        while pos < end:
-            if self._skip:
-                n = min(self._skip, end - pos)
-                pos += n
-                self._skip -= n
-                continue
-            need = _HEADER_NEED[self._state] - len(self._hdr)
-            take = min(need, end - pos)
-            self._hdr += view[pos : pos + take]
-            pos += take
-            if take == need:
-                self._header(bytes(self._hdr), self.offset + pos - len(self._hdr))
-                self._hdr.clear()
-        self.offset += end
+    @classmethod
+    def open(cls, fd: int, name: str) -> _SeekTableCheck | None:
+        """The check for a seekable zstd file, None for other files; FormatError for a file
+        that ends in a seek-table footer but whose table is malformed."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < FOOTER_SIZE:
+            return None
+        tail = os.pread(fd, FOOTER_SIZE, st.st_size - FOOTER_SIZE)
+        if len(tail) != FOOTER_SIZE or int.from_bytes(tail[-4:], "little") != SEEKABLE_MAGIC:
+            return None
+        try:
+            footer = parse_seek_table_footer(tail)
+            if footer.table_size > st.st_size:
+                raise ContainerError(
+                    f"seek table of {footer.num_frames} frames is larger than the file"
+                )
+            check_seek_table_header(
+                os.pread(fd, SKIPPABLE_HEADER_SIZE, st.st_size - footer.table_size), footer
+            )
+        except FormatError as e:
+            raise ContainerError(f"{name}: bad zstd seek table: {e}") from None
+        return cls(fd, name, st.st_size, footer)
 
-    def _header(self, hdr: bytes, at: int) -> None:
-        state = self._state
-        if state == _MAGIC:
-            if hdr == ZSTD_MAGIC:
-                self._state = _FHD
-            elif _is_skippable(hdr):
-                self._state = _SKIP_SIZE
-            else:
-                raise FormatError(f"zstd stream: unknown frame magic {hdr.hex()} at offset {at}")
-        elif state == _SKIP_SIZE:
-            self._skip = int.from_bytes(hdr, "little")
-            self._state = _MAGIC
-            self.frames += 1
-        elif state == _FHD:
-            fhd = hdr[0]
-            if fhd & 0x08:
-                raise FormatError(f"zstd stream: reserved bit set in frame header at offset {at}")
-            single_segment = bool(fhd & 0x20)
-            fcs_flag = fhd >> 6
-            fcs_bytes = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
-            self._skip = (0 if single_segment else 1) + (0, 1, 2, 4)[fhd & 3] + fcs_bytes
-            self._checksum = bool(fhd & 0x04)
-            self._state = _BLOCK
-        else:
-            value = int.from_bytes(hdr, "little")
-            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
-            if kind == 3:
-                raise FormatError(f"zstd stream: reserved block type at offset {at}")
-            if size > _BLOCK_SIZE_MAX:
-                raise FormatError(f"zstd stream: block of {size} bytes at offset {at}")
-            self._skip = 1 if kind == 1 else size
-            if last:
-                self._skip += 4 if self._checksum else 0
-                self._state = _MAGIC
-                self.frames += 1
+    def _entry(self, index: int) -> tuple[int, int]:
+        rel = index - self._chunk_first
+        if not 0 <= rel < len(self._chunk):
+            count = min(_ENTRIES_CHUNK, self._footer.num_frames - index)
+            at = self._entries_at + index * self._width
+            data = os.pread(self._fd, count * self._width, at)
+            self._chunk = decode_entries(data, self._footer.checksums)
+            self._chunk_first = index
+            rel = 0
+            if len(self._chunk) < count:
+                raise ContainerError(f"{self._name}: short read in the zstd seek table at {at}")
+        return self._chunk[rel]
 
-    def finish(self) -> None:
-        """Raise FormatError unless the input ended right after a complete frame."""
-        if self._state != _MAGIC or self._hdr or self._skip:
-            raise FormatError(f"zstd stream truncated: input ends inside a frame at {self.offset}")
-        if not self.frames:
-            raise FormatError("zstd stream holds no frame")
+    def _mismatch(self, problem: str) -> FormatError:
+        return FormatError(
+            f"{self._name}: zstd seek table does not describe the frames "
+            f"(entry {self.index}: {problem})"
+        )
+
+    def frame(self, info: FrameInfo) -> None:
+        """The next frame of the file, as the frame walker saw it."""
+        if info.start == self.table_start and self.index == self._footer.num_frames:
+            self._table_seen = True  # the table itself: the file's last frame
+            return
+        if self.index >= self._footer.num_frames or info.start >= self.table_start:
+            raise self._mismatch(
+                f"the table lists {self._footer.num_frames} frames, another starts at "
+                f"{info.start}"
+            )
+        c_size, d_size = self._entry(self.index)
+        problem = entry_mismatch(info, c_size, d_size)
+        if problem is not None:
+            raise self._mismatch(problem)
+        self.index += 1
+        self.decompressed += d_size
+
+    def check_output(self, decompressed: int) -> None:
+        """The decoder, behind the walker, cannot have output more than the entries of the
+        frames the walker has entered: a frame expanding past its entry stops here."""
+        limit = self.decompressed
+        if self.index < self._footer.num_frames:
+            limit += self._entry(self.index)[1]
+        if decompressed > limit:
+            raise self._mismatch("its frame holds more than the entry's bytes")
+
+    def finish(self, decompressed: int) -> None:
+        """At the end of the input, after ``decompressed`` bytes of output."""
+        if not self._table_seen:
+            raise self._mismatch(
+                f"the table lists {self._footer.num_frames} frames, the file has {self.index}"
+            )
+        if decompressed != self.decompressed:
+            raise ContainerError(
+                f"{self._name}: zstd seek table does not describe the frames (they hold "
+                f"{decompressed} bytes, the table {self.decompressed})"
+            )
 
 
 # -- raw decoders ------------------------------------------------------------------
@@ -170,11 +208,12 @@ class _PrefixedRaw(io.RawIOBase):
 
 
 class _CheckedSource:
-    """Feeds what the zstd reader reads through a ZstdFrameChecker."""
+    """Feeds what the zstd reader reads through the frame walker (and the seek-table check)."""
 
-    def __init__(self, raw: io.RawIOBase) -> None:
+    def __init__(self, raw: io.RawIOBase, table: _SeekTableCheck | None = None) -> None:
         self._raw = raw
-        self.checker = ZstdFrameChecker()
+        self.table = table
+        self.checker = ZstdFrameParser(table.frame if table is not None else None)
         self.at_eof = False
 
     def read(self, size: int = CHUNK) -> bytes:
@@ -188,9 +227,10 @@ class _CheckedSource:
 
 
 class _ZstdRaw(io.RawIOBase):
-    def __init__(self, raw: io.RawIOBase) -> None:
+    def __init__(self, raw: io.RawIOBase, table: _SeekTableCheck | None = None) -> None:
         self._raw = raw
-        self._source = _CheckedSource(raw)
+        self._source = _CheckedSource(raw, table)
+        self._out = 0
         self._reader = zstandard.ZstdDecompressor().stream_reader(
             cast(BinaryIO, self._source), read_size=CHUNK, read_across_frames=True, closefd=False
         )
@@ -204,12 +244,19 @@ class _ZstdRaw(io.RawIOBase):
         try:
             n: int = self._reader.readinto(b)
         except zstandard.ZstdError as e:
-            raise FormatError(
+            raise ContainerError(
                 f"zstd stream damaged near offset {self._source.checker.offset}: {e}"
             ) from None
         # If the decoder stopped before its source did, anything left is junk.
         if n == 0 and not self._source.at_eof and self._source.read(CHUNK):
-            raise FormatError("zstd stream: data after the last frame")
+            raise ContainerError("zstd stream: data after the last frame")
+        self._out += n
+        table = self._source.table
+        if table is not None:
+            if n:
+                table.check_output(self._out)
+            else:
+                table.finish(self._out)
         return n
 
     def close(self) -> None:
@@ -240,7 +287,7 @@ class _GzipRaw(io.RawIOBase):
         """Zero bytes after the last member are tape padding (``gzip -d`` accepts them too)."""
         while rest:
             if rest.count(0) != len(rest):
-                raise FormatError("gzip stream: data after the last member")
+                raise ContainerError("gzip stream: data after the last member")
             rest = self._read_input()
 
     def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
@@ -262,11 +309,11 @@ class _GzipRaw(io.RawIOBase):
             if not self._tail:
                 self._tail = self._read_input()
                 if not self._tail:
-                    raise FormatError(f"gzip stream truncated at {self._offset} bytes")
+                    raise ContainerError(f"gzip stream truncated at {self._offset} bytes")
             try:
                 out = self._d.decompress(self._tail, want)
             except zlib.error as e:
-                raise FormatError(
+                raise ContainerError(
                     f"gzip stream damaged before offset {self._offset}: {e}"
                 ) from None
             self._tail = self._d.unconsumed_tail
@@ -339,7 +386,7 @@ class _LzopRaw(io.RawIOBase):
             self._stderr.seek(0)
             lines = self._stderr.read().decode(errors="replace").strip().splitlines()
             detail = lines[-1] if lines else "no message"
-            raise FormatError(f"lzop stream damaged: lzop -dc exited {rc}: {detail}")
+            raise ContainerError(f"lzop stream damaged: lzop -dc exited {rc}: {detail}")
         return 0
 
     def close(self) -> None:
@@ -372,8 +419,25 @@ def _peek(raw: io.RawIOBase) -> bytes:
     return head
 
 
+def _open_file(path: str | os.PathLike[str]) -> io.FileIO:
+    """Open for reading without blocking on a FIFO that has no writer (it then reads as
+    empty); reads block as usual."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        return open(fd, "rb", buffering=0)  # noqa: SIM115 - returned
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
-    """The archive's VMA stream, decompressed as needed; ``"-"`` reads standard input."""
+    """The archive's VMA stream, decompressed as needed; ``"-"`` reads standard input.
+
+    A seekable zstd file's seek table is compared with its frames as they pass: a table
+    that does not describe them is a FormatError, reported at the frame that differs.
+    """
     if os.fspath(path) == "-":
         raw: io.RawIOBase = open(  # noqa: SIM115 - returned
             sys.stdin.fileno(), "rb", buffering=0, closefd=False
@@ -381,7 +445,7 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
         name = "standard input"
     else:
         try:
-            raw = open(path, "rb", buffering=0)  # noqa: SIM115 - returned
+            raw = _open_file(path)
         except OSError as e:
             raise VmafsError(f"cannot open {os.fspath(path)}: {e.strerror}") from None
         name = os.fspath(path)
@@ -402,7 +466,8 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
         if kind == "vma":
             decoded = source
         elif kind == "zstd":
-            decoded = _ZstdRaw(source)
+            table = _SeekTableCheck.open(direct_fd, name) if direct_fd is not None else None
+            decoded = _ZstdRaw(source, table)
         elif kind == "gzip":
             decoded = _GzipRaw(source)
         else:

@@ -16,6 +16,7 @@ from typing import Protocol, Self
 
 import zstandard
 
+from vmafs.format import vma
 from vmafs.format.seektable import MAX_FRAME_DECOMPRESSED_SIZE, SeekTableBuilder
 
 DEFAULT_FRAME_SIZE = 512 << 10
@@ -32,14 +33,23 @@ class Writable(Protocol):
     def write(self, data: bytes | bytearray | memoryview, /) -> int | None: ...
 
 
-class ArchiveOutput(Protocol):
-    """What the archive writer writes its VMA stream into."""
+class Output(Protocol):
+    """What the archive writer writes its VMA stream into: plain or seekable zstd.
+
+    Each write() is whole extents, so a zstd output may start a frame at any call; extent_bytes
+    is the largest extent it wants (small for zstd, so a random read decompresses little).
+    """
+
+    extent_bytes: int
+    bytes_out: int
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
 
     def end_frame(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 def _write_all(target: Writable, data: bytes | bytearray | memoryview) -> None:
@@ -113,6 +123,7 @@ class SeekableZstdOutput(_Output):
             raise ValueError("threads must be >= 0")
         self._target = target
         self._frame_size = frame_size
+        self.extent_bytes = frame_size
         self._params = compression_params(level, frame_size)
         self._local = threading.local()
         self._pool = (
@@ -224,6 +235,7 @@ class PlainOutput(_Output):
     def __init__(self, target: Writable, *, buffer_size: int = PLAIN_BUFFER_SIZE) -> None:
         self._target = target
         self._buffer_size = buffer_size
+        self.extent_bytes = vma.MAX_EXTENT_SIZE
         self._buf = bytearray()
         self._closed = False
         self.bytes_in = 0

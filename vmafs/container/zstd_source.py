@@ -5,18 +5,34 @@ Reading any byte decompresses only the frame that holds it.  All file reads use
 frame cache has its own lock, so every method is safe to call from worker
 threads, e.g. a read-ahead pipeline running ``frame(i + 1)`` while ``frame(i)``
 is being served.
+
+The seek table is trusted only as far as the frames bear it out, so that this
+reader and ``zstd -d`` read the same stream: before a frame is first used, its
+entry's compressed range must hold exactly one complete frame (a skippable one
+for an empty entry) whose Frame_Content_Size is the entry's decompressed size
+(see ``_check_frame``), and no frame is ever decompressed past that size or
+MAX_FRAME_SIZE, whichever is smaller.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import stat
 import threading
 from types import TracebackType
 
+import numpy as np
 import zstandard
 
-from vmafs.errors import FormatError, NotSeekableError
+from vmafs.container.zstd_frames import (
+    BLOCK_SIZE_MAX,
+    ZSTD_MAGIC,
+    entry_mismatch,
+    is_skippable_magic,
+    walk_frame,
+)
+from vmafs.errors import ContainerError, FormatError, NotSeekableError
 from vmafs.format.seektable import (
     FOOTER_SIZE,
     SEEKABLE_MAGIC,
@@ -26,7 +42,7 @@ from vmafs.format.seektable import (
 )
 
 DEFAULT_CACHE_BYTES = 16 << 20  # 32 frames of the default size
-# With prefix_reads on, a read of at most this many bytes from a frame not in the cache
+# With checked_by_reader set, a read of at most this many bytes from a frame not in the cache
 # decompresses the frame only up to the read's end: a random 4 KiB read then costs half a frame
 # of disk reads on average, not a whole one.
 PREFIX_READ_MAX = 256 << 10
@@ -34,11 +50,36 @@ PREFIX_READ_MAX = 256 << 10
 PREFIX_SLACK = (128 << 10) + 64
 # Whole frames read in file order get this many compressed bytes requested ahead of them.
 PREFETCH = 8 << 20
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_FRAME_SIZE = 32 << 20
+"""Largest frame (decompressed) read for random access; a table listing a larger one is refused.
+
+A frame is decompressed whole, so each reading thread holds one (a mount runs two workers and
+its own thread, beside a 16 MiB cache): 32 MiB keeps that near 100 MiB, well inside a 256 MiB
+budget, where the format's own 2 GiB limit would cost 2 GiB per thread.  vmafs writes frames of
+512 KiB plus at most one extent (< 4.3 MiB); other seekable writers use a few MiB."""
+MAX_FRAME_COMPRESSED = MAX_FRAME_SIZE + 3 * (MAX_FRAME_SIZE // BLOCK_SIZE_MAX) + 64
+"""A frame of MAX_FRAME_SIZE stored raw: its header, block headers and checksum."""
+_REUSE_MAX = 8 << 20
+"""Compressed frames up to this size are read into a per-thread buffer kept for the next."""
+_UNCHECKED, _SIZED, _UNSIZED, _SKIPPABLE = range(4)
+"""Per-frame state: what _check_frame found (once per frame)."""
 
 
-def _is_skippable_magic(head: bytes | memoryview) -> bool:
-    return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
+def _read_up_to(reader: zstandard.ZstdDecompressionReader, n: int) -> bytes:
+    """At most ``n`` bytes from a one-frame reader: fewer only where the frame ends."""
+    out: bytes = reader.read(n)
+    while len(out) < n:
+        more: bytes = reader.read(n - len(out))
+        if not more:
+            break
+        out += more
+    return out
+
+
+def _max_blocks(d_size: int) -> int:
+    """Blocks a frame of ``d_size`` bytes may have: encoders write blocks of up to 128 KiB and
+    cut smaller ones only at flushes; 1 KiB a block on average bounds the walk's reads."""
+    return 16 + d_size // 1024
 
 
 class SeekableZstdSource:
@@ -61,7 +102,8 @@ class SeekableZstdSource:
             self._own_fd = False
             self.name = name or f"fd {file}"
         else:
-            self._fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO without a writer must not block the open (it is refused below).
+            self._fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             self._own_fd = True
             self.name = name or os.fspath(file)
         try:
@@ -75,9 +117,10 @@ class SeekableZstdSource:
         self._cache_used = 0
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._state = np.zeros(self.table.num_frames, dtype=np.uint8)
         # Off by default: a frame's content checksum is only checked at its end, so a reader
         # may turn this on only if it checks what it reads itself (an indexed archive does).
-        self.prefix_reads = False
+        self.checked_by_reader = False
         self._next_frame = 0  # the frame a reader going through the file in order reads next
         self._ahead = 0  # end of the compressed bytes already requested ahead
 
@@ -86,7 +129,7 @@ class SeekableZstdSource:
     def _pread_exact(self, length: int, offset: int) -> bytes:
         data = os.pread(self._fd, length, offset)
         if len(data) != length:
-            raise FormatError(
+            raise ContainerError(
                 f"{self.name}: short read at {offset}: {len(data)} of {length} bytes "
                 "(file changed while open?)"
             )
@@ -95,10 +138,13 @@ class SeekableZstdSource:
     def _pread_frame(self, length: int, offset: int) -> memoryview:
         """Like _pread_exact, into this thread's reused buffer: valid until its next call.
 
-        Spares a fresh allocation, and its page faults, for every frame read.
+        Spares a fresh allocation, and its page faults, for every frame read.  Frames larger
+        than _REUSE_MAX get a buffer of their own, freed with the result.
         """
         buf: bytearray | None = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < length:
+        if length > _REUSE_MAX:
+            buf = bytearray(length)
+        elif buf is None or len(buf) < length:
             buf = bytearray(-(-length // (64 << 10)) * (64 << 10))
             self._local.buf = buf
         view = memoryview(buf)[:length]
@@ -109,7 +155,7 @@ class SeekableZstdSource:
                 break
             got += more
         if got != length:
-            raise FormatError(
+            raise ContainerError(
                 f"{self.name}: short read at {offset}: {got} of {length} bytes "
                 "(file changed while open?)"
             )
@@ -121,10 +167,13 @@ class SeekableZstdSource:
         )
 
     def _load_table(self) -> SeekTable:
-        file_size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise self._not_seekable("not a regular file")
+        file_size = st.st_size
         head = os.pread(self._fd, 4, 0)
-        if head != _ZSTD_MAGIC and not _is_skippable_magic(head):
-            raise FormatError(f"{self.name}: not a zstd file")
+        if head != ZSTD_MAGIC and not is_skippable_magic(head):
+            raise ContainerError(f"{self.name}: not a zstd file")
         if file_size < FOOTER_SIZE:
             raise self._not_seekable("no zstd seek table (file too short)")
         tail = self._pread_exact(FOOTER_SIZE, file_size - FOOTER_SIZE)
@@ -133,13 +182,29 @@ class SeekableZstdSource:
         try:
             footer = parse_seek_table_footer(tail)
             if footer.table_size > file_size:
-                raise FormatError(
+                raise ContainerError(
                     f"seek table of {footer.num_frames} frames is larger than the file"
                 )
             table_bytes = self._pread_exact(footer.table_size, file_size - footer.table_size)
-            return decode_seek_table(table_bytes, file_size)
+            table = decode_seek_table(table_bytes, file_size)
         except FormatError as e:
-            raise FormatError(f"{self.name}: bad zstd seek table: {e}") from None
+            raise ContainerError(f"{self.name}: bad zstd seek table: {e}") from None
+        if table.num_frames:
+            d_sizes = np.diff(table.d_offsets)
+            c_sizes = np.diff(table.c_offsets)
+            big = int(np.argmax(d_sizes))
+            if int(d_sizes[big]) > MAX_FRAME_SIZE:
+                raise self._not_seekable(
+                    f"zstd frame {big} holds {int(d_sizes[big])} bytes, more than the "
+                    f"{MAX_FRAME_SIZE} random access decompresses at once"
+                )
+            big = int(np.argmax(c_sizes))
+            if int(c_sizes[big]) > MAX_FRAME_COMPRESSED:
+                raise self._not_seekable(
+                    f"zstd frame {big} takes {int(c_sizes[big])} compressed bytes, more than "
+                    f"a frame of {MAX_FRAME_SIZE} bytes can"
+                )
+        return table
 
     # -- geometry -------------------------------------------------------------
 
@@ -162,6 +227,120 @@ class SeekableZstdSource:
             raise IndexError(f"frame {index} out of range 0..{self.table.num_frames - 1}")
         return self.table.decompressed_range(index)
 
+    # -- frame structure ------------------------------------------------------
+
+    def _checked(self, index: int, head: memoryview) -> int:
+        """Frame ``index``'s state, checking it (and the empty entries beside it) once.
+
+        Empty entries are never read, but ``zstd -d`` decompresses whatever frame they hold:
+        the ones right before a data frame (and after the last) are checked with it.
+        """
+        state = int(self._state[index])
+        if state != _UNCHECKED:
+            return state
+        state = self._check_frame(index, head)
+        d = self.table.d_offsets
+        j = index - 1
+        while j >= 0 and d[j] == d[j + 1]:
+            self._check_empty(j)
+            j -= 1
+        if d[index + 1] == d[-1]:
+            for j in range(index + 1, self.table.num_frames):
+                self._check_empty(j)
+        self._state[index] = state
+        return state
+
+    def check_layout(self) -> None:
+        """The ByteSource check: every frame is its seek-table entry (check_frames)."""
+        self.check_frames()
+
+    def check_frames(self) -> None:
+        """Check every entry now (a small pread per block of the whole file; once).
+
+        A frame is otherwise checked at its first use, which proves that frame's bytes but
+        not its offset: that is ``zstd -d``'s only if every entry before it holds exactly its
+        one frame too.  Verify proves that for the whole file (open_stream compares the table
+        with the frames); a reader that cannot rely on it calls this.  Frames without a
+        content size are decompressed too (one at a time): nothing else proves their size.
+        """
+        empty = memoryview(b"")
+        d = self.table.d_offsets
+        for index in np.flatnonzero(self._state == _UNCHECKED).tolist():
+            if d[index] == d[index + 1]:
+                self._check_empty(index)
+            elif self._checked(index, empty) == _UNSIZED:
+                self.read_frame(index)  # only decompressing tells such a frame's size
+
+    def _check_empty(self, index: int) -> None:
+        if self._state[index] != _UNCHECKED:
+            return
+        state = self._check_frame(index, memoryview(b""))
+        if state == _UNSIZED:
+            c_start, c_end = self.table.compressed_range(index)
+            data = memoryview(self._pread_exact(c_end - c_start, c_start))
+            try:
+                out = self._decompress_unsized(self._dctx(), data, 0)
+            except zstandard.ZstdError as e:
+                raise ContainerError(f"{self.name}: frame {index} at {c_start}: {e}") from None
+            if out:
+                raise self._table_lie(index, f"the frame at {c_start} holds data, the entry none")
+        self._state[index] = state
+
+    def _table_lie(self, index: int, problem: str) -> FormatError:
+        return FormatError(
+            f"{self.name}: zstd seek table does not describe the frames (entry {index}: {problem})"
+        )
+
+    def _check_frame(self, index: int, head: memoryview) -> int:
+        """Prove that entry ``index`` holds exactly one frame of its listed size.
+
+        ``head`` holds the entry's first compressed bytes (all of them for a whole-frame read);
+        block headers past it are read with small preads, block payloads never.  Without this,
+        an entry covering two frames but listing one frame's size would make this reader skip
+        a frame that ``zstd -d`` decompresses.
+        """
+        c_start, c_end = self.table.compressed_range(index)
+        d_start, d_end = self.table.decompressed_range(index)
+        d_size = d_end - d_start
+        have = len(head)
+
+        def read(offset: int, length: int) -> bytes | memoryview:
+            rel = offset - c_start
+            if rel + length <= have:
+                return head[rel : rel + length]
+            return os.pread(self._fd, length, offset)
+
+        def bad(problem: str) -> FormatError:
+            return self._table_lie(index, problem)
+
+        try:
+            info, reached = walk_frame(read, c_start, c_end, max_blocks=_max_blocks(d_size))
+        except FormatError as e:
+            raise bad(str(e).removeprefix("zstd stream: ")) from None
+        if info is None:
+            raise bad(f"its frame does not end by {c_end}")
+        if reached < c_end:
+            after = read(reached, 4)
+            what = "another frame" if bytes(after) == ZSTD_MAGIC or is_skippable_magic(after) \
+                else "other data"
+            raise bad(f"{what} follows its frame at {reached}, which zstd -d reads too")
+        problem = entry_mismatch(info, c_end - c_start, d_size)
+        if problem is not None:
+            raise bad(problem)
+        if info.skippable:
+            return _SKIPPABLE
+        if info.dict_id:
+            raise ContainerError(f"{self.name}: frame {index} needs zstd dictionary {info.dict_id}")
+        window = info.window_size
+        if info.content_size is not None:
+            window = min(window, info.content_size)
+        if window > MAX_FRAME_SIZE:
+            raise ContainerError(
+                f"{self.name}: frame {index} needs a {window}-byte window, more than the "
+                f"{MAX_FRAME_SIZE} random access allows"
+            )
+        return _SIZED if info.content_size is not None else _UNSIZED
+
     # -- decompression --------------------------------------------------------
 
     def read_frame(self, index: int) -> bytes:
@@ -171,33 +350,35 @@ class SeekableZstdSource:
         self._prefetch_after(index, c_end)
         data = self._pread_frame(c_end - c_start, c_start)
         expected = end - start
-        if expected == 0 and _is_skippable_magic(data):
+        state = self._checked(index, data)
+        if state == _SKIPPABLE:
             return b""
-        if data[:4] != _ZSTD_MAGIC:
-            raise FormatError(f"{self.name}: frame {index} at {c_start} is not a zstd frame")
         dctx = self._dctx()
         try:
-            content_size = zstandard.get_frame_parameters(data).content_size
-            if content_size == expected:
-                # Fast path (our frames): one call, one output allocation.  Data after the
-                # frame inside its table entry goes unnoticed here, but then the next
-                # frame's entry starts in the wrong place and fails.
-                out = dctx.decompress(data)
-            elif content_size != zstandard.CONTENTSIZE_UNKNOWN:
-                raise FormatError(
-                    f"{self.name}: frame {index} decompresses to {content_size} bytes, "
-                    f"the seek table says {expected}"
-                )
+            if state == _SIZED:
+                # One call, one output allocation of the checked content size (<= the cap);
+                # zstd fails if the blocks regenerate more or less than it.
+                out: bytes = dctx.decompress(data)
             else:
-                out = self._decompress_unsized(dctx, data, index, c_start)
+                out = self._decompress_unsized(dctx, data, expected)
         except zstandard.ZstdError as e:
-            raise FormatError(f"{self.name}: frame {index} at {c_start}: {e}") from None
+            raise ContainerError(f"{self.name}: frame {index} at {c_start}: {e}") from None
         if len(out) != expected:
-            raise FormatError(
-                f"{self.name}: frame {index} decompresses to {len(out)} bytes, "
-                f"the seek table says {expected}"
+            got = f"{len(out)}" if len(out) <= expected else f"more than {expected}"
+            raise self._table_lie(
+                index, f"the frame at {c_start} decompresses to {got} bytes, the entry {expected}"
             )
         return out
+
+    @staticmethod
+    def _decompress_unsized(
+        dctx: zstandard.ZstdDecompressor, data: memoryview, expected: int
+    ) -> bytes:
+        """Frames without a content size (other writers): output stops one byte past the
+        table's size, so a bomb costs no more than an honest frame; reading to the frame's end
+        checks its checksum."""
+        with dctx.stream_reader(data, read_size=len(data), read_across_frames=False) as reader:
+            return _read_up_to(reader, expected + 1)
 
     def _prefetch_after(self, index: int, c_end: int) -> None:
         """Frames read in order (give or take the threads of a read-ahead pipeline) keep the
@@ -214,6 +395,8 @@ class SeekableZstdSource:
     def _dctx(self) -> zstandard.ZstdDecompressor:
         dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
         if dctx is None:
+            # zstd's default window limit, as ``zstd -d``'s: _check_frame bounds what a frame
+            # can cost by its window and content size together.
             dctx = zstandard.ZstdDecompressor()
             self._local.dctx = dctx
         return dctx
@@ -222,44 +405,37 @@ class SeekableZstdSource:
         """At least the first ``need`` decompressed bytes of frame ``index`` (not cached).
 
         Reads the compressed bytes in proportion to ``need``, plus a block's worth, and
-        decompresses them as a stream; only if that falls short is the rest read.
+        decompresses them as a stream, never past ``need``; only if that falls short is the
+        whole frame read.  The frame's checksum is not checked unless ``need`` takes all of it;
+        a frame without a content size is always decompressed whole.
         """
         start, end = self.frame_bounds(index)
+        need = min(need, end - start)
         c_start, c_end = self.table.compressed_range(index)
         c_size = c_end - c_start
         guess = min(c_size, need * c_size // max(end - start, 1) + PREFIX_SLACK)
         data = self._pread_frame(guess, c_start)
-        if data[:4] != _ZSTD_MAGIC:
-            raise FormatError(f"{self.name}: frame {index} at {c_start} is not a zstd frame")
+        state = self._checked(index, data)
+        if state != _SIZED or need == end - start:
+            return self.read_frame(index)  # checks the content checksum at the frame's end
         try:
-            dobj = self._dctx().decompressobj()
-            out: bytes = dobj.decompress(data)
+            out = self._decompress_prefix(data, need)
             if len(out) < need and guess < c_size:
-                out += dobj.decompress(self._pread_exact(c_size - guess, c_start + guess))
+                out = self._decompress_prefix(self._pread_frame(c_size, c_start), need)
         except zstandard.ZstdError as e:
-            raise FormatError(f"{self.name}: frame {index} at {c_start}: {e}") from None
-        if len(out) < min(need, end - start) or len(out) > end - start:
-            raise FormatError(
+            raise ContainerError(f"{self.name}: frame {index} at {c_start}: {e}") from None
+        if len(out) < need:
+            raise ContainerError(
                 f"{self.name}: frame {index} does not decompress to the {end - start} bytes "
                 "the seek table says"
             )
         return out
 
-    def _decompress_unsized(
-        self, dctx: zstandard.ZstdDecompressor, data: bytes | memoryview, index: int,
-        c_start: int
-    ) -> bytes:
-        """Frames without a content size (other writers): decompressobj checks the end."""
-        dobj = dctx.decompressobj()
-        out: bytes = dobj.decompress(data)
-        if not dobj.eof:
-            raise FormatError(f"{self.name}: frame {index} at {c_start} is truncated")
-        if dobj.unused_data:
-            raise FormatError(
-                f"{self.name}: frame {index} at {c_start} ends {len(dobj.unused_data)} bytes "
-                "before the seek table says"
-            )
-        return out
+    def _decompress_prefix(self, data: memoryview, need: int) -> bytes:
+        with self._dctx().stream_reader(
+            data, read_size=len(data), read_across_frames=False
+        ) as reader:
+            return _read_up_to(reader, need)
 
     def frame(self, index: int) -> bytes:
         """Frame ``index`` decompressed, through the LRU cache (thread-safe)."""
@@ -309,8 +485,8 @@ class SeekableZstdSource:
         first = self.frame_of(offset)
         f_start, f_end = self.table.decompressed_range(first)
         if end <= f_end:
-            if (self.prefix_reads and end - offset <= PREFIX_READ_MAX and end < f_end
-                    and not self.cached(first)):
+            if (self.checked_by_reader and end - offset <= PREFIX_READ_MAX and end < f_end
+                    and self._state[first] != _UNSIZED and not self.cached(first)):
                 return self.read_prefix(first, end - f_start)[offset - f_start : end - f_start]
             return self.frame(first)[offset - f_start : end - f_start]
         parts: list[memoryview] = []  # views: the join below is the only copy
@@ -329,6 +505,14 @@ class SeekableZstdSource:
                 pos = min(end, f_end)
             index += 1
         return b"".join(parts)
+
+    def will_need(self, offsets: list[int], length: int) -> None:
+        """A hint of the ByteSource protocol; frames are read whole, so nothing to do."""
+
+    def identity(self) -> bytes:
+        from vmafs.container.source import file_identity
+
+        return file_identity(self._fd)
 
     # -- lifetime -------------------------------------------------------------
 

@@ -34,6 +34,7 @@ _FOOTER = struct.Struct("<8sIQQI")
 # Index limits, checked before allocating: one slot per cluster of 254 devices of 256 TiB.
 MAX_SLOTS = 1 << 40
 MAX_INDEX_BYTES = 1 << 36
+MAX_STREAM_OFFSET = 1 << 60  # offsets must stay far from int64 overflow in any arithmetic
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -93,6 +94,9 @@ class IndexTable:
     masks: np.ndarray  # uint16
     offsets: np.ndarray  # uint64, stream offset of the cluster's first stored block
     checksums: np.ndarray | None  # uint32, None for archives indexed by walking (no checksums)
+    ext_offsets: np.ndarray  # uint64, stream offset of each data extent, in stream order
+    ext_counts: np.ndarray  # uint16, rows of each data extent (its stored slots, in order)
+    sector_base: int | None = None  # if set, offsets are 512-byte sectors from here
 
 
 def decode_index(blob: bytes) -> IndexTable:
@@ -124,20 +128,46 @@ def decode_index(blob: bytes) -> IndexTable:
         raise FormatError("index extent counts do not match its slots")
     if (ext_counts > vma.SLOTS_PER_EXTENT).any() or (masks == 0).any() or (dev_ids == 0).any():
         raise FormatError("index holds impossible slots")
-    return IndexTable(dev_ids, clusters, masks,
-                      data_offsets(ext_offsets, ext_counts, masks), checksums)
+    if n_ext and int(ext_offsets.max()) >= MAX_STREAM_OFFSET:
+        raise FormatError("index places an extent at an impossible offset")
+    return IndexTable(dev_ids, clusters, masks, data_offsets(ext_offsets, ext_counts, masks),
+                      checksums, ext_offsets, ext_counts)
 
 
-def data_offsets(ext_offsets: np.ndarray, ext_counts: np.ndarray,
-                 masks: np.ndarray) -> np.ndarray:
-    """Absolute offset of each slot's data: its extent's data start plus earlier slots' blocks."""
-    blocks = vma.POPCOUNT16[masks].astype(np.uint64)
-    before = np.cumsum(blocks) - blocks  # blocks stored before each slot, over all extents
-    first = np.cumsum(ext_counts.astype(np.int64)) - ext_counts  # first slot of each extent
-    ext_of_slot = np.repeat(np.arange(len(ext_counts)), ext_counts.astype(np.int64))
-    within = before - before[first][ext_of_slot] if len(first) else before
-    base = ext_offsets.astype(np.uint64)[ext_of_slot] + np.uint64(vma.EXTENT_HEADER_SIZE)
-    return base + within * np.uint64(vma.BLOCK_SIZE)
+def data_offsets(ext_offsets: np.ndarray, ext_counts: np.ndarray, masks: np.ndarray, *,
+                 sector_base: int | None = None) -> np.ndarray:
+    """Stream offset of each slot's data: its extent's data start plus earlier slots' blocks.
+
+    With sector_base, in 512-byte sectors from sector_base, as uint32 when they fit (every
+    extent starts a multiple of 512 bytes after the header): 4 bytes a cluster instead of 8.
+    Worked out a chunk of extents at a time, so temporaries stay small at any size.
+    """
+    counts = ext_counts.astype(np.int64)
+    first = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    if sector_base is None:
+        out = np.empty(total, np.uint64)
+    else:
+        last = int(ext_offsets[-1]) - sector_base if len(ext_offsets) else 0
+        fits = (last + vma.MAX_EXTENT_SIZE) // 512 < 1 << 32
+        out = np.empty(total, np.uint32 if fits else np.uint64)
+    step = 4096  # extents: at most 241,664 slots of int64 temporaries
+    for e0 in range(0, len(counts), step):
+        e1 = min(e0 + step, len(counts))
+        lo = int(first[e0])
+        hi = int(first[e1 - 1] + counts[e1 - 1])
+        blocks = vma.POPCOUNT16[masks[lo:hi]].astype(np.int64)
+        before = np.cumsum(blocks)
+        before -= blocks  # blocks stored before each slot of the chunk
+        starts = ext_offsets[e0:e1].astype(np.int64) + vma.EXTENT_HEADER_SIZE
+        starts -= before[first[e0:e1] - lo] * vma.BLOCK_SIZE
+        before *= vma.BLOCK_SIZE
+        before += np.repeat(starts, counts[e0:e1])
+        if sector_base is not None:
+            before -= sector_base
+            before //= 512
+        out[lo:hi] = before
+    return out
 
 
 def encode_footer(footer: Footer) -> bytes:

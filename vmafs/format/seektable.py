@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from vmafs.errors import FormatError
+from vmafs.errors import ContainerError
 
 SKIPPABLE_MAGIC = 0x184D2A5E
 """The one skippable-frame magic the reference reader accepts for the seek table."""
@@ -31,6 +31,8 @@ MAX_FRAMES = 0x8000000
 MAX_FRAME_DECOMPRESSED_SIZE = 0x80000000
 """ZSTD_SEEKABLE_MAX_FRAME_DECOMPRESSED_SIZE (zstd >= 1.5.x; older readers: 1 GiB)."""
 U32_MAX = 0xFFFFFFFF
+ENTRY_SIZE = 8
+ENTRY_SIZE_CHECKSUMS = 12
 
 _FOOTER = struct.Struct("<IBI")
 _SKIP_HEADER = struct.Struct("<II")
@@ -39,7 +41,11 @@ _RESERVED_BITS = 0x7C
 
 
 def _table_frame_size(num_frames: int, checksums: bool) -> int:
-    return SKIPPABLE_HEADER_SIZE + num_frames * (12 if checksums else 8) + FOOTER_SIZE
+    return (
+        SKIPPABLE_HEADER_SIZE
+        + num_frames * (ENTRY_SIZE_CHECKSUMS if checksums else ENTRY_SIZE)
+        + FOOTER_SIZE
+    )
 
 
 def _check_entry(compressed: int, decompressed: int) -> None:
@@ -120,16 +126,17 @@ class SeekTableFooter:
 def parse_seek_table_footer(tail: bytes) -> SeekTableFooter:
     """Parse the footer from (at least) the file's last 9 bytes."""
     if len(tail) < FOOTER_SIZE:
-        raise FormatError(f"seek table footer needs {FOOTER_SIZE} bytes, file has {len(tail)}")
+        raise ContainerError(f"seek table footer needs {FOOTER_SIZE} bytes, file has {len(tail)}")
     num_frames, descriptor, magic = _FOOTER.unpack_from(tail, len(tail) - FOOTER_SIZE)
     if magic != SEEKABLE_MAGIC:
-        raise FormatError(
+        raise ContainerError(
             f"no zstd seek table: last 4 bytes are {magic:#010x}, not {SEEKABLE_MAGIC:#x}"
         )
     if descriptor & _RESERVED_BITS:
-        raise FormatError(f"seek table descriptor {descriptor:#04x} has reserved bits set")
+        raise ContainerError(f"seek table descriptor {descriptor:#04x} has reserved bits set")
     if num_frames > MAX_FRAMES:
-        raise FormatError(f"seek table lists {num_frames} frames, more than the limit {MAX_FRAMES}")
+        raise ContainerError(
+            f"seek table lists {num_frames} frames, more than the limit {MAX_FRAMES}")
     return SeekTableFooter(num_frames, bool(descriptor & _CHECKSUM_FLAG))
 
 
@@ -184,6 +191,30 @@ class SeekTable:
         )
 
 
+def check_seek_table_header(head: bytes, footer: SeekTableFooter) -> None:
+    """Check the table frame's first 8 bytes (skippable magic, Frame_Size) against its footer."""
+    magic, frame_size = _SKIP_HEADER.unpack_from(head, 0)
+    if magic != SKIPPABLE_MAGIC:
+        raise ContainerError(
+            f"seek table frame magic is {magic:#010x}, expected {SKIPPABLE_MAGIC:#x}")
+    if frame_size != footer.table_size - SKIPPABLE_HEADER_SIZE:
+        raise ContainerError(
+            f"seek table Frame_Size is {frame_size}, expected "
+            f"{footer.table_size - SKIPPABLE_HEADER_SIZE} for {footer.num_frames} frames"
+        )
+
+
+def decode_entries(data: bytes, checksums: bool) -> list[tuple[int, int]]:
+    """``(compressed, decompressed)`` of whole entries in a piece of the entries area.
+
+    For readers that go through a table piece by piece instead of holding all of it.
+    """
+    width = ENTRY_SIZE_CHECKSUMS if checksums else ENTRY_SIZE
+    fmt = struct.Struct("<III" if checksums else "<II")
+    usable = len(data) - len(data) % width
+    return [(e[0], e[1]) for e in fmt.iter_unpack(data[:usable])]
+
+
 def decode_seek_table(table: bytes, file_size: int) -> SeekTable:
     """Validate the whole seek-table frame (the last ``footer.table_size`` bytes of the file).
 
@@ -193,20 +224,13 @@ def decode_seek_table(table: bytes, file_size: int) -> SeekTable:
     footer = parse_seek_table_footer(table)
     size = footer.table_size
     if file_size < size:
-        raise FormatError(
+        raise ContainerError(
             f"seek table of {footer.num_frames} frames needs {size} bytes, file has {file_size}"
         )
     if len(table) < size:
-        raise FormatError(f"seek table needs {size} bytes, got {len(table)}")
+        raise ContainerError(f"seek table needs {size} bytes, got {len(table)}")
     table = table[len(table) - size :]
-    magic, frame_size = _SKIP_HEADER.unpack_from(table, 0)
-    if magic != SKIPPABLE_MAGIC:
-        raise FormatError(f"seek table frame magic is {magic:#010x}, expected {SKIPPABLE_MAGIC:#x}")
-    if frame_size != size - SKIPPABLE_HEADER_SIZE:
-        raise FormatError(
-            f"seek table Frame_Size is {frame_size}, expected {size - SKIPPABLE_HEADER_SIZE} "
-            f"for {footer.num_frames} frames"
-        )
+    check_seek_table_header(table, footer)
     width = 3 if footer.checksums else 2
     fields = np.frombuffer(
         table, dtype="<u4", count=footer.num_frames * width, offset=SKIPPABLE_HEADER_SIZE
@@ -216,10 +240,10 @@ def decode_seek_table(table: bytes, file_size: int) -> SeekTable:
     if footer.num_frames:
         if int(compressed.min()) == 0:
             bad = int(np.argmin(compressed))
-            raise FormatError(f"seek table entry {bad}: compressed size 0")
+            raise ContainerError(f"seek table entry {bad}: compressed size 0")
         if int(decompressed.max()) > MAX_FRAME_DECOMPRESSED_SIZE:
             bad = int(np.argmax(decompressed))
-            raise FormatError(
+            raise ContainerError(
                 f"seek table entry {bad}: decompressed size {int(decompressed[bad])} exceeds "
                 f"{MAX_FRAME_DECOMPRESSED_SIZE}"
             )
@@ -228,7 +252,7 @@ def decode_seek_table(table: bytes, file_size: int) -> SeekTable:
     d_offsets = np.zeros(footer.num_frames + 1, dtype=np.int64)
     np.cumsum(decompressed, out=d_offsets[1:])
     if int(c_offsets[-1]) != file_size - size:
-        raise FormatError(
+        raise ContainerError(
             f"seek table frames add up to {int(c_offsets[-1])} bytes, but {file_size - size} "
             "bytes precede the table"
         )

@@ -45,6 +45,7 @@ _DEVNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,127}")
 # popcount of every 16-bit mask, for stored-byte arithmetic without per-cluster Python loops.
 POPCOUNT16 = np.unpackbits(np.arange(1 << 16, dtype=">u2").view(np.uint8)).reshape(
     -1, 16).sum(axis=1, dtype=np.uint8)
+POPCOUNT16_LIST: list[int] = POPCOUNT16.tolist()  # for per-slot Python code
 _BIT_WEIGHTS = (1 << np.arange(BLOCKS_PER_CLUSTER, dtype=np.uint32)).astype(np.uint32)
 
 
@@ -137,7 +138,8 @@ def encode_header(
         check_config_name(name)
         if len(data) > MAX_BLOB_SIZE:
             raise FormatError(f"config {name!r} is {len(data)} bytes; VMA allows at most 65535")
-        names[i] = add_blob(name.encode() + b"\0")
+        # the exact bytes decode_header read (surrogateescape), so convert keeps them as is
+        names[i] = add_blob(name.encode("utf-8", "surrogateescape") + b"\0")
         datas[i] = add_blob(bytes(data))
     devinfo = bytearray(256 * 32)
     for dev_id, (name, size) in enumerate(devices, start=1):
@@ -190,10 +192,12 @@ def decode_header(buf: bytes) -> Header:
     blobs = _parse_blobs(buf[blob_off:blob_off + blob_size])
 
     def blob_str(ptr: int) -> str | None:
+        """get_header_str: a blob whose last byte is NUL, read as a C string (up to its first
+        NUL); bytes that are not UTF-8 stay those bytes (surrogateescape)."""
         data = blobs.get(ptr)
         if data is None or not data.endswith(b"\0"):
             return None
-        return data[:-1].decode("utf-8", "replace")
+        return data[:data.index(b"\0")].decode("utf-8", "surrogateescape")
 
     devices: list[Device] = []
     vmstate = None
@@ -257,8 +261,19 @@ def seal_extent(uuid: bytes, block_count: int, slot_bytes: bytes) -> bytes:
     return bytes(head)
 
 
-def decode_extent_header(buf: bytes, uuid: bytes) -> ExtentHeader:
-    """Check an extent header in Proxmox's order (md5, uuid, magic) and list its used slots."""
+def check_extent_header(buf: bytes | memoryview, uuid: bytes) -> tuple[int, np.ndarray]:
+    """Check an extent header in Proxmox's order (md5, uuid, magic); (block_count, used slots).
+
+    The slots come as one uint64 per used slot (dev_id != 0), in slot order: decode them with
+    slot_fields. block_count against the masks is the walker's check (it knows the offset).
+    """
+    block_count = check_extent_fields(buf, uuid)
+    infos = np.frombuffer(bytes(buf[40:EXTENT_HEADER_SIZE]), ">u8").astype(np.uint64)
+    return block_count, infos[(infos >> np.uint64(32)) & np.uint64(0xFF) != 0]
+
+
+def check_extent_fields(buf: bytes | memoryview, uuid: bytes) -> int:
+    """The checks of check_extent_header without decoding the slots; returns block_count."""
     if len(buf) < EXTENT_HEADER_SIZE:
         raise FormatError(f"read short extent ({len(buf)} bytes)")
     head = bytearray(buf[:EXTENT_HEADER_SIZE])
@@ -273,11 +288,21 @@ def decode_extent_header(buf: bytes, uuid: bytes) -> ExtentHeader:
     if block_count > SLOTS_PER_EXTENT * BLOCKS_PER_CLUSTER:
         raise FormatError(f"short vma extent ({MAX_EXTENT_SIZE} < "
                           f"{EXTENT_HEADER_SIZE + block_count * BLOCK_SIZE})")
-    slots = tuple(
-        (info >> 32 & 0xFF, info & 0xFFFFFFFF, info >> 48)
-        for info in _SLOTS.unpack_from(head, 40)
-        if info >> 32 & 0xFF
-    )
+    return int(block_count)
+
+
+def slot_fields(infos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dev_ids uint8, clusters uint32, masks uint16) of slot words."""
+    return (((infos >> np.uint64(32)) & np.uint64(0xFF)).astype(np.uint8),
+            (infos & np.uint64(0xFFFFFFFF)).astype(np.uint32),
+            (infos >> np.uint64(48)).astype(np.uint16))
+
+
+def decode_extent_header(buf: bytes | memoryview, uuid: bytes) -> ExtentHeader:
+    """Check an extent header (check_extent_header) and list its used slots as tuples."""
+    block_count, infos = check_extent_header(buf, uuid)
+    slots = tuple((int(i) >> 32 & 0xFF, int(i) & 0xFFFFFFFF, int(i) >> 48)
+                  for i in infos.tolist())
     return ExtentHeader(block_count, slots)
 
 

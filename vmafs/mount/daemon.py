@@ -1,4 +1,4 @@
-"""The mount daemon: FUSE options, daemonizing once the mount is ready, the trio loop, signals.
+"""The mount daemon: daemonizing once the mount is ready, logging, the trio loop, signals.
 
 The parent process returns only when the outcome is known: exit 0 once the file system is mounted
 (the child then serves it in the background), or the one-line reason it could not be mounted.
@@ -16,128 +16,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vmafs.errors import VmafsError
+from vmafs.mount.options import (
+    FSNAME,
+    MountError,
+    MountOptions,
+    find_mount,
+    parse_options,
+    resolve,
+)
 
 log = logging.getLogger("vmafs.mount")
 
-FSNAME = "vmafs"
 READ_AHEAD_KB = 1024        # 1 MiB FUSE read requests instead of 128 KiB: about 2x throughput
-# Options vmafs sets itself, or that would break a read-only image mount.
-_REFUSED = {
-    "rw": "the mount is read-only",
-    "fsname": "vmafs sets fsname itself",
-    "subtype": "vmafs sets subtype itself",
-    "max_read": "max_read breaks FUSE mounts on this kernel",
-    "blkdev": "vmafs is not a block-device file system",
-}
-
-
-class MountError(VmafsError):
-    """The archive or mount point cannot be mounted."""
-
-
-@dataclass
-class MountOptions:
-    """Parsed `-o` options: our own (uid=, gid=, direct_io) and the FUSE ones passed through."""
-
-    fuse: set[str] = field(default_factory=set)
-    uid: int | None = None
-    gid: int | None = None
-    direct_io: bool = False
-
-
-def parse_options(values: Iterable[str], source: str = FSNAME) -> MountOptions:
-    """Split `-o a,b=c` lists; keep uid/gid for file ownership; pass the rest to FUSE.
-
-    The mount's source (fsname, what `mount` and `df` show) is the archive's path.
-    """
-    escaped = source.replace("\\", "\\\\").replace(",", "\\,")
-    result = MountOptions(fuse={"ro", "default_permissions", f"fsname={escaped}",
-                                f"subtype={FSNAME}"})
-    for value in values:
-        for opt in value.split(","):
-            opt = opt.strip()
-            if not opt:
-                continue
-            key, _, arg = opt.partition("=")
-            if key in ("uid", "gid"):
-                try:
-                    number = int(arg)
-                except ValueError:
-                    raise MountError(f"-o {opt}: expected a number") from None
-                setattr(result, key, number)
-            elif opt == "direct_io":
-                result.direct_io = True
-            elif key in _REFUSED:
-                raise MountError(f"-o {opt}: not supported ({_REFUSED[key]})")
-            elif key in ("ro", "default_permissions"):
-                continue
-            else:
-                result.fuse.add(opt)
-    return result
-
-
-# -- /proc/self/mountinfo ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MountInfo:
-    mountpoint: str
-    device: str             # "major:minor"
-    fstype: str
-    source: str
-
-
-def _unescape(field_: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field_):
-        code = field_[i + 1:i + 4]
-        if field_[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[MountInfo]:
-    mounts = []
-    for line in text.splitlines():
-        parts = line.split(" ")
-        if "-" not in parts[6:]:
-            continue
-        sep = parts.index("-", 6)
-        mounts.append(MountInfo(_unescape(parts[4]), parts[2], parts[sep + 1],
-                                _unescape(parts[sep + 2])))
-    return mounts
-
-
-def resolve(path: str) -> str:
-    """Absolute, symlinks resolved, without stat'ing the last component: stat'ing our own mount
-    point from the daemon before it serves would deadlock, and a dead mount fails ENOTCONN."""
-    path = os.path.abspath(path)
-    head, tail = os.path.split(path)
-    return os.path.join(os.path.realpath(head), tail) if tail else path
-
-
-def find_mount(mountpoint: str) -> MountInfo | None:
-    """The topmost mount at this path, if any."""
-    path = resolve(mountpoint)
-    try:
-        with open("/proc/self/mountinfo", errors="surrogateescape") as f:
-            text = f.read()
-    except OSError:
-        return None
-    found = None
-    for m in parse_mountinfo(text):
-        if m.mountpoint == path:
-            found = m
-    return found
 
 
 def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
@@ -229,15 +124,20 @@ def _init_fuse(archive: Any, req: MountRequest, opts: MountOptions) -> Any:
     except RuntimeError as exc:
         raise MountError(f"cannot mount on {req.mountpoint}: {exc} "
                          f"(options: {','.join(sorted(opts.fuse))})") from None
-    log.info("mounted %s on %s", req.archive, req.mountpoint)
-    for warning in _warnings(archive):
-        log.warning("%s", warning)
+    log.info("mounted %s on %s (%s)", req.archive, req.mountpoint,
+             "indexed: every read is checked against its checksum" if archive.indexed
+             else "walked: it has no index, so no data checksums")
+    for note in _notes(archive):
+        log.warning("%s", note)
     return ops
 
 
-def _warnings(archive: Any) -> list[str]:
-    """What the reader could not trust in the archive (e.g. where a damaged stream ends)."""
-    return [" ".join(str(w).split()) for w in getattr(archive, "warnings", [])]
+def _notes(archive: Any) -> list[str]:
+    """What a user should know about how the archive is served."""
+    if archive.indexed:
+        return []
+    return ["this archive has no vmafs index: reads are not checked against data checksums "
+            "(vmafs convert writes an archive that has them)"]
 
 
 async def _serve(ops: Any, mountpoint: str, on_ready: Callable[[], None] | None) -> None:
@@ -325,7 +225,7 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
             status = pipe.read()
         if status.startswith(b"OK"):
             for line in status.decode(errors="replace").splitlines()[1:]:
-                print(f"vmafs mount: warning: {line}", file=sys.stderr)
+                print(f"vmafs mount: note: {line}", file=sys.stderr)
             return 0
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
@@ -346,7 +246,7 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
         def ready() -> None:
             nonlocal wfd
             with contextlib.suppress(OSError):      # the parent may be gone: serve anyway
-                os.write(wfd, "\n".join(["OK", *_warnings(archive)]).encode())
+                os.write(wfd, "\n".join(["OK", *_notes(archive)]).encode())
             os.close(wfd)
             wfd = -1
 

@@ -20,8 +20,8 @@ import pyfuse3
 import trio
 
 from vmafs.archive.reader import Archive, Device
-from vmafs.errors import ChecksumError, VmafsError
-from vmafs.format.names import NAME_MAX, disk_file_name, safe_name
+from vmafs.errors import VmafsError
+from vmafs.format.names import NAME_MAX, file_names
 
 log = logging.getLogger("vmafs.mount")
 
@@ -50,27 +50,17 @@ class Entry:
     data: bytes = b""        # a config blob's content
 
 
-def _unique(name: bytes, taken: set[bytes], suffix: bytes = b"") -> bytes:
-    stem = name[: len(name) - len(suffix)] if suffix else name
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = stem + b"~%d" % n + suffix
-    taken.add(candidate)
-    return candidate
-
-
-def layout(devices: Sequence[Device], configs: Mapping[str, bytes]) -> list[Entry]:
+def layout(devices: Sequence[Device],
+           configs: Mapping[str, bytes] | Sequence[tuple[str, bytes]]) -> list[Entry]:
     """The root directory: disks by dev_id, then configs in archive order; names sanitised and
-    unique, inode numbers stable for a given archive."""
-    taken: set[bytes] = set()
-    entries: list[Entry] = []
-    for dev in sorted(devices, key=lambda d: d.dev_id):
-        name = _unique(os.fsencode(disk_file_name(dev.name)), taken, b".raw")
-        entries.append(Entry(1 + dev.dev_id, name, dev.size, dev_id=dev.dev_id))
-    for i, (cname, data) in enumerate(configs.items()):
-        name = _unique(os.fsencode(safe_name(cname)), taken)
-        entries.append(Entry(FIRST_CONFIG_INODE + i, name, len(data), data=bytes(data)))
+    unique (names.file_names, the same names extract writes), inode numbers stable for a given
+    archive."""
+    pairs = list(configs.items()) if isinstance(configs, Mapping) else list(configs)
+    names = file_names(devices, [name for name, _ in pairs])
+    entries = [Entry(1 + dev.dev_id, names.disks[dev.dev_id], dev.size, dev_id=dev.dev_id)
+               for dev in sorted(devices, key=lambda d: d.dev_id)]
+    entries += [Entry(FIRST_CONFIG_INODE + i, name, len(data), data=bytes(data))
+                for i, (name, (_, data)) in enumerate(zip(names.configs, pairs, strict=True))]
     return entries
 
 
@@ -110,7 +100,8 @@ class VmaFS(pyfuse3.Operations):
         self.direct_io = direct_io
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
-        self.ctime_ns = int(archive.ctime) * 1_000_000_000
+        # the header's ctime is any int64: clamp it to what a file time can hold
+        self.ctime_ns = min(max(int(archive.ctime), 0), (1 << 63) // 10**9 - 1) * 10**9
         self.entries = layout(archive.devices, archive.configs)
         self.by_inode = {e.inode: e for e in self.entries}
         self.by_name = {e.name: e for e in self.entries}
@@ -243,10 +234,8 @@ class VmaFS(pyfuse3.Operations):
             # kernel's read-ahead on the archive streams.
             try:
                 return self.archive.read(entry.dev_id, off, size)
-            except ChecksumError as exc:
-                raise self._bad(entry, off, size, exc) from None
-            except (OSError, VmafsError) as exc:
-                raise self._ioerror(entry, off, size, exc) from None
+            except Exception as exc:  # noqa: BLE001 - a read fails, the daemon serves on
+                raise self._eio(entry, off, size, exc) from None
         if size <= len(ZEROS) and self._is_hole(entry.dev_id, off, size):
             return ZEROS_VIEW[:size]  # no thread hop for what needs no decompression
         if handle.streak >= 1 and self.nursery is not None:
@@ -260,8 +249,8 @@ class VmaFS(pyfuse3.Operations):
         """True if no stored data lies in [off, off+size): answered from the zero buffer."""
         try:
             return self.archive.is_hole(dev_id, off, size)
-        except VmafsError:
-            return False  # the read reports it
+        except Exception:  # noqa: BLE001 - the read reports it
+            return False
 
     # -- reads in worker threads ---------------------------------------------------------------
 
@@ -269,10 +258,8 @@ class VmaFS(pyfuse3.Operations):
         try:
             return await trio.to_thread.run_sync(
                 self.archive.read, entry.dev_id, off, size, limiter=self._limiter)
-        except ChecksumError as exc:
-            raise self._bad(entry, off, size, exc) from None
-        except (OSError, VmafsError) as exc:
-            raise self._ioerror(entry, off, size, exc) from None
+        except Exception as exc:  # noqa: BLE001 - a read fails, the daemon serves on
+            raise self._eio(entry, off, size, exc) from None
 
     async def _read_chunked(self, entry: Entry, off: int, size: int
                             ) -> bytes | memoryview | None:
@@ -320,7 +307,7 @@ class VmaFS(pyfuse3.Operations):
         try:
             fetch.data = await trio.to_thread.run_sync(
                 self.archive.read, entry.dev_id, start, length, limiter=self._limiter)
-        except (OSError, VmafsError):
+        except Exception:  # noqa: BLE001
             fetch.failed = True      # reported by the exact re-read, if anyone asks for it
             self._chunks.pop((entry.dev_id, idx), None)
         finally:
@@ -328,12 +315,15 @@ class VmaFS(pyfuse3.Operations):
 
     # -- errors --------------------------------------------------------------------------------
 
-    def _bad(self, entry: Entry, off: int, size: int, exc: Exception) -> pyfuse3.FUSEError:
-        log.error("%s: bytes %d-%d: %s; returning EIO", os.fsdecode(entry.name), off,
-                  off + size - 1, exc)
-        return pyfuse3.FUSEError(errno.EIO)
-
-    def _ioerror(self, entry: Entry, off: int, size: int, exc: Exception) -> pyfuse3.FUSEError:
-        log.error("%s: bytes %d-%d: cannot read the archive: %s; returning EIO",
-                  os.fsdecode(entry.name), off, off + size - 1, exc)
+    def _eio(self, entry: Entry, off: int, size: int, exc: Exception) -> pyfuse3.FUSEError:
+        """Log why a read fails; the reader gets EIO, never bytes that are not proven."""
+        name = os.fsdecode(entry.name)
+        if isinstance(exc, VmafsError):
+            log.error("%s: bytes %d-%d: %s; returning EIO", name, off, off + size - 1, exc)
+        elif isinstance(exc, OSError):
+            log.error("%s: bytes %d-%d: cannot read the archive: %s; returning EIO", name, off,
+                      off + size - 1, exc)
+        else:
+            log.exception("%s: bytes %d-%d: internal error; returning EIO", name, off,
+                          off + size - 1)
         return pyfuse3.FUSEError(errno.EIO)

@@ -1,0 +1,202 @@
+"""Finding an archive's trailing index from the tail, and trusting it only where it agrees with
+the stream it sits in.
+
+The footer is the last extent; it says where the index's null extents start. An index is used
+only if all of this holds, checked at open time:
+- the footer and every index extent are valid null extents of this archive, and the index
+  matches its checksum;
+- its slots keep every VMA rule (rules.ClusterRules: known devices, in range, no mask bit past
+  the end, no cluster twice);
+- the extent chain it describes is whole: data extents in order from the header on, each
+  ending where the next begins or where a run of data-less 512-byte extents does, up to the
+  index itself;
+- every data extent's header, read at the offset the index gives, lists exactly the slots the
+  index lists for it, with the block count they need; every position in the runs between them
+  holds a data-less extent of this archive.
+So each extent boundary the index relies on is one the stream walk also reaches: an index
+written into a guest's data, or one that disagrees with the extent headers, is refused, and
+with it the archive (never a silent fall-back to reading without checksums).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from vmafs.archive import problems
+from vmafs.archive.rules import ClusterRules
+from vmafs.archive.walk import Extent, decode_extent
+from vmafs.container.source import ByteSource
+from vmafs.errors import ChecksumError, FormatError
+from vmafs.format import index, vma
+
+HEAD = vma.EXTENT_HEADER_SIZE
+GAP_CHUNK = 8 << 20  # bytes of data-less extents checked per read
+CONFIRM_THREADS = 4  # header reads in flight: a cold disk answers several at once
+
+
+def find_footer(source: ByteSource, header: vma.Header) -> index.Footer | None:
+    """The footer, if the last extent is a valid vmafs footer of this archive; else None."""
+    footer_offset = source.size - HEAD
+    if footer_offset < header.header_size:
+        return None
+    raw = source.pread(footer_offset, HEAD)
+    try:
+        ext = decode_extent(raw, header.uuid, footer_offset)
+    except FormatError:
+        return None
+    if not ext.is_null:
+        return None
+    try:
+        return index.decode_footer(ext.payload())
+    except FormatError as exc:
+        raise _bad(f"its footer is damaged: {exc}", footer_offset) from None
+
+
+def load_index(source: ByteSource, header: vma.Header, footer: index.Footer) -> index.IndexTable:
+    """The index the footer points to, checked against its checksum and every rule."""
+    footer_offset = source.size - HEAD
+    try:
+        span = index.index_extent_span(footer, footer_offset)
+    except FormatError as exc:
+        raise _bad(str(exc), footer_offset) from None
+    if footer.index_offset < header.header_size:
+        raise _bad("the index starts inside the archive header", footer_offset)
+    raw = source.pread(footer.index_offset, span)
+    payloads = []
+    for pos in range(0, span, HEAD):
+        try:
+            ext = decode_extent(raw[pos:pos + HEAD], header.uuid, footer.index_offset + pos)
+        except FormatError as exc:
+            raise _bad(f"index extent damaged ({exc})", footer.index_offset + pos) from None
+        if not ext.is_null:
+            raise _bad("an index extent holds data", footer.index_offset + pos)
+        payloads.append(ext.payload())
+    try:
+        table = index.decode_index(index.check_index_blob(b"".join(payloads), footer))
+    except ChecksumError as exc:
+        raise _bad(str(exc), footer.index_offset, problems.CHECKSUM) from None
+    except FormatError as exc:
+        raise _bad(str(exc), footer.index_offset) from None
+    if header.vmstate is not None and (table.dev_ids == header.vmstate.dev_id).any():
+        raise _bad("the index lists vmstate data", footer.index_offset)
+    return table
+
+
+def confirm_index(source: ByteSource, header: vma.Header, table: index.IndexTable,
+                  index_offset: int) -> None:
+    """Check that the index's extent chain is the stream's (see the module docstring), and
+    that the slots of all its extents keep every rule: each cluster exactly once."""
+    starts = table.ext_offsets.astype(np.int64)
+    counts = table.ext_counts.astype(np.int64)
+    first_row = np.cumsum(counts) - counts
+    popcounts = vma.POPCOUNT16[table.masks].astype(np.int64)
+    blocks = (np.add.reduceat(popcounts, first_row) if len(first_row)
+              else np.zeros(0, np.int64))
+    ends = starts + HEAD + blocks * vma.BLOCK_SIZE
+    gap_starts = np.concatenate(([header.header_size], ends))
+    gap_ends = np.concatenate((starts, [index_offset]))
+    bad = (gap_ends < gap_starts) | ((gap_ends - gap_starts) % HEAD != 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise _bad("the index's extents do not form the archive's extent chain",
+                   int(gap_starts[i]))
+    rules = ClusterRules(header)
+    try:
+        _confirm_data_extents(source, header, table, starts, blocks, first_row, rules)
+        for start, end in zip(gap_starts.tolist(), gap_ends.tolist(), strict=True):
+            _confirm_gap(source, header.uuid, start, end, rules)
+    except problems.ArchiveError as exc:
+        if exc.problem.kind == problems.INDEX:
+            raise
+        raise _bad(exc.problem.message, exc.problem.offset or index_offset) from None
+    missing = rules.missing()
+    if missing:
+        raise _bad(missing[0].message, index_offset)
+
+
+def _confirm_data_extents(source: ByteSource, header: vma.Header, table: index.IndexTable,
+                          starts: np.ndarray, blocks: np.ndarray, first_row: np.ndarray,
+                          rules: ClusterRules) -> None:
+    if not len(starts):
+        return
+    uuid = header.uuid
+
+    def check(i: int) -> Extent:
+        offset = int(starts[i])
+        raw = source.pread(offset, HEAD)
+        try:
+            ext = decode_extent(raw, uuid, offset)
+        except FormatError as exc:
+            raise _bad(f"the extent it lists at offset {offset} is not valid ({exc})",
+                       offset) from None
+        stored = ext.masks != 0
+        lo, hi = int(first_row[i]), int(first_row[i]) + int(table.ext_counts[i])
+        if (ext.block_count != int(blocks[i])
+                or not np.array_equal(ext.dev_ids[stored], table.dev_ids[lo:hi])
+                or not np.array_equal(ext.clusters[stored], table.clusters[lo:hi])
+                or not np.array_equal(ext.masks[stored], table.masks[lo:hi])):
+            raise _bad(f"it does not match the extent header at offset {offset}", offset)
+        return ext
+
+    def feed(extents: list[Extent]) -> None:
+        rules.check(np.concatenate([e.dev_ids for e in extents]),
+                    np.concatenate([e.clusters for e in extents]),
+                    np.concatenate([e.masks for e in extents]),
+                    np.concatenate([np.full(len(e.dev_ids), e.offset, np.int64)
+                                    for e in extents]))
+
+    step = 1024
+    if len(starts) < 64:
+        feed([check(i) for i in range(len(starts))])
+        return
+    with ThreadPoolExecutor(CONFIRM_THREADS) as pool:
+        for lo in range(0, len(starts), step):
+            feed(list(pool.map(check, range(lo, min(lo + step, len(starts))), chunksize=64)))
+
+
+def _confirm_gap(source: ByteSource, uuid: bytes, start: int, end: int,
+                 rules: ClusterRules) -> None:
+    """Every 512 bytes of [start, end) is a header of this archive with no data; their zero
+    slots go through the rules like any others.
+
+    Checked as 64 little-endian words per header, whole chunks at a time: word 0 is magic,
+    reserved and block_count (b"VMAE" and six zero bytes), words 1-2 the uuid, and no used
+    slot (dev_id byte set) may have a mask. The md5 is left to verify: what matters here is
+    that no extent boundary hides in the run, and a header with no blocks has none.
+    """
+    first = np.frombuffer(vma.EXTENT_MAGIC + bytes(4), "<u8")[0]
+    uuid_words = np.frombuffer(uuid, "<u8")
+    for pos, chunk in _chunks(source, start, end):
+        words = np.frombuffer(chunk, "<u8").reshape(-1, HEAD // 8)
+        ok = (words[:, 0] == first) & (words[:, 1] == uuid_words[0]) \
+            & (words[:, 2] == uuid_words[1])
+        slots = words[:, 5:]  # big-endian on disk: mask in bytes 0-1, dev_id in byte 3
+        used = slots & np.uint64(0xFF000000) != 0
+        ok &= ~(used & (slots & np.uint64(0xFFFF) != 0)).any(axis=1)
+        if not ok.all():
+            offset = pos + int(np.flatnonzero(~ok)[0]) * HEAD
+            raise _bad(f"where it says the stream has no data, offset {offset} holds an "
+                       "extent with data or none at all", offset)
+        infos = slots[used].byteswap()  # now as the big-endian words read natively
+        dev_ids, clusters, masks = vma.slot_fields(infos)
+        offsets = pos + np.repeat(np.arange(len(words)), used.sum(axis=1)) * HEAD
+        rules.check(dev_ids, clusters, masks, offsets)
+
+
+def _chunks(source: ByteSource, start: int, end: int
+            ) -> Iterator[tuple[int, bytes | memoryview]]:
+    pos = start
+    while pos < end:
+        n = min(GAP_CHUNK, end - pos)
+        data = source.pread(pos, n)
+        if len(data) != n:
+            raise _bad("the archive ends inside the extents the index describes", pos)
+        yield pos, data
+        pos += n
+
+
+def _bad(why: str, offset: int, kind: str = problems.INDEX) -> problems.ArchiveError:
+    return problems.error(kind, f"vmafs index not usable: {why}", offset=offset)

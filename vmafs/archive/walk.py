@@ -1,0 +1,315 @@
+"""Walking the extent chain, in one place: forward through a stream (verify, extract, convert),
+or header by header through a random-access source (opening an archive that has no index).
+
+An extent is accepted only whole: header checks (vma.check_extent_header), then its block count
+against its masks. The stream may end only at an extent boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from vmafs.archive import problems
+from vmafs.archive.rules import ClusterRules
+from vmafs.container.source import ByteSource
+from vmafs.errors import FormatError
+from vmafs.format import index, vma
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One checked extent header: its used slots (dev_id != 0) as arrays, in slot order."""
+
+    offset: int
+    block_count: int
+    dev_ids: np.ndarray  # uint8
+    clusters: np.ndarray  # uint32
+    masks: np.ndarray  # uint16
+    raw: bytes  # the 512 header bytes
+
+    @property
+    def size(self) -> int:
+        return vma.EXTENT_HEADER_SIZE + self.block_count * vma.BLOCK_SIZE
+
+    @property
+    def is_null(self) -> bool:
+        """No used slot and no data: Proxmox skips it; vmafs carries its index in such."""
+        return not self.block_count and not len(self.dev_ids)
+
+    def payload(self) -> bytes:
+        return vma.null_extent_payload(self.raw)
+
+
+def decode_extent(raw: bytes | memoryview, uuid: bytes, offset: int) -> Extent:
+    """Check one extent header at stream offset `offset`; ArchiveError says what and where."""
+    try:
+        block_count, infos = vma.check_extent_header(raw, uuid)
+    except FormatError as exc:
+        kind = problems.TRUNCATED if len(raw) < vma.EXTENT_HEADER_SIZE else problems.FORMAT
+        raise problems.error(kind, f"{exc} at offset {offset}", offset=offset) from None
+    dev_ids, clusters, masks = vma.slot_fields(infos)
+    _check_blocks(int(vma.POPCOUNT16[masks].sum(dtype=np.int64)), block_count, offset)
+    return Extent(offset, block_count, dev_ids, clusters, masks, bytes(raw[:512]))
+
+
+def _check_blocks(blocks: int, block_count: int, offset: int) -> None:
+    """An extent's block count must be exactly what its masks store."""
+    if blocks > block_count:
+        raise problems.error(problems.FORMAT,
+                             f"short vma extent - too many blocks at offset {offset}",
+                             offset=offset)
+    if blocks < block_count:
+        raise problems.error(problems.FORMAT, f"vma extent error - missing blocks at offset "
+                             f"{offset}", offset=offset)
+
+
+def slot_offsets(ext: Extent) -> np.ndarray:
+    """Stream offset of each used slot's first stored block."""
+    blocks = vma.POPCOUNT16[ext.masks].astype(np.int64)
+    before = np.cumsum(blocks) - blocks
+    return ext.offset + vma.EXTENT_HEADER_SIZE + before * vma.BLOCK_SIZE
+
+
+# --- forward, through a stream ------------------------------------------------------------------
+
+
+def read_exact(stream: BinaryIO, n: int) -> bytes:
+    """Up to n bytes; fewer only at end of stream."""
+    data = stream.read(n)
+    if data is None:
+        raise FormatError("input would block")
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _read_into(stream: BinaryIO, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got
+
+
+def read_header(stream: BinaryIO) -> vma.Header:
+    """The archive header from the start of a stream (at most 16 MiB, as its size field says)."""
+    prefix = read_exact(stream, vma.HEADER_FIXED_SIZE)
+    size = vma.header_size_of(prefix)
+    rest = read_exact(stream, size - vma.HEADER_FIXED_SIZE)
+    if len(rest) != size - vma.HEADER_FIXED_SIZE:
+        raise problems.error(problems.TRUNCATED, "can't read vma header data")
+    return vma.decode_header(prefix + rest)
+
+
+def iter_stream(stream: BinaryIO, header: vma.Header) -> Iterator[tuple[Extent, memoryview]]:
+    """Each extent with a view of its data (valid until the next one: the buffer is reused)."""
+    offset = header.header_size
+    buffer = memoryview(bytearray(vma.MAX_EXTENT_SIZE))
+    while True:
+        raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
+        if not raw:
+            return
+        ext = decode_extent(raw, header.uuid, offset)
+        need = ext.block_count * vma.BLOCK_SIZE
+        data = buffer[:need]
+        got = _read_into(stream, data)
+        if got != need:
+            raise problems.error(
+                problems.TRUNCATED,
+                f"short vma extent ({vma.EXTENT_HEADER_SIZE + got} < "
+                f"{vma.EXTENT_HEADER_SIZE + need}) at offset {offset}: archive is truncated",
+                offset=offset)
+        yield ext, data
+        offset += ext.size
+
+
+ZERO_RUN_BATCH = 4096  # data-less extents in a row checked together: a sparse disk has millions
+
+
+def iter_stream_runs(stream: BinaryIO, header: vma.Header
+                     ) -> Iterator[tuple[Extent, memoryview] | HeaderBatch]:
+    """Like iter_stream, but runs of extents without data come as HeaderBatch: a 16 TiB sparse
+    disk is 4.5 million of them, too many to handle one by one in Python."""
+    offset = header.header_size
+    buffer = memoryview(bytearray(vma.MAX_EXTENT_SIZE))
+    offsets: list[int] = []
+    heads: list[bytes] = []
+    try:
+        while True:
+            raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
+            if not raw:
+                break
+            if len(raw) < vma.EXTENT_HEADER_SIZE:
+                raise problems.error(problems.TRUNCATED, f"read short extent ({len(raw)} bytes) "
+                                     f"at offset {offset}", offset=offset)
+            try:
+                block_count = vma.check_extent_fields(raw, header.uuid)
+            except FormatError as exc:
+                raise problems.error(problems.FORMAT, f"{exc} at offset {offset}",
+                                     offset=offset) from None
+            if not block_count:
+                offsets.append(offset)
+                heads.append(raw)
+                if len(heads) == ZERO_RUN_BATCH:
+                    yield _batch(offsets, [0] * len(heads), heads)
+                    offsets, heads = [], []
+                offset += vma.EXTENT_HEADER_SIZE
+                continue
+            if heads:
+                yield _batch(offsets, [0] * len(heads), heads)
+                offsets, heads = [], []
+            ext = decode_extent(raw, header.uuid, offset)
+            need = ext.block_count * vma.BLOCK_SIZE
+            data = buffer[:need]
+            got = _read_into(stream, data)
+            if got != need:
+                raise problems.error(
+                    problems.TRUNCATED,
+                    f"short vma extent ({vma.EXTENT_HEADER_SIZE + got} < "
+                    f"{vma.EXTENT_HEADER_SIZE + need}) at offset {offset}: archive is truncated",
+                    offset=offset)
+            yield ext, data
+            offset += ext.size
+    except FormatError:
+        if heads:
+            yield _batch(offsets, [0] * len(heads), heads)
+        raise
+    if heads:
+        yield _batch(offsets, [0] * len(heads), heads)
+
+
+# --- header by header, through a random-access source ------------------------------------------
+
+WALK_BATCH = 1024  # extent headers decoded and checked together (vectorised)
+PREFETCH_EXTENTS = 64  # full-size extents ahead whose headers are requested in advance
+
+
+@dataclass(frozen=True)
+class HeaderBatch:
+    """Consecutive extent headers of a walk, each checked on its own (md5, uuid, magic),
+    with their slots decoded as (n, 59) arrays."""
+
+    offsets: np.ndarray  # int64 (n,)
+    block_counts: np.ndarray  # int64 (n,)
+    raw: np.ndarray  # uint8 (n, 512)
+    dev_ids: np.ndarray  # uint8 (n, 59), 0 for an unused slot
+    clusters: np.ndarray  # uint32 (n, 59)
+    masks: np.ndarray  # uint16 (n, 59)
+
+
+def _batch(offsets: list[int], counts: list[int], heads: list[bytes]) -> HeaderBatch:
+    raw = np.frombuffer(b"".join(heads), np.uint8).reshape(-1, vma.EXTENT_HEADER_SIZE)
+    infos = raw[:, 40:].copy().view(">u8").astype(np.uint64)
+    dev_ids, clusters, masks = vma.slot_fields(infos)
+    block_counts = np.array(counts, np.int64)
+    blocks = (vma.POPCOUNT16[masks].astype(np.int64) * (dev_ids != 0)).sum(axis=1)
+    bad = np.flatnonzero(blocks != block_counts)
+    if len(bad):
+        i = int(bad[0])
+        _check_blocks(int(blocks[i]), int(block_counts[i]), offsets[i])
+    return HeaderBatch(np.array(offsets, np.int64), block_counts, raw, dev_ids, clusters, masks)
+
+
+def iter_source(source: ByteSource, header: vma.Header) -> Iterator[HeaderBatch]:
+    """The extent headers of a random-access source, from the first extent to its end, in
+    batches; an extent must end exactly at the end. A broken header ends the walk with its
+    ArchiveError, after the batch before it (whose own problems come first in the stream)."""
+    offset, end = header.header_size, source.size
+    offsets: list[int] = []
+    counts: list[int] = []
+    heads: list[bytes] = []
+    ahead = 0  # how far headers were requested ahead
+    try:
+        while offset < end:
+            if offset >= ahead:  # a disk answers many reads at once: ask for the next ones
+                ahead = offset + PREFETCH_EXTENTS * vma.MAX_EXTENT_SIZE
+                source.will_need([offset + k * vma.MAX_EXTENT_SIZE
+                                 for k in range(PREFETCH_EXTENTS)], vma.EXTENT_HEADER_SIZE)
+            raw = bytes(source.pread(offset, vma.EXTENT_HEADER_SIZE))
+            if len(raw) < vma.EXTENT_HEADER_SIZE or offset + vma.EXTENT_HEADER_SIZE > end:
+                raise problems.error(problems.TRUNCATED, "read short extent "
+                                     f"({min(len(raw), end - offset)} bytes) at offset {offset}",
+                                     offset=offset)
+            try:
+                block_count = vma.check_extent_fields(raw, header.uuid)
+            except FormatError as exc:
+                raise problems.error(problems.FORMAT, f"{exc} at offset {offset}",
+                                     offset=offset) from None
+            size = vma.EXTENT_HEADER_SIZE + block_count * vma.BLOCK_SIZE
+            if offset + size > end:
+                raise problems.error(
+                    problems.TRUNCATED, f"short vma extent ({end - offset} < {size}) at offset "
+                    f"{offset}: archive is truncated", offset=offset)
+            offsets.append(offset)
+            counts.append(block_count)
+            heads.append(raw)
+            if len(heads) == WALK_BATCH:
+                yield _batch(offsets, counts, heads)
+                offsets, counts, heads = [], [], []
+            offset += size
+    except FormatError:
+        if heads:
+            yield _batch(offsets, counts, heads)
+        raise
+    if heads:
+        yield _batch(offsets, counts, heads)
+
+
+def index_by_walking(source: ByteSource, header: vma.Header) -> index.IndexTable:
+    """An index for an archive without one, from its extent headers, with every rule checked.
+
+    Refuses (ArchiveError) what verify rejects: damage, a cut-off stream, missing or repeated
+    clusters, and the remains of a vmafs index whose footer is gone. Memory: 11 bytes per
+    stored cluster, however large the devices claim to be.
+    """
+    rules = ClusterRules(header)
+    columns = {name: bytearray() for name in ("ext", "count", "dev", "cluster", "mask")}
+    index_remains = False
+    for batch in iter_source(source, header):
+        used = batch.dev_ids != 0
+        rules.check(batch.dev_ids[used], batch.clusters[used], batch.masks[used],
+                    np.repeat(batch.offsets, used.sum(axis=1)))
+        stored = used & (batch.masks != 0)
+        counts = stored.sum(axis=1)
+        data_rows = counts > 0
+        columns["ext"] += batch.offsets[data_rows].astype("<u8").tobytes()
+        columns["count"] += counts[data_rows].astype("<u2").tobytes()
+        columns["dev"] += batch.dev_ids[stored].tobytes()
+        columns["cluster"] += batch.clusters[stored].astype("<u4").tobytes()
+        columns["mask"] += batch.masks[stored].astype("<u2").tobytes()
+        # a trailing run of null extents that starts with our index: its footer is gone
+        null = ~used.any(axis=1) & (batch.block_counts == 0)
+        for i in range(len(null)):
+            if not null[i]:
+                index_remains = False
+            elif not index_remains:
+                payload = vma.null_extent_payload(batch.raw[i].tobytes())
+                index_remains = payload.startswith((index.INDEX_MAGIC, index.FOOTER_MAGIC))
+    if index_remains:
+        raise problems.error(problems.INDEX, "the archive's vmafs index is damaged (its footer "
+                             "is missing or broken); vmafs verify tells more")
+    missing = rules.missing()
+    if missing:
+        raise problems.ArchiveIncompleteError(missing[0])
+    # views of the columns, no copies: 7 bytes a stored cluster, plus 4 for its data offset
+    masks = np.frombuffer(columns["mask"], "<u2")
+    ext_offsets = np.frombuffer(columns["ext"], np.uint64)
+    ext_counts = np.frombuffer(columns["count"], np.uint16)
+    offsets = index.data_offsets(ext_offsets, ext_counts, masks, sector_base=header.header_size)
+    return index.IndexTable(np.frombuffer(columns["dev"], np.uint8),
+                            np.frombuffer(columns["cluster"], "<u4"), masks, offsets, None,
+                            ext_offsets, ext_counts, sector_base=header.header_size)

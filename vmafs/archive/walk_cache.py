@@ -1,0 +1,105 @@
+"""A cache of extent walks, kept outside the archives: a large archive without an index is
+walked once (seconds for a TiB), and opened again in a fraction of a second while unchanged.
+
+An entry is keyed by what changes when the archive does (for a file: device and inode, size,
+mtime and ctime in ns) plus the whole header, and checked against its own XXH3 when loaded; it
+holds the walk's columns exactly as index_by_walking built them, after every rule passed.
+Anything odd about an entry makes it a miss. The directory is private to the user (0700).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import struct
+
+import numpy as np
+import xxhash
+
+from vmafs.format import index, vma
+
+MIN_EXTENTS = 4096  # smaller walks take well under a second: not worth a file
+MAX_ENTRIES = 16
+_MAGIC = b"VMAFSWC1"
+_HEAD = struct.Struct("<8s32sQQB7x")  # magic, key, extents, stored clusters, offset bytes
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vmafs", "walks")
+
+
+def key_of(identity: bytes, raw_header: bytes) -> bytes:
+    """identity: what the source says changes with the file (ByteSource.identity)."""
+    return hashlib.sha256(identity + hashlib.sha256(raw_header).digest()).digest()
+
+
+def load(key: bytes, header: vma.Header) -> index.IndexTable | None:
+    """The cached walk for key, or None. The entry is mapped, not read: its columns are used
+    in place, so a cached TiB costs no more memory than the walk did."""
+    path = os.path.join(cache_dir(), key.hex())
+    try:
+        with open(path, "rb") as f:
+            blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    view = memoryview(blob)
+    if len(view) < _HEAD.size + 8 or xxhash.xxh3_64_digest(view[:-8]) != view[-8:]:
+        return None
+    magic, got_key, n_ext, n_slots, width = _HEAD.unpack_from(view)
+    if (magic != _MAGIC or got_key != key or width not in (4, 8)
+            or len(view) != _HEAD.size + 10 * n_ext + (7 + width) * n_slots + 8):
+        return None
+    pos = _HEAD.size
+    cols = []
+    for dtype, count in (("<u8", n_ext), ("<u2", n_ext), ("u1", n_slots), ("<u4", n_slots),
+                         ("<u2", n_slots), (f"<u{width}", n_slots)):
+        cols.append(np.frombuffer(view, dtype, count, pos))
+        pos += cols[-1].nbytes
+    ext_offsets, ext_counts, dev_ids, clusters, masks, offsets = cols
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: kept longest
+    return index.IndexTable(dev_ids, clusters, masks, offsets, None, ext_offsets, ext_counts,
+                            sector_base=header.header_size)
+
+
+def store(key: bytes, table: index.IndexTable) -> None:
+    """Remember a walk; failing to is never an error (a read-only home, a full disk)."""
+    if len(table.ext_offsets) < MIN_EXTENTS or table.sector_base is None:
+        return
+    directory = cache_dir()
+    columns = [table.ext_offsets, table.ext_counts, table.dev_ids, table.clusters, table.masks,
+               table.offsets]
+    parts: list[bytes | memoryview] = [_HEAD.pack(_MAGIC, key, len(table.ext_offsets),
+                                                  len(table.clusters), table.offsets.itemsize)]
+    parts += [np.ascontiguousarray(c).data.cast("B") for c in columns]  # views, no copies
+    hasher = xxhash.xxh3_64()
+    for part in parts:
+        hasher.update(part)
+    tmp = os.path.join(directory, f".{key.hex()}.{os.getpid()}.part")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.write(hasher.digest())
+        os.rename(tmp, os.path.join(directory, key.hex()))
+        _evict(directory)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _evict(directory: str) -> None:
+    entries = []
+    for name in os.listdir(directory):
+        if len(name) == 64 and not name.startswith("."):
+            with contextlib.suppress(OSError):
+                entries.append((os.stat(os.path.join(directory, name)).st_mtime, name))
+    for _, name in sorted(entries)[:-MAX_ENTRIES]:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))

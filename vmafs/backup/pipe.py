@@ -1,0 +1,133 @@
+"""The hand-off from the NBD sinks (trio) to the one writer thread: a queue bounded in bytes.
+
+The sinks only enqueue and return, so QEMU's copy-before-write requests are acknowledged at
+once; the bound is the back-pressure. On failure the pipe switches to discarding, so guest
+writes that trigger a copy never see an error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import trio
+
+WRITE, ZEROES, FINISH, ABORT = range(4)
+
+
+class Pipe:
+    """Queue from the trio sink to the writer thread, bounded in bytes.
+
+    `put` waits (in trio) while the queue is full; after `discard()` it drops everything and
+    returns at once, which is what frees QEMU when the backup is void.
+    """
+
+    def __init__(self, capacity: int, token: trio.lowlevel.TrioToken) -> None:
+        self._capacity = capacity
+        self._token = token
+        self._cond = threading.Condition()
+        self._items: deque[tuple[Any, ...]] = deque()
+        self._bytes = 0
+        self._space: trio.Event | None = None
+        self.discarding = False
+        self.last_progress = time.monotonic()
+        self.busy = False      # the writer thread holds an item it has not finished
+
+    async def put(self, item: tuple[Any, ...], nbytes: int) -> None:
+        while True:
+            with self._cond:
+                if self.discarding:
+                    return
+                if self._bytes == 0 or self._bytes + nbytes <= self._capacity:
+                    items = self._items
+                    if not items and not self.busy:
+                        self.last_progress = time.monotonic()  # the stall clock starts now
+                    elif item[0] == ZEROES and items and _extends(items[-1], item):
+                        # Empty space comes as a run of adjacent zero requests: one item.
+                        last = items[-1]
+                        items[-1] = (ZEROES, last[1], last[2], last[3] + item[3])
+                        return
+                    items.append(item)
+                    self._bytes += nbytes
+                    self._cond.notify()
+                    return
+                if self._space is None:
+                    self._space = trio.Event()
+                space = self._space
+            await space.wait()
+
+    def put_control(self, kind: int) -> None:
+        with self._cond:
+            if kind == ABORT:
+                self._items.clear()
+                self._items.appendleft((ABORT,))
+            else:
+                self._items.append((kind,))
+            self._cond.notify()
+
+    def discard(self) -> None:
+        """Stop storing: wake every waiting put, drop the queue, tell the writer to abort."""
+        with self._cond:
+            self.discarding = True
+            self._bytes = 0
+            space, self._space = self._space, None
+        self.put_control(ABORT)
+        if space is not None:
+            space.set()
+
+    def pending(self) -> bool:
+        with self._cond:
+            return bool(self._items) or self.busy
+
+    # writer-thread side
+
+    def get(self) -> tuple[Any, ...]:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            self.busy = True
+            return self._items.popleft()
+
+    def done(self, nbytes: int) -> None:
+        with self._cond:
+            self.busy = False
+            self.last_progress = time.monotonic()
+            if self.discarding:
+                return
+            self._bytes -= nbytes
+            space = self._space
+            if space is not None and self._bytes <= self._capacity // 2:
+                self._space = None
+            else:
+                space = None
+        if space is not None:
+            self._token.run_sync_soon(space.set)
+
+    def heartbeat(self) -> None:
+        self.last_progress = time.monotonic()
+
+
+def _extends(last: tuple[Any, ...], item: tuple[Any, ...]) -> bool:
+    return bool(last[0] == ZEROES and last[1] == item[1] and last[2] + last[3] == item[2])
+
+
+class DiskSink:
+    """The NBD ExportHandler of one disk: enqueue and return."""
+
+    def __init__(self, pipe: Pipe, dev_id: int) -> None:
+        self._pipe = pipe
+        self._dev_id = dev_id
+
+    async def write(self, offset: int, data: bytes | bytearray) -> None:
+        # nbd_server hands us a buffer nobody else references: no copy needed.
+        await self._pipe.put((WRITE, self._dev_id, offset, data), len(data))
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await self._pipe.put((ZEROES, self._dev_id, offset, length), 0)
+
+    async def flush(self) -> None:
+        # Durability is decided at commit (fsync + rename), not per NBD flush; waiting here
+        # would only let a slow output hold up QEMU's blockdev-del.
+        return
