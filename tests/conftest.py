@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,15 @@ def run_vmafs(*args: str | os.PathLike[str], input: bytes | None = None,
         capture_output=True, env=full_env, timeout=timeout, cwd=cwd or ROOT, check=False,
     )
     return proc.returncode, proc.stdout, proc.stderr.decode(errors="replace")
+
+
+def fuse_missing() -> str | None:
+    """Why this machine cannot run FUSE tests, or None if it can."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 not installed"
+    return None
 
 
 def assert_one_line_error(rc: int, stderr: str, *fragments: str) -> str:

@@ -7,14 +7,13 @@ a traceback, a hang or unbounded memory. The mutations and the oracle are in tes
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fuse_missing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -196,15 +195,7 @@ def test_real_command(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base],
     assert not any(o.failures for o in outcomes), _report(outcomes)
 
 
-def _fuse_missing() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 not installed"
-    return None
-
-
-@pytest.mark.skipif(_fuse_missing() is not None, reason=str(_fuse_missing()))
+@pytest.mark.skipif(fuse_missing() is not None, reason=str(fuse_missing()))
 def test_real_mount(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base],
                     tmp_path: Path) -> None:
     """A handful of mutants mounted for real and read with pread, judged like VmaFS."""

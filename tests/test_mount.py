@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import fuse_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT.parent / "shared" / "vectors"
@@ -31,15 +32,7 @@ MiB = 1 << 20
 CLUSTER = 65536
 
 
-def _missing() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 not installed"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+pytestmark = pytest.mark.skipif(fuse_missing() is not None, reason=str(fuse_missing()))
 
 
 # -- helpers -----------------------------------------------------------------------------------

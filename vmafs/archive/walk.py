@@ -115,28 +115,6 @@ def read_header(stream: BinaryIO) -> vma.Header:
     return vma.decode_header(prefix + rest)
 
 
-def iter_stream(stream: BinaryIO, header: vma.Header) -> Iterator[tuple[Extent, memoryview]]:
-    """Each extent with a view of its data (valid until the next one: the buffer is reused)."""
-    offset = header.header_size
-    buffer = memoryview(bytearray(vma.MAX_EXTENT_SIZE))
-    while True:
-        raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
-        if not raw:
-            return
-        ext = decode_extent(raw, header.uuid, offset)
-        need = ext.block_count * vma.BLOCK_SIZE
-        data = buffer[:need]
-        got = _read_into(stream, data)
-        if got != need:
-            raise problems.error(
-                problems.TRUNCATED,
-                f"short vma extent ({vma.EXTENT_HEADER_SIZE + got} < "
-                f"{vma.EXTENT_HEADER_SIZE + need}) at offset {offset}: archive is truncated",
-                offset=offset)
-        yield ext, data
-        offset += ext.size
-
-
 ZERO_RUN_BATCH = 4096  # data-less extents in a row checked together: a sparse disk has millions
 
 
@@ -190,6 +168,18 @@ def iter_stream_runs(stream: BinaryIO, header: vma.Header
         raise
     if heads:
         yield _batch(offsets, [0] * len(heads), heads)
+
+
+def iter_stream(stream: BinaryIO, header: vma.Header) -> Iterator[tuple[Extent, memoryview]]:
+    """Each extent with a view of its data (valid until the next one: the buffer is reused)."""
+    for item in iter_stream_runs(stream, header):
+        if not isinstance(item, HeaderBatch):
+            yield item
+            continue
+        for i in range(len(item.offsets)):
+            used = item.dev_ids[i] != 0
+            yield Extent(int(item.offsets[i]), 0, item.dev_ids[i][used], item.clusters[i][used],
+                         item.masks[i][used], item.raw[i].tobytes()), memoryview(b"")
 
 
 # --- header by header, through a random-access source ------------------------------------------
