@@ -173,17 +173,20 @@ def _confirm_gap(source: ByteSource, uuid: bytes, start: int, end: int,
         words = np.frombuffer(chunk, "<u8").reshape(-1, HEAD // 8)
         ok = (words[:, 0] == first) & (words[:, 1] == uuid_words[0]) \
             & (words[:, 2] == uuid_words[1])
-        slots = words[:, 5:]  # big-endian on disk: mask in bytes 0-1, dev_id in byte 3
-        used = slots & np.uint64(0xFF000000) != 0
-        ok &= ~(used & (slots & np.uint64(0xFFFF) != 0)).any(axis=1)
+        # the slots, big-endian on disk: mask in bytes 0-1, dev_id in byte 3, cluster in 4-7
+        n = len(words)
+        dev = np.ndarray((n, vma.SLOTS_PER_EXTENT), np.uint8, chunk, 43, (HEAD, 8))
+        masks = np.ndarray((n, vma.SLOTS_PER_EXTENT), ">u2", chunk, 40, (HEAD, 8))
+        used = dev != 0
+        ok &= ~(used & (masks != 0)).any(axis=1)
         if not ok.all():
             offset = pos + int(np.flatnonzero(~ok)[0]) * HEAD
             raise _bad(f"where it says the stream has no data, offset {offset} holds an "
                        "extent with data or none at all", offset)
-        infos = slots[used].byteswap()  # now as the big-endian words read natively
-        dev_ids, clusters, masks = vma.slot_fields(infos)
-        offsets = pos + np.repeat(np.arange(len(words)), used.sum(axis=1)) * HEAD
-        rules.check(dev_ids, clusters, masks, offsets)
+        clusters = np.ndarray((n, vma.SLOTS_PER_EXTENT), ">u4", chunk, 44, (HEAD, 8))
+        offsets = pos + np.repeat(np.arange(n), used.sum(axis=1)) * HEAD
+        rules.check(dev[used], clusters[used].astype(np.uint32), masks[used].astype(np.uint16),
+                    offsets)
 
 
 def _chunks(source: ByteSource, start: int, end: int

@@ -50,10 +50,12 @@ class _DeviceMap:
             order = np.argsort(clusters, kind="stable")
             clusters, masks, offsets = clusters[order], masks[order], offsets[order]
             checksums = checksums[order] if checksums is not None else None
-        self.clusters = clusters
-        self.masks = masks
-        self.offsets = offsets
-        self.checksums = checksums
+        # Columns of an index are views into its bytes, not always aligned; numpy would copy a
+        # misaligned column on every search (milliseconds a read at 1 TiB): align them once.
+        self.clusters = _aligned(clusters)
+        self.masks = _aligned(masks)
+        self.offsets = _aligned(offsets)
+        self.checksums = _aligned(checksums) if checksums is not None else None
         self.sector_base = sector_base
 
     def byte_offsets(self, lo: int, hi: int) -> list[int]:
@@ -61,6 +63,10 @@ class _DeviceMap:
         if self.sector_base is None:
             return got
         return [self.sector_base + (s << 9) for s in got]
+
+
+def _aligned(column: np.ndarray) -> np.ndarray:
+    return np.require(column, requirements=("A", "C"))
 
 
 def _device_maps(table: index.IndexTable, header: vma.Header) -> dict[int, _DeviceMap]:

@@ -45,6 +45,8 @@ class ClusterRules:
         """
         if not len(dev_ids):
             return
+        if self._zero_run(dev_ids, clusters, masks, offsets):
+            return
         dev = dev_ids.astype(np.intp)
         cl = clusters.astype(np.int64)
         mk = masks.astype(np.int64)
@@ -77,6 +79,27 @@ class ClusterRules:
         for dev_id, rows in groups.items():
             self.seen[dev_id].add_array(cl[rows])
         self.vmstate_next += int(vmstate.sum())
+
+    def _zero_run(self, dev_ids: np.ndarray, clusters: np.ndarray, masks: np.ndarray,
+                  offsets: np.ndarray) -> bool:
+        """The zero slots a writer emits for untouched clusters, checked as one range: one
+        device, consecutive clusters inside it, no masks. True if they were (and are kept)."""
+        dev_id = int(dev_ids[0])
+        first, last = int(clusters[0]), int(clusters[-1])
+        if (not self._known[dev_id] or last - first + 1 != len(clusters)
+                or last >= self._clusters[dev_id] or masks.any()
+                or int(dev_ids.min()) != int(dev_ids.max())
+                or not (np.diff(clusters.astype(np.int64)) == 1).all()):
+            return False
+        seen = self.seen[dev_id]
+        again = seen.first_present(first, last + 1)
+        if again is not None:
+            name = self.devices[dev_id].name
+            raise problems.error(problems.DUPLICATE,
+                                 f"found duplicated cluster {again} for stream {name}",
+                                 device=name, cluster=again, offset=int(offsets[again - first]))
+        seen.add_range(first, last + 1)
+        return True
 
     def _error(self, i: int, dev: np.ndarray, cl: np.ndarray, mk: np.ndarray,
                offsets: np.ndarray, unknown: np.ndarray, bad_vmstate: np.ndarray,

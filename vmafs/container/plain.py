@@ -34,7 +34,9 @@ class PlainSource:
     def pread(self, offset: int, length: int) -> bytes:
         end = offset + length
         sequential = abs(offset - self._next) <= CLUSTER
-        if sequential and end + self.PREFETCH // 2 > self._ahead:
+        if not sequential:
+            self._ahead = end  # a new run: nothing of it was requested ahead yet
+        elif end + self.PREFETCH // 2 > self._ahead:
             start = max(end, self._ahead)
             self._ahead = end + self.PREFETCH
             os.posix_fadvise(self.fd, start, self._ahead - start, os.POSIX_FADV_WILLNEED)
