@@ -82,23 +82,30 @@ class ClusterRules:
 
     def _zero_run(self, dev_ids: np.ndarray, clusters: np.ndarray, masks: np.ndarray,
                   offsets: np.ndarray) -> bool:
-        """The zero slots a writer emits for untouched clusters, checked as one range: one
-        device, consecutive clusters inside it, no masks. True if they were (and are kept)."""
+        """The zero slots a writer emits for untouched clusters, checked as a few ranges: one
+        device, ascending clusters inside it, no masks. True if they were (and are kept)."""
         dev_id = int(dev_ids[0])
-        first, last = int(clusters[0]), int(clusters[-1])
-        if (not self._known[dev_id] or last - first + 1 != len(clusters)
-                or last >= self._clusters[dev_id] or masks.any()
-                or int(dev_ids.min()) != int(dev_ids.max())
-                or not (np.diff(clusters.astype(np.int64)) == 1).all()):
+        if (not self._known[dev_id] or int(clusters[-1]) >= self._clusters[dev_id]
+                or masks.any() or int(dev_ids.min()) != int(dev_ids.max())):
             return False
+        steps = np.diff(clusters.astype(np.int64))
+        breaks = np.flatnonzero(steps != 1)
+        if len(breaks) > 4096 or (steps[breaks] <= 0).any():
+            return False  # not ascending, or too scattered for ranges: the general check
         seen = self.seen[dev_id]
-        again = seen.first_present(first, last + 1)
-        if again is not None:
-            name = self.devices[dev_id].name
-            raise problems.error(problems.DUPLICATE,
-                                 f"found duplicated cluster {again} for stream {name}",
-                                 device=name, cluster=again, offset=int(offsets[again - first]))
-        seen.add_range(first, last + 1)
+        starts = np.concatenate(([0], breaks + 1)).tolist()
+        ends = np.concatenate((breaks + 1, [len(clusters)])).tolist()
+        for lo, hi in zip(starts, ends, strict=True):
+            first = int(clusters[lo])
+            again = seen.first_present(first, first + hi - lo)
+            if again is not None:
+                name = self.devices[dev_id].name
+                raise problems.error(problems.DUPLICATE,
+                                     f"found duplicated cluster {again} for stream {name}",
+                                     device=name, cluster=again,
+                                     offset=int(offsets[lo + again - first]))
+        for lo, hi in zip(starts, ends, strict=True):
+            seen.add_range(int(clusters[lo]), int(clusters[lo]) + hi - lo)
         return True
 
     def _error(self, i: int, dev: np.ndarray, cl: np.ndarray, mk: np.ndarray,
