@@ -248,3 +248,25 @@ def walk_cache_walk(*args: object) -> object:
     from vmafs.archive.walk import index_by_walking
 
     return index_by_walking(*args)  # type: ignore[arg-type]
+
+
+def test_verify_json_gives_problems_as_values(image: bytes, tmp_path: Path) -> None:
+    """Problems are data: kind, device, cluster, offset and message, not text to parse."""
+    import json
+
+    data = bytearray(build(image))
+    walk = walk_vma(bytes(data))
+    first_data = next(e for e in walk.extents if e[2])[0]
+    data[first_data + 512 + 100] ^= 0x01  # a data byte of cluster 0: only its checksum tells
+    path = tmp_path / "bad.vma"
+    path.write_bytes(bytes(data))
+    rc, out, _ = run_vmafs("verify", "-q", "--json", path)
+    report = json.loads(out)
+    assert rc == 1 and report["ok"] is False
+    assert report["problems"][0] == {
+        "kind": "checksum", "device": "drive-scsi0", "cluster": 0, "offset": first_data + 512,
+        "message": report["problems"][0]["message"]}
+    with Archive.open(str(path)) as archive:  # the model serves the rest, EIO for that cluster
+        assert bytes(archive.read(1, CLUSTER, CLUSTER)) == image[CLUSTER:2 * CLUSTER]
+        with pytest.raises(FormatError, match="checksum"):
+            archive.read(1, 0, 4096)

@@ -5,14 +5,14 @@ The footer is the last extent; it says where the index's null extents start. An 
 only if all of this holds, checked at open time:
 - the footer and every index extent are valid null extents of this archive, and the index
   matches its checksum;
-- its slots keep every VMA rule (rules.ClusterRules: known devices, in range, no mask bit past
-  the end, no cluster twice);
 - the extent chain it describes is whole: data extents in order from the header on, each
   ending where the next begins or where a run of data-less 512-byte extents does, up to the
   index itself;
 - every data extent's header, read at the offset the index gives, lists exactly the slots the
   index lists for it, with the block count they need; every position in the runs between them
-  holds a data-less extent of this archive.
+  holds a data-less extent of this archive (its md5 is left to verify);
+- all those slots keep every VMA rule (rules.ClusterRules: known devices, in range, no mask
+  bit past the end) and hold every cluster exactly once.
 So each extent boundary the index relies on is one the stream walk also reaches: an index
 written into a guest's data, or one that disagrees with the extent headers, is refused, and
 with it the archive (never a silent fall-back to reading without checksums).
@@ -56,7 +56,8 @@ def find_footer(source: ByteSource, header: vma.Header) -> index.Footer | None:
 
 
 def load_index(source: ByteSource, header: vma.Header, footer: index.Footer) -> index.IndexTable:
-    """The index the footer points to, checked against its checksum and every rule."""
+    """The index the footer points to, checked against its checksum (confirm_index then
+    checks it against the stream)."""
     footer_offset = source.size - HEAD
     try:
         span = index.index_extent_span(footer, footer_offset)

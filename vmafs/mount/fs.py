@@ -1,9 +1,8 @@
 """The read-only FUSE view of an archive: one `disk-<dev>.raw` per device plus the config blobs.
 
-Thin on purpose: it turns FUSE requests into `Archive.read` calls and knows nothing of the VMA
-format. Cheap reads (plain archives, config blobs) are answered inline in the trio task, because a
-thread hop costs more than the read itself; reads that decompress run in worker threads, and a
-small read-ahead keeps the next chunks of a sequential reader decompressing in the background.
+Thin on purpose: it translates FUSE requests into reads of the archive model (through
+archive.serving, which decides what runs inline and what is decompressed ahead in threads) and
+knows nothing of the VMA format; a read that fails answers EIO and the daemon serves on.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import errno
 import logging
 import os
 import stat
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ import pyfuse3
 import trio
 
 from vmafs.archive.reader import Archive, Device
+from vmafs.archive.serving import ArchiveServer
 from vmafs.errors import VmafsError
 from vmafs.format.names import NAME_MAX, file_names
 
@@ -29,15 +28,6 @@ log = logging.getLogger("vmafs.mount")
 TIMEOUT = 365 * 24 * 3600.0
 FIRST_CONFIG_INODE = 1024   # disks use 1 + dev_id (dev_id is 1..255), configs count up from here
 BLOCK_SIZE = 65536          # reported st_blksize / f_bsize: one VMA cluster
-
-# Read-ahead for sequential readers of compressed archives (sizes in device bytes).
-CHUNK = 1 << 20
-AHEAD = 4                   # chunks decompressed ahead of a sequential reader
-CACHED_CHUNKS = 12          # chunks kept, all readers together
-WORKERS = 2                 # decompressing threads at once (one per core here)
-ZEROS = bytes(4 << 20)      # holes are slices of this
-ZEROS_VIEW = memoryview(ZEROS)
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -62,17 +52,6 @@ def layout(devices: Sequence[Device],
     entries += [Entry(FIRST_CONFIG_INODE + i, name, len(data), data=bytes(data))
                 for i, (name, (_, data)) in enumerate(zip(names.configs, pairs, strict=True))]
     return entries
-
-
-class _Fetch:
-    """A chunk being (or done being) decompressed; several reads may wait on it."""
-
-    __slots__ = ("done", "data", "failed")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.data: bytes | memoryview = b""
-        self.failed = False
 
 
 @dataclass
@@ -105,16 +84,21 @@ class VmaFS(pyfuse3.Operations):
         self.entries = layout(archive.devices, archive.configs)
         self.by_inode = {e.inode: e for e in self.entries}
         self.by_name = {e.name: e for e in self.entries}
-        self.compressed = bool(archive.compressed)
-        self.nursery: trio.Nursery | None = None
+        self.server = ArchiveServer(archive)
         self.on_init: Callable[[], None] | None = None
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
-        self._chunks: OrderedDict[tuple[int, int], _Fetch] = OrderedDict()
-        self._limiter = trio.CapacityLimiter(WORKERS)
         # st_blocks of a disk counts its stored data, so du and ls -s show how sparse it is.
         self._allocated = {e.inode: archive.stored_bytes(e.dev_id)
                            for e in self.entries if e.dev_id}
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        return self.server.nursery
+
+    @nursery.setter
+    def nursery(self, nursery: trio.Nursery | None) -> None:
+        self.server.nursery = nursery
 
     def init(self) -> None:
         """FUSE_INIT is answered: the mount is fully up."""
@@ -225,93 +209,13 @@ class VmaFS(pyfuse3.Operations):
         size = min(size, entry.size - off)
         if not entry.dev_id:
             return memoryview(entry.data)[off:off + size]
-        sequential = off == handle.next_offset or (entry.dev_id, off // CHUNK) in self._chunks
+        sequential = off == handle.next_offset or self.server.continues(entry.dev_id, off)
         handle.streak = handle.streak + 1 if sequential else 0
         handle.next_offset = off + size
-        if not self.compressed:
-            # Plain archive: an index lookup and preads (holes are views of a zero buffer),
-            # cheaper inline than a thread hop. The preads stay in stream order, so the
-            # kernel's read-ahead on the archive streams.
-            try:
-                return self.archive.read(entry.dev_id, off, size)
-            except Exception as exc:  # noqa: BLE001 - a read fails, the daemon serves on
-                raise self._eio(entry, off, size, exc) from None
-        if size <= len(ZEROS) and self._is_hole(entry.dev_id, off, size):
-            return ZEROS_VIEW[:size]  # no thread hop for what needs no decompression
-        if handle.streak >= 1 and self.nursery is not None:
-            # A streaming reader: whole chunks, decompressed ahead in threads.
-            data = await self._read_chunked(entry, off, size)
-            if data is not None:
-                return data
-        return await self._read_thread(entry, off, size)
-
-    def _is_hole(self, dev_id: int, off: int, size: int) -> bool:
-        """True if no stored data lies in [off, off+size): answered from the zero buffer."""
         try:
-            return self.archive.is_hole(dev_id, off, size)
-        except Exception:  # noqa: BLE001 - the read reports it
-            return False
-
-    # -- reads in worker threads ---------------------------------------------------------------
-
-    async def _read_thread(self, entry: Entry, off: int, size: int) -> bytes | memoryview:
-        try:
-            return await trio.to_thread.run_sync(
-                self.archive.read, entry.dev_id, off, size, limiter=self._limiter)
+            return await self.server.read(entry.dev_id, off, size, streaming=handle.streak >= 1)
         except Exception as exc:  # noqa: BLE001 - a read fails, the daemon serves on
             raise self._eio(entry, off, size, exc) from None
-
-    async def _read_chunked(self, entry: Entry, off: int, size: int
-                            ) -> bytes | memoryview | None:
-        """Serve a sequential read from whole chunks and start reading the next ones.
-        Returns None if a chunk failed, so the caller re-reads exactly the asked range (a bad
-        cluster must fail only the reads that touch it)."""
-        first, last = off // CHUNK, (off + size - 1) // CHUNK
-        nchunks = (entry.size + CHUNK - 1) // CHUNK
-        wanted = [(idx, self._fetch(entry, idx)) for idx in range(first, last + 1)]
-        for idx in range(last + 1, min(last + 1 + AHEAD, nchunks)):
-            self._fetch(entry, idx)
-        parts: list[memoryview] = []
-        for idx, fetch in wanted:
-            start = max(off, idx * CHUNK) - idx * CHUNK
-            end = min(off + size, (idx + 1) * CHUNK) - idx * CHUNK
-            if fetch is None:
-                parts.append(ZEROS_VIEW[start:end])
-                continue
-            await fetch.done.wait()
-            if fetch.failed:
-                return None
-            parts.append(memoryview(fetch.data)[start:end])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _fetch(self, entry: Entry, idx: int) -> _Fetch | None:
-        """The chunk's fetch, started if need be; None for a chunk that is all hole."""
-        key = (entry.dev_id, idx)
-        fetch = self._chunks.get(key)
-        if fetch is not None:
-            self._chunks.move_to_end(key)
-            return fetch
-        if self._is_hole(entry.dev_id, idx * CHUNK, min(CHUNK, entry.size - idx * CHUNK)):
-            return None
-        fetch = _Fetch()
-        self._chunks[key] = fetch
-        while len(self._chunks) > CACHED_CHUNKS:
-            self._chunks.popitem(last=False)
-        assert self.nursery is not None
-        self.nursery.start_soon(self._read_ahead, entry, idx, fetch)
-        return fetch
-
-    async def _read_ahead(self, entry: Entry, idx: int, fetch: _Fetch) -> None:
-        start = idx * CHUNK
-        length = min(CHUNK, entry.size - start)
-        try:
-            fetch.data = await trio.to_thread.run_sync(
-                self.archive.read, entry.dev_id, start, length, limiter=self._limiter)
-        except Exception:  # noqa: BLE001
-            fetch.failed = True      # reported by the exact re-read, if anyone asks for it
-            self._chunks.pop((entry.dev_id, idx), None)
-        finally:
-            fetch.done.set()
 
     # -- errors --------------------------------------------------------------------------------
 
