@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT.parent / "shared" / "vectors"
+
+# What vmafs learns when it opens an archive is cached in $XDG_CACHE_HOME/vmafs: the tests' own
+# archives go to a directory of this run, not the user's home.
+_CACHE = tempfile.mkdtemp(prefix="vmafs-test-xdg-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def run_vmafs(*args: str | os.PathLike[str], input: bytes | None = None,

@@ -270,3 +270,30 @@ def test_verify_json_gives_problems_as_values(image: bytes, tmp_path: Path) -> N
         assert bytes(archive.read(1, CLUSTER, CLUSTER)) == image[CLUSTER:2 * CLUSTER]
         with pytest.raises(FormatError, match="checksum"):
             archive.read(1, 0, 4096)
+
+
+def test_confirmed_index_is_remembered(image: bytes, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index checked against its stream is not checked again while the file is unchanged;
+    any change to the file checks it anew."""
+    from vmafs.archive import locate, walk_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(walk_cache, "MIN_EXTENTS", 0)
+    path = tmp_path / "a.vma"
+    path.write_bytes(build(image))
+    Archive.open(str(path)).close()
+    checked = []
+    real = locate.confirm_index
+
+    def counting(*args: object) -> int:
+        checked.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(locate, "confirm_index", counting)
+    with Archive.open(str(path)) as again:
+        assert again.mode == "indexed" and bytes(again.read(1, 0, len(image))) == image
+    assert not checked
+    os.utime(path, ns=(1, 1))
+    Archive.open(str(path)).close()
+    assert checked == [1]

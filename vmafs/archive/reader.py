@@ -148,8 +148,14 @@ class Archive:
         # decompressing a frame before its end (where zstd checks the frame's checksum);
         # confirming the index reads one header per extent, so decompresses only that far.
         source.checked_by_reader = True
-        source.check_layout()
-        locate.confirm_index(source, header, table, footer.index_offset)
+        identity = source.identity()
+        key = (walk_cache.key_of(identity, prefix + rest + index.encode_footer(footer))
+               if identity is not None else None)
+        if key is None or not walk_cache.confirmed(key):
+            source.check_layout()
+            extents = locate.confirm_index(source, header, table, footer.index_offset)
+            if key is not None:
+                walk_cache.remember_confirmed(key, extents)
         return cls(source, header, table, mode=INDEXED, compressed=compressed)
 
     def device(self, dev_id: int) -> Device:
