@@ -26,7 +26,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from vmafs.archive import scan
+from vmafs.archive import walk
 from vmafs.archive.reader import Archive
 from vmafs.backup import blockgraph
 from vmafs.backup.blockgraph import Disk, SelectionError
@@ -304,9 +304,9 @@ def check_archive(path: Path, names: list[str], *, plain: bool) -> Archive:
     assert [d.name for d in arc.devices] == names
     if plain:
         with open(path, "rb") as f:
-            header = scan.read_header(f)
+            header = walk.read_header(f)
             seen = {d.dev_id: np.zeros(d.clusters, np.int64) for d in header.devices}
-            for ext, _data in scan.iter_extents(f, header):
+            for ext, _data in walk.iter_stream(f, header):
                 for dev_id, cluster in zip(ext.dev_ids.tolist(), ext.clusters.tolist(),
                                            strict=True):
                     seen[dev_id][cluster] += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,24 +187,25 @@ def _pick(infos: dict[str, mu.BaseInfo], picks: list[tuple[str, str, dict[str, A
 def test_real_command(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base],
                       tmp_path: Path) -> None:
     """`python3 -m vmafs` for real: no traceback, no hang, the in-process verdicts."""
-    outcomes = []
-    for m in _pick(infos, SUBPROCESS_PICKS):
-        out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
-        out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
-        out.failures += mu.check_subprocess(m, bases[m.base], tmp_path, out)
-        outcomes.append(out)
-    assert not any(o.failures for o in outcomes), _report(outcomes)
+    _for_real(infos, bases, tmp_path, SUBPROCESS_PICKS, mu.check_subprocess)
 
 
 @pytest.mark.skipif(fuse_missing() is not None, reason=str(fuse_missing()))
 def test_real_mount(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base],
                     tmp_path: Path) -> None:
     """A handful of mutants mounted for real and read with pread, judged like VmaFS."""
+    _for_real(infos, bases, tmp_path, MOUNT_PICKS, mu.check_mount)
+
+
+def _for_real(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base], tmp_path: Path,
+              picks: list[tuple[str, str, dict[str, Any]]],
+              check: Callable[..., list[Any]]) -> None:
+    """The in-process verdicts of the picked mutants, then `check` through the real thing."""
     outcomes = []
-    for m in _pick(infos, MOUNT_PICKS):
+    for m in _pick(infos, picks):
         out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
         out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
-        out.failures += mu.check_mount(m, bases[m.base], tmp_path, out)
+        out.failures += check(m, bases[m.base], tmp_path, out)
         outcomes.append(out)
     assert not any(o.failures for o in outcomes), _report(outcomes)
 

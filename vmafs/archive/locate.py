@@ -167,7 +167,7 @@ def _confirm_gap(source: ByteSource, uuid: bytes, start: int, end: int,
 
     Checked as 64 little-endian words per header, whole chunks at a time: word 0 is magic,
     reserved and block_count (b"VMAE" and six zero bytes), words 1-2 the uuid, and no used
-    slot (dev_id byte set) may have a mask. The md5 is left to verify: what matters here is
+    slot may have a mask. The md5 is left to verify: what matters here is
     that no extent boundary hides in the run, and a header with no blocks has none.
     """
     first = np.frombuffer(vma.EXTENT_MAGIC + bytes(4), "<u8")[0]
@@ -176,18 +176,14 @@ def _confirm_gap(source: ByteSource, uuid: bytes, start: int, end: int,
         words = np.frombuffer(chunk, "<u8").reshape(-1, HEAD // 8)
         ok = (words[:, 0] == first) & (words[:, 1] == uuid_words[0]) \
             & (words[:, 2] == uuid_words[1])
-        # the slots, big-endian on disk: mask in bytes 0-1, dev_id in byte 3, cluster in 4-7
-        n = len(words)
-        dev = np.ndarray((n, vma.SLOTS_PER_EXTENT), np.uint8, chunk, 43, (HEAD, 8))
-        masks = np.ndarray((n, vma.SLOTS_PER_EXTENT), ">u2", chunk, 40, (HEAD, 8))
+        dev, clusters, masks = vma.slot_columns(chunk)
         used = dev != 0
         ok &= ~(used & (masks != 0)).any(axis=1)
         if not ok.all():
             offset = pos + int(np.flatnonzero(~ok)[0]) * HEAD
             raise _bad(f"where it says the stream has no data, offset {offset} holds an "
                        "extent with data or none at all", offset)
-        clusters = np.ndarray((n, vma.SLOTS_PER_EXTENT), ">u4", chunk, 44, (HEAD, 8))
-        offsets = pos + np.repeat(np.arange(n), used.sum(axis=1)) * HEAD
+        offsets = pos + np.repeat(np.arange(len(words)), used.sum(axis=1)) * HEAD
         rules.check(dev[used], clusters[used].astype(np.uint32), masks[used].astype(np.uint16),
                     offsets)
 

@@ -133,9 +133,9 @@ class Archive:
             raise problems.error(problems.TRUNCATED, "can't read vma header data")
         header = vma.decode_header(prefix + rest)
         footer = locate.find_footer(source, header)
+        identity = source.identity()
         if footer is None:
             # No data checksums: frames are read whole, so zstd checks each one's checksum.
-            identity = source.identity()
             key = walk_cache.key_of(identity, prefix + rest) if identity is not None else None
             table = walk_cache.load(key, header) if key is not None else None
             if table is None:
@@ -148,7 +148,6 @@ class Archive:
         # decompressing a frame before its end (where zstd checks the frame's checksum);
         # confirming the index reads one header per extent, so decompresses only that far.
         source.checked_by_reader = True
-        identity = source.identity()
         key = (walk_cache.key_of(identity, prefix + rest + index.encode_footer(footer))
                if identity is not None else None)
         if key is None or not walk_cache.confirmed(key):

@@ -20,7 +20,6 @@ from vmafs.archive.walk import (
     Extent,
     HeaderBatch,
     decode_extent,
-    iter_stream,
     iter_stream_runs,
     read_header,
     slot_offsets,
@@ -28,9 +27,7 @@ from vmafs.archive.walk import (
 from vmafs.errors import ChecksumError, FormatError
 from vmafs.format import index, vma
 
-__all__ = ["ScanResult", "StoredCluster", "iter_extents", "read_header", "scan_stream"]
-
-iter_extents = iter_stream
+__all__ = ["ScanResult", "StoredCluster", "read_header", "scan_stream"]
 
 
 @dataclass(frozen=True)
@@ -76,17 +73,11 @@ class TrailerCheck:
 
     def add_run(self, batch: HeaderBatch) -> None:
         """A run of extents without data: null extents (a trailer) or zero slots."""
-        used = (batch.dev_ids != 0).any(axis=1)
-        if used.any():
-            last = int(np.flatnonzero(used)[-1])
+        continues, rows = batch.trailing_nulls()
+        if not continues:
             self.null_run = []
-            rows = range(last + 1, len(used))
-        else:
-            rows = range(len(used))
         self.tail = b""
-        for i in rows:
-            self.null_run.append((int(batch.offsets[i]),
-                                  vma.null_extent_payload(batch.raw[i].tobytes())))
+        self.null_run += [(int(batch.offsets[i]), batch.payload(i)) for i in rows.tolist()]
 
     def verify(self) -> tuple[bool, list[Problem]]:
         """(has_index, problems): the trailing index must list exactly what the data holds."""

@@ -2,10 +2,10 @@
 can be, whatever protocol asks for it.
 
 Plain archives are read inline in the trio task: an index lookup and preads cost less than a
-thread hop (measured: a hop is ~140 µs here). Holes are slices of a shared zero buffer. Reads that
-decompress run in worker threads, and a streaming reader gets whole chunks, the next ones
-decompressed ahead in the background, shared by every reader of the archive. Errors are raised
-as they come from the model; the protocol layer decides what a client sees (EIO).
+thread hop (measured: a hop is ~140 µs here). Holes are slices of the model's zero buffer.
+Reads that decompress run in worker threads, and a streaming reader gets whole chunks, the next
+ones decompressed ahead in the background, shared by every reader of the archive. Errors are
+raised as they come from the model; the protocol layer decides what a client sees (EIO).
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from collections import OrderedDict
 
 import trio
 
-from vmafs.archive.reader import Archive
+from vmafs.archive.reader import ZERO_VIEW, Archive
 
 CHUNK = 1 << 20            # device bytes a chunk holds
 AHEAD = 4                  # chunks decompressed ahead of a streaming reader
 CACHED_CHUNKS = 12         # chunks kept, all readers together
 WORKERS = 2                # decompressing threads at once (one per core here)
-ZEROS = bytes(4 << 20)     # holes are slices of this
-ZEROS_VIEW = memoryview(ZEROS)
 
 
 class _Fetch:
@@ -57,8 +55,8 @@ class ArchiveServer:
         archive = self.archive
         if not archive.compressed:
             return archive.read(dev_id, offset, size)
-        if size <= len(ZEROS) and self._is_hole(dev_id, offset, size):
-            return ZEROS_VIEW[:min(size, max(0, self._sizes[dev_id] - offset))]
+        if size <= len(ZERO_VIEW) and self._is_hole(dev_id, offset, size):
+            return ZERO_VIEW[:min(size, max(0, self._sizes[dev_id] - offset))]
         if streaming and self.nursery is not None:
             data = await self._read_chunked(dev_id, offset, size)
             if data is not None:
@@ -89,7 +87,7 @@ class ArchiveServer:
             start = max(offset, idx * CHUNK) - idx * CHUNK
             end = min(offset + size, (idx + 1) * CHUNK) - idx * CHUNK
             if fetch is None:
-                parts.append(ZEROS_VIEW[start:end])
+                parts.append(ZERO_VIEW[start:end])
                 continue
             await fetch.done.wait()
             if fetch.failed:

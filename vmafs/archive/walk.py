@@ -2,7 +2,8 @@
 or header by header through a random-access source (opening an archive that has no index).
 
 An extent is accepted only whole: header checks (vma.check_extent_header), then its block count
-against its masks. The stream may end only at an extent boundary.
+against its masks. The stream may end only at an extent boundary. Runs of extents are decoded as
+batches (HeaderBatch): a sparse disk has millions of extents, too many to decode one by one.
 """
 
 from __future__ import annotations
@@ -46,14 +47,31 @@ class Extent:
 
 def decode_extent(raw: bytes | memoryview, uuid: bytes, offset: int) -> Extent:
     """Check one extent header at stream offset `offset`; ArchiveError says what and where."""
+    if len(raw) < vma.EXTENT_HEADER_SIZE:
+        raise problems.error(problems.TRUNCATED, f"read short extent ({len(raw)} bytes) at "
+                             f"offset {offset}", offset=offset)
+    raw = bytes(raw[:vma.EXTENT_HEADER_SIZE])
     try:
-        block_count, infos = vma.check_extent_header(raw, uuid)
+        block_count = vma.check_extent_header(raw, uuid)
     except FormatError as exc:
-        kind = problems.TRUNCATED if len(raw) < vma.EXTENT_HEADER_SIZE else problems.FORMAT
-        raise problems.error(kind, f"{exc} at offset {offset}", offset=offset) from None
-    dev_ids, clusters, masks = vma.slot_fields(infos)
-    _check_blocks(int(vma.POPCOUNT16[masks].sum(dtype=np.int64)), block_count, offset)
-    return Extent(offset, block_count, dev_ids, clusters, masks, bytes(raw[:512]))
+        raise _at(exc, offset) from None
+    return _extent(raw, block_count, offset)
+
+
+def _extent(raw: bytes, block_count: int, offset: int) -> Extent:
+    """The Extent of a header whose fields are checked: its used slots, their blocks counted."""
+    dev_ids, clusters, masks = (c[0] for c in vma.slot_columns(raw))
+    used = dev_ids != 0
+    ext = Extent(offset, block_count, dev_ids[used], clusters[used].astype(np.uint32),
+                 masks[used].astype(np.uint16), raw)
+    _check_blocks(int(vma.POPCOUNT16[ext.masks].sum(dtype=np.int64)), block_count, offset)
+    return ext
+
+
+def _at(exc: FormatError, offset: int) -> problems.ArchiveError:
+    """A header check's error, saying where (the walks call the check inline: it is per
+    extent, millions of times for a sparse disk)."""
+    return problems.error(problems.FORMAT, f"{exc} at offset {offset}", offset=offset)
 
 
 def _check_blocks(blocks: int, block_count: int, offset: int) -> None:
@@ -135,10 +153,9 @@ def iter_stream_runs(stream: BinaryIO, header: vma.Header
                 raise problems.error(problems.TRUNCATED, f"read short extent ({len(raw)} bytes) "
                                      f"at offset {offset}", offset=offset)
             try:
-                block_count = vma.check_extent_fields(raw, header.uuid)
+                block_count = vma.check_extent_header(raw, header.uuid)
             except FormatError as exc:
-                raise problems.error(problems.FORMAT, f"{exc} at offset {offset}",
-                                     offset=offset) from None
+                raise _at(exc, offset) from None
             if not block_count:
                 offsets.append(offset)
                 heads.append(raw)
@@ -150,7 +167,7 @@ def iter_stream_runs(stream: BinaryIO, header: vma.Header
             if heads:
                 yield _batch(offsets, [0] * len(heads), heads)
                 offsets, heads = [], []
-            ext = decode_extent(raw, header.uuid, offset)
+            ext = _extent(raw, block_count, offset)
             need = ext.block_count * vma.BLOCK_SIZE
             data = buffer[:need]
             got = _read_into(stream, data)
@@ -200,11 +217,24 @@ class HeaderBatch:
     clusters: np.ndarray  # uint32 (n, 59)
     masks: np.ndarray  # uint16 (n, 59)
 
+    def trailing_nulls(self) -> tuple[bool, np.ndarray]:
+        """The null extents at the batch's end (rows), and whether they are all of it (so a
+        null run from the batch before goes on): where a vmafs index would sit."""
+        null = ~(self.dev_ids != 0).any(axis=1) & (self.block_counts == 0)
+        real = np.flatnonzero(~null)
+        start = int(real[-1]) + 1 if len(real) else 0
+        return not len(real), np.arange(start, len(null))
+
+    def payload(self, row: int) -> bytes:
+        return vma.null_extent_payload(self.raw[row].tobytes())
+
 
 def _batch(offsets: list[int], counts: list[int], heads: list[bytes]) -> HeaderBatch:
-    raw = np.frombuffer(b"".join(heads), np.uint8).reshape(-1, vma.EXTENT_HEADER_SIZE)
-    infos = raw[:, 40:].copy().view(">u8").astype(np.uint64)
-    dev_ids, clusters, masks = vma.slot_fields(infos)
+    joined = b"".join(heads)
+    raw = np.frombuffer(joined, np.uint8).reshape(-1, vma.EXTENT_HEADER_SIZE)
+    dev_ids, clusters, masks = vma.slot_columns(joined)
+    # native and contiguous: every consumer selects the used slots, which is slow on views
+    dev_ids, clusters, masks = dev_ids.copy(), clusters.astype(np.uint32), masks.astype(np.uint16)
     block_counts = np.array(counts, np.int64)
     blocks = (vma.POPCOUNT16[masks].astype(np.int64) * (dev_ids != 0)).sum(axis=1)
     bad = np.flatnonzero(blocks != block_counts)
@@ -235,10 +265,9 @@ def iter_source(source: ByteSource, header: vma.Header) -> Iterator[HeaderBatch]
                                      f"({min(len(raw), end - offset)} bytes) at offset {offset}",
                                      offset=offset)
             try:
-                block_count = vma.check_extent_fields(raw, header.uuid)
+                block_count = vma.check_extent_header(raw, header.uuid)
             except FormatError as exc:
-                raise problems.error(problems.FORMAT, f"{exc} at offset {offset}",
-                                     offset=offset) from None
+                raise _at(exc, offset) from None
             size = vma.EXTENT_HEADER_SIZE + block_count * vma.BLOCK_SIZE
             if offset + size > end:
                 raise problems.error(
@@ -281,14 +310,11 @@ def index_by_walking(source: ByteSource, header: vma.Header) -> index.IndexTable
         columns["dev"] += batch.dev_ids[stored].tobytes()
         columns["cluster"] += batch.clusters[stored].astype("<u4").tobytes()
         columns["mask"] += batch.masks[stored].astype("<u2").tobytes()
-        # a trailing run of null extents that starts with our index: its footer is gone
-        null = ~used.any(axis=1) & (batch.block_counts == 0)
-        for i in range(len(null)):
-            if not null[i]:
-                index_remains = False
-            elif not index_remains:
-                payload = vma.null_extent_payload(batch.raw[i].tobytes())
-                index_remains = payload.startswith((index.INDEX_MAGIC, index.FOOTER_MAGIC))
+        # a trailing run of null extents that holds our index: its footer is gone
+        continues, rows = batch.trailing_nulls()
+        index_remains = (index_remains and continues) or any(
+            batch.payload(i).startswith((index.INDEX_MAGIC, index.FOOTER_MAGIC))
+            for i in rows.tolist())
     if index_remains:
         raise problems.error(problems.INDEX, "the archive's vmafs index is damaged (its footer "
                              "is missing or broken); vmafs verify tells more")

@@ -24,7 +24,7 @@ from vmafs.format import index, vma
 
 MIN_EXTENTS = 4096  # smaller walks take well under a second: not worth a file
 MAX_ENTRIES = 16
-_MAGIC = b"VMAFSWC1"
+_MAGIC = b"VMAFSWC2"
 _HEAD = struct.Struct("<8s32sQQB7x")  # magic, key, extents, stored clusters, offset bytes
 
 
@@ -40,7 +40,7 @@ def key_of(identity: bytes, raw_header: bytes) -> bytes:
 
 def load(key: bytes, header: vma.Header) -> index.IndexTable | None:
     """The cached walk for key, or None. The entry is mapped, not read: its columns are used
-    in place, so a cached TiB costs no more memory than the walk did."""
+    in place (each aligned for its type), so a cached TiB costs no more memory than the walk."""
     path = os.path.join(cache_dir(), key.hex())
     try:
         with open(path, "rb") as f:
@@ -56,44 +56,35 @@ def load(key: bytes, header: vma.Header) -> index.IndexTable | None:
         return None
     pos = _HEAD.size
     cols = []
-    for dtype, count in (("<u8", n_ext), ("<u2", n_ext), ("u1", n_slots), ("<u4", n_slots),
-                         ("<u2", n_slots), (f"<u{width}", n_slots)):
+    for dtype, count in _layout(n_ext, n_slots, width):
         cols.append(np.frombuffer(view, dtype, count, pos))
         pos += cols[-1].nbytes
-    ext_offsets, ext_counts, dev_ids, clusters, masks, offsets = cols
+    ext_offsets, offsets, clusters, ext_counts, masks, dev_ids = cols
     with contextlib.suppress(OSError):
         os.utime(path)  # recently used: kept longest
     return index.IndexTable(dev_ids, clusters, masks, offsets, None, ext_offsets, ext_counts,
                             sector_base=header.header_size)
 
 
+def _layout(n_ext: int, n_slots: int, width: int) -> list[tuple[str, int]]:
+    """The columns of an entry, widest first, so each starts aligned after the 64-byte head."""
+    return [("<u8", n_ext), (f"<u{width}", n_slots), ("<u4", n_slots), ("<u2", n_ext),
+            ("<u2", n_slots), ("u1", n_slots)]
+
+
 def store(key: bytes, table: index.IndexTable) -> None:
     """Remember a walk; failing to is never an error (a read-only home, a full disk)."""
     if len(table.ext_offsets) < MIN_EXTENTS or table.sector_base is None:
         return
-    directory = cache_dir()
-    columns = [table.ext_offsets, table.ext_counts, table.dev_ids, table.clusters, table.masks,
-               table.offsets]
+    columns = [table.ext_offsets, table.offsets, table.clusters, table.ext_counts, table.masks,
+               table.dev_ids]
     parts: list[bytes | memoryview] = [_HEAD.pack(_MAGIC, key, len(table.ext_offsets),
                                                   len(table.clusters), table.offsets.itemsize)]
     parts += [np.ascontiguousarray(c).data.cast("B") for c in columns]  # views, no copies
     hasher = xxhash.xxh3_64()
     for part in parts:
         hasher.update(part)
-    tmp = os.path.join(directory, f".{key.hex()}.{os.getpid()}.part")
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.write(hasher.digest())
-        os.rename(tmp, os.path.join(directory, key.hex()))
-        _evict(directory)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    _write(key.hex(), [*parts, hasher.digest()])
 
 
 def confirmed(key: bytes) -> bool:
@@ -112,17 +103,23 @@ def confirmed(key: bytes) -> bool:
 
 def remember_confirmed(key: bytes, extents: int) -> None:
     """Remember a checked index, if checking it took long enough to be worth a file."""
-    if extents < MIN_EXTENTS:
-        return
+    if extents >= MIN_EXTENTS:
+        _write(key.hex() + ".ok", [key])
+
+
+def _write(name: str, parts: list[bytes | memoryview]) -> None:
+    """An entry, whole or not at all (a private temporary file renamed into place); failing
+    to write one is never an error (a read-only home, a full disk)."""
     directory = cache_dir()
-    tmp = os.path.join(directory, f".{key.hex()}.{os.getpid()}.part")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.part")
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(key)
-        os.rename(tmp, os.path.join(directory, key.hex() + ".ok"))
+            for part in parts:
+                f.write(part)
+        os.rename(tmp, os.path.join(directory, name))
         _evict(directory)
     except OSError:
         with contextlib.suppress(OSError):

@@ -66,9 +66,9 @@ def is_zstd_name(path: str) -> bool:
     return path.endswith((".zst", ".zstd"))
 
 
-def check_output_name(path: str, *, replace: bool = False) -> None:
-    """Refuse a bad archive name, a missing directory or (unless replace) an existing file,
-    before any work starts."""
+def check_output_name(path: str) -> None:
+    """Refuse a bad archive name, a missing directory or an existing file, before any work
+    starts."""
     if path == "-":
         return
     if not path.endswith((".vma", ".vma.zst")):
@@ -76,19 +76,19 @@ def check_output_name(path: str, *, replace: bool = False) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise VmafsError(f"{path}: directory {parent} does not exist")
-    if not replace and os.path.lexists(path):
+    if os.path.lexists(path):
         raise VmafsError(f"{path} exists (vmafs does not replace existing files)")
 
 
 @contextlib.contextmanager
 def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
-                threads: int = 2, replace: bool = False) -> Iterator[Output]:
+                threads: int = 2) -> Iterator[Output]:
     """Yield an Output for PATH ('-' is stdout); commit on normal exit, discard on exception.
 
     The data goes to a fresh temporary file beside PATH (TempFile); PATH appears only when
-    complete, and never replaces a file that is there (unless replace).
+    complete, and never replaces a file that is there.
     """
-    check_output_name(path, replace=replace)
+    check_output_name(path)
     compressed = is_zstd_name(path) if zstd is None else zstd
     if path == "-":
         target = sys.stdout.buffer
@@ -107,7 +107,7 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
                 except BaseException:
                     out.abort()
                     raise
-            tmp.commit(replace=replace)
+            tmp.commit()
         except BaseException:
             tmp.discard()
             raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from vmafs.container.source import file_identity
+
 CLUSTER = 65536
 
 
@@ -62,8 +64,6 @@ class PlainSource:
         """A plain file is the stream itself."""
 
     def identity(self) -> bytes:
-        from vmafs.container.source import file_identity
-
         return file_identity(self.fd)
 
     def will_need(self, offsets: list[int], length: int) -> None:

@@ -25,6 +25,7 @@ from types import TracebackType
 import numpy as np
 import zstandard
 
+from vmafs.container.source import file_identity, open_file
 from vmafs.container.zstd_frames import (
     BLOCK_SIZE_MAX,
     ZSTD_MAGIC,
@@ -102,8 +103,7 @@ class SeekableZstdSource:
             self._own_fd = False
             self.name = name or f"fd {file}"
         else:
-            # O_NONBLOCK: a FIFO without a writer must not block the open (it is refused below).
-            self._fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            self._fd = open_file(os.fspath(file))
             self._own_fd = True
             self.name = name or os.fspath(file)
         try:
@@ -510,8 +510,6 @@ class SeekableZstdSource:
         """A hint of the ByteSource protocol; frames are read whole, so nothing to do."""
 
     def identity(self) -> bytes:
-        from vmafs.container.source import file_identity
-
         return file_identity(self._fd)
 
     # -- lifetime -------------------------------------------------------------

@@ -261,19 +261,11 @@ def seal_extent(uuid: bytes, block_count: int, slot_bytes: bytes) -> bytes:
     return bytes(head)
 
 
-def check_extent_header(buf: bytes | memoryview, uuid: bytes) -> tuple[int, np.ndarray]:
-    """Check an extent header in Proxmox's order (md5, uuid, magic); (block_count, used slots).
+def check_extent_header(buf: bytes | memoryview, uuid: bytes) -> int:
+    """Check an extent header in Proxmox's order (md5, uuid, magic); returns block_count.
 
-    The slots come as one uint64 per used slot (dev_id != 0), in slot order: decode them with
-    slot_fields. block_count against the masks is the walker's check (it knows the offset).
+    block_count against the masks is the walker's check (it knows the offset).
     """
-    block_count = check_extent_fields(buf, uuid)
-    infos = np.frombuffer(bytes(buf[40:EXTENT_HEADER_SIZE]), ">u8").astype(np.uint64)
-    return block_count, infos[(infos >> np.uint64(32)) & np.uint64(0xFF) != 0]
-
-
-def check_extent_fields(buf: bytes | memoryview, uuid: bytes) -> int:
-    """The checks of check_extent_header without decoding the slots; returns block_count."""
     if len(buf) < EXTENT_HEADER_SIZE:
         raise FormatError(f"read short extent ({len(buf)} bytes)")
     head = bytearray(buf[:EXTENT_HEADER_SIZE])
@@ -291,18 +283,26 @@ def check_extent_fields(buf: bytes | memoryview, uuid: bytes) -> int:
     return int(block_count)
 
 
-def slot_fields(infos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dev_ids uint8, clusters uint32, masks uint16) of slot words."""
-    return (((infos >> np.uint64(32)) & np.uint64(0xFF)).astype(np.uint8),
-            (infos & np.uint64(0xFFFFFFFF)).astype(np.uint32),
-            (infos >> np.uint64(48)).astype(np.uint16))
+def slot_columns(headers: bytes | bytearray | memoryview
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dev_ids, clusters, masks) of every slot of consecutive 512-byte extent headers, each
+    (n, 59), as views of the bytes (no copy): dev_id 0 marks an unused slot.
+
+    A slot is big-endian mask u16, reserved u8, dev_id u8, cluster u32.
+    """
+    n = len(headers) // EXTENT_HEADER_SIZE
+    shape, strides = (n, SLOTS_PER_EXTENT), (EXTENT_HEADER_SIZE, 8)
+    return (np.ndarray(shape, np.uint8, headers, 43, strides),
+            np.ndarray(shape, ">u4", headers, 44, strides),
+            np.ndarray(shape, ">u2", headers, 40, strides))
 
 
 def decode_extent_header(buf: bytes | memoryview, uuid: bytes) -> ExtentHeader:
     """Check an extent header (check_extent_header) and list its used slots as tuples."""
-    block_count, infos = check_extent_header(buf, uuid)
-    slots = tuple((int(i) >> 32 & 0xFF, int(i) & 0xFFFFFFFF, int(i) >> 48)
-                  for i in infos.tolist())
+    block_count = check_extent_header(buf, uuid)
+    dev_ids, clusters, masks = slot_columns(bytes(buf[:EXTENT_HEADER_SIZE]))
+    slots = tuple((d, c, m) for d, c, m in zip(dev_ids[0].tolist(), clusters[0].tolist(),
+                                               masks[0].tolist(), strict=True) if d)
     return ExtentHeader(block_count, slots)
 
 
