@@ -1564,6 +1564,26 @@ def check_subprocess(m: Mutant, base: Base, work: Path, inproc: Outcome) -> list
     return fails
 
 
+def _pread_judged(out: Outcome, expect: Expect, fd: int, dev_id: int, off: int,
+                  length: int) -> None:
+    """Read [off, off+length) as read(2) gives it: a short read is the bytes before an error
+    (POSIX), so judge what came, then read on from there to meet the error itself."""
+    pos, end = off, off + length
+    while pos < end:
+        try:
+            got = os.pread(fd, end - pos, pos)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                out.fail("mount", "wrong-errno", f"{e}")
+            _judge(out, "mount", expect, dev_id, pos, end - pos, None, str(e))
+            return
+        if not got:
+            _judge(out, "mount", expect, dev_id, pos, end - pos, got, "")
+            return
+        _judge(out, "mount", expect, dev_id, pos, len(got), got, "")
+        pos += len(got)
+
+
 def check_mount(m: Mutant, base: Base, work: Path, inproc: Outcome) -> list[Failure]:
     """A real FUSE mount: every piece via os.pread, judged like the in-process paths."""
     fails: list[Failure] = []
@@ -1602,15 +1622,9 @@ def check_mount(m: Mutant, base: Base, work: Path, inproc: Outcome) -> list[Fail
                 out.fail("mount", "missing-file", f"{name.name}: {e}")
                 break
             try:
-                got: bytes | None = os.pread(fd, length, off)
-                err_text = ""
-            except OSError as e:
-                if e.errno != errno.EIO:
-                    out.fail("mount", "wrong-errno", f"{e}")
-                got, err_text = None, str(e)
+                _pread_judged(out, expect, fd, dev_id, off, min(length, devs[dev_id] - off))
             finally:
                 os.close(fd)
-            _judge(out, "mount", expect, dev_id, off, length, got, err_text)
     finally:
         stack.close()
         shutil.rmtree(xdir, ignore_errors=True)
