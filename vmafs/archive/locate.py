@@ -87,10 +87,11 @@ def load_index(source: ByteSource, header: vma.Header, footer: index.Footer) -> 
 
 
 def confirm_index(source: ByteSource, header: vma.Header, table: index.IndexTable,
-                  index_offset: int) -> int:
+                  index_offset: int, *, complete: bool = True) -> tuple[int, ClusterRules]:
     """Check that the index's extent chain is the stream's (see the module docstring), and
-    that the slots of all its extents keep every rule: each cluster exactly once. Returns
-    how many extents that took."""
+    that the slots of all its extents keep every rule: each cluster at most once, and (unless
+    an incremental archive, `complete=False`) exactly once. Returns how many extents that
+    took and the rules, whose `seen` sets are the clusters the archive holds."""
     starts = table.ext_offsets.astype(np.int64)
     counts = table.ext_counts.astype(np.int64)
     first_row = np.cumsum(counts) - counts
@@ -114,10 +115,10 @@ def confirm_index(source: ByteSource, header: vma.Header, table: index.IndexTabl
         if exc.problem.kind == problems.INDEX:
             raise
         raise _bad(exc.problem.message, exc.problem.offset or index_offset) from None
-    missing = rules.missing()
+    missing = rules.missing() if complete else []
     if missing:
         raise _bad(missing[0].message, index_offset)
-    return len(starts) + int((gap_ends - gap_starts).sum()) // HEAD
+    return len(starts) + int((gap_ends - gap_starts).sum()) // HEAD, rules
 
 
 def _confirm_data_extents(source: ByteSource, header: vma.Header, table: index.IndexTable,

@@ -14,7 +14,7 @@ from vmafs.errors import ChecksumError, ContainerError, FormatError, IncompleteE
 # Kinds. "format": a VMA rule is broken; "truncated": the stream ends early; "missing": a cluster
 # never appears; "duplicate": a cluster appears twice; "checksum": data or index does not match
 # its checksum; "index": the trailing index contradicts the stream or is damaged; "container":
-# the compression layer (zstd frames, seek table, gzip, lzo) is damaged.
+# the compression layer (zstd frames, seek table, gzip, lzo) is damaged; "chain": see CHAIN.
 FORMAT = "format"
 TRUNCATED = "truncated"
 MISSING = "missing"
@@ -22,6 +22,7 @@ DUPLICATE = "duplicate"
 CHECKSUM = "checksum"
 INDEX = "index"
 CONTAINER = "container"
+CHAIN = "chain"  # a link of an incremental chain is broken (parent missing or not the one)
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmafs.archive import locate, problems, walk_cache
+from vmafs.archive.clusterset import ClusterSet
 from vmafs.archive.walk import index_by_walking
 from vmafs.container.source import ByteSource, open_source
-from vmafs.format import index, vma
+from vmafs.format import chain, index, vma
+from vmafs.format.names import format_ctime
 
 CLUSTER = vma.CLUSTER_SIZE
 ZEROS = bytes(4 * 1024 * 1024)
@@ -39,17 +41,19 @@ class _DeviceMap:
     """Sorted stored clusters of one device: cluster -> (mask, data offset, checksum).
 
     Offsets are bytes, or 512-byte sectors from sector_base (a walked archive: 4 bytes a
-    cluster instead of 8).
+    cluster instead of 8). `layers` (a chain) says which archive of the chain each row is in.
     """
 
-    __slots__ = ("clusters", "masks", "offsets", "checksums", "sector_base")
+    __slots__ = ("clusters", "masks", "offsets", "checksums", "sector_base", "layers")
 
     def __init__(self, clusters: np.ndarray, masks: np.ndarray, offsets: np.ndarray,
-                 checksums: np.ndarray | None, sector_base: int | None) -> None:
+                 checksums: np.ndarray | None, sector_base: int | None,
+                 layers: np.ndarray | None = None) -> None:
         if len(clusters) > 1 and not (clusters[1:] > clusters[:-1]).all():
             order = np.argsort(clusters, kind="stable")
             clusters, masks, offsets = clusters[order], masks[order], offsets[order]
             checksums = checksums[order] if checksums is not None else None
+            layers = layers[order] if layers is not None else None
         # Columns of an index are views into its bytes, not always aligned; numpy would copy a
         # misaligned column on every search (milliseconds a read at 1 TiB): align them once.
         self.clusters = _aligned(clusters)
@@ -57,12 +61,18 @@ class _DeviceMap:
         self.offsets = _aligned(offsets)
         self.checksums = _aligned(checksums) if checksums is not None else None
         self.sector_base = sector_base
+        self.layers = layers
 
     def byte_offsets(self, lo: int, hi: int) -> list[int]:
         got: list[int] = self.offsets[lo:hi].tolist()
         if self.sector_base is None:
             return got
         return [self.sector_base + (s << 9) for s in got]
+
+    def all_byte_offsets(self) -> np.ndarray:
+        if self.sector_base is None:
+            return self.offsets.astype(np.uint64)
+        return np.uint64(self.sector_base) + (self.offsets.astype(np.uint64) << np.uint64(9))
 
 
 def _aligned(column: np.ndarray) -> np.ndarray:
@@ -93,38 +103,57 @@ WALKED = "walked"
 
 
 class Archive:
-    """An archive opened for random reads; thread-safe (reads use pread only)."""
+    """An archive opened for random reads; thread-safe (reads use pread only).
+
+    An incremental archive opens only as a layer (`layer=True`): alone it lacks the clusters
+    its parent holds. `chain.open_chain` stacks layers into one Archive (`stack`) whose reads
+    come from the newest layer that holds each cluster.
+    """
 
     def __init__(self, source: ByteSource, header: vma.Header, table: index.IndexTable,
-                 *, mode: str, compressed: bool) -> None:
+                 *, mode: str, compressed: bool,
+                 held: dict[int, ClusterSet] | None = None) -> None:
         self.source = source
+        self.sources = [source]
         self.header = header
         self.uuid = uuidlib.UUID(bytes=header.uuid)
         self.ctime = header.ctime
         self.devices = [Device(d.dev_id, d.name, d.size) for d in header.devices]
         self.configs = header.configs  # (name, data) pairs: names may repeat
+        self.record = chain.find(header.configs)
         self.mode = mode
         self.compressed = compressed
+        self.layers: list[Archive] = [self]
+        self.path: str | None = None
         self._maps = _device_maps(table, header)
         self._sizes = {d.dev_id: d.size for d in header.devices}
+        self._held = held  # incremental: every cluster it has a slot for, data or zero
+        self._digest: str | None = None
 
     @property
     def indexed(self) -> bool:
         """True when reads are checked against the trailing index's data checksums."""
         return self.mode == INDEXED
 
+    @property
+    def incremental(self) -> bool:
+        return self.record is not None and self.record.incremental
+
     @classmethod
-    def open(cls, path: str, *, drop_behind: bool = False) -> Archive:
-        """Open for random reads; `drop_behind` as in PlainSource (plain archives only)."""
+    def open(cls, path: str, *, drop_behind: bool = False, layer: bool = False) -> Archive:
+        """Open for random reads; `drop_behind` as in PlainSource (plain archives only);
+        `layer`: an incremental archive is acceptable (as a layer of a chain)."""
         source, kind = open_source(path, drop_behind=drop_behind)
         try:
-            return cls.load(source, compressed=kind != "vma")
+            archive = cls.load(source, compressed=kind != "vma", layer=layer)
         except BaseException:
             source.close()
             raise
+        archive.path = path
+        return archive
 
     @classmethod
-    def load(cls, source: ByteSource, *, compressed: bool) -> Archive:
+    def load(cls, source: ByteSource, *, compressed: bool, layer: bool = False) -> Archive:
         """Read the header, then trust the index (after the cross-checks) or walk."""
         prefix = bytes(source.pread(0, vma.HEADER_FIXED_SIZE))
         header_size = vma.header_size_of(prefix)
@@ -132,9 +161,16 @@ class Archive:
         if len(rest) != header_size - vma.HEADER_FIXED_SIZE:
             raise problems.error(problems.TRUNCATED, "can't read vma header data")
         header = vma.decode_header(prefix + rest)
+        record = chain.find(header.configs)
+        incremental = record is not None and record.incremental
+        if incremental and not layer:
+            raise needs_parent(record)
         footer = locate.find_footer(source, header)
         identity = source.identity()
         if footer is None:
+            if incremental:
+                raise problems.error(problems.INDEX, "incremental archive without its vmafs "
+                                     "index (it cannot be read without one)")
             # No data checksums: frames are read whole, so zstd checks each one's checksum.
             key = walk_cache.key_of(identity, prefix + rest) if identity is not None else None
             table = walk_cache.load(key, header) if key is not None else None
@@ -148,14 +184,64 @@ class Archive:
         # decompressing a frame before its end (where zstd checks the frame's checksum);
         # confirming the index reads one header per extent, so decompresses only that far.
         source.checked_by_reader = True
+        if incremental:  # what it holds as zeros is known only from its headers: read them
+            source.check_layout()
+            _, rules = locate.confirm_index(source, header, table, footer.index_offset,
+                                            complete=False)
+            return cls(source, header, table, mode=INDEXED, compressed=compressed,
+                       held=rules.seen)
         key = (walk_cache.key_of(identity, prefix + rest + index.encode_footer(footer))
                if identity is not None else None)
         if key is None or not walk_cache.confirmed(key):
             source.check_layout()
-            extents = locate.confirm_index(source, header, table, footer.index_offset)
+            extents, _ = locate.confirm_index(source, header, table, footer.index_offset)
             if key is not None:
                 walk_cache.remember_confirmed(key, extents)
         return cls(source, header, table, mode=INDEXED, compressed=compressed)
+
+    @classmethod
+    def stack(cls, layers: list[Archive]) -> Archive:
+        """One Archive over a chain, oldest (a full archive) first: each cluster read from
+        the newest layer that has a slot for it (a zero slot hides older data)."""
+        newest = layers[-1]
+        view = cls.__new__(cls)
+        view.__dict__.update(newest.__dict__)
+        view.layers = list(layers)
+        view.sources = [a.source for a in layers]
+        view.compressed = any(a.compressed for a in layers)
+        view._maps = {dev.dev_id: _stack_maps(layers, dev.name) for dev in newest.devices}
+        view._held = None
+        return view
+
+    def digest(self) -> str:
+        """This archive's content digest (format/chain.py): what a child's link records."""
+        if self._digest is None:
+            contents = []
+            for dev in self.devices:
+                dmap = self._maps[dev.dev_id]
+                zeros = None
+                if self._held is not None:
+                    held = self._held[dev.dev_id]
+                    every = (np.concatenate(list(held.iter_present()))
+                             if len(held) else np.zeros(0, np.uint32))
+                    zeros = np.setdiff1d(every.astype(np.uint32), dmap.clusters,
+                                         assume_unique=True)
+                sums = dmap.checksums if dmap.checksums is not None else np.zeros(
+                    len(dmap.clusters), np.uint32)
+                contents.append(chain.DeviceContent(dev.name, dev.size, dmap.clusters,
+                                                    dmap.masks, sums, zeros))
+            self._digest = chain.content_digest(contents)
+        return self._digest
+
+    def identity(self) -> str:
+        """The digest children link to: a merged archive stands for the one it replaces."""
+        if self.record is not None and self.record.stands_for is not None:
+            return self.record.stands_for
+        return self.digest()
+
+    def held(self, dev_id: int) -> ClusterSet | None:
+        """The clusters an incremental layer has slots for (None: a full archive, all)."""
+        return self._held[dev_id] if self._held is not None else None
 
     def device(self, dev_id: int) -> Device:
         for dev in self.devices:
@@ -182,11 +268,12 @@ class Archive:
         masks = dmap.masks[lo:hi].tolist()
         offsets = dmap.byte_offsets(lo, hi)
         sums = dmap.checksums[lo:hi].tolist() if dmap.checksums is not None else None
+        lays = dmap.layers[lo:hi].tolist() if dmap.layers is not None else None
         parts: list[bytes | memoryview] = []
         pos = offset
         i, n = 0, len(clusters)
         while i < n:
-            j, data, views = self._fetch_run(clusters, masks, offsets, sums, i, dev_id)
+            j, data, views = self._fetch_run(clusters, masks, offsets, sums, lays, i, dev_id)
             start = clusters[i] * CLUSTER
             if start > pos:
                 parts.append(_zeros(start - pos))
@@ -207,7 +294,7 @@ class Archive:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _fetch_run(self, clusters: list[int], masks: list[int], offsets: list[int],
-                   sums: list[int] | None, i: int, dev_id: int
+                   sums: list[int] | None, lays: list[int] | None, i: int, dev_id: int
                    ) -> tuple[int, memoryview, list[memoryview] | None]:
         """Read stored clusters i.. that follow each other on the device and in the stream
         with one pread, and check each one's checksum. Returns the end index, the data, and
@@ -215,12 +302,14 @@ class Archive:
         nbytes = [_POPCOUNT[masks[i]] * vma.BLOCK_SIZE]
         j = i + 1
         while (j < len(clusters) and clusters[j] == clusters[j - 1] + 1
-               and offsets[j] == offsets[j - 1] + nbytes[-1]):
+               and offsets[j] == offsets[j - 1] + nbytes[-1]
+               and (lays is None or lays[j] == lays[i])):
             nbytes.append(_POPCOUNT[masks[j]] * vma.BLOCK_SIZE)
             j += 1
         first = offsets[i]
         total = sum(nbytes)
-        data = memoryview(self.source.pread(first, total))
+        source = self.source if lays is None else self.sources[lays[i]]
+        data = memoryview(source.pread(first, total))
         if len(data) != total:
             name = self.device(dev_id).name
             raise problems.error(problems.TRUNCATED, f"cluster {clusters[j - 1]} of {name} is "
@@ -268,13 +357,46 @@ class Archive:
                 int(dmap.clusters.searchsorted(np.uint32(last), side="right")))
 
     def close(self) -> None:
-        self.source.close()
+        for source in self.sources:
+            source.close()
 
     def __enter__(self) -> Archive:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stack_maps(layers: list[Archive], name: str) -> _DeviceMap:
+    """One device's rows over a chain: each layer's rows replace the older rows of every
+    cluster it has a slot for; rows carry their layer. Offsets become bytes."""
+    cols: tuple[np.ndarray, ...] | None = None
+    for number, layer in enumerate(layers):
+        dev = next(d for d in layer.devices if d.name == name)
+        dmap = layer._maps[dev.dev_id]
+        if dmap.checksums is None:
+            raise problems.error(problems.INDEX, f"{layer.path or layer.uuid}: a chain's "
+                                 "archives need their vmafs index (data checksums)")
+        new = (dmap.clusters, dmap.masks, dmap.all_byte_offsets(), dmap.checksums,
+               np.full(len(dmap.clusters), number, np.uint8))
+        held = layer.held(dev.dev_id)
+        if cols is None or held is None:
+            cols = new
+            continue
+        keep = ~held.contains_array(cols[0].astype(np.int64))
+        cols = tuple(np.concatenate((old[keep], fresh)) for old, fresh in zip(cols, new,
+                                                                              strict=True))
+    assert cols is not None
+    clusters, masks, offsets, sums, lays = cols
+    return _DeviceMap(clusters, masks, offsets, sums, None, lays)
+
+
+def needs_parent(record: chain.ChainRecord | None) -> problems.ArchiveError:
+    assert record is not None and record.parent is not None
+    parent = record.parent
+    return problems.error(problems.MISSING, f"incremental: needs its parent {parent.uuid} "
+                          f"(from {format_ctime(parent.ctime)}); vmafs looks for it in the "
+                          "same directory, or give it with --base")
 
 
 def _zeros(n: int) -> bytes | memoryview:

@@ -25,7 +25,7 @@ from vmafs.archive.walk import (
     slot_offsets,
 )
 from vmafs.errors import ChecksumError, FormatError
-from vmafs.format import index, vma
+from vmafs.format import chain, index, vma
 
 __all__ = ["ScanResult", "StoredCluster", "read_header", "scan_stream"]
 
@@ -156,6 +156,11 @@ class ScanResult:
     stream_bytes: int = 0
     has_index: bool = False
     problems: list[Problem] = field(default_factory=list)
+    incremental: bool = False  # its chain record names a parent: missing clusters are its
+
+    @property
+    def chain(self) -> chain.ChainRecord | None:
+        return chain.find(self.header.configs)
 
 
 def scan_stream(
@@ -174,7 +179,8 @@ def scan_stream(
     """
     if header is None:
         header = read_header(stream)
-    result = ScanResult(header)
+    record = chain.find(header.configs)
+    result = ScanResult(header, incremental=record is not None and record.incremental)
     rules = ClusterRules(header)
     trailer = TrailerCheck(header)
     sizes = np.zeros(256, np.int64)  # per dev_id; 0 for vmstate and unknown ids
@@ -209,7 +215,8 @@ def scan_stream(
             if done:
                 progress(done)
     result.stream_bytes = end
-    result.problems.extend(rules.missing())
+    if not result.incremental:
+        result.problems.extend(rules.missing())
     result.has_index, index_problems = trailer.verify()
     result.problems.extend(index_problems)
     return result

@@ -72,8 +72,11 @@ class ArchiveWriter:
         ctime: int | None = None,
         extent_bytes: int | None = None,
         progress: Callable[[int], None] | None = None,
+        incremental: bool = False,
     ) -> None:
         self.out = out
+        # An incremental archive has no slot for a cluster never written: it is its parent's.
+        self.incremental = incremental
         self.devices = list(devices)
         self.uuid = uuid if uuid is not None else uuidlib.uuid4().bytes
         self.ctime = int(time.time()) if ctime is None else ctime
@@ -146,6 +149,10 @@ class ArchiveWriter:
             self._add_cluster(dev_id, cluster, memoryview(part.data)[:part.length], part.length)
         self._partial.clear()
         for dev_id, touched in enumerate(self._touched, start=1):
+            if self.incremental:
+                self._add_zero_clusters(
+                    dev_id, self._zeroed[dev_id - 1].iter_present(ZERO_CHUNK))
+                continue
             untouched = touched.missing_count()
             if untouched:
                 last = touched.limit - 1

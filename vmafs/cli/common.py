@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 from vmafs.progress import Progress
 
@@ -11,6 +10,12 @@ from vmafs.progress import Progress
 def add_archive_input(parser: argparse.ArgumentParser, dest: str = "archive") -> None:
     parser.add_argument(dest, help="archive to read: .vma, .vma.zst, .vma.gz, .vma.lzo "
                                    "(any vzdump archive), or - for stdin")
+
+
+def add_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", action="append", default=[], metavar="ARCHIVE",
+                        help="an ancestor of an incremental archive, when it is not in the "
+                             "archive's directory (repeatable; then only these are searched)")
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +38,3 @@ def add_compression(parser: argparse.ArgumentParser) -> None:
 
 def progress_for(args: argparse.Namespace, label: str, total: int) -> Progress:
     return Progress(label, total, enabled=False if getattr(args, "quiet", False) else None)
-
-
-def format_ctime(ctime: int) -> str:
-    """Like C's ctime() without the newline, as `vma list` prints it; the plain number when the
-    platform cannot represent that time (the header's ctime is any int64)."""
-    try:
-        return time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(ctime))
-    except (OverflowError, OSError, ValueError):
-        return str(ctime)

@@ -14,7 +14,7 @@ from vmafs.cli.common import add_archive_input, add_compression, add_json, add_q
 from vmafs.container.output import open_output
 from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, VmafsError
-from vmafs.format import vma
+from vmafs.format import chain, vma
 from vmafs.progress import print_json
 
 
@@ -46,20 +46,26 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
     # Device ids may have gaps in the input; the output numbers them 1..n.
     new_ids = {d.dev_id: i for i, d in enumerate(header.devices, start=1)}
     sizes = {d.dev_id: d.size for d in header.devices}
+    record = chain.find(header.configs)
+    incremental = record is not None and record.incremental
     progress = progress_for(args, "convert", sum(sizes.values()))
     with open_output(args.output, zstd=args.zstd or None, level=args.level,
                      threads=args.threads) as out:
         writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in header.devices],
                                header.configs, uuid=header.uuid, ctime=header.ctime,
-                               progress=progress.update)
+                               progress=progress.update, incremental=incremental)
 
         def on_extent(slots: list[StoredCluster]) -> None:
             for slot in slots:
                 dev_id = new_ids.get(slot.dev_id)
-                if dev_id is None or not slot.mask:
-                    continue  # zero clusters are emitted by finish()
+                if dev_id is None:
+                    continue
                 start = slot.cluster * vma.CLUSTER_SIZE
                 length = min(vma.CLUSTER_SIZE, sizes[slot.dev_id] - start)
+                if not slot.mask:  # finish() emits them; an incremental names each one
+                    if incremental:
+                        writer.write_zeroes(dev_id, start, length)
+                    continue
                 # copy: the scan reuses its buffer, the writer keeps what it is given
                 data = (bytes(slot.data[:length]) if slot.mask == vma.FULL_MASK
                         else vma.expand_blocks(slot.data, slot.mask)[:length])

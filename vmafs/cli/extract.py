@@ -6,16 +6,19 @@ from __future__ import annotations
 import argparse
 import os
 import stat
+from collections.abc import Callable
 from typing import BinaryIO
 
+from vmafs.archive.chain import open_chain
 from vmafs.archive.problems import MISSING
+from vmafs.archive.reader import Archive
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_archive_input, add_json, add_quiet, progress_for
+from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
 from vmafs.container.output import WRITEBACK_STEP, TempFile, open_dir, start_writeback
 from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, VmafsError
-from vmafs.format import vma
+from vmafs.format import chain, vma
 from vmafs.format.names import display, file_names, json_name, raw
 from vmafs.progress import print_json
 
@@ -25,12 +28,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Extract every disk as a sparse raw image "
                                    "disk-<devname>.raw of the exact device size, plus the config "
                                    "files, into DIR (created if missing). Files appear under "
-                                   "their final names only after the whole archive was checked.")
+                                   "their final names only after the whole archive was checked. "
+                                   "An incremental archive is extracted with its ancestors: "
+                                   "the disks as of its point in time.")
     add_archive_input(p)
     p.add_argument("dir", help="target directory")
     p.add_argument("-d", "--drive", action="append", metavar="DEVNAME", default=[],
                    help="extract only this device (repeatable); configs are always written")
     p.add_argument("--force", action="store_true", help="replace files that already exist")
+    add_base(p)
     add_json(p)
     add_quiet(p)
     p.set_defaults(run=run)
@@ -38,14 +44,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with open_stream(args.archive) as stream:  # one pass: stdin cannot be opened twice
-        return _run(args, stream)
+        try:
+            header = read_header(stream)
+        except FormatError as exc:
+            raise VmafsError(f"{args.archive}: {exc}") from None
+        record = chain.find(header.configs)
+        if record is None or not record.incremental:
+            return _run(args, header, stream)
+    if args.archive == "-":
+        raise VmafsError("an incremental archive is extracted with its chain: give its file")
+    with open_chain(args.archive, args.base) as archive:
+        return _run(args, header, archive)
 
 
-def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
-    try:
-        header = read_header(stream)
-    except FormatError as exc:
-        raise VmafsError(f"{args.archive}: {exc}") from None
+def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archive) -> int:
     by_name = {raw(d.name) for d in header.devices}
     unknown = [n for n in args.drive if os.fsencode(n) not in by_name]
     if unknown:
@@ -89,12 +101,18 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
                         start_writeback(fd)
 
             try:
-                result = scan_stream(stream, on_extent, progress.update, header=header)
+                if isinstance(source, Archive):
+                    indexed = True
+                    for dev_id, fd in fds.items():
+                        copy_device(source, dev_id, fd, progress.update)
+                else:
+                    result = scan_stream(source, on_extent, progress.update, header=header)
+                    indexed = result.has_index
+                    problems = [p for p in result.problems if _concerns(p, extracted)]
+                    if problems:
+                        raise VmafsError(f"{args.archive}: {problems[0]}")
             except FormatError as exc:
                 raise VmafsError(f"{args.archive}: {exc}") from None
-            problems = [p for p in result.problems if _concerns(p, extracted)]
-            if problems:
-                raise VmafsError(f"{args.archive}: {problems[0]}")
             for fname, (_, data) in configs:
                 tmp = _temp(dir_fd, args.dir, fname)
                 temps.append(tmp)
@@ -112,8 +130,26 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
                     "configs": [{**json_name(name), "size": len(data),
                                  **json_name(fname, "file")}
                                 for fname, (name, data) in configs],
-                    "indexed": result.has_index})
+                    "indexed": indexed})
     return 0
+
+
+COPY_STEP = 8 << 20
+
+
+def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int], None]) -> None:
+    """A device as the model reads it (a chain: each cluster from its newest archive) into a
+    sparse file: holes stay holes."""
+    size = archive.device(dev_id).size
+    for offset in range(0, size, COPY_STEP):
+        n = min(COPY_STEP, size - offset)
+        if not archive.is_hole(dev_id, offset, n):
+            data = memoryview(archive.read(dev_id, offset, n))
+            while data:
+                data = data[os.pwrite(fd, data, offset + n - len(data)):]
+            if offset // COPY_STEP % 8 == 7:
+                start_writeback(fd)
+        progress(n)
 
 
 def _check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:

@@ -6,27 +6,51 @@ import argparse
 import io
 import sys
 import uuid
+from typing import Any
 
+from vmafs.archive.chain import resolve
 from vmafs.archive.scan import read_header
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_archive_input, add_json, format_ctime
+from vmafs.cli.common import add_archive_input, add_base, add_json
 from vmafs.container.streams import open_stream
-from vmafs.format.names import display, json_name
+from vmafs.errors import VmafsError
+from vmafs.format import chain
+from vmafs.format.names import display, format_ctime, json_name
 from vmafs.progress import print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help=COMMANDS["list"],
                        description="List the config files and devices of an archive, like "
-                                   "Proxmox's `vma list`. Reads only the header.")
+                                   "Proxmox's `vma list`. Reads only the header; for an "
+                                   "incremental archive also its chain (CHAIN lines, oldest "
+                                   "first), every link checked.")
     add_archive_input(p)
+    add_base(p)
     add_json(p)
     p.set_defaults(run=run)
+
+
+def chain_of(path: str, bases: list[str]) -> list[dict[str, Any]]:
+    """The archives of an incremental archive's chain, oldest first (every link checked)."""
+    if path == "-":
+        raise VmafsError("an incremental archive's chain is listed from its file, not stdin")
+    layers = resolve(path, bases)
+    try:
+        return [{"path": a.path, "uuid": str(a.uuid), "ctime": a.ctime,
+                 "incremental": a.incremental,
+                 "stored_bytes": sum(a.stored_bytes(d.dev_id) for d in a.devices)}
+                for a in layers]
+    finally:
+        for a in layers:
+            a.close()
 
 
 def run(args: argparse.Namespace) -> int:
     with open_stream(args.archive) as stream:
         header = read_header(stream)
+    record = chain.find(header.configs)
+    links = chain_of(args.archive, args.base) if record and record.incremental else []
     if args.json:  # exact names (json_name: non-UTF-8 bytes also as hex)
         print_json({
             "uuid": str(uuid.UUID(bytes=header.uuid)),
@@ -36,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
                         for d in header.devices],
             "vmstate": ({"dev_id": header.vmstate.dev_id, "size": header.vmstate.size}
                         if header.vmstate else None),
+            "chain": links,
         })
         return 0
     # every name escaped: a newline in a name must not forge a line, nor ESC reach the terminal
@@ -45,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if header.vmstate:
         lines.append(f"VMSTATE: dev_id={header.vmstate.dev_id} memory: {header.vmstate.size}")
     lines.append(f"CTIME: {format_ctime(header.ctime)}")
+    for i, link in enumerate(links):
+        kind = "incremental" if link["incremental"] else "full"
+        lines.append(f"CHAIN: {i} {kind} uuid: {link['uuid']} ctime: "
+                     f"{format_ctime(link['ctime'])} stored: {link['stored_bytes']} "
+                     f"file: {display(link['path'])}")
     if isinstance(sys.stdout, io.TextIOWrapper):  # a terminal that cannot show a character
         sys.stdout.reconfigure(errors="backslashreplace")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vmafs.cli.common import add_base
+
 DESCRIPTION = """\
 Mount ARCHIVE read-only on MOUNTPOINT with FUSE. The mount point shows one raw image file per
 disk, disk-<devname>.raw, of exactly the disk's size, plus the archive's config files by name.
-Works on plain .vma archives (vmafs or Proxmox) and on vmafs's seekable .vma.zst. The command
+Works on plain .vma archives (vmafs or Proxmox) and on vmafs's seekable .vma.zst; an
+incremental archive is mounted with its ancestors, as of its point in time. The command
 returns once the mount is ready and serves it in the background; end it with
 `vmafs umount MOUNTPOINT`, `fusermount3 -u MOUNTPOINT` or `umount MOUNTPOINT`."""
 
@@ -38,6 +41,7 @@ def add_parser(subparsers: Any) -> None:
                    help="log to FILE (default: stderr with -f, otherwise syslog)")
     p.add_argument("-d", "--debug", action="store_true",
                    help="log debug messages, and every FUSE request")
+    add_base(p)
     p.set_defaults(run=run)
 
 
@@ -46,4 +50,4 @@ def run(args: argparse.Namespace) -> int:
 
     return mount(MountRequest(archive=args.archive, mountpoint=args.mountpoint,
                               options=args.options, foreground=args.foreground,
-                              log_file=args.log, debug=args.debug))
+                              log_file=args.log, debug=args.debug, bases=args.base))

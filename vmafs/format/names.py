@@ -9,6 +9,7 @@ are never trusted as paths.
 from __future__ import annotations
 
 import codecs
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -133,3 +134,12 @@ def json_name(name: str | bytes, key: str = "name") -> dict[str, str]:
         return {key: data.decode("utf-8")}
     except UnicodeDecodeError:
         return {key: data.decode("utf-8", "replace"), key + "_hex": data.hex()}
+
+
+def format_ctime(ctime: int) -> str:
+    """Like C's ctime() without the newline, as `vma list` prints it; the plain number when the
+    platform cannot represent that time (the header's ctime is any int64)."""
+    try:
+        return time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(ctime))
+    except (OverflowError, OSError, ValueError):
+        return str(ctime)

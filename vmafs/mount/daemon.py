@@ -85,13 +85,14 @@ class MountRequest:
     foreground: bool = False
     log_file: str | None = None
     debug: bool = False
+    bases: Sequence[str] = ()
 
 
-def _open_archive(path: str, opts: MountOptions) -> Any:
-    from vmafs.archive.reader import Archive
+def _open_archive(path: str, opts: MountOptions, bases: Sequence[str]) -> Any:
+    from vmafs.archive.chain import open_chain
     try:
         # Served through the page cache, the data is cached there: drop the archive's copy.
-        return Archive.open(path, drop_behind=not opts.direct_io)
+        return open_chain(path, bases, drop_behind=not opts.direct_io)
     except OSError as exc:
         raise MountError(f"{path}: {exc.strerror or exc}") from None
 
@@ -134,6 +135,9 @@ def _init_fuse(archive: Any, req: MountRequest, opts: MountOptions) -> Any:
 
 def _notes(archive: Any) -> list[str]:
     """What a user should know about how the archive is served."""
+    if len(archive.layers) > 1:
+        return [f"a chain of {len(archive.layers)} archives: each read comes from the newest "
+                "that holds the cluster"]
     if archive.indexed:
         return []
     return ["this archive has no vmafs index: reads are not checked against data checksums "
@@ -205,7 +209,7 @@ def mount(req: MountRequest) -> int:
     _check_mountpoint(req.mountpoint)
     if req.foreground:
         _setup_logging(True, req.log_file, req.debug)
-        archive = _open_archive(req.archive, opts)
+        archive = _open_archive(req.archive, opts, req.bases)
         try:
             ops = _init_fuse(archive, req, opts)
             return _run_loop(ops, req.mountpoint)
@@ -239,7 +243,7 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
         os.setsid()
         _setup_logging(False, req.log_file, req.debug)
         _detach_stdio(req.log_file)
-        archive = _open_archive(req.archive, opts)
+        archive = _open_archive(req.archive, opts, req.bases)
         ops = _init_fuse(archive, req, opts)
         os.chdir("/")
 

@@ -1,0 +1,85 @@
+"""`vmafs merge`: an incremental chain folded into one full archive, streaming, no temporary
+file; with --keep N, all but the newest N increments become a new base for them."""
+
+from __future__ import annotations
+
+import argparse
+
+from vmafs.archive.chain import resolve
+from vmafs.archive.reader import Archive
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+from vmafs.cli import COMMANDS
+from vmafs.cli.common import add_base, add_compression, add_json, add_quiet, progress_for
+from vmafs.container.output import check_output_name, open_output
+from vmafs.container.zstd_output import Output
+from vmafs.errors import VmafsError
+from vmafs.format import chain
+from vmafs.format.names import display
+from vmafs.progress import Progress, print_json
+
+STEP = 4 << 20  # device bytes per read: whole runs of clusters, few Python steps
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help=COMMANDS["merge"],
+                       description="Write the chain that ends at NEWEST as one ordinary full "
+                                   "archive (the disks as of NEWEST's point in time; Proxmox's "
+                                   "vma extract restores it). OUT ending in .vma is plain, "
+                                   ".vma.zst seekable zstd. With --keep N, fold all but the "
+                                   "newest N increments instead: OUT is a new base that those "
+                                   "N link to, so the folded archives can be deleted.")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="archive to write (.vma, .vma.zst, or - for stdout)")
+    p.add_argument("--keep", type=int, default=0, metavar="N",
+                   help="leave the newest N increments out of the merge (default 0)")
+    p.add_argument("newest", metavar="NEWEST", help="the newest archive of the chain")
+    add_base(p)
+    add_compression(p)
+    add_json(p)
+    add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_name(args.output)
+    if args.keep < 0:
+        raise VmafsError("--keep must be 0 or more")
+    layers = resolve(args.newest, args.base)
+    try:
+        if args.keep >= len(layers) - 1:
+            raise VmafsError(f"{display(args.newest)}: nothing to merge: its chain has "
+                             f"{len(layers) - 1} increments")
+        folded = layers[:len(layers) - args.keep]
+        view = Archive.stack(folded)
+        total = sum(d.size for d in view.devices)
+        progress = progress_for(args, "merge", total)
+        with open_output(args.output, zstd=args.zstd or None, level=args.level,
+                         threads=args.threads) as out:
+            write_full(view, folded[-1], out, progress)
+        progress.finish()
+    finally:
+        for archive in layers:
+            archive.close()
+    if args.json:
+        print_json({"output": args.output, "bytes": out.bytes_out,
+                    "merged": [a.path for a in folded],
+                    "kept": [a.path for a in layers[len(folded):]],
+                    "uuid": str(folded[-1].uuid), "seconds": round(progress.elapsed, 3)})
+    return 0
+
+
+def write_full(view: Archive, point: Archive, out: Output, progress: Progress) -> None:
+    """Every cluster of the chain view as one full archive that stands for `point`: same uuid
+    and time, so children of `point` link to it."""
+    configs = [(n, d) for n, d in point.configs if n != chain.CONFIG_NAME]
+    configs.append((chain.CONFIG_NAME,
+                    chain.encode(chain.ChainRecord(stands_for=point.identity()))))
+    writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in view.devices], configs,
+                           uuid=point.uuid.bytes, ctime=point.ctime, progress=progress.update)
+    for number, dev in enumerate(view.devices, start=1):
+        for offset in range(0, dev.size, STEP):
+            n = min(STEP, dev.size - offset)
+            if not view.is_hole(dev.dev_id, offset, n):
+                # never changed after: fresh reads, or views of the model's zero buffer
+                writer.write(number, offset, view.read(dev.dev_id, offset, n))
+    writer.finish()
