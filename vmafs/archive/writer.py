@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,11 +72,12 @@ class ArchiveWriter:
         ctime: int | None = None,
         extent_bytes: int | None = None,
         progress: Callable[[int], None] | None = None,
-        incremental: bool = False,
+        incremental: Collection[int] = (),
     ) -> None:
         self.out = out
-        # An incremental archive has no slot for a cluster never written: it is its parent's.
-        self.incremental = incremental
+        # Devices (ids) of an incremental archive whose clusters never written get no slot:
+        # they are the parent's. Others (all, in a full archive) get zero slots.
+        self.incremental = frozenset(incremental)
         self.devices = list(devices)
         self.uuid = uuid if uuid is not None else uuidlib.uuid4().bytes
         self.ctime = int(time.time()) if ctime is None else ctime
@@ -149,7 +150,7 @@ class ArchiveWriter:
             self._add_cluster(dev_id, cluster, memoryview(part.data)[:part.length], part.length)
         self._partial.clear()
         for dev_id, touched in enumerate(self._touched, start=1):
-            if self.incremental:
+            if dev_id in self.incremental:
                 self._add_zero_clusters(
                     dev_id, self._zeroed[dev_id - 1].iter_present(ZERO_CHUNK))
                 continue

@@ -30,14 +30,18 @@ import shutil
 import signal
 import tempfile
 import time
+import uuid as uuidlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 import trio_asyncio
 
-from vmafs.backup import blockgraph
+from vmafs.archive import naming
+from vmafs.archive.chain import link_to
+from vmafs.archive.reader import Archive
+from vmafs.backup import bitmaps, blockgraph
 from vmafs.backup.blockgraph import Disk
 from vmafs.backup.nbd_server import serve_nbd
 from vmafs.backup.pipe import FINISH, DiskSink, Pipe
@@ -45,6 +49,8 @@ from vmafs.backup.qmp import GuestAgent, QemuGone, Qmp, QmpError, has_member, op
 from vmafs.backup.writer_thread import WriterThread, describe_writer_error
 from vmafs.container.output import check_output_name
 from vmafs.errors import VmafsError
+from vmafs.format import chain
+from vmafs.format.names import display
 from vmafs.progress import Progress
 
 MiB = 1 << 20
@@ -57,7 +63,7 @@ class BackupError(VmafsError):
 @dataclass(frozen=True)
 class BackupOptions:
     qmp_socket: str
-    output: str                                       # .vma, .vma.zst or "-"
+    output: str                                       # .vma, .vma.zst, "-" or DIR/
     drives: Sequence[tuple[str, str | None]] = ()     # (NODE, DEVNAME or None); () = all
     configs: Sequence[tuple[str, bytes]] = ()
     qga_socket: str | None = None
@@ -71,6 +77,11 @@ class BackupOptions:
     cleanup_timeout: float = 30.0
     progress: bool | None = None                      # None: when stderr is a terminal
     handle_signals: bool = False                      # SIGINT/SIGTERM end the backup cleanly
+    incremental: str | None = None                    # PREV: copy only what changed since
+    bitmap: bool = True                               # start this archive's dirty bitmaps
+    full_if_needed: bool = False                      # PREV unusable: a full backup instead
+    vmid: str | None = None                           # DIR/ output: vzdump-qemu-VMID-...
+    speed: int | None = None                          # bytes/s per disk QEMU may read
 
 
 @dataclass
@@ -81,10 +92,19 @@ class BackupResult:
     seconds: float
     x_perf: bool
     frozen: int | None          # filesystems frozen by the guest agent, None without --qga
+    uuid: uuidlib.UUID
+    parent: uuidlib.UUID | None  # an incremental's parent
+    bitmap: str | None           # the dirty bitmap that counts writes since this archive
+    notes: list[str]
 
     def summary(self) -> dict[str, Any]:
         return {
             "archive": self.archive,
+            "uuid": str(self.uuid),
+            "incremental": self.parent is not None,
+            "parent": str(self.parent) if self.parent else None,
+            "bitmap": self.bitmap,
+            "notes": self.notes,
             "devices": [{"name": d.name, "node": d.node, "size": d.size} for d in self.disks],
             "bytes": self.bytes,
             "seconds": round(self.seconds, 3),
@@ -134,6 +154,12 @@ class Backup:
         #: Set once the jobs run; tests use it to inject failures at the right moment.
         self.jobs_started = trio.Event()
         self._jobs_maybe = False
+        self.uuid = uuidlib.uuid4()
+        self.parent: chain.Link | None = None  # set when the backup is incremental
+        self.notes: list[str] = []             # what the user should know (a fallback)
+        self._nodes: list[dict[str, Any]] = []
+        self._bitmaps_maybe = False            # ours may exist: remove them if we fail
+        self.whole: set[str] = set()           # disks of an incremental copied whole
 
     # -- failure plumbing --
 
@@ -156,7 +182,8 @@ class Backup:
 
     async def run(self) -> BackupResult:
         opts = self.opts
-        check_output_name(opts.output)
+        if not naming.is_directory_output(opts.output):
+            check_output_name(opts.output)
         started = time.monotonic()
         try:
             async with open_qmp(opts.qmp_socket) as qmp, trio.open_nursery() as nursery:
@@ -182,6 +209,8 @@ class Backup:
                         await self._teardown(qmp)
                 if self.failure is None:
                     await self._commit()
+                with trio.CancelScope(shield=True):
+                    await self._settle_bitmaps(qmp)
                 nursery.cancel_scope.cancel()
         finally:
             self._finish_progress()
@@ -191,7 +220,9 @@ class Backup:
         assert self.writer is not None
         total = sum(d.size for d in self.disks)
         return BackupResult(opts.output, self.disks, total, time.monotonic() - started,
-                            self.x_perf, self.frozen)
+                            self.x_perf, self.frozen, self.uuid,
+                            self.parent.uuid if self.parent else None,
+                            chain.bitmap_name(self.uuid) if opts.bitmap else None, self.notes)
 
     async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
@@ -204,6 +235,13 @@ class Backup:
 
     async def _preflight(self, qmp: Qmp) -> None:
         """Everything that can refuse the backup, before anything is touched."""
+        if naming.is_directory_output(self.opts.output):
+            vmid = self.opts.vmid or naming.default_vmid(
+                self.opts.configs, (await qmp.execute("query-name")).get("name"))
+            zstd = self.opts.zstd is True
+            path = naming.output_path(self.opts.output, vmid, time.time(), zstd)
+            check_output_name(path)
+            self.opts = replace(self.opts, output=path, zstd=zstd)
         status = await qmp.execute("query-status")
         if status.get("status") in ("shutdown", "guest-panicked", "internal-error"):
             raise BackupError(f"the VM is in state {status.get('status')!r}")
@@ -214,6 +252,9 @@ class Backup:
             with contextlib.suppress(QmpError):
                 types[path] = await qmp.execute("qom-get", {"path": path, "property": "type"})
         self.disks = blockgraph.select_disks(blocks, nodes, types, self.opts.drives)
+        self._nodes = nodes
+        if self.opts.incremental is not None:
+            self._plan_incremental(nodes)
         blockgraph.check_no_jobs(await qmp.execute("query-block-jobs"))
         schema = await qmp.schema()
         self.x_perf = (self.opts.max_workers is not None
@@ -222,14 +263,48 @@ class Backup:
             async with GuestAgent.open(self.opts.qga_socket) as agent:
                 await agent.execute("guest-ping")
 
+    def _plan_incremental(self, nodes: list[dict[str, Any]]) -> None:
+        """Refuse (or, with --full-if-needed, fall back to a full backup) before anything is
+        touched, unless every disk has PREV's bitmap, usable, and PREV's size."""
+        path = self.opts.incremental
+        assert path is not None
+        try:
+            with Archive.open(path, layer=True) as prev:
+                link = link_to(prev)
+        except VmafsError as exc:
+            raise BackupError(f"--incremental {display(path)}: {exc}") from None
+        fallback = "take a full backup (without --incremental, or with --full-if-needed)"
+        mismatch = bitmaps.chain_mismatch(self.disks, dict(link.devices))
+        if mismatch is not None:
+            if not self.opts.full_if_needed:
+                raise BackupError(f"{mismatch}; {fallback}")
+            self.notes.append(f"{mismatch}: taking a full backup instead (--full-if-needed)")
+            return
+        unknown = {d.name: r for d in self.disks
+                   if (r := bitmaps.unusable(d, nodes, link.uuid)) is not None}
+        if unknown and not self.opts.full_if_needed:
+            raise BackupError(f"{next(iter(unknown.values()))}; {fallback}")
+        for reason in unknown.values():
+            self.notes.append(f"{reason}: copying that disk whole (--full-if-needed)")
+        self.parent = link
+        self.whole = set(unknown)
+
     async def _start_writer(self, nursery: trio.Nursery) -> None:
         token = trio.lowlevel.current_trio_token()
         self.pipe = Pipe(self.opts.queue_bytes, token)
         total = sum(d.size for d in self.disks)
+        configs = list(self.opts.configs)
+        if self.parent is not None:
+            total = bitmaps.dirty_bytes(self.disks, self._nodes, self.parent.uuid) + sum(
+                d.size for d in self.disks if d.name in self.whole)
+            configs.append((chain.CONFIG_NAME,
+                            chain.encode(chain.ChainRecord(parent=self.parent))))
         label = "backup" if self.opts.output == "-" else os.path.basename(self.opts.output)
         self.progress = Progress(label, total, enabled=self.opts.progress)
-        self.writer = WriterThread(self.opts, self.disks, self.pipe, self.progress, token,
-                                    self._writer_failed)
+        incremental = ([i for i, d in enumerate(self.disks, start=1) if d.name not in self.whole]
+                       if self.parent is not None else [])
+        self.writer = WriterThread(self.opts, self.disks, configs, self.uuid, incremental,
+                                   self.pipe, self.progress, token, self._writer_failed)
         self.writer.start()
         nursery.start_soon(self._watchdog)
         await self.writer.ready.wait()
@@ -263,24 +338,34 @@ class Backup:
             self._st.jobs.append(_Job(f"vmafs-{self.tag}-{i}", disk, node))
 
     async def _start_jobs(self, qmp: Qmp) -> None:
-        actions = []
+        actions = (bitmaps.add_actions(self.disks, self._nodes, self.uuid)
+                   if self.opts.bitmap else [])
         for i, job in enumerate(self._st.jobs):
+            sync = bitmaps.sync_arguments(self.parent.uuid if self.parent is not None
+                                          and job.disk.name not in self.whole else None)
             data: dict[str, Any] = {
                 "job-id": job.job_id, "device": job.disk.node, "target": job.target,
-                "sync": "full", "auto-finalize": True, "auto-dismiss": True,
+                **sync, "auto-finalize": True, "auto-dismiss": True,
                 "filter-node-name": f"vmafs-{self.tag}-cbw{i}",
                 "on-source-error": "report", "on-target-error": "report",
             }
             if self.x_perf:
                 data["x-perf"] = {"max-workers": self.opts.max_workers}
+            if self.opts.speed:
+                data["speed"] = self.opts.speed
             actions.append({"type": "blockdev-backup", "data": data})
-        args = {"actions": actions, "properties": {"completion-mode": "grouped"}}
+        # QEMU refuses grouped completion next to bitmap actions: then the jobs start at
+        # one instant and fail together because any failure cancels them all (teardown).
+        args: dict[str, Any] = {"actions": actions}
+        if not self.opts.bitmap:
+            args["properties"] = {"completion-mode": "grouped"}
         try:
             if self.opts.qga_socket:
                 await self._freeze()
             # From here on the jobs may exist (a cancelled wait does not undo the command),
             # so teardown asks QEMU about them.
             self._jobs_maybe = True
+            self._bitmaps_maybe = self.opts.bitmap
             await qmp.execute("transaction", args)
         finally:
             if self._st.maybe_frozen:
@@ -387,6 +472,29 @@ class Backup:
         if not qmp.gone.is_set() and self._st.added_nodes:
             left = ", ".join(self._st.added_nodes)
             self.failure = self.failure or f"could not remove block nodes {left}"
+
+    async def _settle_bitmaps(self, qmp: Qmp) -> None:
+        """Committed: PREV's bitmaps have done their job (ours count from here). Failed: ours
+        go, PREV's stay and still hold every change since PREV."""
+        if not self._bitmaps_maybe or qmp.gone.is_set():
+            return
+        gone = self.uuid if self.failure is not None else (
+            self.parent.uuid if self.parent is not None else None)
+        if gone is None:
+            return
+        with trio.move_on_after(self.opts.cleanup_timeout):
+            for disk in self.disks:
+                if gone != self.uuid and disk.name in self.whole:
+                    continue  # PREV's bitmap is not there
+                try:
+                    await qmp.execute("block-dirty-bitmap-remove", {
+                        "node": disk.node, "name": chain.bitmap_name(gone)}, timeout=10)
+                except QmpError as exc:
+                    if self.failure is None:
+                        self.notes.append(f"could not remove the old dirty bitmap of "
+                                          f"{disk.name}: {exc.desc}")
+                except QemuGone:
+                    return
 
     async def _delete_node(self, qmp: Qmp, node: str) -> None:
         for attempt in range(2):

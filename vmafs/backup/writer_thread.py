@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import threading
+import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -24,11 +25,16 @@ if TYPE_CHECKING:
 class WriterThread:
     """The one thread that owns the output and the ArchiveWriter."""
 
-    def __init__(self, opts: BackupOptions, disks: Sequence[Disk], pipe: Pipe,
-                 progress: Progress, token: trio.lowlevel.TrioToken,
+    def __init__(self, opts: BackupOptions, disks: Sequence[Disk],
+                 configs: Sequence[tuple[str, bytes]], uuid: uuidlib.UUID,
+                 incremental: Sequence[int],
+                 pipe: Pipe, progress: Progress, token: trio.lowlevel.TrioToken,
                  on_error: Callable[[BaseException], None]) -> None:
         self._opts = opts
         self._disks = disks
+        self._configs = configs
+        self._uuid = uuid
+        self._incremental = incremental
         self._pipe = pipe
         self._progress = progress
         self._token = token
@@ -57,7 +63,8 @@ class WriterThread:
             with open_output(opts.output, zstd=opts.zstd, level=opts.level,
                              threads=opts.threads) as out:
                 writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in self._disks],
-                                       opts.configs, progress=self._beat)
+                                       self._configs, uuid=self._uuid.bytes,
+                                       incremental=self._incremental, progress=self._beat)
                 self._token.run_sync_soon(self.ready.set)
                 pipe = self._pipe
                 while True:

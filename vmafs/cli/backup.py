@@ -8,6 +8,7 @@ import sys
 
 import trio
 
+from vmafs.archive import naming
 from vmafs.backup.live import Backup, BackupOptions, run_backup
 from vmafs.cli.common import add_compression, add_json, add_quiet
 from vmafs.cli.create import read_configs
@@ -21,10 +22,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Back up the disks of the running VM whose QMP monitor listens on SOCKET "
                     "into one archive, all disks at one point in time; the VM keeps running. "
                     "ARCHIVE ending in .vma is plain, .vma.zst is seekable zstd; - writes to "
-                    "stdout.")
+                    "stdout; DIR/ names it vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS.vma[.zst] in DIR. "
+                    "Every backup also starts a dirty bitmap per disk, so that the next one can "
+                    "be incremental (--incremental).")
     p.add_argument("--qmp", required=True, metavar="SOCKET", help="QEMU's QMP unix socket")
     p.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
-                   help="archive to write (.vma, .vma.zst, or - for stdout)")
+                   help="archive to write (.vma, .vma.zst, - for stdout, or DIR/)")
+    p.add_argument("--incremental", metavar="PREV",
+                   help="copy only what the guest changed since the archive PREV (its dirty "
+                        "bitmaps must still be there); the new archive links to PREV")
+    p.add_argument("--full-if-needed", action="store_true",
+                   help="with --incremental: take a full backup when PREV's bitmaps are gone "
+                        "or unusable, instead of failing")
+    p.add_argument("--no-bitmap", action="store_true",
+                   help="start no dirty bitmap (no later incremental from this archive)")
+    p.add_argument("--bwlimit", type=int, metavar="KIB/S",
+                   help="limit how fast QEMU reads each disk for the backup, in KiB/s (guest "
+                        "writes that must copy old data first are never slowed)")
+    p.add_argument("--vmid", metavar="ID",
+                   help="with -o DIR/: the VMID in the archive's name (default: from a "
+                        "NNN.conf config file, else the VM's name)")
     p.add_argument("--drive", action="append", default=[], metavar="NODE[=DEVNAME]",
                    help="back up only this drive (node name, -drive id or -device id), "
                         "optionally under another device name; repeatable. Default: every "
@@ -66,10 +83,20 @@ def run(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
         max_workers=args.max_workers if args.max_workers > 0 else None,
         progress=False if args.quiet else None, handle_signals=True,
+        incremental=args.incremental, bitmap=not args.no_bitmap,
+        full_if_needed=args.full_if_needed,
+        speed=args.bwlimit * 1024 if args.bwlimit else None,
+        vmid=naming.check_vmid(args.vmid) if args.vmid else None,
     )
+    if args.bwlimit is not None and args.bwlimit <= 0:
+        raise VmafsError("--bwlimit must be positive")
+    if args.full_if_needed and not args.incremental:
+        raise VmafsError("--full-if-needed goes with --incremental")
     job = Backup(opts)
     try:
         result = trio.run(run_backup, job)
+        for note in result.notes:
+            print(f"vmafs backup: {note}", file=sys.stderr)
     except VmafsError as exc:
         if job.writer_stuck:
             # The writer thread is blocked in a write that will never return (a stalled

@@ -53,7 +53,8 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
                      threads=args.threads) as out:
         writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in header.devices],
                                header.configs, uuid=header.uuid, ctime=header.ctime,
-                               progress=progress.update, incremental=incremental)
+                               progress=progress.update,
+                               incremental=new_ids.values() if incremental else ())
 
         def on_extent(slots: list[StoredCluster]) -> None:
             for slot in slots:

@@ -1,0 +1,102 @@
+"""QEMU dirty bitmaps for incremental backups (pure: QMP JSON in, QMP actions out).
+
+Every backup adds, in the transaction that starts its jobs, one bitmap per disk named after the
+new archive (chain.bitmap_name): it counts the guest's writes from exactly that point in time.
+An incremental backup from PREV copies what PREV's bitmap holds (`sync: bitmap`,
+`bitmap-mode: never`, so a failed job leaves it as it was) and removes it only once the new
+archive is committed: a failure at any step loses no change.
+
+Bitmaps are persistent on qcow2 nodes (stored in the image on a clean close, back after a
+restart) and live in memory elsewhere (raw, rbd...: gone with the QEMU process).
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vmafs.backup.blockgraph import Disk
+from vmafs.format import chain, vma
+
+Json = Mapping[str, Any]
+GRANULARITY = vma.CLUSTER_SIZE  # one bit per VMA cluster
+PERSISTENT_DRIVERS = ("qcow2",)
+
+
+def _node(nodes: Sequence[Json], name: str) -> Json | None:
+    return next((n for n in nodes if n.get("node-name") == name), None)
+
+
+def bitmap_of(nodes: Sequence[Json], node: str, name: str) -> Json | None:
+    """The bitmap `name` on a node (query-named-block-nodes, flat), if it has one."""
+    info = _node(nodes, node)
+    if info is None:
+        return None
+    return next((b for b in info.get("dirty-bitmaps") or [] if b.get("name") == name), None)
+
+
+def chain_mismatch(disks: Sequence[Disk], prev_devices: Mapping[str, int]) -> str | None:
+    """Why these disks cannot continue PREV's chain at all (None: they can): the chain's
+    archives all hold the same devices."""
+    names = {d.name for d in disks}
+    for disk in disks:
+        if disk.name not in prev_devices:
+            return f"disk {disk.name}: not in the previous archive (a new disk)"
+        if prev_devices[disk.name] != disk.size:
+            return (f"disk {disk.name}: resized since the previous archive "
+                    f"({prev_devices[disk.name]} -> {disk.size} bytes)")
+    for name in prev_devices:
+        if name not in names:
+            return f"disk {name}: in the previous archive, but not backed up now"
+    return None
+
+
+def unusable(disk: Disk, nodes: Sequence[Json], prev: uuidlib.UUID) -> str | None:
+    """Why this disk's changes since PREV are unknown (None: its bitmap has them)."""
+    name = chain.bitmap_name(prev)
+    bitmap = bitmap_of(nodes, disk.node, name)
+    if bitmap is None:
+        info = _node(nodes, disk.node)
+        why = ("a bitmap on a non-qcow2 disk lives only as long as the QEMU process: was the VM "
+               "restarted?" if info is not None and info.get("drv") not in PERSISTENT_DRIVERS
+               else "the VM was restarted uncleanly, the disk was replaced, or a later "
+               "backup of this chain moved the bitmap on")
+        return f"disk {disk.name}: no dirty bitmap {name} ({why})"
+    if bitmap.get("inconsistent"):
+        return (f"disk {disk.name}: dirty bitmap {name} is inconsistent (QEMU stopped uncleanly "
+                "while it was in use); its changes are unknown")
+    if bitmap.get("busy"):
+        return f"disk {disk.name}: dirty bitmap {name} is in use by another job"
+    if not bitmap.get("recording", True):
+        return f"disk {disk.name}: dirty bitmap {name} is disabled (it missed writes)"
+    granularity = int(bitmap.get("granularity", 0))
+    if not 0 < granularity <= GRANULARITY or GRANULARITY % granularity:
+        return f"disk {disk.name}: dirty bitmap {name} has granularity {granularity}"
+    return None
+
+
+def dirty_bytes(disks: Sequence[Disk], nodes: Sequence[Json], prev: uuidlib.UUID) -> int:
+    """What the incremental will copy, as QEMU counts it now (for progress)."""
+    name = chain.bitmap_name(prev)
+    return sum(int((bitmap_of(nodes, d.node, name) or {}).get("count", 0)) for d in disks)
+
+
+def add_actions(disks: Sequence[Disk], nodes: Sequence[Json], new: uuidlib.UUID
+                ) -> list[dict[str, Any]]:
+    """Transaction actions that start the new archive's bitmaps."""
+    actions = []
+    for disk in disks:
+        info = _node(nodes, disk.node) or {}
+        actions.append({"type": "block-dirty-bitmap-add", "data": {
+            "node": disk.node, "name": chain.bitmap_name(new), "granularity": GRANULARITY,
+            "persistent": info.get("drv") in PERSISTENT_DRIVERS}})
+    return actions
+
+
+def sync_arguments(prev: uuidlib.UUID | None) -> dict[str, Any]:
+    """blockdev-backup's sync arguments: everything (prev None: a full backup, or a disk
+    copied whole into an incremental one), or what PREV's bitmap holds."""
+    if prev is None:
+        return {"sync": "full"}
+    return {"sync": "bitmap", "bitmap": chain.bitmap_name(prev), "bitmap-mode": "never"}
