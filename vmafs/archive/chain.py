@@ -57,9 +57,18 @@ def peek(path: str) -> Peek:
                 tuple((d.name, d.size) for d in header.devices), chain.find(header.configs))
 
 
-def candidates(directory: str) -> list[Peek]:
-    """Every readable archive in a directory (others are skipped: they cannot be parents)."""
-    found = []
+@dataclass
+class Pool:
+    """The archives a parent may be among: those read, and those that could not be (named
+    when a parent is not found: it may be one of them)."""
+
+    peeks: list[Peek]
+    unreadable: list[tuple[str, str]]
+
+
+def candidates(directory: str) -> Pool:
+    """Every archive in a directory, read or not."""
+    pool = Pool([], [])
     try:
         names = sorted(os.listdir(directory or "."))
     except OSError as exc:
@@ -69,10 +78,10 @@ def candidates(directory: str) -> list[Peek]:
             continue
         path = os.path.join(directory, name)
         try:
-            found.append(peek(path))
-        except (VmafsError, OSError):
-            continue
-    return found
+            pool.peeks.append(peek(path))
+        except (VmafsError, OSError) as exc:
+            pool.unreadable.append((path, str(exc)))
+    return pool
 
 
 class ChainError(VmafsError):
@@ -93,7 +102,7 @@ def resolve(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
     newest = Archive.open(path, layer=True, drop_behind=drop_behind)
     layers = [newest]
     given = [peek(b) for b in bases]
-    pools: dict[str, list[Peek]] = {}
+    pools: dict[str, Pool] = {}
     try:
         while layers[-1].incremental:
             child = layers[-1]
@@ -104,7 +113,7 @@ def resolve(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
             directory = os.path.dirname(child.path or path)
             if directory not in pools:
                 pools[directory] = candidates(directory)
-            pool = given + pools[directory]
+            pool = Pool(given + pools[directory].peeks, pools[directory].unreadable)
             layers.append(_parent_of(child, child.record.parent, pool, directory,
                                      bool(given), drop_behind))
             if any(a.uuid == layers[-1].uuid for a in layers[:-1]):
@@ -119,18 +128,21 @@ def resolve(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
 MAX_DEPTH = 1000
 
 
-def _parent_of(child: Archive, link: chain.Link, pool: list[Peek], directory: str,
+def _parent_of(child: Archive, link: chain.Link, pool: Pool, directory: str,
                given: bool, drop_behind: bool) -> Archive:
     """The parent the link names: among the pool's archives with its uuid (full archives
     first, so a merged base is preferred), the first whose identity matches."""
-    matches = sorted((p for p in pool if p.uuid == link.uuid and p.path != child.path),
+    matches = sorted((p for p in pool.peeks if p.uuid == link.uuid and p.path != child.path),
                      key=lambda p: p.parent is not None)
     if not matches:
         where = display(os.path.abspath(directory or "."))
+        hint = " nor among the --base archives" if given else "; give it with --base"
+        if pool.unreadable:
+            path, why = pool.unreadable[0]
+            more = f" and {len(pool.unreadable) - 1} more" if len(pool.unreadable) > 1 else ""
+            hint = f" (unreadable there: {display(path)}: {why}{more})"
         raise ChainError(f"{_name(child)}: incremental: needs its parent {link.uuid} (from "
-                         f"{format_ctime(link.ctime)}), which is not in {where}"
-                         + (" nor among the --base archives" if given else
-                            "; give it with --base"))
+                         f"{format_ctime(link.ctime)}), which is not in {where}{hint}")
     why = ""
     for candidate in matches:
         try:

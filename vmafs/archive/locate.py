@@ -110,7 +110,7 @@ def confirm_index(source: ByteSource, header: vma.Header, table: index.IndexTabl
     try:
         _confirm_data_extents(source, header, table, starts, blocks, first_row, rules)
         for start, end in zip(gap_starts.tolist(), gap_ends.tolist(), strict=True):
-            _confirm_gap(source, header.uuid, start, end, rules)
+            _confirm_gap(source, header.uuid, start, end, rules, sealed=not complete)
     except problems.ArchiveError as exc:
         if exc.problem.kind == problems.INDEX:
             raise
@@ -162,9 +162,11 @@ def _confirm_data_extents(source: ByteSource, header: vma.Header, table: index.I
 
 
 def _confirm_gap(source: ByteSource, uuid: bytes, start: int, end: int,
-                 rules: ClusterRules) -> None:
+                 rules: ClusterRules, *, sealed: bool = False) -> None:
     """Every 512 bytes of [start, end) is a header of this archive with no data; their zero
-    slots go through the rules like any others.
+    slots go through the rules like any others. `sealed`: also check each one's md5 (an
+    incremental archive's zero slots say which parent clusters became zeros, and nothing
+    else covers them; its runs are short).
 
     Checked as 64 little-endian words per header, whole chunks at a time: word 0 is magic,
     reserved and block_count (b"VMAE" and six zero bytes), words 1-2 the uuid, and no used
@@ -184,6 +186,12 @@ def _confirm_gap(source: ByteSource, uuid: bytes, start: int, end: int,
             offset = pos + int(np.flatnonzero(~ok)[0]) * HEAD
             raise _bad(f"where it says the stream has no data, offset {offset} holds an "
                        "extent with data or none at all", offset)
+        if sealed:
+            for at in range(0, len(chunk), HEAD):
+                try:
+                    vma.check_extent_header(chunk[at:at + HEAD], uuid)
+                except FormatError as exc:
+                    raise problems.error(problems.CHECKSUM, str(exc), offset=pos + at) from None
         offsets = pos + np.repeat(np.arange(len(words)), used.sum(axis=1)) * HEAD
         rules.check(dev[used], clusters[used].astype(np.uint32), masks[used].astype(np.uint16),
                     offsets)

@@ -12,6 +12,7 @@ the stream) never mounts, so the mount serves no byte extract would not write.
 
 from __future__ import annotations
 
+import copy
 import uuid as uuidlib
 from dataclasses import dataclass
 
@@ -203,18 +204,19 @@ class Archive:
     def stack(cls, layers: list[Archive]) -> Archive:
         """One Archive over a chain, oldest (a full archive) first: each cluster read from
         the newest layer that has a slot for it (a zero slot hides older data)."""
-        newest = layers[-1]
-        view = cls.__new__(cls)
-        view.__dict__.update(newest.__dict__)
+        view = copy.copy(layers[-1])  # its header, devices, configs and record
         view.layers = list(layers)
         view.sources = [a.source for a in layers]
         view.compressed = any(a.compressed for a in layers)
-        view._maps = {dev.dev_id: _stack_maps(layers, dev.name) for dev in newest.devices}
+        view._maps = {dev.dev_id: _stack_maps(layers, dev.name) for dev in view.devices}
         view._held = None
+        view._digest = None
         return view
 
     def digest(self) -> str:
         """This archive's content digest (format/chain.py): what a child's link records."""
+        if len(self.layers) > 1:
+            raise ValueError("a chain has no digest of its own; its newest layer has one")
         if self._digest is None:
             contents = []
             for dev in self.devices:

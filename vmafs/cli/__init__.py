@@ -20,6 +20,8 @@ COMMANDS = {
     "verify": "check an archive completely",
     "extract": "restore disk images and config files into a directory",
     "convert": "rewrite an archive as an indexed (mountable) one",
+    "prune": "remove the archives of a directory that keep options do not keep",
+    "merge": "fold an incremental chain into one full archive (or a new base)",
     "mount": "mount an archive read-only: one raw image file per disk",
     "umount": "unmount an archive mounted by vmafs mount",
 }

@@ -14,8 +14,8 @@ def add_archive_input(parser: argparse.ArgumentParser, dest: str = "archive") ->
 
 def add_base(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", action="append", default=[], metavar="ARCHIVE",
-                        help="an ancestor of an incremental archive, when it is not in the "
-                             "archive's directory (repeatable; then only these are searched)")
+                        help="an ancestor of an incremental archive that is not in its "
+                             "child's directory (repeatable; the directory is searched too)")
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
+from vmafs.archive import naming
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.backup import images
 from vmafs.cli import COMMANDS
@@ -21,7 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "archive. ARCHIVE ending in .vma is plain, .vma.zst is "
                                    "seekable zstd; - writes to stdout.")
     p.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
-                   help="archive to write (.vma, .vma.zst, or - for stdout)")
+                   help="archive to write (.vma, .vma.zst, - for stdout, or DIR/ for a "
+                        "vzdump name in DIR)")
+    p.add_argument("--vmid", metavar="ID",
+                   help="with -o DIR/: the VMID in the archive's name (default: from a "
+                        "NNN.conf config file)")
     p.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
                    help="add a config file (stored by its base name; repeatable)")
     p.add_argument("drives", nargs="+", metavar="[format=FMT:]DEVNAME=IMAGE",
@@ -56,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
         raise VmafsError("each device name may appear only once")
     specs = [images.probe(*p) for p in parsed]
     configs = read_configs(args.config)
+    if naming.is_directory_output(args.output):
+        vmid = naming.check_vmid(args.vmid) if args.vmid else naming.default_vmid(configs, None)
+        args.output = naming.output_path(args.output, vmid, time.time(), bool(args.zstd))
+        args.zstd = False  # the name says it now
     total = sum(s.size for s in specs)
     progress = progress_for(args, "create", total)
     with open_output(args.output, zstd=args.zstd or None, level=args.level,

@@ -1,0 +1,226 @@
+"""Which archives a retention policy keeps: Proxmox's keep-last/-hourly/-daily/-weekly/-monthly/
+-yearly (vzdump and Proxmox Backup Server decide alike), applied per VMID, then widened so no
+incremental archive that stays loses an ancestor. Pure: entries in, a plan out, no I/O.
+
+The options are applied in that order. Each walks the VM's archives newest first, skipping
+archives an earlier option already decided on, and periods (hour, day, ISO week, month, year of
+the archive's local time) an earlier option already keeps an archive of; it keeps the first
+archive of each other period, marks the older ones of that period removed, and stops when it
+keeps archives of N periods. Archives no option keeps are removed. As in PBS, a period without
+archives does not count, and an option sees only what earlier options left over: keep-daily 7
+keeps the newest archive of each of the 7 newest days that keep-last did not already cover.
+
+One difference: keep-last N keeps N archives. (Proxmox counts distinct times, so of two archives
+with the same time in their names, such as NAME.vma and NAME.vma.zst, it keeps one.)
+
+Protected archives (vzdump's NAME.protected) are kept and count for no option.
+
+Then the chains: an archive that is to be removed, but that a kept archive (or an archive the
+plan does not cover, such as one of another VM or not named by vzdump) names as its parent by
+uuid, is kept, and so on up the chain: "needed by CHILD". Several archives with the uuid (a merged
+archive has the uuid of the one it replaces) are all kept: prune follows uuids only.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from vmafs.errors import VmafsError
+
+OPTIONS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+@dataclass(frozen=True)
+class KeepOptions:
+    """How many archives (last) or periods (the others) to keep; 0 means the option is off."""
+
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def check(self) -> None:
+        """A VmafsError unless every count is >= 0 and at least one is > 0: with none, every
+        archive would be removed, and prune refuses that (as PBS wants an option)."""
+        for name in OPTIONS:
+            if getattr(self, name) < 0:
+                raise VmafsError(f"--keep-{name} must be 0 or more")
+        if not any(getattr(self, name) for name in OPTIONS):
+            raise VmafsError("no keep option given (at least one --keep-... greater than 0): "
+                             "prune does not remove every archive")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An archive the policy decides on."""
+
+    path: str
+    vmid: str
+    time: datetime  # local wall-clock time (from the name, as vzdump reads it)
+    uuid: uuidlib.UUID
+    parent: uuidlib.UUID | None = None
+    protected: bool = False
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass(frozen=True)
+class Staying:
+    """An archive that stays whatever the policy says (not named by vzdump, another VMID ...):
+    it can still need its ancestors."""
+
+    path: str
+    uuid: uuidlib.UUID
+    parent: uuidlib.UUID | None = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass
+class Decision:
+    entry: Entry
+    keep: bool
+    reasons: list[str]
+    needed_by: list[str] = field(default_factory=list)  # paths of kept archives: their parent
+
+
+@dataclass
+class Plan:
+    decisions: list[Decision]  # grouped by VMID (sorted), newest first within a VMID
+    orphans: list[str] = field(default_factory=list)  # paths: they stay, their parent is gone
+
+    @property
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.keep]
+
+    @property
+    def removed(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.keep]
+
+    def removal_order(self) -> list[Decision]:
+        """The removed archives, children before their parents (so an interrupted prune never
+        leaves an archive without its parent), newest first otherwise."""
+        pending = _newest_first([d.entry for d in self.removed])
+        order: list[Entry] = []
+        while pending:
+            wanted = {e.parent for e in pending if e.parent != e.uuid}
+            ready = [e for e in pending if e.uuid not in wanted] or pending[:1]  # [:1]: a cycle
+            order += ready
+            pending = [e for e in pending if e not in ready]
+        by_path = {d.entry.path: d for d in self.decisions}
+        return [by_path[e.path] for e in order]
+
+
+def _newest_first(entries: Sequence[Entry]) -> list[Entry]:
+    return sorted(entries, key=lambda e: (e.time, e.path), reverse=True)
+
+
+# (option, the period an archive falls in, how a reason names that period)
+_PERIODS: dict[str, Callable[[datetime], str]] = {
+    "hourly": lambda t: f"{t.year:04d}-{t.month:02d}-{t.day:02d} {t.hour:02d}:00",
+    "daily": lambda t: f"{t.year:04d}-{t.month:02d}-{t.day:02d}",
+    "weekly": lambda t: "{:04d}-W{:02d}".format(*t.isocalendar()[:2]),
+    "monthly": lambda t: f"{t.year:04d}-{t.month:02d}",
+    "yearly": lambda t: f"{t.year:04d}",
+}
+
+
+def _mark(group: list[Entry], marks: dict[int, tuple[bool, str]], option: str, count: int,
+          period: Callable[[int], str]) -> None:
+    """One option over one VM's archives (newest first), as PBS's mark_selections."""
+    if count <= 0:
+        return
+    covered = {period(i) for i, (keep, _) in marks.items() if keep}
+    chosen: set[str] = set()
+    for i in range(len(group)):
+        if i in marks:
+            continue
+        p = period(i)
+        if p in covered:
+            continue
+        if p not in chosen:
+            if len(chosen) >= count:
+                break
+            chosen.add(p)
+            marks[i] = (True, f"keep-{option}" if option == "last" else f"keep-{option} {p}")
+        else:
+            marks[i] = (False, f"keep-{option} keeps a newer archive of {p}")
+
+
+def _by_time(group: list[Entry], period: Callable[[datetime], str]) -> Callable[[int], str]:
+    return lambda i: period(group[i].time)
+
+
+def _retain(group: list[Entry], options: KeepOptions) -> list[tuple[bool, str]]:
+    marks: dict[int, tuple[bool, str]] = {i: (True, "protected")
+                                          for i, e in enumerate(group) if e.protected}
+    _mark(group, marks, "last", options.last, str)  # every archive its own "period"
+    for option, period in _PERIODS.items():
+        _mark(group, marks, option, getattr(options, option), _by_time(group, period))
+    return [marks.get(i, (False, "no keep option selects it")) for i in range(len(group))]
+
+
+def plan(entries: Sequence[Entry], options: KeepOptions,
+         staying: Sequence[Staying] = ()) -> Plan:
+    """What to keep and what to remove of `entries`; `staying` are the other archives (beside
+    them) that stay whatever: their ancestors stay too."""
+    options.check()
+    paths = [e.path for e in entries] + [s.path for s in staying]
+    if len(set(paths)) != len(paths):
+        raise VmafsError("an archive is given twice")
+    groups: dict[str, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.vmid, []).append(e)
+    decisions: list[Decision] = []
+    for vmid in sorted(groups):
+        group = _newest_first(groups[vmid])
+        for e, (keep, reason) in zip(group, _retain(group, options), strict=True):
+            decisions.append(Decision(e, keep, [reason]))
+    orphans = _protect_chains(decisions, staying)
+    return Plan(decisions, orphans)
+
+
+def _protect_chains(decisions: list[Decision], staying: Sequence[Staying]) -> list[str]:
+    """Keep every ancestor of what stays; the paths of staying archives whose parent is not
+    there."""
+    by_uuid: dict[uuidlib.UUID, list[Decision]] = {}
+    for d in decisions:
+        by_uuid.setdefault(d.entry.uuid, []).append(d)
+    known = set(by_uuid) | {s.uuid for s in staying}
+    # archives that stay, as (path, parent uuid), worked through until no new ancestor turns up
+    todo = [(s.path, s.parent) for s in staying]
+    todo += [(d.entry.path, d.entry.parent) for d in decisions if d.keep]
+    done: set[str] = set()
+    rescued: set[str] = set()
+    orphans: list[str] = []
+    while todo:
+        path, parent = todo.pop()
+        if path in done or parent is None:
+            continue
+        done.add(path)
+        if parent not in known:
+            orphans.append(path)
+        for d in by_uuid.get(parent, []):
+            if d.entry.path == path:
+                continue  # an archive naming itself as its parent needs nothing else
+            if not d.keep:
+                d.keep = True
+                rescued.add(d.entry.path)
+                todo.append((d.entry.path, d.entry.parent))
+            d.needed_by.append(path)
+    for d in decisions:
+        if d.needed_by:
+            d.needed_by.sort()
+            d.reasons = [] if d.entry.path in rescued else d.reasons
+            d.reasons += [f"needed by {os.path.basename(p)}" for p in d.needed_by]
+    return sorted(orphans)

@@ -1,0 +1,261 @@
+"""`vmafs prune`: remove the archives of a directory that a retention policy (keep-last,
+-hourly, -daily, -weekly, -monthly, -yearly, as vzdump and PBS apply it) does not keep, never an
+ancestor of an incremental archive that stays.
+
+Only archives named as vzdump names them are considered (vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS
+.vma, .vma.zst, .vma.gz, .vma.lzo), each by the VMID and local time in its name, as vzdump's own
+prune does. Every other archive in the directory stays, and so do its ancestors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from vmafs.archive import chain, naming, retention
+from vmafs.archive.walk import read_header
+from vmafs.cli import COMMANDS
+from vmafs.cli.common import add_json
+from vmafs.container.streams import open_stream
+from vmafs.errors import NotSeekableError, VmafsError
+from vmafs.format import chain as chain_format
+from vmafs.format.names import display, json_name
+from vmafs.progress import print_json
+
+GONE = "gone already"
+PROTECTED = ".protected"  # vzdump's mark of an archive prune must not remove: ARCHIVE.protected
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help=COMMANDS["prune"],
+                       description="Remove the archives in DIR that the keep options do not "
+                                   "keep, per VMID, as vzdump and Proxmox Backup Server "
+                                   "prune; an archive that a kept incremental archive needs "
+                                   "(its parent, and theirs) is kept. Only archives named "
+                                   "vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS.vma[.zst|.gz|.lzo] "
+                                   "are considered, by the VMID and time in the name.")
+    p.add_argument("dir", help="directory of archives")
+    p.add_argument("--vmid", metavar="ID", help="consider only the archives of this VMID")
+    for option, what in (("last", "the N newest archives"),
+                         ("hourly", "the newest archive of each of the last N hours"),
+                         ("daily", "the newest archive of each of the last N days"),
+                         ("weekly", "the newest archive of each of the last N ISO weeks"),
+                         ("monthly", "the newest archive of each of the last N months"),
+                         ("yearly", "the newest archive of each of the last N years")):
+        p.add_argument(f"--keep-{option}", type=int, default=0, metavar="N", dest=option,
+                       help=f"keep {what}" + ("" if option == "last" else
+                                              " that have archives"))
+    p.add_argument("-n", "--dry-run", action="store_true",
+                   help="print what would be kept and removed; remove nothing")
+    add_json(p)
+    p.set_defaults(run=run)
+
+
+@dataclass
+class _Scan:
+    entries: list[retention.Entry] = field(default_factory=list)
+    staying: list[retention.Staying] = field(default_factory=list)
+    left_alone: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
+    identity: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (dev, ino)
+    names: list[str] = field(default_factory=list)
+
+
+def peek(path: str) -> chain.Peek:
+    """An archive's header facts: by random access, else (vzdump's one-frame .vma.zst, .vma.gz,
+    .vma.lzo) from the start of its stream."""
+    try:
+        return chain.peek(path)
+    except NotSeekableError:
+        with open_stream(path) as stream:
+            header = read_header(stream)
+        return chain.Peek(path, uuidlib.UUID(bytes=header.uuid), header.ctime,
+                          tuple((d.name, d.size) for d in header.devices),
+                          chain_format.find(header.configs))
+
+
+def _warn(message: str) -> None:
+    print(f"vmafs prune: warning: {message}", file=sys.stderr)
+
+
+def _scan(directory: str, dir_fd: int, vmid: str | None) -> _Scan:
+    found = _Scan()
+    try:
+        found.names = sorted(os.listdir(dir_fd))
+    except OSError as exc:
+        raise VmafsError(f"cannot list {display(directory)}: {exc.strerror}") from None
+    for name in found.names:
+        parsed = naming.parse_vzdump_name(name)
+        considered = parsed is not None and (vmid is None or parsed[0] == vmid)
+        if not considered and (name.startswith(".") or not name.endswith(chain.ARCHIVE_SUFFIXES)):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            continue  # gone since the listing
+        regular = stat.S_ISREG(st.st_mode)
+        if considered and not regular:
+            found.left_alone.append((name, "not a regular file"))
+        if not regular and not (stat.S_ISLNK(st.st_mode) and os.path.isfile(path)):
+            continue
+        try:
+            facts = peek(path)
+        except (VmafsError, OSError) as exc:
+            if considered and regular:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                found.left_alone.append((name, f"cannot read it ({why})"))
+            continue
+        parent = facts.parent.uuid if facts.parent is not None else None
+        if considered and regular and parsed is not None:
+            protected = os.path.lexists(os.path.join(directory, name + PROTECTED))
+            found.entries.append(retention.Entry(path, parsed[0], parsed[1], facts.uuid, parent,
+                                                 protected))
+            found.identity[path] = (st.st_dev, st.st_ino)
+        else:  # another VM's, a name vzdump would not give, a symlink: it stays
+            found.staying.append(retention.Staying(path, facts.uuid, parent))
+    return found
+
+
+def _sidecars(dir_fd: int, name: str, remaining_stems: set[str]) -> list[str]:
+    """vzdump's files beside an archive, removed with it: NAME.notes, and STEM.log unless an
+    archive that stays has the same stem (NAME.vma beside NAME.vma.zst)."""
+    stem = naming.strip_suffix(name)
+    out = []
+    for side in ([stem + ".log"] if stem not in remaining_stems else []) + [name + ".notes"]:
+        try:
+            st = os.stat(side, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out.append(side)
+    return out
+
+
+def _unlink_regular(dir_fd: int, name: str, identity: tuple[int, int] | None) -> str | None:
+    """Remove NAME (the name only: unlink never follows a symlink) if it still is the regular
+    file read (identity), or any regular file (None); why not, when it is not removed."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return GONE
+    if not stat.S_ISREG(st.st_mode) or (identity is not None
+                                        and (st.st_dev, st.st_ino) != identity):
+        return "replaced since it was read"
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return GONE
+    except OSError as exc:
+        raise VmafsError(f"cannot remove {display(name)}: {exc.strerror}") from None
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    options = retention.KeepOptions(args.last, args.hourly, args.daily, args.weekly,
+                                    args.monthly, args.yearly)
+    options.check()  # before reading anything
+    vmid = naming.check_vmid(args.vmid) if args.vmid is not None else None
+    try:
+        dir_fd = os.open(args.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VmafsError(f"cannot open directory {display(args.dir)}: {exc.strerror}") from None
+    try:
+        return _run(args, dir_fd, options, vmid)
+    finally:
+        os.close(dir_fd)
+
+
+def _run(args: argparse.Namespace, dir_fd: int, options: retention.KeepOptions,
+         vmid: str | None) -> int:
+    found = _scan(args.dir, dir_fd, vmid)
+    plan = retention.plan(found.entries, options, found.staying)
+    removing = {d.entry.name for d in plan.removed}
+    remaining_stems = {naming.strip_suffix(n) for n in found.names
+                       if naming.parse_vzdump_name(n) is not None and n not in removing}
+    sidecars: dict[str, list[str]] = {}
+    claimed: set[str] = set()
+    for d in plan.removal_order():  # a log two removed archives share goes with one of them
+        sidecars[d.entry.name] = [s for s in _sidecars(dir_fd, d.entry.name, remaining_stems)
+                                  if s not in claimed]
+        claimed.update(sidecars[d.entry.name])
+    for name, reason in found.left_alone:
+        _warn(f"{display(name)}: {reason}; left alone")
+    considered = {e.path for e in found.entries}
+    orphans = [p for p in plan.orphans if p in considered]  # not the others' business
+    for path in orphans:
+        _warn(f"{display(os.path.basename(path))}: its parent archive is not among the "
+              f"readable archives of {display(args.dir)}")
+    if not args.json:
+        _print_plan(plan, found, sidecars)
+    removed: dict[str, list[str]] = {}
+    if not args.dry_run:
+        needed: set[uuidlib.UUID] = set()  # parents of archives that were not removed after all
+        for d in plan.removal_order():
+            name = d.entry.name
+            if d.entry.uuid in needed:
+                _warn(f"{display(name)}: an archive that names it as parent was not removed; "
+                      "not removed")
+                if d.entry.parent is not None:
+                    needed.add(d.entry.parent)
+                continue
+            try:
+                skipped = _unlink_regular(dir_fd, name, found.identity.get(d.entry.path))
+            except VmafsError as exc:
+                raise VmafsError(f"{exc} (prune stopped; {len(removed)} removed before "
+                                 "it)") from None
+            if skipped is not None:
+                _warn(f"{display(name)}: {skipped}; not removed")
+                if d.entry.parent is not None and skipped != GONE:
+                    needed.add(d.entry.parent)
+                continue
+            removed[name] = [s for s in sidecars[name] if _unlink_regular(dir_fd, s, None) is None]
+        if removed:
+            os.fsync(dir_fd)
+    if args.json:
+        _print_json(args, plan, found, orphans, sidecars, removed)
+    elif args.dry_run:
+        print(f"dry run: {len(plan.kept)} kept, {len(plan.removed)} would be removed, "
+              "nothing removed")
+    else:
+        print(f"{len(plan.kept)} kept, {len(removed)} removed")
+    return 0
+
+
+def _print_plan(plan: retention.Plan, found: _Scan, sidecars: dict[str, list[str]]) -> None:
+    lines = []
+    for d in plan.decisions:
+        lines.append(f"{'keep' if d.keep else 'remove':<6} {display(d.entry.name)}: "
+                     f"{display(', '.join(d.reasons))}")
+        lines += [f"remove {display(s)}: beside {display(d.entry.name)}"
+                  for s in sidecars.get(d.entry.name, ())]
+    lines += [f"keep   {display(name)}: left alone: {display(why)}"
+              for name, why in found.left_alone]
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
+
+
+def _print_json(args: argparse.Namespace, plan: retention.Plan, found: _Scan, orphans: list[str],
+                sidecars: dict[str, list[str]], removed: dict[str, list[str]]) -> None:
+    archives = []
+    for d in plan.decisions:
+        e = d.entry
+        archives.append({
+            **json_name(e.name), "vmid": e.vmid, "time": e.time.isoformat(),
+            "uuid": str(e.uuid), "parent": str(e.parent) if e.parent else None,
+            "protected": e.protected, "keep": d.keep,
+            "reasons": [display(r) for r in d.reasons],
+            "needed_by": [json_name(os.path.basename(p)) for p in d.needed_by],
+            "removed": e.name in removed,
+            "sidecars": [json_name(s) for s in (removed.get(e.name, []) if not args.dry_run
+                                                else sidecars.get(e.name, []))],
+        })
+    print_json({
+        "directory": args.dir, "dry_run": args.dry_run, "archives": archives,
+        "left_alone": [{**json_name(n), "reason": display(why)} for n, why in found.left_alone],
+        "orphans": [json_name(os.path.basename(p)) for p in orphans],
+        "kept": len(plan.kept), "remove": len(plan.removed), "removed": len(removed),
+    })
