@@ -1,0 +1,65 @@
+"""The dirty-bitmap rules of incremental backups, on recorded QMP JSON (no QEMU)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from vmafs.backup import bitmaps
+from vmafs.backup.blockgraph import Disk
+from vmafs.format import chain
+
+PREV = uuid.UUID("11111111-2222-3333-4444-555555555555")
+NEW = uuid.UUID("66666666-7777-8888-9999-000000000000")
+A = Disk("drive-virtio0", "#block123", 1 << 30)
+B = Disk("drive-virtio1", "node-virtio1", 1 << 30)
+
+
+def bitmap(**over: Any) -> dict[str, Any]:
+    return {"name": chain.bitmap_name(PREV), "recording": True, "persistent": False,
+            "busy": False, "granularity": 65536, "count": 131072, **over}
+
+
+def nodes(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"node-name": "#block123", "drv": "qcow2", "dirty-bitmaps": a},
+            {"node-name": "#block000", "drv": "file"},
+            {"node-name": "node-virtio1", "drv": "raw", "dirty-bitmaps": b}]
+
+
+def test_usable_bitmaps() -> None:
+    found = nodes([bitmap(persistent=True)], [bitmap(), {"name": "other", "count": 5}])
+    assert bitmaps.unusable(A, found, PREV) is None
+    assert bitmaps.unusable(B, found, PREV) is None
+    assert bitmaps.dirty_bytes([A, B], found, PREV) == 2 * 131072
+    assert bitmaps.sync_arguments(PREV) == {
+        "sync": "bitmap", "bitmap": f"vmafs-{PREV}", "bitmap-mode": "never"}
+    assert bitmaps.sync_arguments(None) == {"sync": "full"}
+
+
+def test_each_unusable_bitmap_says_which_disk_and_why() -> None:
+    gone = nodes([], [])
+    assert "restarted?" in (bitmaps.unusable(B, gone, PREV) or "")  # raw: in memory only
+    assert "restarted uncleanly" in (bitmaps.unusable(A, gone, PREV) or "")
+    cases = {"inconsistent": bitmap(inconsistent=True), "in use": bitmap(busy=True),
+             "disabled": bitmap(recording=False), "granularity 131072":
+             bitmap(granularity=131072)}
+    for words, info in cases.items():
+        why = bitmaps.unusable(A, nodes([info], []), PREV) or ""
+        assert why.startswith("disk drive-virtio0: ") and words in why, why
+
+
+def test_chain_mismatch() -> None:
+    prev = {A.name: A.size, B.name: B.size}
+    assert bitmaps.chain_mismatch([A, B], prev) is None
+    assert "resized" in (bitmaps.chain_mismatch([A, Disk(B.name, B.node, 2 << 30)], prev) or "")
+    assert "new disk" in (bitmaps.chain_mismatch([A, B, Disk("drive-x", "x", 1)], prev) or "")
+    assert "not backed up now" in (bitmaps.chain_mismatch([A], prev) or "")
+
+
+def test_new_bitmaps_are_persistent_on_qcow2_only() -> None:
+    actions = bitmaps.add_actions([A, B], nodes([], []), NEW)
+    assert [a["type"] for a in actions] == ["block-dirty-bitmap-add"] * 2
+    assert [(a["data"]["node"], a["data"]["persistent"]) for a in actions] == [
+        ("#block123", True), ("node-virtio1", False)]
+    assert {a["data"]["name"] for a in actions} == {f"vmafs-{NEW}"}
+    assert {a["data"]["granularity"] for a in actions} == {65536}
