@@ -25,6 +25,7 @@ from test_backup import (
     ROOT,
     Lab,
     assert_no_archive,
+    check_archive,
     env,
     one_line_error,
     run_vmafs,
@@ -144,6 +145,11 @@ def test_chain_of_five_then_restart(guest: gi.Guest, tmp_path: Path) -> None:
             stored.append(sum(arc.layers[-1].stored_bytes(d.dev_id) for d in arc.devices))
     # the guest writes only its 8 MiB region: every incremental holds a part of that
     assert all(s <= 2 * gi.WRITE_REGION for s in stored[1:]) and stored[0] > 3 * gi.WRITE_REGION
+    merged = tmp_path / "merged.vma"
+    res = run_vmafs("merge", "-o", str(merged), str(paths[-1]))
+    assert res.returncode == 0, res.stderr
+    check_archive(merged, ["drive-virtio0", "drive-virtio1"], plain=True)  # dissect, §8
+    assert images(merged, tmp_path / "x-merged") == images(paths[-1], tmp_path / "x-newest")
     got = images(after, tmp_path / "x-after")
     assert_point_in_time(got, second)
     with open_chain(str(after)) as arc:

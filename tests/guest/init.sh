@@ -1,6 +1,6 @@
 #!/bin/busybox sh
 # /init of the vmafs test guest.  Job from the kernel command line:
-#   vmafs.mode=writer|idle|latency|bootok  vmafs.seed=N  vmafs.count=N  vmafs.interval_ms=N
+#   vmafs.mode=writer|idle|latency|files|bootok  vmafs.seed=N  vmafs.count=N  vmafs.interval_ms=N
 # Markers go to the console (ttyS0): VMAFS-READY, VMAFS-DONE, VMAFS-BOOT-OK, VMAFS-ERROR ...
 /bin/busybox mkdir -p /proc /sys /dev /run /tmp /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s /bin
@@ -96,6 +96,34 @@ case "$mode" in
         ;;
     idle)
         echo VMAFS-READY
+        ;;
+    files)
+        # tools/demo.sh: /dev/vda holds an ext4 file system (made on the host). Mount it on
+        # /files, then every interval_ms (default 200) write /files/note-N.txt, N = 1, 2, ...
+        # up to count: 100 lines "note N line I" (I = 1..100), sync, and print VMAFS-FILE N.
+        # The kernel has ext4 as a module: the demo appends it and its dependencies to the
+        # initramfs, listed in load order in /etc/vmafs-fs-modules.
+        if [ -f /etc/vmafs-fs-modules ]; then
+            while read -r m; do
+                insmod "$m" || fail "insmod $m"
+            done </etc/vmafs-fs-modules
+        fi
+        grep -qw ext4 /proc/filesystems || fail "no ext4 driver (see /etc/vmafs-fs-modules)"
+        wait_dev /dev/vda
+        mkdir -p /files
+        mount -t ext4 /dev/vda /files || fail "mount /dev/vda"
+        echo VMAFS-READY
+        [ "$interval_ms" -gt 0 ] || interval_ms=200
+        n=0
+        while [ $n -lt "$count" ]; do
+            n=$((n + 1))
+            awk -v n=$n 'BEGIN { for (i = 1; i <= 100; i++) printf "note %d line %d\n", n, i }' \
+                >/files/note-$n.txt || fail "write note-$n.txt"
+            sync
+            echo "VMAFS-FILE $n"
+            usleep $((interval_ms * 1000))
+        done
+        echo VMAFS-DONE
         ;;
     *)
         fail "unknown mode $mode"

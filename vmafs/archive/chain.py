@@ -13,8 +13,7 @@ import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vmafs.archive import problems
-from vmafs.archive.reader import Archive
+from vmafs.archive.reader import Archive, read_source_header
 from vmafs.container.source import open_source
 from vmafs.errors import VmafsError
 from vmafs.format import chain, vma
@@ -41,12 +40,7 @@ class Peek:
 def read_header(path: str) -> vma.Header:
     source, _kind = open_source(path)
     try:
-        prefix = bytes(source.pread(0, vma.HEADER_FIXED_SIZE))
-        size = vma.header_size_of(prefix)
-        rest = bytes(source.pread(vma.HEADER_FIXED_SIZE, size - vma.HEADER_FIXED_SIZE))
-        if len(rest) != size - vma.HEADER_FIXED_SIZE:
-            raise problems.error(problems.TRUNCATED, "can't read vma header data")
-        return vma.decode_header(prefix + rest)
+        return read_source_header(source)[0]
     finally:
         source.close()
 

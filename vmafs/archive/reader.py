@@ -156,12 +156,7 @@ class Archive:
     @classmethod
     def load(cls, source: ByteSource, *, compressed: bool, layer: bool = False) -> Archive:
         """Read the header, then trust the index (after the cross-checks) or walk."""
-        prefix = bytes(source.pread(0, vma.HEADER_FIXED_SIZE))
-        header_size = vma.header_size_of(prefix)
-        rest = bytes(source.pread(vma.HEADER_FIXED_SIZE, header_size - vma.HEADER_FIXED_SIZE))
-        if len(rest) != header_size - vma.HEADER_FIXED_SIZE:
-            raise problems.error(problems.TRUNCATED, "can't read vma header data")
-        header = vma.decode_header(prefix + rest)
+        header, raw = read_source_header(source)
         record = chain.find(header.configs)
         incremental = record is not None and record.incremental
         if incremental and not layer:
@@ -173,7 +168,7 @@ class Archive:
                 raise problems.error(problems.INDEX, "incremental archive without its vmafs "
                                      "index (it cannot be read without one)")
             # No data checksums: frames are read whole, so zstd checks each one's checksum.
-            key = walk_cache.key_of(identity, prefix + rest) if identity is not None else None
+            key = walk_cache.key_of(identity, raw) if identity is not None else None
             table = walk_cache.load(key, header) if key is not None else None
             if table is None:
                 table = index_by_walking(source, header)
@@ -191,7 +186,7 @@ class Archive:
                                             complete=False)
             return cls(source, header, table, mode=INDEXED, compressed=compressed,
                        held=rules.seen)
-        key = (walk_cache.key_of(identity, prefix + rest + index.encode_footer(footer))
+        key = (walk_cache.key_of(identity, raw + index.encode_footer(footer))
                if identity is not None else None)
         if key is None or not walk_cache.confirmed(key):
             source.check_layout()
@@ -367,6 +362,16 @@ class Archive:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_source_header(source: ByteSource) -> tuple[vma.Header, bytes]:
+    """The archive header of a stream read at random, and its bytes."""
+    prefix = bytes(source.pread(0, vma.HEADER_FIXED_SIZE))
+    header_size = vma.header_size_of(prefix)
+    rest = bytes(source.pread(vma.HEADER_FIXED_SIZE, header_size - vma.HEADER_FIXED_SIZE))
+    if len(rest) != header_size - vma.HEADER_FIXED_SIZE:
+        raise problems.error(problems.TRUNCATED, "can't read vma header data")
+    return vma.decode_header(prefix + rest), prefix + rest
 
 
 def _stack_maps(layers: list[Archive], name: str) -> _DeviceMap:
