@@ -7,8 +7,11 @@ acknowledged at once; the queue bound is the back-pressure.
 
 What keeps the VM safe whatever happens:
 
-* one QMP `transaction` of `blockdev-backup sync=full` actions with grouped completion:
-  one point in time for all disks, and all jobs fail together;
+* one QMP `transaction` that starts every disk's `blockdev-backup` (sync=full, or for an
+  incremental sync=bitmap from PREV's bitmap) and adds this archive's dirty bitmaps: one
+  point in time for all disks and for the bitmaps; any job's failure cancels them all;
+* PREV's bitmaps are removed only once the new archive is committed, this archive's own
+  when it fails (bitmaps.py): an interrupted incremental loses no change;
 * a watchdog: if the writer thread makes no progress for `stall_timeout` seconds, the
   sink stops storing and acknowledges everything (the backup is void anyway), so QEMU never
   waits on us at a drain, which would freeze its monitor;
