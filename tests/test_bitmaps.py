@@ -63,3 +63,23 @@ def test_new_bitmaps_are_persistent_on_qcow2_only() -> None:
         ("#block123", True), ("node-virtio1", False)]
     assert {a["data"]["name"] for a in actions} == {f"vmafs-{NEW}"}
     assert {a["data"]["granularity"] for a in actions} == {65536}
+
+
+def test_which_bitmaps_go_when_the_backup_ends() -> None:
+    mine, prev = chain.bitmap_name(NEW), chain.bitmap_name(PREV)
+    other = "vmafs-aaaaaaaa-0000-0000-0000-000000000000"
+    found = nodes([{"name": n} for n in (mine, prev, other, "user")], [{"name": mine}])
+    link = chain.Link(PREV, 0, ((A.name, A.size),), "0" * 64)
+
+    def gone(disk: Disk, **kw: Any) -> list[str]:
+        args: dict[str, Any] = {"started": True, "committed": True, "parent": link,
+                                "drop_old": False, **kw}
+        return bitmaps.to_remove(disk, found, NEW, **args)
+
+    assert gone(A) == [prev]                       # an incremental moved the chain on
+    assert gone(B) == []                           # copied whole: PREV's bitmap was not there
+    assert gone(A, parent=None) == []              # a full backup leaves other chains alone
+    assert gone(A, committed=False) == [mine]      # failed: ours go, PREV's stay
+    assert gone(A, committed=False, started=False) == []
+    assert gone(A, started=False) == []            # --no-bitmap: PREV's bitmap still counts
+    assert gone(A, drop_old=True) == [prev, other]  # never the user's own

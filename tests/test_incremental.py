@@ -249,6 +249,12 @@ def test_failed_incrementals_lose_nothing(guest: gi.Guest, tmp_path: Path) -> No
         assert all(b == [chain.bitmap_name(uuidlib.UUID(summary["uuid"]))]
                    for b in our_bitmaps(lab).values()), our_bitmaps(lab)
         lab.assert_untouched()
+        # a new full leaves the chain's bitmap alone, unless told to end older chains
+        summary = backup(lab, tmp_path / "full2.vma")
+        assert all(len(b) == 2 for b in our_bitmaps(lab).values()), our_bitmaps(lab)
+        summary = backup(lab, tmp_path / "full3.vma", "--drop-old-bitmaps")
+        assert all(b == [chain.bitmap_name(uuidlib.UUID(summary["uuid"]))]
+                   for b in our_bitmaps(lab).values()), our_bitmaps(lab)
     got = images(good, tmp_path / "x")
     assert got[0][PATTERN[0]:PATTERN[0] + 4] == b"\x6b" * 4
     assert_point_in_time(got, bases)

@@ -280,14 +280,23 @@ def test_archives_that_stay_keep_their_ancestors() -> None:
     assert not by["/b/inc2.vma"].keep
 
 
-def test_every_archive_with_the_parent_uuid_is_kept() -> None:
-    u, child = uuidlib.uuid4(), uuidlib.uuid4()
-    es = [Entry("/b/orig.vma", "100", datetime(2024, 1, 1), u),
+def test_a_merged_base_serves_for_the_archives_it_folded() -> None:
+    """A kept child's parent uuid is also a merged base's: the base stays, the folded
+    incremental (and its own ancestors) can go."""
+    u, child, root = uuidlib.uuid4(), uuidlib.uuid4(), uuidlib.uuid4()
+    es = [Entry("/b/root.vma", "100", datetime(2023, 12, 31), root),
+          Entry("/b/orig.vma", "100", datetime(2024, 1, 1), u, root),
           Entry("/b/merged.vma", "100", datetime(2024, 1, 2), u),
-          Entry("/b/child.vma", "100", datetime(2024, 1, 3), child, u),
-          Entry("/b/old.vma", "100", datetime(2023, 1, 3), uuidlib.uuid4())]
+          Entry("/b/child.vma", "100", datetime(2024, 1, 3), child, u)]
     p = plan(es, KeepOptions(last=1))
-    assert {x.entry.path for x in p.kept} == {"/b/orig.vma", "/b/merged.vma", "/b/child.vma"}
+    assert {x.entry.path for x in p.kept} == {"/b/merged.vma", "/b/child.vma"}
+    # one that is kept anyway serves, whatever it is
+    p = plan(es, KeepOptions(last=1, daily=4))
+    assert {x.entry.path for x in p.kept} == {e.path for e in es}
+    # without a full one, every archive with the uuid stays (prune cannot tell which resolves)
+    es[2] = Entry("/b/merged.vma", "100", datetime(2024, 1, 2), u, root)
+    p = plan(es, KeepOptions(last=1))
+    assert {x.entry.path for x in p.kept} == {e.path for e in es}
 
 
 def test_cycles_self_parents_and_orphans() -> None:

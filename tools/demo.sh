@@ -133,7 +133,7 @@ run ls -l mnt
 run mount -o ro,loop mnt/disk-drive-virtio0.raw fs
 echo "the guest had written $after_full files at the full backup; reading note-$wanted.txt:"
 run head -n 2 "fs/note-$wanted.txt"
-note "$wanted" | cmp - "fs/note-$wanted.txt" || die "note-$wanted.txt differs from what the guest wrote"
+note "$wanted" | cmp - "fs/note-$wanted.txt" || die "note-$wanted.txt is not what the guest wrote"
 cmp files/random.bin fs/random.bin || die "random.bin differs"
 run umount fs
 run vmafs umount mnt

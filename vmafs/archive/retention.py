@@ -17,8 +17,9 @@ Protected archives (vzdump's NAME.protected) are kept and count for no option.
 
 Then the chains: an archive that is to be removed, but that a kept archive (or an archive the
 plan does not cover, such as one of another VM or not named by vzdump) names as its parent by
-uuid, is kept, and so on up the chain: "needed by CHILD". Several archives with the uuid (a merged
-archive has the uuid of the one it replaces) are all kept: prune follows uuids only.
+uuid, is kept, and so on up the chain: "needed by CHILD". When several archives have that uuid (a
+merged archive has the uuid of the one it replaces), one that is kept anyway serves; else a full
+one (the merged base, which needs no ancestors, so the archives it folded can go); else all.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def _protect_chains(decisions: list[Decision], staying: Sequence[Staying]) -> li
     by_uuid: dict[uuidlib.UUID, list[Decision]] = {}
     for d in decisions:
         by_uuid.setdefault(d.entry.uuid, []).append(d)
-    known = set(by_uuid) | {s.uuid for s in staying}
+    staying_uuids = {s.uuid for s in staying}
+    known = set(by_uuid) | staying_uuids
     # archives that stay, as (path, parent uuid), worked through until no new ancestor turns up
     todo = [(s.path, s.parent) for s in staying]
     todo += [(d.entry.path, d.entry.parent) for d in decisions if d.keep]
@@ -210,9 +212,14 @@ def _protect_chains(decisions: list[Decision], staying: Sequence[Staying]) -> li
         done.add(path)
         if parent not in known:
             orphans.append(path)
-        for d in by_uuid.get(parent, []):
-            if d.entry.path == path:
-                continue  # an archive naming itself as its parent needs nothing else
+        # an archive naming itself as its parent needs nothing else
+        offered = [d for d in by_uuid.get(parent, []) if d.entry.path != path]
+        kept = [d for d in offered if d.keep]
+        if kept or parent in staying_uuids:
+            chosen = kept
+        else:
+            chosen = [d for d in offered if d.entry.parent is None][:1] or offered
+        for d in chosen:
             if not d.keep:
                 d.keep = True
                 rescued.add(d.entry.path)

@@ -100,3 +100,19 @@ def sync_arguments(prev: uuidlib.UUID | None) -> dict[str, Any]:
     if prev is None:
         return {"sync": "full"}
     return {"sync": "bitmap", "bitmap": chain.bitmap_name(prev), "bitmap-mode": "never"}
+
+
+def to_remove(disk: Disk, nodes: Sequence[Json], new: uuidlib.UUID, *, started: bool,
+              committed: bool, parent: chain.Link | None, drop_old: bool) -> list[str]:
+    """The bitmaps of a disk to remove once the backup ended. Failed: its own (if `started`).
+    Committed: with drop_old, every other vmafs bitmap (ending older chains); else, if this
+    archive's own bitmaps took over, the parent's (an incremental's PREV)."""
+    info = _node(nodes, disk.node) or {}
+    present = [b.get("name", "") for b in info.get("dirty-bitmaps") or []]
+    ours = chain.bitmap_name(new)
+    if not committed:
+        return [ours] if started and ours in present else []
+    if drop_old:
+        return [n for n in present if n.startswith("vmafs-") and n != ours]
+    previous = chain.bitmap_name(parent.uuid) if parent is not None else None
+    return [previous] if started and previous is not None and previous in present else []

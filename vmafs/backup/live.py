@@ -85,6 +85,7 @@ class BackupOptions:
     full_if_needed: bool = False                      # PREV unusable: a full backup instead
     vmid: str | None = None                           # DIR/ output: vzdump-qemu-VMID-...
     speed: int | None = None                          # bytes/s per disk QEMU may read
+    drop_old_bitmaps: bool = False                    # committed: remove other vmafs- bitmaps
 
 
 @dataclass
@@ -158,6 +159,7 @@ class Backup:
         self.jobs_started = trio.Event()
         self._jobs_maybe = False
         self.uuid = uuidlib.uuid4()
+        self.ctime = int(time.time())          # the archive's, and its name's with -o DIR/
         self.parent: chain.Link | None = None  # set when the backup is incremental
         self.notes: list[str] = []             # what the user should know (a fallback)
         self._nodes: list[dict[str, Any]] = []
@@ -222,7 +224,7 @@ class Backup:
             raise BackupError(self.failure)
         assert self.writer is not None
         total = sum(d.size for d in self.disks)
-        return BackupResult(opts.output, self.disks, total, time.monotonic() - started,
+        return BackupResult(self.opts.output, self.disks, total, time.monotonic() - started,
                             self.x_perf, self.frozen, self.uuid,
                             self.parent.uuid if self.parent else None,
                             chain.bitmap_name(self.uuid) if opts.bitmap else None, self.notes)
@@ -242,7 +244,7 @@ class Backup:
             vmid = self.opts.vmid or naming.default_vmid(
                 self.opts.configs, (await qmp.execute("query-name")).get("name"))
             zstd = self.opts.zstd is True
-            path = naming.output_path(self.opts.output, vmid, time.time(), zstd)
+            path = naming.output_path(self.opts.output, vmid, self.ctime, zstd)
             check_output_name(path)
             self.opts = replace(self.opts, output=path, zstd=zstd)
         status = await qmp.execute("query-status")
@@ -307,7 +309,8 @@ class Backup:
         incremental = ([i for i, d in enumerate(self.disks, start=1) if d.name not in self.whole]
                        if self.parent is not None else [])
         self.writer = WriterThread(self.opts, self.disks, configs, self.uuid, incremental,
-                                   self.pipe, self.progress, token, self._writer_failed)
+                                   self.ctime, self.pipe, self.progress, token,
+                                   self._writer_failed)
         self.writer.start()
         nursery.start_soon(self._watchdog)
         await self.writer.ready.wait()
@@ -479,25 +482,28 @@ class Backup:
     async def _settle_bitmaps(self, qmp: Qmp) -> None:
         """Committed: PREV's bitmaps have done their job (ours count from here). Failed: ours
         go, PREV's stay and still hold every change since PREV."""
-        if not self._bitmaps_maybe or qmp.gone.is_set():
-            return
-        gone = self.uuid if self.failure is not None else (
-            self.parent.uuid if self.parent is not None else None)
-        if gone is None:
+        if not (self._bitmaps_maybe or self.opts.drop_old_bitmaps) or qmp.gone.is_set():
             return
         with trio.move_on_after(self.opts.cleanup_timeout):
-            for disk in self.disks:
-                if gone != self.uuid and disk.name in self.whole:
-                    continue  # PREV's bitmap is not there
-                try:
-                    await qmp.execute("block-dirty-bitmap-remove", {
-                        "node": disk.node, "name": chain.bitmap_name(gone)}, timeout=10)
-                except QmpError as exc:
-                    if self.failure is None:
-                        self.notes.append(f"could not remove the old dirty bitmap of "
-                                          f"{disk.name}: {exc.desc}")
-                except QemuGone:
-                    return
+            try:
+                nodes = await qmp.execute("query-named-block-nodes", {"flat": True}, timeout=10)
+                for disk in self.disks:
+                    for name in bitmaps.to_remove(
+                            disk, nodes, self.uuid, started=self._bitmaps_maybe,
+                            committed=self.failure is None, parent=self.parent,
+                            drop_old=self.opts.drop_old_bitmaps):
+                        await self._remove_bitmap(qmp, disk, name)
+            except (QemuGone, QmpError):
+                return
+
+    async def _remove_bitmap(self, qmp: Qmp, disk: Disk, name: str) -> None:
+        try:
+            await qmp.execute("block-dirty-bitmap-remove", {"node": disk.node, "name": name},
+                              timeout=10)
+        except QmpError as exc:
+            if self.failure is None:
+                self.notes.append(f"could not remove the dirty bitmap {name} of {disk.name}: "
+                                  f"{exc.desc}")
 
     async def _delete_node(self, qmp: Qmp, node: str) -> None:
         for attempt in range(2):

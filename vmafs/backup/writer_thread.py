@@ -27,7 +27,7 @@ class WriterThread:
 
     def __init__(self, opts: BackupOptions, disks: Sequence[Disk],
                  configs: Sequence[tuple[str, bytes]], uuid: uuidlib.UUID,
-                 incremental: Sequence[int],
+                 incremental: Sequence[int], ctime: int,
                  pipe: Pipe, progress: Progress, token: trio.lowlevel.TrioToken,
                  on_error: Callable[[BaseException], None]) -> None:
         self._opts = opts
@@ -35,6 +35,7 @@ class WriterThread:
         self._configs = configs
         self._uuid = uuid
         self._incremental = incremental
+        self._ctime = ctime
         self._pipe = pipe
         self._progress = progress
         self._token = token
@@ -63,7 +64,7 @@ class WriterThread:
             with open_output(opts.output, zstd=opts.zstd, level=opts.level,
                              threads=opts.threads) as out:
                 writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in self._disks],
-                                       self._configs, uuid=self._uuid.bytes,
+                                       self._configs, uuid=self._uuid.bytes, ctime=self._ctime,
                                        incremental=self._incremental, progress=self._beat)
                 self._token.run_sync_soon(self.ready.set)
                 pipe = self._pipe
@@ -84,7 +85,7 @@ class WriterThread:
                         break
                     else:
                         raise Aborted
-                self.bytes_out = out.bytes_out
+            self.bytes_out = out.bytes_out  # after close: the seek table and the last frame
             self.committed = True
         except Aborted:
             pass

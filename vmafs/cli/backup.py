@@ -13,6 +13,7 @@ from vmafs.backup.live import Backup, BackupOptions, run_backup
 from vmafs.cli.common import add_compression, add_json, add_quiet
 from vmafs.cli.create import read_configs
 from vmafs.errors import VmafsError
+from vmafs.format.names import display
 from vmafs.progress import print_json
 
 
@@ -36,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "or unusable, instead of failing")
     p.add_argument("--no-bitmap", action="store_true",
                    help="start no dirty bitmap (no later incremental from this archive)")
+    p.add_argument("--drop-old-bitmaps", action="store_true",
+                   help="once the archive is written, remove every other vmafs dirty bitmap "
+                        "of its disks (ends older chains: their next backup is a full one)")
     p.add_argument("--bwlimit", type=int, metavar="KIB/S",
                    help="limit how fast QEMU reads each disk for the backup, in KiB/s (guest "
                         "writes that must copy old data first are never slowed)")
@@ -86,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         incremental=args.incremental, bitmap=not args.no_bitmap,
         full_if_needed=args.full_if_needed,
         speed=args.bwlimit * 1024 if args.bwlimit else None,
+        drop_old_bitmaps=args.drop_old_bitmaps,
         vmid=naming.check_vmid(args.vmid) if args.vmid else None,
     )
     if args.bwlimit is not None and args.bwlimit <= 0:
@@ -97,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         result = trio.run(run_backup, job)
         for note in result.notes:
             print(f"vmafs backup: {note}", file=sys.stderr)
+        if result.archive != args.output and not args.json:  # -o DIR/: say which file
+            print(f"vmafs backup: wrote {display(result.archive)}", file=sys.stderr)
     except VmafsError as exc:
         if job.writer_stuck:
             # The writer thread is blocked in a write that will never return (a stalled
