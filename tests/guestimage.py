@@ -95,7 +95,7 @@ BASE_CMDLINE = (
     "cryptomgr.notests random.trust_cpu=on no_timer_check tsc=reliable"
 )
 
-WANTED_MODULES = ("virtio_blk", "virtio_pci", "virtio_console")
+WANTED_MODULES = ("virtio_blk", "virtio_pci", "virtio_console", "crc32c_generic", "ext4")
 GUEST_PACKAGES = ("busybox-static", "qemu-guest-agent")
 KERNEL_META = "linux-image-amd64"
 

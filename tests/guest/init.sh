@@ -101,14 +101,7 @@ case "$mode" in
         # tools/demo.sh: /dev/vda holds an ext4 file system (made on the host). Mount it on
         # /files, then every interval_ms (default 200) write /files/note-N.txt, N = 1, 2, ...
         # up to count: 100 lines "note N line I" (I = 1..100), sync, and print VMAFS-FILE N.
-        # The kernel has ext4 as a module: the demo appends it and its dependencies to the
-        # initramfs, listed in load order in /etc/vmafs-fs-modules.
-        if [ -f /etc/vmafs-fs-modules ]; then
-            while read -r m; do
-                insmod "$m" || fail "insmod $m"
-            done </etc/vmafs-fs-modules
-        fi
-        grep -qw ext4 /proc/filesystems || fail "no ext4 driver (see /etc/vmafs-fs-modules)"
+        grep -qw ext4 /proc/filesystems || fail "no ext4 driver"
         wait_dev /dev/vda
         mkdir -p /files
         mount -t ext4 /dev/vda /files || fail "mount /dev/vda"
