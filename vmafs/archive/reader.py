@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,9 @@ from vmafs.format.names import format_ctime
 CLUSTER = vma.CLUSTER_SIZE
 ZEROS = bytes(4 * 1024 * 1024)
 ZERO_VIEW = memoryview(ZEROS)
+STORED_WINDOW = 1024       # stored clusters (up to 64 MiB) iter_stored reads at a time
+STORED_GAP = 1 << 20       # stream bytes it reads through rather than seek over
+STORED_SPAN = 16 << 20     # longest single read
 _POPCOUNT = vma.POPCOUNT16_LIST
 
 
@@ -218,11 +222,7 @@ class Archive:
                 dmap = self._maps[dev.dev_id]
                 zeros = None
                 if self._held is not None:
-                    held = self._held[dev.dev_id]
-                    every = (np.concatenate(list(held.iter_present()))
-                             if len(held) else np.zeros(0, np.uint32))
-                    zeros = np.setdiff1d(every.astype(np.uint32), dmap.clusters,
-                                         assume_unique=True)
+                    zeros = _held_zeros(self._held[dev.dev_id], dmap.clusters)
                 sums = dmap.checksums if dmap.checksums is not None else np.zeros(
                     len(dmap.clusters), np.uint32)
                 contents.append(chain.DeviceContent(dev.name, dev.size, dmap.clusters,
@@ -329,6 +329,58 @@ class Archive:
                          else memoryview(vma.expand_blocks(stored, mask)))
         return j, data, None if whole else views
 
+    def iter_stored(self, dev_id: int) -> Iterator[tuple[int, int, memoryview, int]]:
+        """Every stored cluster of a device in cluster order, as (cluster, mask, stored
+        blocks, checksum), each checked. For copying a whole device (merge): it is read window
+        by window, each layer's rows of a window in as few preads as their stream offsets
+        allow (a chain's base is read in long runs even where newer layers replace a part)."""
+        dmap = self._maps[dev_id]
+        count = len(dmap.clusters)
+        offsets = dmap.all_byte_offsets()
+        nbytes = vma.POPCOUNT16[dmap.masks].astype(np.int64) * vma.BLOCK_SIZE
+        layers = dmap.layers if dmap.layers is not None else np.zeros(count, np.uint8)
+        name = self.device(dev_id).name
+        for lo in range(0, count, STORED_WINDOW):
+            hi = min(lo + STORED_WINDOW, count)
+            got: list[memoryview | None] = [None] * (hi - lo)
+            for layer in np.unique(layers[lo:hi]).tolist():
+                rows = lo + np.flatnonzero(layers[lo:hi] == layer)
+                rows = rows[np.argsort(offsets[rows], kind="stable")]
+                self._read_rows(self.sources[layer], rows, offsets, nbytes, got, lo)
+            sums = dmap.checksums
+            for k, (cluster, mask) in enumerate(zip(dmap.clusters[lo:hi].tolist(),
+                                                    dmap.masks[lo:hi].tolist(), strict=True)):
+                data = got[k]
+                assert data is not None
+                check = int(sums[lo + k]) if sums is not None else index.checksum(data)
+                if sums is not None and index.checksum(data) != check:
+                    raise problems.error(
+                        problems.CHECKSUM, f"data checksum mismatch in cluster {cluster} of "
+                        f"{name}", device=name, cluster=cluster, offset=int(offsets[lo + k]))
+                yield cluster, mask, data, check
+
+    def _read_rows(self, source: ByteSource, rows: np.ndarray, offsets: np.ndarray,
+                   nbytes: np.ndarray, got: list[memoryview | None], base: int) -> None:
+        """The stored bytes of rows (ascending stream offsets) into got[row - base], runs
+        less than STORED_GAP apart read together."""
+        if not len(rows):
+            return
+        starts = offsets[rows].astype(np.int64)
+        ends = starts + nbytes[rows]
+        # a new read where the gap is too wide; a long run is cut where it passes STORED_SPAN
+        cut = np.flatnonzero((starts[1:] - ends[:-1] > STORED_GAP)
+                             | ((ends[1:] - starts[0]) // STORED_SPAN
+                                != (ends[:-1] - starts[0]) // STORED_SPAN)) + 1
+        for group in np.split(np.arange(len(rows)), cut):
+            first, last = int(starts[group[0]]), int(ends[group[-1]])
+            data = memoryview(source.pread(first, last - first))
+            if len(data) != last - first:
+                raise problems.error(problems.TRUNCATED, "a cluster is cut off at stream "
+                                     f"offset {first}", offset=first)
+            for g in group.tolist():
+                at = int(starts[g]) - first
+                got[int(rows[g]) - base] = data[at:at + int(nbytes[rows[g]])]
+
     def is_hole(self, dev_id: int, offset: int, length: int) -> bool:
         """True if [offset, offset+length) holds no stored data (it reads as zeros)."""
         end = min(offset + length, self._sizes[dev_id])
@@ -362,6 +414,17 @@ class Archive:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _held_zeros(held: ClusterSet, stored: np.ndarray) -> np.ndarray:
+    """The clusters an increment holds as zeros: those it has slots for, less the stored
+    ones (a subset: every stored cluster has a slot), both ascending."""
+    if len(held) == len(stored):
+        return np.zeros(0, np.uint32)
+    every = np.concatenate(list(held.iter_present())).astype(np.uint32)
+    keep = np.ones(len(every), bool)
+    keep[np.searchsorted(every, stored)] = False
+    return every[keep]
 
 
 def read_source_header(source: ByteSource) -> tuple[vma.Header, bytes]:

@@ -142,6 +142,16 @@ class ArchiveWriter:
         if last * CLUSTER < end:
             self._write_pieces(dev_id, last * CLUSTER, memoryview(bytes(end - last * CLUSTER)))
 
+    def write_stored(self, dev_id: int, cluster: int, mask: int, payload: bytes | memoryview,
+                     check: int) -> None:
+        """A cluster as an archive stores it: its non-zero blocks (mask) and their checksum,
+        already checked by the caller (a merge copies clusters without expanding them)."""
+        size = self._check_range(dev_id, cluster * CLUSTER, 0)
+        if not self._touched[dev_id - 1].add(cluster):
+            self._duplicate(dev_id, cluster)
+        self._add_stored(dev_id, cluster, mask, payload, min(CLUSTER, size - cluster * CLUSTER),
+                         check)
+
     def finish(self) -> None:
         """Emit the rest: pieces, zero slots for every cluster not yet emitted, index, footer."""
         if self.finished:
@@ -252,14 +262,15 @@ class ArchiveWriter:
         self._add_stored(dev_id, cluster, mask, vma.stored_blocks(full, mask), length)
 
     def _add_stored(self, dev_id: int, cluster: int, mask: int,
-                    payload: bytes | memoryview, length: int) -> None:
+                    payload: bytes | memoryview, length: int, check: int | None = None) -> None:
         nblocks = len(payload) // vma.BLOCK_SIZE
         if len(self._slots) == vma.SLOTS_PER_EXTENT or self._blocks + nblocks > self._extent_blocks:
             self._flush_extent()
         self._slots.append((dev_id, cluster, mask))
         if mask:
             self._chunks.append(payload)
-            self._stored.append((dev_id, cluster, mask, index.checksum(payload)))
+            self._stored.append((dev_id, cluster, mask,
+                                 index.checksum(payload) if check is None else check))
             self._blocks += nblocks
         self._report(length)
 

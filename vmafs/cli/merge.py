@@ -17,8 +17,6 @@ from vmafs.format import chain
 from vmafs.format.names import display
 from vmafs.progress import Progress, print_json
 
-STEP = 4 << 20  # device bytes per read: whole runs of clusters, few Python steps
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help=COMMANDS["merge"],
@@ -77,9 +75,6 @@ def write_full(view: Archive, point: Archive, out: Output, progress: Progress) -
     writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in view.devices], configs,
                            uuid=point.uuid.bytes, ctime=point.ctime, progress=progress.update)
     for number, dev in enumerate(view.devices, start=1):
-        for offset in range(0, dev.size, STEP):
-            n = min(STEP, dev.size - offset)
-            if not view.is_hole(dev.dev_id, offset, n):
-                # never changed after: fresh reads, or views of the model's zero buffer
-                writer.write(number, offset, view.read(dev.dev_id, offset, n))
+        for cluster, mask, data, check in view.iter_stored(dev.dev_id):
+            writer.write_stored(number, cluster, mask, data, check)
     writer.finish()
