@@ -13,9 +13,11 @@ import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vmafs.archive import walk
 from vmafs.archive.reader import Archive, read_source_header
 from vmafs.container.source import open_source
-from vmafs.errors import VmafsError
+from vmafs.container.streams import open_stream
+from vmafs.errors import NotSeekableError, VmafsError
 from vmafs.format import chain, vma
 from vmafs.format.names import display, format_ctime
 
@@ -38,7 +40,13 @@ class Peek:
 
 
 def read_header(path: str) -> vma.Header:
-    source, _kind = open_source(path)
+    """By random access, else (vzdump's one-frame .vma.zst, .vma.gz, .vma.lzo) from the start
+    of the stream."""
+    try:
+        source, _kind = open_source(path)
+    except NotSeekableError:
+        with open_stream(path) as stream:
+            return walk.read_header(stream)
     try:
         return read_source_header(source)[0]
     finally:

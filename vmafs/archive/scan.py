@@ -158,10 +158,6 @@ class ScanResult:
     problems: list[Problem] = field(default_factory=list)
     incremental: bool = False  # its chain record names a parent: missing clusters are its
 
-    @property
-    def chain(self) -> chain.ChainRecord | None:
-        return chain.find(self.header.configs)
-
 
 def scan_stream(
     stream: BinaryIO,
@@ -179,8 +175,7 @@ def scan_stream(
     """
     if header is None:
         header = read_header(stream)
-    record = chain.find(header.configs)
-    result = ScanResult(header, incremental=record is not None and record.incremental)
+    result = ScanResult(header, incremental=chain.is_incremental(header.configs))
     rules = ClusterRules(header)
     trailer = TrailerCheck(header)
     sizes = np.zeros(256, np.int64)  # per dev_id; 0 for vmstate and unknown ids

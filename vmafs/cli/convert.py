@@ -46,8 +46,7 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
     # Device ids may have gaps in the input; the output numbers them 1..n.
     new_ids = {d.dev_id: i for i, d in enumerate(header.devices, start=1)}
     sizes = {d.dev_id: d.size for d in header.devices}
-    record = chain.find(header.configs)
-    incremental = record is not None and record.incremental
+    incremental = chain.is_incremental(header.configs)
     progress = progress_for(args, "convert", sum(sizes.values()))
     with open_output(args.output, zstd=args.zstd or None, level=args.level,
                      threads=args.threads) as out:

@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
             header = read_header(stream)
         except FormatError as exc:
             raise VmafsError(f"{args.archive}: {exc}") from None
-        record = chain.find(header.configs)
-        if record is None or not record.incremental:
+        if not chain.is_incremental(header.configs):
             return _run(args, header, stream)
     if args.archive == "-":
         raise VmafsError("an incremental archive is extracted with its chain: give its file")

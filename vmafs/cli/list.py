@@ -49,8 +49,7 @@ def chain_of(path: str, bases: list[str]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     with open_stream(args.archive) as stream:
         header = read_header(stream)
-    record = chain.find(header.configs)
-    links = chain_of(args.archive, args.base) if record and record.incremental else []
+    links = chain_of(args.archive, args.base) if chain.is_incremental(header.configs) else []
     if args.json:  # exact names (json_name: non-UTF-8 bytes also as hex)
         print_json({
             "uuid": str(uuid.UUID(bytes=header.uuid)),

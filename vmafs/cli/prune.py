@@ -17,12 +17,9 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from vmafs.archive import chain, naming, retention
-from vmafs.archive.walk import read_header
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json
-from vmafs.container.streams import open_stream
-from vmafs.errors import NotSeekableError, VmafsError
-from vmafs.format import chain as chain_format
+from vmafs.errors import VmafsError
 from vmafs.format.names import display, json_name
 from vmafs.progress import print_json
 
@@ -64,19 +61,6 @@ class _Scan:
     names: list[str] = field(default_factory=list)
 
 
-def peek(path: str) -> chain.Peek:
-    """An archive's header facts: by random access, else (vzdump's one-frame .vma.zst, .vma.gz,
-    .vma.lzo) from the start of its stream."""
-    try:
-        return chain.peek(path)
-    except NotSeekableError:
-        with open_stream(path) as stream:
-            header = read_header(stream)
-        return chain.Peek(path, uuidlib.UUID(bytes=header.uuid), header.ctime,
-                          tuple((d.name, d.size) for d in header.devices),
-                          chain_format.find(header.configs))
-
-
 def _warn(message: str) -> None:
     print(f"vmafs prune: warning: {message}", file=sys.stderr)
 
@@ -103,7 +87,7 @@ def _scan(directory: str, dir_fd: int, vmid: str | None) -> _Scan:
         if not regular and not (stat.S_ISLNK(st.st_mode) and os.path.isfile(path)):
             continue
         try:
-            facts = peek(path)
+            facts = chain.peek(path)
         except (VmafsError, OSError) as exc:
             if considered and regular:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

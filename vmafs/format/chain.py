@@ -127,6 +127,12 @@ def find(configs: Sequence[tuple[str, bytes]]) -> ChainRecord | None:
     return decode(found[0]) if found else None
 
 
+def is_incremental(configs: Sequence[tuple[str, bytes]]) -> bool:
+    """True if the archive holds only what changed since a parent it names."""
+    record = find(configs)
+    return record is not None and record.incremental
+
+
 @dataclass(frozen=True)
 class DeviceContent:
     """What one device of an archive holds, for the digest: stored rows sorted by cluster,
