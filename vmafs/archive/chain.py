@@ -127,7 +127,7 @@ def resolve(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
     return layers[::-1]
 
 
-MAX_DEPTH = 1000
+MAX_DEPTH = 256  # archives held open at once (one file each): far below the usual 1024 fds
 
 
 def _parent_of(child: Archive, link: chain.Link, pool: Pool, directory: str,
