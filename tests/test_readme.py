@@ -65,8 +65,11 @@ def test_readme_daily_backups(guest: gi.Guest, tmp_path: Path) -> None:
             lab.vm.wait_for(f"VMAFS-COUNT {lab.counters() + 100}", timeout=60)
             next_second()
             newest = archives(store)[-1]
-            ok("backup", "--qmp", lab.qmp, "--vmid", VMID, "--zstd", "-q", "-o", f"{store}/",
-               "--incremental", str(newest))
+            summary = json.loads(ok("backup", "--qmp", lab.qmp, "--vmid", VMID, "--zstd", "-q",
+                                    "-o", f"{store}/", "--incremental", str(newest), "--json"))
+            written = archives(store)[-1]  # --json names the file the directory got
+            assert summary["archive"] == str(written) and summary["incremental"]
+            assert summary["bytes_out"] == written.stat().st_size
         lab.assert_untouched()
     paths = archives(store)
     assert len(paths) == 3
