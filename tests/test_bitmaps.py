@@ -21,7 +21,8 @@ def bitmap(**over: Any) -> dict[str, Any]:
 
 
 def nodes(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"node-name": "#block123", "drv": "qcow2", "dirty-bitmaps": a},
+    qcow2_v3 = {"format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}}
+    return [{"node-name": "#block123", "drv": "qcow2", "dirty-bitmaps": a, "image": qcow2_v3},
             {"node-name": "#block000", "drv": "file"},
             {"node-name": "node-virtio1", "drv": "raw", "dirty-bitmaps": b}]
 
@@ -63,6 +64,11 @@ def test_new_bitmaps_are_persistent_on_qcow2_only() -> None:
         ("#block123", True), ("node-virtio1", False)]
     assert {a["data"]["name"] for a in actions} == {f"vmafs-{NEW}"}
     assert {a["data"]["granularity"] for a in actions} == {65536}
+    # a qcow2 v2 file cannot store one: QEMU would refuse the whole transaction
+    old = [{"node-name": "#block123", "drv": "qcow2", "image": {"format-specific": {
+        "type": "qcow2", "data": {"compat": "0.10"}}}}]
+    assert bitmaps.add_actions([A], old, NEW)[0]["data"]["persistent"] is False
+    assert "qcow2 v2" in (bitmaps.unusable(A, old, PREV) or "")
 
 
 def test_which_bitmaps_go_when_the_backup_ends() -> None:

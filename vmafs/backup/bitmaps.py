@@ -6,8 +6,8 @@ An incremental backup from PREV copies what PREV's bitmap holds (`sync: bitmap`,
 `bitmap-mode: never`, so a failed job leaves it as it was) and removes it only once the new
 archive is committed: a failure at any step loses no change.
 
-Bitmaps are persistent on qcow2 nodes (stored in the image on a clean close, back after a
-restart) and live in memory elsewhere (raw, rbd...: gone with the QEMU process).
+Bitmaps are persistent on qcow2 v3 nodes (stored in the image on a clean close, back after a
+restart) and live in memory elsewhere (raw, rbd, qcow2 v2...: gone with the QEMU process).
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from vmafs.format import chain, vma
 
 Json = Mapping[str, Any]
 GRANULARITY = vma.CLUSTER_SIZE  # one bit per VMA cluster
-PERSISTENT_DRIVERS = ("qcow2",)
+def can_persist(info: Json) -> bool:
+    """Whether a node can store a bitmap: qcow2, but not its v2 (compat=0.10) files, where QEMU
+    refuses a persistent one (and with it the whole transaction)."""
+    if info.get("drv") != "qcow2":
+        return False
+    specific = (info.get("image") or {}).get("format-specific") or {}
+    return (specific.get("data") or {}).get("compat") != "0.10"
 
 
 def _node(nodes: Sequence[Json], name: str) -> Json | None:
@@ -58,8 +64,8 @@ def unusable(disk: Disk, nodes: Sequence[Json], prev: uuidlib.UUID) -> str | Non
     bitmap = bitmap_of(nodes, disk.node, name)
     if bitmap is None:
         info = _node(nodes, disk.node)
-        why = ("a bitmap on a non-qcow2 disk lives only as long as the QEMU process: was the VM "
-               "restarted?" if info is not None and info.get("drv") not in PERSISTENT_DRIVERS
+        why = ("a bitmap on a raw or qcow2 v2 disk lives only as long as the QEMU process: was "
+               "the VM restarted?" if info is not None and not can_persist(info)
                else "the VM was restarted uncleanly, the disk was replaced, or a later "
                "backup of this chain moved the bitmap on")
         return f"disk {disk.name}: no dirty bitmap {name} ({why})"
@@ -90,7 +96,7 @@ def add_actions(disks: Sequence[Disk], nodes: Sequence[Json], new: uuidlib.UUID
         info = _node(nodes, disk.node) or {}
         actions.append({"type": "block-dirty-bitmap-add", "data": {
             "node": disk.node, "name": chain.bitmap_name(new), "granularity": GRANULARITY,
-            "persistent": info.get("drv") in PERSISTENT_DRIVERS}})
+            "persistent": can_persist(info)}})
     return actions
 
 

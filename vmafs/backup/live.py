@@ -288,7 +288,7 @@ class Backup:
         unknown = {d.name: r for d in self.disks
                    if (r := bitmaps.unusable(d, nodes, link.uuid)) is not None}
         if unknown and not self.opts.full_if_needed:
-            raise BackupError(f"{next(iter(unknown.values()))}; {fallback}")
+            raise BackupError("; ".join([*unknown.values(), fallback]))
         for reason in unknown.values():
             self.notes.append(f"{reason}: copying that disk whole (--full-if-needed)")
         self.parent = link
