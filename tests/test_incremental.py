@@ -137,6 +137,18 @@ def test_chain_of_five_then_restart(guest: gi.Guest, tmp_path: Path) -> None:
         summary = backup(lab, after, "--incremental", str(paths[-1]), "--full-if-needed")
         assert "drive-virtio1" in summary["stderr"] and "whole" in summary["stderr"]
         lab.assert_untouched()
+        # QEMU killed while the qcow2 bitmap (stored at a clean quit) is loaded: it comes back
+        # marked inconsistent, and is refused
+        quit_cleanly(lab)
+        restart(lab)
+        lab.vm.kill()
+        restart(lab)
+        res = run_vmafs("backup", "--qmp", lab.qmp, "-o", str(store / "after-crash.vma"),
+                        "--incremental", str(after))
+        assert res.returncode != 0
+        line = one_line_error(res.stderr)
+        assert "disk drive-virtio0: dirty bitmap" in line and "inconsistent" in line, line
+        assert_no_archive(store / "after-crash.vma")
     stored = []
     for i, path in enumerate(paths):
         got = images(path, tmp_path / f"x{i}")
