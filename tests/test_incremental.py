@@ -102,8 +102,9 @@ def restart(lab: Lab) -> None:
 def test_chain_of_five_then_restart(guest: gi.Guest, tmp_path: Path) -> None:
     """Full + 4 incrementals (.vma and .vma.zst) while the guest writes; each one extracts and
     mounts as the disks were; after a clean restart the qcow2 bitmap is still there, the raw
-    one is not (a clear error, then --full-if-needed). A third, idle disk is a qcow2 v2 file,
-    which cannot store a bitmap: its bitmaps live in memory, like the raw disk's."""
+    one is not (a clear error, then --full-if-needed); after QEMU is killed the qcow2 one is
+    inconsistent (refused). A third, idle disk is a qcow2 v2 file, which cannot store a
+    bitmap: its bitmaps live in memory, like the raw disk's."""
     old = tmp_path / "v2.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(old),
                     "8M"], check=True)
