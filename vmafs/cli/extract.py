@@ -133,22 +133,26 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
     return 0
 
 
-COPY_STEP = 8 << 20
+COPY_BATCH = 256  # clusters written at once (whole adjacent ones by one pwritev)
 
 
 def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int], None]) -> None:
     """A device as the model reads it (a chain: each cluster from its newest archive) into a
     sparse file: holes stay holes."""
     size = archive.device(dev_id).size
-    for offset in range(0, size, COPY_STEP):
-        n = min(COPY_STEP, size - offset)
-        if not archive.is_hole(dev_id, offset, n):
-            data = memoryview(archive.read(dev_id, offset, n))
-            while data:
-                data = data[os.pwrite(fd, data, offset + n - len(data)):]
-            if offset // COPY_STEP % 8 == 7:
+    batch: list[StoredCluster] = []
+    done = 0  # device bytes accounted for
+    for cluster, mask, data, _ in archive.iter_stored(dev_id):
+        batch.append(StoredCluster(dev_id, cluster, mask, 0, data))
+        if len(batch) == COPY_BATCH:
+            write_extent({dev_id: fd}, batch, {dev_id: size})
+            reached = min((cluster + 1) * vma.CLUSTER_SIZE, size)
+            if reached // WRITEBACK_STEP != done // WRITEBACK_STEP:  # overlap disk and reads
                 start_writeback(fd)
-        progress(n)
+            progress(reached - done)
+            done, batch = reached, []
+    write_extent({dev_id: fd}, batch, {dev_id: size})
+    progress(size - done)
 
 
 def _check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
