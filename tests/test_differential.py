@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fuse_missing
+from conftest import VECTORS, fuse_missing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,7 +47,7 @@ def _group(infos: dict[str, mu.BaseInfo], group: str) -> dict[str, mu.BaseInfo]:
     names, _ = GROUPS[group]
     chosen = {n: infos[n] for n in names if n in infos}
     if not chosen:
-        pytest.skip(f"no base of group {group} (test vectors missing?)")
+        pytest.skip(f"no archive of group {group}: test vectors not found at {VECTORS}")
     return chosen
 
 
