@@ -286,9 +286,9 @@ def test_confirmed_index_is_remembered(image: bytes, tmp_path: Path,
     checked = []
     real = locate.confirm_index
 
-    def counting(*args: object) -> int:
+    def counting(*args: object, **kwargs: object) -> object:
         checked.append(1)
-        return real(*args)  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(locate, "confirm_index", counting)
     with Archive.open(str(path)) as again:

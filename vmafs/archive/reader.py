@@ -184,20 +184,19 @@ class Archive:
         # decompressing a frame before its end (where zstd checks the frame's checksum);
         # confirming the index reads one header per extent, so decompresses only that far.
         source.checked_by_reader = True
-        if incremental:  # what it holds as zeros is known only from its headers: read them
-            source.check_layout()
-            _, rules = locate.confirm_index(source, header, table, footer.index_offset,
-                                            complete=False)
-            return cls(source, header, table, mode=INDEXED, compressed=compressed,
-                       held=rules.seen)
+        # An increment is confirmed at every open: what it holds as zeros is known only from
+        # its headers. A full archive's passed check is remembered for the unchanged file.
         key = (walk_cache.key_of(identity, raw + index.encode_footer(footer))
-               if identity is not None else None)
+               if identity is not None and not incremental else None)
+        held = None
         if key is None or not walk_cache.confirmed(key):
             source.check_layout()
-            extents, _ = locate.confirm_index(source, header, table, footer.index_offset)
+            extents, rules = locate.confirm_index(source, header, table, footer.index_offset,
+                                                  complete=not incremental)
+            held = rules.seen if incremental else None
             if key is not None:
                 walk_cache.remember_confirmed(key, extents)
-        return cls(source, header, table, mode=INDEXED, compressed=compressed)
+        return cls(source, header, table, mode=INDEXED, compressed=compressed, held=held)
 
     @classmethod
     def stack(cls, layers: list[Archive]) -> Archive:
@@ -317,11 +316,7 @@ class Archive:
         for k in range(i, j):
             stored = data[pos:pos + nbytes[k - i]]
             if sums is not None and index.checksum(stored) != sums[k]:
-                name = self.device(dev_id).name
-                raise problems.error(
-                    problems.CHECKSUM, f"data checksum mismatch in cluster {clusters[k]} of "
-                    f"{name} (stream offset {first + pos})", device=name, cluster=clusters[k],
-                    offset=first + pos)
+                raise self._mismatch(dev_id, clusters[k], first + pos)
             pos += len(stored)
             mask = masks[k]
             whole = whole and mask == vma.FULL_MASK
@@ -339,7 +334,6 @@ class Archive:
         offsets = dmap.all_byte_offsets()
         nbytes = vma.POPCOUNT16[dmap.masks].astype(np.int64) * vma.BLOCK_SIZE
         layers = dmap.layers if dmap.layers is not None else np.zeros(count, np.uint8)
-        name = self.device(dev_id).name
         for lo in range(0, count, STORED_WINDOW):
             hi = min(lo + STORED_WINDOW, count)
             got: list[memoryview | None] = [None] * (hi - lo)
@@ -347,17 +341,22 @@ class Archive:
                 rows = lo + np.flatnonzero(layers[lo:hi] == layer)
                 rows = rows[np.argsort(offsets[rows], kind="stable")]
                 self._read_rows(self.sources[layer], rows, offsets, nbytes, got, lo)
-            sums = dmap.checksums
-            for k, (cluster, mask) in enumerate(zip(dmap.clusters[lo:hi].tolist(),
-                                                    dmap.masks[lo:hi].tolist(), strict=True)):
-                data = got[k]
+            sums = (dmap.checksums[lo:hi].tolist() if dmap.checksums is not None
+                    else [None] * (hi - lo))
+            window = zip(got, dmap.clusters[lo:hi].tolist(), dmap.masks[lo:hi].tolist(), sums,
+                         strict=True)
+            for k, (data, cluster, mask, expected) in enumerate(window):
                 assert data is not None
-                check = int(sums[lo + k]) if sums is not None else index.checksum(data)
-                if sums is not None and index.checksum(data) != check:
-                    raise problems.error(
-                        problems.CHECKSUM, f"data checksum mismatch in cluster {cluster} of "
-                        f"{name}", device=name, cluster=cluster, offset=int(offsets[lo + k]))
+                check = index.checksum(data)
+                if expected is not None and check != expected:
+                    raise self._mismatch(dev_id, cluster, int(offsets[lo + k]))
                 yield cluster, mask, data, check
+
+    def _mismatch(self, dev_id: int, cluster: int, offset: int) -> problems.ArchiveError:
+        name = self.device(dev_id).name
+        return problems.error(problems.CHECKSUM, f"data checksum mismatch in cluster {cluster} "
+                              f"of {name} (stream offset {offset})", device=name,
+                              cluster=cluster, offset=offset)
 
     def _read_rows(self, source: ByteSource, rows: np.ndarray, offsets: np.ndarray,
                    nbytes: np.ndarray, got: list[memoryview | None], base: int) -> None:
