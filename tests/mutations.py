@@ -6,7 +6,7 @@ every failure reproduces with `tools/mutate_archives.py --base B --kind K --seed
 
 The oracle does not share code with vmafs: it walks the mutated stream with struct + hashlib
 (+ xxhash for our index's checksums, zstandard/gzip for the containers), following Proxmox's
-reader (vma-reader.c, /work/shared/research/vma-format.md §3): what `vma extract` would write, up
+reader (vma-reader.c; the project's VMA format notes, §3): what `vma extract` would write, up
 to the first broken extent. Per device cluster it says "decided: these bytes" or "undecided".
 Three stricter rules come from issue 8:
 - a cluster never seen in the valid prefix is undecided (a missing cluster must not read as 0);
@@ -49,7 +49,7 @@ import zstandard
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT  # the vmafs tree the subprocess paths run (tools/mutate_archives.py --vmafs)
-VECTORS = ROOT.parent / "shared" / "vectors"
+VECTORS = ROOT / "tests" / "vectors"
 MiB = 1 << 20
 CLUSTER = 65536
 BLOCK = 4096

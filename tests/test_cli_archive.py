@@ -241,7 +241,6 @@ def test_config_command(sources: dict[str, Source], tmp_path: Path) -> None:
     assert_one_line_error(rc, err, "qemu-server.fw")
 
 
-@pytest.mark.skipif(not VECTORS.is_dir(), reason=f"test vectors not found at {VECTORS}")
 @pytest.mark.parametrize(("name", "suffix"), [("sample-2disks.vma.zst", ".vma.zst"),
                                               ("sample-2disks.vma.lzo", ".vma")])
 def test_convert_proxmox_archive(name: str, suffix: str, proxmox_manifest: dict,

@@ -23,7 +23,7 @@ from vmafs.format.seektable import (
     parse_seek_table_footer,
 )
 
-VECTORS = Path(__file__).resolve().parent.parent.parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 SEEKABLE = VECTORS / "spec" / "two-disks.seekable.vma.zst"
 
 ENTRIES = [(100, 12800), (50, 0), (4000, 201216), (20, 512), (300, 8704)]

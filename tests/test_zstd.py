@@ -29,7 +29,7 @@ from vmafs.container.zstd_source import MAX_FRAME_SIZE, SeekableZstdSource
 from vmafs.errors import FormatError, NotSeekableError
 from vmafs.format.seektable import SEEKABLE_MAGIC, SKIPPABLE_MAGIC, encode_seek_table
 
-VECTORS = Path(__file__).resolve().parent.parent.parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 SPEC = VECTORS / "spec"
 PROXMOX = VECTORS / "proxmox"
 TWO_DISKS = SPEC / "two-disks.vma"
