@@ -1,4 +1,4 @@
-"""Fixtures shared by every test module: the test vectors (tests/vectors) and the real `vmafs` command."""
+"""Fixtures shared by every test module: the test vectors and the real `vmafs` command."""
 
 from __future__ import annotations
 
