@@ -1555,7 +1555,7 @@ def check_subprocess(m: Mutant, base: Base, work: Path, inproc: Outcome) -> list
         rc, err = run_vmafs(*cmd)
         if rc == -9:
             fails.append(Failure("cli", "hang", f"vmafs {cmd[0]}"))
-        elif "Traceback" in err or rc not in (0, 1, 2):
+        elif "Traceback" in err or rc not in (0, 1, 2, 3):
             fails.append(Failure("cli", "traceback", f"vmafs {cmd[0]} rc {rc}: "
                                  f"{err.strip().splitlines()[-1:]}"))
         elif cmd[0] == "verify" and (rc == 0) != inproc.verify_ok:

@@ -24,7 +24,7 @@ CLUSTER = 65536
 def verify_fails(path: Path, *fragments: str) -> list[str]:
     """`vmafs verify` exits 1; every stderr line names the archive; the first has fragments."""
     rc, out, err = run_vmafs("verify", path)
-    assert rc == 1, (rc, out, err)
+    assert rc == 3, (rc, out, err)
     assert "Traceback" not in err
     lines = [x for x in err.splitlines() if x.strip()]
     assert 1 <= len(lines) <= 12, err
@@ -97,7 +97,7 @@ def test_flipped_data_bit(good: tuple[bytes, list[bytes]], tmp_path: Path) -> No
                 assert a.read(1, c * CLUSTER, CLUSTER) == images[0][c * CLUSTER:(c + 1) * CLUSTER]
         assert a.read(2, 0, len(images[1])) == images[1]
     rc, _, err = run_vmafs("extract", "-q", path, tmp_path / "x")
-    assert rc == 1 and "Traceback" not in err and "checksum" in err
+    assert rc == 3 and "Traceback" not in err and "checksum" in err
     assert not (tmp_path / "x").exists() or os.listdir(tmp_path / "x") == []
 
 
@@ -219,7 +219,7 @@ def test_truncated(good: tuple[bytes, list[bytes]], tmp_path: Path, case: int) -
     assert any(word in lines[0] for word in ("truncated", "EOF", "short", "missing")), \
         (what, lines)
     rc, _, err = run_vmafs("extract", "-q", path, tmp_path / "x")
-    assert rc == 1 and "Traceback" not in err
+    assert rc == 3 and "Traceback" not in err
     assert not (tmp_path / "x").exists() or os.listdir(tmp_path / "x") == []
 
 

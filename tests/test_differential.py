@@ -216,7 +216,7 @@ def test_memory_and_tool(tmp_path: Path) -> None:
         [sys.executable, str(mu.ROOT / "tools" / "mutate_archives.py"), "--count", "1",
          "--seed", "11", "--json", "--save", str(tmp_path / "failing")],
         capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode in (0, 1), proc.stderr
+    assert proc.returncode in (0, 1, 3), proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["mutants"] > 50

@@ -78,7 +78,7 @@ def refused(path: Path, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in str(err.value)
     rc, _, stderr = run_vmafs("verify", "-q", path)
-    assert rc == 1 and "Traceback" not in stderr
+    assert rc == 3 and "Traceback" not in stderr
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_footer_forged_in_the_last_data_cluster(image: bytes, tmp_path: Path) ->
     rc, _, err = run_vmafs("verify", path)
     assert "look like a vmafs footer" in err
     rc, _, err = run_vmafs("extract", "-q", path, tmp_path / "x")
-    assert rc == 1 and "Traceback" not in err
+    assert rc == 3 and "Traceback" not in err
 
 
 def test_index_contradicting_extent_headers(image: bytes, tmp_path: Path) -> None:
@@ -262,7 +262,7 @@ def test_verify_json_gives_problems_as_values(image: bytes, tmp_path: Path) -> N
     path.write_bytes(bytes(data))
     rc, out, _ = run_vmafs("verify", "-q", "--json", path)
     report = json.loads(out)
-    assert rc == 1 and report["ok"] is False
+    assert rc == 3 and report["ok"] is False
     assert report["problems"][0] == {
         "kind": "checksum", "device": "drive-scsi0", "cluster": 0, "offset": first_data + 512,
         "message": report["problems"][0]["message"]}

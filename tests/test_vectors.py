@@ -283,7 +283,7 @@ def test_bad_missing_cluster_is_our_deliberate_difference() -> None:
 
 def test_bad_unknown_dev_id_fails_cleanly() -> None:
     rc, _, err = run_vmafs("verify", BAD / "unknown-dev-id.vma")
-    assert rc == 1  # not an abort (134) like Proxmox's verify
+    assert rc == 3  # not an abort (134) like Proxmox's verify
     assert_one_line_error(rc, err, "got wrong dev id 3")
 
 

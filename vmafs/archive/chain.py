@@ -17,7 +17,7 @@ from vmafs.archive import walk
 from vmafs.archive.reader import Archive, read_source_header
 from vmafs.container.source import open_source
 from vmafs.container.streams import open_stream
-from vmafs.errors import NotSeekableError, VmafsError
+from vmafs.errors import EXIT_DAMAGED, NotSeekableError, VmafsError
 from vmafs.format import chain, vma
 from vmafs.format.names import display, format_ctime
 
@@ -88,6 +88,8 @@ def candidates(directory: str) -> Pool:
 
 class ChainError(VmafsError):
     """A link of a chain is broken: a parent missing, another archive, or unreadable."""
+
+    exit_code = EXIT_DAMAGED  # the chain is incomplete
 
 
 def open_chain(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False) -> Archive:

@@ -44,7 +44,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run one subcommand; VmafsError becomes a one-line message and exit 1."""
+    """Entry point: run one subcommand; VmafsError becomes a one-line message and its exit code."""
     words = [*(sys.argv[1:] if argv is None else argv)]  # `list` is also a subcommand module
     chosen = next((w for w in words if not w.startswith("-")), None)
     parser = build_parser(chosen if chosen in COMMANDS else None)
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except VmafsError as exc:
         print(f"vmafs {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"vmafs {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_compression, add_json, add_quiet, progress_for
 from vmafs.container.output import open_output
 from vmafs.container.streams import open_stream
-from vmafs.errors import FormatError, VmafsError
+from vmafs.errors import FormatError, about
 from vmafs.format import chain, vma
 from vmafs.progress import print_json
 
@@ -74,9 +74,9 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
         try:
             result = scan_stream(stream, on_extent, header=header)
         except FormatError as exc:
-            raise VmafsError(f"{args.input}: {exc}") from None
+            raise about(args.input, exc) from None
         if result.problems:
-            raise VmafsError(f"{args.input}: {result.problems[0]}")
+            raise FormatError(f"{args.input}: {result.problems[0]}")
         writer.finish()
     progress.finish()
     if args.json:

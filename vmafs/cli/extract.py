@@ -17,7 +17,7 @@ from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
 from vmafs.container.output import WRITEBACK_STEP, TempFile, open_dir, start_writeback
 from vmafs.container.streams import open_stream
-from vmafs.errors import FormatError, VmafsError
+from vmafs.errors import FormatError, VmafsError, about
 from vmafs.format import chain, vma
 from vmafs.format.names import display, file_names, json_name, raw
 from vmafs.progress import print_json
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             header = read_header(stream)
         except FormatError as exc:
-            raise VmafsError(f"{args.archive}: {exc}") from None
+            raise about(args.archive, exc) from None
         if not chain.is_incremental(header.configs):
             return _run(args, header, stream)
     if args.archive == "-":
@@ -109,9 +109,9 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
                     indexed = result.has_index
                     problems = [p for p in result.problems if _concerns(p, extracted)]
                     if problems:
-                        raise VmafsError(f"{args.archive}: {problems[0]}")
+                        raise FormatError(str(problems[0]))
             except FormatError as exc:
-                raise VmafsError(f"{args.archive}: {exc}") from None
+                raise about(args.archive, exc) from None
             for fname, (_, data) in configs:
                 tmp = _temp(dir_fd, args.dir, fname)
                 temps.append(tmp)

@@ -13,7 +13,7 @@ from vmafs.archive.scan import ScanResult, read_header, scan_stream
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
 from vmafs.container.streams import open_stream
-from vmafs.errors import FormatError, VmafsError
+from vmafs.errors import EXIT_DAMAGED, FormatError, VmafsError, about
 from vmafs.format.names import display
 from vmafs.progress import print_json
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"archive": args.archive, "ok": False,
                         "problems": [problem_of(exc).to_json()]})
-        raise VmafsError(f"{args.archive}: {exc}") from None
+        raise about(args.archive, exc) from None
     found = list(result.problems)
     chain: list[str] = []
     if result.incremental and not found:
@@ -107,4 +107,4 @@ def run(args: argparse.Namespace) -> int:
         for problem in found:  # a chain problem names the archive it is about
             prefix = "" if problem.kind == problems.CHAIN else f"{args.archive}: "
             print(f"{prefix}{problem}", file=sys.stderr)
-    return 0 if ok else 1
+    return 0 if ok else EXIT_DAMAGED
