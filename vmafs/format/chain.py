@@ -38,6 +38,7 @@ from vmafs.errors import FormatError
 CONFIG_NAME = "vmafs-chain.json"
 VERSION = 1
 MAX_RECORD = 64 * 1024
+MAX_DEPTH = 8  # a real record nests 4 deep ({"parent": {"devices": [[...]]}})
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -76,9 +77,11 @@ def decode(data: bytes) -> ChainRecord:
     """The record, strictly checked: a damaged record is an error, never a full archive."""
     if len(data) > MAX_RECORD:
         raise FormatError(f"{CONFIG_NAME} is too large")
+    if _nesting(data) > MAX_DEPTH:
+        raise FormatError(f"{CONFIG_NAME} is nested too deeply (more than {MAX_DEPTH} levels)")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise FormatError(f"{CONFIG_NAME} is not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("vmafs-chain") != VERSION:
         raise FormatError(f"{CONFIG_NAME}: unknown chain record version")
@@ -91,6 +94,29 @@ def decode(data: bytes) -> ChainRecord:
     if stands_for is not None and not _is_digest(stands_for):
         raise FormatError(f"{CONFIG_NAME}: bad stands-for digest")
     return ChainRecord(parent, stands_for)
+
+
+def _nesting(data: bytes) -> int:
+    """How deep [ and { nest outside strings: checked before json.loads, whose recursion a
+    deeply nested record would exhaust. One linear pass (the record is at most MAX_RECORD)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def _decode_link(p: object) -> Link:
