@@ -1459,7 +1459,7 @@ def _check_header(out: Outcome, archive: Any, listed: dict[str, Any] | None, rc_
                   cout: bytes, ref: Reference) -> None:
     model_devs = sorted((d.dev_id, d.name, d.size) for d in archive.devices)
     if listed is not None:
-        list_devs = sorted((d["dev_id"], d["name"], d["size"]) for d in listed["devices"])
+        list_devs = sorted((d["dev_id"], d["name"], d["device_bytes"]) for d in listed["devices"])
         if list_devs != model_devs:
             out.fail("list", "header-disagrees", f"list {list_devs} model {model_devs}")
         if sorted(c["name"] for c in listed["configs"]) != sorted(

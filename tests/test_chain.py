@@ -359,7 +359,7 @@ def test_list_shows_the_chain(ch: Chain) -> None:
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["uuid"] == str(ch.uuids[-1]) and doc["ctime"] == ch.ctimes[-1]
-    assert [c["path"] for c in doc["chain"]] == [str(p) for p in ch.paths]
+    assert [c["archive"] for c in doc["chain"]] == [str(p) for p in ch.paths]
     assert [c["uuid"] for c in doc["chain"]] == [str(u) for u in ch.uuids]
     assert [c["ctime"] for c in doc["chain"]] == ch.ctimes
     assert [c["incremental"] for c in doc["chain"]] == [False, True, True, True, True]

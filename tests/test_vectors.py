@@ -95,7 +95,7 @@ def test_proxmox_list(name: str, proxmox_manifest: dict[str, Any]) -> None:
     rc, out, err = run_vmafs("list", "--json", PROXMOX / name)
     assert rc == 0, err
     info = json.loads(out)
-    assert [(d["dev_id"], d["name"], d["size"]) for d in info["devices"]] == [
+    assert [(d["dev_id"], d["name"], d["device_bytes"]) for d in info["devices"]] == [
         (d["dev_id"], n, d["size"]) for n, d in entry["devices"].items()]
     assert [(c["name"], c["size"]) for c in info["configs"]] == [
         (n, c["size"]) for n, c in entry["configs"].items()]

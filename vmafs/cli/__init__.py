@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from vmafs import __version__
-from vmafs.errors import VmafsError
+from vmafs.errors import EXIT_ERROR, EXIT_USAGE, VmafsError
+from vmafs.format.names import display
 
 # Subcommand modules under vmafs.cli; each defines add_parser(subparsers) and run(args) -> int.
 # The one-line helps live here so `vmafs --help` need not import every command's dependencies.
@@ -16,6 +20,9 @@ COMMANDS = {
     "backup": "back up a running QEMU VM (live, copy-before-write) into an archive",
     "create": "back up disk image files into an archive",
     "list": "list the devices and config files of an archive",
+    "info": "show an archive's container, sizes, identity and chain (no data read)",
+    "snapshots": "list the archives in a directory by VM, oldest first, with their chains",
+    "protect": "protect an archive from prune (vzdump's ARCHIVE.protected marker)",
     "config": "print a config file stored in an archive",
     "verify": "check an archive completely",
     "extract": "restore disk images and config files into a directory",
@@ -27,9 +34,17 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and --json gets its JSON) with exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(self.prog, message, EXIT_USAGE, "--json" in sys.argv[1:])
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with `command`, only that subcommand's module is imported."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vmafs",
         description="Back up QEMU VMs into Proxmox-compatible VMA archives and mount them.",
     )
@@ -43,23 +58,49 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that every command cleans
+    up the same way (temporary files removed, the VM left running)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, _frame: object) -> None:
+    raise Signalled(signum)
+
+
+def _fail(prog: str, message: str, code: int, json: bool) -> int:
+    """The one line on stderr, and for --json the failure object on stdout."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if json:
+        from vmafs.progress import print_json
+        print_json({"ok": False, "error": message, "exit": code})
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run one subcommand; VmafsError becomes a one-line message and its exit code."""
+    """Entry point: run one subcommand; an error is one line and its exit code (vmafs(1))."""
     words = [*(sys.argv[1:] if argv is None else argv)]  # `list` is also a subcommand module
     chosen = next((w for w in words if not w.startswith("-")), None)
     parser = build_parser(chosen if chosen in COMMANDS else None)
     args = parser.parse_args(words)
+    prog = f"vmafs {args.command}"
+    json = bool(getattr(args, "json", False))
+    previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return int(args.run(args) or 0)
     except VmafsError as exc:
-        print(f"vmafs {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"vmafs {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(prog, str(exc), exc.exit_code, json)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Signalled) else signal.SIGINT
+        return _fail(prog, f"interrupted by {signal.Signals(signum).name}", 128 + signum, json)
     except BrokenPipeError:
-        return 1
+        return EXIT_ERROR
     except OSError as exc:
-        name = f": {exc.filename}" if exc.filename else ""
-        print(f"vmafs {args.command}: error: {exc.strerror or exc}{name}", file=sys.stderr)
-        return 1
+        name = f": {display(os.fsdecode(exc.filename))}" if exc.filename else ""
+        return _fail(prog, f"{exc.strerror or exc}{name}", EXIT_ERROR, json)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

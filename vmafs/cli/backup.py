@@ -9,9 +9,9 @@ import sys
 import trio
 
 from vmafs.archive import naming
+from vmafs.archive.configs import read_configs
 from vmafs.backup.live import Backup, BackupOptions, run_backup
-from vmafs.cli.common import add_compression, add_json, add_quiet
-from vmafs.cli.create import read_configs
+from vmafs.cli.common import add_compression, add_configs, add_json, add_quiet
 from vmafs.errors import VmafsError
 from vmafs.format.names import display
 from vmafs.progress import print_json
@@ -50,8 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="back up only this drive (node name, -drive id or -device id), "
                         "optionally under another device name; repeatable. Default: every "
                         "writable disk that is not a CD-ROM")
-    p.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
-                   help="add a config file (stored by its base name; repeatable)")
+    add_configs(p)
     p.add_argument("--qga", metavar="SOCKET",
                    help="freeze the guest's filesystems through this QEMU guest agent socket "
                         "while the backup starts")
@@ -80,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
         raise VmafsError("--stall-timeout must be positive")
     if args.output == "-" and sys.stdout.isatty():
         raise VmafsError("refusing to write an archive to a terminal; redirect stdout")
+    configs = read_configs(args.config)
     opts = BackupOptions(
         qmp_socket=args.qmp, output=args.output, drives=drives,
-        configs=read_configs(args.config), qga_socket=args.qga,
+        configs=configs.files, qga_socket=args.qga,
         zstd=True if args.zstd else None, level=args.level, threads=args.threads,
         stall_timeout=args.stall_timeout,
         max_workers=args.max_workers if args.max_workers > 0 else None,
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         full_if_needed=args.full_if_needed,
         speed=args.bwlimit * 1024 if args.bwlimit else None,
         drop_old_bitmaps=args.drop_old_bitmaps,
-        vmid=naming.check_vmid(args.vmid) if args.vmid else None,
+        vmid=naming.check_vmid(args.vmid) if args.vmid else configs.vmid,
     )
     if args.bwlimit is not None and args.bwlimit <= 0:
         raise VmafsError("--bwlimit must be positive")

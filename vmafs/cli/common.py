@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from vmafs.format.names import json_name
 from vmafs.progress import Progress
 
 
@@ -18,6 +21,14 @@ def add_base(parser: argparse.ArgumentParser) -> None:
                              "child's directory (repeatable; the directory is searched too)")
 
 
+def add_configs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", action="append", default=[], metavar="[NAME=]FILE",
+                        help="add a config file: any *.conf (like 101.conf) is stored as "
+                             "qemu-server.conf and *.fw as qemu-server.fw, the names Proxmox "
+                             "reads; NAME=FILE stores it as NAME; others by base name "
+                             "(repeatable)")
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print a machine-readable JSON summary on stdout")
@@ -27,14 +38,32 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
 
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from low to high (else a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+    return parse
+
+
 def add_compression(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--level", type=int, default=3, metavar="N",
-                        help="zstd level for .vma.zst output (default 3)")
-    parser.add_argument("--threads", type=int, default=2, metavar="N",
-                        help="zstd compression threads (default 2)")
+    parser.add_argument("--level", type=int_in(1, 22), default=3, metavar="N",
+                        help="zstd level for .vma.zst output, 1 to 22 (default 3)")
+    parser.add_argument("--threads", type=int_in(1, 64), default=2, metavar="N",
+                        help="zstd compression threads, 1 to 64 (default 2)")
     parser.add_argument("--zstd", action="store_true",
                         help="compress (seekable zstd) even when writing to stdout")
 
 
 def progress_for(args: argparse.Namespace, label: str, total: int) -> Progress:
     return Progress(label, total, enabled=False if getattr(args, "quiet", False) else None)
+
+
+def device_list(devices: Iterable[Any]) -> list[dict[str, Any]]:
+    """`devices` in --json: one object per disk, its name exact (json_name) and its size."""
+    return [{**json_name(d.name), "device_bytes": d.size} for d in devices]

@@ -8,10 +8,11 @@ import sys
 
 from vmafs.archive.scan import read_header
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_archive_input
+from vmafs.cli.common import add_archive_input, add_json
 from vmafs.container.streams import open_stream
 from vmafs.errors import VmafsError
-from vmafs.format.names import display, raw
+from vmafs.format.names import display, json_name, raw
+from vmafs.progress import print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_archive_input(p)
     p.add_argument("name", nargs="?", default="qemu-server.conf",
                    help="config file name (default qemu-server.conf)")
+    add_json(p)
     p.set_defaults(run=run)
 
 
@@ -33,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if data is None:
         have = ", ".join(display(n) for n, _ in header.configs) or "none"
         raise VmafsError(f"no config file '{display(args.name)}' in the archive (it has: {have})")
+    if args.json:  # the text, exact when it is UTF-8; else also its bytes in hex
+        print_json({"ok": True, "archive": args.archive, **json_name(args.name),
+                    "size": len(data), **json_name(data, "text")})
+        return 0
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
     return 0

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from vmafs.archive import naming
+from vmafs.archive.configs import read_configs
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.backup import images
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_compression, add_json, add_quiet, progress_for
+from vmafs.cli.common import add_compression, add_configs, add_json, add_quiet, progress_for
 from vmafs.container.output import open_output
 from vmafs.errors import VmafsError
-from vmafs.format.vma import MAX_BLOB_SIZE
+from vmafs.format.names import json_name
 from vmafs.progress import print_json
 
 
@@ -28,31 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vmid", metavar="ID",
                    help="with -o DIR/: the VMID in the archive's name (default: from a "
                         "NNN.conf config file)")
-    p.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
-                   help="add a config file (stored by its base name; repeatable)")
+    add_configs(p)
     p.add_argument("drives", nargs="+", metavar="[format=FMT:]DEVNAME=IMAGE",
                    help="a disk: device name (like drive-scsi0) and image file")
     add_compression(p)
     add_json(p)
     add_quiet(p)
     p.set_defaults(run=run)
-
-
-def read_configs(paths: list[str]) -> list[tuple[str, bytes]]:
-    configs: list[tuple[str, bytes]] = []
-    for path in paths:
-        name = os.path.basename(path)
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_BLOB_SIZE + 1)
-        except OSError as exc:
-            raise VmafsError(f"{path}: {exc.strerror}") from None
-        if len(data) > MAX_BLOB_SIZE:
-            raise VmafsError(f"{path}: config files are limited to 65535 bytes by VMA")
-        if name in dict(configs):
-            raise VmafsError(f"two config files named {name}")
-        configs.append((name, data))
-    return configs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,14 +45,15 @@ def run(args: argparse.Namespace) -> int:
     specs = [images.probe(*p) for p in parsed]
     configs = read_configs(args.config)
     if naming.is_directory_output(args.output):
-        vmid = naming.check_vmid(args.vmid) if args.vmid else naming.default_vmid(configs, None)
+        vmid = args.vmid or configs.vmid
+        vmid = naming.check_vmid(vmid) if vmid else naming.default_vmid([], None)  # says why
         args.output = naming.output_path(args.output, vmid, time.time(), bool(args.zstd))
         args.zstd = False  # the name says it now
     total = sum(s.size for s in specs)
     progress = progress_for(args, "create", total)
     with open_output(args.output, zstd=args.zstd or None, level=args.level,
                      threads=args.threads) as out:
-        writer = ArchiveWriter(out, [DeviceSpec(s.devname, s.size) for s in specs], configs,
+        writer = ArchiveWriter(out, [DeviceSpec(s.devname, s.size) for s in specs], configs.files,
                                progress=progress.update)
         for dev_id, spec in enumerate(specs, start=1):
             if spec.format == "raw":
@@ -81,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         writer.finish()
     progress.finish()
     if args.json:
-        print_json({"archive": args.output, "bytes": out.bytes_out, "seconds":
-                    round(progress.elapsed, 3),
-                    "devices": [{"name": s.devname, "size": s.size, "format": s.format,
-                                 "image": s.path} for s in specs]})
+        print_json({"ok": True, "output": args.output, "archive_bytes": out.bytes_out,
+                    "device_bytes": total, "seconds": round(progress.elapsed, 3),
+                    "devices": [{**json_name(s.devname), "device_bytes": s.size,
+                                 "format": s.format, **json_name(s.path, "image")}
+                                for s in specs]})
     return 0

@@ -4,12 +4,14 @@ whole archive has been read and every check (checksums included) has passed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from vmafs.archive.chain import open_chain
+from vmafs.archive.configs import vm_configs
 from vmafs.archive.problems import MISSING
 from vmafs.archive.reader import Archive
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
@@ -65,7 +67,8 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
     chosen = {os.fsencode(n) for n in args.drive}
     wanted = [d for d in header.devices if not args.drive or raw(d.name) in chosen]
     # the names of every item, whatever -d picks, so they are the names the mount shows
-    names = file_names(header.devices, [name for name, _ in header.configs],
+    vm_files = vm_configs(header.configs)  # the chain record is vmafs's, not the VM's
+    names = file_names(header.devices, [name for name, _ in vm_files],
                        vmstate=header.vmstate is not None)
     targets = {d.dev_id: names.disks[d.dev_id] for d in wanted}
     sizes = {d.dev_id: d.size for d in wanted}
@@ -74,9 +77,8 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
         targets[header.vmstate.dev_id] = names.vmstate
         sizes[header.vmstate.dev_id] = header.vmstate.size
         extracted.append(header.vmstate.name)
-    configs = list(zip(names.configs, header.configs, strict=True))  # (file, (name, data))
-    os.makedirs(args.dir, exist_ok=True)
-    with open_dir(args.dir) as dir_fd:
+    configs = list(zip(names.configs, vm_files, strict=True))  # (file, (name, data))
+    with made_dir(args.dir) as dir_fd:
         for fname in [*targets.values(), *(f for f, _ in configs)]:
             _check_target(dir_fd, os.path.join(args.dir, os.fsdecode(fname)), fname, args.force)
         progress = progress_for(args, "extract", sum(d.size for d in wanted))
@@ -123,8 +125,10 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
                 tmp.discard()  # a no-op for those committed
     progress.finish()
     if args.json:
-        print_json({"archive": args.archive, "dir": args.dir,
-                    "devices": [{**json_name(d.name), "size": d.size,
+        print_json({"ok": True, "archive": args.archive, "output": args.dir,
+                    "device_bytes": sum(d.size for d in wanted),
+                    "seconds": round(progress.elapsed, 3),
+                    "devices": [{**json_name(d.name), "device_bytes": d.size,
                                  **json_name(targets[d.dev_id], "file")} for d in wanted],
                     "configs": [{**json_name(name), "size": len(data),
                                  **json_name(fname, "file")}
@@ -153,6 +157,27 @@ def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int]
             done, batch = reached, []
     write_extent({dev_id: fd}, batch, {dev_id: size})
     progress(size - done)
+
+
+@contextlib.contextmanager
+def made_dir(path: str) -> Iterator[int]:
+    """The target directory's fd, the directory created (with its parents) if missing; what
+    was created is removed again when the extract fails and it is still empty."""
+    created: list[str] = []
+    missing = os.path.abspath(path)
+    while not os.path.lexists(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
+    try:
+        for directory in reversed(created):
+            os.mkdir(directory)
+        with open_dir(path) as dir_fd:
+            yield dir_fd
+    except BaseException:
+        for directory in created:  # the deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
 
 
 def _check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:

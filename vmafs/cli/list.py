@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from vmafs.archive.chain import resolve
+from vmafs.archive.configs import vm_configs
 from vmafs.archive.scan import read_header
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json
@@ -37,7 +38,7 @@ def chain_of(path: str, bases: list[str]) -> list[dict[str, Any]]:
         raise VmafsError("an incremental archive's chain is listed from its file, not stdin")
     layers = resolve(path, bases)
     try:
-        return [{"path": a.path, "uuid": str(a.uuid), "ctime": a.ctime,
+        return [{"archive": a.path, "uuid": str(a.uuid), "ctime": a.ctime,
                  "incremental": a.incremental,
                  "stored_bytes": sum(a.stored_bytes(d.dev_id) for d in a.devices)}
                 for a in layers]
@@ -51,19 +52,26 @@ def run(args: argparse.Namespace) -> int:
         header = read_header(stream)
     links = chain_of(args.archive, args.base) if chain.is_incremental(header.configs) else []
     if args.json:  # exact names (json_name: non-UTF-8 bytes also as hex)
+        record = chain.find(header.configs)
+        parent = record.parent if record is not None else None
         print_json({
+            "ok": True, "archive": args.archive,
             "uuid": str(uuid.UUID(bytes=header.uuid)),
             "ctime": header.ctime,
-            "configs": [{**json_name(n), "size": len(d)} for n, d in header.configs],
-            "devices": [{"dev_id": d.dev_id, **json_name(d.name), "size": d.size}
+            "configs": [{**json_name(n), "size": len(d)} for n, d in vm_configs(header.configs)],
+            "devices": [{"dev_id": d.dev_id, **json_name(d.name), "device_bytes": d.size}
                         for d in header.devices],
+            "device_bytes": sum(d.size for d in header.devices),
+            "incremental": parent is not None,
+            "parent": str(parent.uuid) if parent is not None else None,
             "vmstate": ({"dev_id": header.vmstate.dev_id, "size": header.vmstate.size}
                         if header.vmstate else None),
             "chain": links,
         })
         return 0
     # every name escaped: a newline in a name must not forge a line, nor ESC reach the terminal
-    lines = [f"CFG: size: {len(data)} name: {display(name)}" for name, data in header.configs]
+    lines = [f"{'CHAIN-RECORD' if name == chain.CONFIG_NAME else 'CFG'}: size: {len(data)} "
+             f"name: {display(name)}" for name, data in header.configs]
     lines += [f"DEV: dev_id={d.dev_id} size: {d.size} devname: {display(d.name)}"
               for d in header.devices]
     if header.vmstate:
@@ -73,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         kind = "incremental" if link["incremental"] else "full"
         lines.append(f"CHAIN: {i} {kind} uuid: {link['uuid']} ctime: "
                      f"{format_ctime(link['ctime'])} stored: {link['stored_bytes']} "
-                     f"file: {display(link['path'])}")
+                     f"file: {display(link['archive'])}")
     if isinstance(sys.stdout, io.TextIOWrapper):  # a terminal that cannot show a character
         sys.stdout.reconfigure(errors="backslashreplace")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -4,12 +4,21 @@ file; with --keep N, all but the newest N increments become a new base for them.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from vmafs.archive.chain import resolve
 from vmafs.archive.reader import Archive
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_base, add_compression, add_json, add_quiet, progress_for
+from vmafs.cli.common import (
+    add_base,
+    add_compression,
+    add_json,
+    add_quiet,
+    device_list,
+    int_in,
+    progress_for,
+)
 from vmafs.container.output import check_output_name, open_output
 from vmafs.container.zstd_output import Output
 from vmafs.errors import VmafsError
@@ -28,8 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "N link to, so the folded archives can be deleted.")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="archive to write (.vma, .vma.zst, or - for stdout)")
-    p.add_argument("--keep", type=int, default=0, metavar="N",
-                   help="leave the newest N increments out of the merge (default 0)")
+    p.add_argument("--keep", type=int_in(0, 1 << 16), default=0, metavar="N",
+                   help="leave the newest N increments out of the merge (default 0); a chain "
+                        "of N or fewer increments is left as it is")
     p.add_argument("newest", metavar="NEWEST", help="the newest archive of the chain")
     add_base(p)
     add_compression(p)
@@ -40,13 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_name(args.output)
-    if args.keep < 0:
-        raise VmafsError("--keep must be 0 or more")
     layers = resolve(args.newest, args.base)
     try:
-        if args.keep >= len(layers) - 1:
-            raise VmafsError(f"{display(args.newest)}: nothing to merge: its chain has "
-                             f"{len(layers) - 1} increments")
+        if len(layers) == 1:
+            raise VmafsError(f"{display(args.newest)}: a full archive: nothing to merge")
+        if args.keep >= len(layers) - 1:  # a nightly `--keep N` on day 2
+            return _nothing_to_do(args, layers)
         folded = layers[:len(layers) - args.keep]
         view = Archive.stack(folded)
         total = sum(d.size for d in view.devices)
@@ -59,10 +68,24 @@ def run(args: argparse.Namespace) -> int:
         for archive in layers:
             archive.close()
     if args.json:
-        print_json({"output": args.output, "bytes": out.bytes_out,
+        print_json({"ok": True, "archive": args.newest, "output": args.output,
+                    "archive_bytes": out.bytes_out, "device_bytes": total,
+                    "devices": device_list(view.devices),
                     "merged": [a.path for a in folded],
                     "kept": [a.path for a in layers[len(folded):]],
                     "uuid": str(folded[-1].uuid), "seconds": round(progress.elapsed, 3)})
+    return 0
+
+
+def _nothing_to_do(args: argparse.Namespace, layers: list[Archive]) -> int:
+    increments = len(layers) - 1
+    if args.json:
+        print_json({"ok": True, "archive": args.newest, "output": None, "merged": [],
+                    "kept": [a.path for a in layers[1:]], "archive_bytes": 0})
+    else:
+        print(f"{display(args.newest)}: nothing to merge: its chain has {increments} "
+              f"increment{'s' if increments != 1 else ''}, --keep {args.keep} keeps them all",
+              file=sys.stderr)
     return 0
 
 

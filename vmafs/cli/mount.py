@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vmafs.cli.common import add_base
+from vmafs.cli.common import add_base, add_json
 
 DESCRIPTION = """\
 Mount ARCHIVE read-only on MOUNTPOINT with FUSE. The mount point shows one raw image file per
@@ -19,6 +19,7 @@ EPILOG = """\
 options (-o, comma-separated, may be repeated):
   allow_other      let other users read the mount (it is private to you by default)
   uid=N, gid=N     owner of the files (default: you)
+  nonempty         mount even if MOUNTPOINT has files (they are hidden while mounted)
   direct_io        serve disk reads straight into the reader's buffer, bypassing the page
                    cache: faster for big streaming reads (dd, qemu-img), no second cached
                    copy; MAP_SHARED mmap of a disk may then fail (ENODEV)
@@ -39,9 +40,10 @@ def add_parser(subparsers: Any) -> None:
                    help="stay in the foreground and log to stderr; Ctrl-C unmounts")
     p.add_argument("--log", metavar="FILE",
                    help="log to FILE (default: stderr with -f, otherwise syslog)")
-    p.add_argument("-d", "--debug", action="store_true",
+    p.add_argument("--debug", action="store_true",
                    help="log debug messages, and every FUSE request")
     add_base(p)
+    add_json(p)
     p.set_defaults(run=run)
 
 
@@ -50,4 +52,5 @@ def run(args: argparse.Namespace) -> int:
 
     return mount(MountRequest(archive=args.archive, mountpoint=args.mountpoint,
                               options=args.options, foreground=args.foreground,
-                              log_file=args.log, debug=args.debug, bases=args.base))
+                              log_file=args.log, debug=args.debug, bases=args.base,
+                              json=args.json))

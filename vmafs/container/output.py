@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Iterator
 
 from vmafs.container.zstd_output import Output, PlainOutput, SeekableZstdOutput, Writable
-from vmafs.errors import VmafsError
+from vmafs.errors import UsageError, VmafsError
+from vmafs.format.names import display
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -70,6 +71,8 @@ def check_output_name(path: str) -> None:
     """Refuse a bad archive name, a missing directory or an existing file, before any work
     starts."""
     if path == "-":
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write an archive to a terminal; redirect stdout")
         return
     if not path.endswith((".vma", ".vma.zst")):
         raise VmafsError(f"{path}: archive name must end in .vma or .vma.zst")
@@ -97,7 +100,7 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
         out.close()
         return
     with open_dir(os.path.dirname(os.path.abspath(path))) as dir_fd:
-        tmp = TempFile(dir_fd, os.fsencode(os.path.basename(path)), label=path)
+        tmp = TempFile(dir_fd, os.fsencode(os.path.basename(path)), label=display(path))
         try:
             with os.fdopen(tmp.fd, "wb", buffering=0, closefd=False) as target:
                 out = _make(WritebackFile(target), compressed, level, threads)
@@ -154,6 +157,8 @@ class TempFile:
                 self.fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
             except FileExistsError:
                 continue
+            except OSError as exc:  # named by the file the user asked for, not the temp name
+                raise VmafsError(f"cannot write {self.label}: {exc.strerror}") from None
             break
         else:
             raise VmafsError(f"{self.label}: cannot create a temporary file beside it")

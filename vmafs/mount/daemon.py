@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import logging.handlers
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmafs.errors import VmafsError
+from vmafs.format.names import display, json_name
 from vmafs.mount.options import (
     FSNAME,
     MountError,
@@ -29,6 +31,7 @@ from vmafs.mount.options import (
     parse_options,
     resolve,
 )
+from vmafs.progress import print_json
 
 log = logging.getLogger("vmafs.mount")
 
@@ -86,6 +89,7 @@ class MountRequest:
     log_file: str | None = None
     debug: bool = False
     bases: Sequence[str] = ()
+    json: bool = False  # print what is mounted (--json) once the mount is ready
 
 
 def _open_archive(path: str, opts: MountOptions, bases: Sequence[str]) -> Any:
@@ -97,7 +101,7 @@ def _open_archive(path: str, opts: MountOptions, bases: Sequence[str]) -> Any:
         raise MountError(f"{path}: {exc.strerror or exc}") from None
 
 
-def _check_mountpoint(mountpoint: str) -> None:
+def _check_mountpoint(mountpoint: str, nonempty: bool) -> None:
     existing = find_mount(mountpoint)
     if existing is not None and existing.fstype == f"fuse.{FSNAME}":
         try:
@@ -106,8 +110,19 @@ def _check_mountpoint(mountpoint: str) -> None:
             raise MountError(f"{mountpoint}: its vmafs daemon is gone; clear it with "
                              f"`fusermount3 -u {mountpoint}`") from None
         raise MountError(f"{mountpoint}: a vmafs archive is already mounted there")
+    if not os.path.lexists(mountpoint):
+        raise MountError(f"{display(mountpoint)}: mount point does not exist")
     if not os.path.isdir(mountpoint):
-        raise MountError(f"{mountpoint}: mount point is not a directory")
+        raise MountError(f"{display(mountpoint)}: mount point is not a directory")
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as entries:
+                has_files = next(entries, None) is not None
+        except OSError as exc:
+            raise MountError(f"{display(mountpoint)}: {exc.strerror}") from None
+        if has_files:
+            raise MountError(f"{display(mountpoint)}: mount point is not empty (its files "
+                             "would be hidden; -o nonempty mounts anyway)")
 
 
 def _init_fuse(archive: Any, req: MountRequest, opts: MountOptions) -> Any:
@@ -206,13 +221,14 @@ def mount(req: MountRequest) -> int:
     req.log_file = os.path.abspath(req.log_file) if req.log_file else None
     req.mountpoint = os.path.realpath(req.mountpoint)
     opts = parse_options(req.options, req.archive)
-    _check_mountpoint(req.mountpoint)
+    _check_mountpoint(req.mountpoint, opts.nonempty)
     if req.foreground:
         _setup_logging(True, req.log_file, req.debug)
         archive = _open_archive(req.archive, opts, req.bases)
         try:
             ops = _init_fuse(archive, req, opts)
-            return _run_loop(ops, req.mountpoint)
+            ready = (lambda: print_json(_mounted(req, ops, os.getpid()))) if req.json else None
+            return _run_loop(ops, req.mountpoint, ready)
         finally:
             archive.close()
     return _daemonize(req, opts)
@@ -228,8 +244,11 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
         with os.fdopen(rfd, "rb") as pipe:
             status = pipe.read()
         if status.startswith(b"OK"):
-            for line in status.decode(errors="replace").splitlines()[1:]:
+            lines = status.decode(errors="replace").splitlines()
+            for line in lines[2:]:
                 print(f"vmafs mount: note: {line}", file=sys.stderr)
+            if req.json:
+                print_json({**json.loads(lines[1]), "pid": pid})
             return 0
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
@@ -250,7 +269,8 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
         def ready() -> None:
             nonlocal wfd
             with contextlib.suppress(OSError):      # the parent may be gone: serve anyway
-                os.write(wfd, "\n".join(["OK", *_notes(archive)]).encode())
+                mounted = json.dumps(_mounted(req, ops, os.getpid()))
+                os.write(wfd, "\n".join(["OK", mounted, *_notes(archive)]).encode())
             os.close(wfd)
             wfd = -1
 
@@ -263,6 +283,17 @@ def _daemonize(req: MountRequest, opts: MountOptions) -> int:
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def _mounted(req: MountRequest, ops: Any, pid: int) -> dict[str, Any]:
+    """What --json says once the mount is ready: the files it shows."""
+    disks = [e for e in ops.entries if e.dev_id]
+    devices = {d.dev_id: d for d in ops.archive.devices}
+    return {"ok": True, "archive": req.archive, "mountpoint": req.mountpoint, "pid": pid,
+            "devices": [{**json_name(devices[e.dev_id].name), "device_bytes": e.size,
+                         **json_name(e.name, "file")} for e in disks],
+            "configs": [{**json_name(e.name, "file"), "size": e.size}
+                        for e in ops.entries if not e.dev_id]}
 
 
 def _report(wfd: int, message: str) -> None:

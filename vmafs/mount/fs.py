@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from vmafs.archive.configs import vm_configs
 from vmafs.archive.reader import Archive, Device
 from vmafs.archive.serving import ArchiveServer
 from vmafs.errors import VmafsError
@@ -81,7 +82,7 @@ class VmaFS(pyfuse3.Operations):
         self.gid = os.getgid() if gid is None else gid
         # the header's ctime is any int64: clamp it to what a file time can hold
         self.ctime_ns = min(max(int(archive.ctime), 0), (1 << 63) // 10**9 - 1) * 10**9
-        self.entries = layout(archive.devices, archive.configs)
+        self.entries = layout(archive.devices, vm_configs(archive.configs))
         self.by_inode = {e.inode: e for e in self.entries}
         self.by_name = {e.name: e for e in self.entries}
         self.server = ArchiveServer(archive)

@@ -31,6 +31,7 @@ class MountOptions:
     uid: int | None = None
     gid: int | None = None
     direct_io: bool = False
+    nonempty: bool = False  # mount over a directory that has files (they are hidden)
 
 
 def parse_options(values: Iterable[str], source: str = FSNAME) -> MountOptions:
@@ -53,8 +54,8 @@ def parse_options(values: Iterable[str], source: str = FSNAME) -> MountOptions:
                 except ValueError:
                     raise MountError(f"-o {opt}: expected a number") from None
                 setattr(result, key, number)
-            elif opt == "direct_io":
-                result.direct_io = True
+            elif opt in ("direct_io", "nonempty"):
+                setattr(result, opt, True)
             elif key in _REFUSED:
                 raise MountError(f"-o {opt}: not supported ({_REFUSED[key]})")
             elif key in ("ro", "default_permissions"):
