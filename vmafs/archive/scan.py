@@ -165,8 +165,11 @@ def scan_stream(
     progress: Callable[[int], None] | None = None,
     *,
     header: vma.Header | None = None,
+    on_zeros: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> ScanResult:
-    """Read a whole archive, checking every rule; on_extent sees each extent's checked slots.
+    """Read a whole archive, checking every rule; on_extent sees each extent's checked slots,
+    on_zeros (dev_ids, clusters) the zero slots of the extents without data, as arrays (an
+    increment's zero slots mean "now zeros": a converter must keep them).
 
     A broken extent or slot raises ArchiveError (nothing after it can be trusted); missing
     clusters and a trailing index that disagrees with the data are collected in
@@ -188,6 +191,8 @@ def scan_stream(
             rules.check(item.dev_ids[used], item.clusters[used], item.masks[used],
                         np.repeat(item.offsets, used.sum(axis=1)))
             trailer.add_run(item)
+            if on_zeros is not None and used.any():
+                on_zeros(item.dev_ids[used], item.clusters[used])
             result.extents += len(item.offsets)
             end = int(item.offsets[-1]) + vma.EXTENT_HEADER_SIZE
             if progress is not None:

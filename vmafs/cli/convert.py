@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from typing import BinaryIO
+
+import numpy as np
 
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
@@ -71,8 +74,20 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
                         else vma.expand_blocks(slot.data, slot.mask)[:length])
                 writer.write(dev_id, start, data)
 
+        def on_zeros(dev_ids: np.ndarray, clusters: np.ndarray) -> None:
+            """An increment's zero slots of the extents without data, as ranges: in an
+            increment they replace the parent's data (a full archive's need no care: every
+            cluster not written becomes one at finish)."""
+            for dev_id, lo, hi in cluster_runs(dev_ids, clusters):
+                new_id = new_ids.get(dev_id)
+                if new_id is not None:
+                    start = lo * vma.CLUSTER_SIZE
+                    writer.write_zeroes(new_id, start,
+                                        min(hi * vma.CLUSTER_SIZE, sizes[dev_id]) - start)
+
         try:
-            result = scan_stream(stream, on_extent, header=header)
+            result = scan_stream(stream, on_extent, header=header,
+                                 on_zeros=on_zeros if incremental else None)
         except FormatError as exc:
             raise about(args.input, exc) from None
         if result.problems:
@@ -83,3 +98,15 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
         print_json({"input": args.input, "output": args.output, "bytes": out.bytes_out,
                     "devices": len(header.devices), "seconds": round(progress.elapsed, 3)})
     return 0
+
+
+def cluster_runs(dev_ids: np.ndarray, clusters: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(dev_id, first, end) of each run of consecutive clusters of one device, in the order
+    given: a zero-slot run of 59 slots an extent is one range, not 59 calls."""
+    dev = dev_ids.astype(np.int64)
+    cl = clusters.astype(np.int64)
+    cuts = np.flatnonzero((np.diff(cl) != 1) | (np.diff(dev) != 0)) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(cl)]))
+    yield from zip(dev[starts].tolist(), cl[starts].tolist(),
+                   (cl[ends - 1] + 1).tolist(), strict=True)
