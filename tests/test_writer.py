@@ -27,11 +27,15 @@ UUID = bytes.fromhex("00112233445566778899aabbccddeeff")
 
 
 def make_image(rng: random.Random, size: int) -> bytes:
-    """Random content with zero clusters, zero blocks, single bytes and random blocks."""
+    """Random content with zero clusters, zero blocks, single bytes and random blocks. A
+    block that starts in the partial last sector of an odd size stays zero: VMA cannot store
+    it (vma.end_mask), and no QEMU disk has one."""
     buf = bytearray(size)
     for start in range(0, size, 4096):
         kind = rng.random()
         end = min(start + 4096, size)
+        if start >= size // 512 * 512:
+            break
         if kind < 0.35:
             buf[start:end] = rng.randbytes(end - start)
         elif kind < 0.45:
@@ -280,8 +284,8 @@ def test_writer_rejects_misuse() -> None:
 def test_writer_rejects_bad_header_input() -> None:
     with pytest.raises(FormatError):
         ArchiveWriter(MemOutput(), [DeviceSpec("vmstate", CLUSTER)])
-    with pytest.raises(FormatError):
-        ArchiveWriter(MemOutput(), [DeviceSpec("drive scsi0", CLUSTER)])
+    with pytest.raises(FormatError, match="two devices named"):
+        ArchiveWriter(MemOutput(), [DeviceSpec("d", CLUSTER), DeviceSpec("d", CLUSTER)])
     with pytest.raises(FormatError):
         ArchiveWriter(MemOutput(), [DeviceSpec("d", CLUSTER)], [("c", bytes(65536))])
 

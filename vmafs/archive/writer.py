@@ -23,6 +23,7 @@ from vmafs.archive.clusterset import ClusterSet
 from vmafs.container.zstd_output import Output
 from vmafs.errors import FormatError
 from vmafs.format import index, vma
+from vmafs.format.names import display
 
 CLUSTER = vma.CLUSTER_SIZE
 SLOTS = vma.SLOTS_PER_EXTENT
@@ -149,6 +150,7 @@ class ArchiveWriter:
         size = self._check_range(dev_id, cluster * CLUSTER, 0)
         if not self._touched[dev_id - 1].add(cluster):
             self._duplicate(dev_id, cluster)
+        self._mask(dev_id, cluster, mask)
         self._add_stored(dev_id, cluster, mask, payload, min(CLUSTER, size - cluster * CLUSTER),
                          check)
 
@@ -228,7 +230,7 @@ class ArchiveWriter:
         for i in range(count):
             cluster = first + i
             length = min(CLUSTER, size - cluster * CLUSTER)
-            mask = int(masks[i]) & vma.end_mask(size, cluster)
+            mask = self._mask(dev_id, cluster, int(masks[i]))
             if compact is None:
                 payload: bytes | memoryview = view[i * CLUSTER:(i + 1) * CLUSTER]
             else:
@@ -257,9 +259,19 @@ class ArchiveWriter:
 
     def _add_cluster(self, dev_id: int, cluster: int, data: memoryview, length: int) -> None:
         full = bytes(data).ljust(CLUSTER, b"\0")
-        size = self.devices[dev_id - 1].size
-        mask = int(vma.cluster_masks(full)[0]) & vma.end_mask(size, cluster)
+        mask = self._mask(dev_id, cluster, int(vma.cluster_masks(full)[0]))
         self._add_stored(dev_id, cluster, mask, vma.stored_blocks(full, mask), length)
+
+    def _mask(self, dev_id: int, cluster: int, mask: int) -> int:
+        """A cluster's mask, if VMA can store it: data in a block that starts in the partial
+        last sector of a device whose size is not a multiple of 512 cannot be (vma.end_mask),
+        and is refused rather than dropped. (Past the size itself the data is zero padding.)"""
+        dev = self.devices[dev_id - 1]
+        if (cluster + 1) * CLUSTER >= dev.size and mask & ~vma.end_mask(dev.size, cluster):
+            raise FormatError(f"device {display(dev.name)}: data in its last partial sector "
+                              f"(size {dev.size} is not a multiple of 512), which VMA cannot "
+                              "store: Proxmox's reader counts whole sectors")
+        return mask
 
     def _add_stored(self, dev_id: int, cluster: int, mask: int,
                     payload: bytes | memoryview, length: int, check: int | None = None) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmafs.errors import FormatError
+from vmafs.format.names import display
 
 MAGIC = b"VMA\0"
 EXTENT_MAGIC = b"VMAE"
@@ -92,7 +93,10 @@ class ExtentHeader:
 
 
 def check_device_name(name: str) -> None:
-    """Proxmox names: no whitespace, no '/', usable as a file name and in `vma list` output."""
+    """The names vmafs gives *new* disks (create, backup): Proxmox's own kind, no whitespace
+    (qmrestore's parser), no '/', usable as a file name and in `vma list` output. A policy for
+    names a user chooses, not a format rule: an archive's existing names are whatever its
+    header holds (check_header_names), and convert and merge carry them over."""
     if name == VMSTATE:
         raise FormatError("'vmstate' is reserved for RAM state and is never written")
     if not _DEVNAME.fullmatch(name):
@@ -102,8 +106,33 @@ def check_device_name(name: str) -> None:
 
 
 def check_config_name(name: str) -> None:
+    """A plain file name, for config files a user adds (a policy like check_device_name)."""
     if not name or "/" in name or "\0" in name or name in (".", "..") or len(name) > 255:
         raise FormatError(f"invalid config name {name!r}: it must be a plain file name")
+
+
+def check_header_names(devices: Sequence[tuple[int, str]]) -> None:
+    """The format's rule on device names, the one home for writers and readers alike: every
+    device (vmstate included) has a name of its own. Readers find a device by name (a chain's
+    links, merge, `extract -d`, the mount's files), so two devices with one name would serve
+    one's data for the other; Proxmox's reader does not check, vmafs refuses such a header."""
+    first: dict[str, int] = {}
+    for dev_id, name in devices:
+        if name in first:
+            raise FormatError(f"two devices named '{display(name)}' (ids {first[name]} and "
+                              f"{dev_id}): every device needs a name of its own")
+        first[name] = dev_id
+
+
+def _name_bytes(what: str, name: str) -> bytes:
+    """A name's exact bytes for a header blob (decode_header's surrogateescape reversed)."""
+    try:
+        data = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise FormatError(f"{what} name '{display(name)}' is not a byte string") from None
+    if b"\0" in data:
+        raise FormatError(f"{what} name '{display(name)}' contains a NUL byte")
+    return data + b"\0"
 
 
 # --- header -------------------------------------------------------------------------------------
@@ -115,7 +144,11 @@ def encode_header(
     devices: Sequence[tuple[str, int]],
     configs: Sequence[tuple[str, bytes]] = (),
 ) -> bytes:
-    """The archive header: configs first (name, data), then device names, like vma-writer.c."""
+    """The archive header: configs first (name, data), then device names, like vma-writer.c.
+
+    It takes every name decode_header gives (convert and merge carry an archive's names over)
+    and refuses what decode_header would read differently: a disk named vmstate, two devices
+    with one name, a NUL inside a name. Policies for new names: check_device_name."""
     if len(uuid) != 16:
         raise ValueError("uuid must be 16 bytes")
     if len(devices) > MAX_DEV_ID:
@@ -135,18 +168,20 @@ def encode_header(
     names = [0] * MAX_CONFIGS
     datas = [0] * MAX_CONFIGS
     for i, (name, data) in enumerate(configs):
-        check_config_name(name)
         if len(data) > MAX_BLOB_SIZE:
-            raise FormatError(f"config {name!r} is {len(data)} bytes; VMA allows at most 65535")
+            raise FormatError(f"config '{display(name)}' is {len(data)} bytes; VMA allows at "
+                              "most 65535")
         # the exact bytes decode_header read (surrogateescape), so convert keeps them as is
-        names[i] = add_blob(name.encode("utf-8", "surrogateescape") + b"\0")
+        names[i] = add_blob(_name_bytes("config", name))
         datas[i] = add_blob(bytes(data))
+    check_header_names(list(enumerate((name for name, _ in devices), start=1)))
     devinfo = bytearray(256 * 32)
     for dev_id, (name, size) in enumerate(devices, start=1):
-        check_device_name(name)
+        if name == VMSTATE:
+            raise FormatError("'vmstate' is reserved for RAM state and is never written")
         if not 0 < size <= MAX_DEVICE_SIZE:
-            raise FormatError(f"device {name} has an unsupported size {size}")
-        ptr = add_blob(name.encode() + b"\0")
+            raise FormatError(f"device {display(name)} has an unsupported size {size}")
+        ptr = add_blob(_name_bytes("device", name))
         _DEVINFO.pack_into(devinfo, dev_id * 32, ptr, size)
     header_size = HEADER_FIXED_SIZE + -(-len(blobs) // 512) * 512
     buf = bytearray(header_size)
@@ -201,17 +236,20 @@ def decode_header(buf: bytes) -> Header:
 
     devices: list[Device] = []
     vmstate = None
+    named: list[tuple[int, str]] = []
     for dev_id in range(1, 256):
         ptr, size = _DEVINFO.unpack_from(buf, 4096 + 32 * dev_id)
         name = blob_str(ptr) if ptr else None
         if not size or name is None:
             continue
         if size > MAX_DEVICE_SIZE:
-            raise FormatError(f"device {name!r} has an impossible size {size}")
+            raise FormatError(f"device '{display(name)}' has an impossible size {size}")
+        named.append((dev_id, name))
         if name == VMSTATE:
             vmstate = Device(dev_id, name, size)
         else:
             devices.append(Device(dev_id, name, size))
+    check_header_names(named)
     names = struct.unpack_from(">256I", buf, 2044)
     datas = struct.unpack_from(">256I", buf, 3068)
     configs = []
@@ -358,8 +396,12 @@ def stored_blocks(cluster: bytes | memoryview, mask: int) -> bytes | memoryview:
 
 
 def end_mask(device_size: int, cluster: int) -> int:
-    """Mask bits allowed in this cluster: none for blocks at or past the device end."""
-    remaining = device_size - cluster * CLUSTER_SIZE
+    """Mask bits allowed in this cluster: a block must start inside the device's whole 512-byte
+    sectors. Proxmox's reader counts sectors (max_sector = size / 512) and refuses a block
+    starting at or past it ("write beyond end"), so for a size that is not a multiple of 512
+    the last partial sector cannot start a block. The one home of this rule: the writer
+    sets, and every reader allows, exactly these bits."""
+    remaining = device_size // 512 * 512 - cluster * CLUSTER_SIZE
     if remaining >= CLUSTER_SIZE:
         return FULL_MASK
     blocks = -(-remaining // BLOCK_SIZE) if remaining > 0 else 0
