@@ -33,6 +33,7 @@ STORED_WINDOW = 1024       # stored clusters (up to 64 MiB) iter_stored reads at
 STORED_GAP = 1 << 20       # stream bytes it reads through rather than seek over
 STORED_SPAN = 16 << 20     # longest single read
 _POPCOUNT = vma.POPCOUNT16_LIST
+MAX_LAYERS = 256           # archives a stack holds: each row's layer number is one byte
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,11 @@ class Archive:
     @classmethod
     def stack(cls, layers: list[Archive]) -> Archive:
         """One Archive over a chain, oldest (a full archive) first: each cluster read from
-        the newest layer that has a slot for it (a zero slot hides older data)."""
+        the newest layer that has a slot for it (a zero slot hides older data). chain.py
+        keeps chains within MAX_LAYERS; a longer stack is refused, never numbered wrong."""
+        if len(layers) > MAX_LAYERS:
+            raise problems.error(problems.CHAIN, f"a chain of {len(layers)} archives is "
+                                 f"deeper than {MAX_LAYERS}")
         view = copy.copy(layers[-1])  # its header, devices, configs and record
         view.layers = list(layers)
         view.sources = [a.source for a in layers]
