@@ -215,7 +215,7 @@ def test_configs_that_sanitise_alike_are_all_extracted(tmp_path: Path) -> None:
     summary = json.loads(out)
     assert [(c["name"], c["file"]) for c in summary["configs"]] == [
         ("a/b.conf", "a_b.conf"), ("a_b.conf", "a_b.conf~2"), ("a\nb.conf", "a_b.conf~3")]
-    assert summary["devices"] == [{"name": "drive-scsi0", "size": CLUSTER,
+    assert summary["devices"] == [{"name": "drive-scsi0", "device_bytes": CLUSTER,
                                    "file": "disk-drive-scsi0.raw"}]
     archive = Archive.open(str(path))
     try:
