@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import ROOT, VECTORS, assert_one_line_error, fuse_missing, run_vmafs
 
 MiB = 1 << 20
