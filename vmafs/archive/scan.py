@@ -14,6 +14,7 @@ from typing import BinaryIO
 import numpy as np
 
 from vmafs.archive import problems
+from vmafs.archive.locate import check_header
 from vmafs.archive.problems import Problem
 from vmafs.archive.rules import ClusterRules
 from vmafs.archive.walk import (
@@ -27,7 +28,7 @@ from vmafs.archive.walk import (
 from vmafs.errors import ChecksumError, FormatError
 from vmafs.format import chain, index, vma
 
-__all__ = ["ScanResult", "StoredCluster", "read_header", "scan_stream"]
+__all__ = ["BadData", "ScanResult", "StoredCluster", "read_header", "scan_stream"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class TrailerCheck:
         self.index = index.IndexBuilder()
         self.null_run: list[tuple[int, bytes]] = []  # (offset, payload) of trailing null extents
         self.tail = b""  # the stream's last 512 bytes, when they are data
+        self.header_digest = False  # the footer carries a header digest, and it matched
+        self.bad: BadData | None = None  # the clusters whose data fails its checksum
 
     def add_extent(self, ext: Extent, stored: list[StoredCluster], data: memoryview) -> None:
         if ext.is_null:
@@ -95,6 +98,10 @@ class TrailerCheck:
                                       "archive is truncated", offset=footer_offset)]
             return False, []
         try:
+            self.header_digest = check_header(footer, self.header)
+        except problems.ArchiveError as exc:
+            return True, [exc.problem]
+        try:
             index.index_extent_span(footer, footer_offset)
             blob = b"".join(p for off, p in self.null_run[:-1] if off >= footer.index_offset)
             table = index.decode_index(index.check_index_blob(blob, footer))
@@ -111,17 +118,8 @@ class TrailerCheck:
                     footer.index_offset)]
         assert seen.checksums is not None and table.checksums is not None
         bad = np.flatnonzero(seen.checksums != table.checksums)
-        names = {d.dev_id: d.name for d in self.header.devices}
-        found = [Problem(problems.CHECKSUM,
-                         f"data checksum mismatch in cluster {int(seen.clusters[i])} of "
-                         f"{names.get(int(seen.dev_ids[i]), seen.dev_ids[i])} "
-                         f"(stream offset {int(seen.offsets[i])})",
-                         device=names.get(int(seen.dev_ids[i])), cluster=int(seen.clusters[i]),
-                         offset=int(seen.offsets[i]))
-                 for i in bad[:10].tolist()]
-        if len(bad) > 10:
-            found.append(Problem(problems.CHECKSUM, f"... and {len(bad) - 10} more bad clusters"))
-        return True, found
+        self.bad = BadData(seen.dev_ids[bad], seen.clusters[bad], seen.offsets[bad])
+        return True, self.bad.problems(self.header)
 
     def _forged_tail(self) -> list[Problem]:
         """A stream without an index whose last data bytes look like a vmafs footer: a random
@@ -136,6 +134,37 @@ class TrailerCheck:
             return []
         return [_index_problem("the archive's last data bytes look like a vmafs footer: an "
                                "index that is not part of the stream", None)]
+
+
+@dataclass(frozen=True)
+class BadData:
+    """Every stored cluster whose data does not match the index's checksum, in stream order
+    (verify tells those a newer layer of a chain replaces from those it still serves)."""
+
+    dev_ids: np.ndarray
+    clusters: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    def select(self, rows: np.ndarray) -> BadData:
+        return BadData(self.dev_ids[rows], self.clusters[rows], self.offsets[rows])
+
+    def problems(self, header: vma.Header, limit: int = 10) -> list[Problem]:
+        """One problem each for the first `limit`, then one saying how many more."""
+        names = {d.dev_id: d.name for d in header.devices}
+        found = [Problem(problems.CHECKSUM,
+                         f"data checksum mismatch in cluster {cluster} of "
+                         f"{names.get(dev_id, dev_id)} (stream offset {offset})",
+                         device=names.get(dev_id), cluster=cluster, offset=offset)
+                 for dev_id, cluster, offset in zip(self.dev_ids[:limit].tolist(),
+                                                    self.clusters[:limit].tolist(),
+                                                    self.offsets[:limit].tolist(), strict=True)]
+        if len(self) > limit:
+            found.append(Problem(problems.CHECKSUM, f"... and {len(self) - limit} more bad "
+                                 "clusters"))
+        return found
 
 
 def _covered(sizes: np.ndarray, dev_ids: np.ndarray, clusters: np.ndarray) -> int:
@@ -157,6 +186,8 @@ class ScanResult:
     has_index: bool = False
     problems: list[Problem] = field(default_factory=list)
     incremental: bool = False  # its chain record names a parent: missing clusters are its
+    header_digest: bool = False  # its index carries the header's digest, and it matched
+    bad_data: BadData | None = None  # data checksum mismatches (also among problems)
 
 
 def scan_stream(
@@ -219,4 +250,6 @@ def scan_stream(
         result.problems.extend(rules.missing())
     result.has_index, index_problems = trailer.verify()
     result.problems.extend(index_problems)
+    result.header_digest = trailer.header_digest
+    result.bad_data = trailer.bad
     return result

@@ -6,14 +6,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from vmafs.archive import problems
 from vmafs.archive.chain import resolve
+from vmafs.archive.clusterset import ClusterSet
 from vmafs.archive.problems import Problem, problem_of
-from vmafs.archive.scan import ScanResult, read_header, scan_stream
+from vmafs.archive.scan import BadData, ScanResult, read_header, scan_stream
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
 from vmafs.container.streams import open_stream
-from vmafs.errors import EXIT_DAMAGED, FormatError, VmafsError, about
+from vmafs.errors import (
+    EXIT_DAMAGED,
+    EXIT_SUPERSEDED_DAMAGE,
+    FormatError,
+    VmafsError,
+    about,
+)
+from vmafs.format import vma
 from vmafs.format.names import display
 from vmafs.progress import print_json
 
@@ -26,7 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "An incremental archive holds only what changed: verify "
                                    "then checks every link of its chain (each parent present, "
                                    "the one it was taken from) and every archive of the chain. "
-                                   "Exit status 0 only if everything holds.")
+                                   "Exit status 0 only if everything holds; 3 if the "
+                                   "archive or its chain is damaged or incomplete; 4 if the "
+                                   "only damage is in clusters of older archives that a "
+                                   "newer one replaces (the chain's current data is intact: "
+                                   "a warning names each).")
     add_archive_input(p)
     add_base(p)
     add_json(p)
@@ -46,27 +60,69 @@ def scan_file(path: str, quiet: bool) -> ScanResult:
             progress.finish()
 
 
-def check_chain(path: str, bases: list[str], quiet: bool) -> tuple[list[str], list[Problem]]:
-    """The ancestors of an incremental archive (oldest first) and what is wrong with them."""
+def check_chain(path: str, bases: list[str], quiet: bool
+                ) -> tuple[list[str], list[Problem], list[Problem]]:
+    """The ancestors of an incremental archive (oldest first), what is wrong with them, and
+    the damage that does not reach the chain's current data: a bad cluster of an ancestor
+    that a newer layer has a slot for (data or zeros), which no reader of the chain reads."""
     if path == "-":
         return [], [Problem(problems.CHAIN, "incremental: its chain is verified from its file, "
-                            "not from standard input")]
+                            "not from standard input")], []
     try:
         layers = resolve(path, bases)
     except VmafsError as exc:
-        return [], [Problem(problems.CHAIN, str(exc))]
+        return [], [Problem(problems.CHAIN, str(exc))], []
     paths = [a.path or "" for a in layers]
+    # per layer, device name -> the clusters it has slots for (None: a full archive, all)
+    held = [{d.name: a.held(d.dev_id) for d in a.devices} for a in layers]
     for archive in layers:
         archive.close()
     found: list[Problem] = []
-    for ancestor in paths[:-1]:
+    superseded: list[Problem] = []
+    for k, ancestor in enumerate(paths[:-1]):
         try:
             result = scan_file(ancestor, quiet)
         except FormatError as exc:
             found.append(_in(ancestor, problem_of(exc)))
             continue
-        found += [_in(ancestor, p) for p in result.problems]
-    return paths, found
+        bad = result.bad_data
+        if bad is None or not len(bad):
+            found += [_in(ancestor, p) for p in result.problems]
+            continue
+        data = bad.problems(result.header)
+        found += [_in(ancestor, p) for p in result.problems if p not in data]
+        by = _replaced_by(bad, result.header, held[k + 1:])
+        found += [_in(ancestor, p) for p in bad.select(by < 0).problems(result.header)]
+        replaced = bad.select(by >= 0)
+        newer = [paths[k + 1 + j] for j in by[by >= 0].tolist()]
+        superseded += [_superseded(ancestor, p, newer[i] if p.cluster is not None else None)
+                       for i, p in enumerate(replaced.problems(result.header))]
+    return paths, found, superseded
+
+
+def _replaced_by(bad: BadData, header: vma.Header, newer: list[dict[str, ClusterSet | None]]
+                 ) -> np.ndarray:
+    """For each bad cluster, which of the newer layers (oldest first) first has a slot for
+    it, -1 for none: the chain reads that cluster from there, never from the damaged one."""
+    names = {d.dev_id: d.name for d in header.devices}
+    by = np.full(len(bad), -1, np.int64)
+    clusters = bad.clusters.astype(np.int64)
+    for j, sets in enumerate(newer):
+        for dev_id in np.unique(bad.dev_ids).tolist():
+            held = sets.get(names.get(dev_id, ""))
+            if held is None:
+                continue
+            rows = np.flatnonzero((bad.dev_ids == dev_id) & (by < 0))
+            by[rows[held.contains_array(clusters[rows])]] = j
+    return by
+
+
+def _superseded(ancestor: str, problem: Problem, newer: str | None) -> Problem:
+    what = (f"which {display(newer)} replaces" if newer is not None
+            else "each replaced by a newer layer")
+    return _in(ancestor, Problem(problem.kind, f"{problem.message}, {what}: the chain's "
+                                 "current data is intact", problem.device, problem.cluster,
+                                 problem.offset))
 
 
 def _in(path: str, problem: Problem) -> Problem:
@@ -84,14 +140,16 @@ def run(args: argparse.Namespace) -> int:
         raise about(args.archive, exc) from None
     found = list(result.problems)
     chain: list[str] = []
+    superseded: list[Problem] = []
     if result.incremental and not found:
-        chain, chain_problems = check_chain(args.archive, args.base, args.quiet)
+        chain, chain_problems, superseded = check_chain(args.archive, args.base, args.quiet)
         found += chain_problems
-    ok = not found
+    ok = not found and not superseded
     if args.json:
         print_json({
             "archive": args.archive, "ok": ok,
             "problems": [p.to_json() for p in found],
+            "superseded": [p.to_json() for p in superseded],
             "devices": len(result.header.devices), "extents": result.extents,
             "stored_bytes": result.stored_bytes, "indexed": result.has_index,
             "incremental": result.incremental, "chain": chain,
@@ -107,4 +165,8 @@ def run(args: argparse.Namespace) -> int:
         for problem in found:  # a chain problem names the archive it is about
             prefix = "" if problem.kind == problems.CHAIN else f"{args.archive}: "
             print(f"{prefix}{problem}", file=sys.stderr)
-    return 0 if ok else EXIT_DAMAGED
+        for problem in superseded:
+            print(f"vmafs verify: warning: {problem}", file=sys.stderr)
+    if found:
+        return EXIT_DAMAGED
+    return EXIT_SUPERSEDED_DAMAGE if superseded else 0
