@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import pytest
 from conftest import assert_one_line_error, run_vmafs
 
 from vmafs.archive import chain, naming, retention
-from vmafs.archive.retention import Entry, KeepOptions, Staying, plan
+from vmafs.archive.reader import Archive
+from vmafs.archive.retention import Entry, KeepOptions, Needs, Staying
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.container.output import open_output
 from vmafs.errors import VmafsError
@@ -106,6 +108,25 @@ def test_output_path(tmp_path: Path) -> None:
 
 
 # --- the policy ---------------------------------------------------------------------------------
+def plan_of(entries: list[Entry], options: KeepOptions,
+            staying: list[Staying] | None = None) -> retention.Plan:
+    """retention.plan with parents told by uuid alone (prune asks vmafs.archive.chain, which
+    also checks each link): archives that stay first, then full ones, then by path."""
+    others = list(staying or [])
+    every: list[Entry | Staying] = [*entries, *others]
+
+    def parents(path: str, stays: Callable[[str], bool]) -> Needs:
+        child = next(a for a in every if a.path == path)
+        if child.parent is None:
+            return Needs()
+        offered = [a for a in every if a.uuid == child.parent and a.path != path]
+        if not offered:
+            return Needs(missing=f"{child.name}: its parent is not there")
+        best = min(offered, key=lambda a: (not stays(a.path), a.parent is not None, a.path))
+        return Needs((best.path,))
+
+    return retention.plan(entries, options, others, parents)
+
 
 
 def entries(times: list[datetime], vmid: str = "100") -> list[Entry]:
@@ -119,7 +140,7 @@ def kept(p: retention.Plan) -> dict[datetime, list[str]]:
 
 def test_a_year_of_daily_archives() -> None:
     days = [datetime(2024, 1, 1, 2, 0) + timedelta(days=i) for i in range(366)]  # leap year
-    p = plan(entries(days), KeepOptions(daily=7, weekly=4, monthly=6))
+    p = plan_of(entries(days), KeepOptions(daily=7, weekly=4, monthly=6))
     # daily 7: Dec 25..31. weekly 4: Dec 30-31 are 2025-W01 and Dec 23-29 2024-W52, both seen,
     # so the Sundays Dec 22 (W51), 15, 8, 1 (W48); Nov 25-30 (W48 too) are marked removed.
     # monthly 6: December seen; November's newest not yet decided is Nov 24; then the last day
@@ -144,7 +165,7 @@ def test_a_year_of_daily_archives() -> None:
 
 def test_a_year_with_yearly_and_more_monthly() -> None:
     days = [datetime(2023, 1, 1, 2, 0) + timedelta(days=i) for i in range(365 + 366 + 1)]
-    p = plan(entries(days), KeepOptions(last=1, monthly=3, yearly=3))
+    p = plan_of(entries(days), KeepOptions(last=1, monthly=3, yearly=3))
     # last: 2025-01-01. monthly 3: January 2025 seen: Dec, Nov, Oct 2024.
     # yearly 3: 2025 and 2024 seen: 2023's newest, Dec 31; there is no 2022 (years without
     # archives do not count), so 3 is not reached.
@@ -159,7 +180,7 @@ def test_a_year_with_yearly_and_more_monthly() -> None:
 
 def test_several_archives_a_day() -> None:
     times = [datetime(2024, 3, day, hour) for day in range(1, 11) for hour in (0, 6, 12, 18)]
-    p = plan(entries(times), KeepOptions(last=3, hourly=2, daily=3))
+    p = plan_of(entries(times), KeepOptions(last=3, hourly=2, daily=3))
     # last 3: the 10th at 18, 12, 6. hourly 2: those hours are seen; the 10th at 0, the 9th at
     # 18. daily 3: the 10th and 9th are seen; the 8th, 7th, 6th at 18 (their earlier archives
     # removed); the 5th would be a 4th day.
@@ -178,7 +199,7 @@ def test_a_period_an_earlier_option_keeps_counts_as_seen() -> None:
     d = datetime
     times = [d(2024, 5, 3, 10), d(2024, 5, 3, 8), d(2024, 5, 2, 10), d(2024, 5, 1, 10),
              d(2024, 4, 30, 10)]
-    p = plan(entries(times), KeepOptions(last=1, daily=2))
+    p = plan_of(entries(times), KeepOptions(last=1, daily=2))
     # keep-last takes May 3 10:00, so May 3 is seen: keep-daily keeps May 2 and May 1, and
     # May 3 8:00 is not a day of its own.
     assert set(kept(p)) == {d(2024, 5, 3, 10), d(2024, 5, 2, 10), d(2024, 5, 1, 10)}
@@ -189,7 +210,7 @@ def test_iso_weeks_across_the_new_year() -> None:
     # 2020-12-28 (Mon) .. 2021-01-03 (Sun) is ISO week 2020-W53; 2021-01-04 starts 2021-W01
     times = [d(2020, 12, 27, 1), d(2020, 12, 28, 1), d(2020, 12, 31, 1), d(2021, 1, 3, 1),
              d(2021, 1, 4, 1)]
-    p = plan(entries(times), KeepOptions(weekly=2))
+    p = plan_of(entries(times), KeepOptions(weekly=2))
     assert kept(p) == {d(2021, 1, 4, 1): ["keep-weekly 2021-W01"],
                        d(2021, 1, 3, 1): ["keep-weekly 2020-W53"]}
 
@@ -198,13 +219,13 @@ def test_keep_last_counts_archives_not_times() -> None:
     t = datetime(2024, 1, 1)
     same = [Entry(f"/b/{naming.vzdump_name('100', t, z)}", "100", t, uuidlib.uuid4())
             for z in (False, True)]
-    assert len(plan(same, KeepOptions(last=2)).kept) == 2
-    assert len(plan(same, KeepOptions(daily=2)).kept) == 1  # one day
+    assert len(plan_of(same, KeepOptions(last=2)).kept) == 2
+    assert len(plan_of(same, KeepOptions(daily=2)).kept) == 1  # one day
 
 
 def test_per_vmid() -> None:
     days = [datetime(2024, 1, day, 3) for day in range(1, 6)]
-    p = plan(entries(days, "100") + entries(days[:2], "200"), KeepOptions(last=2))
+    p = plan_of(entries(days, "100") + entries(days[:2], "200"), KeepOptions(last=2))
     assert [(x.entry.vmid, x.entry.time.day, x.keep) for x in p.decisions] == [
         ("100", 5, True), ("100", 4, True), ("100", 3, False), ("100", 2, False),
         ("100", 1, False), ("200", 2, True), ("200", 1, True)]
@@ -214,7 +235,7 @@ def test_protected_archives_stay_and_count_for_nothing() -> None:
     days = [datetime(2024, 1, day, 3) for day in range(1, 5)]
     es = entries(days)
     es[3] = Entry(es[3].path, "100", es[3].time, es[3].uuid, protected=True)  # the newest
-    p = plan(es, KeepOptions(last=1))
+    p = plan_of(es, KeepOptions(last=1))
     assert kept(p) == {datetime(2024, 1, 4, 3): ["protected"],
                        datetime(2024, 1, 3, 3): ["keep-last"]}
 
@@ -222,12 +243,12 @@ def test_protected_archives_stay_and_count_for_nothing() -> None:
 @pytest.mark.parametrize("options", [KeepOptions(), KeepOptions(last=0, daily=0)])
 def test_no_keep_option_is_refused(options: KeepOptions) -> None:
     with pytest.raises(VmafsError, match="no keep option"):
-        plan(entries([datetime(2024, 1, 1)]), options)
+        plan_of(entries([datetime(2024, 1, 1)]), options)
 
 
 def test_negative_counts_are_refused() -> None:
     with pytest.raises(VmafsError, match="--keep-weekly must be 0 or more"):
-        plan([], KeepOptions(last=1, weekly=-1))
+        plan_of([], KeepOptions(last=1, weekly=-1))
 
 
 def chain_entries() -> dict[str, Entry]:
@@ -244,7 +265,7 @@ def chain_entries() -> dict[str, Entry]:
 def test_a_kept_incremental_keeps_its_ancestors() -> None:
     e = chain_entries()
     # keep-daily 1 keeps inc4 only: full3 is needed by it; full0 <- inc1 <- inc2 go
-    p = plan(list(e.values()), KeepOptions(daily=1))
+    p = plan_of(list(e.values()), KeepOptions(daily=1))
     by = {x.entry.path: x for x in p.decisions}
     assert by["/b/inc4.vma"].reasons == ["keep-daily 2024-01-05"]
     assert by["/b/full3.vma"].keep and by["/b/full3.vma"].reasons == ["needed by inc4.vma"]
@@ -252,7 +273,7 @@ def test_a_kept_incremental_keeps_its_ancestors() -> None:
     assert [x.entry.path for x in p.removed] == ["/b/inc2.vma", "/b/inc1.vma", "/b/full0.vma"]
     # keep-last takes inc4, keep-daily 2 (Jan 5 seen) full3 and inc2: inc1 and full0 stay
     # too, each with the child that needs it
-    p = plan(list(e.values()), KeepOptions(last=1, daily=2))
+    p = plan_of(list(e.values()), KeepOptions(last=1, daily=2))
     by = {x.entry.path: x for x in p.decisions}
     assert by["/b/inc4.vma"].reasons == ["keep-last"]
     assert by["/b/inc2.vma"].reasons == ["keep-daily 2024-01-03"]
@@ -264,7 +285,7 @@ def test_a_kept_incremental_keeps_its_ancestors() -> None:
 
 def test_a_kept_parent_also_says_who_needs_it() -> None:
     e = chain_entries()
-    p = plan(list(e.values()), KeepOptions(last=5))
+    p = plan_of(list(e.values()), KeepOptions(last=5))
     by = {x.entry.path: x for x in p.decisions}
     assert by["/b/full3.vma"].reasons == ["keep-last", "needed by inc4.vma"]
 
@@ -273,7 +294,7 @@ def test_archives_that_stay_keep_their_ancestors() -> None:
     e = chain_entries()
     # an archive prune does not decide on (another name, another VMID) whose parent is inc1
     other = Staying("/b/manual.vma", uuidlib.uuid4(), e["inc1"].uuid)
-    p = plan(list(e.values()), KeepOptions(last=1), [other])
+    p = plan_of(list(e.values()), KeepOptions(last=1), [other])
     by = {x.entry.path: x for x in p.decisions}
     assert by["/b/inc1.vma"].reasons == ["needed by manual.vma"]
     assert by["/b/full0.vma"].reasons == ["needed by inc1.vma"]
@@ -288,15 +309,18 @@ def test_a_merged_base_serves_for_the_archives_it_folded() -> None:
           Entry("/b/orig.vma", "100", datetime(2024, 1, 1), u, root),
           Entry("/b/merged.vma", "100", datetime(2024, 1, 2), u),
           Entry("/b/child.vma", "100", datetime(2024, 1, 3), child, u)]
-    p = plan(es, KeepOptions(last=1))
+    p = plan_of(es, KeepOptions(last=1))
     assert {x.entry.path for x in p.kept} == {"/b/merged.vma", "/b/child.vma"}
     # one that is kept anyway serves, whatever it is
-    p = plan(es, KeepOptions(last=1, daily=4))
+    p = plan_of(es, KeepOptions(last=1, daily=4))
     assert {x.entry.path for x in p.kept} == {e.path for e in es}
-    # without a full one, every archive with the uuid stays (prune cannot tell which resolves)
+    # whatever the resolver offers is kept (chain.Prune offers several when none of the
+    # archives that serve reads back whole, or every one when none serves)
     es[2] = Entry("/b/merged.vma", "100", datetime(2024, 1, 2), u, root)
-    p = plan(es, KeepOptions(last=1))
-    assert {x.entry.path for x in p.kept} == {e.path for e in es}
+    p = retention.plan(es, KeepOptions(last=1), [], lambda path, stays: Needs(
+        ("/b/orig.vma", "/b/merged.vma") if path == "/b/child.vma" else ()))
+    assert {x.entry.path for x in p.kept} == {"/b/orig.vma", "/b/merged.vma", "/b/child.vma"}
+    assert all(x.reasons == ["needed by child.vma"] for x in p.kept if x.entry.path != es[3].path)
 
 
 def test_cycles_self_parents_and_orphans() -> None:
@@ -305,12 +329,14 @@ def test_cycles_self_parents_and_orphans() -> None:
           Entry("/b/b.vma", "1", datetime(2024, 1, 2), b, a),  # a cycle (a forged record)
           Entry("/b/c.vma", "1", datetime(2024, 1, 1), c, c),
           Entry("/b/o.vma", "1", datetime(2023, 1, 1), uuidlib.uuid4(), uuidlib.uuid4())]
-    p = plan(es, KeepOptions(last=1))
+    p = plan_of(es, KeepOptions(last=1))
     assert {x.entry.path for x in p.kept} == {"/b/a.vma", "/b/b.vma"}
     assert p.orphans == []
-    p = plan(es, KeepOptions(last=4))
-    assert p.orphans == ["/b/o.vma"]
-    assert plan(es, KeepOptions(last=4)).decisions[2].reasons == ["keep-last"]  # c: itself
+    p = plan_of(es, KeepOptions(last=4))
+    assert p.orphans == ["/b/c.vma", "/b/o.vma"]  # c has no parent but itself
+    assert [n for _, n in p.notes] == ["c.vma: its parent is not there",
+                                       "o.vma: its parent is not there"]
+    assert plan_of(es, KeepOptions(last=4)).decisions[2].reasons == ["keep-last"]  # c: itself
 
 
 def test_removal_order_children_first() -> None:
@@ -321,14 +347,14 @@ def test_removal_order_children_first() -> None:
           Entry("/b/c2.vma", "1", datetime(2024, 1, 3), u[2], u[1]),
           Entry("/b/x.vma", "1", datetime(2024, 1, 4), u[3]),
           Entry("/b/keep.vma", "1", datetime(2024, 2, 1), uuidlib.uuid4())]
-    p = plan(es, KeepOptions(last=1))
+    p = plan_of(es, KeepOptions(last=1))
     assert [d.entry.name for d in p.removal_order()] == ["x.vma", "c2.vma", "c1.vma", "p.vma"]
 
 
 def test_the_same_archive_twice_is_refused() -> None:
     e = entries([datetime(2024, 1, 1)])
     with pytest.raises(VmafsError):
-        plan(e + e, KeepOptions(last=1))
+        plan_of(e + e, KeepOptions(last=1))
 
 
 # --- vmafs prune on real archives ---------------------------------------------------------------
@@ -353,10 +379,13 @@ def create(directory: Path, name: str, image: Path) -> Path:
     return directory / name
 
 
-def write_incremental(path: Path, parent: Path) -> uuidlib.UUID:
-    """An archive whose chain record names PARENT (digest: any; prune follows uuids only)."""
+def write_incremental(path: Path, parent: Path, digest: str | None = None) -> uuidlib.UUID:
+    """An archive whose chain record names PARENT (its real link, or one with `digest`)."""
+    with Archive.open(str(parent), layer=True) as p:
+        link = chain.link_to(p)
+    if digest is not None:
+        link = chain_format.Link(link.uuid, link.ctime, link.devices, digest)
     facts = chain.peek(str(parent))
-    link = chain_format.Link(facts.uuid, facts.ctime, facts.devices, "ab" * 32)
     record = chain_format.encode(chain_format.ChainRecord(parent=link))
     new = uuidlib.uuid4()
     with open_output(str(path)) as out:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from vmafs.archive import walk
 from vmafs.archive.reader import MAX_LAYERS, Archive, read_source_header
+from vmafs.archive.retention import Needs
 from vmafs.container.source import open_source
 from vmafs.container.streams import open_stream
 from vmafs.errors import EXIT_DAMAGED, NotSeekableError, VmafsError
@@ -409,17 +410,6 @@ def link_to(parent: Archive) -> chain.Link:
 
 
 # -- prune ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Needs:
-    """What an archive needs so that its chain resolves: the files of its parent (several
-    names of one file, or several files when none could be told to be the one), nothing for
-    a full archive; `missing` says why a parent is not there."""
-
-    paths: tuple[str, ...] = ()
-    missing: str | None = None
-    note: str | None = None
-
 
 class Prune:
     """Prune's view of a directory: each archive file opened and checked once (and read whole

@@ -1,6 +1,6 @@
 """Which archives a retention policy keeps: Proxmox's keep-last/-hourly/-daily/-weekly/-monthly/
 -yearly (vzdump and Proxmox Backup Server decide alike), applied per VMID, then widened so no
-incremental archive that stays loses an ancestor. Pure: entries in, a plan out, no I/O.
+incremental archive that stays loses an ancestor. Entries in, a plan out, no I/O of its own.
 
 The options are applied in that order. Each walks the VM's archives newest first, skipping
 archives an earlier option already decided on, and periods (hour, day, ISO week, month, year of
@@ -15,11 +15,12 @@ with the same time in their names, such as NAME.vma and NAME.vma.zst, it keeps o
 
 Protected archives (vzdump's NAME.protected) are kept and count for no option.
 
-Then the chains: an archive that is to be removed, but that a kept archive (or an archive the
-plan does not cover, such as one of another VM or not named by vzdump) names as its parent by
-uuid, is kept, and so on up the chain: "needed by CHILD". When several archives have that uuid (a
-merged archive has the uuid of the one it replaces), one that is kept anyway serves; else a full
-one (the merged base, which needs no ancestors, so the archives it folded can go); else all.
+Then the chains: an archive that is to be removed, but that an archive which stays (a kept one,
+or one the plan does not cover, such as one of another VM or not named by vzdump) needs for its
+chain, is kept, and so on up the chain: "needed by CHILD". What an archive needs is not decided
+here but asked of the caller (`parents`: prune asks vmafs.archive.chain, which chooses a parent
+as every reader does, preferring archives that stay anyway); when no parent can be told to be
+the one, everything offered is kept.
 """
 
 from __future__ import annotations
@@ -87,6 +88,21 @@ class Staying:
         return os.path.basename(self.path)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What an archive needs so that its chain resolves: the paths of its parent (several when
+    none can be told to be the one), none for a full archive; `missing` says why its chain does
+    not resolve now, `note` anything else worth saying about the choice."""
+
+    paths: tuple[str, ...] = ()
+    missing: str | None = None
+    note: str | None = None
+
+
+# (path of an archive that stays, whether a path stays anyway) -> what that archive needs
+Parents = Callable[[str, Callable[[str], bool]], Needs]
+
+
 @dataclass
 class Decision:
     entry: Entry
@@ -99,6 +115,7 @@ class Decision:
 class Plan:
     decisions: list[Decision]  # grouped by VMID (sorted), newest first within a VMID
     orphans: list[str] = field(default_factory=list)  # paths: they stay, their parent is gone
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, what to say about it)
 
     @property
     def kept(self) -> list[Decision]:
@@ -171,10 +188,11 @@ def _retain(group: list[Entry], options: KeepOptions) -> list[tuple[bool, str]]:
     return [marks.get(i, (False, "no keep option selects it")) for i in range(len(group))]
 
 
-def plan(entries: Sequence[Entry], options: KeepOptions,
-         staying: Sequence[Staying] = ()) -> Plan:
+def plan(entries: Sequence[Entry], options: KeepOptions, staying: Sequence[Staying],
+         parents: Parents) -> Plan:
     """What to keep and what to remove of `entries`; `staying` are the other archives (beside
-    them) that stay whatever: their ancestors stay too."""
+    them) that stay whatever: their ancestors stay too; `parents` says what an archive
+    needs."""
     options.check()
     paths = [e.path for e in entries] + [s.path for s in staying]
     if len(set(paths)) != len(paths):
@@ -187,47 +205,49 @@ def plan(entries: Sequence[Entry], options: KeepOptions,
         group = _newest_first(groups[vmid])
         for e, (keep, reason) in zip(group, _retain(group, options), strict=True):
             decisions.append(Decision(e, keep, [reason]))
-    orphans = _protect_chains(decisions, staying)
-    return Plan(decisions, orphans)
+    result = Plan(decisions)
+    _protect_chains(result, staying, parents)
+    return result
 
 
-def _protect_chains(decisions: list[Decision], staying: Sequence[Staying]) -> list[str]:
-    """Keep every ancestor of what stays; the paths of staying archives whose parent is not
-    there."""
-    by_uuid: dict[uuidlib.UUID, list[Decision]] = {}
-    for d in decisions:
-        by_uuid.setdefault(d.entry.uuid, []).append(d)
-    staying_uuids = {s.uuid for s in staying}
-    known = set(by_uuid) | staying_uuids
-    # archives that stay, as (path, parent uuid), worked through until no new ancestor turns up
-    todo = [(s.path, s.parent) for s in staying]
-    todo += [(d.entry.path, d.entry.parent) for d in decisions if d.keep]
+def _protect_chains(result: Plan, staying: Sequence[Staying], parents: Parents) -> None:
+    """Keep everything an archive that stays needs, up every chain; note the archives that
+    stay although their chain does not resolve (orphans) and why."""
+    by_path = {d.entry.path: d for d in result.decisions}
+    staying_paths = {s.path for s in staying}
+
+    def stays(path: str) -> bool:
+        return path in staying_paths or (path in by_path and by_path[path].keep)
+
+    todo = [s.path for s in staying][::-1] + [d.entry.path for d in result.decisions
+                                              if d.keep][::-1]
     done: set[str] = set()
     rescued: set[str] = set()
-    orphans: list[str] = []
     while todo:
-        path, parent = todo.pop()
-        if path in done or parent is None:
+        path = todo.pop()
+        if path in done:
             continue
         done.add(path)
-        if parent not in known:
-            orphans.append(path)
-        # an archive naming itself as its parent needs nothing else
-        offered = [d for d in by_uuid.get(parent, []) if d.entry.path != path]
-        kept = [d for d in offered if d.keep]
-        if kept or parent in staying_uuids:
-            chosen = kept
-        else:
-            chosen = [d for d in offered if d.entry.parent is None][:1] or offered
-        for d in chosen:
-            if not d.keep:
-                d.keep = True
-                rescued.add(d.entry.path)
-                todo.append((d.entry.path, d.entry.parent))
-            d.needed_by.append(path)
-    for d in decisions:
+        needs = parents(path, stays)
+        if needs.missing is not None:
+            result.orphans.append(path)
+            result.notes.append((path, needs.missing))
+        if needs.note is not None:
+            result.notes.append((path, needs.note))
+        for parent in needs.paths:
+            if parent == path:  # an archive naming itself as its parent needs nothing else
+                continue
+            d = by_path.get(parent)
+            if d is not None:
+                if not d.keep:
+                    d.keep = True
+                    rescued.add(parent)
+                if path not in d.needed_by:
+                    d.needed_by.append(path)
+            todo.append(parent)
+    for d in result.decisions:
         if d.needed_by:
             d.needed_by.sort()
             d.reasons = [] if d.entry.path in rescued else d.reasons
             d.reasons += [f"needed by {os.path.basename(p)}" for p in d.needed_by]
-    return sorted(orphans)
+    result.orphans.sort()

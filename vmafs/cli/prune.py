@@ -13,7 +13,6 @@ import argparse
 import os
 import stat
 import sys
-import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from vmafs.archive import chain, naming, retention
@@ -156,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, dir_fd: int, options: retention.KeepOptions,
          vmid: str | None) -> int:
     found = _scan(args.dir, dir_fd, vmid)
-    plan = retention.plan(found.entries, options, found.staying)
+    resolver = chain.Prune(args.dir)  # every file a kept chain relies on is checked there
+    plan = retention.plan(found.entries, options, found.staying, resolver.needs)
     removing = {d.entry.name for d in plan.removed}
     remaining_stems = {naming.strip_suffix(n) for n in found.names
                        if naming.parse_vzdump_name(n) is not None and n not in removing}
@@ -170,35 +170,13 @@ def _run(args: argparse.Namespace, dir_fd: int, options: retention.KeepOptions,
         _warn(f"{display(name)}: {reason}; left alone")
     considered = {e.path for e in found.entries}
     orphans = [p for p in plan.orphans if p in considered]  # not the others' business
-    for path in orphans:
-        _warn(f"{display(os.path.basename(path))}: its parent archive is not among the "
-              f"readable archives of {display(args.dir)}")
+    for _path, note in plan.notes:
+        _warn(note)
     if not args.json:
         _print_plan(plan, found, sidecars)
     removed: dict[str, list[str]] = {}
     if not args.dry_run:
-        needed: set[uuidlib.UUID] = set()  # parents of archives that were not removed after all
-        for d in plan.removal_order():
-            name = d.entry.name
-            if d.entry.uuid in needed:
-                _warn(f"{display(name)}: an archive that names it as parent was not removed; "
-                      "not removed")
-                if d.entry.parent is not None:
-                    needed.add(d.entry.parent)
-                continue
-            try:
-                skipped = _unlink_regular(dir_fd, name, found.identity.get(d.entry.path))
-            except VmafsError as exc:
-                raise VmafsError(f"{exc} (prune stopped; {len(removed)} removed before "
-                                 "it)") from None
-            if skipped is not None:
-                _warn(f"{display(name)}: {skipped}; not removed")
-                if d.entry.parent is not None and skipped != GONE:
-                    needed.add(d.entry.parent)
-                continue
-            removed[name] = [s for s in sidecars[name] if _unlink_regular(dir_fd, s, None) is None]
-        if removed:
-            os.fsync(dir_fd)
+        removed = _remove(args, dir_fd, plan, found, sidecars, resolver)
     if args.json:
         _print_json(args, plan, found, orphans, sidecars, removed)
     elif args.dry_run:
@@ -207,6 +185,40 @@ def _run(args: argparse.Namespace, dir_fd: int, options: retention.KeepOptions,
     else:
         print(f"{len(plan.kept)} kept, {len(removed)} removed")
     return 0
+
+
+def _remove(args: argparse.Namespace, dir_fd: int, plan: retention.Plan, found: _Scan,
+            sidecars: dict[str, list[str]], resolver: chain.Prune) -> dict[str, list[str]]:
+    """Unlink the plan's removals, children first. An archive that could not be removed
+    (replaced since it was read) still needs its chain: what it needs is not removed."""
+    removed: dict[str, list[str]] = {}
+    planned = {d.entry.path for d in plan.removed}
+    held: set[str] = set()  # what archives that were not removed after all need
+
+    def stays(path: str) -> bool:
+        return path not in planned or path in held
+
+    for d in plan.removal_order():
+        name = d.entry.name
+        if d.entry.path in held:
+            _warn(f"{display(name)}: an archive that needs it was not removed; not removed")
+            held.update(resolver.needs(d.entry.path, stays).paths)
+            continue
+        try:
+            skipped = _unlink_regular(dir_fd, name, found.identity.get(d.entry.path))
+        except VmafsError as exc:
+            raise VmafsError(f"{exc} (prune stopped; {len(removed)} removed before "
+                             "it)") from None
+        if skipped is not None:
+            _warn(f"{display(name)}: {skipped}; not removed")
+            if skipped != GONE:
+                held.add(d.entry.path)
+                held.update(resolver.needs(d.entry.path, stays).paths)
+            continue
+        removed[name] = [s for s in sidecars[name] if _unlink_regular(dir_fd, s, None) is None]
+    if removed:
+        os.fsync(dir_fd)
+    return removed
 
 
 def _print_plan(plan: retention.Plan, found: _Scan, sidecars: dict[str, list[str]]) -> None:
@@ -241,5 +253,6 @@ def _print_json(args: argparse.Namespace, plan: retention.Plan, found: _Scan, or
         "directory": args.dir, "dry_run": args.dry_run, "archives": archives,
         "left_alone": [{**json_name(n), "reason": display(why)} for n, why in found.left_alone],
         "orphans": [json_name(os.path.basename(p)) for p in orphans],
+        "notes": [{**json_name(os.path.basename(p)), "note": display(n)} for p, n in plan.notes],
         "kept": len(plan.kept), "remove": len(plan.removed), "removed": len(removed),
     })
