@@ -105,3 +105,27 @@ def output_path(output: str, vmid: str, when: datetime | float, zstd: bool) -> s
     if is_directory_output(output):
         return os.path.join(output, vzdump_name(vmid, when, zstd))
     return output
+
+
+# vzdump's mark that an archive is protected (never pruned): an empty file beside it named
+# like the archive plus this suffix, as Proxmox's storage plugin writes "$path.protected".
+PROTECTED_SUFFIX = ".protected"
+
+
+def protected_marker(archive: str) -> str:
+    """The marker that protects an archive: ARCHIVE.protected (a path gives a path, a base name
+    a base name). The one home of this rule: protect, prune and backup --protected use it."""
+    return archive + PROTECTED_SUFFIX
+
+
+def config_vmid(config_names: Sequence[str]) -> str | None:
+    """The VMID a Proxmox config file name in an archive says (`101.conf`); None when no name
+    says one, or several names say different ones."""
+    numbers = {m[1] for name in config_names if (m := _PROXMOX_CONF.fullmatch(name))}
+    return numbers.pop() if len(numbers) == 1 else None
+
+
+def archive_vmid(path: str, config_names: Sequence[str]) -> str | None:
+    """An archive's VMID: from its vzdump name, else from a `NNN.conf` config name, else None."""
+    parsed = parse_vzdump_name(os.path.basename(path))
+    return parsed[0] if parsed is not None else config_vmid(config_names)
