@@ -263,6 +263,8 @@ def test_protect_then_prune_keeps_it(library: Path, tmp_path: Path) -> None:
     assert marker.is_file() and not marker.is_symlink() and marker.stat().st_size == 0
     again = json_of("protect", tmp_path / old)
     assert again["changed"] is False and again["output"] is None
+    listed = json_of("snapshots", tmp_path)["snapshots"]
+    assert [(s["name"], s["protected"]) for s in listed] == [(old, True), (new, False)]
 
     rc, _out, err = run_vmafs("prune", tmp_path, "--keep-last", "1")
     assert rc == 0, err

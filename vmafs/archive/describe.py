@@ -15,7 +15,7 @@ import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vmafs.archive import chain, naming
+from vmafs.archive import chain, naming, protection
 from vmafs.archive.configs import vm_configs
 from vmafs.archive.reader import Archive, read_source_header
 from vmafs.archive.walk import read_header as read_stream_header
@@ -185,6 +185,7 @@ class Snapshot:
     device_bytes: int
     complete: bool            # every ancestor resolves (chain.resolve); a full archive: True
     chain_error: str | None
+    protected: bool           # vzdump's ARCHIVE.protected is there: prune keeps it
 
     @property
     def incremental(self) -> bool:
@@ -249,7 +250,8 @@ def snapshots(directory: str, vmid: str | None = None) -> Listing:
         listing.snapshots.append(Snapshot(
             peek.path, owner, peek.uuid, peek.ctime,
             peek.parent.uuid if peek.parent is not None else None, st.st_size,
-            sum(size for _name, size in peek.devices), broken is None, broken))
+            sum(size for _name, size in peek.devices), broken is None, broken,
+            protection.is_protected(peek.path)))
     listing.snapshots.sort(key=lambda s: (s.vmid is None, s.vmid or "", s.ctime, s.path))
     listing.skipped.sort()
     return listing

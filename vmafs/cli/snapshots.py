@@ -40,7 +40,7 @@ def _snapshot_json(s: Snapshot) -> dict[str, Any]:
             "uuid": str(s.uuid), "ctime": s.ctime, "time": iso_time(s.ctime),
             "incremental": s.incremental, "parent": str(s.parent) if s.parent else None,
             "archive_bytes": s.archive_bytes, "device_bytes": s.device_bytes,
-            "complete": s.complete, "chain_error": s.chain_error}
+            "complete": s.complete, "chain_error": s.chain_error, "protected": s.protected}
 
 
 def _local(ctime: int) -> str:
@@ -63,6 +63,8 @@ def lines_of(listing: Listing) -> list[str]:
         if s.parent is not None:
             line += f"  parent {s.parent}"
             line += ", complete" if s.complete else ", INCOMPLETE"
+        if s.protected:
+            line += "  protected"
         out.append(line)
         if s.chain_error is not None:
             out.append(f"      chain broken: {display(s.chain_error)}")
