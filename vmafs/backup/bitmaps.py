@@ -58,16 +58,39 @@ def chain_mismatch(disks: Sequence[Disk], prev_devices: Mapping[str, int]) -> st
     return None
 
 
-def unusable(disk: Disk, nodes: Sequence[Json], prev: uuidlib.UUID) -> str | None:
-    """Why this disk's changes since PREV are unknown (None: its bitmap has them)."""
+def missing_reason(info: Json | None, prev_ctime: int, qemu_started: float | None,
+                   successor: str | None) -> str:
+    """Why PREV's bitmap is not on a disk, as far as can be known: a later archive that
+    continued from PREV (its commit removed the bitmap), a QEMU process younger than PREV
+    (restarted), or one older than PREV (someone removed it)."""
+    persists = info is not None and can_persist(info)
+    if successor is not None:
+        return (f"a later backup, {successor}, continued the chain from that archive and moved "
+                "the bitmap on: continue from the newest archive of the chain")
+    if qemu_started is not None and qemu_started > prev_ctime:
+        if not persists:
+            return ("the VM was restarted after that backup, and a bitmap on a raw or qcow2 v2 "
+                    "disk lives only as long as the QEMU process")
+        return ("the VM was restarted after that backup and the image did not hold it (QEMU "
+                "stopped uncleanly before storing it, or the disk was replaced)")
+    if qemu_started is not None:
+        return ("QEMU has run since before that backup, so it was removed: by a later backup "
+                "continuing this chain, --drop-old-bitmaps, or vmafs bitmaps --drop")
+    if not persists:
+        return ("a bitmap on a raw or qcow2 v2 disk lives only as long as the QEMU process: was "
+                "the VM restarted?")
+    return ("the VM was restarted uncleanly, the disk was replaced, or a later backup of this "
+            "chain moved the bitmap on")
+
+
+def unusable(disk: Disk, nodes: Sequence[Json], prev: uuidlib.UUID,
+             missing: str | None = None) -> str | None:
+    """Why this disk's changes since PREV are unknown (None: its bitmap has them); `missing`
+    says why the bitmap is gone, if it is (missing_reason)."""
     name = chain.bitmap_name(prev)
     bitmap = bitmap_of(nodes, disk.node, name)
     if bitmap is None:
-        info = _node(nodes, disk.node)
-        why = ("a bitmap on a raw or qcow2 v2 disk lives only as long as the QEMU process: was "
-               "the VM restarted?" if info is not None and not can_persist(info)
-               else "the VM was restarted uncleanly, the disk was replaced, or a later "
-               "backup of this chain moved the bitmap on")
+        why = missing or missing_reason(_node(nodes, disk.node), 0, None, None)
         return f"disk {disk.name}: no dirty bitmap {name} ({why})"
     if bitmap.get("inconsistent"):
         return (f"disk {disk.name}: dirty bitmap {name} is inconsistent (QEMU stopped uncleanly "

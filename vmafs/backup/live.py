@@ -20,6 +20,10 @@ What keeps the VM safe whatever happens:
   see an error; then the jobs are cancelled, the NBD nodes deleted and the guest thawed, all
   in shielded cleanup with time limits; if QEMU does not let go, the NBD connections are
   dropped (the last resort, which may fail guest writes in flight);
+* when vmafs itself is killed (SIGKILL, OOM), its guard process (guard.py) takes over: QEMU's
+  NBD client (added with `reconnect-delay`) reconnects to the guard, which acknowledges every
+  copy, cancels the jobs, deletes the nodes and removes the run's bitmap; and every backup
+  first cleans up what a dead run left (runlock.py tells a dead run from a live one);
 * the archive is committed (renamed to its final name) only when every job reported
   BLOCK_JOB_COMPLETED without error and the writer finished.
 """
@@ -36,19 +40,30 @@ import time
 import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import trio
 import trio_asyncio
 
+from vmafs.archive import chain as chains
 from vmafs.archive import naming
 from vmafs.archive.chain import link_to
-from vmafs.archive.reader import Archive
-from vmafs.backup import bitmaps, blockgraph
+from vmafs.backup import bitmaps, blockgraph, runlock
 from vmafs.backup.blockgraph import Disk
-from vmafs.backup.nbd_server import serve_nbd
+from vmafs.backup.guard import RECONNECT_DELAY, Guard, clean_run, dead_bitmaps
+from vmafs.backup.nbd_server import open_listener, serve_nbd
 from vmafs.backup.pipe import FINISH, DiskSink, Pipe
-from vmafs.backup.qmp import GuestAgent, QemuGone, Qmp, QmpError, has_member, open_qmp
+from vmafs.backup.qmp import (
+    GuestAgent,
+    QemuGone,
+    Qmp,
+    QmpBusy,
+    QmpError,
+    has_member,
+    open_qmp,
+    process_started,
+)
 from vmafs.backup.writer_thread import WriterThread, describe_writer_error
 from vmafs.container.output import check_output_name
 from vmafs.errors import VmafsError
@@ -86,6 +101,8 @@ class BackupOptions:
     vmid: str | None = None                           # DIR/ output: vzdump-qemu-VMID-...
     speed: int | None = None                          # bytes/s per disk QEMU may read
     drop_old_bitmaps: bool = False                    # committed: remove other vmafs- bitmaps
+    inherit: bool = False      # an incremental takes PREV's VMID and config files
+    bases: Sequence[str] = ()  # where PREV's ancestors may be, besides their children's dirs
 
 
 @dataclass
@@ -143,7 +160,7 @@ class Backup:
     def __init__(self, opts: BackupOptions) -> None:
         self.opts = opts
         self.failure: str | None = None
-        self.tag = secrets.token_hex(3)
+        self.tag = secrets.token_hex(5)         # in the names of everything we add to QEMU
         self.disks: list[Disk] = []
         self.x_perf = False
         self.frozen: int | None = None
@@ -157,6 +174,8 @@ class Backup:
         self.progress: Progress | None = None
         #: Set once the jobs run; tests use it to inject failures at the right moment.
         self.jobs_started = trio.Event()
+        self._prev_link: chain.Link | None = None
+        self._prev_vmid: str | None = None
         self._jobs_maybe = False
         self.uuid = uuidlib.uuid4()
         self.ctime = int(time.time())          # the archive's, and its name's with -o DIR/
@@ -165,13 +184,22 @@ class Backup:
         self._nodes: list[dict[str, Any]] = []
         self._bitmaps_maybe = False            # ours may exist: remove them if we fail
         self.whole: set[str] = set()           # disks of an incremental copied whole
+        self.exit_code = BackupError.exit_code
+        self.lock: runlock.RunLock | None = None
+        self.guard: Guard | None = None
+        self._listeners: list[trio.socket.SocketType] = []
+        self._settled = False                  # our bitmaps are as they must stay
+        self._prev_configs: list[tuple[str, bytes]] = []
+        self.depth = 1                         # archives in the new archive's chain
+        self.started_at = time.time()
 
     # -- failure plumbing --
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, exit_code: int = BackupError.exit_code) -> None:
         """Record the first failure reason, stop storing, and stop the main flow."""
         if self.failure is None:
             self.failure = reason
+            self.exit_code = exit_code
         if self.pipe is not None:
             self.pipe.discard()
         self._scope.cancel()
@@ -190,7 +218,10 @@ class Backup:
         if not naming.is_directory_output(opts.output):
             check_output_name(opts.output)
         started = time.monotonic()
+        self.lock = runlock.RunLock(opts.qmp_socket, self.tag)
         try:
+            if opts.incremental is not None:
+                self._read_prev()
             async with open_qmp(opts.qmp_socket) as qmp, trio.open_nursery() as nursery:
                 self._qmp = qmp
                 if opts.handle_signals:
@@ -206,7 +237,7 @@ class Backup:
                         await self._wait_jobs(qmp)
                         ok = True
                 except VmafsError as exc:
-                    self.fail(str(exc))
+                    self.fail(str(exc), exc.exit_code)
                 finally:
                     if not ok and self.failure is None:
                         self.fail("the backup was interrupted")
@@ -214,20 +245,42 @@ class Backup:
                         await self._teardown(qmp)
                 if self.failure is None:
                     await self._commit()
+                if self.failure is None:
+                    self.lock.record.committed = True
+                    self.lock.write()
                 with trio.CancelScope(shield=True):
                     await self._settle_bitmaps(qmp)
                 nursery.cancel_scope.cancel()
+        except VmafsError as exc:
+            if self.failure is None:
+                self.failure = self._busy_reason() if isinstance(exc, QmpBusy) else str(exc)
+                self.exit_code = exc.exit_code
         finally:
             self._finish_progress()
-            self._remove_sockdir()
+            self._let_go()
         if self.failure is not None:
-            raise BackupError(self.failure)
+            error = BackupError(self.failure)
+            error.exit_code = self.exit_code
+            raise error
         assert self.writer is not None
         total = sum(d.size for d in self.disks)
         return BackupResult(self.opts.output, self.disks, total, time.monotonic() - started,
                             self.x_perf, self.frozen, self.uuid,
                             self.parent.uuid if self.parent else None,
                             chain.bitmap_name(self.uuid) if opts.bitmap else None, self.notes)
+
+    def _busy_reason(self) -> str:
+        """QEMU's monitor did not greet us: name the vmafs backup that holds it, if one does."""
+        with runlock.scan(exclude=self.tag) as runs:
+            for record in runs.live.values():
+                if record is not None and runlock.same_socket(record.qmp, self.opts.qmp_socket):
+                    if _alive(record.pid):
+                        return (f"another vmafs backup (pid {record.pid}) is running on this VM "
+                                "(it holds QEMU's monitor); wait for it to finish")
+                    return (f"a killed vmafs backup (pid {record.pid}) is being cleaned up by "
+                            "its guard; try again in a few seconds")
+        return f"QMP socket {self.opts.qmp_socket}: no greeting (another client holds QEMU's " \
+               "monitor, which serves one at a time)"
 
     async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
@@ -238,15 +291,48 @@ class Backup:
 
     # -- phases --
 
+    def _read_prev(self) -> None:
+        """PREV and its whole chain, checked as the readers check it, before QEMU is asked
+        anything: an incremental on a broken chain would be an archive nothing can read."""
+        path = self.opts.incremental
+        assert path is not None
+        try:
+            layers = chains.resolve(path, self.opts.bases)
+        except chains.ChainError:
+            raise
+        except VmafsError as exc:
+            raise BackupError(f"--incremental {display(path)}: {exc}") from None
+        try:
+            prev = layers[-1]
+            self._prev_link = link_to(prev)
+            self.depth = len(layers) + 1
+            self._prev_configs = [(n, d) for n, d in prev.configs if n != chain.CONFIG_NAME]
+            self._prev_vmid = naming.archive_vmid(path, [n for n, _ in self._prev_configs])
+        finally:
+            for layer in layers:
+                layer.close()
+        if self.opts.inherit:
+            self.opts = replace(self.opts, configs=self._prev_configs)
+
     async def _preflight(self, qmp: Qmp) -> None:
-        """Everything that can refuse the backup, before anything is touched."""
+        """Everything that can refuse the backup, before anything is touched (but what a
+        killed backup left, which is cleaned up first)."""
         if naming.is_directory_output(self.opts.output):
-            vmid = self.opts.vmid or naming.default_vmid(
-                self.opts.configs, (await qmp.execute("query-name")).get("name"))
+            vmid = (self.opts.vmid or (self._prev_vmid if self.opts.inherit else None)
+                    or naming.default_vmid(self.opts.configs,
+                                           (await qmp.execute("query-name")).get("name")))
             zstd = self.opts.zstd is True
             path = naming.output_path(self.opts.output, vmid, self.ctime, zstd)
             check_output_name(path)
             self.opts = replace(self.opts, output=path, zstd=zstd)
+        if self.depth > chains.MAX_DEPTH:
+            reason = (f"{display(self.opts.output)}: chain deeper than {chains.MAX_DEPTH} "
+                      "archives (merge it)")
+            if not self.opts.full_if_needed:
+                raise chains.ChainError(reason)
+            self.notes.append(f"{reason}: taking a full backup instead (--full-if-needed)")
+            self.opts = replace(self.opts, incremental=None)
+        await self._clean_leftovers(qmp)
         status = await qmp.execute("query-status")
         if status.get("status") in ("shutdown", "guest-panicked", "internal-error"):
             raise BackupError(f"the VM is in state {status.get('status')!r}")
@@ -259,7 +345,7 @@ class Backup:
         self.disks = blockgraph.select_disks(blocks, nodes, types, self.opts.drives)
         self._nodes = nodes
         if self.opts.incremental is not None:
-            self._plan_incremental(nodes)
+            self._plan_incremental(nodes, process_started(qmp.peer_pid()))
         blockgraph.check_no_jobs(await qmp.execute("query-block-jobs"))
         schema = await qmp.schema()
         self.x_perf = (self.opts.max_workers is not None
@@ -267,17 +353,52 @@ class Backup:
         if self.opts.qga_socket:
             async with GuestAgent.open(self.opts.qga_socket) as agent:
                 await agent.execute("guest-ping")
+        assert self.lock is not None
+        record = self.lock.record
+        record.output = os.path.abspath(self.opts.output) if self.opts.output != "-" else None
+        record.uuid = str(self.uuid)
+        record.bitmap = chain.bitmap_name(self.uuid) if self.opts.bitmap else None
+        record.parent_bitmap = (chain.bitmap_name(self.parent.uuid)
+                                if self.parent is not None else None)
+        record.nodes = [d.node for d in self.disks]
+        self.lock.write()
 
-    def _plan_incremental(self, nodes: list[dict[str, Any]]) -> None:
+    async def _clean_leftovers(self, qmp: Qmp) -> None:
+        """Remove what dead runs left in this VM (jobs, filters, NBD nodes, their uncommitted
+        bitmaps); refuse while a live one holds objects here."""
+        with runlock.scan(exclude=self.tag) as runs:
+            jobs = await qmp.execute("query-block-jobs")
+            nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+            names = [*(j.get("device", "") for j in jobs), *(n.get("node-name", "") for n in nodes)]
+            present = {t for name in names if (t := runlock.tag_of(name)) is not None}
+            for tag in sorted(present & runs.live.keys()):
+                record = runs.live[tag]
+                pid = f" (pid {record.pid})" if record is not None else ""
+                alive = record is None or _alive(record.pid)
+                raise BackupError(
+                    f"another vmafs backup{pid} is running on this VM; wait for it to finish"
+                    if alive else f"a killed vmafs backup{pid} is being cleaned up by its "
+                    "guard; try again in a few seconds")
+            ours = [a for a in runs.abandoned if a.tag in present or (
+                a.record is not None and runlock.same_socket(a.record.qmp,
+                                                             self.opts.qmp_socket))]
+            gone = [a for a in runs.abandoned if a not in ours and a.record is not None
+                    and not os.path.exists(a.record.qmp)]
+            tags = present - runs.live.keys()
+            dead = [b for a in ours for b in dead_bitmaps(a.record)]
+            if tags or dead:
+                done = await clean_run(qmp.execute, tags, dead)
+                if done:
+                    self.notes.append("cleaned up after a killed backup: " + ", ".join(done))
+            for a in [*ours, *gone]:
+                a.release()
+
+    def _plan_incremental(self, nodes: list[dict[str, Any]], qemu_started: float | None
+                          ) -> None:
         """Refuse (or, with --full-if-needed, fall back to a full backup) before anything is
         touched, unless every disk has PREV's bitmap, usable, and PREV's size."""
-        path = self.opts.incremental
-        assert path is not None
-        try:
-            with Archive.open(path, layer=True) as prev:
-                link = link_to(prev)
-        except VmafsError as exc:
-            raise BackupError(f"--incremental {display(path)}: {exc}") from None
+        link = self._prev_link
+        assert link is not None
         fallback = "take a full backup (without --incremental, or with --full-if-needed)"
         mismatch = bitmaps.chain_mismatch(self.disks, dict(link.devices))
         if mismatch is not None:
@@ -285,14 +406,32 @@ class Backup:
                 raise BackupError(f"{mismatch}; {fallback}")
             self.notes.append(f"{mismatch}: taking a full backup instead (--full-if-needed)")
             return
-        unknown = {d.name: r for d in self.disks
-                   if (r := bitmaps.unusable(d, nodes, link.uuid)) is not None}
+        name = chain.bitmap_name(link.uuid)
+        missing = [d for d in self.disks if bitmaps.bitmap_of(nodes, d.node, name) is None]
+        successor = self._successor(link.uuid) if missing else None
+        unknown = {}
+        for d in self.disks:
+            why = bitmaps.missing_reason(next((n for n in nodes if n.get("node-name") == d.node),
+                                              None), link.ctime, qemu_started, successor)
+            if (reason := bitmaps.unusable(d, nodes, link.uuid, why)) is not None:
+                unknown[d.name] = reason
         if unknown and not self.opts.full_if_needed:
             raise BackupError("; ".join([*unknown.values(), fallback]))
         for reason in unknown.values():
             self.notes.append(f"{reason}: copying that disk whole (--full-if-needed)")
         self.parent = link
         self.whole = set(unknown)
+
+    def _successor(self, prev: uuidlib.UUID) -> str | None:
+        """An archive beside PREV (or among --base) that continued from PREV, if any."""
+        path = self.opts.incremental
+        assert path is not None
+        with contextlib.suppress(VmafsError):
+            pool = chains.candidates(os.path.dirname(path))
+            for peek in [*pool.peeks]:
+                if peek.parent is not None and peek.parent.uuid == prev:
+                    return display(os.path.basename(peek.path))
+        return None
 
     async def _start_writer(self, nursery: trio.Nursery) -> None:
         token = trio.lowlevel.current_trio_token()
@@ -318,7 +457,15 @@ class Backup:
             raise BackupError(describe_writer_error(self.writer.error, self.opts.output))
 
     async def _start_nbd(self, nursery: trio.Nursery) -> None:
+        """The sockets QEMU connects to, and the guard that holds a copy of each (it serves
+        QEMU's reconnections if this process dies)."""
         self._sockdir = tempfile.mkdtemp(prefix="vmafs-nbd-")
+        for i in range(len(self.disks)):
+            self._listeners.append(await open_listener(os.path.join(self._sockdir, f"{i}.sock")))
+        assert self.lock is not None
+        self.guard = Guard(self.opts.qmp_socket, self.lock, self._sockdir,
+                           [(sock.fileno(), d.size)
+                            for sock, d in zip(self._listeners, self.disks, strict=True)])
         await nursery.start(self._serve_all)
 
     async def _serve_all(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -328,7 +475,9 @@ class Backup:
             async with trio.open_nursery() as nursery:
                 for i, disk in enumerate(self.disks):
                     path = os.path.join(self._sockdir, f"{i}.sock")
-                    await nursery.start(serve_nbd, path, disk.size, DiskSink(self.pipe, i + 1))
+                    await nursery.start(partial(serve_nbd, path, disk.size,
+                                                DiskSink(self.pipe, i + 1),
+                                                listener=self._listeners[i]))
                 task_status.started()
 
     async def _add_nodes(self, qmp: Qmp) -> None:
@@ -340,6 +489,8 @@ class Backup:
             await qmp.execute("blockdev-add", {
                 "driver": "nbd", "node-name": node,
                 "server": {"type": "unix", "path": path},
+                # a broken connection holds requests until a sink is back (the guard's)
+                "reconnect-delay": RECONNECT_DELAY,
             })
             self._st.jobs.append(_Job(f"vmafs-{self.tag}-{i}", disk, node))
 
@@ -482,7 +633,10 @@ class Backup:
     async def _settle_bitmaps(self, qmp: Qmp) -> None:
         """Committed: PREV's bitmaps have done their job (ours count from here). Failed: ours
         go, PREV's stay and still hold every change since PREV."""
-        if not (self._bitmaps_maybe or self.opts.drop_old_bitmaps) or qmp.gone.is_set():
+        if not (self._bitmaps_maybe or self.opts.drop_old_bitmaps):
+            self._settled = True
+            return
+        if qmp.gone.is_set():
             return
         with trio.move_on_after(self.opts.cleanup_timeout):
             try:
@@ -493,6 +647,7 @@ class Backup:
                             committed=self.failure is None, parent=self.parent,
                             drop_old=self.opts.drop_old_bitmaps):
                         await self._remove_bitmap(qmp, disk, name)
+                self._settled = True
             except (QemuGone, QmpError):
                 return
 
@@ -562,6 +717,25 @@ class Backup:
         elif self.progress is not None and self.progress.enabled:
             self.progress.stream.write("\n")
 
+    def _let_go(self) -> None:
+        """The run ends: when it left nothing in QEMU, its lock file goes and the guard just
+        exits; else both stay, and the guard (once this process let go of QEMU's monitor) or
+        the next backup cleans up."""
+        running = self._jobs_maybe and any(not j.ended for j in self._st.jobs)
+        clean = not self._st.added_nodes and not running and (
+            self._settled or not self._bitmaps_maybe)
+        if self.guard is not None:
+            self.guard.done(clean)
+        if self.lock is not None:
+            if clean:
+                self.lock.release()
+            else:
+                self.lock.abandon()
+        if clean or self.guard is None:
+            self._remove_sockdir()
+        for sock in self._listeners:
+            sock.close()
+
     def _remove_sockdir(self) -> None:
         if self._sockdir is not None:
             shutil.rmtree(self._sockdir, ignore_errors=True)
@@ -596,3 +770,13 @@ async def run_backup(job: Backup) -> BackupResult:
                     await job.abort_writer()
     assert error is not None
     raise error
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

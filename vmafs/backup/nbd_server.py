@@ -76,6 +76,21 @@ async def _send_all(sock: trio.socket.SocketType, data: bytes | bytearray) -> No
             view = view[sent:]
 
 
+async def open_listener(socket_path: str) -> trio.socket.SocketType:
+    """A listening unix socket at socket_path (a stale socket file there is replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+            os.unlink(socket_path)  # stale socket of an earlier run
+    listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        await listener.bind(socket_path)
+        listener.listen(4)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 async def serve_nbd(
     socket_path: str,
     size: int,
@@ -83,24 +98,22 @@ async def serve_nbd(
     *,
     export_name: str = "",
     stats: NBDStats | None = None,
+    listener: trio.socket.SocketType | None = None,
     task_status: trio.TaskStatus[NBDStats] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one export of `size` bytes on a unix socket until cancelled.
 
     `task_status.started(stats)` is called once the socket listens, so
     `stats = await nursery.start(serve_nbd, path, size, handler)` returns when
-    QEMU may connect.  The socket file is removed on exit.
+    QEMU may connect.  `listener`: one already listening at socket_path (another process
+    may hold a copy, to take over when this one dies).  The socket file is removed on exit.
     """
     if stats is None:
         stats = NBDStats()
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(socket_path).st_mode):
-            os.unlink(socket_path)  # stale socket of an earlier run
-    listener = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    if listener is None:
+        listener = await open_listener(socket_path)
     with listener:
-        await listener.bind(socket_path)
         try:
-            listener.listen(4)
             async with trio.open_nursery() as nursery:
                 task_status.started(stats)
                 while True:

@@ -13,7 +13,10 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import secrets
+import socket
+import struct
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,6 +42,11 @@ class QmpError(VmafsError):
 
 class QemuGone(VmafsError):
     """The QMP connection closed: QEMU exited or dropped the monitor."""
+
+
+class QmpBusy(VmafsError):
+    """QEMU accepted the connection but sent no greeting: another client holds the monitor
+    (QEMU serves one QMP client at a time per socket)."""
 
 
 class GuestAgentError(VmafsError):
@@ -75,6 +83,19 @@ class Qmp:
             self.gone.set()
             raise QemuGone(f"lost the QMP connection to QEMU during {command}") from exc
 
+    def peer_pid(self) -> int | None:
+        """QEMU's process id, from the socket's peer credentials (None if unknown)."""
+        writer = getattr(self._client, "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None:
+            return None
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+        except OSError:
+            return None
+        return struct.unpack("3i", creds)[0] or None
+
     async def schema(self) -> list[dict[str, Any]]:
         """The introspected QAPI schema (query-qmp-schema)."""
         result = await self.execute("query-qmp-schema")
@@ -110,7 +131,8 @@ async def open_qmp(path: str, *, timeout: float = 10.0) -> AsyncIterator[Qmp]:
         with trio.fail_after(timeout):
             await trio_asyncio.aio_as_trio(client.connect)(path)
     except trio.TooSlowError:
-        raise VmafsError(f"QMP socket {path}: no greeting within {timeout:.0f} s") from None
+        raise QmpBusy(f"QMP socket {path}: no greeting within {timeout:.0f} s (another client "
+                      "holds QEMU's monitor, which serves one at a time)") from None
     except (QMPError, OSError) as exc:
         cause = exc.exc if hasattr(exc, "exc") else exc
         reason = getattr(cause, "strerror", None) or str(cause)
@@ -254,3 +276,17 @@ class GuestAgent:
                     return obj
                 continue
             await self._fill()
+
+
+def process_started(pid: int | None) -> float | None:
+    """When a process started (seconds since the epoch), from /proc; None if unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--incremental", metavar="PREV",
                    help="copy only what the guest changed since the archive PREV (its dirty "
                         "bitmaps must still be there); the new archive links to PREV")
+    p.add_argument("--base", action="append", default=[], metavar="ARCHIVE",
+                   help="with --incremental: an ancestor of PREV kept elsewhere (repeatable; "
+                        "each archive's directory is searched too)")
     p.add_argument("--full-if-needed", action="store_true",
                    help="with --incremental: take a full backup when PREV's bitmaps are gone "
                         "or unusable, instead of failing")
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         speed=args.bwlimit * 1024 if args.bwlimit else None,
         drop_old_bitmaps=args.drop_old_bitmaps,
         vmid=naming.check_vmid(args.vmid) if args.vmid else configs.vmid,
+        inherit=not args.config and not args.vmid, bases=args.base,
     )
     if args.bwlimit is not None and args.bwlimit <= 0:
         raise VmafsError("--bwlimit must be positive")

@@ -1,0 +1,301 @@
+"""The guard: a small process every live backup starts in a session of its own, which outlives
+a killed vmafs (SIGKILL, OOM) and gives the VM back what the run held, within seconds.
+
+Why a process: QEMU 7.2's `blockdev-backup` has no `on-cbw-error` for its copy-before-write
+filter, so a sink that vanishes fails the guest writes waiting on a copy (EIO), and nothing in
+QEMU ends the job, its filter, the NBD nodes or the new dirty bitmap when the QMP client dies.
+So vmafs adds its NBD nodes with `reconnect-delay`: when the sink's connection breaks, QEMU's
+NBD client keeps the requests in flight and retries them on a new connection.  The guard holds
+a copy of every listening NBD socket (never accepting while vmafs lives) and a pipe to vmafs.
+When the pipe ends without vmafs's "done", the guard accepts QEMU's reconnections with a sink
+that acknowledges and drops everything (the archive is void anyway), so no guest write fails;
+then it takes the QMP monitor (QEMU serves the next client once the dead one's connection is
+closed), force-cancels the run's jobs, deletes its nodes and removes its uncommitted bitmap,
+and removes the run's lock file (runlock.py).  If the guard cannot finish (killed too, QEMU's
+monitor busy), the lock file stays and the next vmafs backup cleans up instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import socket as stdsocket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any, Protocol
+
+import trio
+
+from vmafs.backup import runlock
+from vmafs.backup.runlock import RunRecord
+from vmafs.errors import VmafsError
+
+RECONNECT_DELAY = 15
+"""Seconds QEMU's NBD client keeps requests waiting for a sink to come back (the guard's)."""
+
+
+class Execute(Protocol):
+    async def __call__(self, command: str, arguments: Mapping[str, Any] | None = None, *,
+                       timeout: float | None = 120.0) -> Any: ...
+
+
+# --- cleaning up after a dead run (used by the guard and by every backup's preflight) ---------
+
+
+def dead_bitmaps(record: RunRecord | None) -> list[str]:
+    """The bitmaps a dead run leaves that must go: its own when its archive was not committed
+    (they count from a point in time no archive has), else PREV's (which it replaced)."""
+    if record is None:
+        return []
+    if record.committed or _archive_is(record.output, record.uuid):
+        return [record.parent_bitmap] if record.parent_bitmap else []
+    return [record.bitmap] if record.bitmap else []
+
+
+def _archive_is(path: str | None, uuid: str | None) -> bool:
+    """Whether the archive `path` exists and is the one with `uuid` (the run committed it)."""
+    if not path or not uuid:
+        return False
+    from vmafs.archive.chain import peek
+    try:
+        return str(peek(path).uuid) == uuid
+    except (VmafsError, OSError):
+        return False
+
+
+async def clean_run(execute: Execute, tags: set[str], bitmaps: Sequence[str]) -> list[str]:
+    """Force-cancel the jobs and delete the nodes of the runs `tags`, and remove the named
+    bitmaps from every node holding one; what was done, one phrase each."""
+    done: list[str] = []
+    jobs = [j["device"] for j in await execute("query-block-jobs")
+            if runlock.tag_of(j.get("device", "")) in tags]
+    for job in jobs:
+        with contextlib.suppress(VmafsError):
+            await execute("block-job-cancel", {"device": job, "force": True}, timeout=10)
+        done.append(f"cancelled job {job}")
+    with trio.move_on_after(30):
+        while any(runlock.tag_of(j.get("device", "")) in tags
+                  for j in await execute("query-block-jobs")):
+            await trio.sleep(0.1)
+    nodes = await execute("query-named-block-nodes", {"flat": True})
+    for node in nodes:
+        name = node.get("node-name", "")
+        if runlock.tag_of(name) not in tags or node.get("drv") == "copy-before-write":
+            continue
+        for _ in range(20):
+            try:
+                await execute("blockdev-del", {"node-name": name}, timeout=15)
+            except VmafsError as exc:
+                if "Failed to find node" in str(exc):
+                    break
+                await trio.sleep(0.25)   # still in use by a job that is ending
+                continue
+            done.append(f"deleted node {name}")
+            break
+    wanted = set(bitmaps)
+    for node in nodes:
+        for bitmap in node.get("dirty-bitmaps") or []:
+            if bitmap.get("name") in wanted:
+                with contextlib.suppress(VmafsError):
+                    await execute("block-dirty-bitmap-remove",
+                                  {"node": node["node-name"], "name": bitmap["name"]},
+                                  timeout=10)
+                    done.append(f"removed bitmap {bitmap['name']}")
+    return done
+
+
+# --- a minimal trio QMP client (the guard imports nothing asyncio) ----------------------------
+
+
+class QmpLine:
+    """QMP over a unix socket, one JSON object a line; events are skipped."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._ids = itertools.count(1)
+
+    @classmethod
+    async def connect(cls, path: str, timeout: float) -> QmpLine:
+        stream = await trio.open_unix_socket(path)
+        qmp = cls(stream)
+        try:
+            with trio.fail_after(timeout):
+                greeting = await qmp._read()
+                if "QMP" not in greeting:
+                    raise VmafsError(f"unexpected QMP greeting from {path}")
+                await qmp.execute("qmp_capabilities")
+        except BaseException:
+            await stream.aclose()
+            raise
+        return qmp
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None, *,
+                      timeout: float | None = 120.0) -> Any:
+        from vmafs.backup.qmp import QmpError
+        ident = next(self._ids)
+        msg: dict[str, Any] = {"execute": command, "id": ident}
+        if arguments:
+            msg["arguments"] = dict(arguments)
+        with trio.fail_after(timeout if timeout is not None else float("inf")):
+            await self._stream.send_all(json.dumps(msg).encode() + b"\n")
+            while True:
+                reply = await self._read()
+                if reply.get("id") != ident:
+                    continue
+                if "error" in reply:
+                    err = reply["error"]
+                    raise QmpError(command, err.get("class", ""), err.get("desc", ""))
+                return reply.get("return")
+
+    async def _read(self) -> dict[str, Any]:
+        while True:
+            idx = self._buf.find(b"\n")
+            if idx >= 0:
+                line = bytes(self._buf[:idx])
+                del self._buf[:idx + 1]
+                with contextlib.suppress(ValueError):
+                    obj = json.loads(line)
+                    if isinstance(obj, dict):
+                        return obj
+                continue
+            data = await self._stream.receive_some(65536)
+            if not data:
+                raise VmafsError("QEMU closed the QMP connection")
+            self._buf += data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+# --- the guard process ------------------------------------------------------------------------
+
+
+class _Discard:
+    """The sink after vmafs died: every write acknowledged and dropped."""
+
+    async def write(self, offset: int, data: bytes | bytearray) -> None:
+        return
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        return
+
+    async def flush(self) -> None:
+        return
+
+
+class Guard:
+    """vmafs's side: start the guard, tell it when the run cleaned up after itself."""
+
+    def __init__(self, qmp: str, lock: runlock.RunLock, sockdir: str,
+                 exports: Sequence[tuple[int, int]]) -> None:
+        read, self._write = os.pipe()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        args = [sys.executable, "-m", "vmafs.backup.guard", "--qmp", qmp, "--pipe", str(read),
+                "--lock", str(lock.fd), "--lock-path", lock.path, "--sockdir", sockdir]
+        for fd, size in exports:
+            args += ["--export", f"{fd}:{size}"]
+        try:
+            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                args, pass_fds=(read, lock.fd, *(fd for fd, _ in exports)),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        finally:
+            os.close(read)
+
+    def done(self, clean: bool) -> None:
+        """The run ends. clean: it left nothing behind (the guard just exits); else the guard
+        takes over once this process has let go of QEMU's monitor."""
+        if self._write < 0:
+            return
+        with contextlib.suppress(OSError):
+            if clean:
+                os.write(self._write, b"d")
+        os.close(self._write)
+        self._write = -1
+
+
+async def _wait_for_parent(fd: int) -> bool:
+    """True when vmafs said it is done; False when it died (the pipe ended without a word)."""
+    stream = trio.lowlevel.FdStream(fd)
+    said = b""
+    while True:
+        data = await stream.receive_some(64)
+        if not data:
+            return b"d" in said
+        said += data
+
+
+async def _take_over(qmp_path: str, lock_fd: int, lock_path: str) -> bool:
+    """Clean up after the dead run; True when done (or nothing is left: QEMU is gone)."""
+    record = runlock.read_record(lock_fd)
+    if record is None:
+        return False
+    with trio.move_on_after(120):
+        while True:
+            try:
+                qmp = await QmpLine.connect(qmp_path, timeout=10)
+            except (FileNotFoundError, ConnectionRefusedError):
+                return True            # QEMU is gone, and with it every node and job
+            except (OSError, VmafsError, trio.TooSlowError):
+                await trio.sleep(0.5)  # the monitor is busy with another client
+                continue
+            try:
+                record = runlock.read_record(lock_fd) or record  # committed since?
+                await clean_run(qmp.execute, {record.tag}, dead_bitmaps(record))
+                return True
+            except (OSError, VmafsError, trio.TooSlowError, trio.BrokenResourceError):
+                await trio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await qmp.aclose()
+    return False
+
+
+async def _guard(args: argparse.Namespace) -> None:
+    if await _wait_for_parent(args.pipe):
+        return
+    cleaned = False
+    async with trio.open_nursery() as nursery:
+        from vmafs.backup.nbd_server import serve_nbd
+        for spec in args.export:
+            fd, size = (int(x) for x in spec.split(":"))
+            listener = trio.socket.fromfd(fd, stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+            os.close(fd)
+            path = listener.getsockname()
+            nursery.start_soon(partial(serve_nbd, path, size, _Discard(), listener=listener))
+        cleaned = await _take_over(args.qmp, args.lock, args.lock_path)
+        nursery.cancel_scope.cancel()
+    if cleaned:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.lock_path)
+        shutil.rmtree(args.sockdir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vmafs-guard")
+    parser.add_argument("--qmp", required=True)
+    parser.add_argument("--pipe", type=int, required=True)
+    parser.add_argument("--lock", type=int, required=True)
+    parser.add_argument("--lock-path", required=True)
+    parser.add_argument("--sockdir", required=True)
+    parser.add_argument("--export", action="append", default=[])
+    args = parser.parse_args(argv)
+    log = os.environ.get("VMAFS_GUARD_LOG")
+    if log:  # debugging: the guard's own errors (it has no terminal)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(fd, 2)
+        os.close(fd)
+    trio.run(_guard, args)
+
+
+if __name__ == "__main__":
+    main()
