@@ -200,6 +200,9 @@ def test_snapshots(library: Path, tmp_path: Path) -> None:
     write(d / orphan, T0 + 100, {1: cluster(2)}, parent=parent)
     (d / vz("104", T0)).write_bytes(b"garbage, not an archive")
     os.symlink(vz("101", T0), d / "link.vma")
+    os.symlink(library / vz("102", T0 + 60, True), d / "outside.vma.zst")
+    os.link(d / vz("101", T0 + 7200), d / "hard.vma")  # listed once, under its vzdump name
+    os.mkfifo(d / "fifo.vma")  # never opened (a FIFO would block)
     (d / "notes.txt").write_text("not an archive\n")
 
     doc = json_of("snapshots", d)
@@ -224,7 +227,10 @@ def test_snapshots(library: Path, tmp_path: Path) -> None:
     assert [u["name"] for u in doc["unreadable"]] == [vz("104", T0)]
     assert "not a vma file" in doc["unreadable"][0]["error"]
     assert [(s["name"], s["reason"]) for s in doc["skipped"]] == [
-        ("link.vma", "not a regular file")]
+        ("fifo.vma", "not a regular file"),
+        ("hard.vma", f"another name of {vz('101', T0 + 7200)}"),
+        ("link.vma", "not a regular file"),
+        ("outside.vma.zst", "not a regular file")]
 
     rc, out, err = run_vmafs("snapshots", d)
     assert rc == 0, err

@@ -9,6 +9,7 @@ reads) and says of each incremental whether its chain resolves.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import uuid as uuidlib
@@ -215,46 +216,68 @@ def snapshots(directory: str, vmid: str | None = None) -> Listing:
     listing = Listing([], [], [])
     found: list[tuple[chain.Peek, os.stat_result, str | None]] = []
     for peek in pool.peeks:
-        for other in pool.names.get(peek.key, []):  # the file's other names in the directory
-            if other != peek.path:
-                listing.skipped.append((other, f"another name of {os.path.basename(peek.path)}"
-                                        if not os.path.islink(other) else "not a regular file"))
-        st = _lstat(peek.path)
-        if st is None or not stat.S_ISREG(st.st_mode):
-            listing.skipped.append((peek.path, "not a regular file"))
+        path = _shown_name(pool.names.get(peek.key, [peek.path]), listing.skipped)
+        st = _lstat(path) if path is not None else None
+        if path is None or st is None or not stat.S_ISREG(st.st_mode):
             continue
-        owner = _vmid(peek.path)
+        owner = _vmid(path)
         if vmid is None or owner == vmid:
-            found.append((peek, st, owner))
+            found.append((dataclasses.replace(peek, path=path), st, owner))
     for path, why in pool.unreadable:
         st = _lstat(path)
         if st is None or not stat.S_ISREG(st.st_mode):
             listing.skipped.append((path, "not a regular file"))
         elif vmid is None or naming.archive_vmid(path, []) == vmid:
             listing.unreadable.append((path, why))
-    complete: dict[str, str | None] = {}  # path -> None (resolves) or why not
-    for peek, _st, _owner in sorted(found, key=lambda f: -f[0].ctime):  # newest first
-        if peek.parent is None or peek.path in complete:
-            continue
-        try:
-            layers = chain.resolve(peek.path)
-        except VmafsError as exc:
-            complete[peek.path] = str(exc)
-            continue
-        for a in layers:
-            if a.path is not None:
-                complete.setdefault(a.path, None)
-            a.close()
+    broken = _chains(found)
     for peek, st, owner in found:
-        broken = complete.get(peek.path)
+        reason = broken.get(peek.key)
         listing.snapshots.append(Snapshot(
             peek.path, owner, peek.uuid, peek.ctime,
             peek.parent.uuid if peek.parent is not None else None, st.st_size,
-            sum(size for _name, size in peek.devices), broken is None, broken,
+            sum(size for _name, size in peek.devices), reason is None, reason,
             protection.is_protected(peek.path)))
     listing.snapshots.sort(key=lambda s: (s.vmid is None, s.vmid or "", s.ctime, s.path))
     listing.skipped.sort()
     return listing
+
+
+def _shown_name(names: Sequence[str], skipped: list[tuple[str, str]]) -> str | None:
+    """The name to list a file under among its names in the directory: a regular one (not a
+    symlink), a vzdump name first; the others are skipped. None: only symlinks name it."""
+    regular = [n for n in names if not os.path.islink(n)]
+    chosen = next((n for n in regular if naming.parse_vzdump_name(os.path.basename(n))),
+                  regular[0] if regular else None)
+    for n in names:
+        if n != chosen:
+            skipped.append((n, "not a regular file" if chosen is None or os.path.islink(n)
+                            else f"another name of {os.path.basename(chosen)}"))
+    return chosen
+
+
+def _chains(found: Sequence[tuple[chain.Peek, os.stat_result, str | None]]
+            ) -> dict[chain.Key, str | None]:
+    """Why each incremental archive's chain does not resolve (None: it does); newest first,
+    so an ancestor of a chain that resolved is not resolved again."""
+    done: dict[chain.Key, str | None] = {}
+    for peek, _st, _owner in sorted(found, key=lambda f: -f[0].ctime):
+        if peek.parent is None or peek.key in done:
+            continue
+        try:
+            layers = chain.resolve(peek.path)
+        except VmafsError as exc:
+            done[peek.key] = str(exc)
+            continue
+        for a in layers:
+            try:
+                st = os.stat(a.path or peek.path)
+                done.setdefault((st.st_dev, st.st_ino), None)
+            except OSError:
+                pass
+            finally:
+                a.close()
+        done[peek.key] = None
+    return done
 
 
 def _vmid(path: str) -> str | None:
