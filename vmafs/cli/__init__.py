@@ -18,6 +18,7 @@ from vmafs.format.names import display
 # The one-line helps live here so `vmafs --help` need not import every command's dependencies.
 COMMANDS = {
     "backup": "back up a running QEMU VM (live, copy-before-write) into an archive",
+    "bitmaps": "list or remove the vmafs dirty bitmaps of a running VM's disks",
     "create": "back up disk image files into an archive",
     "list": "list the devices and config files of an archive",
     "info": "show an archive's container, sizes, identity and chain (no data read)",
