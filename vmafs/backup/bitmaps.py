@@ -145,3 +145,39 @@ def to_remove(disk: Disk, nodes: Sequence[Json], new: uuidlib.UUID, *, started: 
         return [n for n in present if n.startswith("vmafs-") and n != ours]
     previous = chain.bitmap_name(parent.uuid) if parent is not None else None
     return [previous] if started and previous is not None and previous in present else []
+
+
+def archive_of(name: str) -> uuidlib.UUID | None:
+    """The archive a vmafs bitmap counts from (the uuid in its name); None: not ours."""
+    if not name.startswith("vmafs-"):
+        return None
+    try:
+        archive = uuidlib.UUID(name[len("vmafs-"):])
+    except ValueError:
+        return None
+    return archive if chain.bitmap_name(archive) == name else None
+
+
+def inventory(disks: Sequence[Disk], nodes: Sequence[Json]) -> list[dict[str, Any]]:
+    """Every vmafs bitmap of the VM, one entry each: the disk (its archive name when it is one
+    of `disks`, else the node's), the archive it continues (the uuid in its name) and QEMU's
+    flags."""
+    names = {d.node: d.name for d in disks}
+    found = []
+    for node in nodes:
+        for bitmap in node.get("dirty-bitmaps") or []:
+            name = bitmap.get("name") or ""
+            archive = archive_of(name)
+            if archive is None:
+                continue
+            found.append({
+                "disk": names.get(node.get("node-name", ""), node.get("node-name")),
+                "node": node.get("node-name"), "name": name, "archive": str(archive),
+                "count": int(bitmap.get("count", 0)),
+                "granularity": int(bitmap.get("granularity", 0)),
+                "persistent": bool(bitmap.get("persistent")),
+                "recording": bool(bitmap.get("recording", True)),
+                "busy": bool(bitmap.get("busy")),
+                "inconsistent": bool(bitmap.get("inconsistent")),
+            })
+    return found

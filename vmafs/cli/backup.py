@@ -11,7 +11,7 @@ import trio
 from vmafs.archive import naming
 from vmafs.archive.configs import read_configs
 from vmafs.backup.live import Backup, BackupOptions, run_backup
-from vmafs.cli.common import add_compression, add_configs, add_json, add_quiet
+from vmafs.cli.common import add_base, add_compression, add_configs, add_json, add_quiet
 from vmafs.errors import VmafsError
 from vmafs.format.names import display
 from vmafs.progress import print_json
@@ -32,9 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--incremental", metavar="PREV",
                    help="copy only what the guest changed since the archive PREV (its dirty "
                         "bitmaps must still be there); the new archive links to PREV")
-    p.add_argument("--base", action="append", default=[], metavar="ARCHIVE",
-                   help="with --incremental: an ancestor of PREV kept elsewhere (repeatable; "
-                        "each archive's directory is searched too)")
     p.add_argument("--full-if-needed", action="store_true",
                    help="with --incremental: take a full backup when PREV's bitmaps are gone "
                         "or unusable, instead of failing")
@@ -54,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "optionally under another device name; repeatable. Default: every "
                         "writable disk that is not a CD-ROM")
     add_configs(p)
+    add_base(p)
     p.add_argument("--qga", metavar="SOCKET",
                    help="freeze the guest's filesystems through this QEMU guest agent socket "
                         "while the backup starts")
