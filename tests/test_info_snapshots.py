@@ -93,7 +93,8 @@ def test_info_plain_full(library: Path) -> None:
     assert doc["indexed"] is True and doc["checksums"] is True
     assert doc["archive_bytes"] == path.stat().st_size == doc["stream_bytes"]
     assert doc["ratio"] == 1.0
-    assert doc["devices"] == [{"name": DEV, "device_bytes": SIZE, "stored_bytes": 3 * C}]
+    assert doc["devices"] == [{"dev_id": 1, "name": DEV, "device_bytes": SIZE,
+                               "stored_bytes": 3 * C}]
     assert (doc["device_bytes"], doc["stored_bytes"]) == (SIZE, 3 * C)
     assert doc["configs"] == [{"name": "qemu-server.conf", "size": len(CONF[1])}]
     assert doc["uuid"] == uuid_of(path) and doc["ctime"] == T0

@@ -32,6 +32,7 @@ NOT_SEEKABLE = "not seekable: convert it to mount (vmafs convert ARCHIVE OUT.vma
 
 @dataclass(frozen=True)
 class DeviceFacts:
+    dev_id: int
     name: str
     size: int
     stored: int | None  # None: not known without reading the whole stream
@@ -138,7 +139,7 @@ def describe(path: str, bases: Sequence[str] = ()) -> Info:
     header, seekable = read_header(path)
     configs = [(name, len(data)) for name, data in vm_configs(header.configs)]
     info = Info(path, size, container, seekable, None, None, uuidlib.UUID(bytes=header.uuid),
-                header.ctime, [DeviceFacts(d.name, d.size, None) for d in header.devices],
+                header.ctime, [DeviceFacts(d.dev_id, d.name, d.size, None) for d in header.devices],
                 configs, header.vmstate.size if header.vmstate else None,
                 naming.archive_vmid(path, [n for n, _ in configs]),
                 chain_record.find(header.configs))
@@ -158,7 +159,8 @@ def describe(path: str, bases: Sequence[str] = ()) -> Info:
             info.mode = archive.mode
             info.stream_bytes = archive.source.size
             # stored in 4 KiB blocks: a device's short last block counts only up to its end
-            info.devices = [DeviceFacts(d.name, d.size, min(d.size, archive.stored_bytes(d.dev_id)))
+            info.devices = [DeviceFacts(d.dev_id, d.name, d.size,
+                                        min(d.size, archive.stored_bytes(d.dev_id)))
                             for d in archive.devices]
             if info.incremental:
                 info.chain = [ChainLink(a.path or path, a.uuid, a.ctime, a.incremental,

@@ -43,7 +43,7 @@ def iso_time(ctime: int) -> str | None:
 def to_json(info: Info) -> dict[str, Any]:
     devices = []
     for d in info.devices:
-        dev: dict[str, Any] = {**json_name(d.name), "device_bytes": d.size}
+        dev: dict[str, Any] = {"dev_id": d.dev_id, **json_name(d.name), "device_bytes": d.size}
         if d.stored is not None:
             dev["stored_bytes"] = d.stored
         devices.append(dev)
