@@ -314,3 +314,15 @@ def test_uuid_strings_are_uuids(library: Path) -> None:
     doc = json_of("snapshots", library)
     for s in doc["snapshots"]:
         uuidlib.UUID(s["uuid"])
+
+
+def test_naming_rules() -> None:
+    """The one home of the marker name and of an archive's VMID."""
+    from vmafs.archive.naming import archive_vmid, config_vmid
+    assert protected_marker("/b/vzdump-qemu-1-2024_01_01-00_00_00.vma") == (
+        "/b/vzdump-qemu-1-2024_01_01-00_00_00.vma.protected")
+    assert config_vmid(["qemu-server.conf", "101.conf"]) == "101"
+    assert config_vmid(["101.conf", "102.conf"]) is None and config_vmid([]) is None
+    assert archive_vmid("/b/" + vz("7", T0, True), ["101.conf"]) == "7"
+    assert archive_vmid("/b/base.vma", ["101.conf"]) == "101"
+    assert archive_vmid("/b/base.vma", ["vm.conf"]) is None
