@@ -458,7 +458,15 @@ class Prune:
         """What the archive at path needs; `stays` says which files stay anyway (they are
         preferred, so that nothing else is kept for them)."""
         child = self.by_path.get(path)
-        if child is None or child.parent is None:
+        if child is None:
+            return Needs()
+        # a symlink is its target: the file itself must stay
+        own = tuple(n for n in self._names(child) if n != path) if os.path.islink(path) else ()
+        needs = self._parent_needs(path, child, stays)
+        return Needs(own + needs.paths, needs.missing, needs.note)
+
+    def _parent_needs(self, path: str, child: Peek, stays: Callable[[str], bool]) -> Needs:
+        if child.parent is None:
             return Needs()
         link = child.parent
         name = display(os.path.basename(path))
