@@ -161,3 +161,24 @@ def file_sha256(path: Path | str) -> str:
     return h.hexdigest()
 
 
+
+
+def reseal_header(data: bytearray) -> None:
+    """After editing a plain archive's header in place: reseal its md5 and, when the archive
+    ends in a vmafs footer that carries a header digest, that digest too (a rewritten header
+    must reseal both structures: vmafs/format/index.py)."""
+    from vmafs.errors import FormatError
+    from vmafs.format import index, vma
+
+    header_size = struct.unpack_from(">I", data, 56)[0]
+    data[32:48] = bytes(16)
+    data[32:48] = hashlib.md5(data[:header_size]).digest()
+    try:
+        header = vma.decode_header(bytes(data[:header_size]))
+    except FormatError:
+        return  # a header no reader takes: nothing further to keep in step with it
+    footer = index.decode_footer(vma.null_extent_payload(bytes(data[-512:])))
+    if footer is not None and footer.header_digest is not None:
+        fresh = index.Footer(footer.index_offset, footer.index_length, footer.index_checksum,
+                             vma.header_digest(header))
+        data[-512:] = vma.encode_null_extents(header.uuid, index.encode_footer(fresh))

@@ -9,7 +9,6 @@ the raw bytes and the header md5 is resealed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from archive_helpers import reseal_header
 from conftest import assert_one_line_error, run_vmafs
 
 from vmafs.archive.reader import Archive
@@ -68,9 +68,7 @@ def hostile_archive(path: Path, devices: list[tuple[bytes, int]],
         patch(struct.unpack_from(">I", data, 2044 + 4 * i)[0], blob)
     for dev_id, (blob, _) in enumerate(devices, start=1):
         patch(struct.unpack_from(">I", data, 4096 + 32 * dev_id)[0], blob)
-    header_size = struct.unpack_from(">I", data, 56)[0]
-    data[32:48] = bytes(16)
-    data[32:48] = hashlib.md5(data[:header_size]).digest()
+    reseal_header(data)
     path.write_bytes(data)
     return path
 

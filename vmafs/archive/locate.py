@@ -38,7 +38,9 @@ CONFIRM_THREADS = 4  # header reads in flight: a cold disk answers several at on
 
 
 def find_footer(source: ByteSource, header: vma.Header) -> index.Footer | None:
-    """The footer, if the last extent is a valid vmafs footer of this archive; else None."""
+    """The footer, if the last extent is a valid vmafs footer of this archive; else None.
+    A header digest it carries must be this header's (checked here, so by every random
+    access reader, before any cache is asked)."""
     footer_offset = source.size - HEAD
     if footer_offset < header.header_size:
         return None
@@ -50,9 +52,20 @@ def find_footer(source: ByteSource, header: vma.Header) -> index.Footer | None:
     if not ext.is_null:
         return None
     try:
-        return index.decode_footer(ext.payload())
+        footer = index.decode_footer(ext.payload())
     except FormatError as exc:
         raise _bad(f"its footer is damaged: {exc}", footer_offset) from None
+    if footer is not None:
+        check_header(footer, header)
+    return footer
+
+
+def check_header(footer: index.Footer, header: vma.Header) -> bool:
+    """index.check_header_digest as an archive problem (for every reader: locate, scan)."""
+    try:
+        return index.check_header_digest(footer, header)
+    except ChecksumError as exc:
+        raise problems.error(problems.CHECKSUM, str(exc), offset=0) from None
 
 
 def load_index(source: ByteSource, header: vma.Header, footer: index.Footer) -> index.IndexTable:

@@ -14,6 +14,7 @@ from typing import BinaryIO
 import numpy as np
 
 from vmafs.archive import problems
+from vmafs.archive.locate import check_header
 from vmafs.archive.problems import Problem
 from vmafs.archive.rules import ClusterRules
 from vmafs.archive.walk import (
@@ -59,6 +60,7 @@ class TrailerCheck:
         self.index = index.IndexBuilder()
         self.null_run: list[tuple[int, bytes]] = []  # (offset, payload) of trailing null extents
         self.tail = b""  # the stream's last 512 bytes, when they are data
+        self.header_digest = False  # the footer carries a header digest, and it matched
         self.bad: BadData | None = None  # the clusters whose data fails its checksum
 
     def add_extent(self, ext: Extent, stored: list[StoredCluster], data: memoryview) -> None:
@@ -95,6 +97,10 @@ class TrailerCheck:
                 return True, [Problem(problems.TRUNCATED, "trailing index has no footer: the "
                                       "archive is truncated", offset=footer_offset)]
             return False, []
+        try:
+            self.header_digest = check_header(footer, self.header)
+        except problems.ArchiveError as exc:
+            return True, [exc.problem]
         try:
             index.index_extent_span(footer, footer_offset)
             blob = b"".join(p for off, p in self.null_run[:-1] if off >= footer.index_offset)
@@ -180,6 +186,7 @@ class ScanResult:
     has_index: bool = False
     problems: list[Problem] = field(default_factory=list)
     incremental: bool = False  # its chain record names a parent: missing clusters are its
+    header_digest: bool = False  # its index carries the header's digest, and it matched
     bad_data: BadData | None = None  # data checksum mismatches (also among problems)
 
 
@@ -243,5 +250,6 @@ def scan_stream(
         result.problems.extend(rules.missing())
     result.has_index, index_problems = trailer.verify()
     result.problems.extend(index_problems)
+    result.header_digest = trailer.header_digest
     result.bad_data = trailer.bad
     return result

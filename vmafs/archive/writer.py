@@ -89,6 +89,8 @@ class ArchiveWriter:
         self._progress = progress
         header = vma.encode_header(self.uuid, self.ctime,
                                    [(d.name, d.size) for d in self.devices], configs)
+        # of the header as every reader decodes it, for the footer (format/index.py)
+        self._header_digest = vma.header_digest(vma.decode_header(header))
         # touched: written, zeroed or begun (a second write of any is a duplicate); zeroed: by
         # write_zeroes. Zero slots at the end: the untouched and the zeroed clusters. Whole
         # clusters written (the hot path) touch only one set.
@@ -180,7 +182,7 @@ class ArchiveWriter:
         index_offset = self.position
         self._emit(vma.encode_null_extents(self.uuid, blob))
         self.out.end_frame()
-        footer = index.Footer(index_offset, len(blob), index.checksum(blob))
+        footer = index.Footer(index_offset, len(blob), index.checksum(blob), self._header_digest)
         self._emit(vma.encode_null_extents(self.uuid, index.encode_footer(footer)))
         self.finished = True
 

@@ -12,6 +12,19 @@ Zero clusters are not listed. A slot's data offset follows from its extent's off
 popcounts of the masks before it; `checksum` covers the cluster's stored blocks. About 11 bytes
 per stored cluster and 10 per data extent, all little-endian. The footer carries the index's
 checksum. The checksum is XXH3-64's low 32 bits: fast enough (tens of GB/s) to check every read.
+
+The footer (one null extent's 413 payload bytes, little-endian):
+  magic "VMAFSFT1", version u32 (1), index offset u64, index length u64, index checksum u32,
+  then typed fields: type u16, length u16, value, ... up to a type 0 (or the payload's end);
+  every byte after them is zero. A reader skips a field type it does not know, unless the
+  type has bit 15 set (critical: it must not read the archive without understanding it).
+  Type 1, the header digest: SHA-256 of what the archive header says (vma.header_digest:
+  uuid, ctime, every device's id, name and size, every config's name and data), so a header
+  rewritten and resealed (its md5 is unkeyed) no longer matches its index. Old archives have
+  no fields (zeros) and read as before; old readers read only the first 32 bytes.
+  Types 2..0x7fff and critical ones are free: a keyed MAC or signature over the index and this
+  footer's fields (the header digest included, so the header and its chain record) is meant
+  to be one of them.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ FOOTER_MAGIC = b"VMAFSFT1"
 INDEX_VERSION = 1
 _INDEX_HEAD = struct.Struct("<8sIIQQ")
 _FOOTER = struct.Struct("<8sIQQI")
+_FIELD = struct.Struct("<HH")
+FIELD_HEADER_DIGEST = 1
+FIELD_CRITICAL = 0x8000
 # Index limits, checked before allocating: one slot per cluster of 254 devices of 256 TiB.
 MAX_SLOTS = 1 << 40
 MAX_INDEX_BYTES = 1 << 36
@@ -47,6 +63,7 @@ class Footer:
     index_offset: int  # stream offset of the first index null extent
     index_length: int  # bytes of index payload
     index_checksum: int
+    header_digest: bytes | None = None  # vma.header_digest of the archive; None: not carried
 
 
 class IndexBuilder:
@@ -171,8 +188,11 @@ def data_offsets(ext_offsets: np.ndarray, ext_counts: np.ndarray, masks: np.ndar
 
 
 def encode_footer(footer: Footer) -> bytes:
-    return _FOOTER.pack(FOOTER_MAGIC, INDEX_VERSION, footer.index_offset,
-                        footer.index_length, footer.index_checksum)
+    out = _FOOTER.pack(FOOTER_MAGIC, INDEX_VERSION, footer.index_offset,
+                       footer.index_length, footer.index_checksum)
+    if footer.header_digest is not None:
+        out += _FIELD.pack(FIELD_HEADER_DIGEST, len(footer.header_digest)) + footer.header_digest
+    return out
 
 
 def decode_footer(payload: bytes) -> Footer | None:
@@ -184,7 +204,46 @@ def decode_footer(payload: bytes) -> Footer | None:
         raise FormatError(f"unsupported index version {version}")
     if length > MAX_INDEX_BYTES:
         raise FormatError("index length is impossible")
-    return Footer(offset, length, crc)
+    digest = None
+    fields = _footer_fields(payload[_FOOTER.size:vma.NULL_PAYLOAD_SIZE])
+    for kind, value in fields:
+        if kind == FIELD_HEADER_DIGEST:
+            if len(value) != 32 or digest is not None:
+                raise FormatError("footer: bad header digest field")
+            digest = value
+        elif kind & FIELD_CRITICAL:
+            raise FormatError(f"footer: field type {kind:#06x} is not known to this vmafs")
+    return Footer(offset, length, crc, digest)
+
+
+def _footer_fields(area: bytes) -> list[tuple[int, bytes]]:
+    """The typed fields after the fixed footer, strictly: they end at type 0 or the area's
+    end, and everything after them is zero."""
+    fields = []
+    pos = 0
+    while pos + _FIELD.size <= len(area):
+        kind, size = _FIELD.unpack_from(area, pos)
+        if kind == 0:
+            break
+        pos += _FIELD.size
+        if pos + size > len(area):
+            raise FormatError("footer: a field runs past the footer")
+        fields.append((kind, bytes(area[pos:pos + size])))
+        pos += size
+    if any(area[pos:]):
+        raise FormatError("footer: bytes after its fields")
+    return fields
+
+
+def check_header_digest(footer: Footer, header: vma.Header) -> bool:
+    """True if the footer carries a header digest and it is this header's; False if it
+    carries none (an archive from before it, or a Proxmox one converted by an old vmafs)."""
+    if footer.header_digest is None:
+        return False
+    if footer.header_digest != vma.header_digest(header):
+        raise ChecksumError("the archive header (configs, device names or sizes) does not "
+                            "match the header digest in its vmafs index")
+    return True
 
 
 def index_extent_span(footer: Footer, footer_offset: int) -> int:

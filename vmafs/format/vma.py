@@ -264,6 +264,26 @@ def decode_header(buf: bytes) -> Header:
     return Header(uuid, ctime, header_size, tuple(devices), tuple(configs), vmstate)
 
 
+def header_digest(header: Header) -> bytes:
+    """SHA-256 of what a header says: uuid, ctime, every device (vmstate too) by id with its
+    name and size, every config's name and data in order. The index's footer carries it
+    (format/index.py), so a header rewritten and resealed with a new md5 is found out; blob
+    layout and unused bytes, which no reader looks at, are left out (convert may redo them)."""
+    h = hashlib.sha256(b"vmafs-header-1\0")
+    devices = sorted((*header.devices, *((header.vmstate,) if header.vmstate else ())),
+                     key=lambda d: d.dev_id)
+    h.update(header.uuid + struct.pack("<qI", header.ctime, len(devices)))
+    for dev in devices:
+        name = dev.name.encode("utf-8", "surrogateescape")
+        h.update(struct.pack("<BQI", dev.dev_id, dev.size, len(name)) + name)
+    h.update(struct.pack("<I", len(header.configs)))
+    for cname, data in header.configs:
+        raw = cname.encode("utf-8", "surrogateescape")
+        h.update(struct.pack("<II", len(raw), len(data)) + raw)
+        h.update(data)
+    return h.digest()
+
+
 def _parse_blobs(area: bytes) -> dict[int, bytes]:
     """Blob chain from relative offset 1; a pointer is valid only at an exact chain position."""
     blobs = {}
