@@ -185,7 +185,7 @@ def test_iter_chunks_are_bounded_and_ranges() -> None:
         list(cs.iter_missing(chunk=0))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32), dense=st.booleans(),
        ranges=st.lists(st.tuples(st.integers(0, 2 * PAGE + 99), st.integers(0, 300)),
                        min_size=1, max_size=12))
@@ -210,3 +210,77 @@ def test_ranges_on_array_and_bitmap_pages(seed: int, dense: bool,
             assert cs.add_array(np.arange(lo, hi)).tolist() == expected
         assert cs.all_in(lo, hi)
     check_same(cs, ref)
+
+
+def runs_of(cs: ClusterSet, pages: int = 1024) -> list[tuple[int, int]]:
+    got: list[tuple[int, int]] = []
+    for starts, ends in cs.iter_runs(pages):
+        got += zip(starts.tolist(), ends.tolist(), strict=True)
+    return got
+
+
+def reference_runs(members: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for c in sorted(members):
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), limit=st.sampled_from(LIMITS), pages=st.sampled_from([1, 2, 1024]))
+def test_runs_match_the_members(data: st.DataObject, limit: int, pages: int) -> None:
+    """iter_runs: the members as maximal runs, whatever form each page is in."""
+    cs = ClusterSet(limit)
+    for kind, values in data.draw(ops_strategy(limit)):
+        if kind == "range":
+            cs.add_range(min(values), max(values) + 1)
+        else:
+            cs.add_array(np.array(values, np.int64))
+    members = np.concatenate([np.zeros(0, np.int64), *cs.iter_present()]).tolist()
+    assert runs_of(cs, pages) == reference_runs(members)
+
+
+def test_runs_of_a_whole_device_cost_nothing_per_cluster() -> None:
+    """A 16 TiB device copied whole is one run; pieces across page edges are joined."""
+    cs = ClusterSet(1 << 28)
+    cs.add_range(0, 1 << 28)
+    tracemalloc.start()
+    try:
+        assert runs_of(cs, pages=7) == [(0, 1 << 28)]
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
+    cs = ClusterSet(3 * PAGE + 17)
+    cs.add_range(PAGE - 5, 2 * PAGE + 3)          # array, full, array pages
+    cs.add_array(np.arange(0, 2 * _ARRAY_MAX + 2, 2, dtype=np.int64))  # a bitmap page
+    cs.add(3 * PAGE + 16)
+    want = [(2 * k, 2 * k + 1) for k in range(_ARRAY_MAX + 1)]
+    assert runs_of(cs) == [*want, (PAGE - 5, 2 * PAGE + 3), (3 * PAGE + 16, 3 * PAGE + 17)]
+    assert runs_of(ClusterSet(10)) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), limit=st.sampled_from(LIMITS), chunk=st.sampled_from([4099, 1 << 20]))
+def test_held_zeros_from_runs(data: st.DataObject, limit: int, chunk: int) -> None:
+    """An increment's zero clusters (held less stored), built from runs in chunks: exactly the
+    sorted difference, the array the content digest hashes (its bytes must not change)."""
+    from vmafs.archive.reader import _held_zeros, _zero_chunks
+
+    cs = ClusterSet(limit)
+    for kind, values in data.draw(ops_strategy(limit)):
+        if kind == "range":
+            cs.add_range(min(values), max(values) + 1)
+        else:
+            cs.add_array(np.array(values, np.int64))
+    members = np.concatenate([np.zeros(0, np.int64), *cs.iter_present()])
+    picked = data.draw(st.sets(st.sampled_from(members.tolist())) if len(members)
+                       else st.just(set()))
+    stored = np.array(sorted(picked), np.uint32)
+    want = np.setdiff1d(members, stored.astype(np.int64)).astype(np.uint32)
+    got = _held_zeros(cs, stored)
+    assert got.dtype == np.uint32 and got.tolist() == want.tolist()
+    pieces = list(_zero_chunks(cs, stored, chunk))
+    assert np.concatenate([np.zeros(0, np.uint32), *pieces]).tolist() == want.tolist()

@@ -310,6 +310,52 @@ class ClusterSet:
         if pending_len:
             yield np.concatenate(pending)
 
+    def iter_runs(self, pages: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The present clusters as runs: (starts, ends) int64 arrays, ascending, runs that
+        meet merged (across pages too), `pages` pages' worth at a time. A whole page is one
+        run, so a disk copied whole is a few runs, however large: no array per cluster."""
+        if pages < 1:
+            raise ValueError("pages must be positive")
+        numbers = sorted(self._pages)
+        carry: tuple[int, int] | None = None  # the last run so far: it may go on
+        for at in range(0, len(numbers), pages):
+            starts_parts: list[np.ndarray] = []
+            ends_parts: list[np.ndarray] = []
+            for number in numbers[at:at + pages]:
+                base = number << PAGE_BITS
+                page = self._pages[number]
+                if page is _FULL:
+                    a, b = np.array([base], np.int64), np.array([base + self._page_len(number)])
+                else:
+                    assert isinstance(page, np.ndarray)
+                    local = (page.astype(np.int64) if page.dtype == np.uint16
+                             else np.flatnonzero(_unpack(page)).astype(np.int64))
+                    cuts = np.flatnonzero(np.diff(local) != 1) + 1
+                    a = base + local[np.concatenate(([0], cuts))]
+                    b = base + local[np.concatenate((cuts - 1, [len(local) - 1]))] + 1
+                starts_parts.append(a)
+                ends_parts.append(b)
+            starts = np.concatenate(starts_parts)
+            ends = np.concatenate(ends_parts)
+            # runs that meet (a page boundary) become one
+            join = np.flatnonzero(starts[1:] == ends[:-1]) + 1
+            if len(join):
+                keep = np.ones(len(starts), bool)
+                keep[join] = False
+                first = np.flatnonzero(keep)
+                starts = starts[first]
+                ends = ends[np.concatenate((first[1:] - 1, [len(ends) - 1]))]
+            if carry is not None:
+                if starts[0] == carry[1]:
+                    starts[0] = carry[0]
+                else:
+                    yield np.array([carry[0]]), np.array([carry[1]])
+            carry = (int(starts[-1]), int(ends[-1]))
+            if len(starts) > 1:
+                yield starts[:-1], ends[:-1]
+        if carry is not None:
+            yield np.array([carry[0]]), np.array([carry[1]])
+
     # --- internals ------------------------------------------------------------------------------
 
     def _check(self, cluster: int) -> int:

@@ -422,13 +422,45 @@ class Archive:
 
 def _held_zeros(held: ClusterSet, stored: np.ndarray) -> np.ndarray:
     """The clusters an increment holds as zeros: those it has slots for, less the stored
-    ones (a subset: every stored cluster has a slot), both ascending."""
-    if len(held) == len(stored):
-        return np.zeros(0, np.uint32)
-    every = np.concatenate(list(held.iter_present())).astype(np.uint32)
-    keep = np.ones(len(every), bool)
-    keep[np.searchsorted(every, stored)] = False
-    return every[keep]
+    ones (a subset: every stored cluster has a slot), ascending, as uint32: built from the
+    set's runs a bounded chunk at a time, so 4 bytes a zero cluster and no more."""
+    out = np.empty(len(held) - len(stored), np.uint32)
+    pos = 0
+    for chunk in _zero_chunks(held, stored):
+        out[pos:pos + len(chunk)] = chunk
+        pos += len(chunk)
+    assert pos == len(out)
+    return out
+
+
+def _zero_chunks(held: ClusterSet, stored: np.ndarray, chunk: int = 1 << 20
+                 ) -> Iterator[np.ndarray]:
+    """_held_zeros in ascending pieces of about `chunk` clusters (stored: sorted)."""
+    for starts, ends in held.iter_runs():
+        # runs longer than a chunk are cut, so every piece stays about chunk long
+        lengths = ends - starts
+        if (lengths > chunk).any():
+            pieces = -(-lengths // chunk)
+            first = np.repeat(starts, pieces) + chunk * (
+                np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces))
+            starts, ends = first, np.minimum(first + chunk, np.repeat(ends, pieces))
+            lengths = ends - starts
+        total = np.cumsum(lengths)
+        cuts = np.searchsorted(total, np.arange(chunk, int(total[-1]), chunk), side="right")
+        for group in np.split(np.arange(len(starts)), cuts):
+            if not len(group):
+                continue
+            a, b, n = starts[group], ends[group], lengths[group]
+            values = np.arange(int(n.sum()), dtype=np.int64)
+            values += np.repeat(a - (np.cumsum(n) - n), n)
+            # uint32 keys: an int key would convert the whole column at every step
+            lo = int(stored.searchsorted(np.uint32(a[0])))
+            hi = len(stored) if b[-1] >= 1 << 32 else int(stored.searchsorted(np.uint32(b[-1])))
+            if hi > lo:
+                keep = np.ones(len(values), bool)
+                keep[np.searchsorted(values, stored[lo:hi].astype(np.int64))] = False
+                values = values[keep]
+            yield values.astype(np.uint32)
 
 
 def read_source_header(source: ByteSource) -> tuple[vma.Header, bytes]:
