@@ -28,8 +28,8 @@ import numpy as np
 from vmafs.archive import problems
 from vmafs.archive.rules import ClusterRules
 from vmafs.archive.walk import Extent, decode_extent
-from vmafs.container.source import ByteSource
-from vmafs.errors import ChecksumError, FormatError
+from vmafs.container.source import ByteSource, open_source
+from vmafs.errors import ChecksumError, FormatError, NotSeekableError
 from vmafs.format import index, vma
 
 HEAD = vma.EXTENT_HEADER_SIZE
@@ -66,6 +66,24 @@ def check_header(footer: index.Footer, header: vma.Header) -> bool:
         return index.check_header_digest(footer, header)
     except ChecksumError as exc:
         raise problems.error(problems.CHECKSUM, str(exc), offset=0) from None
+
+
+def check_header_at_tail(path: str, header: vma.Header) -> bool | None:
+    """For commands that read only the header (list, config): the header digest in the
+    footer, if the archive can be read at random (plain, seekable zstd). True: checked and
+    matched; False: no index or no digest; None: a stream (stdin, gzip, one-frame zstd),
+    where only a full read (verify) can tell. A mismatch raises, like every reader."""
+    if path == "-":
+        return None
+    try:
+        source, _kind = open_source(path)
+    except NotSeekableError:
+        return None
+    try:
+        footer = find_footer(source, header)
+    finally:
+        source.close()
+    return footer is not None and footer.header_digest is not None
 
 
 def load_index(source: ByteSource, header: vma.Header, footer: index.Footer) -> index.IndexTable:
