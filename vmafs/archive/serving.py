@@ -1,25 +1,40 @@
-"""Reads of an archive for a trio server (the mount, and later serve): each read as cheap as it
-can be, whatever protocol asks for it.
+"""The serving session: one archive (a chain resolved) opened for a server, whatever protocol
+the server speaks. The mount (FUSE), `vmafs serve` (NBD) and, later, live restore are thin
+adapters over it: they translate requests into `Session.read` and `Session.allocation` and
+decide only what a client sees when a read fails.
 
-Plain archives are read inline in the trio task: an index lookup and preads cost less than a
-thread hop (measured: a hop is ~140 µs here). Holes are slices of the model's zero buffer.
-Reads that decompress run in worker threads, and a streaming reader gets whole chunks, the next
-ones decompressed ahead in the background, shared by every reader of the archive. Errors are
-raised as they come from the model; the protocol layer decides what a client sees (EIO).
+`open_session` is an async context manager (an exit stack: each resource it takes has its
+undo), so a server is `async with open_session(path) as session:` and nothing outlives it.
+
+Reads are as cheap as they can be. Plain archives are read inline in the trio task: an index
+lookup and preads cost less than a thread hop (measured: a hop is ~140 µs here). Holes are
+slices of the model's zero buffer. Reads that decompress run in worker threads, and a
+streaming reader gets whole chunks, the next ones decompressed ahead in the session's nursery,
+shared by every reader of the archive. Whether a reader streams is decided here only
+(`Reader`). Errors are raised as they come from the model (every byte checked against its
+checksum in an indexed archive); the adapter decides what its client sees (EIO).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import trio
 
-from vmafs.archive.reader import ZERO_VIEW, Archive
+from vmafs.archive.configs import vm_configs
+from vmafs.archive.reader import CLUSTER, ZERO_VIEW, Archive, Device
+from vmafs.errors import VmafsError
+from vmafs.format.names import FileNames, display, file_names
 
 CHUNK = 1 << 20            # device bytes a chunk holds
 AHEAD = 4                  # chunks decompressed ahead of a streaming reader
 CACHED_CHUNKS = 12         # chunks kept, all readers together
 WORKERS = 2                # decompressing threads at once (one per core here)
+MAX_RUNS = 1024            # allocation runs answered at once (NBD caps descriptors too)
 
 
 class _Fetch:
@@ -33,25 +48,91 @@ class _Fetch:
         self.failed = False
 
 
-class ArchiveServer:
-    """Async reads of one archive. `nursery` (set by the server before it serves) runs the
-    read-ahead; without it there is none."""
+@dataclass
+class Reader:
+    """One reader of one device (an open file, an NBD connection's export): what the session
+    needs to tell a streaming reader from a random one."""
 
-    def __init__(self, archive: Archive) -> None:
+    dev_id: int
+    next_offset: int = -1   # where a sequential reader's next read would start
+    streak: int = 0         # consecutive sequential reads
+
+
+class Session:
+    """An open archive as servers show it: its disks (`devices`, with the file names extract
+    and mount give them), its VM config files, and the one read path.
+
+    `nursery` runs the read-ahead of compressed archives; without one (a Session made
+    directly, as tests do) there is none. `open_session` gives it one.
+    """
+
+    def __init__(self, archive: Archive, nursery: trio.Nursery | None = None,
+                 *, path: str | None = None) -> None:
         self.archive = archive
-        self.nursery: trio.Nursery | None = None
+        self.path = path if path is not None else archive.path
+        self.nursery = nursery
+        self.devices: list[Device] = sorted(archive.devices, key=lambda d: d.dev_id)
+        self.configs: list[tuple[str, bytes]] = list(vm_configs(archive.configs))
+        self.names: FileNames = file_names(self.devices, [n for n, _ in self.configs])
         self._chunks: OrderedDict[tuple[int, int], _Fetch] = OrderedDict()
         self._limiter = trio.CapacityLimiter(WORKERS)
         self._sizes = {d.dev_id: d.size for d in archive.devices}
 
-    def continues(self, dev_id: int, offset: int) -> bool:
-        """True if a read at offset follows one being streamed (its chunk is here)."""
-        return (dev_id, offset // CHUNK) in self._chunks
+    # -- what is served --------------------------------------------------------------------
 
-    async def read(self, dev_id: int, offset: int, size: int, *, streaming: bool
-                   ) -> bytes | memoryview:
-        """Device bytes [offset, offset+size) (clipped at the end); `streaming`: the reader
-        goes through the device in order, so read whole chunks and the next ones ahead."""
+    def size(self, dev_id: int) -> int:
+        return self._sizes[dev_id]
+
+    def notes(self) -> list[str]:
+        """What a user should know about how the archive is served."""
+        archive = self.archive
+        if len(archive.layers) > 1:
+            return [f"a chain of {len(archive.layers)} archives: each read comes from the "
+                    "newest that holds the cluster"]
+        if archive.indexed:
+            return []
+        return ["this archive has no vmafs index: reads are not checked against data "
+                "checksums (vmafs convert writes an archive that has them)"]
+
+    def mode(self) -> str:
+        return ("indexed: every read is checked against its checksum" if self.archive.indexed
+                else "walked: it has no index, so no data checksums")
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def reader(self, dev_id: int) -> Reader:
+        return Reader(dev_id)
+
+    @property
+    def inline(self) -> bool:
+        """True when reads never wait (a plain archive: index lookups and preads), so a
+        server may answer them in order, in the task that parsed them."""
+        return not self.archive.compressed
+
+    def streaming(self, reader: Reader, offset: int, size: int) -> bool:
+        """The one place that decides what is sequential: a read that starts where the
+        reader's last one ended, or inside a chunk being streamed, and follows another such
+        read. Call it in request order (before any await), then `read_range`."""
+        sequential = (offset == reader.next_offset
+                      or (reader.dev_id, offset // CHUNK) in self._chunks)
+        reader.streak = reader.streak + 1 if sequential else 0
+        reader.next_offset = offset + size
+        return reader.streak >= 1
+
+    async def read(self, reader: Reader, offset: int, size: int) -> bytes | memoryview:
+        """Device bytes [offset, offset+size), clipped at the device's end."""
+        dev_id = reader.dev_id
+        dev_size = self._sizes[dev_id]
+        if offset >= dev_size or size <= 0:
+            return b""
+        size = min(size, dev_size - offset)
+        streaming = self.streaming(reader, offset, size)
+        return await self.read_range(dev_id, offset, size, streaming=streaming)
+
+    async def read_range(self, dev_id: int, offset: int, size: int, *, streaming: bool
+                         ) -> bytes | memoryview:
+        """Device bytes [offset, offset+size) (clipped at the end); `streaming`: read whole
+        chunks and the next ones ahead."""
         archive = self.archive
         if not archive.compressed:
             return archive.read(dev_id, offset, size)
@@ -63,6 +144,34 @@ class ArchiveServer:
                 return data
         return await trio.to_thread.run_sync(archive.read, dev_id, offset, size,
                                              limiter=self._limiter)
+
+    def allocation(self, dev_id: int, offset: int, length: int) -> list[tuple[int, bool]]:
+        """(length, is_hole) runs from offset, covering at most `length` bytes (fewer when
+        the device is very fragmented): what block status reports so clients skip holes.
+        Cluster granular: a stored cluster is data even where some of its blocks are not."""
+        end = min(offset + length, self._sizes[dev_id])
+        if offset >= end:
+            return []
+        clusters = _stored_clusters(self.archive, dev_id, offset // CLUSTER,
+                                    (end - 1) // CLUSTER)
+        runs: list[tuple[int, bool]] = []
+        pos = offset
+        if len(clusters):
+            breaks = np.flatnonzero(np.diff(clusters) != 1) + 1
+            starts = np.concatenate(([0], breaks))[:MAX_RUNS]
+            stops = np.concatenate((breaks, [len(clusters)]))[:MAX_RUNS]
+            for a, b in zip(clusters[starts].tolist(), clusters[stops - 1].tolist(),
+                            strict=True):
+                lo, hi = max(a * CLUSTER, offset), min((b + 1) * CLUSTER, end)
+                if lo > pos:
+                    runs.append((lo - pos, True))
+                runs.append((hi - lo, False))
+                pos = hi
+            if len(starts) == MAX_RUNS and pos < end:
+                return runs
+        if pos < end:
+            runs.append((end - pos, True))
+        return runs
 
     def _is_hole(self, dev_id: int, offset: int, size: int) -> bool:
         try:
@@ -122,3 +231,38 @@ class ArchiveServer:
             self._chunks.pop((dev_id, idx), None)
         finally:
             fetch.done.set()
+
+
+def _stored_clusters(archive: Archive, dev_id: int, first: int, last: int) -> np.ndarray:
+    """The clusters in [first, last] that hold data (ascending), from the model's rows."""
+    dmap = archive._maps[dev_id]  # noqa: SLF001 - the rows are the allocation map
+    lo = int(dmap.clusters.searchsorted(np.uint32(first)))
+    hi = int(dmap.clusters.searchsorted(np.uint32(last), side="right"))
+    clusters = dmap.clusters[lo:hi]
+    masks = dmap.masks[lo:hi]
+    return clusters[masks != 0].astype(np.int64)
+
+
+def open_archive(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
+                 ) -> Archive:
+    """The archive at path with its chain; an unreadable file is one line naming it."""
+    from vmafs.archive.chain import open_chain
+    try:
+        return open_chain(path, bases, drop_behind=drop_behind)
+    except OSError as exc:
+        raise VmafsError(f"{display(path)}: {exc.strerror or exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def open_session(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
+                       ) -> AsyncIterator[Session]:
+    """The archive at path (an incremental one with its chain, every link checked) opened
+    for serving. Opening (a walk of an un-indexed archive can take seconds) runs in a thread,
+    so signals are still heard; leaving closes everything it opened, read-ahead included."""
+    async with contextlib.AsyncExitStack() as stack:
+        archive = await trio.to_thread.run_sync(
+            lambda: open_archive(path, bases, drop_behind=drop_behind), abandon_on_cancel=False)
+        stack.callback(archive.close)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)  # read-ahead ends with the session
+        yield Session(archive, nursery, path=path)

@@ -32,6 +32,7 @@ COMMANDS = {
     "merge": "fold an incremental chain into one full archive (or a new base)",
     "mount": "mount an archive read-only: one raw image file per disk",
     "umount": "unmount an archive mounted by vmafs mount",
+    "serve": "serve an archive's disks read-only over NBD",
 }
 
 

@@ -195,7 +195,37 @@ class Disconnect:
     reason: str
 
 
-Event = TransmissionStarted | Write | WriteZeroes | Flush | BadRequest | Disconnect
+@dataclass(frozen=True, slots=True)
+class Read:
+    """NBD_CMD_READ of [offset, offset+length), inside the export."""
+
+    handle: int
+    offset: int
+    length: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatus:
+    """NBD_CMD_BLOCK_STATUS for base:allocation; `one`: the client wants one descriptor."""
+
+    handle: int
+    offset: int
+    length: int
+    one: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    """NBD_CMD_CACHE: a hint that [offset, offset+length) will be read soon."""
+
+    handle: int
+    offset: int
+    length: int
+
+
+Event = (TransmissionStarted | Write | WriteZeroes | Flush | Read | BlockStatus | Cache
+         | BadRequest | Disconnect)
 
 
 class State(Enum):
@@ -550,3 +580,297 @@ class NBDServer:
         self._skip_event = ev
         self._sub = _Sub.SKIP
         return NEED_DATA
+
+
+# --- The read-only side: serving archives (vmafs serve) ------------------------------------------
+
+STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
+REPLY_FLAG_DONE: Final = 1 << 0
+REPLY_TYPE_NONE: Final = 0
+REPLY_TYPE_OFFSET_DATA: Final = 1
+REPLY_TYPE_OFFSET_HOLE: Final = 2
+REPLY_TYPE_BLOCK_STATUS: Final = 5
+REPLY_TYPE_ERROR: Final = (1 << 15) + 1
+REP_META_CONTEXT: Final = 4
+FLAG_SEND_DF: Final = 1 << 7
+FLAG_CAN_MULTI_CONN: Final = 1 << 8
+FLAG_SEND_CACHE: Final = 1 << 10
+CMD_FLAG_DF: Final = 1 << 2
+CMD_FLAG_REQ_ONE: Final = 1 << 3
+STATE_HOLE: Final = 1 << 0
+STATE_ZERO: Final = 1 << 1
+BASE_ALLOCATION: Final = "base:allocation"
+ALLOCATION_CONTEXT_ID: Final = 1
+MAX_READ: Final = 32 * 1024 * 1024  # largest READ we answer (what INFO_BLOCK_SIZE says)
+MAX_DESCRIPTORS: Final = 1024       # block status descriptors in one reply
+
+READ_ONLY_FLAGS: Final = FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE
+
+_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
+_U64 = struct.Struct(">Q")
+_DESCRIPTOR = struct.Struct(">II")
+
+
+class ExportServer(NBDServer):
+    """One server-side connection to a set of read-only exports (name -> size).
+
+    Adds to the sink's handshake what readers need: NBD_OPT_LIST of every export,
+    structured replies, the `base:allocation` meta context (so clients skip holes), and the
+    READ / BLOCK_STATUS / CACHE commands; every write is refused with EPERM. The empty name
+    is an export only when there is exactly one (several disks: the client names one).
+    """
+
+    def __init__(self, exports: dict[str, int]) -> None:
+        for name, size in exports.items():
+            if not 0 <= size < 1 << 63 or len(name.encode()) > 4096:
+                raise ValueError(f"bad export {name!r} of size {size}")
+        super().__init__(0, "")
+        self.exports = dict(exports)
+        self.structured = False
+        self.allocation = False  # base:allocation negotiated for the chosen export
+        self._meta_export: str | None = None
+
+    # -- output -----------------------------------------------------------------
+
+    def reply_read(self, handle: int, offset: int, length: int) -> bytes:
+        """The header that precedes `length` bytes of data for a READ (send the data next)."""
+        self._done(handle)
+        if not self.structured:
+            return _REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+        return (_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+                            handle, 8 + length) + _U64.pack(offset))
+
+    def reply_block_status(self, handle: int, extents: list[tuple[int, int]]) -> bytes:
+        """The reply to a BlockStatus event: (length, STATE_* flags) descriptors in order."""
+        self._done(handle)
+        body = b"".join(_DESCRIPTOR.pack(n, f) for n, f in extents)
+        return (_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+                            handle, 4 + len(body)) + _U32.pack(ALLOCATION_CONTEXT_ID) + body)
+
+    def reply_ok(self, handle: int) -> bytes:
+        """Success without data (CACHE)."""
+        self._done(handle)
+        if not self.structured:
+            return _REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
+
+    def reply_error(self, handle: int, error: int, message: str = "") -> bytes:
+        """A failed request: a simple error reply, or an error chunk with a short message."""
+        self._done(handle)
+        if not self.structured:
+            return _REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+        text = message.encode()[:1024]
+        return (_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle,
+                            6 + len(text)) + _U32.pack(error) + _U16.pack(len(text)) + text)
+
+    def reply(self, handle: int, error: int = 0) -> bytes:
+        return self.reply_error(handle, error) if error else self.reply_ok(handle)
+
+    def _done(self, handle: int) -> None:
+        try:
+            self._inflight.remove(handle)
+        except KeyError:
+            raise LocalProtocolError(f"no request in flight with handle {handle:#x}") from None
+
+    @property
+    def flags(self) -> int:
+        """Transmission flags of the chosen export."""
+        return READ_ONLY_FLAGS | (FLAG_SEND_DF if self.structured else 0)
+
+    # -- handshake --------------------------------------------------------------
+
+    def _lookup(self, name: str) -> str | None:
+        if name in self.exports:
+            return name
+        if name == "" and len(self.exports) == 1:
+            return next(iter(self.exports))
+        return None
+
+    def _unknown(self, name: str) -> bytes:
+        names = ", ".join(sorted(self.exports)) or "none"
+        what = "name an export" if name == "" else f"no export {name!r}"
+        return f"{what} (exports: {names})".encode()[:4096]
+
+    def _handle_option(self, option: int, data: bytes) -> Event | None:
+        if option == OPT_EXPORT_NAME:
+            chosen = self._lookup(data.decode("utf-8", "replace"))
+            if chosen is None:
+                return self._close(f"unknown export {data[:100]!r}")
+            self._choose(chosen)
+            self._out += self.size.to_bytes(8, "big") + _U16.pack(self.flags)
+            if not self.no_zeroes:
+                self._out += bytes(124)
+            return self._start(chosen, "EXPORT_NAME")
+        if option == OPT_LIST:
+            if data:
+                self._opt_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                return None
+            for name in self.exports:
+                raw = name.encode()
+                self._opt_reply(option, REP_SERVER, _U32.pack(len(raw)) + raw)
+            self._opt_reply(option, REP_ACK)
+            return None
+        if option == OPT_STRUCTURED_REPLY:
+            if data:
+                self._opt_reply(option, REP_ERR_INVALID, b"takes no data")
+            else:
+                self.structured = True
+                self._opt_reply(option, REP_ACK)
+            return None
+        if option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+            self._handle_meta(option, data)
+            return None
+        return super()._handle_option(option, data)
+
+    def _handle_meta(self, option: int, data: bytes) -> None:
+        if not self.structured:
+            self._opt_reply(option, REP_ERR_INVALID, b"negotiate structured replies first")
+            return
+        parsed = _parse_meta(data)
+        if parsed is None:
+            self._opt_reply(option, REP_ERR_INVALID, b"malformed meta context request")
+            return
+        name, queries = parsed
+        export = self._lookup(name)
+        if export is None:
+            self._opt_reply(option, REP_ERR_UNKNOWN, self._unknown(name))
+            return
+        if option == OPT_LIST_META_CONTEXT:
+            wanted = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+        else:
+            wanted = BASE_ALLOCATION in queries
+            self.allocation = wanted
+            self._meta_export = export
+        if wanted:
+            raw = BASE_ALLOCATION.encode()
+            self._opt_reply(option, REP_META_CONTEXT, _U32.pack(ALLOCATION_CONTEXT_ID) + raw)
+        self._opt_reply(option, REP_ACK)
+
+    def _handle_info(self, option: int, data: bytes) -> Event | None:
+        if len(data) < 6:
+            self._opt_reply(option, REP_ERR_INVALID, b"option data too short")
+            return None
+        (name_len,) = _U32.unpack_from(data, 0)
+        if name_len > len(data) - 6:
+            self._opt_reply(option, REP_ERR_INVALID, b"bad name length")
+            return None
+        (n_req,) = _U16.unpack_from(data, 4 + name_len)
+        if 6 + name_len + 2 * n_req != len(data):
+            self._opt_reply(option, REP_ERR_INVALID, b"bad information request count")
+            return None
+        try:
+            name = data[4 : 4 + name_len].decode("utf-8")
+        except UnicodeDecodeError:
+            self._opt_reply(option, REP_ERR_INVALID, b"export name is not UTF-8")
+            return None
+        chosen = self._lookup(name)
+        if chosen is None:
+            self._opt_reply(option, REP_ERR_UNKNOWN, self._unknown(name))
+            return None
+        requests = {_U16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(n_req)}
+        size = self.exports[chosen]
+        self._opt_reply(option, REP_INFO, _INFO_EXPORT.pack(INFO_EXPORT, size, self.flags))
+        if INFO_NAME in requests:
+            self._opt_reply(option, REP_INFO, _U16.pack(INFO_NAME) + chosen.encode())
+        if INFO_BLOCK_SIZE in requests:
+            self._opt_reply(option, REP_INFO,
+                            _INFO_BLOCK.pack(INFO_BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_READ))
+        self._opt_reply(option, REP_ACK)
+        if option == OPT_GO:
+            self._choose(chosen)
+            return self._start(chosen, "GO")
+        return None
+
+    def _choose(self, name: str) -> None:
+        self.export_name = name
+        self.size = self.exports[name]
+        if self._meta_export != name:  # contexts are negotiated per export
+            self.allocation = False
+
+    # -- transmission -----------------------------------------------------------
+
+    def _next_request(self) -> Event | _NeedData:
+        if self._sub is not _Sub.HEADER:
+            return super()._next_request()
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 28:
+            if pos > 1 << 20:
+                del buf[:pos]
+                self._pos = 0
+            return NEED_DATA
+        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(buf, pos)
+        if magic != REQUEST_MAGIC:
+            raise NBDProtocolError(f"bad request magic {magic:#x}")
+        if cmd in (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM, CMD_FLUSH):
+            if cmd == CMD_WRITE:  # the base class skips its payload; answer EPERM instead
+                self._pos = pos + 28
+                return self._refuse_payload(handle, cmd, offset, length, EPERM,
+                                            "the export is read-only")
+            self._pos = pos + 28
+            return self._bad(handle, cmd, offset, length, EPERM, "the export is read-only")
+        self._pos = pos + 28
+        if cmd == CMD_DISC:
+            return self._close("NBD_CMD_DISC")
+        if cmd not in (CMD_READ, CMD_BLOCK_STATUS, CMD_CACHE):
+            name = COMMAND_NAMES.get(cmd, f"command {cmd}")
+            return self._bad(handle, cmd, offset, length, EINVAL, f"{name} is not supported")
+        allowed = {CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF, CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+                   CMD_CACHE: 0}[cmd]
+        if flags & ~allowed:
+            return self._bad(handle, cmd, offset, length, EINVAL,
+                             f"unsupported command flags {flags:#x}")
+        if length == 0 or offset + length > self.size:
+            return self._bad(handle, cmd, offset, length, EINVAL,
+                             f"range {offset}+{length} outside the export (size {self.size})")
+        if cmd == CMD_READ:
+            if length > MAX_READ:
+                return self._bad(handle, cmd, offset, length, EINVAL,
+                                 f"READ of {length} bytes exceeds {MAX_READ}")
+            self._inflight.add(handle)
+            return Read(handle, offset, length, flags)
+        if cmd == CMD_CACHE:
+            self._inflight.add(handle)
+            return Cache(handle, offset, length)
+        if not self.allocation:
+            return self._bad(handle, cmd, offset, length, EINVAL,
+                             "BLOCK_STATUS without the base:allocation context")
+        self._inflight.add(handle)
+        return BlockStatus(handle, offset, length, bool(flags & CMD_FLAG_REQ_ONE))
+
+
+def _parse_meta(data: bytes) -> tuple[str, list[str]] | None:
+    """(export name, queries) of NBD_OPT_{LIST,SET}_META_CONTEXT, or None if malformed."""
+    try:
+        (n,) = _U32.unpack_from(data, 0)
+        name = data[4:4 + n].decode("utf-8")
+        if len(name.encode()) != n:
+            return None
+        pos = 4 + n
+        (count,) = _U32.unpack_from(data, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            (q,) = _U32.unpack_from(data, pos)
+            pos += 4
+            if pos + q > len(data):
+                return None
+            queries.append(data[pos:pos + q].decode("utf-8"))
+            pos += q
+    except (struct.error, UnicodeDecodeError):
+        return None
+    return (name, queries) if pos == len(data) else None
+
+
+def allocation_extents(runs: list[tuple[int, bool]], one: bool) -> list[tuple[int, int]]:
+    """Block status descriptors from (length, is_hole) runs: adjacent runs of a kind merged,
+    holes reported as HOLE|ZERO; `one` keeps only the first."""
+    out: list[tuple[int, int]] = []
+    for length, hole in runs:
+        flags = STATE_HOLE | STATE_ZERO if hole else 0
+        if out and out[-1][1] == flags and out[-1][0] + length < 1 << 32:
+            out[-1] = (out[-1][0] + length, flags)
+        elif len(out) < MAX_DESCRIPTORS:
+            out.append((length, flags))
+        else:
+            break
+    return out[:1] if one else out

@@ -1,8 +1,9 @@
 """The read-only FUSE view of an archive: one `disk-<dev>.raw` per device plus the config blobs.
 
-Thin on purpose: it translates FUSE requests into reads of the archive model (through
-archive.serving, which decides what runs inline and what is decompressed ahead in threads) and
-knows nothing of the VMA format; a read that fails answers EIO and the daemon serves on.
+Thin on purpose: a front end over the serving session (archive/serving.py, which opens the
+archive and decides what is read inline, in threads or ahead): it translates FUSE requests into
+session reads and knows nothing of the VMA format; a read that fails answers EIO and the
+daemon serves on.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyfuse3
-import trio
 
-from vmafs.archive.configs import vm_configs
 from vmafs.archive.reader import Archive, Device
-from vmafs.archive.serving import ArchiveServer
+from vmafs.archive.serving import Reader, Session
 from vmafs.errors import VmafsError
 from vmafs.format.names import NAME_MAX, file_names
 
@@ -58,14 +57,13 @@ def layout(devices: Sequence[Device],
 @dataclass
 class _Handle:
     entry: Entry
-    next_offset: int = -1                 # where a sequential reader's next read would start
-    streak: int = 0                       # consecutive sequential reads
+    reader: Reader | None = None          # a disk's reader (None: a config blob)
 
 
 class VmaFS(pyfuse3.Operations):
-    """pyfuse3 operations over one open archive. `nursery` (set by the daemon before serving)
-    runs read-ahead tasks; without it there is no read-ahead. `on_init` is called once the
-    kernel's FUSE_INIT has been handled.
+    """pyfuse3 operations over one serving session (an Archive alone gets a session without
+    read-ahead, as tests use it). `on_init` is called once the kernel's FUSE_INIT has been
+    handled.
 
     Disks are opened through the page cache by default (mmap works, small reads get kernel
     read-ahead). `direct_io` hands each read straight to the reader's buffer instead: no
@@ -73,33 +71,27 @@ class VmaFS(pyfuse3.Operations):
     reads through FUSE, but MAP_SHARED mmap of a disk fails with ENODEV (libfuse < 3.16).
     """
 
-    def __init__(self, archive: Archive, *, uid: int | None = None,
+    def __init__(self, session: Session | Archive, *, uid: int | None = None,
                  gid: int | None = None, direct_io: bool = False) -> None:
         super().__init__()
-        self.archive = archive
+        if isinstance(session, Archive):
+            session = Session(session)
+        self.session = session
+        self.archive = archive = session.archive
         self.direct_io = direct_io
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         # the header's ctime is any int64: clamp it to what a file time can hold
         self.ctime_ns = min(max(int(archive.ctime), 0), (1 << 63) // 10**9 - 1) * 10**9
-        self.entries = layout(archive.devices, vm_configs(archive.configs))
+        self.entries = layout(session.devices, session.configs)
         self.by_inode = {e.inode: e for e in self.entries}
         self.by_name = {e.name: e for e in self.entries}
-        self.server = ArchiveServer(archive)
         self.on_init: Callable[[], None] | None = None
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         # st_blocks of a disk counts its stored data, so du and ls -s show how sparse it is.
         self._allocated = {e.inode: archive.stored_bytes(e.dev_id)
                            for e in self.entries if e.dev_id}
-
-    @property
-    def nursery(self) -> trio.Nursery | None:
-        return self.server.nursery
-
-    @nursery.setter
-    def nursery(self, nursery: trio.Nursery | None) -> None:
-        self.server.nursery = nursery
 
     def init(self) -> None:
         """FUSE_INIT is answered: the mount is fully up."""
@@ -187,7 +179,8 @@ class VmaFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(entry)
+        self._handles[fh] = _Handle(
+            entry, self.session.reader(entry.dev_id) if entry.dev_id else None)
         # Page cache (when used) is kept across opens: the content never changes.
         direct = self.direct_io and bool(entry.dev_id)
         return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
@@ -208,13 +201,10 @@ class VmaFS(pyfuse3.Operations):
         if off >= entry.size or size <= 0:
             return b""
         size = min(size, entry.size - off)
-        if not entry.dev_id:
+        if handle.reader is None:
             return memoryview(entry.data)[off:off + size]
-        sequential = off == handle.next_offset or self.server.continues(entry.dev_id, off)
-        handle.streak = handle.streak + 1 if sequential else 0
-        handle.next_offset = off + size
         try:
-            return await self.server.read(entry.dev_id, off, size, streaming=handle.streak >= 1)
+            return await self.session.read(handle.reader, off, size)
         except Exception as exc:  # noqa: BLE001 - a read fails, the daemon serves on
             raise self._eio(entry, off, size, exc) from None
 

@@ -1,0 +1,343 @@
+"""The NBD front end: every disk of a serving session as a read-only export named by its
+device, for any number of clients and connections (multi-conn is safe: nothing changes).
+
+Thin on purpose: bytes go between sockets and `vmafs.format.nbd.ExportServer` (the protocol),
+reads and block status come from `vmafs.archive.serving.Session` (which decides what is read
+inline, in threads or ahead). What this shell adds is the server's care for its clients: a
+client that breaks the protocol, stalls the handshake or vanishes mid-request loses its own
+connection only; a read that fails (a damaged cluster) is an EIO reply to that request only;
+memory per connection is bounded (requests are read from the socket only while their replies
+fit the budget).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import socket as stdsocket
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from vmafs.archive.serving import Reader, Session, open_session
+from vmafs.errors import UsageError, VmafsError
+from vmafs.format import nbd
+from vmafs.format.names import display
+
+log = logging.getLogger("vmafs.serve")
+
+RECV_SIZE = 256 * 1024
+HANDSHAKE_SECONDS = 30.0   # a client that does not finish the handshake by then is dropped
+BUDGET_UNIT = 1 << 20      # reply bytes per token
+BUDGET = 64               # tokens: reply bytes in flight per connection (64 MiB)
+MAX_CONNECTIONS = 64       # more are closed at once
+
+
+def export_names(session: Session) -> dict[str, int]:
+    """Export name -> dev_id: each disk by its device name."""
+    return {d.name: d.dev_id for d in session.devices}
+
+
+@dataclass
+class Address:
+    """Where the exports are: a unix socket path, or a TCP host and port."""
+
+    socket: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def url(self, export: str) -> str:
+        """The NBD URI a client (qemu, nbdinfo) opens an export by."""
+        from urllib.parse import quote
+        name = quote(export, safe="")
+        if self.socket is not None:
+            return f"nbd+unix:///{name}?socket={quote(self.socket, safe='/')}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{name}"
+
+    def describe(self) -> str:
+        if self.socket is not None:
+            return display(self.socket)
+        return f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT ([v6]:PORT) for --listen; a usage error otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {text!r}: give HOST:PORT (e.g. 127.0.0.1:10809)")
+    return host, int(port)
+
+
+# -- listening ------------------------------------------------------------------------------------
+
+async def unix_listener(path: str) -> trio.SocketListener:
+    """A listening unix socket at path, mode 0600 from the start. A stale socket (nobody
+    listening) is replaced; anything else at path is an error."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise VmafsError(f"{display(path)} exists and is not a socket")
+        probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        except OSError as exc:
+            raise VmafsError(f"{display(path)}: {exc.strerror}") from None
+        else:
+            raise VmafsError(f"{display(path)}: a server is already listening there")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise VmafsError(f"{display(path)}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    return trio.SocketListener(sock)
+
+
+async def tcp_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise VmafsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+# -- serving --------------------------------------------------------------------------------------
+
+class Exports:
+    """The NBD exports of one session on some listeners: `serve` accepts until cancelled."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.by_name = export_names(session)
+        self.sizes = {name: session.size(dev_id) for name, dev_id in self.by_name.items()}
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+        self.connections = 0
+
+    async def serve(self, listeners: list[trio.SocketListener]) -> None:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept, listener, nursery)
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and the like: wait and go on
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                if self._slots.value == 0:
+                    log.warning("too many NBD connections (%d): closing a new one",
+                                MAX_CONNECTIONS)
+                    await stream.aclose()
+                    continue
+                self._slots.acquire_nowait()
+                nursery.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            await _Connection(self, stream).run()
+        except (nbd.NBDProtocolError, trio.TooSlowError) as exc:
+            log.warning("NBD client dropped: %s", exc)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("NBD connection lost: %s", exc)
+        except Exception:  # noqa: BLE001 - one connection fails, the server serves on
+            log.exception("NBD connection failed")
+        finally:
+            self._slots.release()
+            with contextlib.suppress(Exception):
+                await trio.aclose_forcefully(stream)
+
+
+class _Connection:
+    def __init__(self, exports: Exports, stream: trio.SocketStream) -> None:
+        self.exports = exports
+        self.session = exports.session
+        self.stream = stream
+        self.sock = stream.socket
+        self.conn = nbd.ExportServer(exports.sizes)
+        self.send_lock = trio.Lock()
+        self.budget = trio.Semaphore(BUDGET)
+        self.reader: Reader | None = None
+
+    async def run(self) -> None:
+        with trio.fail_after(HANDSHAKE_SECONDS):
+            await self._send(self.conn.data_to_send())
+            while self.reader is None:
+                if not await self._receive():
+                    return
+                gone = self._handshake()
+                await self._send(self.conn.data_to_send())
+                if gone:
+                    return
+        async with trio.open_nursery() as nursery:
+            while await self._dispatch(nursery):
+                await self._receive()  # EOF: the next dispatch sees the disconnect
+
+    async def _receive(self) -> bool:
+        data = await self.sock.recv(RECV_SIZE)
+        self.conn.receive_data(data)
+        return bool(data)
+
+    def _handshake(self) -> bool:
+        """Handle handshake events up to transmission; True when the client is gone."""
+        while True:
+            ev = self.conn.next_event()
+            if ev is nbd.NEED_DATA:
+                return False
+            if isinstance(ev, nbd.TransmissionStarted):
+                self.reader = self.session.reader(self.exports.by_name[ev.export_name])
+                log.debug("NBD client reads %s", ev.export_name)
+                return False
+            if isinstance(ev, nbd.Disconnect):
+                return True
+
+    async def _dispatch(self, nursery: trio.Nursery) -> bool:
+        """Answer every request parsed so far; False once the client disconnected."""
+        conn, session, reader = self.conn, self.session, self.reader
+        assert reader is not None
+        while True:
+            ev = conn.next_event()
+            if ev is nbd.NEED_DATA:
+                return True
+            if isinstance(ev, nbd.Read):
+                tokens = min(BUDGET, math.ceil(ev.length / BUDGET_UNIT))
+                for _ in range(tokens):
+                    await self.budget.acquire()
+                streaming = session.streaming(reader, ev.offset, ev.length)
+                if session.inline:
+                    await self._read(ev, streaming, tokens)
+                else:
+                    nursery.start_soon(self._read, ev, streaming, tokens)
+            elif isinstance(ev, nbd.BlockStatus):
+                runs = session.allocation(reader.dev_id, ev.offset, ev.length)
+                await self._send(conn.reply_block_status(
+                    ev.handle, nbd.allocation_extents(runs, ev.one)))
+            elif isinstance(ev, nbd.Cache):
+                await self._send(conn.reply_ok(ev.handle))
+            elif isinstance(ev, nbd.BadRequest):
+                log.warning("refusing NBD request: %s", ev.reason)
+                await self._send(conn.reply_error(ev.handle, ev.error, ev.reason))
+            elif isinstance(ev, nbd.Disconnect):
+                return False
+
+    async def _read(self, ev: nbd.Read, streaming: bool, tokens: int) -> None:
+        try:
+            try:
+                data = await self.session.read_range(self.reader.dev_id,  # type: ignore[union-attr]
+                                                     ev.offset, ev.length, streaming=streaming)
+            except Exception as exc:  # noqa: BLE001 - this read fails, the rest serve on
+                await self._send(self.conn.reply_error(ev.handle, nbd.EIO,
+                                                       self._failed(ev, exc)))
+                return
+            if len(data) != ev.length:  # never a reply that desynchronises the stream
+                err = VmafsError(f"read {len(data)} bytes of {ev.length}")
+                await self._send(self.conn.reply_error(ev.handle, nbd.EIO,
+                                                       self._failed(ev, err)))
+                return
+            await self._send(self.conn.reply_read(ev.handle, ev.offset, ev.length), data)
+        finally:
+            for _ in range(tokens):
+                self.budget.release()
+
+    def _failed(self, ev: nbd.Read, exc: Exception) -> str:
+        """Log why a read fails; the client gets EIO, never bytes that are not proven."""
+        name = self.conn.export_name
+        end = ev.offset + ev.length - 1
+        if isinstance(exc, VmafsError):
+            log.error("%s: bytes %d-%d: %s; returning EIO", name, ev.offset, end, exc)
+            return str(exc)
+        if isinstance(exc, OSError):
+            log.error("%s: bytes %d-%d: cannot read the archive: %s; returning EIO", name,
+                      ev.offset, end, exc)
+            return os.strerror(exc.errno or errno.EIO)
+        log.exception("%s: bytes %d-%d: internal error; returning EIO", name, ev.offset, end)
+        return "internal error"
+
+    async def _send(self, head: bytes, data: bytes | memoryview = b"") -> None:
+        """One reply, whole: header and data go out together (sendmsg, no copy)."""
+        if not head:
+            return
+        async with self.send_lock:
+            parts = [memoryview(head), memoryview(data)] if data else [memoryview(head)]
+            while parts:
+                sent = await self.sock.sendmsg(parts)
+                while parts and sent >= len(parts[0]):
+                    sent -= len(parts[0])
+                    parts.pop(0)
+                if parts and sent:
+                    parts[0] = parts[0][sent:]
+
+
+# -- in-process use ---------------------------------------------------------------------------
+
+@dataclass
+class Export:
+    """A running export: where it is and each disk's URL (qemu-img, QEMU, nbdinfo take it)."""
+
+    session: Session
+    address: Address
+    urls: dict[str, str]
+
+
+@contextlib.asynccontextmanager
+async def open_export(archive: str, bases: tuple[str, ...] | list[str] = (), *,
+                      socket: str | None = None, listen: tuple[str, int] | None = None
+                      ) -> AsyncIterator[Export]:
+    """Serve an archive over NBD for as long as the block runs: what `vmafs serve` does, for
+    code that runs QEMU on it (live restore, boot). Ready when entered; stopped (socket
+    removed, connections closed) when left."""
+    async with open_session(archive, bases) as session, \
+            serving(session, socket=socket, listen=listen) as export:
+        yield export
+
+
+@contextlib.asynccontextmanager
+async def serving(session: Session, *, socket: str | None = None,
+                  listen: tuple[str, int] | None = None) -> AsyncIterator[Export]:
+    """The session's disks exported on a unix socket or a TCP address until left."""
+    if (socket is None) == (listen is None):
+        raise UsageError("give one of a socket path or a TCP address")
+    async with contextlib.AsyncExitStack() as stack:
+        if socket is not None:
+            socket = os.path.abspath(socket)
+            listeners = [await unix_listener(socket)]
+            st = os.lstat(socket)
+            stack.callback(_remove_socket, socket, st.st_ino)
+            address = Address(socket=socket)
+        else:
+            assert listen is not None
+            listeners = await tcp_listeners(*listen)
+            host, port = listeners[0].socket.getsockname()[:2]
+            address = Address(host=listen[0], port=port)
+        for listener in listeners:
+            stack.push_async_callback(listener.aclose)
+        exports = Exports(session)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        nursery.start_soon(exports.serve, listeners)
+        yield Export(session, address,
+                     {name: address.url(name) for name in exports.by_name})
+
+
+def _remove_socket(path: str, inode: int) -> None:
+    """Remove our socket file, not one another server put there since."""
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
