@@ -104,10 +104,11 @@ def test_every_conversion_keeps_the_digest(zch: Chain, tmp_path: Path) -> None:
             assert digests(out) == want, form.name
 
 
-def converted_chain(zch: Chain, dest: Path) -> Path:
-    """The chain with every layer converted (plain <-> zstd), under the original names'
-    stems; returns the newest."""
-    dest.mkdir()
+@pytest.fixture(scope="module")
+def converted(zch: Chain, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chain with every layer converted (plain <-> zstd) by the real command, under the
+    original names' stems; the newest."""
+    dest = tmp_path_factory.mktemp("conv")
     names = []
     for src in zch.paths:
         name = src.name.replace(".vma.zst", ".x.vma") if src.name.endswith(".zst") \
@@ -118,8 +119,9 @@ def converted_chain(zch: Chain, dest: Path) -> Path:
     return dest / names[-1]
 
 
-def test_converted_chain_reads_as_the_original(zch: Chain, tmp_path: Path) -> None:
-    newest = converted_chain(zch, tmp_path / "conv")
+def test_converted_chain_reads_as_the_original(zch: Chain, converted: Path,
+                                               tmp_path: Path) -> None:
+    newest = converted
     want = zch.states[-1]
     images, depth = model_images(newest)
     assert depth == 4 and images == want
@@ -145,9 +147,9 @@ def test_converted_chain_reads_as_the_original(zch: Chain, tmp_path: Path) -> No
 
 
 @pytest.mark.skipif(NO_FUSE is not None, reason=str(NO_FUSE))
-def test_converted_chain_mounts_as_the_original(zch: Chain, tmp_path: Path) -> None:
-    newest = converted_chain(zch, tmp_path / "conv")
-    with mounted(newest, tmp_path / "mnt") as mnt:
+def test_converted_chain_mounts_as_the_original(zch: Chain, converted: Path,
+                                                tmp_path: Path) -> None:
+    with mounted(converted, tmp_path / "mnt") as mnt:
         for name, size in SIZES.items():
             path = mnt / disk_file(name)
             assert os.stat(path).st_size == size
