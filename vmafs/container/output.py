@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from vmafs.container.zstd_output import Output, PlainOutput, SeekableZstdOutput, Writable
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import display
+from vmafs.store import display_location, is_remote
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -76,6 +77,14 @@ def check_output_name(path: str) -> None:
         return
     if not path.endswith((".vma", ".vma.zst")):
         raise VmafsError(f"{path}: archive name must end in .vma or .vma.zst")
+    if is_remote(path):
+        if not path.startswith("s3://"):
+            raise UsageError(f"{display_location(path)}: cannot write there (an http(s) URL is "
+                             "read-only; write to a directory or s3://BUCKET/KEY)")
+        from vmafs.store.s3 import S3Store
+
+        S3Store.shared().check_new(path)  # the bucket, the credentials, no object there yet
+        return
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise VmafsError(f"{path}: directory {parent} does not exist")
@@ -99,6 +108,9 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
         yield out
         out.close()
         return
+    if is_remote(path):
+        yield from _open_upload(path, compressed, level, threads)
+        return
     with open_dir(os.path.dirname(os.path.abspath(path))) as dir_fd:
         tmp = TempFile(dir_fd, os.fsencode(os.path.basename(path)), label=display(path))
         try:
@@ -114,6 +126,29 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
         except BaseException:
             tmp.discard()
             raise
+
+
+def _open_upload(path: str, compressed: bool, level: int, threads: int) -> Iterator[Output]:
+    """A store's upload (an S3 multipart upload): the archive streams into it and appears
+    only at commit; any failure, Ctrl-C or SIGTERM aborts it (nothing left behind)."""
+    from vmafs.store import store_for
+
+    upload = store_for(path).create(path)
+    try:
+        out = _make(upload, compressed, level, threads)
+        try:
+            yield out
+            out.close()
+        except BaseException:
+            out.abort()
+            raise
+        upload.commit()
+    except BaseException:
+        try:
+            upload.abort()
+        except VmafsError as exc:  # the failure itself is what the command reports
+            print(f"vmafs: warning: {exc}", file=sys.stderr)
+        raise
 
 
 # --- exclusive temporary files ------------------------------------------------------------------

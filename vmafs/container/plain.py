@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from vmafs.container.source import file_identity
+from vmafs.store import StoredObject
 
 CLUSTER = 65536
 
@@ -73,3 +74,34 @@ class PlainSource:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class StoredPlainSource:
+    """An uncompressed .vma held by a store (S3, a URL): the store's object reads ahead for a
+    sequential reader itself, and fetches only what a random read asks for."""
+
+    remote = True  # reads may wait on the network
+    checked_by_reader = False
+
+    def __init__(self, obj: StoredObject) -> None:
+        self.obj = obj
+        self.name = obj.name
+
+    @property
+    def size(self) -> int:
+        return self.obj.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.obj.read(offset, length)
+
+    def check_layout(self) -> None:
+        """A plain object is the stream itself."""
+
+    def identity(self) -> bytes:
+        return self.obj.identity()
+
+    def will_need(self, offsets: list[int], length: int) -> None:
+        """Nothing: each header read is its own request, asked for when needed."""
+
+    def close(self) -> None:
+        self.obj.close()

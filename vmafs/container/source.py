@@ -68,7 +68,15 @@ def open_file(path: str) -> int:
 
 
 def open_source(path: str, *, drop_behind: bool = False) -> tuple[ByteSource, str]:
-    """The archive's stream for random access and its container kind ("vma" or "zstd")."""
+    """The archive's stream for random access and its container kind ("vma" or "zstd").
+
+    PATH may also be a remote store's location (s3://BUCKET/KEY, an https:// or http:// URL):
+    its source reads by ranged requests, and has `remote` set (its reads may wait on the
+    network, so a trio server reads it in worker threads)."""
+    from vmafs.store import is_remote
+
+    if is_remote(path):
+        return _open_remote(path)
     fd = open_file(path)
     try:
         kind = detect_container(os.pread(fd, 16, 0))
@@ -87,5 +95,30 @@ def open_source(path: str, *, drop_behind: bool = False) -> tuple[ByteSource, st
                 f"mountable with: vmafs convert {path} OUT.vma.zst")
     except BaseException:
         os.close(fd)
+        raise
+    return source, kind
+
+
+def _open_remote(location: str) -> tuple[ByteSource, str]:
+    from vmafs.store import store_for
+
+    obj = store_for(location).open(location)
+    try:
+        kind = detect_container(obj.read(0, 16))
+        source: ByteSource
+        if kind == "vma":
+            from vmafs.container.plain import StoredPlainSource
+
+            source = StoredPlainSource(obj)
+        elif kind == "zstd":
+            from vmafs.container.zstd_source import SeekableZstdSource
+
+            source = SeekableZstdSource(obj, name=obj.name)
+        else:
+            raise NotSeekableError(
+                f"{obj.name}: a {kind} archive can only be read start to end; make it "
+                f"mountable with: vmafs convert {obj.name} OUT.vma.zst")
+    except BaseException:
+        obj.close()
         raise
     return source, kind

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import zlib
+from collections.abc import Callable
 from typing import BinaryIO, cast
 
 import zstandard
@@ -41,6 +42,7 @@ from vmafs.format.seektable import (
     decode_entries,
     parse_seek_table_footer,
 )
+from vmafs.store import StoredObject
 
 CHUNK = 1 << 20
 """Read and buffer size: big sequential reads go in MiB pieces."""
@@ -84,8 +86,9 @@ class _SeekTableCheck:
     files (the table is read from the end by pread); a pipe's table is not compared.
     """
 
-    def __init__(self, fd: int, name: str, file_size: int, footer: SeekTableFooter) -> None:
-        self._fd = fd
+    def __init__(self, pread: Callable[[int, int], bytes], name: str, file_size: int,
+                 footer: SeekTableFooter) -> None:
+        self._pread = pread
         self._name = name
         self._footer = footer
         self.table_start = file_size - footer.table_size
@@ -104,30 +107,39 @@ class _SeekTableCheck:
         """The check for a seekable zstd file, None for other files; FormatError for a file
         that ends in a seek-table footer but whose table is malformed."""
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < FOOTER_SIZE:
+        if not stat.S_ISREG(st.st_mode):
             return None
-        tail = os.pread(fd, FOOTER_SIZE, st.st_size - FOOTER_SIZE)
+        return cls.open_reader(lambda length, offset: os.pread(fd, length, offset),
+                               st.st_size, name)
+
+    @classmethod
+    def open_reader(cls, pread: Callable[[int, int], bytes], size: int, name: str
+                    ) -> _SeekTableCheck | None:
+        """The same for any random-access reader: pread(length, offset), and its size."""
+        if size < FOOTER_SIZE:
+            return None
+        tail = pread(FOOTER_SIZE, size - FOOTER_SIZE)
         if len(tail) != FOOTER_SIZE or int.from_bytes(tail[-4:], "little") != SEEKABLE_MAGIC:
             return None
         try:
             footer = parse_seek_table_footer(tail)
-            if footer.table_size > st.st_size:
+            if footer.table_size > size:
                 raise ContainerError(
                     f"seek table of {footer.num_frames} frames is larger than the file"
                 )
             check_seek_table_header(
-                os.pread(fd, SKIPPABLE_HEADER_SIZE, st.st_size - footer.table_size), footer
+                pread(SKIPPABLE_HEADER_SIZE, size - footer.table_size), footer
             )
         except FormatError as e:
             raise ContainerError(f"{name}: bad zstd seek table: {e}") from None
-        return cls(fd, name, st.st_size, footer)
+        return cls(pread, name, size, footer)
 
     def _entry(self, index: int) -> tuple[int, int]:
         rel = index - self._chunk_first
         if not 0 <= rel < len(self._chunk):
             count = min(_ENTRIES_CHUNK, self._footer.num_frames - index)
             at = self._entries_at + index * self._width
-            data = os.pread(self._fd, count * self._width, at)
+            data = self._pread(count * self._width, at)
             self._chunk = decode_entries(data, self._footer.checksums)
             self._chunk_first = index
             rel = 0
@@ -438,6 +450,10 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
     A seekable zstd file's seek table is compared with its frames as they pass: a table
     that does not describe them is a FormatError, reported at the frame that differs.
     """
+    from vmafs.store import is_remote
+
+    if is_remote(os.fspath(path)):
+        return _open_remote_stream(os.fspath(path))
     if os.fspath(path) == "-":
         raw: io.RawIOBase = open(  # noqa: SIM115 - returned
             sys.stdin.fileno(), "rb", buffering=0, closefd=False
@@ -476,3 +492,55 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
         raw.close()
         raise
     return io.BufferedReader(decoded, buffer_size=CHUNK)
+
+
+def _open_remote_stream(location: str) -> BinaryIO:
+    """A stored archive (s3://, https://) from start to end: ranged requests kept in flight
+    ahead of the reader; a seekable zstd file's table is read from the tail and compared."""
+    from vmafs.store import store_for
+    from vmafs.store.ranged import RangedObject
+
+    obj = store_for(location).open(location)
+    try:
+        head = obj.read(0, PEEK)
+        try:
+            kind = detect_container(head)
+        except FormatError as e:
+            raise FormatError(f"{obj.name}: {e}") from None
+        raw = obj.stream() if isinstance(obj, RangedObject) else _ObjectRaw(obj)
+        decoded: io.RawIOBase
+        if kind == "vma":
+            decoded = raw
+        elif kind == "zstd":
+            table = _SeekTableCheck.open_reader(
+                lambda length, offset: obj.read(offset, length), obj.size, obj.name)
+            decoded = _ZstdRaw(raw, table)
+        elif kind == "gzip":
+            decoded = _GzipRaw(raw)
+        else:
+            decoded = _LzopRaw(raw, None)
+    except BaseException:
+        obj.close()
+        raise
+    return io.BufferedReader(decoded, buffer_size=CHUNK)
+
+
+class _ObjectRaw(io.RawIOBase):
+    """Any stored object read in order."""
+
+    def __init__(self, obj: StoredObject) -> None:
+        self._obj = obj
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
+        n = self._obj.readinto(self._pos, memoryview(b).cast("B"))
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._obj.close()
+        super().close()

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import collections
 import os
-import stat
 import threading
 from types import TracebackType
 
 import numpy as np
 import zstandard
 
-from vmafs.container.source import file_identity, open_file
+from vmafs.container.source import open_file
 from vmafs.container.zstd_frames import (
     BLOCK_SIZE_MAX,
     ZSTD_MAGIC,
@@ -41,6 +40,8 @@ from vmafs.format.seektable import (
     decode_seek_table,
     parse_seek_table_footer,
 )
+from vmafs.store import StoredObject
+from vmafs.store.local import LocalObject
 
 DEFAULT_CACHE_BYTES = 16 << 20  # 32 frames of the default size
 # With checked_by_reader set, a read of at most this many bytes from a frame not in the cache
@@ -88,30 +89,40 @@ class SeekableZstdSource:
 
     def __init__(
         self,
-        file: str | os.PathLike[str] | int,
+        file: str | os.PathLike[str] | int | StoredObject,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         closefd: bool = True,
         name: str | None = None,
     ) -> None:
-        """Open a path, or take a file descriptor (closed by ``close`` if ``closefd``).
+        """Open a path, or take a file descriptor or a stored object (closed by ``close`` if
+        ``closefd``).
 
-        If opening fails, a descriptor passed in is left open: it is still the caller's.
+        If opening fails, a descriptor or object passed in is left open: it is still the
+        caller's.
         """
+        self._raw: StoredObject
         if isinstance(file, int):
-            self._fd = file
+            self._raw = LocalObject(file, name or f"fd {file}", own=False)
             self._own_fd = False
             self.name = name or f"fd {file}"
-        else:
-            self._fd = open_file(os.fspath(file))
+        elif isinstance(file, (str, os.PathLike)):
+            self._raw = LocalObject(open_file(os.fspath(file)), os.fspath(file))
             self._own_fd = True
             self.name = name or os.fspath(file)
+        else:
+            self._raw = file
+            self._own_fd = False
+            self.name = name or file.name
         try:
             self.table = self._load_table()
         except BaseException:
             self.close()
             raise
-        self._own_fd = self._own_fd or closefd
+        if closefd and not self._own_fd:
+            self._own_fd = True
+            if isinstance(self._raw, LocalObject):
+                self._raw.own = True
         self._cache_limit = cache_bytes
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_used = 0
@@ -121,13 +132,15 @@ class SeekableZstdSource:
         # Off by default: a frame's content checksum is only checked at its end, so a reader
         # may turn this on only if it checks what it reads itself (an indexed archive does).
         self.checked_by_reader = False
+        self.remote = not isinstance(self._raw, LocalObject)
+        """True when reads may wait on the network (a store's object): never on a trio loop."""
         self._next_frame = 0  # the frame a reader going through the file in order reads next
         self._ahead = 0  # end of the compressed bytes already requested ahead
 
     # -- opening --------------------------------------------------------------
 
     def _pread_exact(self, length: int, offset: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
+        data = self._raw.read(offset, length)
         if len(data) != length:
             raise ContainerError(
                 f"{self.name}: short read at {offset}: {len(data)} of {length} bytes "
@@ -148,12 +161,7 @@ class SeekableZstdSource:
             buf = bytearray(-(-length // (64 << 10)) * (64 << 10))
             self._local.buf = buf
         view = memoryview(buf)[:length]
-        got = os.preadv(self._fd, [view], offset)
-        while 0 < got < length:
-            more = os.preadv(self._fd, [view[got:]], offset + got)
-            if not more:
-                break
-            got += more
+        got = self._raw.readinto(offset, view)
         if got != length:
             raise ContainerError(
                 f"{self.name}: short read at {offset}: {got} of {length} bytes "
@@ -167,11 +175,10 @@ class SeekableZstdSource:
         )
 
     def _load_table(self) -> SeekTable:
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not getattr(self._raw, "regular", True):
             raise self._not_seekable("not a regular file")
-        file_size = st.st_size
-        head = os.pread(self._fd, 4, 0)
+        file_size = self._raw.size
+        head = self._raw.read(0, 4)
         if head != ZSTD_MAGIC and not is_skippable_magic(head):
             raise ContainerError(f"{self.name}: not a zstd file")
         if file_size < FOOTER_SIZE:
@@ -308,7 +315,7 @@ class SeekableZstdSource:
             rel = offset - c_start
             if rel + length <= have:
                 return head[rel : rel + length]
-            return os.pread(self._fd, length, offset)
+            return self._raw.read(offset, length)
 
         def bad(problem: str) -> FormatError:
             return self._table_lie(index, problem)
@@ -390,7 +397,7 @@ class SeekableZstdSource:
                 return
             start = max(c_end, self._ahead)
             self._ahead = c_end + PREFETCH
-        os.posix_fadvise(self._fd, start, c_end + PREFETCH - start, os.POSIX_FADV_WILLNEED)
+        self._raw.advise(start, c_end + PREFETCH - start)
 
     def _dctx(self) -> zstandard.ZstdDecompressor:
         dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
@@ -510,14 +517,14 @@ class SeekableZstdSource:
         """A hint of the ByteSource protocol; frames are read whole, so nothing to do."""
 
     def identity(self) -> bytes:
-        return file_identity(self._fd)
+        return self._raw.identity()
 
     # -- lifetime -------------------------------------------------------------
 
     def close(self) -> None:
-        if self._own_fd and self._fd >= 0:
-            os.close(self._fd)
-        self._fd = -1
+        if self._own_fd:
+            self._raw.close()
+            self._own_fd = False
         if hasattr(self, "_cache"):
             with self._lock:
                 self._cache.clear()

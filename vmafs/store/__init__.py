@@ -1,0 +1,149 @@
+"""Where archives live: one small protocol, a *store* (S3QL's `backends/` are the model).
+
+A store lists the archives under a place, opens one for reading (random access by ranged
+reads, or as a stream), creates one as an output that appears only when committed, and
+removes one. A local directory is the first store, S3 (`s3://BUCKET/KEY`) the second, and
+plain `https://`/`http://` URLs of servers that honour Range requests a read-only third.
+
+The container layer (plain `.vma`, seekable `.vma.zst`) reads a stored archive through
+`StoredObject`, so it never knows where the bytes come from.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Protocol
+
+from vmafs.errors import VmafsError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One archive (or other object) under a place."""
+
+    name: str  # the base name, as vzdump names an archive
+    location: str  # what open() and remove() take: a path or a URL
+    size: int
+    identity: bytes  # changes whenever the stored object does
+
+
+class StoredObject(Protocol):
+    """A stored archive's bytes, read at any offset (thread-safe)."""
+
+    name: str  # for messages: never carries credentials
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly length bytes at offset, fewer only at the end of the object."""
+        ...
+
+    def readinto(self, offset: int, view: memoryview) -> int:
+        """Fill view from offset; the count is short only at the end of the object."""
+        ...
+
+    def advise(self, offset: int, length: int) -> None:
+        """A hint: these bytes are read soon (a disk or a server starts on them now)."""
+        ...
+
+    def identity(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class Upload(Protocol):
+    """An archive being written: it appears under its name only at commit."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Store(Protocol):
+    """The operations every place where archives live offers."""
+
+    def list(self, place: str) -> list[Entry]:
+        """The objects directly under place (a directory, a prefix), sorted by name."""
+        ...
+
+    def stat(self, location: str) -> Entry | None:
+        """The object at location, or None if there is none."""
+        ...
+
+    def open(self, location: str) -> StoredObject: ...
+
+    def open_stream(self, location: str) -> io.RawIOBase:
+        """The object from start to end, read ahead in bounded parallel requests."""
+        ...
+
+    def create(self, location: str) -> Upload: ...
+
+    def remove(self, location: str, identity: bytes | None = None) -> None:
+        """Remove the object (only if it still has identity, when given)."""
+        ...
+
+
+def is_remote(location: str) -> bool:
+    """True for an archive that a remote store holds (s3://, https://, http://)."""
+    return location.startswith(("s3://", "https://", "http://"))
+
+
+def display_location(location: str) -> str:
+    """A location as messages show it: a URL without its query (a presigned URL's query
+    carries a signature and an access key id)."""
+    if location.startswith(("https://", "http://")) and "?" in location:
+        return location.split("?", 1)[0] + "?…"
+    return location
+
+
+def store_for(location: str) -> Store:
+    """The store that holds location: S3, HTTP or the local file system."""
+    if location.startswith("s3://"):
+        from vmafs.store.s3 import S3Store
+
+        return S3Store.shared()
+    if location.startswith(("https://", "http://")):
+        from vmafs.store.http import HttpStore
+
+        return HttpStore.shared()
+    from vmafs.store.local import LocalStore
+
+    return LocalStore()
+
+
+def join(place: str, name: str) -> str:
+    """A name under a place: DIR/NAME, s3://BUCKET/PREFIX/NAME."""
+    if is_remote(place):
+        return place + name if place.endswith("/") or not place else place + "/" + name
+    import os
+
+    return os.path.join(place, name)
+
+
+def parent_of(location: str) -> str:
+    """The place an archive lives in: its directory, or its S3 prefix (with the slash)."""
+    if location.startswith("s3://"):
+        bucket, _, key = location[5:].partition("/")
+        prefix = key.rpartition("/")[0]
+        return f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
+    if location.startswith(("https://", "http://")):
+        return location.split("?", 1)[0].rpartition("/")[0] + "/"
+    import os
+
+    return os.path.dirname(location)
+
+
+def basename(location: str) -> str:
+    if is_remote(location):
+        return location.split("?", 1)[0].rstrip("/").rpartition("/")[2]
+    import os
+
+    return os.path.basename(location)
+
+
+class StoreError(VmafsError):
+    """A store could not do what was asked (one line, never with credentials in it)."""

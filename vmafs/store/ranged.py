@@ -1,0 +1,188 @@
+"""An object read by ranged requests (S3 GETs, HTTP Range): what every remote store shares.
+
+Opening costs one request: the object's last TAIL bytes (a suffix range), which answers its
+size and version too and holds an indexed archive's footer, index and seek table. The first
+read near the start fetches HEAD bytes once (the VMA header and its configs). After that:
+
+- a random read fetches exactly the bytes it asks for (a cluster run, one zstd frame);
+- a sequential reader (reads that follow each other, a `stream()`, or an `advise`) is served
+  from CHUNK-sized pieces with AHEAD of them in flight at once, each its own ranged request
+  from a small thread pool, so the network stays busy while the reader works;
+- memory stays bounded: at most (AHEAD + KEEP) chunks, whatever the object's size.
+
+Every request names the version first seen (S3: If-Match on the ETag), so an object replaced
+while open is an error, never a mix of two archives.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+from vmafs.errors import IncompleteError
+
+CHUNK = 4 << 20
+AHEAD = 4  # chunks requested ahead of a sequential reader
+KEEP = 4  # chunks kept behind it (concurrent readers a little apart share them)
+HEAD = 256 << 10
+TAIL = 1 << 20
+NEAR = 256 << 10  # a read starting this close to the last one's end continues it
+
+Fetch = Callable[[int, int], bytes]
+"""The store's one primitive: bytes [start, end) of the object's version, retried as needed."""
+
+
+class RangedObject:
+    """A remote object read by ranged requests; thread-safe (a StoredObject)."""
+
+    def __init__(self, name: str, size: int, version: bytes, fetch: Fetch,
+                 tail: tuple[int, bytes]) -> None:
+        self.name = name
+        self._size = size
+        self._version = version
+        self._fetch = fetch
+        self._tail_at, self._tail = tail
+        self._head: bytes | None = b"" if size == 0 else None
+        self._lock = threading.Lock()
+        self._chunks: OrderedDict[int, concurrent.futures.Future[bytes]] = OrderedDict()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._next = -1  # where the last read ended
+        self.sequential = False
+        """Set for a reader that goes through the object in order (a stream)."""
+        self.requests = 1  # the suffix range that opened it
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def identity(self) -> bytes:
+        return self._version
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _get(self, start: int, end: int) -> bytes:
+        with self._lock:
+            self.requests += 1
+        data = self._fetch(start, end)
+        if len(data) != end - start:
+            raise IncompleteError(f"{self.name}: short read at {start}: {len(data)} of "
+                                  f"{end - start} bytes (object changed while open?)")
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + length, self._size)
+        if offset >= end:
+            return b""
+        if offset >= self._tail_at:
+            return self._tail[offset - self._tail_at:end - self._tail_at]
+        if end <= HEAD:
+            return self._head_bytes()[offset:end]
+        with self._lock:
+            streaming = (self.sequential or end - offset >= CHUNK
+                         or abs(offset - self._next) <= NEAR
+                         or offset // CHUNK in self._chunks)
+            self._next = end
+        if not streaming:
+            return self._get(offset, end)
+        return self._read_chunks(offset, end)
+
+    def readinto(self, offset: int, view: memoryview) -> int:
+        data = self.read(offset, len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def _head_bytes(self) -> bytes:
+        head = self._head
+        if head is None:
+            head = self._get(0, min(HEAD, self._size))
+            self._head = head
+        return head
+
+    def _read_chunks(self, offset: int, end: int) -> bytes:
+        first, last = offset // CHUNK, (end - 1) // CHUNK
+        futures = self._schedule(first, last + AHEAD)[: last - first + 1]
+        parts: list[memoryview] = []
+        for idx, future in enumerate(futures, start=first):
+            try:
+                data = future.result()
+            except BaseException:
+                with self._lock:
+                    if self._chunks.get(idx) is future:
+                        del self._chunks[idx]  # the next read asks again
+                raise
+            lo = max(offset, idx * CHUNK) - idx * CHUNK
+            hi = min(end, (idx + 1) * CHUNK) - idx * CHUNK
+            parts.append(memoryview(data)[lo:hi])
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+    def _schedule(self, first: int, last: int) -> list[concurrent.futures.Future[bytes]]:
+        """The chunks first..last (clipped to the object), requested if not yet."""
+        last = min(last, (self._size - 1) // CHUNK)
+        out = []
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    AHEAD, thread_name_prefix="vmafs-get")
+            for idx in range(first, last + 1):
+                future = self._chunks.get(idx)
+                if future is None:
+                    start = idx * CHUNK
+                    future = self._pool.submit(self._fetch_chunk, start,
+                                               min(start + CHUNK, self._size))
+                    self._chunks[idx] = future
+                else:
+                    self._chunks.move_to_end(idx)
+                out.append(future)
+            while len(self._chunks) > AHEAD + KEEP + (last - first):
+                self._chunks.popitem(last=False)
+        return out
+
+    def _fetch_chunk(self, start: int, end: int) -> bytes:
+        return self._get(start, end)
+
+    def advise(self, offset: int, length: int) -> None:
+        end = min(offset + length, self._size, self._tail_at)
+        if offset >= end:
+            return
+        first = offset // CHUNK
+        self._schedule(first, min((end - 1) // CHUNK, first + AHEAD - 1))
+
+    def stream(self) -> io.RawIOBase:
+        """The object start to end, read ahead (a sequential reader)."""
+        self.sequential = True
+        return RangedStream(self)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            for future in self._chunks.values():
+                future.cancel()
+            self._chunks.clear()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RangedStream(io.RawIOBase):
+    """A RangedObject as a sequential file (what open_stream reads)."""
+
+    def __init__(self, obj: RangedObject) -> None:
+        self._obj = obj
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
+        n = self._obj.readinto(self._pos, memoryview(b).cast("B"))
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._obj.close()
+        super().close()
