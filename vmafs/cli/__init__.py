@@ -33,6 +33,7 @@ COMMANDS = {
     "mount": "mount an archive read-only: one raw image file per disk",
     "umount": "unmount an archive mounted by vmafs mount",
     "serve": "serve an archive's disks read-only over NBD",
+    "restore": "restore a VM's disks as ready-to-boot images (or onto block devices)",
 }
 
 

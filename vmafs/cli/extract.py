@@ -7,11 +7,12 @@ import argparse
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from vmafs.archive.chain import open_chain
 from vmafs.archive.configs import vm_configs
+from vmafs.archive.copier import copy_device, write_extent
 from vmafs.archive.problems import MISSING
 from vmafs.archive.reader import Archive
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
@@ -80,13 +81,13 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
     configs = list(zip(names.configs, vm_files, strict=True))  # (file, (name, data))
     with made_dir(args.dir) as dir_fd:
         for fname in [*targets.values(), *(f for f, _ in configs)]:
-            _check_target(dir_fd, os.path.join(args.dir, os.fsdecode(fname)), fname, args.force)
+            check_target(dir_fd, os.path.join(args.dir, os.fsdecode(fname)), fname, args.force)
         progress = progress_for(args, "extract", sum(d.size for d in wanted))
         temps: list[TempFile] = []
         try:
             fds: dict[int, int] = {}
             for dev_id, fname in targets.items():
-                tmp = _temp(dir_fd, args.dir, fname)
+                tmp = temp_file(dir_fd, args.dir, fname)
                 temps.append(tmp)
                 fds[dev_id] = tmp.fd
                 os.ftruncate(tmp.fd, sizes[dev_id])
@@ -115,9 +116,9 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
             except FormatError as exc:
                 raise about(args.archive, exc) from None
             for fname, (_, data) in configs:
-                tmp = _temp(dir_fd, args.dir, fname)
+                tmp = temp_file(dir_fd, args.dir, fname)
                 temps.append(tmp)
-                _write_all(tmp.fd, data)
+                write_all(tmp.fd, data)
             for tmp in temps:
                 tmp.commit(replace=args.force)
         finally:
@@ -135,28 +136,6 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
                                 for fname, (name, data) in configs],
                     "indexed": indexed})
     return 0
-
-
-COPY_BATCH = 256  # clusters written at once (whole adjacent ones by one pwritev)
-
-
-def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int], None]) -> None:
-    """A device as the model reads it (a chain: each cluster from its newest archive) into a
-    sparse file: holes stay holes."""
-    size = archive.device(dev_id).size
-    batch: list[StoredCluster] = []
-    done = 0  # device bytes accounted for
-    for cluster, mask, data, _ in archive.iter_stored(dev_id):
-        batch.append(StoredCluster(dev_id, cluster, mask, 0, data))
-        if len(batch) == COPY_BATCH:
-            write_extent({dev_id: fd}, batch, {dev_id: size})
-            reached = min((cluster + 1) * vma.CLUSTER_SIZE, size)
-            if reached // WRITEBACK_STEP != done // WRITEBACK_STEP:  # overlap disk and reads
-                start_writeback(fd)
-            progress(reached - done)
-            done, batch = reached, []
-    write_extent({dev_id: fd}, batch, {dev_id: size})
-    progress(size - done)
 
 
 @contextlib.contextmanager
@@ -180,7 +159,7 @@ def made_dir(path: str) -> Iterator[int]:
         raise
 
 
-def _check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
+def check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
     """Before any work: an existing file is an error without --force; a directory always."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -192,60 +171,14 @@ def _check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
         raise VmafsError(f"{display(path)} exists (use --force to replace it)")
 
 
-def _temp(dir_fd: int, dir_path: str, name: bytes) -> TempFile:
+def temp_file(dir_fd: int, dir_path: str, name: bytes) -> TempFile:
     return TempFile(dir_fd, name, label=display(os.path.join(dir_path, os.fsdecode(name))))
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[int, int]) -> int:
-    """Write an extent's stored data, runs of whole adjacent clusters in one pwritev; returns
-    the bytes written."""
-    written = sum(len(s.data) for s in slots if s.dev_id in fds)
-    run: list[memoryview] = []
-    run_fd, run_start, run_end = -1, 0, 0
-    for slot in slots:
-        fd = fds.get(slot.dev_id)
-        if fd is None or not slot.mask:
-            continue
-        start = slot.cluster * vma.CLUSTER_SIZE
-        if slot.mask != vma.FULL_MASK:
-            write_cluster(fd, slot, sizes[slot.dev_id])
-            continue
-        data = slot.data[:sizes[slot.dev_id] - start]
-        if run and (fd != run_fd or start != run_end):
-            os.pwritev(run_fd, run, run_start)
-            run = []
-        if not run:
-            run_fd, run_start = fd, start
-        run.append(data)
-        run_end = start + len(data)
-    if run:
-        os.pwritev(run_fd, run, run_start)
-    return written
-
-
-def write_cluster(fd: int, slot: StoredCluster, size: int) -> None:
-    """Write the stored blocks of one cluster; clear blocks stay holes in the sparse file."""
-    base = slot.cluster * vma.CLUSTER_SIZE
-    pos = 0
-    j = 0
-    while j < vma.BLOCKS_PER_CLUSTER:
-        if not slot.mask >> j & 1:
-            j += 1
-            continue
-        run = j
-        while run < vma.BLOCKS_PER_CLUSTER and slot.mask >> run & 1:
-            run += 1
-        n = (run - j) * vma.BLOCK_SIZE
-        start = base + j * vma.BLOCK_SIZE
-        os.pwrite(fd, slot.data[pos:pos + min(n, size - start)], start)
-        pos += n
-        j = run
 
 
 def _concerns(problem: object, extracted: list[str]) -> bool:

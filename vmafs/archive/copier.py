@@ -1,0 +1,153 @@
+"""The copy engine: a whole disk out of an archive into a file or a block device, stored data
+only, in few large writes. extract and restore share it.
+
+Into a sparse file, holes stay holes (nothing is written there). Onto a block device (or a
+file that already has content), what the archive holds as holes must read as zeros afterwards:
+the gaps are discarded where the device guarantees zeros (fallocate PUNCH_HOLE, what
+`qemu-img convert` does), zeroed by the kernel otherwise (ZERO_RANGE), written as zeros last;
+clusters stored in part are written whole.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Callable
+
+from vmafs.archive.reader import ZEROS, Archive
+from vmafs.archive.scan import StoredCluster
+from vmafs.container.output import WRITEBACK_STEP, start_writeback
+from vmafs.format import vma
+
+COPY_BATCH = 256  # clusters written at once (whole adjacent ones by one pwritev)
+
+_KEEP_SIZE = 0x01
+_PUNCH_HOLE = 0x02
+_ZERO_RANGE = 0x10
+
+
+def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int], None],
+                *, dense: bool = False) -> int:
+    """A device as the model reads it (a chain: each cluster from its newest archive) into
+    fd; returns the data bytes written. `dense`: fd has old content (a block device), so holes
+    are zeroed and partial clusters written whole; otherwise fd is a fresh sparse file of the
+    device's size and holes stay holes."""
+    size = archive.device(dev_id).size
+    zero = _Zeroer(fd) if dense else None
+    batch: list[StoredCluster] = []
+    done = 0      # device bytes accounted for
+    covered = 0   # device bytes written or zeroed (dense)
+    written = 0
+    for cluster, mask, data, _ in archive.iter_stored(dev_id):
+        start = cluster * vma.CLUSTER_SIZE
+        if zero is not None:
+            if start > covered:
+                zero(covered, start - covered)
+            if mask != vma.FULL_MASK:
+                data, mask = memoryview(vma.expand_blocks(data, mask)), vma.FULL_MASK
+            covered = min(start + vma.CLUSTER_SIZE, size)
+        batch.append(StoredCluster(dev_id, cluster, mask, 0, data))
+        if len(batch) == COPY_BATCH:
+            written += write_extent({dev_id: fd}, batch, {dev_id: size})
+            reached = min((cluster + 1) * vma.CLUSTER_SIZE, size)
+            if reached // WRITEBACK_STEP != done // WRITEBACK_STEP:  # overlap disk and reads
+                start_writeback(fd)
+            progress(reached - done)
+            done, batch = reached, []
+    written += write_extent({dev_id: fd}, batch, {dev_id: size})
+    if zero is not None and covered < size:
+        zero(covered, size - covered)
+    progress(size - done)
+    return written
+
+
+class _Zeroer:
+    """Make [offset, offset+length) of fd read as zeros, the cheapest way fd allows."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.modes = [_PUNCH_HOLE | _KEEP_SIZE, _ZERO_RANGE | _KEEP_SIZE]
+        self._fallocate = _libc_fallocate()
+
+    def __call__(self, offset: int, length: int) -> None:
+        while self.modes and self._fallocate is not None:
+            if self._fallocate(self.fd, self.modes[0], offset, length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV, errno.ENOSYS):
+                raise OSError(err, os.strerror(err))
+            self.modes.pop(0)
+        view = memoryview(ZEROS)
+        end = offset + length
+        while offset < end:
+            offset += os.pwrite(self.fd, view[:min(len(view), end - offset)], offset)
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[int, int]) -> int:
+    """Write an extent's stored data, runs of whole adjacent clusters in one pwritev; returns
+    the bytes written."""
+    written = sum(len(s.data) for s in slots if s.dev_id in fds)
+    run: list[memoryview] = []
+    run_fd, run_start, run_end = -1, 0, 0
+    for slot in slots:
+        fd = fds.get(slot.dev_id)
+        if fd is None or not slot.mask:
+            continue
+        start = slot.cluster * vma.CLUSTER_SIZE
+        if slot.mask != vma.FULL_MASK:
+            write_cluster(fd, slot, sizes[slot.dev_id])
+            continue
+        data = slot.data[:sizes[slot.dev_id] - start]
+        if run and (fd != run_fd or start != run_end):
+            _pwritev_all(run_fd, run, run_start)
+            run = []
+        if not run:
+            run_fd, run_start = fd, start
+        run.append(data)
+        run_end = start + len(data)
+    if run:
+        _pwritev_all(run_fd, run, run_start)
+    return written
+
+
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """pwritev, continued after a short write (a block device may take less at once)."""
+    total = sum(len(v) for v in views)
+    done = os.pwritev(fd, views, offset)
+    if done == total:
+        return
+    data = memoryview(b"".join(views))
+    while done < total:
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def write_cluster(fd: int, slot: StoredCluster, size: int) -> None:
+    """Write the stored blocks of one cluster; clear blocks stay holes in the sparse file."""
+    base = slot.cluster * vma.CLUSTER_SIZE
+    pos = 0
+    j = 0
+    while j < vma.BLOCKS_PER_CLUSTER:
+        if not slot.mask >> j & 1:
+            j += 1
+            continue
+        run = j
+        while run < vma.BLOCKS_PER_CLUSTER and slot.mask >> run & 1:
+            run += 1
+        n = (run - j) * vma.BLOCK_SIZE
+        start = base + j * vma.BLOCK_SIZE
+        os.pwrite(fd, slot.data[pos:pos + min(n, size - start)], start)
+        pos += n
+        j = run

@@ -1,0 +1,242 @@
+"""`vmafs restore`: a VM back as ready-to-boot disk images (sparse raw, or qcow2) plus its
+config files, or a disk straight onto a block device.
+
+Raw images and block devices are written by the copy engine (archive/copier.py), the one
+extract uses: stored data only, holes left as holes (or zeroed on a device). qcow2 images are
+written by `qemu-img convert` reading the archive's NBD export in-process (serve/nbd.py):
+block status lets it skip the holes, and QEMU writes its own format. Every file appears under
+its final name only when all of them were written; nothing existing is replaced without
+--force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from vmafs.archive.copier import copy_device
+from vmafs.archive.reader import Archive, Device
+from vmafs.archive.serving import Session, open_archive
+from vmafs.cli import COMMANDS
+from vmafs.cli.common import add_base, add_json, add_quiet, progress_for
+from vmafs.cli.extract import check_target, made_dir, temp_file, write_all
+from vmafs.container.output import TempFile
+from vmafs.errors import UsageError, VmafsError
+from vmafs.format.names import display, json_name, raw
+from vmafs.progress import Progress, print_json
+
+PROBE = 4096   # bytes at the start of a device that must be zero unless --force
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "restore", help=COMMANDS["restore"],
+        description="Restore the VM in ARCHIVE: every disk (or those chosen with -d) as a "
+                    "ready-to-boot image in DIR, disk-<devname>.qcow2 (sparse qcow2, the "
+                    "default) or disk-<devname>.raw (sparse raw), plus the config files; "
+                    "with --to-device, a disk is written straight onto a block device or "
+                    "LVM volume instead (what the archive has as holes is discarded or "
+                    "zeroed there, as qemu-img convert does). An incremental archive is "
+                    "restored with its ancestors, as of its point in time. Files appear "
+                    "under their final names only when everything was written; nothing "
+                    "that exists is replaced without --force.")
+    p.add_argument("archive", metavar="ARCHIVE",
+                   help="the .vma or seekable .vma.zst archive (a vzdump .vma.gz or .vma.lzo "
+                        "needs vmafs convert first)")
+    p.add_argument("--to", metavar="DIR", help="directory for the images and config files "
+                                               "(created if missing)")
+    p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2",
+                   help="image format in DIR (default qcow2)")
+    p.add_argument("-d", "--drive", action="append", metavar="DEVNAME", default=[],
+                   help="restore only this disk (repeatable); configs are always written")
+    p.add_argument("--to-device", action="append", metavar="DEVNAME=DEVICE", default=[],
+                   help="write disk DEVNAME onto the block device DEVICE (repeatable); it "
+                        "must be at least as large as the disk and not in use")
+    p.add_argument("--force", action="store_true",
+                   help="replace files that exist in DIR, and write onto a device whose "
+                        "first 4 KiB are not zero (it holds something)")
+    add_base(p)
+    add_json(p)
+    add_quiet(p)
+    p.set_defaults(run=run)
+
+
+@dataclass
+class _Target:
+    device: Device
+    fd: int
+    path: str                    # what the user sees: the file in DIR or the device
+    temp: TempFile | None = None  # an image in DIR
+    on_device: bool = False
+    copied: int = 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.to and not args.to_device:
+        raise UsageError("give --to DIR, --to-device DEVNAME=DEVICE, or both")
+    to_device: dict[bytes, str] = {}
+    for item in args.to_device:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--to-device {item!r}: give DEVNAME=DEVICE")
+        to_device[os.fsencode(name)] = path
+    with open_archive(args.archive, args.base) as archive:
+        return _restore(args, archive, to_device)
+
+
+def _restore(args: argparse.Namespace, archive: Archive, to_device: dict[bytes, str]) -> int:
+    session = Session(archive)
+    devices = {raw(d.name): d for d in session.devices}
+    for name in [*map(os.fsencode, args.drive), *to_device]:
+        if name not in devices:
+            raise VmafsError(f"no device '{display(os.fsdecode(name))}' in the archive (it has: "
+                             f"{', '.join(sorted(display(d.name) for d in session.devices))})")
+    chosen = {os.fsencode(n) for n in args.drive}
+    if args.to:
+        wanted = [d for d in session.devices if not chosen or raw(d.name) in chosen]
+    else:
+        wanted = [d for d in session.devices if raw(d.name) in to_device]
+    suffix = b".qcow2" if args.format == "qcow2" else b".raw"
+    files = {d.dev_id: session.names.disks[d.dev_id].removesuffix(b".raw") + suffix
+             for d in wanted if raw(d.name) not in to_device}
+    targets: list[_Target] = []
+    progress = progress_for(args, "restore", sum(d.size for d in wanted))
+    with contextlib.ExitStack() as stack:
+        for dev in wanted:          # devices first: every check before any work
+            if raw(dev.name) in to_device:
+                fd = _open_device(to_device[raw(dev.name)], dev, args.force)
+                stack.callback(os.close, fd)
+                targets.append(_Target(dev, fd, to_device[raw(dev.name)], on_device=True))
+        configs: list[tuple[bytes, tuple[str, bytes]]] = []
+        if args.to:
+            dir_fd = stack.enter_context(made_dir(args.to))
+            configs = list(zip(session.names.configs, session.configs, strict=True))
+            for fname in [*files.values(), *(f for f, _ in configs)]:
+                check_target(dir_fd, os.path.join(args.to, os.fsdecode(fname)), fname,
+                             args.force)
+        temps: list[TempFile] = []
+        try:
+            for dev in wanted:
+                if dev.dev_id in files:
+                    tmp = temp_file(dir_fd, args.to, files[dev.dev_id])
+                    temps.append(tmp)
+                    path = os.path.join(args.to, os.fsdecode(files[dev.dev_id]))
+                    targets.append(_Target(dev, tmp.fd, path, temp=tmp))
+            for t in targets:
+                if t.on_device or args.format == "raw":
+                    if not t.on_device:
+                        os.ftruncate(t.fd, t.device.size)
+                    t.copied = copy_device(archive, t.device.dev_id, t.fd, progress.update,
+                                           dense=t.on_device)
+                    os.fsync(t.fd)
+            qcow2 = [t for t in targets if not t.on_device and args.format == "qcow2"]
+            if qcow2:
+                _to_qcow2(session, qcow2, progress)
+            for fname, (_, data) in configs:
+                tmp = temp_file(dir_fd, args.to, fname)
+                temps.append(tmp)
+                write_all(tmp.fd, data)
+            for tmp in temps:
+                tmp.commit(replace=args.force)
+        finally:
+            for tmp in temps:
+                tmp.discard()
+    progress.finish()
+    if args.json:
+        print_json(_summary(args, session, targets, configs, progress))
+    return 0
+
+
+def _summary(args: argparse.Namespace, session: Session, targets: list[_Target],
+             configs: list[tuple[bytes, tuple[str, bytes]]], progress: Progress
+             ) -> dict[str, Any]:
+    devices = []
+    for t in sorted(targets, key=lambda t: t.device.dev_id):
+        where = {"target": t.path} if t.on_device else {**json_name(
+            os.fsencode(os.path.basename(t.path)), "file"), "format": args.format}
+        devices.append({**json_name(t.device.name), "device_bytes": t.device.size, **where,
+                        "copied_bytes": t.copied})
+    return {"ok": True, "archive": args.archive, "output": args.to,
+            "device_bytes": sum(t.device.size for t in targets),
+            "copied_bytes": sum(t.copied for t in targets),
+            "seconds": round(progress.elapsed, 3), "devices": devices,
+            "configs": [{**json_name(name), "size": len(data), **json_name(fname, "file")}
+                        for fname, (name, data) in configs]}
+
+
+def _open_device(path: str, dev: Device, force: bool) -> int:
+    """The block device to restore a disk onto, opened exclusively (not mounted, not in use
+    by the kernel), large enough, and empty at its start unless --force."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise VmafsError(f"{display(path)}: {exc.strerror}") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise VmafsError(f"{display(path)} is not a block device (--to DIR writes image "
+                         "files)")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VmafsError(f"{display(path)}: {exc.strerror}"
+                         + (" (mounted or in use)" if exc.errno == errno.EBUSY else "")) from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < dev.size:
+            raise VmafsError(f"{display(path)} has {size} bytes, disk {display(dev.name)} "
+                             f"needs {dev.size}")
+        if not force and any(os.pread(fd, PROBE, 0)):
+            raise VmafsError(f"{display(path)} holds data (its first 4 KiB are not zero); "
+                             "use --force to write over it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _to_qcow2(session: Session, targets: list[_Target], progress: Progress) -> None:
+    """Each target a qcow2 image written by qemu-img from the session's NBD export."""
+    import trio
+
+    from vmafs.serve.nbd import serving
+
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise VmafsError("qemu-img is needed for --format qcow2 (or use --format raw)")
+    for t in targets:   # the image is created in our temporary file, through its fd
+        _qemu_img([qemu_img, "create", "-q", "-f", "qcow2", f"/proc/self/fd/{t.fd}",
+                   str(t.device.size)], t.fd)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            session.nursery = nursery
+            with tempfile.TemporaryDirectory(prefix="vmafs-restore-") as private:
+                sock = os.path.join(private, "nbd")
+                async with serving(session, socket=sock) as export:
+                    for t in targets:
+                        await trio.to_thread.run_sync(_qemu_img, [
+                            qemu_img, "convert", "-n", "--target-is-zero", "-W", "-f", "raw",
+                            "-O", "qcow2", export.urls[t.device.name],
+                            f"/proc/self/fd/{t.fd}"], t.fd)
+                        t.copied = session.archive.stored_bytes(t.device.dev_id)
+                        progress.update(t.device.size)
+            session.nursery = None
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    for t in targets:
+        os.fsync(t.fd)
+
+
+def _qemu_img(argv: list[str], fd: int) -> None:
+    proc = subprocess.run(argv, pass_fds=(fd,), capture_output=True, text=True)
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise VmafsError(f"qemu-img {argv[1]} failed: {lines[-1]}")
