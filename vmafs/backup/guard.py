@@ -250,7 +250,11 @@ async def _take_over(qmp_path: str, lock_fd: int, lock_path: str) -> bool:
                 continue
             try:
                 record = runlock.read_record(lock_fd) or record  # committed since?
-                await clean_run(qmp.execute, {record.tag}, dead_bitmaps(record))
+                _log("QMP connected")
+                await _reconnect(qmp, record.tag)
+                _log("reconnected")
+                done = await clean_run(qmp.execute, {record.tag}, dead_bitmaps(record))
+                _log(f"cleaned: {done}")
                 return True
             except (OSError, VmafsError, trio.TooSlowError, trio.BrokenResourceError):
                 await trio.sleep(0.5)
@@ -260,9 +264,33 @@ async def _take_over(qmp_path: str, lock_fd: int, lock_path: str) -> bool:
     return False
 
 
+async def _reconnect(qmp: QmpLine, tag: str) -> None:
+    """Make QEMU's NBD client of every node of the run reconnect, to the guard, before the
+    jobs are cancelled: cancelling a backup job cancels what its target has in flight, and a
+    client still waiting to reconnect then fails its requests, with them the guest writes
+    waiting on a copy. A flush through the node finds a dead connection and waits for the new
+    one (HMP qemu-io: QMP has no I/O command); once it returns, the client is the guard's."""
+    for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
+        name = node.get("node-name", "")
+        if node.get("drv") == "nbd" and runlock.tag_of(name) == tag:
+            with contextlib.suppress(VmafsError, trio.TooSlowError):
+                out = await qmp.execute("human-monitor-command",
+                                        {"command-line": f'qemu-io {name} "flush"'},
+                                        timeout=RECONNECT_DELAY + 10)
+                _log(f"flush {name}: {out!r}")
+
+
+def _log(text: str) -> None:
+    if os.environ.get("VMAFS_GUARD_LOG"):
+        import time
+        print(f"{time.time():.3f} guard {os.getpid()}: {text}", file=sys.stderr, flush=True)
+
+
 async def _guard(args: argparse.Namespace) -> None:
+    _log("started")
     if await _wait_for_parent(args.pipe):
         return
+    _log("vmafs died: taking over")
     cleaned = False
     async with trio.open_nursery() as nursery:
         from vmafs.backup.nbd_server import serve_nbd
@@ -273,6 +301,7 @@ async def _guard(args: argparse.Namespace) -> None:
             path = listener.getsockname()
             nursery.start_soon(partial(serve_nbd, path, size, _Discard(), listener=listener))
         cleaned = await _take_over(args.qmp, args.lock, args.lock_path)
+        _log(f"took over: {cleaned}")
         nursery.cancel_scope.cancel()
     if cleaned:
         with contextlib.suppress(FileNotFoundError):

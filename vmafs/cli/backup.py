@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import trio
 
 from vmafs.archive import naming
 from vmafs.archive.configs import read_configs
-from vmafs.backup.live import Backup, BackupOptions, run_backup
+from vmafs.backup import backup_log
+from vmafs.backup.live import Backup, BackupOptions, BackupResult, run_backup
 from vmafs.cli.common import add_base, add_compression, add_configs, add_json, add_quiet
 from vmafs.errors import VmafsError
 from vmafs.format.names import display
@@ -100,8 +102,11 @@ def run(args: argparse.Namespace) -> int:
     if args.full_if_needed and not args.incremental:
         raise VmafsError("--full-if-needed goes with --incremental")
     job = Backup(opts)
+    log = None
     try:
         result = trio.run(run_backup, job)
+        if naming.is_directory_output(args.output):
+            log = _write_log(job, result)
         for note in result.notes:
             print(f"vmafs backup: {note}", file=sys.stderr)
         if result.archive != args.output and not args.json:  # -o DIR/: say which file
@@ -116,5 +121,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         summary = result.summary()
         summary["bytes_out"] = job.writer.bytes_out if job.writer else None
+        summary["log"] = log
         print_json(summary, sys.stderr if args.output == "-" else sys.stdout)
     return 0
+
+
+def _write_log(job: Backup, result: BackupResult) -> str | None:
+    """vzdump's NAME.log beside the archive (a failure to write it is a note, not an error)."""
+    parsed = naming.parse_vzdump_name(os.path.basename(result.archive))
+    path = backup_log.log_path(result.archive)
+    try:
+        text = backup_log.render(result.archive, parsed[0] if parsed else "?", job.ctime,
+                                 time.time(), result.disks,
+                                 str(result.parent) if result.parent else None, result.notes,
+                                 os.path.getsize(result.archive))
+        backup_log.write_log(path, text)
+    except (VmafsError, OSError) as exc:
+        result.notes.append(f"no log written: {exc}")
+        return None
+    return path

@@ -17,7 +17,7 @@ import trio_asyncio
 
 from vmafs.backup import bitmaps, blockgraph, runlock
 from vmafs.backup.guard import dead_bitmaps
-from vmafs.backup.qmp import QmpError, open_qmp
+from vmafs.backup.qmp import Qmp, QmpError, open_qmp
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json
 from vmafs.errors import UsageError, VmafsError
@@ -87,38 +87,50 @@ async def _main(socket: str, wanted: list[str], drop_all: bool
 
 async def _session(socket: str, wanted: list[str], drop_all: bool
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    error: VmafsError | None = None
     async with open_qmp(socket) as qmp:
-        blocks = await qmp.execute("query-block")
-        nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-        types: dict[str, str] = {}
-        for path in blockgraph.type_queries(blocks):
-            with contextlib.suppress(QmpError):
-                types[path] = await qmp.execute("qom-get", {"path": path, "property": "type"})
+        # (an error leaving open_qmp's nursery would come out as an exception group)
         try:
-            disks = blockgraph.select_disks(blocks, nodes, types)
-        except VmafsError:
-            disks = []
-        found = bitmaps.inventory(disks, nodes)
-        live, leftover = _states(socket)
-        for entry in found:
-            entry["state"] = (f"started by a running backup (pid {live[entry['name']]})"
-                              if entry["name"] in live else
-                              "left by a killed backup" if entry["name"] in leftover else None)
-        targets = [e for e in found if drop_all or e["name"] in wanted]
-        missing = sorted(set(wanted) - {e["name"] for e in found})
-        if missing:
-            have = ", ".join(sorted({e["name"] for e in found})) or "none"
-            raise VmafsError(f"no bitmap {', '.join(missing)} on this VM (it has: {have})")
-        busy = [e for e in targets if e["name"] in live]
-        if busy:
-            raise VmafsError(f"{busy[0]['name']} belongs to a running backup "
-                             f"(pid {live[busy[0]['name']]}); wait for it to finish")
-        dropped = []
-        for entry in targets:
-            await qmp.execute("block-dirty-bitmap-remove",
-                              {"node": entry["node"], "name": entry["name"]})
-            dropped.append(entry)
-        return found, dropped
+            return await _work(qmp, socket, wanted, drop_all)
+        except VmafsError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+async def _work(qmp: Qmp, socket: str, wanted: list[str], drop_all: bool
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    blocks = await qmp.execute("query-block")
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    types: dict[str, str] = {}
+    for path in blockgraph.type_queries(blocks):
+        with contextlib.suppress(QmpError):
+            types[path] = await qmp.execute("qom-get", {"path": path, "property": "type"})
+    try:
+        disks = blockgraph.select_disks(blocks, nodes, types)
+    except VmafsError:
+        disks = []
+    found = bitmaps.inventory(disks, nodes)
+    live, leftover = _states(socket)
+    for entry in found:
+        entry["state"] = (f"started by a running backup (pid {live[entry['name']]})"
+                          if entry["name"] in live else
+                          "left by a killed backup" if entry["name"] in leftover else None)
+    targets = [e for e in found if drop_all or e["name"] in wanted]
+    missing = sorted(set(wanted) - {e["name"] for e in found})
+    if missing:
+        have = ", ".join(sorted({e["name"] for e in found})) or "none"
+        raise VmafsError(f"no bitmap {', '.join(missing)} on this VM (it has: {have})")
+    busy = [e for e in targets if e["name"] in live]
+    if busy:
+        raise VmafsError(f"{busy[0]['name']} belongs to a running backup "
+                         f"(pid {live[busy[0]['name']]}); wait for it to finish")
+    dropped = []
+    for entry in targets:
+        await qmp.execute("block-dirty-bitmap-remove",
+                          {"node": entry["node"], "name": entry["name"]})
+        dropped.append(entry)
+    return found, dropped
 
 
 def _states(socket: str) -> tuple[dict[str, int], set[str]]:
