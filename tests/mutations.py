@@ -576,6 +576,8 @@ def reference(stream: bytes, container_clean: bool = True, container_why: str = 
         for d, c in bad:
             ref.problems.append(f"checksum of cluster {c} of device {d}")
             ref.devices[d].decided[c] = 0
+        if sound and not _ref_header_digest_holds(stream, nulls[-1][1]):
+            ref.problems.append("the header does not match the index's header digest")
     ref.clean = complete and not ref.problems
     return ref
 
@@ -641,6 +643,57 @@ def _ref_header(stream: bytes, ref: Reference) -> bool:
         ref.configs[nb.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")] = db
     ref.header_ok = True
     return True
+
+
+def _ref_header_digest_holds(stream: bytes, footer: bytes) -> bool:
+    """Our footer's header digest (typed field 1 after its fixed 32 bytes), if it carries
+    one, against the reference's own digest of the header."""
+    pos, digest = 32, None
+    while pos + 4 <= len(footer):
+        kind, n = struct.unpack_from("<HH", footer, pos)
+        if kind == 0:
+            break
+        if kind == 1:
+            digest = footer[pos + 4:pos + 4 + n]
+        pos += 4 + n
+    return digest is None or digest == _ref_header_sha256(stream)
+
+
+def _ref_header_sha256(stream: bytes) -> bytes:
+    """SHA-256 of what the header says: uuid, ctime, devices 1..255 (vmstate too) by id with
+    name and size, configs in table order with name and data (vmafs/format/index.py)."""
+    boff, bsize = struct.unpack_from(">II", stream, 48)
+    area = stream[boff:boff + bsize]
+    blobs: dict[int, bytes] = {}
+    p = 1
+    while p + 2 <= len(area):
+        n = area[p] | area[p + 1] << 8
+        if p + 2 + n <= len(area):
+            blobs[p] = area[p + 2:p + 2 + n]
+        p += 2 + n
+
+    def c_string(ptr: int) -> bytes | None:
+        blob = blobs.get(ptr)
+        return blob.split(b"\0", 1)[0] if blob is not None and blob.endswith(b"\0") else None
+
+    devices = []
+    for dev_id in range(1, 256):
+        ptr, size = struct.unpack_from(">I4xQ", stream, 4096 + 32 * dev_id)
+        name = c_string(ptr) if ptr else None
+        if size and name is not None:
+            devices.append(struct.pack("<BQI", dev_id, size, len(name)) + name)
+    configs = []
+    for i in range(256):
+        n_ptr, d_ptr = (struct.unpack_from(">I", stream, at + 4 * i)[0] for at in (2044, 3068))
+        name = c_string(n_ptr) if n_ptr and d_ptr else None
+        if name is not None and d_ptr in blobs:
+            data = blobs[d_ptr]
+            configs.append(struct.pack("<II", len(name), len(data)) + name + data)
+    ctime = struct.unpack_from(">q", stream, 24)[0]
+    return hashlib.sha256(b"vmafs-header-1\0" + stream[8:24] + struct.pack("<qI", ctime,
+                                                                            len(devices))
+                          + b"".join(devices) + struct.pack("<I", len(configs))
+                          + b"".join(configs)).digest()
 
 
 def _ref_extent(stream: bytes, pos: int, uuid: bytes, ref: Reference
@@ -750,7 +803,7 @@ def _ref_index(stream: bytes, hsize: int, uuid: bytes,
 # -- mutations ---------------------------------------------------------------------------------
 
 KINDS = ("none", "flip", "overwrite", "truncate", "append", "reseal", "forge", "seektable",
-         "combo")
+         "combo", "header")
 
 
 @dataclass
@@ -1156,10 +1209,71 @@ def _combo(info: BaseInfo, rng: random.Random, p: Params) -> bytes | None:
     return _finish(info, bytes(buf))
 
 
+def _header(info: BaseInfo, rng: random.Random, p: Params) -> bytes | None:
+    """A header edited and its md5 resealed, as a forger would (issue 13, items 7, 13, 14): a
+    config byte, a device name byte, one device named like another, or a device size (sizes
+    that are not whole sectors too); half the time the footer's header digest is resealed
+    too (then only the VMA rules stand between the edit and a reader)."""
+    s = bytearray(info.stream)
+    hsize = info.lay.header_size
+    if hsize <= 12288 or len(s) < hsize:
+        return None
+    boff = struct.unpack_from(">I", s, 48)[0]
+    devs = [(d, ptr) for d in range(1, 255)
+            for ptr, size in [struct.unpack_from(">I4xQ", s, 4096 + 32 * d)] if ptr and size]
+    confs = [ptr for i in range(256) if (ptr := struct.unpack_from(">I", s, 3068 + 4 * i)[0])]
+
+    def blob(ptr: int) -> tuple[int, int]:
+        at = boff + ptr
+        return at + 2, s[at] | s[at + 1] << 8
+
+    what = rng.choice(("config", "name", "dup-name", "size", "size"))
+    p["what"] = what
+    if what == "config" and confs:
+        at, n = blob(rng.choice(confs))
+        if not n:
+            return None
+        s[at + rng.randrange(n)] ^= 1 << rng.randrange(7)
+    elif what == "name" and devs:
+        at, n = blob(rng.choice(devs)[1])
+        if n < 2:
+            return None
+        s[at + rng.randrange(n - 1)] = rng.choice(b"abcXYZ019-_")
+    elif what == "dup-name" and len(devs) > 1:
+        (_, a), (_, b) = rng.sample(devs, 2)
+        (at_a, n_a), (at_b, n_b) = blob(a), blob(b)
+        if n_a != n_b:
+            return None
+        s[at_b:at_b + n_b] = s[at_a:at_a + n_a]
+    elif what == "size" and devs:
+        d = rng.choice(devs)[0]
+        at = 4096 + 32 * d + 8
+        size = struct.unpack_from(">Q", s, at)[0]
+        new = size + rng.choice((-4096 - 256, -4096, -512, -256, -1, 1, 256, 512))
+        if new <= 0:
+            return None
+        struct.pack_into(">Q", s, at, new)
+        p["size"] = (d, size, new)
+    else:
+        return None
+    s[32:48] = bytes(16)
+    s[32:48] = hashlib.md5(s[:hsize]).digest()
+    foot = info.lay.extents[-1] if info.lay.extents else None
+    p["digest"] = "kept"
+    if foot is not None and foot.null and rng.random() < 0.5:
+        payload = bytearray(foot.payload(bytes(s)))
+        if payload[:8] == FOOTER_MAGIC and struct.unpack_from("<HH", payload, 32) == (1, 32):
+            payload[36:68] = _ref_header_sha256(bytes(s))
+            s[foot.offset:foot.offset + EXT] = null_extents(info.lay.uuid, bytes(payload))
+            p["digest"] = "resealed"
+    return _finish(info, bytes(s))
+
+
 GENERATORS: dict[str, Callable[[BaseInfo, random.Random, Params], bytes | None]] = {
     "none": lambda info, rng, p: info.raw,
     "flip": _flip, "overwrite": _overwrite, "truncate": _truncate, "append": _append,
     "reseal": _reseal, "forge": _forge, "seektable": _seektable, "combo": _combo,
+    "header": _header,
 }
 
 

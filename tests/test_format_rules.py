@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from conftest import assert_one_line_error, fuse_missing, run_vmafs
 
 from vmafs.archive.chain import link_to
 from vmafs.archive.reader import Archive
+from vmafs.archive.scan import scan_stream
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.container.output import open_output
 from vmafs.errors import FormatError
@@ -94,6 +96,15 @@ def resize_device(path: Path, dev_id: int, size: int) -> None:
     header_field(path, edit)
 
 
+def run_all(runs: dict[str, tuple[str | os.PathLike[str], ...]]
+            ) -> dict[str, tuple[int, bytes, str]]:
+    """Independent `vmafs` commands side by side (each a real process; most of their time is
+    the interpreter starting)."""
+    with ThreadPoolExecutor(4) as pool:
+        done = {what: pool.submit(run_vmafs, *args) for what, args in runs.items()}
+        return {what: future.result() for what, future in done.items()}
+
+
 def refused_by_every_command(path: Path, tmp: Path, *fragments: str,
                              merge: Path | None = None, header: bool = True) -> None:
     """verify, extract, list, convert (and merge of `merge`, a chain's newest archive): the
@@ -108,8 +119,7 @@ def refused_by_every_command(path: Path, tmp: Path, *fragments: str,
         runs["list"] = ("list", path)
     if merge is not None:
         runs["merge"] = ("merge", "-q", "-o", tmp / "merged.vma", merge)
-    for what, args in runs.items():
-        rc, _, err = run_vmafs(*args)
+    for what, (rc, _, err) in run_all(runs).items():
         assert rc == 3, (what, rc, err)
         assert_one_line_error(rc, err, *fragments)
     assert not (tmp / "x").exists() or not os.listdir(tmp / "x")
@@ -145,13 +155,13 @@ def test_nested_record_in_a_sibling_does_not_stop_a_chain(tmp_path: Path) -> Non
     pair = make_pair(tmp_path / "d")
     nested = b'{"vmafs-chain": 1, "parent": ' + b"{" * 20000 + b"}" * 20000 + b"}"
     write(pair.base.parent / "other.vma", DEVS, [CONF, (chain.CONFIG_NAME, nested)])
-    for args in (("verify", pair.child), ("list", pair.child),
-                 ("extract", "-q", pair.child, tmp_path / "x"),
-                 ("merge", "-q", "-o", tmp_path / "m.vma", pair.child)):
-        rc, _, err = run_vmafs(*args)
-        assert rc == 0 and "Traceback" not in err, (args, err)
-    rc, _, err = run_vmafs("prune", "-n", pair.base.parent, "--keep-last", "1")
-    assert "Traceback" not in err and "RecursionError" not in err, err
+    done = run_all({"verify": ("verify", pair.child), "list": ("list", pair.child),
+                    "extract": ("extract", "-q", pair.child, tmp_path / "x"),
+                    "merge": ("merge", "-q", "-o", tmp_path / "m.vma", pair.child),
+                    "prune": ("prune", "-n", pair.base.parent, "--keep-last", "1")})
+    for what, (rc, _, err) in done.items():
+        assert "Traceback" not in err and "RecursionError" not in err, (what, err)
+        assert rc == 0 or what == "prune", (what, err)
     # with its parent gone, the one line names what is missing (and what could not be read)
     pair.base.unlink()
     rc, _, err = run_vmafs("verify", pair.child)
@@ -200,20 +210,19 @@ def test_odd_size_without_that_block_is_accepted_and_converted(tmp_path: Path) -
     so verify, extract, list and convert do (and the converted archive verifies)."""
     pair = make_pair(tmp_path / "d", tail=False)
     resize_device(pair.base, 2, ODD)
-    rc, _, err = run_vmafs("verify", pair.base)
-    assert rc == 0, err
-    rc, _, err = run_vmafs("extract", "-q", pair.base, tmp_path / "x")
-    assert rc == 0, err
+    done = run_all({"verify": ("verify", pair.base),
+                    "extract": ("extract", "-q", pair.base, tmp_path / "x"),
+                    "list": ("list", "--json", pair.base),
+                    "convert": ("convert", "-q", pair.base, tmp_path / "c.vma.zst")})
+    for what, (rc, _, err) in done.items():
+        assert rc == 0, (what, err)
     disk = (tmp_path / "x" / "disk-drive-scsi1.raw").read_bytes()
     assert len(disk) == ODD and disk[:C] == b"\x22" * C and not any(disk[C:])
-    rc, out, err = run_vmafs("list", "--json", pair.base)
-    assert rc == 0, err
-    assert [d.get("size", d.get("device_bytes")) for d in json.loads(out)["devices"]] == [
-        4 * C, ODD]
-    rc, _, err = run_vmafs("convert", "-q", pair.base, tmp_path / "c.vma.zst")
-    assert rc == 0, err
-    rc, _, err = run_vmafs("verify", tmp_path / "c.vma.zst")
-    assert rc == 0, err
+    listed = json.loads(done["list"][1])["devices"]
+    assert [d.get("size", d.get("device_bytes")) for d in listed] == [4 * C, ODD]
+    with Archive.open(str(tmp_path / "c.vma.zst")) as converted:
+        assert converted.indexed and converted.devices[1].size == ODD
+        assert bytes(converted.read(2, 0, ODD)) == disk
 
 
 def test_writer_refuses_data_it_cannot_store() -> None:
@@ -244,31 +253,32 @@ def test_convert_carries_every_name_a_reader_accepts(tmp_path: Path) -> None:
     data[at:at + 17] = b"a/b\n..conf\x1b[1m\xffx\0"
     reseal_header(data)
     pair.base.write_bytes(bytes(data))
-    rc, _, err = run_vmafs("verify", pair.base)
-    assert rc == 0, err
-    rc, _, err = run_vmafs("convert", "-q", pair.base, tmp_path / "c.vma")
-    assert rc == 0, err
+    done = run_all({"verify": ("verify", pair.base),
+                    "convert": ("convert", "-q", pair.base, tmp_path / "c.vma"),
+                    "merge": ("merge", "-q", "-o", tmp_path / "m.vma", pair.child)})
+    for what, (rc, _, err) in done.items():
+        assert rc == 0, (what, err)
     for archive in (pair.base, tmp_path / "c.vma"):
         header = vma.decode_header((archive).read_bytes())
         assert [d.name for d in header.devices] == ["drive/sc i0", "drive-scsi1"]
         assert header.configs[0][0] == os.fsdecode(b"a/b\n..conf\x1b[1m\xffx")
-    rc, _, err = run_vmafs("verify", tmp_path / "c.vma")
-    assert rc == 0, err
-    rc, _, err = run_vmafs("merge", "-q", "-o", tmp_path / "m.vma", pair.child)
-    assert rc == 0, err
+    with open(tmp_path / "c.vma", "rb") as f:
+        assert not scan_stream(f).problems
     assert [d.name for d in vma.decode_header((tmp_path / "m.vma").read_bytes()).devices] == [
         "drive/sc i0", "drive-scsi1"]
 
 
 def test_spec_vectors_keep_their_verdicts(vectors: Path, spec_manifest: dict[str, object],
                                           tmp_path: Path) -> None:
-    """oddsize.vma (70,144 bytes: whole sectors) and every good vector still verify and
-    convert; the Proxmox-made vectors too."""
+    """oddsize.vma (70,144 bytes: a partial cluster of whole sectors), which Proxmox
+    accepts, still verifies and converts (the other vectors: tests/test_vectors.py)."""
     samples = spec_manifest["samples"]
-    assert isinstance(samples, dict)
-    for name in ("oddsize.vma", "two-disks.vma", "vmstate.vma"):
-        assert samples[name]["expect"] == "ok"
-        rc, _, err = run_vmafs("verify", vectors / "spec" / name)
-        assert rc == 0, (name, err)
-        rc, _, err = run_vmafs("convert", "-q", vectors / "spec" / name, tmp_path / name)
-        assert rc == 0, (name, err)
+    assert isinstance(samples, dict) and samples["oddsize.vma"]["expect"] == "ok"
+    src = vectors / "spec" / "oddsize.vma"
+    done = run_all({"verify": ("verify", src),
+                    "convert": ("convert", "-q", src, tmp_path / "o.vma")})
+    for what, (rc, _, err) in done.items():
+        assert rc == 0, (what, err)
+    with open(tmp_path / "o.vma", "rb") as f:
+        result = scan_stream(f)
+    assert not result.problems and result.header_digest
