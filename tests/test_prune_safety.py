@@ -187,3 +187,11 @@ def _cli(args: list[str]) -> tuple[int, bytes, str]:
     rc, out, err, exc = run_cli(args)
     assert exc is None, exc
     return rc, out, err
+
+
+def test_the_man_page_says_what_prune_does() -> None:
+    """Item 12: the page said archives sharing a uuid "are all kept"; prune keeps the one a
+    chain resolves through (all of them only when it cannot tell)."""
+    page = (ROOT / "man" / "vmafs-prune.1").read_text()
+    assert "are all kept" not in page
+    assert "never by uuid alone" in page and "all of them are kept" in page
