@@ -193,6 +193,64 @@ def gateway(memory: int = 4 << 30) -> Iterator[Gateway]:
         gw.stop()
 
 
+# -- pytest: one gateway per session, a fresh bucket per test -------------------------------
+
+try:
+    import pytest
+except ImportError:  # tools/rgw.sh needs no pytest
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def rgw_gateway() -> Iterator[Gateway]:
+        """The session's gateway (tests that use it fail, not skip, without Ceph)."""
+        why = missing()
+        if why:
+            pytest.fail(why)
+        with gateway(memory=2 << 30) as gw:
+            yield gw
+
+    @pytest.fixture(name="s3")
+    def s3_fixture(rgw_gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Env]:
+        """A fresh bucket, and this process's environment pointing at the gateway."""
+        for key, value in rgw_gateway.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        import boto3
+
+        client = boto3.client("s3")
+        bucket = f"t{uuid.uuid4().hex[:20]}"
+        client.create_bucket(Bucket=bucket)
+        yield S3Env(rgw_gateway, client, bucket)
+
+
+@dataclass
+class S3Env:
+    gw: Gateway
+    client: object  # a boto3 S3 client (untyped)
+    bucket: str
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def env(self, **changes: str) -> dict[str, str]:
+        return {**self.gw.env(), **changes}
+
+    def keys(self, prefix: str = "") -> list[str]:
+        resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)  # type: ignore[attr-defined]
+        return sorted(o["Key"] for o in resp.get("Contents", ()))
+
+    def uploads(self) -> list[str]:
+        resp = self.client.list_multipart_uploads(Bucket=self.bucket)  # type: ignore[attr-defined]
+        return [u["Key"] for u in resp.get("Uploads", ())]
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()  # type: ignore[attr-defined, no-any-return]
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)  # type: ignore[attr-defined]
+
+
 if __name__ == "__main__":
     t0 = time.monotonic()
     with gateway() as gw:

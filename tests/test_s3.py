@@ -1,0 +1,234 @@
+"""Archives in S3, against a real Ceph RADOS Gateway this session starts (tests/rgw.py): every
+command that writes streams a multipart upload, every command that reads takes s3:// and
+presigned https/http URLs; failures (the gateway gone mid-upload, Ctrl-C, SIGTERM, wrong
+credentials, a missing bucket, a throttling proxy) end cleanly, leaving no object and no
+parts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, VECTORS, assert_one_line_error, run_vmafs
+from faultproxy import FaultProxy
+from rgw import SECRET_KEY, S3Env, rgw_gateway, s3_fixture  # noqa: F401 - fixtures
+
+MiB = 1 << 20
+
+
+def make_image(path: Path, size: int = 24 * MiB, seed: int = 1) -> bytes:
+    """A disk image: random data in every other MiB, holes between (half data)."""
+    rng = hashlib.sha256(str(seed).encode()).digest()
+    data = bytearray(size)
+    for at in range(0, size, 2 * MiB):
+        block = hashlib.shake_256(rng + at.to_bytes(8, "little")).digest(min(MiB, size - at))
+        data[at:at + len(block)] = block
+    path.write_bytes(data)
+    return bytes(data)
+
+
+def extract_disk(archive: str, out: Path, name: str = "drive-scsi0",
+                 env: dict[str, str] | None = None) -> bytes:
+    rc, _, err = run_vmafs("extract", archive, out, env=env)
+    assert rc == 0, err
+    return (out / f"disk-{name}.raw").read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".vma", ".vma.zst"])
+def test_create_then_read_back_from_s3(s3: S3Env, tmp_path: Path, suffix: str) -> None:
+    image = tmp_path / "disk.raw"
+    data = make_image(image)
+    target = s3.url(f"vm/a{suffix}")
+    rc, out, err = run_vmafs("create", "-o", target, "--json", "-c",
+                             f"qemu-server.conf={VECTORS / 'proxmox' / 'qemu-server.conf'}",
+                             f"drive-scsi0={image}")
+    assert rc == 0, err
+    assert s3.keys() == [f"vm/a{suffix}"] and s3.uploads() == []
+    local = tmp_path / f"local{suffix}"
+    assert run_vmafs("create", "-o", local, "-c",
+                     f"qemu-server.conf={VECTORS / 'proxmox' / 'qemu-server.conf'}",
+                     f"drive-scsi0={image}")[0] == 0
+    if suffix == ".vma":  # the same writer, streamed (compressed sizes vary with uuid, time)
+        assert len(s3.get(f"vm/a{suffix}")) == local.stat().st_size
+    rc, listing, err = run_vmafs("list", target)
+    assert rc == 0 and b"drive-scsi0" in listing, err
+    rc, conf, err = run_vmafs("config", target)
+    assert rc == 0 and conf == (VECTORS / "proxmox" / "qemu-server.conf").read_bytes(), err
+    rc, _, err = run_vmafs("verify", target)
+    assert rc == 0, err
+    assert extract_disk(target, tmp_path / "x") == data
+
+
+def test_prefix_output_gets_a_vzdump_name(s3: S3Env, tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    make_image(image, 4 * MiB)
+    rc, out, err = run_vmafs("create", "--vmid", "101", "--zstd", "-o", s3.url("backups/"),
+                             "--json", f"drive-scsi0={image}")
+    assert rc == 0, err
+    (key,) = s3.keys()
+    assert key.startswith("backups/vzdump-qemu-101-") and key.endswith(".vma.zst")
+    # an existing object is never replaced, and the refusal comes before any work
+    rc, _, err = run_vmafs("create", "-o", s3.url(key), f"drive-scsi0={image}")
+    assert_one_line_error(rc, err, "exists")
+    assert s3.uploads() == []
+
+
+def test_proxmox_vma_in_s3_reads_and_converts_to_a_mountable_archive(s3: S3Env,
+                                                                     tmp_path: Path) -> None:
+    """vzdump's un-indexed archives: a plain .vma by ranged reads of its extent headers, a
+    .vma.gz as a stream; convert S3 -> S3 writes an indexed one."""
+    source = VECTORS / "proxmox" / "sample-2disks.vma"
+    s3.put("pve/sample.vma", source.read_bytes())
+    s3.put("pve/sample.vma.gz", (VECTORS / "proxmox" / "sample-2disks.vma.gz").read_bytes())
+    rc, _, err = run_vmafs("extract", source, tmp_path / "want")
+    assert rc == 0, err
+    want = {p.name: p.read_bytes() for p in (tmp_path / "want").iterdir()}
+    for name in ("pve/sample.vma", "pve/sample.vma.gz"):
+        rc, _, err = run_vmafs("verify", s3.url(name))
+        assert rc == 0, err
+    rc, _, err = run_vmafs("convert", s3.url("pve/sample.vma"), s3.url("pve/indexed.vma.zst"))
+    assert rc == 0, err
+    rc, _, err = run_vmafs("convert", s3.url("pve/sample.vma.gz"), s3.url("pve/fromgz.vma"))
+    assert rc == 0, err
+    for name in ("pve/indexed.vma.zst", "pve/fromgz.vma"):
+        rc, out, err = run_vmafs("verify", s3.url(name))
+        assert rc == 0 and "data checksums verified" in (out.decode() + err), err
+        got = tmp_path / name.replace("/", "_")
+        rc, _, err = run_vmafs("extract", s3.url(name), got)
+        assert rc == 0, err
+        assert {p.name: p.read_bytes() for p in got.iterdir()} == want
+
+
+def test_presigned_urls_read_the_same(s3: S3Env, tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    data = make_image(image, 8 * MiB)
+    for suffix in (".vma", ".vma.zst"):
+        assert run_vmafs("create", "-o", s3.url(f"p/a{suffix}"), f"drive-scsi0={image}")[0] == 0
+        url = s3.client.generate_presigned_url(  # type: ignore[attr-defined]
+            "get_object", Params={"Bucket": s3.bucket, "Key": f"p/a{suffix}"}, ExpiresIn=600)
+        assert url.startswith("http://") and "Signature=" in url
+        rc, listing, err = run_vmafs("list", url)
+        assert rc == 0 and b"drive-scsi0" in listing, err
+        rc, _, err = run_vmafs("verify", url)
+        assert rc == 0, err
+        assert extract_disk(url, tmp_path / f"x{suffix}") == data
+    # a URL that fails is named without its query (the signature)
+    bad = s3.client.generate_presigned_url(  # type: ignore[attr-defined]
+        "get_object", Params={"Bucket": s3.bucket, "Key": "p/none.vma"}, ExpiresIn=600)
+    rc, _, err = run_vmafs("list", bad)
+    assert_one_line_error(rc, err, "no such object")
+    assert "Signature" not in err and "Credential" not in err
+
+
+def test_bad_credentials_and_missing_things_are_one_line(s3: S3Env, tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    make_image(image, 2 * MiB)
+    assert run_vmafs("create", "-o", s3.url("a.vma"), f"drive-scsi0={image}")[0] == 0
+    wrong = s3.env(AWS_SECRET_ACCESS_KEY="not-the-secret-" + "x" * 25)
+    for args in (("list", s3.url("a.vma")), ("create", "-o", s3.url("b.vma"),
+                                             f"drive-scsi0={image}")):
+        rc, _, err = run_vmafs(*args, env=wrong)
+        assert_one_line_error(rc, err, "access denied")
+        assert "not-the-secret" not in err and SECRET_KEY not in err
+    rc, _, err = run_vmafs("list", "s3://no-such-bucket-here/a.vma")
+    assert_one_line_error(rc, err, "no such bucket")
+    rc, _, err = run_vmafs("create", "-o", "s3://no-such-bucket-here/a.vma",
+                           f"drive-scsi0={image}")
+    assert_one_line_error(rc, err, "no such bucket")
+    rc, _, err = run_vmafs("verify", s3.url("missing.vma"))
+    assert_one_line_error(rc, err, "no such object")
+    rc, _, err = run_vmafs("list", s3.url("a.vma"), env={"AWS_ACCESS_KEY_ID": "",
+                                                         "AWS_SECRET_ACCESS_KEY": ""})
+    assert rc != 0 and "Traceback" not in err
+    assert s3.keys() == ["a.vma"] and s3.uploads() == []
+
+
+def test_throttling_is_retried_and_bytes_stay_exact(s3: S3Env, tmp_path: Path) -> None:
+    """Every third request answered 503 SlowDown by a real proxy: upload and reads retry."""
+    image = tmp_path / "disk.raw"
+    data = make_image(image, 24 * MiB)
+    proxy = FaultProxy(s3.gw.port, every=4)
+    try:
+        env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        for suffix in (".vma", ".vma.zst"):
+            rc, _, err = run_vmafs("create", "-o", s3.url(f"t/a{suffix}"),
+                                   f"drive-scsi0={image}", env=env)
+            assert rc == 0, err
+            rc, _, err = run_vmafs("verify", s3.url(f"t/a{suffix}"), env=env)
+            assert rc == 0, err
+            assert extract_disk(s3.url(f"t/a{suffix}"), tmp_path / f"x{suffix}", env=env) == data
+        assert proxy.refused >= 5, proxy.requests
+    finally:
+        proxy.close()
+    assert s3.uploads() == []
+
+
+# -- failures during an upload: nothing is left behind -------------------------------------
+
+
+def _start_slow_upload(s3: S3Env, key: str, tmp_path: Path, **env: str
+                       ) -> tuple[subprocess.Popen[bytes], object, bytes]:
+    """`convert - s3://…` fed from a pipe we hold: the upload is under way (parts stored)
+    while the command waits for more input."""
+    archive = tmp_path / "src.vma"
+    make_image(tmp_path / "disk.raw", 48 * MiB, seed=7)
+    assert run_vmafs("create", "-o", archive, f"drive-scsi0={tmp_path / 'disk.raw'}")[0] == 0
+    full = archive.read_bytes()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmafs", "convert", "-", s3.url(key)], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, **s3.gw.env(), "PYTHONPATH": str(ROOT), **env})
+    assert proc.stdin is not None
+    cut = len(full) * 3 // 4
+    proc.stdin.write(full[:cut])
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while True:  # wait until parts are stored
+        ups = s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])  # type: ignore[attr-defined]
+        if ups:
+            parts = s3.client.list_parts(Bucket=s3.bucket, Key=key,  # type: ignore[attr-defined]
+                                         UploadId=ups[0]["UploadId"]).get("Parts", [])
+            if parts:
+                break
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    return proc, proc.stdin, full[cut:]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_upload_aborts_it(s3: S3Env, tmp_path: Path, signum: int) -> None:
+    proc, _, _ = _start_slow_upload(s3, "sig.vma.zst", tmp_path)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err.decode()
+    assert s3.keys() == [] and s3.uploads() == []
+
+
+def test_gateway_gone_mid_upload_fails_cleanly(s3: S3Env, tmp_path: Path) -> None:
+    """The gateway dies while parts are being uploaded: the command fails with one line; the
+    upload is aborted once the gateway answers again (no object, no parts)."""
+    proc, stdin, rest = _start_slow_upload(s3, "gone.vma", tmp_path, AWS_MAX_ATTEMPTS="2",
+                                           VMAFS_S3_ABORT_SECONDS="60")
+    s3.gw.stop_gateway()
+    t0 = time.monotonic()
+    try:
+        stdin.write(rest)  # type: ignore[attr-defined]
+        stdin.close()  # type: ignore[attr-defined]
+    except BrokenPipeError:
+        pass
+    time.sleep(2)  # the command gives up on its parts and tries to abort the upload
+    s3.gw.start_gateway()
+    proc.wait(timeout=120)
+    assert proc.stderr is not None
+    text = proc.stderr.read().decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text and "gone.vma" in text, text
+    assert time.monotonic() - t0 < 60
+    assert s3.keys() == [] and s3.uploads() == []
