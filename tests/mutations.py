@@ -660,8 +660,8 @@ def _ref_header_digest_holds(stream: bytes, footer: bytes) -> bool:
 
 
 def _ref_header_sha256(stream: bytes) -> bytes:
-    """SHA-256 of what the header says: uuid, ctime, devices 1..255 (vmstate too) by id with
-    name and size, configs in table order with name and data (vmafs/format/index.py)."""
+    """SHA-256 of what the header says: uuid, ctime, devices 1..254 and vmstate (which may be
+    255) by id with name and size, configs in table order with name and data (vmafs/format/index.py)."""
     boff, bsize = struct.unpack_from(">II", stream, 48)
     area = stream[boff:boff + bsize]
     blobs: dict[int, bytes] = {}
@@ -680,7 +680,7 @@ def _ref_header_sha256(stream: bytes) -> bytes:
     for dev_id in range(1, 256):
         ptr, size = struct.unpack_from(">I4xQ", stream, 4096 + 32 * dev_id)
         name = c_string(ptr) if ptr else None
-        if size and name is not None:
+        if size and name is not None and (dev_id < 255 or name == b"vmstate"):
             devices.append(struct.pack("<BQI", dev_id, size, len(name)) + name)
     configs = []
     for i in range(256):

@@ -10,6 +10,7 @@ rule under test is the only one broken.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -282,3 +283,25 @@ def test_spec_vectors_keep_their_verdicts(vectors: Path, spec_manifest: dict[str
     with open(tmp_path / "o.vma", "rb") as f:
         result = scan_stream(f)
     assert not result.problems and result.header_digest
+
+
+def test_device_255_is_no_disk(tmp_path: Path) -> None:
+    """Proxmox's tools list and restore devices 1..254: a header entry at 255 is no disk, and
+    data for it is "got wrong dev id 255" (vmafs used to restore it)."""
+    uuid = bytes(range(16))
+    head = bytearray(vma.encode_header(uuid, 0, [("drive-scsi0", C), ("drive-scsi1", C)]))
+    head[4096 + 32 * 255:4096 + 32 * 256] = head[4096 + 64:4096 + 96]
+    head[4096 + 64:4096 + 96] = bytes(32)
+    head[32:48] = bytes(16)
+    head[32:48] = hashlib.md5(head).digest()
+    assert [d.dev_id for d in vma.decode_header(bytes(head)).devices] == [1]
+    good = bytes(head) + vma.encode_extent_header(uuid, [(1, 0, 0)], 0)
+    bad = good + vma.encode_extent_header(uuid, [(255, 0, 0xFFFF)], 16) + b"\1" * C
+    (tmp_path / "good.vma").write_bytes(good)
+    (tmp_path / "bad.vma").write_bytes(bad)
+    done = run_all({"good": ("verify", tmp_path / "good.vma"),
+                    "bad": ("verify", tmp_path / "bad.vma"),
+                    "list": ("list", "--json", tmp_path / "bad.vma")})
+    assert done["good"][0] == 0, done["good"]
+    assert_one_line_error(done["bad"][0], done["bad"][2], "got wrong dev id 255")
+    assert [d["name"] for d in json.loads(done["list"][1])["devices"]] == ["drive-scsi0"]

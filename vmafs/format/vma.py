@@ -242,6 +242,8 @@ def decode_header(buf: bytes) -> Header:
         name = blob_str(ptr) if ptr else None
         if not size or name is None:
             continue
+        if dev_id > MAX_DEV_ID and name != VMSTATE:
+            continue  # Proxmox's tools list and restore disks 1..254 only: 255 is no disk
         if size > MAX_DEVICE_SIZE:
             raise FormatError(f"device '{display(name)}' has an impossible size {size}")
         named.append((dev_id, name))
