@@ -379,7 +379,7 @@ def test_backup_is_consistent_vma(guest: gi.Guest, tmp_path: Path) -> None:
         lab.vm.stop()
         sources = lab.sources()
     arc = check_archive(out, ["drive-virtio0", "drive-virtio1"], plain=True)
-    assert dict(arc.configs) == {"100.conf": b"name: test\n"}
+    assert dict(arc.configs) == {"qemu-server.conf": b"name: test\n"}  # as Proxmox names it
     check_consistent(arc, sources)
 
 

@@ -152,16 +152,27 @@ async def _run(
         if view is not None:
             with view:
                 n = await sock.recv_into(view)
+            eof = not n
             if n:
                 conn.payload_received(n)
             else:
                 conn.receive_data(b"")
         else:
-            conn.receive_data(await sock.recv(RECV_SIZE))
+            data = await sock.recv(RECV_SIZE)
+            eof = not data
+            conn.receive_data(data)
 
         out: list[bytes] = []
         while True:
-            ev = conn.next_event()
+            try:
+                ev = conn.next_event()
+            except nbd.NBDProtocolError as exc:
+                if not eof:
+                    raise
+                # The client went away mid-request (QEMU killed, or vmafs's own drop): a lost
+                # connection, not a broken protocol.
+                log.info("NBD connection lost: %s", exc)
+                return
             if ev is nbd.NEED_DATA:
                 break
             if isinstance(ev, nbd.Write):
