@@ -4,7 +4,8 @@ the stream it sits in.
 The footer is the last extent; it says where the index's null extents start. An index is used
 only if all of this holds, checked at open time:
 - the footer and every index extent are valid null extents of this archive, and the index
-  matches its checksum;
+  matches its checksum; a header digest in the footer is this header's (so a header
+  rewritten with a resealed md5 is refused: the data checksums do not cover it);
 - the extent chain it describes is whole: data extents in order from the header on, each
   ending where the next begins or where a run of data-less 512-byte extents does, up to the
   index itself;
