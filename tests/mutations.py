@@ -661,7 +661,8 @@ def _ref_header_digest_holds(stream: bytes, footer: bytes) -> bool:
 
 def _ref_header_sha256(stream: bytes) -> bytes:
     """SHA-256 of what the header says: uuid, ctime, devices 1..254 and vmstate (which may be
-    255) by id with name and size, configs in table order with name and data (vmafs/format/index.py)."""
+    255) by id with name and size, configs in table order with name and data (the header
+    digest of vmafs/format/index.py, computed independently)."""
     boff, bsize = struct.unpack_from(">II", stream, 48)
     area = stream[boff:boff + bsize]
     blobs: dict[int, bytes] = {}
