@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 from vmafs.backup import bitmaps
@@ -89,3 +90,61 @@ def test_which_bitmaps_go_when_the_backup_ends() -> None:
     assert gone(A, committed=False, started=False) == []
     assert gone(A, started=False) == []            # --no-bitmap: PREV's bitmap still counts
     assert gone(A, drop_old=True) == [prev, other]  # never the user's own
+
+
+def test_a_missing_bitmap_gets_its_true_reason() -> None:
+    raw = nodes([], [])[2]
+    qcow2 = nodes([], [])[0]
+    later = bitmaps.missing_reason(raw, 1000, 500.0, "vzdump-qemu-101-x.vma")
+    assert "vzdump-qemu-101-x.vma" in later and "moved the bitmap on" in later
+    assert "restarted" not in later
+    assert "restarted after that backup" in bitmaps.missing_reason(raw, 1000, 2000.0, None)
+    assert "stopped uncleanly" in bitmaps.missing_reason(qcow2, 1000, 2000.0, None)
+    kept = bitmaps.missing_reason(raw, 1000, 500.0, None)   # QEMU older than PREV
+    assert "removed" in kept and "restarted" not in kept
+    assert "restarted?" in bitmaps.missing_reason(raw, 1000, None, None)  # unknown: ask
+    why = bitmaps.unusable(B, nodes([], []), PREV, later) or ""
+    assert why.startswith(f"disk drive-virtio1: no dirty bitmap vmafs-{PREV} (a later backup")
+
+
+def test_inventory_names_disk_archive_and_flags() -> None:
+    found = nodes([bitmap(persistent=True), {"name": "user", "count": 1}],
+                  [bitmap(busy=True), {"name": "vmafs-not-a-uuid"}])
+    listed = bitmaps.inventory([A], found)
+    assert [(e["disk"], e["archive"], e["persistent"], e["busy"]) for e in listed] == [
+        ("drive-virtio0", str(PREV), True, False), ("node-virtio1", str(PREV), False, True)]
+    assert bitmaps.archive_of(chain.bitmap_name(NEW)) == NEW
+    assert bitmaps.archive_of("vmafs-x") is None and bitmaps.archive_of("user") is None
+
+
+def test_a_dead_runs_bitmaps(tmp_path: Path) -> None:
+    """Uncommitted: its own go; committed (said, or its archive is there): PREV's go."""
+    from vmafs.backup.guard import dead_bitmaps
+    from vmafs.backup.runlock import RunRecord
+    record = RunRecord("0123456789", 1, "/q", bitmap=chain.bitmap_name(NEW),
+                       parent_bitmap=chain.bitmap_name(PREV), output=str(tmp_path / "a.vma"),
+                       uuid=str(NEW))
+    assert dead_bitmaps(record) == [chain.bitmap_name(NEW)]
+    record.committed = True
+    assert dead_bitmaps(record) == [chain.bitmap_name(PREV)]
+    assert dead_bitmaps(None) == []
+
+
+def test_lock_files_tell_live_runs_from_dead_ones(tmp_path: Path, monkeypatch: Any) -> None:
+    from vmafs.backup import runlock
+    monkeypatch.setenv("VMAFS_RUN_DIR", str(tmp_path))
+    live = runlock.RunLock("/q.sock", "aaaaaaaaaa")
+    dead = runlock.RunLock("/q.sock", "bbbbbbbbbb")
+    dead.abandon()                                   # its process died: the file stays
+    with runlock.scan(exclude="cccccccccc") as runs:
+        assert list(runs.live) == ["aaaaaaaaaa"]
+        assert [a.tag for a in runs.abandoned] == ["bbbbbbbbbb"]
+        with runlock.scan() as again:                # a second cleaner waits its turn
+            assert list(again.live) == ["aaaaaaaaaa", "bbbbbbbbbb"] and not again.abandoned
+        runs.abandoned[0].release()
+    live.release()
+    assert list(tmp_path.iterdir()) == []
+    assert runlock.tag_of("vmafs-aaaaaaaaaa-cbw1") == "aaaaaaaaaa"
+    assert runlock.tag_of("vmafs-aaaaaaaaaa-t0") == "aaaaaaaaaa"
+    assert runlock.tag_of("vmafs-aaaaaaaaaa-0") == "aaaaaaaaaa"
+    assert runlock.tag_of(chain.bitmap_name(NEW)) is None and runlock.tag_of("user") is None
