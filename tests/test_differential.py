@@ -19,6 +19,7 @@ from conftest import VECTORS, fuse_missing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mutations as mu  # noqa: E402
+import mutations_nbd  # noqa: E402
 
 # base group -> (bases, seeds per kind): about 300 mutants in all, for CI
 GROUPS: dict[str, tuple[list[str], int]] = {
@@ -194,6 +195,40 @@ def test_real_mount(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base],
                     tmp_path: Path) -> None:
     """A handful of mutants mounted for real and read with pread, judged like VmaFS."""
     _for_real(infos, bases, tmp_path, MOUNT_PICKS, mu.check_mount)
+
+
+# a few mutants of every kind through `vmafs serve` and an NBD client (kind: bases)
+NBD_KINDS = {"none": ["vmafs.vma", "vmafs.vma.zst", "spec-two-disks.vma"],
+             "flip": ["vmafs.vma", "vmafs.vma.zst"], "overwrite": ["vmafs.vma"],
+             "truncate": ["vmafs.vma", "spec-two-disks.vma"], "append": ["vmafs.vma"],
+             "reseal": ["spec-two-disks.vma"], "forge": ["vmafs.vma"],
+             "seektable": ["vmafs.vma.zst"], "combo": ["vmafs.vma", "vmafs.vma.zst"],
+             "header": ["vmafs.vma"]}
+NBD_SEEDS = 2
+
+
+def _nbd_picks(infos: dict[str, mu.BaseInfo]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The first NBD_SEEDS mutants of each kind on its bases ({} matches any params)."""
+    return [(base, kind, {}) for kind, bases in NBD_KINDS.items() if kind in mu.KINDS
+            for base in bases if base in infos]
+
+
+def test_real_nbd_export(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base],
+                         tmp_path: Path) -> None:
+    """A few mutants of every kind served by `vmafs serve`, read over NBD, judged like the
+    mount: the same bytes as extract, or an error; never a refusal of a verified archive."""
+    outcomes = []
+    for base, kind, _ in _nbd_picks(infos):
+        for seed in range(NBD_SEEDS if kind != "none" else 1):
+            m = mu.make_mutant(infos[base], kind, seed)
+            if m is None:
+                continue
+            out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
+            out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
+            out.failures += mutations_nbd.check_nbd(m, bases[m.base], tmp_path, out)
+            outcomes.append(out)
+    assert len(outcomes) >= 15
+    assert not any(o.failures for o in outcomes), _report(outcomes)
 
 
 def _for_real(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base], tmp_path: Path,

@@ -34,6 +34,8 @@ CHUNK = 1 << 20            # device bytes a chunk holds
 AHEAD = 4                  # chunks decompressed ahead of a streaming reader
 CACHED_CHUNKS = 12         # chunks kept, all readers together
 WORKERS = 2                # decompressing threads at once (one per core here)
+INLINE_MAX = 256 << 10     # plain reads up to this size are answered inline; larger ones
+                           # in a thread, so a server streams while the next one is read
 MAX_RUNS = 1024            # allocation runs answered at once (NBD caps descriptors too)
 
 
@@ -103,11 +105,11 @@ class Session:
     def reader(self, dev_id: int) -> Reader:
         return Reader(dev_id)
 
-    @property
-    def inline(self) -> bool:
-        """True when reads never wait (a plain archive: index lookups and preads), so a
-        server may answer them in order, in the task that parsed them."""
-        return not self.archive.compressed
+    def inline(self, size: int) -> bool:
+        """True when a read of `size` bytes never waits (a plain archive: an index lookup and
+        preads of a hot file), so a server may answer it in order, in the task that parsed
+        it; other reads are worth a task of their own."""
+        return not self.archive.compressed and size <= INLINE_MAX
 
     def streaming(self, reader: Reader, offset: int, size: int) -> bool:
         """The one place that decides what is sequential: a read that starts where the
@@ -135,7 +137,10 @@ class Session:
         chunks and the next ones ahead."""
         archive = self.archive
         if not archive.compressed:
-            return archive.read(dev_id, offset, size)
+            if size <= INLINE_MAX or self._is_hole(dev_id, offset, size):
+                return archive.read(dev_id, offset, size)
+            return await trio.to_thread.run_sync(archive.read, dev_id, offset, size,
+                                                 limiter=self._limiter)
         if size <= len(ZERO_VIEW) and self._is_hole(dev_id, offset, size):
             return ZERO_VIEW[:min(size, max(0, self._sizes[dev_id] - offset))]
         if streaming and self.nursery is not None:
@@ -263,6 +268,17 @@ async def open_session(path: str, bases: Sequence[str] = (), *, drop_behind: boo
         archive = await trio.to_thread.run_sync(
             lambda: open_archive(path, bases, drop_behind=drop_behind), abandon_on_cancel=False)
         stack.callback(archive.close)
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        stack.callback(nursery.cancel_scope.cancel)  # read-ahead ends with the session
-        yield Session(archive, nursery, path=path)
+        session = await stack.enter_async_context(session_of(archive))
+        session.path = path
+        yield session
+
+
+@contextlib.asynccontextmanager
+async def session_of(archive: Archive) -> AsyncIterator[Session]:
+    """A session over an archive the caller opened (and closes): its read-ahead runs in a
+    nursery of its own, cancelled when the block is left."""
+    async with trio.open_nursery() as nursery:
+        try:
+            yield Session(archive, nursery)
+        finally:
+            nursery.cancel_scope.cancel()

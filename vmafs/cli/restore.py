@@ -22,15 +22,16 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from vmafs.archive.chain import open_chain
+from vmafs.archive.configs import vm_configs
 from vmafs.archive.copier import copy_device
 from vmafs.archive.reader import Archive, Device
-from vmafs.archive.serving import Session, open_archive
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_base, add_json, add_quiet, progress_for
 from vmafs.cli.extract import check_target, made_dir, temp_file, write_all
 from vmafs.container.output import TempFile
 from vmafs.errors import UsageError, VmafsError
-from vmafs.format.names import display, json_name, raw
+from vmafs.format.names import FileNames, display, file_names, json_name, raw
 from vmafs.progress import Progress, print_json
 
 PROBE = 4096   # bytes at the start of a device that must be zero unless --force
@@ -88,24 +89,40 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise UsageError(f"--to-device {item!r}: give DEVNAME=DEVICE")
         to_device[os.fsencode(name)] = path
-    with open_archive(args.archive, args.base) as archive:
+    with open_chain(args.archive, args.base) as archive:
         return _restore(args, archive, to_device)
 
 
+@dataclass
+class _VM:
+    """What a restore writes: the disks (by dev_id), the VM's config files, their names
+    (the names extract and the mount give)."""
+
+    devices: list[Device]
+    configs: list[tuple[str, bytes]]
+    names: FileNames
+
+    @classmethod
+    def of(cls, archive: Archive) -> _VM:
+        devices = sorted(archive.devices, key=lambda d: d.dev_id)
+        configs = vm_configs(archive.configs)
+        return cls(devices, configs, file_names(devices, [n for n, _ in configs]))
+
+
 def _restore(args: argparse.Namespace, archive: Archive, to_device: dict[bytes, str]) -> int:
-    session = Session(archive)
-    devices = {raw(d.name): d for d in session.devices}
+    vm = _VM.of(archive)
+    devices = {raw(d.name): d for d in vm.devices}
     for name in [*map(os.fsencode, args.drive), *to_device]:
         if name not in devices:
             raise VmafsError(f"no device '{display(os.fsdecode(name))}' in the archive (it has: "
-                             f"{', '.join(sorted(display(d.name) for d in session.devices))})")
+                             f"{', '.join(sorted(display(d.name) for d in vm.devices))})")
     chosen = {os.fsencode(n) for n in args.drive}
     if args.to:
-        wanted = [d for d in session.devices if not chosen or raw(d.name) in chosen]
+        wanted = [d for d in vm.devices if not chosen or raw(d.name) in chosen]
     else:
-        wanted = [d for d in session.devices if raw(d.name) in to_device]
+        wanted = [d for d in vm.devices if raw(d.name) in to_device]
     suffix = b".qcow2" if args.format == "qcow2" else b".raw"
-    files = {d.dev_id: session.names.disks[d.dev_id].removesuffix(b".raw") + suffix
+    files = {d.dev_id: vm.names.disks[d.dev_id].removesuffix(b".raw") + suffix
              for d in wanted if raw(d.name) not in to_device}
     targets: list[_Target] = []
     progress = progress_for(args, "restore", sum(d.size for d in wanted))
@@ -118,7 +135,7 @@ def _restore(args: argparse.Namespace, archive: Archive, to_device: dict[bytes, 
         configs: list[tuple[bytes, tuple[str, bytes]]] = []
         if args.to:
             dir_fd = stack.enter_context(made_dir(args.to))
-            configs = list(zip(session.names.configs, session.configs, strict=True))
+            configs = list(zip(vm.names.configs, vm.configs, strict=True))
             for fname in [*files.values(), *(f for f, _ in configs)]:
                 check_target(dir_fd, os.path.join(args.to, os.fsdecode(fname)), fname,
                              args.force)
@@ -139,7 +156,7 @@ def _restore(args: argparse.Namespace, archive: Archive, to_device: dict[bytes, 
                     os.fsync(t.fd)
             qcow2 = [t for t in targets if not t.on_device and args.format == "qcow2"]
             if qcow2:
-                _to_qcow2(session, qcow2, progress)
+                _to_qcow2(archive, qcow2, progress)
             for fname, (_, data) in configs:
                 tmp = temp_file(dir_fd, args.to, fname)
                 temps.append(tmp)
@@ -151,11 +168,11 @@ def _restore(args: argparse.Namespace, archive: Archive, to_device: dict[bytes, 
                 tmp.discard()
     progress.finish()
     if args.json:
-        print_json(_summary(args, session, targets, configs, progress))
+        print_json(_summary(args, targets, configs, progress))
     return 0
 
 
-def _summary(args: argparse.Namespace, session: Session, targets: list[_Target],
+def _summary(args: argparse.Namespace, targets: list[_Target],
              configs: list[tuple[bytes, tuple[str, bytes]]], progress: Progress
              ) -> dict[str, Any]:
     devices = []
@@ -201,10 +218,11 @@ def _open_device(path: str, dev: Device, force: bool) -> int:
     return fd
 
 
-def _to_qcow2(session: Session, targets: list[_Target], progress: Progress) -> None:
+def _to_qcow2(archive: Archive, targets: list[_Target], progress: Progress) -> None:
     """Each target a qcow2 image written by qemu-img from the session's NBD export."""
     import trio
 
+    from vmafs.archive.serving import session_of
     from vmafs.serve.nbd import serving
 
     qemu_img = shutil.which("qemu-img")
@@ -215,20 +233,17 @@ def _to_qcow2(session: Session, targets: list[_Target], progress: Progress) -> N
                    str(t.device.size)], t.fd)
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            session.nursery = nursery
-            with tempfile.TemporaryDirectory(prefix="vmafs-restore-") as private:
-                sock = os.path.join(private, "nbd")
-                async with serving(session, socket=sock) as export:
-                    for t in targets:
-                        await trio.to_thread.run_sync(_qemu_img, [
-                            qemu_img, "convert", "-n", "--target-is-zero", "-W", "-f", "raw",
-                            "-O", "qcow2", export.urls[t.device.name],
-                            f"/proc/self/fd/{t.fd}"], t.fd)
-                        t.copied = session.archive.stored_bytes(t.device.dev_id)
-                        progress.update(t.device.size)
-            session.nursery = None
-            nursery.cancel_scope.cancel()
+        with tempfile.TemporaryDirectory(prefix="vmafs-restore-") as private:
+            sock = os.path.join(private, "nbd")
+            async with session_of(archive) as session, \
+                    serving(session, socket=sock) as export:
+                for t in targets:
+                    await trio.to_thread.run_sync(_qemu_img, [
+                        qemu_img, "convert", "-n", "--target-is-zero", "-W", "-f", "raw",
+                        "-O", "qcow2", export.urls[t.device.name],
+                        f"/proc/self/fd/{t.fd}"], t.fd)
+                    t.copied = archive.stored_bytes(t.device.dev_id)
+                    progress.update(t.device.size)
 
     trio.run(main)
     for t in targets:

@@ -606,6 +606,8 @@ MAX_DESCRIPTORS: Final = 1024       # block status descriptors in one reply
 
 READ_ONLY_FLAGS: Final = FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE
 
+_ALLOWED_FLAGS: Final = {CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF, CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+                         CMD_CACHE: 0}
 _CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
 _U64 = struct.Struct(">Q")
 _DESCRIPTOR = struct.Struct(">II")
@@ -814,9 +816,7 @@ class ExportServer(NBDServer):
         if cmd not in (CMD_READ, CMD_BLOCK_STATUS, CMD_CACHE):
             name = COMMAND_NAMES.get(cmd, f"command {cmd}")
             return self._bad(handle, cmd, offset, length, EINVAL, f"{name} is not supported")
-        allowed = {CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF, CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
-                   CMD_CACHE: 0}[cmd]
-        if flags & ~allowed:
+        if flags & ~_ALLOWED_FLAGS[cmd]:
             return self._bad(handle, cmd, offset, length, EINVAL,
                              f"unsupported command flags {flags:#x}")
         if length == 0 or offset + length > self.size:
