@@ -20,7 +20,9 @@ design), and `vmafs mount` (FUSE). Every round measures, in this order:
   * rand4k: mean latency of --random-reads synchronous 4 KiB reads at random offsets of
     drive-scsi1 (libnbd, one connection) from vmafs, nbdkit and qemu-nbd;
   * restore: `vmafs restore --format raw -d drive-scsi0`, `vmafs extract -d drive-scsi0` and
-    `qemu-img convert -O raw` of the original image, all into the work directory's file system.
+    `qemu-img convert -O raw` of the original image, all into the work directory's file system
+    (qemu-img does not sync its output; vmafs syncs before renaming into place, so qemu-img
+    followed by an fsync of its output is shown too).
 
 The page cache is warm (a first untimed pass reads everything): the figures compare servers,
 not disks. Ratios are computed within a round; the median over rounds is reported, with a final
@@ -238,8 +240,16 @@ def main() -> None:
                 t = timed(lambda: vmafs(*argv))
             else:
                 target.mkdir()
-                t = timed(lambda: run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
-                                       str(img0), str(target / "disk.raw")]))
+                out = target / "disk.raw"
+
+                def convert_synced() -> None:
+                    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(img0), str(out)])
+                    if kind == "qemu-img+fsync":  # as durable as restore's files
+                        fd = os.open(out, os.O_RDONLY)
+                        os.fsync(fd)
+                        os.close(fd)
+
+                t = timed(convert_synced)
             shutil.rmtree(target)
             return t
 
@@ -256,7 +266,7 @@ def main() -> None:
                 row[f"seq.{k}"] = seq(u)
             for k, u in urls1.items():
                 row[f"rand4k.{k}"] = rand4k(u)
-            for k in ("restore", "extract", "qemu-img"):
+            for k in ("restore", "extract", "qemu-img", "qemu-img+fsync"):
                 row[f"restore.{k}"] = restore(k)
             row["ratio.export_vs_raw"] = row["convert.raw"] / row["convert.export"]
             row["ratio.export_vs_fuse"] = row["convert.fuse"] / row["convert.export"]
@@ -265,6 +275,8 @@ def main() -> None:
             row["ratio.seq_vmafs_vs_nbdkit"] = row["seq.vmafs"] / row["seq.nbdkit"]
             row["ratio.restore_vs_extract"] = row["restore.extract"] / row["restore.restore"]
             row["ratio.restore_vs_qemu-img"] = row["restore.qemu-img"] / row["restore.restore"]
+            row["ratio.restore_vs_qemu-img+fsync"] = (row["restore.qemu-img+fsync"]
+                                                      / row["restore.restore"])
             rounds.append(row)
             print(f"round {r + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()),
                   flush=True)

@@ -236,11 +236,18 @@ class _Connection:
         """Answer every request parsed so far; False once the client disconnected."""
         conn, session, reader = self.conn, self.session, self.reader
         assert reader is not None
+        count = 0
         while True:
             ev = conn.next_event()
             if ev is nbd.NEED_DATA:
                 return True
+            count += 1
+            if count % 64 == 0:  # one read of the socket may hold thousands of requests
+                await trio.lowlevel.checkpoint()
             if isinstance(ev, nbd.Read):
+                if session.inline:  # answered before the next request is parsed
+                    await self._read(ev, False, 0)
+                    continue
                 tokens = min(BUDGET, math.ceil(ev.length / BUDGET_UNIT))
                 for _ in range(tokens):
                     try:
@@ -248,10 +255,7 @@ class _Connection:
                     except trio.WouldBlock:
                         await self.budget.acquire()
                 streaming = session.streaming(reader, ev.offset, ev.length)
-                if session.inline(ev.length):
-                    await self._read(ev, streaming, tokens)
-                else:
-                    nursery.start_soon(self._read, ev, streaming, tokens)
+                nursery.start_soon(self._read, ev, streaming, tokens)
             elif isinstance(ev, nbd.BlockStatus):
                 runs = session.allocation(reader.dev_id, ev.offset, ev.length)
                 await self._send(conn.reply_block_status(
