@@ -191,7 +191,6 @@ class Backup:
         self._settled = False                  # our bitmaps are as they must stay
         self._prev_configs: list[tuple[str, bytes]] = []
         self.depth = 1                         # archives in the new archive's chain
-        self.started_at = time.time()
 
     # -- failure plumbing --
 
