@@ -42,8 +42,9 @@ def chain_paths(path: Path) -> list[Path]:
     return [Path(a.path or "") for a in layers]
 
 
-def prune_json(d: Path, *args: str) -> tuple[dict[str, Any], str]:
-    rc, out, err = run_vmafs("prune", d, *args, "--json")
+def prune_json(d: Path, *args: str, real: bool = True) -> tuple[dict[str, Any], str]:
+    """`vmafs prune D ARGS --json`: the real command, or (real=False) in-process."""
+    rc, out, err = (run_vmafs if real else _cli)("prune", str(d), *args, "--json")
     assert rc == 0 and "Traceback" not in err, err
     return json.loads(out), err
 
@@ -52,7 +53,7 @@ def pruned(d: Path, *args: str) -> tuple[dict[str, bool], str]:
     """Prune (dry run first: it must decide alike) and check every chain that read before
     reads after with the same bytes; what was kept, and stderr."""
     before = pf.readable(d)
-    dry, _ = prune_json(d, *args, "--dry-run")
+    dry, _ = prune_json(d, *args, "--dry-run", real=False)
     done, err = prune_json(d, *args)
     keep = {a["name"]: a["keep"] for a in done["archives"]}
     assert {a["name"]: a["keep"] for a in dry["archives"]} == keep
@@ -163,7 +164,7 @@ def test_sigkill_during_prune_leaves_every_chain_readable(tmp_path: Path) -> Non
         for name, what in before.items():
             if os.path.lexists(d / name):
                 assert after.get(name) == what, f"killed at unlink {k}: {name} no longer reads"
-        rc, _, err = run_vmafs("prune", d, "--keep-last", "1")
+        rc, _, err = _cli("prune", str(d), "--keep-last", "1")
         assert rc == 0, err
         assert sorted(os.listdir(d)) == final, k
 
@@ -178,13 +179,14 @@ def test_prune_fuzzer(tmp_path: Path) -> None:
     failures = []
     for seed in FUZZ_SEEDS:
         case = pf.random_dir(tmp_path, seed)
-        found = pf.check_prune(case, _cli)
+        found = pf.check_prune(case, lambda argv: _cli(*argv))
         failures += [f"seed {seed} ({'; '.join(case.made)}; {case.args}): {f}" for f in found]
     assert not failures, "\n".join(failures)
 
 
-def _cli(args: list[str]) -> tuple[int, bytes, str]:
-    rc, out, err, exc = run_cli(args)
+def _cli(*args: str) -> tuple[int, bytes, str]:
+    """vmafs in-process (nothing may escape main)."""
+    rc, out, err, exc = run_cli(list(args))
     assert exc is None, exc
     return rc, out, err
 
