@@ -381,7 +381,8 @@ def test_verify_checks_the_chain(ch: Chain) -> None:
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["ok"] and doc["incremental"] and doc["indexed"] and doc["problems"] == []
-    assert doc["chain"] == [str(p) for p in ch.paths]
+    assert [c["archive"] for c in doc["chain"]] == [str(p) for p in ch.paths]  # as list shows
+    assert [c["uuid"] for c in doc["chain"]] == [str(u) for u in ch.uuids]
     rc, out, err = run_vmafs("verify", "-q", "--json", ch.paths[0])
     assert rc == 0 and json.loads(out)["chain"] == [], err
 

@@ -18,6 +18,7 @@ from vmafs.container.output import open_output
 from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, about
 from vmafs.format import chain, vma
+from vmafs.format.names import json_name
 from vmafs.progress import print_json
 
 
@@ -95,8 +96,12 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
         writer.finish()
     progress.finish()
     if args.json:
-        print_json({"input": args.input, "output": args.output, "bytes": out.bytes_out,
-                    "devices": len(header.devices), "seconds": round(progress.elapsed, 3)})
+        print_json({"ok": True, "archive": args.input, "output": args.output,
+                    "archive_bytes": out.bytes_out,
+                    "devices": [{"dev_id": new_ids[d.dev_id], **json_name(d.name),
+                                 "device_bytes": d.size} for d in header.devices],
+                    "device_bytes": sum(sizes.values()),
+                    "seconds": round(progress.elapsed, 3)})
     return 0
 
 

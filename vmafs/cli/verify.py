@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from vmafs.errors import (
     about,
 )
 from vmafs.format import vma
-from vmafs.format.names import display
+from vmafs.format.names import display, json_name
 from vmafs.progress import print_json
 
 
@@ -61,8 +62,9 @@ def scan_file(path: str, quiet: bool) -> ScanResult:
 
 
 def check_chain(path: str, bases: list[str], quiet: bool
-                ) -> tuple[list[str], list[Problem], list[Problem]]:
-    """The ancestors of an incremental archive (oldest first), what is wrong with them, and
+                ) -> tuple[list[dict[str, Any]], list[Problem], list[Problem]]:
+    """The archives of an incremental archive's chain (oldest first, as `list --json` shows
+    them), what is wrong with them, and
     the damage that does not reach the chain's current data: a bad cluster of an ancestor
     that a newer layer has a slot for (data or zeros), which no reader of the chain reads."""
     if path == "-":
@@ -73,6 +75,10 @@ def check_chain(path: str, bases: list[str], quiet: bool
     except VmafsError as exc:
         return [], [Problem(problems.CHAIN, str(exc))], []
     paths = [a.path or "" for a in layers]
+    links = [{"archive": a.path, "uuid": str(a.uuid), "ctime": a.ctime,
+              "incremental": a.incremental,
+              "stored_bytes": sum(a.stored_bytes(d.dev_id) for d in a.devices)}
+             for a in layers]
     # per layer, device name -> the clusters it has slots for (None: a full archive, all)
     held = [{d.name: a.held(d.dev_id) for d in a.devices} for a in layers]
     for archive in layers:
@@ -97,7 +103,7 @@ def check_chain(path: str, bases: list[str], quiet: bool
         newer = [paths[k + 1 + j] for j in by[by >= 0].tolist()]
         superseded += [_superseded(ancestor, p, newer[i] if p.cluster is not None else None)
                        for i, p in enumerate(replaced.problems(result.header))]
-    return paths, found, superseded
+    return links, found, superseded
 
 
 def _replaced_by(bad: BadData, header: vma.Header, newer: list[dict[str, ClusterSet | None]]
@@ -133,24 +139,24 @@ def _in(path: str, problem: Problem) -> Problem:
 def run(args: argparse.Namespace) -> int:
     try:
         result = scan_file(args.archive, args.quiet)
-    except FormatError as exc:
-        if args.json:
-            print_json({"archive": args.archive, "ok": False,
-                        "problems": [problem_of(exc).to_json()]})
+    except FormatError as exc:  # one line; with --json the one failure object (vmafs(1))
         raise about(args.archive, exc) from None
     found = list(result.problems)
-    chain: list[str] = []
+    chain: list[dict[str, Any]] = []
     superseded: list[Problem] = []
     if result.incremental and not found:
         chain, chain_problems, superseded = check_chain(args.archive, args.base, args.quiet)
         found += chain_problems
     ok = not found and not superseded
-    if args.json:
+    if args.json:  # the vocabulary of vmafs(1); `superseded` only when there is some
+        devices = result.header.devices
         print_json({
-            "archive": args.archive, "ok": ok,
+            "ok": ok, "archive": args.archive,
             "problems": [p.to_json() for p in found],
-            "superseded": [p.to_json() for p in superseded],
-            "devices": len(result.header.devices), "extents": result.extents,
+            **({"superseded": [p.to_json() for p in superseded]} if superseded else {}),
+            "devices": [{"dev_id": d.dev_id, **json_name(d.name), "device_bytes": d.size}
+                        for d in devices],
+            "device_bytes": sum(d.size for d in devices),
             "stored_bytes": result.stored_bytes, "indexed": result.has_index,
             "incremental": result.incremental, "chain": chain,
         })
