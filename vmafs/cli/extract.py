@@ -82,7 +82,8 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
     with made_dir(args.dir) as dir_fd:
         for fname in [*targets.values(), *(f for f, _ in configs)]:
             check_target(dir_fd, os.path.join(args.dir, os.fsdecode(fname)), fname, args.force)
-        progress = progress_for(args, "extract", sum(d.size for d in wanted))
+        label = getattr(args, "label", "extract")  # restore writes raw images through here
+        progress = progress_for(args, label, sum(d.size for d in wanted))
         temps: list[TempFile] = []
         try:
             fds: dict[int, int] = {}

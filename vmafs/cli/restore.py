@@ -1,8 +1,9 @@
 """`vmafs restore`: a VM back as ready-to-boot disk images (sparse raw, or qcow2) plus its
 config files, or a disk straight onto a block device.
 
-Raw images and block devices are written by the copy engine (archive/copier.py), the one
-extract uses: stored data only, holes left as holes (or zeroed on a device). qcow2 images are
+Raw images are what `vmafs extract` writes, so restore runs extract for them (one engine, one
+set of checks, the same names). Block devices are written by the copy engine
+(archive/copier.py) from the archive model: stored data only, holes zeroed. qcow2 images are
 written by `qemu-img convert` reading the archive's NBD export in-process (serve/nbd.py):
 block status lets it skip the holes, and QEMU writes its own format. Every file appears under
 its final name only when all of them were written; nothing existing is replaced without
@@ -89,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise UsageError(f"--to-device {item!r}: give DEVNAME=DEVICE")
         to_device[os.fsencode(name)] = path
+    if args.format == "raw" and not to_device:
+        # sparse raw images and configs are what extract writes: its engine, its checks
+        from vmafs.cli import extract
+        return extract.run(argparse.Namespace(
+            archive=args.archive, dir=args.to, drive=args.drive, force=args.force,
+            base=args.base, json=args.json, quiet=args.quiet, label="restore"))
     with open_chain(args.archive, args.base) as archive:
         return _restore(args, archive, to_device)
 
