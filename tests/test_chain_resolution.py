@@ -165,6 +165,7 @@ def test_a_fifo_blocks_no_command(fifo_dir: tuple[Path, list[Path]], tmp_path: P
     want = image_of(newest)
     for args in (["list", newest], ["verify", "-q", newest],
                  ["merge", "-q", "-o", tmp_path / "m.vma", newest],
+                 ["prune", d, "--keep-last", "9", "--dry-run"],
                  ["list", newest, "--base", d / "a.vma"]):
         rc, _, err = run_vmafs(*args, timeout=60)  # a hang is a TimeoutExpired: a failure
         if "--base" in args:

@@ -71,14 +71,22 @@ class Peek:
 
 
 def regular_key(path: str) -> Key:
-    """The file's identity if path (symlinks followed) is a regular file; a VmafsError if not,
-    without opening it (opening a FIFO could block)."""
+    """The file's identity if path (symlinks followed) is a regular file; a VmafsError naming
+    it if not, without opening it (opening a FIFO could block)."""
+    key = _regular(path)
+    if isinstance(key, str):
+        raise VmafsError(f"{display(path)}: {key}")
+    return key
+
+
+def _regular(path: str) -> Key | str:
+    """The file's identity, or why it is not a regular file."""
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise VmafsError(f"cannot open {display(path)}: {exc.strerror}") from None
+        return f"cannot open it: {exc.strerror}"
     if not stat.S_ISREG(st.st_mode):
-        raise VmafsError(f"{display(path)}: not a regular file")
+        return "not a regular file"
     return st.st_dev, st.st_ino
 
 
@@ -132,8 +140,11 @@ def candidates(directory: str) -> Pool:
         if name.startswith(".") or not name.endswith(ARCHIVE_SUFFIXES):
             continue
         path = os.path.join(directory, name)
+        key = _regular(path)
+        if isinstance(key, str):
+            pool.unreadable.append((path, key))
+            continue
         try:
-            key = regular_key(path)
             pool.names.setdefault(key, []).append(path)
             if key in seen:
                 if os.path.islink(pool.peeks[seen[key]].path) and not os.path.islink(path):
