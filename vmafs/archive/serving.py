@@ -110,6 +110,11 @@ class Session:
         mount), so a server may answer them in order, in the task that parsed them."""
         return not self.archive.compressed
 
+    def read_inline(self, dev_id: int, offset: int, size: int) -> bytes | memoryview:
+        """A read of an `inline` session, from any thread (the model reads with pread
+        only): device bytes [offset, offset+size), clipped at the end."""
+        return self.archive.read(dev_id, offset, size)
+
     def streaming(self, reader: Reader, offset: int, size: int) -> bool:
         """The one place that decides what is sequential: a read that starts where the
         reader's last one ended, or inside a chunk being streamed, and follows another such
@@ -136,7 +141,7 @@ class Session:
         chunks and the next ones ahead."""
         archive = self.archive
         if not archive.compressed:
-            return archive.read(dev_id, offset, size)
+            return self.read_inline(dev_id, offset, size)
         if size <= len(ZERO_VIEW) and self._is_hole(dev_id, offset, size):
             return ZERO_VIEW[:min(size, max(0, self._sizes[dev_id] - offset))]
         if streaming and self.nursery is not None:
