@@ -141,6 +141,27 @@ def test_a_damaged_merged_base_gives_way(tmp_path: Path) -> None:
             assert (mnt / DISK).read_bytes() == want
 
 
+def test_a_whole_read_is_remembered_for_the_unchanged_file(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Readers of a merged base beside the chain it folded read it whole once (the walk
+    cache remembers the pass for the unchanged file); a changed file is read again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(chain, "READ_WHOLE_WORTH", 0)  # tiny archives are worth it here
+    d, paths = small_chain(tmp_path, 4)
+    rc, _, err = run_vmafs("merge", "-q", "-o", d / "base.vma", paths[2])
+    assert rc == 0, err
+    assert chain_names(paths[-1]) == ["base.vma", "c3.vma"]
+    remembered = list((tmp_path / "cache").rglob("*.ok"))
+    assert len(remembered) == 1
+    assert chain_names(paths[-1]) == ["base.vma", "c3.vma"]  # from the cache
+    before = os.stat(d / "base.vma")
+    pf.damage_data(d / "base.vma")
+    if os.stat(d / "base.vma").st_mtime_ns == before.st_mtime_ns:  # a coarse clock's tick
+        os.utime(d / "base.vma", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert chain_names(paths[-1]) == ["c0.vma", "c1.vma", "c2.vma", "c3.vma"]
+
+
 # -- item 8: a FIFO named like an archive --------------------------------------------------------
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from vmafs.archive import walk
+from vmafs.archive import walk, walk_cache
 from vmafs.archive.reader import MAX_LAYERS, Archive, read_source_header
 from vmafs.archive.retention import Needs
 from vmafs.container.source import open_source
@@ -204,15 +204,31 @@ def _mismatch(child_devices: Sequence[tuple[str, int]], parent: _Facts,
     return None
 
 
-def data_problem(archive: Archive) -> str | None:
+READ_WHOLE_WORTH = 64 << 20  # stored bytes from which a reader remembers a whole read
+
+
+def data_problem(archive: Archive, *, remember: bool = False) -> str | None:
     """Why not every stored cluster of one archive reads back against its checksum (None:
-    all do). Reads the whole archive: only where a choice depends on it."""
+    all do). Reads the whole archive: only where a choice depends on it. `remember`: a pass
+    is kept in the walk cache for the unchanged file (its identity: device, inode, size,
+    mtime, ctime), so readers of a merged base beside the chain it folded (between a merge
+    and the prune that removes the folded archives) read it whole once; prune never asks."""
+    key = None
+    identity = archive.source.identity() if remember else None
+    if identity is not None:
+        key = walk_cache.key_of(identity, b"vmafs-read-whole\0" + archive.uuid.bytes
+                                + archive.digest().encode())
+        if walk_cache.confirmed(key):
+            return None
     try:
         for dev in archive.devices:
             for _ in archive.iter_stored(dev.dev_id):
                 pass
     except (VmafsError, OSError) as exc:
         return f"its data does not read back ({exc})"
+    if key is not None and sum(archive.stored_bytes(d.dev_id)
+                               for d in archive.devices) >= READ_WHOLE_WORTH:
+        walk_cache.remember_confirmed(key, walk_cache.MIN_EXTENTS)
     return None
 
 
@@ -271,7 +287,8 @@ def choose(child_key: Key, child_devices: Sequence[tuple[str, int]], link: chain
     if len(serving) <= 1:
         return Choice(serving[0] if serving else None, serving, refused, False)
     read_whole = data if data is not None else (
-        lambda t: data_problem(t.archive) if t.archive is not None else "was not opened")
+        lambda t: data_problem(t.archive, remember=True) if t.archive is not None
+        else "was not opened")
     for t in serving:
         why = read_whole(t)
         if why is None:
