@@ -252,6 +252,7 @@ class S3Env:
 
 
 if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # for sigwait
     t0 = time.monotonic()
     with gateway() as gw:
         print(f"# radosgw ready in {time.monotonic() - t0:.1f} s; state in {gw.root}",
@@ -260,5 +261,4 @@ if __name__ == "__main__":
             if not k.startswith("AWS_CONFIG") and not k.startswith("AWS_SHARED"):
                 print(f"export {k}={v}")
         sys.stdout.flush()
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -91,8 +91,10 @@ class StoredPlainSource:
     def size(self) -> int:
         return self.obj.size
 
-    def pread(self, offset: int, length: int) -> bytes:
-        return self.obj.read(offset, length)
+    def pread(self, offset: int, length: int) -> memoryview:
+        size = max(0, min(length, self.obj.size - offset))
+        buf = bytearray(size)  # filled straight from the fetched ranges: one copy
+        return memoryview(buf)[:self.obj.readinto(offset, memoryview(buf))]
 
     def check_layout(self) -> None:
         """A plain object is the stream itself."""

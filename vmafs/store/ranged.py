@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 from vmafs.errors import IncompleteError
 
-CHUNK = 4 << 20
+CHUNK = 8 << 20  # 4 MiB ranges went at two thirds of the speed here (per-request cost)
 AHEAD = 4  # chunks requested ahead of a sequential reader
-KEEP = 4  # chunks kept behind it (concurrent readers a little apart share them)
+KEEP = 2  # chunks kept behind it (concurrent readers a little apart share them)
 HEAD = 256 << 10
 TAIL = 1 << 20
 NEAR = 256 << 10  # a read starting this close to the last one's end continues it
@@ -82,19 +82,31 @@ class RangedObject:
             return self._tail[offset - self._tail_at:end - self._tail_at]
         if end <= HEAD:
             return self._head_bytes()[offset:end]
+        if not self._streaming(offset, end):
+            return self._get(offset, end)
+        out = bytearray(end - offset)
+        self._read_chunks(offset, end, memoryview(out))
+        return bytes(out)
+
+    def _streaming(self, offset: int, end: int) -> bool:
+        """True for a read that continues a sequential reader (or is large): served from
+        chunks, the next ones requested ahead."""
         with self._lock:
             streaming = (self.sequential or end - offset >= CHUNK
                          or abs(offset - self._next) <= NEAR
                          or offset // CHUNK in self._chunks)
             self._next = end
-        if not streaming:
-            return self._get(offset, end)
-        return self._read_chunks(offset, end)
+        return streaming
 
     def readinto(self, offset: int, view: memoryview) -> int:
-        data = self.read(offset, len(view))
-        view[:len(data)] = data
-        return len(data)
+        end = min(offset + len(view), self._size)
+        if offset >= end or offset >= self._tail_at or end <= HEAD \
+                or not self._streaming(offset, end):
+            data = self.read(offset, len(view))
+            view[:len(data)] = data
+            return len(data)
+        self._read_chunks(offset, end, view)
+        return end - offset
 
     def _head_bytes(self) -> bytes:
         head = self._head
@@ -103,10 +115,10 @@ class RangedObject:
             self._head = head
         return head
 
-    def _read_chunks(self, offset: int, end: int) -> bytes:
+    def _read_chunks(self, offset: int, end: int, out: memoryview) -> None:
+        """Fill out with [offset, end) from whole chunks (one copy), requesting ahead."""
         first, last = offset // CHUNK, (end - 1) // CHUNK
         futures = self._schedule(first, last + AHEAD)[: last - first + 1]
-        parts: list[memoryview] = []
         for idx, future in enumerate(futures, start=first):
             try:
                 data = future.result()
@@ -115,10 +127,9 @@ class RangedObject:
                     if self._chunks.get(idx) is future:
                         del self._chunks[idx]  # the next read asks again
                 raise
-            lo = max(offset, idx * CHUNK) - idx * CHUNK
-            hi = min(end, (idx + 1) * CHUNK) - idx * CHUNK
-            parts.append(memoryview(data)[lo:hi])
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+            lo = max(offset, idx * CHUNK)
+            hi = min(end, (idx + 1) * CHUNK)
+            out[lo - offset:hi - offset] = memoryview(data)[lo - idx * CHUNK:hi - idx * CHUNK]
 
     def _schedule(self, first: int, last: int) -> list[concurrent.futures.Future[bytes]]:
         """The chunks first..last (clipped to the object), requested if not yet."""

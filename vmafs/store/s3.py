@@ -40,7 +40,7 @@ MAX_PARTS = 10_000  # S3's limit on parts of one upload
 PART_SIZE = 8 << 20  # the first parts (S3's minimum is 5 MiB, all but the last)
 PART_MAX = 5 << 30  # S3's largest part
 PART_GROWTH_EVERY = 900  # parts of one size before the size doubles: 10,000 parts hold 14 TiB
-PARTS_IN_FLIGHT = 4
+PARTS_IN_FLIGHT = 6
 IN_FLIGHT_BYTES = 256 << 20  # fewer parts in flight once parts grow large
 BODY_ATTEMPTS = 5  # a body that breaks off mid-transfer is asked for again this often
 ABORT_SECONDS = 30.0  # how long a failed upload keeps trying to remove its parts
@@ -347,7 +347,8 @@ class S3Upload:
         self._s3 = client()
         self._base = base_part
         self._in_flight = in_flight
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []  # written, not yet in a part
+        self._have = 0
         self._number = 0  # parts handed to the pool
         self._parts: dict[int, str] = {}  # part number -> ETag
         self._pending: deque[concurrent.futures.Future[None]] = deque()
@@ -365,15 +366,28 @@ class S3Upload:
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         if self._done:
             raise ValueError("write to a finished upload")
-        n = memoryview(data).nbytes
-        self._buf += data
+        piece = bytes(data)  # the one copy before the part's join: the caller reuses data
+        n = len(piece)
+        self._pieces.append(piece)
+        self._have += n
         self.bytes_written += n
-        while len(self._buf) >= part_size(self._number + 1, self._base):
-            size = part_size(self._number + 1, self._base)
-            part = bytes(self._buf[:size])
-            del self._buf[:size]
-            self._submit(part)
+        while self._have >= part_size(self._number + 1, self._base):
+            self._submit(self._take(part_size(self._number + 1, self._base)))
         return n
+
+    def _take(self, size: int) -> bytes:
+        """The first size bytes written and not yet sent, as one part."""
+        parts, got = [], 0
+        while got < size and self._pieces:
+            piece = self._pieces.pop(0)
+            if got + len(piece) > size:
+                cut = size - got
+                self._pieces.insert(0, piece[cut:])
+                piece = piece[:cut]
+            parts.append(piece)
+            got += len(piece)
+        self._have -= got
+        return b"".join(parts)
 
     def flush(self) -> None:
         """Parts go out when full; the rest at commit."""
@@ -398,9 +412,8 @@ class S3Upload:
 
     def commit(self) -> None:
         """Upload the rest, then complete the upload: the object appears whole."""
-        if self._buf or self._number == 0:
-            body, self._buf = bytes(self._buf), bytearray()
-            self._submit(body)
+        if self._have or self._number == 0:
+            self._submit(self._take(self._have))
         while self._pending:
             self._pending.popleft().result()
         parts = [{"PartNumber": n, "ETag": self._parts[n]} for n in range(1, self._number + 1)]
@@ -422,7 +435,7 @@ class S3Upload:
         if self._done:
             return
         self._done = True
-        self._buf = bytearray()
+        self._pieces.clear()
         blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
         main = threading.current_thread() is threading.main_thread()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if main else None

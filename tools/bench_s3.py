@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""vmafs against S3, with baselines measured in the same run against the same gateway.
+
+    python3 tools/bench_s3.py [--size 4G] [--only upload,extract,mount]
+
+Starts its own Ceph RADOS Gateway (tests/rgw.py) unless AWS_ENDPOINT_URL is set. A disk of
+SIZE, half data (random MiBs between holes), archived plain (.vma) and seekable zstd (.vma.zst):
+
+- upload: `vmafs create -o s3://…` against boto3's own multipart upload (upload_file, its
+  default TransferConfig: 8 MiB parts, 10 threads) of the same archive made locally;
+
+Every baseline runs as its own Python process, as vmafs does (interpreter and boto3 start
+included on both sides);
+- extract from S3 against one full GET of the object read to nowhere, and a serial reader
+  that GETs the object range by range (4 MiB) one after another;
+- mount from S3: a sequential read of the disk against the full GET; the median of cold random
+  4 KiB reads against the median of single 64 KiB ranged GETs; mount ready (time, requests)
+  for a 1 TiB sparse archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+MiB = 1 << 20
+
+
+def vmafs(*args: str, check: bool = True) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "vmafs", *args], cwd=ROOT,
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if check and proc.returncode != 0:
+        raise SystemExit(f"vmafs {' '.join(args)} failed: {proc.stderr}")
+    return time.perf_counter() - t0
+
+
+def make_disk(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        block = bytearray(os.urandom(MiB))
+        for at in range(0, size, 2 * MiB):
+            block[:8] = at.to_bytes(8, "little")
+            f.seek(at)
+            f.write(block)
+
+
+def python(code: str, *args: str) -> float:
+    """A baseline as its own process, as vmafs runs: interpreter and boto3 start included."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, *args], check=True)
+    return time.perf_counter() - t0
+
+
+FULL_GET = """
+import sys, boto3
+body = boto3.client("s3").get_object(Bucket=sys.argv[1], Key=sys.argv[2])["Body"]
+while body.read(1 << 20):
+    pass
+"""
+
+SERIAL = """
+import sys, boto3
+c, bucket, key, size = boto3.client("s3"), sys.argv[1], sys.argv[2], int(sys.argv[3])
+for at in range(0, size, 4 << 20):
+    c.get_object(Bucket=bucket, Key=key,
+                 Range=f"bytes={at}-{min(at + (4 << 20), size) - 1}")["Body"].read()
+"""
+
+UPLOAD = """
+import sys, boto3
+from boto3.s3.transfer import TransferConfig
+boto3.client("s3").upload_file(sys.argv[1], sys.argv[2], sys.argv[3], Config=TransferConfig())
+"""
+
+
+def full_get(client: object, bucket: str, key: str) -> float:
+    return python(FULL_GET, bucket, key)
+
+
+def serial_ranges(client: object, bucket: str, key: str, size: int) -> float:
+    return python(SERIAL, bucket, key, str(size))
+
+
+def ranged_64k_median(client: object, bucket: str, key: str, size: int, n: int = 50) -> float:
+    times = []
+    for _ in range(n):
+        at = random.randrange(0, size - 65536)
+        t0 = time.perf_counter()
+        client.get_object(Bucket=bucket, Key=key,  # type: ignore[attr-defined]
+                          Range=f"bytes={at}-{at + 65535}")["Body"].read()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="4G", help="disk size (K/M/G suffix)")
+    ap.add_argument("--only", default="upload,extract,mount")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--out", default="/dev/shm",
+                    help="where extract writes (default /dev/shm: the network path, not this "
+                         "machine's disk, is what is measured)")
+    args = ap.parse_args()
+    size = int(args.size[:-1]) << {"K": 10, "M": 20, "G": 30}[args.size[-1].upper()] \
+        if args.size[-1].isalpha() else int(args.size)
+    only = set(args.only.split(","))
+
+    import boto3
+
+    gw = None
+    if "AWS_ENDPOINT_URL" not in os.environ:
+        import rgw
+
+        gw = rgw.Gateway(memory=max(8 << 30, 6 * size)).start()
+        os.environ.update(gw.env())
+    client = boto3.client("s3")
+    bucket = f"bench{random.randrange(1 << 30)}"
+    client.create_bucket(Bucket=bucket)
+    scratch = Path(tempfile.mkdtemp(prefix="vmafs-bench-s3-", dir=args.dir))
+    results: list[str] = []
+
+    def report(line: str) -> None:
+        print(line, flush=True)
+        results.append(line)
+
+    try:
+        disk = scratch / "disk.raw"
+        make_disk(disk, size)
+        report(f"disk {size / 2**30:.2f} GiB, half data; gateway {os.environ['AWS_ENDPOINT_URL']}")
+        for suffix in (".vma", ".vma.zst"):
+            key = f"a{suffix}"
+            local = scratch / f"local{suffix}"
+            vmafs("create", "-o", str(local), f"drive-scsi0={disk}")
+            stored = local.stat().st_size
+            if "upload" in only or not any(o in only for o in ("extract", "mount")):
+                t_ours = vmafs("create", "-o", f"s3://{bucket}/{key}", f"drive-scsi0={disk}")
+                t_boto = python(UPLOAD, str(local), bucket, "baseline" + suffix)
+                client.delete_object(Bucket=bucket, Key="baseline" + suffix)
+                report(f"{suffix:8} upload: vmafs create -o s3:// {stored / MiB / t_ours:7.1f} "
+                       f"MiB/s (archive bytes) | boto3 upload_file {stored / MiB / t_boto:7.1f} "
+                       f"MiB/s | ratio {t_boto / t_ours:.2f} (need >= 0.8)")
+            else:
+                client.upload_file(str(local), bucket, key)
+            local.unlink()
+            if "extract" in only:
+                t_get = full_get(client, bucket, key)
+                t_serial = serial_ranges(client, bucket, key, stored)
+                out = Path(tempfile.mkdtemp(prefix="vmafs-bench-x-", dir=args.out)) / "x"
+                t_ext = vmafs("extract", f"s3://{bucket}/{key}", str(out))
+                subprocess.run(["rm", "-rf", str(out.parent)], check=True)
+                report(f"{suffix:8} extract {stored / MiB / t_ext:7.1f} MiB/s | full GET "
+                       f"{stored / MiB / t_get:7.1f} | serial 4 MiB ranges "
+                       f"{stored / MiB / t_serial:7.1f} | ratio to GET {t_get / t_ext:.2f} "
+                       f"(>= 0.8), to serial {t_serial / t_ext:.2f} (>= 1.5)")
+            if "mount" in only:
+                bench_mount(client, bucket, key, stored, size, scratch, report)
+            client.delete_object(Bucket=bucket, Key=key)
+        if "mount" in only:
+            bench_ready(bucket, scratch, report)
+    finally:
+        subprocess.run(["rm", "-rf", str(scratch)], check=False)
+        if gw is not None:
+            gw.stop()
+    return 0
+
+
+def bench_mount(client: object, bucket: str, key: str, stored: int, size: int, scratch: Path,
+                report: object) -> None:
+    mnt = scratch / "mnt"
+    mnt.mkdir(exist_ok=True)
+    vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
+    try:
+        image = mnt / "disk-drive-scsi0.raw"
+        t_get = full_get(client, bucket, key)
+        t0 = time.perf_counter()
+        with open(image, "rb", buffering=0) as f:
+            while f.read(MiB):
+                pass
+        t_seq = time.perf_counter() - t0
+        report(f"  mount sequential read {size / MiB / t_seq:7.1f} MiB/s of disk "
+               f"({stored / MiB / t_seq:7.1f} MiB/s of archive) | full GET "
+               f"{stored / MiB / t_get:7.1f} MiB/s | ratio {t_get / t_seq:.2f} (>= 0.5)")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
+    try:
+        times = []
+        fd = os.open(mnt / "disk-drive-scsi0.raw", os.O_RDONLY)
+        try:
+            for _ in range(60):
+                at = random.randrange(0, size // (2 * MiB)) * 2 * MiB  # a data MiB
+                at += random.randrange(0, MiB // 4096) * 4096
+                t0 = time.perf_counter()
+                os.posix_fadvise(fd, at, 4096, os.POSIX_FADV_DONTNEED)
+                os.pread(fd, 4096, at)
+                times.append(time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+        ours = statistics.median(times)
+        base = ranged_64k_median(client, bucket, key, stored)
+        report(f"  mount random 4 KiB cold read median {ours * 1e3:.2f} ms | one 64 KiB ranged "
+               f"GET {base * 1e3:.2f} ms | ratio {ours / base:.2f} (<= 2)")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def bench_ready(bucket: str, scratch: Path, report: object) -> None:
+    """A 1 TiB sparse disk (a few MiB of data), archived to S3; how soon a mount is ready."""
+    sparse = scratch / "sparse.raw"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 40)
+        for at in (0, 1 << 39, (1 << 40) - MiB):
+            f.seek(at)
+            f.write(os.urandom(MiB))
+    for suffix in (".vma.zst",):
+        key = f"sparse{suffix}"
+        vmafs("create", "-o", f"s3://{bucket}/{key}", f"drive-scsi0={sparse}")
+        mnt = scratch / "mnt"
+        t = vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        from vmafs.archive.reader import Archive
+        from vmafs.store import ranged
+
+        made: list[ranged.RangedObject] = []
+        init = ranged.RangedObject.__init__
+
+        def counting(self: ranged.RangedObject, *a: object, **k: object) -> None:
+            init(self, *a, **k)  # type: ignore[arg-type]
+            made.append(self)
+
+        ranged.RangedObject.__init__ = counting  # type: ignore[method-assign]
+        t0 = time.perf_counter()
+        Archive.open(f"s3://{bucket}/{key}").close()
+        t_open = time.perf_counter() - t0
+        ranged.RangedObject.__init__ = init  # type: ignore[method-assign]
+        report(f"{suffix:8} 1 TiB sparse: mount ready {t:.2f} s (whole command, interpreter "
+               f"start included) | archive open {t_open:.3f} s, {made[0].requests} requests")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
