@@ -225,29 +225,29 @@ def bench_ready(bucket: str, scratch: Path, report: object) -> None:
         for at in (0, 1 << 39, (1 << 40) - MiB):
             f.seek(at)
             f.write(os.urandom(MiB))
-    for suffix in (".vma.zst",):
-        key = f"sparse{suffix}"
-        vmafs("create", "-o", f"s3://{bucket}/{key}", f"drive-scsi0={sparse}")
-        mnt = scratch / "mnt"
-        t = vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-        from vmafs.archive.reader import Archive
-        from vmafs.store import ranged
+    from vmafs.archive.reader import Archive
+    from vmafs.store import ranged
 
-        made: list[ranged.RangedObject] = []
-        init = ranged.RangedObject.__init__
+    made: list[ranged.RangedObject] = []
+    init = ranged.RangedObject.__init__
 
-        def counting(self: ranged.RangedObject, *a: object, **k: object) -> None:
-            init(self, *a, **k)  # type: ignore[arg-type]
-            made.append(self)
+    def counting(self: ranged.RangedObject, *a: object, **k: object) -> None:
+        init(self, *a, **k)  # type: ignore[arg-type]
+        made.append(self)
 
-        ranged.RangedObject.__init__ = counting  # type: ignore[method-assign]
-        t0 = time.perf_counter()
-        Archive.open(f"s3://{bucket}/{key}").close()
-        t_open = time.perf_counter() - t0
-        ranged.RangedObject.__init__ = init  # type: ignore[method-assign]
-        report(f"{suffix:8} 1 TiB sparse: mount ready {t:.2f} s (whole command, interpreter "
-               f"start included) | archive open {t_open:.3f} s, {made[0].requests} requests")
+    suffix = ".vma.zst"
+    key = f"sparse{suffix}"
+    vmafs("create", "-o", f"s3://{bucket}/{key}", f"drive-scsi0={sparse}")
+    mnt = scratch / "mnt"
+    t = vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    ranged.RangedObject.__init__ = counting  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    Archive.open(f"s3://{bucket}/{key}").close()
+    t_open = time.perf_counter() - t0
+    ranged.RangedObject.__init__ = init  # type: ignore[method-assign]
+    report(f"{suffix:8} 1 TiB sparse: mount ready {t:.2f} s (whole command, interpreter "
+           f"start included) | archive open {t_open:.3f} s, {made[0].requests} requests")
 
 
 if __name__ == "__main__":
