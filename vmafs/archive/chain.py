@@ -261,7 +261,6 @@ class Choice:
     chosen: _Tried | None
     serving: list[_Tried]
     refused: list[_Tried]
-    verified: bool  # the chosen one's data was read whole (there was a choice)
 
     def note(self, child: str) -> str | None:
         """A line naming the choice when another candidate was passed over."""
@@ -285,16 +284,16 @@ def choose(child_key: Key, child_devices: Sequence[tuple[str, int]], link: chain
     serving = [t for t in tried if t.why is None]
     refused = [t for t in tried if t.why is not None]
     if len(serving) <= 1:
-        return Choice(serving[0] if serving else None, serving, refused, False)
+        return Choice(serving[0] if serving else None, serving, refused)
     read_whole = data if data is not None else (
         lambda t: data_problem(t.archive, remember=True) if t.archive is not None
         else "was not opened")
     for t in serving:
         why = read_whole(t)
         if why is None:
-            return Choice(t, serving, refused, True)
+            return Choice(t, serving, refused)
         t.why = why
-    return Choice(None, serving, refused, False)  # none reads whole: the caller decides
+    return Choice(None, serving, refused)  # none reads whole: the caller decides
 
 
 def _not_found(child: str, link: chain.Link, pool: Pool, directory: str, given: bool) -> str:
@@ -309,7 +308,7 @@ def _not_found(child: str, link: chain.Link, pool: Pool, directory: str, given: 
 
 
 def _broken(child: str, choice: Choice) -> str:
-    t = (choice.refused + choice.serving)[0]
+    t = (choice.serving + choice.refused)[0]  # serving, but not read whole: say so first
     return f"{child}: broken link: its parent {display(t.peek.path)} {t.why}"
 
 
@@ -363,12 +362,15 @@ def resolve(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
             ) -> list[Archive]:
     """The chain ending at path, oldest (a full archive) first, each link checked. Parents
     are looked for among `bases` and in the directory of their child."""
-    key = regular_key(path)
-    newest = Archive.open(path, layer=True, drop_behind=drop_behind)
+    newest = Archive.open(path, layer=True, drop_behind=drop_behind)  # a disk too
     layers = [newest]
     try:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise VmafsError(f"cannot open {display(path)}: {exc.strerror}") from None
         walker = _Walk(bases, drop_behind)
-        keys = [key]
+        keys: list[Key] = [(st.st_dev, st.st_ino)]
         while layers[-1].incremental:
             if len(layers) >= MAX_DEPTH:
                 raise ChainError(_too_deep(layers, keys[-1], walker, path))
