@@ -5,6 +5,11 @@ ancestor of an incremental archive that stays.
 Only archives named as vzdump names them are considered (vzdump-qemu-VMID-YYYY_MM_DD-HH_MM_SS
 .vma, .vma.zst, .vma.gz, .vma.lzo), each by the VMID and local time in its name, as vzdump's own
 prune does. Every other archive in the directory stays, and so do its ancestors.
+
+What an archive that stays needs is asked of vmafs.archive.chain (chain.Prune), which chooses
+parents as every reader does and opens and checks each file relied on: a file carrying a
+parent's uuid (a symlink, a copy, a look-alike) is never a stand-in on that alone. The dry run
+decides exactly as the run does.
 """
 
 from __future__ import annotations
