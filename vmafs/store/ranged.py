@@ -149,7 +149,7 @@ class RangedObject:
                 else:
                     self._chunks.move_to_end(idx)
                 out.append(future)
-            while len(self._chunks) > AHEAD + KEEP + (last - first):
+            while len(self._chunks) > last - first + 1 + KEEP:  # the read, ahead, behind
                 self._chunks.popitem(last=False)
         return out
 

@@ -26,7 +26,6 @@ import signal
 import threading
 import time
 from collections import deque
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from vmafs.errors import ContainerError, VmafsError
@@ -177,10 +176,10 @@ def _backoff(attempt: int) -> None:
 
 
 def _version(head: dict[str, Any]) -> tuple[str, bytes]:
+    """The ETag (it changes with the content; LastModified is not used: a listing and a HEAD
+    give it at different precisions)."""
     etag = str(head.get("ETag", ""))
-    modified = head.get("LastModified")
-    stamp = modified.isoformat() if isinstance(modified, datetime) else str(modified)
-    return etag, f"{etag}\0{stamp}".encode()
+    return etag, etag.encode()
 
 
 # -- reading --------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""The store layer: a local directory lists regular files only (never blocking on a FIFO, a
+symlink is its target); remote objects are read by ranged requests, a random read fetching only
+what it asks for, a sequential reader keeping several requests in flight in bounded memory;
+S3 multipart parts grow so 10,000 of them hold more than 10 TB, and an upload holds at most
+its parts in flight in memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from rgw import S3Env, rgw_gateway, s3_fixture  # noqa: F401 - fixtures
+
+from vmafs.errors import VmafsError
+from vmafs.store import basename, is_remote, join, parent_of, store_for
+from vmafs.store import ranged as ranged_mod
+from vmafs.store.local import LocalStore
+from vmafs.store.ranged import RangedObject
+from vmafs.store.s3 import MAX_PARTS, PART_MAX, S3Upload, part_size
+
+MiB = 1 << 20
+
+
+def test_locations() -> None:
+    assert is_remote("s3://b/k.vma") and is_remote("https://h/x?sig") and not is_remote("/x")
+    assert parent_of("s3://bucket/a/b/k.vma") == "s3://bucket/a/b/"
+    assert parent_of("s3://bucket/k.vma") == "s3://bucket/"
+    assert join("s3://bucket/a/", "k.vma") == "s3://bucket/a/k.vma"
+    assert join("s3://bucket/a", "k.vma") == "s3://bucket/a/k.vma"
+    assert basename("https://h/p/k.vma.zst?X-Amz-Signature=1") == "k.vma.zst"
+    assert type(store_for("/tmp")).__name__ == "LocalStore"
+
+
+def test_local_store_lists_regular_files_only(tmp_path: Path) -> None:
+    (tmp_path / "a.vma").write_bytes(b"x" * 10)
+    os.mkfifo(tmp_path / "fifo.vma")  # listed never, opened never: no blocking
+    (tmp_path / "dir.vma").mkdir()
+    (tmp_path / "link.vma").symlink_to(tmp_path / "a.vma")
+    (tmp_path / "dangling.vma").symlink_to(tmp_path / "none")
+    entries = LocalStore().list(str(tmp_path))
+    assert [e.name for e in entries] == ["a.vma", "link.vma"]
+    assert entries[0].size == entries[1].size == 10
+    assert entries[0].identity == entries[1].identity  # a symlink is its target
+    with pytest.raises(VmafsError, match="not a regular file"):
+        LocalStore().stat(str(tmp_path / "fifo.vma"))
+
+
+def test_local_store_removes_only_what_was_read(tmp_path: Path) -> None:
+    path = tmp_path / "a.vma"
+    path.write_bytes(b"one")
+    store = LocalStore()
+    seen = store.stat(str(path))
+    assert seen is not None
+    path.unlink()
+    path.write_bytes(b"other content")
+    with pytest.raises(VmafsError, match="replaced"):
+        store.remove(str(path), seen.identity)
+    store.remove(str(path))
+    assert not path.exists()
+
+
+def test_part_sizes_hold_ten_terabytes() -> None:
+    sizes = [part_size(n) for n in range(1, MAX_PARTS + 1)]
+    assert sizes[0] == 8 * MiB and max(sizes) <= PART_MAX
+    assert all(s >= 5 * MiB for s in sizes)  # S3's minimum for every part but the last
+    assert sum(sizes) > 10 * 10**12
+    assert sum(sizes[:1000]) < 20 * 2**30  # small archives keep small parts
+
+
+class _Fake:
+    """An object in memory behind a slow fetch that records what it was asked."""
+
+    def __init__(self, size: int, delay: float = 0.01) -> None:
+        self.data = bytes(os.urandom(size))
+        self.asked: list[tuple[int, int]] = []
+        self.delay = delay
+        self.active = 0
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def fetch(self, start: int, end: int) -> bytes:
+        with self.lock:
+            self.asked.append((start, end))
+            self.active += 1
+            self.most = max(self.most, self.active)
+        time.sleep(self.delay)
+        with self.lock:
+            self.active -= 1
+        return self.data[start:end]
+
+    def open(self) -> RangedObject:
+        tail = ranged_mod.TAIL
+        return RangedObject("fake", len(self.data), b"v1", self.fetch,
+                            (len(self.data) - tail, self.data[-tail:]))
+
+
+def test_random_reads_fetch_only_what_they_ask() -> None:
+    fake = _Fake(64 * MiB, delay=0)
+    obj = fake.open()
+    assert obj.read(40 * MiB, 4096) == fake.data[40 * MiB:40 * MiB + 4096]
+    assert obj.read(10 * MiB + 5, 65536) == fake.data[10 * MiB + 5:10 * MiB + 5 + 65536]
+    assert fake.asked == [(40 * MiB, 40 * MiB + 4096), (10 * MiB + 5, 10 * MiB + 5 + 65536)]
+    assert obj.read(len(fake.data) - 100, 1000) == fake.data[-100:]  # from the opening tail
+    assert obj.read(100, 50) == fake.data[100:150]  # the head, fetched once
+    assert obj.read(200, 50) == fake.data[200:250]
+    assert len(fake.asked) == 3
+    obj.close()
+
+
+def test_a_sequential_reader_keeps_requests_in_flight_in_bounded_memory() -> None:
+    fake = _Fake(96 * MiB)
+    obj = fake.open()
+    stream = obj.stream()
+    got = bytearray()
+    buf = bytearray(MiB)
+    while n := stream.readinto(buf):
+        got += buf[:n]
+        assert len(obj._chunks) <= ranged_mod.AHEAD + ranged_mod.KEEP + 1
+    assert bytes(got) == fake.data
+    assert fake.most >= 3  # several ranged requests at once
+    assert all(e - s <= ranged_mod.CHUNK for s, e in fake.asked)
+    stream.close()
+
+
+def test_an_upload_holds_only_its_parts_in_flight(s3: S3Env) -> None:
+    upload = S3Upload(s3.url("mem.bin"), base_part=5 * MiB, in_flight=2)
+    block = os.urandom(MiB)
+    tracemalloc.start()
+    try:
+        for _ in range(60):
+            upload.write(block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    upload.commit()
+    assert peak < (2 + 2) * 5 * MiB + 4 * MiB, peak  # parts in flight, one filling, slack
+    assert len(s3.get("mem.bin")) == 60 * MiB and s3.uploads() == []
+
+
+def test_s3_store_lists_a_prefix_and_removes(s3: S3Env) -> None:
+    for key in ("p/a.vma", "p/b.vma.zst", "p/sub/c.vma", "q.vma"):
+        s3.put(key, b"x" * 3)
+    store = store_for(s3.url("p/"))
+    entries = store.list(s3.url("p/"))
+    assert [e.name for e in entries] == ["a.vma", "b.vma.zst"]
+    assert entries[0].location == s3.url("p/a.vma") and entries[0].size == 3
+    assert store.list(s3.url("p")) == entries
+    seen = store.stat(s3.url("p/a.vma"))
+    assert seen is not None and seen.identity == entries[0].identity
+    s3.put("p/a.vma", b"changed")
+    with pytest.raises(VmafsError, match="replaced"):
+        store.remove(s3.url("p/a.vma"), seen.identity)
+    store.remove(s3.url("p/a.vma"))
+    assert store.stat(s3.url("p/a.vma")) is None
