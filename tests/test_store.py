@@ -19,6 +19,7 @@ from vmafs.errors import VmafsError
 from vmafs.store import basename, is_remote, join, parent_of, store_for
 from vmafs.store import ranged as ranged_mod
 from vmafs.store.local import LocalStore
+from vmafs.store.place import GONE, REPLACED, Place
 from vmafs.store.ranged import RangedObject
 from vmafs.store.s3 import MAX_PARTS, PART_MAX, S3Upload, part_size
 
@@ -156,3 +157,41 @@ def test_s3_store_lists_a_prefix_and_removes(s3: S3Env) -> None:
         store.remove(s3.url("p/a.vma"), seen.identity)
     store.remove(s3.url("p/a.vma"))
     assert store.stat(s3.url("p/a.vma")) is None
+
+
+def test_a_directory_place(tmp_path: Path) -> None:
+    (tmp_path / "a.vma").write_bytes(b"x")
+    (tmp_path / "b.vma").write_bytes(b"y")
+    os.mkfifo(tmp_path / "f.vma")
+    (tmp_path / "l.vma").symlink_to("a.vma")
+    with Place(str(tmp_path)) as place:
+        assert place.names() == ["a.vma", "b.vma", "f.vma", "l.vma"]
+        kinds = {n: place.kind(n) for n in place.names()}
+        assert kinds["a.vma"] is not None and kinds["a.vma"][0] == "regular"
+        assert kinds["l.vma"] == ("link", kinds["a.vma"][1])  # the target's identity
+        assert kinds["f.vma"] == ("other", b"")
+        assert place.remove("l.vma", None) == REPLACED  # never a symlink
+        seen = kinds["b.vma"]
+        assert seen is not None
+        (tmp_path / "new").write_bytes(b"z")
+        (tmp_path / "new").rename(tmp_path / "b.vma")  # another file (inode) under the name
+        assert place.remove("b.vma", seen[1]) == REPLACED
+        assert place.remove("a.vma", kinds["a.vma"][1]) is None
+        assert place.remove("a.vma", None) == GONE
+        place.sync()
+
+
+def test_an_s3_place(s3: S3Env) -> None:
+    s3.put("p/a.vma", b"1")
+    s3.put("p/a.vma.protected", b"")
+    with Place(s3.url("p/")) as place:
+        assert place.names() == ["a.vma", "a.vma.protected"]
+        assert place.exists("a.vma.protected") and not place.exists("b.vma")
+        kind = place.kind("a.vma")
+        assert kind is not None and kind[0] == "regular"
+        assert place.path("a.vma") == s3.url("p/a.vma")
+        s3.put("p/a.vma", b"2")
+        assert place.remove("a.vma", kind[1]) == REPLACED
+        assert place.remove("a.vma", None) is None
+        assert place.remove("a.vma", None) == GONE
+    assert s3.keys("p/") == ["p/a.vma.protected"]
