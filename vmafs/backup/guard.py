@@ -12,7 +12,10 @@ that acknowledges and drops everything (the archive is void anyway), so no guest
 then it takes the QMP monitor (QEMU serves the next client once the dead one's connection is
 closed), force-cancels the run's jobs, deletes its nodes and removes its uncommitted bitmap,
 and removes the run's lock file (runlock.py).  If the guard cannot finish (killed too, QEMU's
-monitor busy), the lock file stays and the next vmafs backup cleans up instead.
+monitor busy), the lock file stays and the next vmafs backup cleans up instead: it serves the
+dead run's NBD sockets again the same way first (rescue_and_clean), so a backup started within
+`reconnect-delay` still saves the guest writes waiting on a copy, and QEMU's monitor does not
+freeze while a node waits out its reconnect delay.
 """
 
 from __future__ import annotations
@@ -107,6 +110,39 @@ async def clean_run(execute: Execute, tags: set[str], bitmaps: Sequence[str]) ->
                                   {"node": node["node-name"], "name": bitmap["name"]},
                                   timeout=10)
                     done.append(f"removed bitmap {bitmap['name']}")
+    return done
+
+
+async def rescue_and_clean(execute: Execute, tags: set[str], bitmaps: Sequence[str],
+                           exports: Sequence[tuple[str, int]]) -> list[str]:
+    """clean_run() for runs whose guard died too: first serve their NBD sockets again with a
+    sink that drops everything and let QEMU reconnect to it, so that cancelling the jobs fails
+    no guest write still waiting (and deleting the nodes does not wait out reconnect-delay
+    with QEMU's monitor frozen)."""
+    from vmafs.backup.nbd_server import open_listener, serve_nbd
+    error: BaseException | None = None
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for path, size in exports:
+            if not os.path.isdir(os.path.dirname(path)):
+                continue
+            try:
+                listener = await open_listener(path)
+            except OSError:
+                continue
+            nursery.start_soon(partial(serve_nbd, path, size, _Discard(), listener=listener))
+        # errors leave here, not through the nursery (which would group them)
+        try:
+            if exports:
+                await reconnect(execute, tags)
+            done = await clean_run(execute, tags, bitmaps)
+        except (VmafsError, trio.TooSlowError) as exc:
+            error = exc
+        nursery.cancel_scope.cancel()
+    for directory in {os.path.dirname(p) for p, _ in exports}:
+        shutil.rmtree(directory, ignore_errors=True)
+    if error is not None:
+        raise error
     return done
 
 
@@ -251,7 +287,7 @@ async def _take_over(qmp_path: str, lock_fd: int, lock_path: str) -> bool:
             try:
                 record = runlock.read_record(lock_fd) or record  # committed since?
                 _log("QMP connected")
-                await _reconnect(qmp, record.tag)
+                await reconnect(qmp.execute, {record.tag})
                 _log("reconnected")
                 done = await clean_run(qmp.execute, {record.tag}, dead_bitmaps(record))
                 _log(f"cleaned: {done}")
@@ -264,17 +300,17 @@ async def _take_over(qmp_path: str, lock_fd: int, lock_path: str) -> bool:
     return False
 
 
-async def _reconnect(qmp: QmpLine, tag: str) -> None:
+async def reconnect(execute: Execute, tags: set[str]) -> None:
     """Make QEMU's NBD client of every node of the run reconnect, to the guard, before the
     jobs are cancelled: cancelling a backup job cancels what its target has in flight, and a
     client still waiting to reconnect then fails its requests, with them the guest writes
     waiting on a copy. A flush through the node finds a dead connection and waits for the new
     one (HMP qemu-io: QMP has no I/O command); once it returns, the client is the guard's."""
-    for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
+    for node in await execute("query-named-block-nodes", {"flat": True}):
         name = node.get("node-name", "")
-        if node.get("drv") == "nbd" and runlock.tag_of(name) == tag:
+        if node.get("drv") == "nbd" and runlock.tag_of(name) in tags:
             with contextlib.suppress(VmafsError, trio.TooSlowError):
-                out = await qmp.execute("human-monitor-command",
+                out = await execute("human-monitor-command",
                                         {"command-line": f'qemu-io {name} "flush"'},
                                         timeout=RECONNECT_DELAY + 10)
                 _log(f"flush {name}: {out!r}")

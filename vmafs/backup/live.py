@@ -51,7 +51,7 @@ from vmafs.archive import naming
 from vmafs.archive.chain import link_to
 from vmafs.backup import bitmaps, blockgraph, runlock
 from vmafs.backup.blockgraph import Disk
-from vmafs.backup.guard import RECONNECT_DELAY, Guard, clean_run, dead_bitmaps
+from vmafs.backup.guard import RECONNECT_DELAY, Guard, dead_bitmaps, rescue_and_clean
 from vmafs.backup.nbd_server import open_listener, serve_nbd
 from vmafs.backup.pipe import FINISH, DiskSink, Pipe
 from vmafs.backup.qmp import (
@@ -385,11 +385,15 @@ class Backup:
                     and not os.path.exists(a.record.qmp)]
             tags = present - runs.live.keys()
             dead = [b for a in ours for b in dead_bitmaps(a.record)]
+            exports = [(str(p), int(n)) for a in ours if a.record is not None
+                       and a.tag in present for p, n in a.record.exports]
             if tags or dead:
-                done = await clean_run(qmp.execute, tags, dead)
+                done = await rescue_and_clean(qmp.execute, tags, dead, exports)
                 if done:
                     self.notes.append("cleaned up after a killed backup: " + ", ".join(done))
             for a in [*ours, *gone]:
+                for path, _ in a.record.exports if a.record is not None else ():
+                    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
                 a.release()
 
     def _plan_incremental(self, nodes: list[dict[str, Any]], qemu_started: float | None
@@ -462,6 +466,9 @@ class Backup:
         for i in range(len(self.disks)):
             self._listeners.append(await open_listener(os.path.join(self._sockdir, f"{i}.sock")))
         assert self.lock is not None
+        self.lock.record.exports = [(os.path.join(self._sockdir, f"{i}.sock"), d.size)
+                                    for i, d in enumerate(self.disks)]
+        self.lock.write()
         self.guard = Guard(self.opts.qmp_socket, self.lock, self._sockdir,
                            [(sock.fileno(), d.size)
                             for sock, d in zip(self._listeners, self.disks, strict=True)])

@@ -51,6 +51,7 @@ class RunRecord:
     output: str | None = None     # the archive's final path (None: stdout)
     uuid: str | None = None
     committed: bool = False
+    exports: list[tuple[str, int]] = field(default_factory=list)  # NBD sockets: (path, size)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
