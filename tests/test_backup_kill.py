@@ -311,9 +311,10 @@ def test_a_live_runs_objects_are_never_touched(lab: KillLab, tmp_path: Path) -> 
 
 
 def test_guard_killed_too(lab: KillLab, tmp_path: Path) -> None:
-    """vmafs and its guard both killed (an OOM kill of the whole service): the guest may see
-    errors (nothing serves QEMU any more), and the next backup cleans up and succeeds. Last in
-    the module: the guest's writer restarts after an error, which ends exact replays."""
+    """vmafs and its guard both killed (an OOM kill of the whole service): nothing serves QEMU
+    until the next backup, which serves the dead run's sockets, cleans up and succeeds; guest
+    writes waiting longer than reconnect-delay would fail, so errors are allowed. Last in the
+    module: the guest's writer restarts after an error, which ends exact replays."""
     full = tmp_path / "full.vma"
     backup(lab, full)
     before = vm_bitmaps(lab)
