@@ -204,7 +204,7 @@ NBD_KINDS = {"none": ["vmafs.vma", "vmafs.vma.zst", "spec-two-disks.vma"],
              "reseal": ["spec-two-disks.vma"], "forge": ["vmafs.vma"],
              "seektable": ["vmafs.vma.zst"], "combo": ["vmafs.vma", "vmafs.vma.zst"],
              "header": ["vmafs.vma"]}
-NBD_SEEDS = 2
+NBD_SEEDS = 1  # CI time: about 2 s a mutant (a server started for each)
 
 
 def _nbd_picks(infos: dict[str, mu.BaseInfo]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -227,7 +227,7 @@ def test_real_nbd_export(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base
             out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
             out.failures += mutations_nbd.check_nbd(m, bases[m.base], tmp_path, out)
             outcomes.append(out)
-    assert len(outcomes) >= 15
+    assert len(outcomes) >= 12
     assert not any(o.failures for o in outcomes), _report(outcomes)
 
 
