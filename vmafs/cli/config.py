@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from vmafs.archive.locate import check_header_at_tail
 from vmafs.archive.scan import read_header
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_json
@@ -29,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     with open_stream(args.archive) as stream:
         header = read_header(stream)
+    check_header_at_tail(args.archive, header)  # the footer's digest, if it has one
     wanted = os.fsencode(args.name)
     # by bytes, the first match, like `vma config` (strcmp over the config slots in order)
     data = next((d for n, d in header.configs if raw(n) == wanted), None)

@@ -10,6 +10,7 @@ from typing import Any
 
 from vmafs.archive.chain import resolve
 from vmafs.archive.configs import vm_configs
+from vmafs.archive.locate import check_header_at_tail
 from vmafs.archive.scan import read_header
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json
@@ -50,6 +51,7 @@ def chain_of(path: str, bases: list[str]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     with open_stream(args.archive) as stream:
         header = read_header(stream)
+    check_header_at_tail(args.archive, header)  # the footer's digest, if it has one
     links = chain_of(args.archive, args.base) if chain.is_incremental(header.configs) else []
     if args.json:  # exact names (json_name: non-UTF-8 bytes also as hex)
         record = chain.find(header.configs)
