@@ -40,13 +40,18 @@ def _close_header(head: bytes) -> bytes:
 
 class FaultProxy:
     """Forwards to 127.0.0.1:upstream; every `every`-th request is answered 503 SlowDown
-    (0: none). `requests` and `refused` count what it saw."""
+    (0: none); every `cut`-th response with a body of more than 64 KiB breaks off halfway
+    (the connection closed mid-body, as a dropped network does). `requests`, `refused` and
+    `cuts` count what it did."""
 
-    def __init__(self, upstream: int, every: int = 3) -> None:
+    def __init__(self, upstream: int, every: int = 3, cut: int = 0) -> None:
         self.upstream = upstream
         self.every = every
+        self.cut = cut
         self.requests = 0
         self.refused = 0
+        self.cuts = 0
+        self._bodies = 0
         self._lock = threading.Lock()
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -93,9 +98,25 @@ class FaultProxy:
                 rhead, rest = _read_head(up)
                 if not rhead:
                     return
-                conn.sendall(_close_header(rhead) + rest)
-                while more := up.recv(1 << 20):
-                    conn.sendall(more)
+                length = _content_length(rhead)
+                cut_at = None
+                if self.cut and length > 65536:
+                    with self._lock:
+                        self._bodies += 1
+                        if self._bodies % self.cut == 0:
+                            self.cuts += 1
+                            cut_at = length // 2
+                conn.sendall(_close_header(rhead))
+                sent = 0
+                while rest or (rest := up.recv(1 << 20)):
+                    if cut_at is not None and sent + len(rest) >= cut_at:
+                        conn.sendall(rest[:cut_at - sent])
+                        return  # the connection drops mid-body
+                    conn.sendall(rest)
+                    sent += len(rest)
+                    rest = b""
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         self._sock.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, VECTORS, assert_one_line_error, run_vmafs
 from faultproxy import FaultProxy
-from rgw import SECRET_KEY, S3Env, rgw_gateway, s3_fixture  # noqa: F401 - fixtures
+from rgw import SECRET_KEY, S3Env, free_port, rgw_gateway, s3_fixture  # noqa: F401 - fixtures
 
 MiB = 1 << 20
 
@@ -167,6 +167,24 @@ def test_throttling_is_retried_and_bytes_stay_exact(s3: S3Env, tmp_path: Path) -
     finally:
         proxy.close()
     assert s3.uploads() == []
+
+
+def test_reads_that_break_off_are_retried(s3: S3Env, tmp_path: Path) -> None:
+    """Every second large response of a real proxy drops the connection halfway through its body:
+    reads ask again, bytes stay exact; with the gateway gone, one line and exit 1."""
+    image = tmp_path / "disk.raw"
+    data = make_image(image, 24 * MiB, seed=5)
+    assert run_vmafs("create", "-o", s3.url("cut/a.vma"), f"drive-scsi0={image}")[0] == 0
+    proxy = FaultProxy(s3.gw.port, every=0, cut=2)
+    try:
+        env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint)
+        assert extract_disk(s3.url("cut/a.vma"), tmp_path / "x", env=env) == data
+        assert proxy.cuts >= 1, proxy.requests
+    finally:
+        proxy.close()
+    dead = s3.env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="2")
+    rc, _, err = run_vmafs("extract", s3.url("cut/a.vma"), tmp_path / "y", env=dead)
+    assert_one_line_error(rc, err, "cannot reach the S3 endpoint")
 
 
 # -- failures during an upload: nothing is left behind -------------------------------------

@@ -191,7 +191,7 @@ def open_object(location: str) -> RangedObject:
     if not key or key.endswith("/"):
         raise StoreError(f"{location}: names a prefix, not an archive")
     s3 = client()
-    try:
+    for attempt in range(BODY_ATTEMPTS):
         try:
             resp = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=-{TAIL}")
         except Exception as exc:
@@ -200,10 +200,15 @@ def open_object(location: str) -> RangedObject:
             if isinstance(exc, ClientError) and exc.response.get("Error", {}).get(
                     "Code") == "InvalidRange":  # an empty object
                 raise StoreError(f"{location}: empty object") from None
-            raise
-        body = _read_body(resp)
-    except Exception as exc:
-        raise error(exc, location) from None
+            raise error(exc, location) from None
+        try:
+            body = _read_body(resp)
+            break
+        except Exception as exc:
+            if isinstance(exc, _body_errors()) and attempt + 1 < BODY_ATTEMPTS:
+                _backoff(attempt)
+                continue
+            raise error(exc, location) from None
     content_range = resp.get("ContentRange")
     size = int(content_range.rpartition("/")[2]) if content_range else len(body)
     etag, version = _version(resp)
