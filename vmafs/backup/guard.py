@@ -29,6 +29,7 @@ import shutil
 import socket as stdsocket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
@@ -270,8 +271,10 @@ async def _wait_for_parent(fd: int) -> bool:
         said += data
 
 
-async def _take_over(qmp_path: str, lock_fd: int, lock_path: str) -> bool:
-    """Clean up after the dead run; True when done (or nothing is left: QEMU is gone)."""
+async def _take_over(qmp_path: str, lock_fd: int) -> bool:
+    """Clean up after the dead run; True when done, or when QEMU is gone and the run's
+    bitmap with it (one a qcow2 image may have stored at a clean exit keeps the lock file,
+    so that the next backup of the VM removes it)."""
     record = runlock.read_record(lock_fd)
     if record is None:
         return False
@@ -280,7 +283,7 @@ async def _take_over(qmp_path: str, lock_fd: int, lock_path: str) -> bool:
             try:
                 qmp = await QmpLine.connect(qmp_path, timeout=10)
             except (FileNotFoundError, ConnectionRefusedError):
-                return True            # QEMU is gone, and with it every node and job
+                return not dead_bitmaps(record)  # QEMU is gone, and every node and job
             except (OSError, VmafsError, trio.TooSlowError):
                 await trio.sleep(0.5)  # the monitor is busy with another client
                 continue
@@ -311,14 +314,14 @@ async def reconnect(execute: Execute, tags: set[str]) -> None:
         if node.get("drv") == "nbd" and runlock.tag_of(name) in tags:
             with contextlib.suppress(VmafsError, trio.TooSlowError):
                 out = await execute("human-monitor-command",
-                                        {"command-line": f'qemu-io {name} "flush"'},
-                                        timeout=RECONNECT_DELAY + 10)
+                                    {"command-line": f'qemu-io {name} "flush"'},
+                                    timeout=RECONNECT_DELAY + 10)
                 _log(f"flush {name}: {out!r}")
 
 
 def _log(text: str) -> None:
+    """What the guard does, when VMAFS_GUARD_LOG names a file (it has no terminal)."""
     if os.environ.get("VMAFS_GUARD_LOG"):
-        import time
         print(f"{time.time():.3f} guard {os.getpid()}: {text}", file=sys.stderr, flush=True)
 
 
@@ -336,7 +339,7 @@ async def _guard(args: argparse.Namespace) -> None:
             os.close(fd)
             path = listener.getsockname()
             nursery.start_soon(partial(serve_nbd, path, size, _Discard(), listener=listener))
-        cleaned = await _take_over(args.qmp, args.lock, args.lock_path)
+        cleaned = await _take_over(args.qmp, args.lock)
         _log(f"took over: {cleaned}")
         nursery.cancel_scope.cancel()
     if cleaned:
