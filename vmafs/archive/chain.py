@@ -422,11 +422,19 @@ def check_extend(path: str, bases: Sequence[str] = ()) -> int:
     layers = resolve(path, bases)
     for archive in layers:
         archive.close()
-    if len(layers) >= MAX_DEPTH:
-        raise ChainError(f"{display(path)}: its chain has {len(layers)} archives, the most a "
-                         f"chain may have: merge it first (vmafs merge --keep N -o BASE.vma "
-                         f"{display(path)}), or take a full backup")
+    refusal = extend_refusal(path, len(layers))
+    if refusal is not None:
+        raise ChainError(refusal)
     return len(layers)
+
+
+def extend_refusal(path: str, depth: int) -> str | None:
+    """Why one more archive cannot continue PATH's chain of `depth` archives (None: it can)."""
+    if depth < MAX_DEPTH:
+        return None
+    return (f"{display(path)}: its chain has {depth} archives, the most a chain may have: "
+            f"merge it first (vmafs merge --keep N -o BASE.vma {display(path)}), or take a "
+            "full backup")
 
 
 def _name(archive: Archive) -> str:

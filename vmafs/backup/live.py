@@ -324,9 +324,9 @@ class Backup:
             path = naming.output_path(self.opts.output, vmid, self.ctime, zstd)
             check_output_name(path)
             self.opts = replace(self.opts, output=path, zstd=zstd)
-        if self.depth > chains.MAX_DEPTH:
-            reason = (f"{display(self.opts.output)}: chain deeper than {chains.MAX_DEPTH} "
-                      "archives (merge it)")
+        reason = (chains.extend_refusal(self.opts.incremental, self.depth - 1)
+                  if self.opts.incremental is not None else None)
+        if reason is not None:
             if not self.opts.full_if_needed:
                 raise chains.ChainError(reason)
             self.notes.append(f"{reason}: taking a full backup instead (--full-if-needed)")
