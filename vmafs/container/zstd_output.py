@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
+from collections.abc import Mapping
 from typing import Protocol, Self
 
 import zstandard
@@ -68,15 +69,24 @@ def _flush(target: Writable) -> None:
         flush()
 
 
-def compression_params(level: int, frame_size: int) -> zstandard.ZstdCompressionParameters:
-    """Parameters for one independent frame: content size and checksum on, window ≤ 2**27."""
+def compression_params(
+    level: int, frame_size: int, overrides: Mapping[str, int] | None = None
+) -> zstandard.ZstdCompressionParameters:
+    """Parameters for one independent frame: content size and checksum on, window ≤ 2**27.
+
+    ``overrides`` are ZstdCompressionParameters keywords (``strategy``, ``hash_log``,
+    ``enable_ldm``, ...) laid over the level's own, for benchmarks (tools/bench_size.py).
+    """
     base = zstandard.ZstdCompressionParameters.from_level(level, source_size=frame_size)
+    extra = dict(overrides or {})
+    window_log = min(MAX_WINDOW_LOG, extra.pop("window_log", base.window_log))
     return zstandard.ZstdCompressionParameters.from_level(
         level,
         source_size=frame_size,
-        window_log=min(MAX_WINDOW_LOG, base.window_log),
+        window_log=window_log,
         write_content_size=1,
         write_checksum=1,
+        **extra,
     )
 
 
@@ -114,6 +124,7 @@ class SeekableZstdOutput(_Output):
         level: int = DEFAULT_LEVEL,
         threads: int = DEFAULT_THREADS,
         max_in_flight: int | None = None,
+        params: Mapping[str, int] | None = None,
     ) -> None:
         if not 0 < frame_size <= MAX_FRAME_DECOMPRESSED_SIZE:
             raise ValueError(f"frame_size {frame_size} out of range")
@@ -124,7 +135,7 @@ class SeekableZstdOutput(_Output):
         self._target = target
         self._frame_size = frame_size
         self.extent_bytes = frame_size
-        self._params = compression_params(level, frame_size)
+        self._params = compression_params(level, frame_size, params)
         self._local = threading.local()
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="vmafs-zstd")
