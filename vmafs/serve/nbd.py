@@ -17,8 +17,10 @@ import errno
 import logging
 import math
 import os
+import queue
 import socket as stdsocket
 import stat
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -233,33 +235,36 @@ class _Connection:
         assert self.reader is not None
         dev_id = self.reader.dev_id
         sock.setblocking(True)
-        while True:
+        out = _Sender(sock)
+        try:
             while True:
-                ev = conn.next_event()
-                if ev is nbd.NEED_DATA:
-                    break
-                if isinstance(ev, nbd.Read):
-                    try:
-                        data = session.read_inline(dev_id, ev.offset, ev.length)
-                        if len(data) != ev.length:
-                            raise VmafsError(f"read {len(data)} bytes of {ev.length}")
-                    except Exception as exc:  # noqa: BLE001 - this read fails, others go on
-                        _send_blocking(sock, conn.reply_error(ev.handle, nbd.EIO,
-                                                              self._failed(ev, exc)))
-                        continue
-                    _send_blocking(sock, conn.reply_read(ev.handle, ev.offset, ev.length), data)
-                elif isinstance(ev, nbd.BlockStatus):
-                    runs = session.allocation(dev_id, ev.offset, ev.length)
-                    _send_blocking(sock, conn.reply_block_status(
-                        ev.handle, nbd.allocation_extents(runs, ev.one)))
-                elif isinstance(ev, nbd.Cache):
-                    _send_blocking(sock, conn.reply_ok(ev.handle))
-                elif isinstance(ev, nbd.BadRequest):
-                    log.warning("refusing NBD request: %s", ev.reason)
-                    _send_blocking(sock, conn.reply_error(ev.handle, ev.error, ev.reason))
-                elif isinstance(ev, nbd.Disconnect):
-                    return
-            conn.receive_data(sock.recv(RECV_SIZE))
+                while True:
+                    ev = conn.next_event()
+                    if ev is nbd.NEED_DATA:
+                        break
+                    if isinstance(ev, nbd.Read):
+                        try:
+                            data = session.read_inline(dev_id, ev.offset, ev.length)
+                            if len(data) != ev.length:
+                                raise VmafsError(f"read {len(data)} bytes of {ev.length}")
+                        except Exception as exc:  # noqa: BLE001 - this read fails, not others
+                            out.send(conn.reply_error(ev.handle, nbd.EIO, self._failed(ev, exc)))
+                            continue
+                        out.send(conn.reply_read(ev.handle, ev.offset, ev.length), data)
+                    elif isinstance(ev, nbd.BlockStatus):
+                        runs = session.allocation(dev_id, ev.offset, ev.length)
+                        out.send(conn.reply_block_status(
+                            ev.handle, nbd.allocation_extents(runs, ev.one)))
+                    elif isinstance(ev, nbd.Cache):
+                        out.send(conn.reply_ok(ev.handle))
+                    elif isinstance(ev, nbd.BadRequest):
+                        log.warning("refusing NBD request: %s", ev.reason)
+                        out.send(conn.reply_error(ev.handle, ev.error, ev.reason))
+                    elif isinstance(ev, nbd.Disconnect):
+                        return
+                conn.receive_data(sock.recv(RECV_SIZE))
+        finally:
+            out.close()
 
     async def _receive(self) -> bool:
         while True:
@@ -384,15 +389,63 @@ class _Connection:
             lock.release()
 
 
-def _send_blocking(sock: stdsocket.socket, head: bytes, data: bytes | memoryview = b"") -> None:
-    parts = [memoryview(head), memoryview(data)] if data else [memoryview(head)]
-    while parts:
-        sent = sock.sendmsg(parts)
-        while parts and sent >= len(parts[0]):
-            sent -= len(parts[0])
-            parts.pop(0)
-        if parts and sent:
-            parts[0] = parts[0][sent:]
+class _Sender:
+    """Replies of one connection from its thread. A large reply goes to a second thread,
+    which sends it while the next request is read from the archive (pread and checksums
+    overlap the socket copy); a small one is sent at once when nothing is queued. Replies
+    never interleave (one lock); at most QUEUED large replies wait (memory stays bounded)."""
+
+    QUEUED = 4
+    LARGE = 256 << 10
+
+    def __init__(self, sock: stdsocket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.queue: queue.Queue[tuple[bytes, bytes | memoryview] | None] = queue.Queue(
+            self.QUEUED)
+        self.failed: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def send(self, head: bytes, data: bytes | memoryview = b"") -> None:
+        if self.failed is not None:
+            raise self.failed
+        if len(data) < self.LARGE and self.queue.empty() and self.lock.acquire(blocking=False):
+            try:
+                self._sendmsg(head, data)
+            finally:
+                self.lock.release()
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="vmafs-nbd-send",
+                                           daemon=True)
+            self.thread.start()
+        self.queue.put((head, data))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.failed is not None:
+                continue  # drain: the connection is gone
+            try:
+                with self.lock:
+                    self._sendmsg(*item)
+            except OSError as exc:
+                self.failed = exc
+
+    def _sendmsg(self, head: bytes, data: bytes | memoryview) -> None:
+        parts = [memoryview(head), memoryview(data)] if data else [memoryview(head)]
+        while parts:
+            sent = self.sock.sendmsg(parts)
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                parts.pop(0)
+            if parts and sent:
+                parts[0] = parts[0][sent:]
+
+    def close(self) -> None:
+        """Wait for what is queued to be sent (or to fail)."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
 
 
 # -- in-process use ---------------------------------------------------------------------------
