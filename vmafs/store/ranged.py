@@ -30,6 +30,8 @@ KEEP = 2  # chunks kept behind it (concurrent readers a little apart share them)
 HEAD = 256 << 10
 TAIL = 1 << 20
 NEAR = 256 << 10  # a read starting this close to the last one's end continues it
+RUN = 2 << 20  # bytes read in one run before a reader counts as sequential (a kernel's
+# read-ahead around one random read must not start whole chunks)
 
 Fetch = Callable[[int, int], bytes]
 """The store's one primitive: bytes [start, end) of the object's version, retried as needed."""
@@ -50,6 +52,7 @@ class RangedObject:
         self._chunks: OrderedDict[int, concurrent.futures.Future[bytes]] = OrderedDict()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next = -1  # where the last read ended
+        self._run = 0  # bytes of the current run of reads that follow each other
         self.sequential = False
         """Set for a reader that goes through the object in order (a stream)."""
         self.requests = 1  # the suffix range that opened it
@@ -89,14 +92,16 @@ class RangedObject:
         return bytes(out)
 
     def _streaming(self, offset: int, end: int) -> bool:
-        """True for a read that continues a sequential reader (or is large): served from
-        chunks, the next ones requested ahead."""
+        """True for a read of a sequential reader (a run of RUN bytes, or one large read):
+        served from chunks, the next ones requested ahead; also for a read that a chunk
+        already fetched or on its way holds."""
         with self._lock:
-            streaming = (self.sequential or end - offset >= CHUNK
-                         or abs(offset - self._next) <= NEAR
-                         or offset // CHUNK in self._chunks)
+            self._run = self._run + end - offset if abs(offset - self._next) <= NEAR \
+                else end - offset
             self._next = end
-        return streaming
+            return (self.sequential or end - offset >= CHUNK or self._run >= RUN
+                    or (offset // CHUNK in self._chunks
+                        and (end - 1) // CHUNK in self._chunks))
 
     def readinto(self, offset: int, view: memoryview) -> int:
         end = min(offset + len(view), self._size)
