@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import trio
 import trio_asyncio
+from test_cli_consistency import undocumented_json_keys
 
 from vmafs.archive import walk
 from vmafs.archive.reader import Archive
@@ -373,6 +374,11 @@ def test_backup_is_consistent_vma(guest: gi.Guest, tmp_path: Path) -> None:
         summary = json.loads(res.stdout)
         assert summary["x_perf"] is True
         assert [d["name"] for d in summary["devices"]] == ["drive-virtio0", "drive-virtio1"]
+        assert summary["ok"] and summary["output"] == str(out)
+        assert summary["device_bytes"] == sum(d["device_bytes"] for d in summary["devices"])
+        assert 0 < summary["copied_bytes"] <= summary["device_bytes"]
+        assert summary["archive_bytes"] == out.stat().st_size
+        assert not undocumented_json_keys("backup", summary)
         before = lab.counters()
         lab.vm.wait_for(f"VMAFS-COUNT {before + 200}", timeout=60)  # the guest goes on writing
         lab.assert_untouched()

@@ -228,10 +228,10 @@ def test_incremental_inherits_the_vm(lab: KillLab, tmp_path: Path) -> None:
     conf.write_text("name: vm101\nmemory: 256\n")
     store = tmp_path / "store"
     store.mkdir()
-    full = Path(backup(lab, f"{store}/", "-c", str(conf))["archive"])
+    full = Path(backup(lab, f"{store}/", "-c", str(conf))["output"])
     assert full.name.startswith("vzdump-qemu-101-")
     more_writes(lab)
-    inc = Path(backup(lab, f"{store}/", "--incremental", str(full))["archive"])
+    inc = Path(backup(lab, f"{store}/", "--incremental", str(full))["output"])
     assert inc.name.startswith("vzdump-qemu-101-") and inc != full
     res = run_vmafs("config", str(inc))
     assert res.returncode == 0 and res.stdout == "name: vm101\nmemory: 256\n", res
@@ -243,7 +243,7 @@ def test_incremental_inherits_the_vm(lab: KillLab, tmp_path: Path) -> None:
     other.write_text("name: renamed\n")
     more_writes(lab)
     newer = Path(backup(lab, f"{store}/", "--incremental", str(inc), "--vmid", "202",
-                        "-c", str(other))["archive"])
+                        "-c", str(other))["output"])
     assert newer.name.startswith("vzdump-qemu-202-")
     res = run_vmafs("config", str(newer))
     assert res.returncode == 0 and res.stdout == "name: renamed\n", res

@@ -243,6 +243,13 @@ def own_page_mentions(command: str, key: str) -> bool:
     return page.exists() and key in page.read_text().replace("\\-", "-").replace("\\_", "_")
 
 
+def undocumented_json_keys(command: str, doc: dict[str, Any]) -> list[str]:
+    """Keys of a command's --json that neither vmafs(1) nor the command's own page defines."""
+    documented = documented_keys()
+    return sorted(f"{where}.{key}" for key, where in keys_of(doc)
+                  if key not in documented and not own_page_mentions(command, key))
+
+
 def test_every_command_speaks_one_json_vocabulary(tmp_path: Path, disk: Path,
                                                   archive: Path) -> None:
     plain = VECTORS / "proxmox" / "sample-2disks.vma"
@@ -258,16 +265,13 @@ def test_every_command_speaks_one_json_vocabulary(tmp_path: Path, disk: Path,
     for extra in ("info", "snapshots"):
         if (ROOT / "vmafs" / "cli" / f"{extra}.py").exists():
             runs[extra] = [extra, archive if extra == "info" else tmp_path]
-    documented = documented_keys()
     wrong = []
     for command, argv in runs.items():
         rc, out, err = run_vmafs(*argv, "--json")
         assert rc == 0, (command, err)
         doc = json.loads(out)
         assert doc.get("ok") is True, (command, doc)
-        for key, where in keys_of(doc):
-            if key not in documented and not own_page_mentions(command, key):
-                wrong.append(f"{command}: {where}.{key}")
+        wrong += [f"{command}: {k}" for k in undocumented_json_keys(command, doc)]
         devices = doc.get("devices")
         if devices is not None:
             assert isinstance(devices, list) and all(

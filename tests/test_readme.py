@@ -68,8 +68,8 @@ def test_readme_daily_backups(guest: gi.Guest, tmp_path: Path) -> None:
             summary = json.loads(ok("backup", "--qmp", lab.qmp, "--vmid", VMID, "--zstd", "-q",
                                     "-o", f"{store}/", "--incremental", str(newest), "--json"))
             written = archives(store)[-1]  # --json names the file the directory got
-            assert summary["archive"] == str(written) and summary["incremental"]
-            assert summary["bytes_out"] == written.stat().st_size
+            assert summary["output"] == str(written) and summary["incremental"]
+            assert summary["archive_bytes"] == written.stat().st_size
         lab.assert_untouched()
     paths = archives(store)
     assert len(paths) == 3

@@ -152,7 +152,7 @@ def live_backup(vm: gi.QemuVM, out: Path, *extra: str) -> dict[str, Any]:
                              "--json", *extra)
     summary = json.loads(stdout)
     return {"wall_s": wall, "inner_s": summary["seconds"], "file_bytes": out.stat().st_size,
-            "bytes_out": summary.get("bytes_out"), "data_bytes": summary.get("bytes"),
+            "bytes_out": summary.get("archive_bytes"), "data_bytes": summary.get("copied_bytes"),
             "incremental": summary["incremental"]}
 
 

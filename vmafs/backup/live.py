@@ -52,7 +52,7 @@ from vmafs.archive.chain import link_to
 from vmafs.backup import bitmaps, blockgraph, runlock
 from vmafs.backup.blockgraph import Disk
 from vmafs.backup.guard import RECONNECT_DELAY, Guard, dead_bitmaps, rescue_and_clean
-from vmafs.backup.nbd_server import open_listener, serve_nbd
+from vmafs.backup.nbd_server import NBDStats, open_listener, serve_nbd
 from vmafs.backup.pipe import FINISH, DiskSink, Pipe
 from vmafs.backup.qmp import (
     GuestAgent,
@@ -109,7 +109,8 @@ class BackupOptions:
 class BackupResult:
     archive: str
     disks: list[Disk]
-    bytes: int
+    bytes: int                  # the disks' size
+    copied: int                 # disk data QEMU sent (an incremental: what changed)
     seconds: float
     x_perf: bool
     frozen: int | None          # filesystems frozen by the guest agent, None without --qga
@@ -120,14 +121,17 @@ class BackupResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "archive": self.archive,
+            "ok": True,
+            "output": self.archive,
             "uuid": str(self.uuid),
             "incremental": self.parent is not None,
             "parent": str(self.parent) if self.parent else None,
             "bitmap": self.bitmap,
             "notes": self.notes,
-            "devices": [{"name": d.name, "node": d.node, "size": d.size} for d in self.disks],
-            "bytes": self.bytes,
+            "devices": [{"name": d.name, "node": d.node, "device_bytes": d.size}
+                        for d in self.disks],
+            "device_bytes": self.bytes,
+            "copied_bytes": self.copied,
             "seconds": round(self.seconds, 3),
             "rate": round(self.bytes / self.seconds) if self.seconds > 0 else None,
             "x_perf": self.x_perf,
@@ -184,6 +188,8 @@ class Backup:
         self._nodes: list[dict[str, Any]] = []
         self._bitmaps_maybe = False            # ours may exist: remove them if we fail
         self.whole: set[str] = set()           # disks of an incremental copied whole
+        self.signalled: int | None = None      # the signal that ended the backup
+        self._nbd_stats: list[NBDStats] = []   # per disk: what QEMU sent
         self.exit_code = BackupError.exit_code
         self.lock: runlock.RunLock | None = None
         self.guard: Guard | None = None
@@ -263,7 +269,9 @@ class Backup:
             raise error
         assert self.writer is not None
         total = sum(d.size for d in self.disks)
-        return BackupResult(self.opts.output, self.disks, total, time.monotonic() - started,
+        copied = sum(s.bytes_written for s in self._nbd_stats)
+        return BackupResult(self.opts.output, self.disks, total, copied,
+                            time.monotonic() - started,
                             self.x_perf, self.frozen, self.uuid,
                             self.parent.uuid if self.parent else None,
                             chain.bitmap_name(self.uuid) if opts.bitmap else None, self.notes)
@@ -283,9 +291,10 @@ class Backup:
 
     async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
+                self.signalled = self.signalled or signum
                 self.fail(f"interrupted by {signal.Signals(signum).name}")
 
     # -- phases --
@@ -481,9 +490,9 @@ class Backup:
             async with trio.open_nursery() as nursery:
                 for i, disk in enumerate(self.disks):
                     path = os.path.join(self._sockdir, f"{i}.sock")
-                    await nursery.start(partial(serve_nbd, path, disk.size,
-                                                DiskSink(self.pipe, i + 1),
-                                                listener=self._listeners[i]))
+                    self._nbd_stats.append(await nursery.start(partial(
+                        serve_nbd, path, disk.size, DiskSink(self.pipe, i + 1),
+                        listener=self._listeners[i])))
                 task_status.started()
 
     async def _add_nodes(self, qmp: Qmp) -> None:

@@ -13,8 +13,16 @@ from vmafs.archive import naming
 from vmafs.archive.configs import read_configs
 from vmafs.backup import backup_log
 from vmafs.backup.live import Backup, BackupOptions, BackupResult, run_backup
-from vmafs.cli.common import add_base, add_compression, add_configs, add_json, add_quiet
-from vmafs.errors import VmafsError
+from vmafs.cli.common import (
+    add_base,
+    add_compression,
+    add_configs,
+    add_json,
+    add_quiet,
+    int_in,
+)
+from vmafs.errors import FormatError, UsageError, VmafsError
+from vmafs.format import vma
 from vmafs.format.names import display
 from vmafs.progress import print_json
 
@@ -42,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-old-bitmaps", action="store_true",
                    help="once the archive is written, remove every other vmafs dirty bitmap "
                         "of its disks (ends older chains: their next backup is a full one)")
-    p.add_argument("--bwlimit", type=int, metavar="KIB/S",
+    p.add_argument("--bwlimit", type=int_in(1, 1 << 40), metavar="KIB/S",
                    help="limit how fast QEMU reads each disk for the backup, in KiB/s (guest "
                         "writes that must copy old data first are never slowed)")
     p.add_argument("--vmid", metavar="ID",
@@ -57,10 +65,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qga", metavar="SOCKET",
                    help="freeze the guest's filesystems through this QEMU guest agent socket "
                         "while the backup starts")
-    p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--stall-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="abandon the backup when the archive output makes no progress for "
                         "this long (default 30)")
-    p.add_argument("--max-workers", type=int, default=4, metavar="N",
+    p.add_argument("--max-workers", type=int_in(0, 1024), default=4, metavar="N",
                    help="QEMU copy workers per disk (x-perf, if QEMU has it; 0: QEMU's "
                         "default). Fewer workers keep guest write latency low (default 4)")
     add_compression(p)
@@ -69,19 +77,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of seconds")
+    return value
+
+
 def parse_drive(arg: str) -> tuple[str, str | None]:
     node, sep, name = arg.partition("=")
     if not node or (sep and not name):
-        raise VmafsError(f"--drive {arg!r}: expected NODE or NODE=DEVNAME")
+        raise UsageError(f"--drive {arg!r}: expected NODE or NODE=DEVNAME")
+    if sep:
+        try:
+            vma.check_device_name(name)  # a name the user chooses: Proxmox's kind
+        except FormatError as exc:
+            raise UsageError(f"--drive {arg!r}: {exc}") from None
     return node, (name if sep else None)
 
 
 def run(args: argparse.Namespace) -> int:
     drives = [parse_drive(a) for a in args.drive]
-    if args.stall_timeout <= 0:
-        raise VmafsError("--stall-timeout must be positive")
-    if args.output == "-" and sys.stdout.isatty():
-        raise VmafsError("refusing to write an archive to a terminal; redirect stdout")
+    if args.full_if_needed and not args.incremental:
+        raise UsageError("--full-if-needed goes with --incremental")
     configs = read_configs(args.config)
     opts = BackupOptions(
         qmp_socket=args.qmp, output=args.output, drives=drives,
@@ -97,10 +118,6 @@ def run(args: argparse.Namespace) -> int:
         vmid=naming.check_vmid(args.vmid) if args.vmid else configs.vmid,
         inherit=not args.config and not args.vmid, bases=args.base,
     )
-    if args.bwlimit is not None and args.bwlimit <= 0:
-        raise VmafsError("--bwlimit must be positive")
-    if args.full_if_needed and not args.incremental:
-        raise VmafsError("--full-if-needed goes with --incremental")
     job = Backup(opts)
     log = None
     try:
@@ -112,15 +129,17 @@ def run(args: argparse.Namespace) -> int:
         if result.archive != args.output and not args.json:  # -o DIR/: say which file
             print(f"vmafs backup: wrote {display(result.archive)}", file=sys.stderr)
     except VmafsError as exc:
+        if job.signalled is not None:  # as every command ends on a signal: 128+N
+            exc.exit_code = 128 + job.signalled
         if job.writer_stuck:
             # The writer thread is blocked in a write that will never return (a stalled
             # pipe or file system); exiting normally would wait for it forever.
             print(f"vmafs backup: error: {exc}", file=sys.stderr, flush=True)
-            os._exit(1)
+            os._exit(exc.exit_code)
         raise
     if args.json:
         summary = result.summary()
-        summary["bytes_out"] = job.writer.bytes_out if job.writer else None
+        summary["archive_bytes"] = job.writer.bytes_out if job.writer else None
         summary["log"] = log
         print_json(summary, sys.stderr if args.output == "-" else sys.stdout)
     return 0
