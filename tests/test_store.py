@@ -16,7 +16,18 @@ import pytest
 from rgw import S3Env, rgw_gateway, s3_fixture  # noqa: F401 - fixtures
 
 from vmafs.errors import VmafsError
-from vmafs.store import basename, is_remote, join, parent_of, store_for
+from vmafs.store import (
+    absolute,
+    basename,
+    exists,
+    is_remote,
+    join,
+    lstat,
+    names,
+    parent_of,
+    remote_key,
+    store_for,
+)
 from vmafs.store import ranged as ranged_mod
 from vmafs.store.local import LocalStore
 from vmafs.store.place import GONE, REPLACED, Place
@@ -195,3 +206,17 @@ def test_an_s3_place(s3: S3Env) -> None:
         assert place.remove("a.vma", None) is None
         assert place.remove("a.vma", None) == GONE
     assert s3.keys("p/") == ["p/a.vma.protected"]
+
+
+def test_place_helpers_for_paths_and_objects(s3: S3Env, tmp_path: Path) -> None:
+    (tmp_path / "a.vma").write_bytes(b"abc")
+    assert names(str(tmp_path)) == ["a.vma"] and exists(str(tmp_path / "a.vma"))
+    assert absolute("x.vma") == os.path.abspath("x.vma")
+    s3.put("h/a.vma", b"abcd")
+    assert absolute(s3.url("h/a.vma")) == s3.url("h/a.vma")
+    assert names(s3.url("h/")) == ["a.vma"] and names(s3.url("h")) == ["a.vma"]
+    assert exists(s3.url("h/a.vma")) and not exists(s3.url("h/b.vma"))
+    st = lstat(s3.url("h/a.vma"))
+    assert st is not None and st.st_size == 4 and (st.st_dev, st.st_ino) == remote_key(
+        s3.url("h/a.vma"))
+    assert lstat(s3.url("h/none.vma")) is None

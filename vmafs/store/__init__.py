@@ -11,7 +11,10 @@ The container layer (plain `.vma`, seekable `.vma.zst`) reads a stored archive t
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import stat as stat_mod
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,7 +122,6 @@ def join(place: str, name: str) -> str:
     """A name under a place: DIR/NAME, s3://BUCKET/PREFIX/NAME."""
     if is_remote(place):
         return place + name if place.endswith("/") or not place else place + "/" + name
-    import os
 
     return os.path.join(place, name)
 
@@ -132,7 +134,6 @@ def parent_of(location: str) -> str:
         return f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
     if location.startswith(("https://", "http://")):
         return location.split("?", 1)[0].rpartition("/")[0] + "/"
-    import os
 
     return os.path.dirname(location)
 
@@ -140,10 +141,60 @@ def parent_of(location: str) -> str:
 def basename(location: str) -> str:
     if is_remote(location):
         return location.split("?", 1)[0].rstrip("/").rpartition("/")[2]
-    import os
 
     return os.path.basename(location)
 
 
 class StoreError(VmafsError):
     """A store could not do what was asked (one line, never with credentials in it)."""
+
+
+# -- what the commands that walk a place ask, for paths and remote locations alike ----------
+
+
+def absolute(location: str) -> str:
+    """An absolute path; a remote location as it is."""
+
+    return location if is_remote(location) else os.path.abspath(location)
+
+
+def names(place: str) -> list[str]:
+    """Every name directly under place (a directory: all entries; a prefix: its objects)."""
+    if is_remote(place):
+        return [e.name for e in store_for(place).list(place)]
+    from vmafs.format.names import display
+
+    try:
+        return sorted(os.listdir(place or "."))
+    except OSError as exc:
+        raise VmafsError(f"cannot list {display(place)}: {exc.strerror}") from None
+
+
+def remote_key(location: str) -> tuple[int, int]:
+    """A remote object's key where a file's is (st_dev, st_ino): from its location alone (an
+    object has one name; no device is -1)."""
+
+    return -1, int.from_bytes(hashlib.sha256(location.encode()).digest()[:8], "little")
+
+
+def lstat(location: str) -> os.stat_result | None:
+    """os.lstat of a path; for a remote object a regular file's stat with its size (no
+    request for a listing's entry is saved: one HEAD); None if there is nothing."""
+
+    if not is_remote(location):
+        try:
+            return os.lstat(location)
+        except OSError:
+            return None
+    entry = store_for(location).stat(location)
+    if entry is None:
+        return None
+    dev, ino = remote_key(location)
+    return os.stat_result((stat_mod.S_IFREG | 0o444, ino, dev, 1, 0, 0, entry.size, 0, 0, 0))
+
+
+def exists(location: str) -> bool:
+
+    if is_remote(location):
+        return store_for(location).stat(location) is not None
+    return os.path.lexists(location)
