@@ -13,6 +13,7 @@ the stream) never mounts, so the mount serves no byte extract would not write.
 from __future__ import annotations
 
 import copy
+import functools
 import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,15 +188,20 @@ class Archive:
         source.checked_by_reader = True
         # An increment is confirmed at every open: what it holds as zeros is known only from
         # its headers. A full archive's passed check is remembered for the unchanged file.
+        # An increment's passed check is remembered with what it holds (its held sets, as
+        # runs: a disk copied whole is one), which is known only from its headers.
         key = (walk_cache.key_of(identity, raw + index.encode_footer(footer))
-               if identity is not None and not incremental else None)
-        held = None
-        if key is None or not walk_cache.confirmed(key):
+               if identity is not None else None)
+        held = (walk_cache.load_held(key, header) if key is not None and incremental
+                else None)
+        if key is None or (held is None if incremental else not walk_cache.confirmed(key)):
             source.check_layout()
             extents, rules = locate.confirm_index(source, header, table, footer.index_offset,
                                                   complete=not incremental)
             held = rules.seen if incremental else None
-            if key is not None:
+            if key is not None and held is not None:
+                walk_cache.remember_held(key, held, extents)
+            elif key is not None:
                 walk_cache.remember_confirmed(key, extents)
         return cls(source, header, table, mode=INDEXED, compressed=compressed, held=held)
 
@@ -226,7 +232,9 @@ class Archive:
                 dmap = self._maps[dev.dev_id]
                 zeros = None
                 if self._held is not None:
-                    zeros = _held_zeros(self._held[dev.dev_id], dmap.clusters)
+                    held, stored = self._held[dev.dev_id], dmap.clusters
+                    zeros = chain.ZeroChunks(len(held) - len(stored),
+                                             functools.partial(_zero_chunks, held, stored))
                 sums = dmap.checksums if dmap.checksums is not None else np.zeros(
                     len(dmap.clusters), np.uint32)
                 contents.append(chain.DeviceContent(dev.name, dev.size, dmap.clusters,
@@ -420,22 +428,11 @@ class Archive:
         self.close()
 
 
-def _held_zeros(held: ClusterSet, stored: np.ndarray) -> np.ndarray:
-    """The clusters an increment holds as zeros: those it has slots for, less the stored
-    ones (a subset: every stored cluster has a slot), ascending, as uint32: built from the
-    set's runs a bounded chunk at a time, so 4 bytes a zero cluster and no more."""
-    out = np.empty(len(held) - len(stored), np.uint32)
-    pos = 0
-    for chunk in _zero_chunks(held, stored):
-        out[pos:pos + len(chunk)] = chunk
-        pos += len(chunk)
-    assert pos == len(out)
-    return out
-
-
 def _zero_chunks(held: ClusterSet, stored: np.ndarray, chunk: int = 1 << 20
                  ) -> Iterator[np.ndarray]:
-    """_held_zeros in ascending pieces of about `chunk` clusters (stored: sorted)."""
+    """The clusters an increment holds as zeros (those it has slots for, less the stored
+    ones), ascending uint32 pieces of about `chunk` clusters built from the set's runs: the
+    content digest hashes them one at a time, never 4 bytes a zero cluster at once."""
     for starts, ends in held.iter_runs():
         # runs longer than a chunk are cut, so every piece stays about chunk long
         lengths = ends - starts

@@ -20,6 +20,7 @@ import struct
 import numpy as np
 import xxhash
 
+from vmafs.archive.clusterset import ClusterSet
 from vmafs.format import index, vma
 
 MIN_EXTENTS = 4096  # smaller walks take well under a second: not worth a file
@@ -129,9 +130,53 @@ def _write(name: str, parts: list[bytes | memoryview]) -> None:
 def _evict(directory: str) -> None:
     entries = []
     for name in os.listdir(directory):
-        if len(name.removesuffix(".ok")) == 64 and not name.startswith("."):
+        if len(name.removesuffix(".ok").removesuffix(".held")) == 64 and not name.startswith("."):
             with contextlib.suppress(OSError):
                 entries.append((os.stat(os.path.join(directory, name)).st_mtime, name))
     for _, name in sorted(entries)[:-MAX_ENTRIES]:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(directory, name))
+
+
+_HELD_MAGIC = b"VMAFSHS1"
+MAX_HELD_RUNS = 1 << 20  # a scattered increment's runs are not worth a file: it opens fast
+
+
+def remember_held(key: bytes, held: dict[int, ClusterSet], extents: int) -> None:
+    """Remember a checked increment with the clusters it holds, as (dev_id, start, end)
+    runs; only if checking it took long and the runs are few."""
+    if extents < MIN_EXTENTS:
+        return
+    rows = []
+    for dev_id, cs in held.items():
+        for starts, ends in cs.iter_runs():
+            rows.append(np.stack([np.full(len(starts), dev_id, np.int64), starts, ends], 1))
+            if sum(len(r) for r in rows) > MAX_HELD_RUNS:
+                return
+    body = (np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)).astype("<u8")
+    parts: list[bytes | memoryview] = [_HELD_MAGIC + key, body.tobytes()]
+    _write(key.hex() + ".held", [*parts, xxhash.xxh3_64_digest(b"".join(parts))])
+
+
+def load_held(key: bytes, header: vma.Header) -> dict[int, ClusterSet] | None:
+    """The held sets remembered for key (the increment passed its check unchanged), or None."""
+    path = os.path.join(cache_dir(), key.hex() + ".held")
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError:
+        return None
+    head = len(_HELD_MAGIC) + len(key)
+    if (len(blob) < head + 8 or blob[:head] != _HELD_MAGIC + key
+            or xxhash.xxh3_64_digest(blob[:-8]) != blob[-8:] or (len(blob) - head - 8) % 24):
+        return None
+    runs = np.frombuffer(blob[head:-8], "<u8").reshape(-1, 3)
+    held = {d.dev_id: ClusterSet(d.clusters) for d in header.devices}
+    try:
+        for dev_id, start, end in runs.tolist():
+            held[dev_id].add_range(start, end)
+    except (KeyError, ValueError):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)
+    return held

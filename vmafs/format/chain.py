@@ -28,7 +28,7 @@ import json
 import re
 import struct
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,19 +169,32 @@ class DeviceContent:
     clusters: np.ndarray   # uint32
     masks: np.ndarray      # uint16
     checksums: np.ndarray  # uint32
-    zeros: np.ndarray | None  # uint32; None for a full archive (every other cluster is zero)
+    zeros: np.ndarray | ZeroChunks | None  # uint32; None: a full archive (all else is zero)
+
+
+@dataclass(frozen=True)
+class ZeroChunks:
+    """An increment's zero clusters as ascending uint32 pieces, hashed one at a time: the
+    same digest as the whole array, without holding 4 bytes per zero cluster."""
+
+    count: int
+    chunks: Callable[[], Iterator[np.ndarray]]
 
 
 def content_digest(devices: Sequence[DeviceContent]) -> str:
     h = hashlib.sha256(b"vmafs-content-1\0")
     for d in devices:
         name = d.name.encode("utf-8", "surrogateescape")
-        h.update(struct.pack("<QQQq", len(name), d.size, len(d.clusters),
-                             -1 if d.zeros is None else len(d.zeros)))
+        zeros = -1 if d.zeros is None else (
+            d.zeros.count if isinstance(d.zeros, ZeroChunks) else len(d.zeros))
+        h.update(struct.pack("<QQQq", len(name), d.size, len(d.clusters), zeros))
         h.update(name)
         for column, dtype in ((d.clusters, "<u4"), (d.masks, "<u2"), (d.checksums, "<u4")):
             h.update(np.ascontiguousarray(column, dtype).data)
-        if d.zeros is not None:
+        if isinstance(d.zeros, ZeroChunks):
+            for chunk in d.zeros.chunks():
+                h.update(np.ascontiguousarray(chunk, "<u4").data)
+        elif d.zeros is not None:
             h.update(np.ascontiguousarray(d.zeros, "<u4").data)
     return h.hexdigest()
 
