@@ -613,8 +613,10 @@ def test_prune_errors(tmp_path: Path) -> None:
     assert_one_line_error(rc, err, "vmafs prune: error:", "no keep option")
     rc, _, err = prune(tmp_path, "--keep-daily", "0")
     assert_one_line_error(rc, err, "no keep option")
+    assert rc == 2
     rc, _, err = prune(tmp_path, "--keep-daily", "-1")
-    assert_one_line_error(rc, err, "--keep-daily must be 0 or more")
+    assert_one_line_error(rc, err, "--keep-daily", "-1 is not from 0")
+    assert rc == 2
     rc, _, err = prune(tmp_path / "missing", "--keep-last", "1")
     assert_one_line_error(rc, err, "cannot open directory", "No such file or directory")
     (tmp_path / "file").write_text("")
@@ -622,5 +624,6 @@ def test_prune_errors(tmp_path: Path) -> None:
     assert_one_line_error(rc, err, "cannot open directory", "Not a directory")
     rc, _, err = prune(tmp_path, "--keep-last", "1", "--vmid", "../etc")
     assert_one_line_error(rc, err, "bad VMID")
+    assert rc == 2
     rc, out, err = prune(tmp_path, "--keep-last", "1", "--json")  # an empty directory
     assert rc == 0 and json.loads(out)["archives"] == []

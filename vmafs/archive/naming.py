@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 
-from vmafs.errors import VmafsError
+from vmafs.errors import UsageError, VmafsError
 
 PREFIX = "vzdump-qemu-"
 TIME_FORMAT = "%Y_%m_%d-%H_%M_%S"
@@ -36,7 +36,7 @@ def check_vmid(vmid: str) -> str:
     or digit (so never '.', '..' or '-'); a VmafsError otherwise."""
     if (not _VMID.fullmatch(vmid) or len(vmid) > VMID_MAX
             or not any(c.isascii() and c.isalnum() for c in vmid)):
-        raise VmafsError(f"bad VMID {vmid!r}: use 1 to {VMID_MAX} of A-Z a-z 0-9 _ . - "
+        raise UsageError(f"bad VMID {vmid!r}: use 1 to {VMID_MAX} of A-Z a-z 0-9 _ . - "
                          "(at least one letter or digit)")
     return vmid
 

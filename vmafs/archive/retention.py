@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from vmafs.errors import VmafsError
+from vmafs.errors import UsageError, VmafsError
 
 OPTIONS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -52,9 +52,9 @@ class KeepOptions:
         archive would be removed, and prune refuses that (as PBS wants an option)."""
         for name in OPTIONS:
             if getattr(self, name) < 0:
-                raise VmafsError(f"--keep-{name} must be 0 or more")
+                raise UsageError(f"--keep-{name} must be 0 or more")
         if not any(getattr(self, name) for name in OPTIONS):
-            raise VmafsError("no keep option given (at least one --keep-... greater than 0): "
+            raise UsageError("no keep option given (at least one --keep-... greater than 0): "
                              "prune does not remove every archive")
 
 

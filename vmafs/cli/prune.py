@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from vmafs.archive import chain, naming, retention
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_json
+from vmafs.cli.common import add_json, int_in
 from vmafs.errors import VmafsError
 from vmafs.format.names import display, json_name
 from vmafs.progress import print_json
@@ -47,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          ("weekly", "the newest archive of each of the last N ISO weeks"),
                          ("monthly", "the newest archive of each of the last N months"),
                          ("yearly", "the newest archive of each of the last N years")):
-        p.add_argument(f"--keep-{option}", type=int, default=0, metavar="N", dest=option,
+        p.add_argument(f"--keep-{option}", type=int_in(0, 1 << 20), default=0, metavar="N",
+                       dest=option,
                        help=f"keep {what}" + ("" if option == "last" else
                                               " that have archives"))
     p.add_argument("-n", "--dry-run", action="store_true",
