@@ -149,6 +149,28 @@ def test_bad_credentials_and_missing_things_are_one_line(s3: S3Env, tmp_path: Pa
     assert s3.keys() == ["a.vma"] and s3.uploads() == []
 
 
+def test_credentials_and_endpoint_from_an_aws_profile(s3: S3Env, tmp_path: Path) -> None:
+    """AWS_PROFILE and the ~/.aws/ files, the ecosystem's way (no key in the environment)."""
+    image = tmp_path / "disk.raw"
+    make_image(image, 2 * MiB)
+    env = s3.gw.env()
+    (tmp_path / "credentials").write_text(
+        f"[backup]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n")
+    (tmp_path / "config").write_text(
+        f"[profile backup]\nregion = us-east-1\nendpoint_url = {env['AWS_ENDPOINT_URL']}\n")
+    profile = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_ENDPOINT_URL": "",
+               "AWS_PROFILE": "backup", "AWS_CONFIG_FILE": str(tmp_path / "config"),
+               "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.run([sys.executable, "-m", "vmafs", "create", "-o", s3.url("prof.vma"),
+                           f"drive-scsi0={image}"], cwd=ROOT, capture_output=True, text=True,
+                          env={**clean, **{k: v for k, v in profile.items() if v},
+                               "PYTHONPATH": str(ROOT)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert s3.keys() == ["prof.vma"]
+
+
 def test_throttling_is_retried_and_bytes_stay_exact(s3: S3Env, tmp_path: Path) -> None:
     """Every third request answered 503 SlowDown by a real proxy: upload and reads retry."""
     image = tmp_path / "disk.raw"
