@@ -256,7 +256,7 @@ def _print_json(args: argparse.Namespace, plan: retention.Plan, found: _Scan, or
                                                 else sidecars.get(e.name, []))],
         })
     print_json({
-        "directory": args.dir, "dry_run": args.dry_run, "archives": archives,
+        "ok": True, "directory": args.dir, "dry_run": args.dry_run, "archives": archives,
         "left_alone": [{**json_name(n), "reason": display(why)} for n, why in found.left_alone],
         "orphans": [json_name(os.path.basename(p)) for p in orphans],
         "notes": [{**json_name(os.path.basename(p)), "note": display(n)} for p, n in plan.notes],

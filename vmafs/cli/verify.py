@@ -158,11 +158,13 @@ def run(args: argparse.Namespace) -> int:
                         for d in devices],
             "device_bytes": sum(d.size for d in devices),
             "stored_bytes": result.stored_bytes, "indexed": result.has_index,
+            "header_digest": result.header_digest,
             "incremental": result.incremental, "chain": chain,
         })
     elif ok:
-        what = ("data checksums verified" if result.has_index
-                else "no vmafs index: no data checksums")
+        what = ("no vmafs index: no data checksums" if not result.has_index
+                else "data checksums and header digest verified" if result.header_digest
+                else "data checksums verified; no header digest")
         if chain:
             what += f"; a chain of {len(chain)} archives, every link and archive checked"
         print(f"{args.archive}: OK ({len(result.header.devices)} devices, "
