@@ -144,6 +144,7 @@ def mount(req: MountRequest) -> int:
     from vmafs.serve import daemon
 
     req.archive = os.path.abspath(req.archive)
+    req.bases = [os.path.abspath(b) for b in req.bases]  # the daemon works from /
     req.mountpoint = os.path.realpath(req.mountpoint)
     opts = parse_options(req.options, req.archive)
     _check_mountpoint(req.mountpoint, opts.nonempty)
