@@ -27,11 +27,12 @@ from vmafs.errors import IncompleteError
 CHUNK = 8 << 20  # 4 MiB ranges went at two thirds of the speed here (per-request cost)
 AHEAD = 4  # chunks requested ahead of a sequential reader
 KEEP = 2  # chunks kept behind it (concurrent readers a little apart share them)
-HEAD = 256 << 10
+HEAD = 1 << 20  # the VMA header and its configs, or a seekable file's first frames
 TAIL = 1 << 20
-NEAR = 256 << 10  # a read starting this close to the last one's end continues it
-RUN = 2 << 20  # bytes read in one run before a reader counts as sequential (a kernel's
-# read-ahead around one random read must not start whole chunks)
+NEAR = 2 << 20  # a read starting this close to the last one's end continues its run (a few
+# threads reading in order, each a little ahead or behind the others, are one reader)
+RUN = 4 << 20  # the span a run covers before its reader counts as sequential: the kernel's
+# read-ahead around one random read, or an open reading a header and a tail, start no chunks
 
 Fetch = Callable[[int, int], bytes]
 """The store's one primitive: bytes [start, end) of the object's version, retried as needed."""
@@ -52,7 +53,8 @@ class RangedObject:
         self._chunks: OrderedDict[int, concurrent.futures.Future[bytes]] = OrderedDict()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next = -1  # where the last read ended
-        self._run = 0  # bytes of the current run of reads that follow each other
+        self._run_start = 0  # the span of the current run of reads that follow each other
+        self._run_end = 0
         self.sequential = False
         """Set for a reader that goes through the object in order (a stream)."""
         self.requests = 1  # the suffix range that opened it
@@ -96,10 +98,12 @@ class RangedObject:
         served from chunks, the next ones requested ahead; also for a read that a chunk
         already fetched or on its way holds."""
         with self._lock:
-            self._run = self._run + end - offset if abs(offset - self._next) <= NEAR \
-                else end - offset
+            if abs(offset - self._next) > NEAR:
+                self._run_start, self._run_end = offset, end
+            self._run_end = max(self._run_end, end)
             self._next = end
-            return (self.sequential or end - offset >= CHUNK or self._run >= RUN
+            return (self.sequential or end - offset >= CHUNK
+                    or self._run_end - self._run_start >= RUN
                     or (offset // CHUNK in self._chunks
                         and (end - 1) // CHUNK in self._chunks))
 
@@ -162,6 +166,11 @@ class RangedObject:
         return self._get(start, end)
 
     def advise(self, offset: int, length: int) -> None:
+        """Honoured for a sequential reader only: a reader's first reads (a header, a seek
+        table, one frame) must not start whole chunks of an object they will not read."""
+        with self._lock:
+            if not (self.sequential or self._run_end - self._run_start >= RUN):
+                return
         end = min(offset + length, self._size, self._tail_at)
         if offset >= end:
             return
