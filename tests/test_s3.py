@@ -92,6 +92,8 @@ def test_proxmox_vma_in_s3_reads_and_converts_to_a_mountable_archive(s3: S3Env,
     for name in ("pve/sample.vma", "pve/sample.vma.gz"):
         rc, _, err = run_vmafs("verify", s3.url(name))
         assert rc == 0, err
+    rc, listing, err = run_vmafs("list", s3.url("pve/sample.vma"))  # walked by ranged reads
+    assert rc == 0 and listing == run_vmafs("list", source)[1], err
     rc, _, err = run_vmafs("convert", s3.url("pve/sample.vma"), s3.url("pve/indexed.vma.zst"))
     assert rc == 0, err
     rc, _, err = run_vmafs("convert", s3.url("pve/sample.vma.gz"), s3.url("pve/fromgz.vma"))

@@ -1,6 +1,7 @@
-"""Mounting archives that live in S3 (a real RADOS Gateway): the disk reads back exactly (cat,
-qemu-img convert, a loop-mounted ext4 file system); a mount that loses the gateway answers EIO
-and reads correctly again once it is back, never wrong bytes."""
+"""Mounting and serving (NBD) archives that live in S3 (a real RADOS Gateway): the disk reads
+back exactly (cat, qemu-img convert, a loop-mounted ext4 file system, qemu-img from the NBD
+export); a mount that loses the gateway answers EIO and reads correctly again once it is back,
+never wrong bytes."""
 
 from __future__ import annotations
 
@@ -100,3 +101,18 @@ def test_mount_survives_the_gateway_going_away(s3: S3Env, tmp_path: Path,
             assert os.pread(fd, 2 * MiB, 8 * MiB) == data[8 * MiB:10 * MiB]
         finally:
             os.close(fd)
+
+
+def test_serve_from_s3(s3: S3Env, tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not installed")
+    from test_serve import _compare, served
+
+    image = tmp_path / "disk.raw"
+    make_image(image, 16 * MiB, seed=6)
+    url = s3.url("nbd/a.vma.zst")
+    vmafs_cmd("create", "-q", "-o", url, f"drive-scsi0={image}", check=True)
+    with served(url, tmp_path / "nbd.sock") as server:  # type: ignore[arg-type]
+        _compare(server.url("drive-scsi0"), image, tmp_path)
