@@ -284,6 +284,20 @@ def main() -> None:
         print("\nmedians (convert/restore: seconds; seq: MB/s; rand4k: µs per read):")
         for k, v in med.items():
             print(f"  {k:34} {v:10.3f}")
+        # On a shared machine a round's figures swing by 2-5x; the best of each measurement
+        # over the rounds is what the code costs when nothing else runs.
+        best = {k: (max if k.startswith("seq.") else min)(row[k] for row in rounds)
+                for k in rounds[0] if not k.startswith("ratio.")}
+        print("\nbest of rounds: " + ", ".join(f"{k}={v:.3f}" for k, v in best.items()))
+        print(f"  best ratios: export_vs_raw {best['convert.raw'] / best['convert.export']:.2f}"
+              f", export_vs_fuse {best['convert.fuse'] / best['convert.export']:.2f}"
+              f", rand_vmafs_vs_qemu-nbd {best['rand4k.vmafs'] / best['rand4k.qemu-nbd']:.2f}"
+              f", rand_nbdkit_vs_qemu-nbd {best['rand4k.nbdkit'] / best['rand4k.qemu-nbd']:.2f}"
+              f", seq_vmafs_vs_nbdkit {best['seq.vmafs'] / best['seq.nbdkit']:.2f}"
+              f", restore_vs_extract {best['restore.extract'] / best['restore.restore']:.2f}"
+              f", restore_vs_qemu-img {best['restore.qemu-img'] / best['restore.restore']:.2f}"
+              f", restore_vs_qemu-img+fsync "
+              f"{best['restore.qemu-img+fsync'] / best['restore.restore']:.2f}")
         targets = {"ratio.export_vs_raw": 1.0, "ratio.export_vs_fuse": 2.0,
                    "ratio.restore_vs_extract": 1.0, "ratio.restore_vs_qemu-img": 1.2}
         for k, want in targets.items():
@@ -291,7 +305,7 @@ def main() -> None:
         rand = med["ratio.rand_vmafs_vs_qemu-nbd"]
         print(f"{'PASS' if rand <= 1.2 else 'MISS'} ratio.rand_vmafs_vs_qemu-nbd {rand:.2f} "
               "(<= 1.2)")
-        print(json.dumps({"medians": med, "rounds": rounds}))
+        print(json.dumps({"medians": med, "best": best, "rounds": rounds}))
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
         os.kill(served["pid"], signal.SIGTERM)
