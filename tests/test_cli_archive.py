@@ -152,7 +152,7 @@ def test_create_round_trip(which: tuple[str, ...], suffix: str, sources: dict[st
     assert os.listdir(tmp_path) == [archive.name]  # no .part left
     rc, out, err = run_vmafs("verify", archive)
     assert rc == 0, err
-    assert b"data checksums verified" in out
+    assert b"data checksums and header digest verified" in out
     rc, out, err = run_vmafs("list", archive)
     assert rc == 0, err
     assert [x for x in out.decode().splitlines() if x.startswith("DEV:")] == [
