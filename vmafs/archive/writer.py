@@ -106,6 +106,9 @@ class ArchiveWriter:
         self.position = 0  # bytes of stream emitted so far
         self.finished = False
         self._emit(header)
+        # A frame of its own (zstd): opening decompresses only the header, and damaged data
+        # never keeps an archive from opening, whatever the frame size.
+        self.out.end_frame()
 
     # --- input ----------------------------------------------------------------------------------
 
