@@ -38,7 +38,8 @@ def ok(*args: str) -> str:
 
 def archives(store: Path) -> list[Path]:
     """The vzdump-named archives of the VM, oldest first (the names sort by time)."""
-    return sorted(p for p in store.iterdir() if p.name.startswith(f"vzdump-qemu-{VMID}-"))
+    return sorted(p for p in store.iterdir() if p.name.startswith(f"vzdump-qemu-{VMID}-")
+                  and p.name.endswith((".vma", ".vma.zst")))  # not vzdump's NAME.log
 
 
 def next_second() -> None:
