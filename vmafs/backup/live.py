@@ -63,6 +63,7 @@ from vmafs.backup.qmp import (
     has_member,
     open_qmp,
     process_started,
+    query_graph,
 )
 from vmafs.backup.writer_thread import WriterThread, describe_writer_error
 from vmafs.container.output import check_output_name
@@ -344,12 +345,7 @@ class Backup:
         status = await qmp.execute("query-status")
         if status.get("status") in ("shutdown", "guest-panicked", "internal-error"):
             raise BackupError(f"the VM is in state {status.get('status')!r}")
-        blocks = await qmp.execute("query-block")
-        nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-        types: dict[str, str] = {}
-        for path in blockgraph.type_queries(blocks):
-            with contextlib.suppress(QmpError):
-                types[path] = await qmp.execute("qom-get", {"path": path, "property": "type"})
+        blocks, nodes, types = await query_graph(qmp)
         self.disks = blockgraph.select_disks(blocks, nodes, types, self.opts.drives)
         self._nodes = nodes
         if self.opts.incremental is not None:

@@ -27,6 +27,8 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
 from vmafs.errors import VmafsError
 
+Json = dict[str, Any]
+
 Event = dict[str, Any]
 
 
@@ -290,3 +292,17 @@ def process_started(pid: int | None) -> float | None:
         return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError, StopIteration):
         return None
+
+
+async def query_graph(qmp: Qmp) -> tuple[list[Json], list[Json], dict[str, str]]:
+    """What disk selection reads of a VM (blockgraph.select_disks): its block devices, its
+    named nodes, and the QOM type of each device that has a disk."""
+    from vmafs.backup import blockgraph
+
+    blocks = await qmp.execute("query-block")
+    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
+    types: dict[str, str] = {}
+    for path in blockgraph.type_queries(blocks):
+        with contextlib.suppress(QmpError):
+            types[path] = await qmp.execute("qom-get", {"path": path, "property": "type"})
+    return blocks, nodes, types

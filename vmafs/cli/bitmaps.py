@@ -8,7 +8,6 @@ write time; a killed backup's own (recognised through its lock file, runlock.py)
 from __future__ import annotations
 
 import argparse
-import contextlib
 from functools import partial
 from typing import Any
 
@@ -17,7 +16,7 @@ import trio_asyncio
 
 from vmafs.backup import bitmaps, blockgraph, runlock
 from vmafs.backup.guard import dead_bitmaps
-from vmafs.backup.qmp import Qmp, QmpError, open_qmp
+from vmafs.backup.qmp import Qmp, open_qmp, query_graph
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json
 from vmafs.errors import UsageError, VmafsError
@@ -100,12 +99,7 @@ async def _session(socket: str, wanted: list[str], drop_all: bool
 
 async def _work(qmp: Qmp, socket: str, wanted: list[str], drop_all: bool
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    blocks = await qmp.execute("query-block")
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    types: dict[str, str] = {}
-    for path in blockgraph.type_queries(blocks):
-        with contextlib.suppress(QmpError):
-            types[path] = await qmp.execute("qom-get", {"path": path, "property": "type"})
+    blocks, nodes, types = await query_graph(qmp)
     try:
         disks = blockgraph.select_disks(blocks, nodes, types)
     except VmafsError:
