@@ -11,6 +11,7 @@ import trio
 
 from vmafs.archive import naming
 from vmafs.archive.configs import read_configs
+from vmafs.archive.protection import protect
 from vmafs.backup import backup_log
 from vmafs.backup.live import Backup, BackupOptions, BackupResult, run_backup
 from vmafs.cli.common import (
@@ -47,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "or unusable, instead of failing")
     p.add_argument("--no-bitmap", action="store_true",
                    help="start no dirty bitmap (no later incremental from this archive)")
+    p.add_argument("--protected", action="store_true",
+                   help="mark the archive protected once written (vzdump's ARCHIVE.protected: "
+                        "prune never removes it, nor what it needs)")
     p.add_argument("--drop-old-bitmaps", action="store_true",
                    help="once the archive is written, remove every other vmafs dirty bitmap "
                         "of its disks (ends older chains: their next backup is a full one)")
@@ -118,12 +122,16 @@ def run(args: argparse.Namespace) -> int:
         vmid=naming.check_vmid(args.vmid) if args.vmid else configs.vmid,
         inherit=not args.config and not args.vmid, bases=args.base,
     )
+    if args.protected and args.output == "-":
+        raise UsageError("--protected marks an archive file; stdout has none")
     job = Backup(opts)
     log = None
     try:
         result = trio.run(run_backup, job)
         if naming.is_directory_output(args.output):
             log = _write_log(job, result)
+        if args.protected and result.archive != "-":
+            protect(result.archive)
         for note in result.notes:
             print(f"vmafs backup: {note}", file=sys.stderr)
         if result.archive != args.output and not args.json:  # -o DIR/: say which file

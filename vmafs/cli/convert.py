@@ -16,7 +16,7 @@ from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_compression, add_json, add_quiet, progress_for
 from vmafs.container.output import open_output
 from vmafs.container.streams import open_stream
-from vmafs.errors import FormatError, about
+from vmafs.errors import FormatError, UsageError, about
 from vmafs.format import chain, vma
 from vmafs.format.names import json_name
 from vmafs.progress import print_json
@@ -30,7 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "streaming pass, no temporary file; the input is fully "
                                    "checked and OUT appears only if it passes.")
     add_archive_input(p, "input")
-    p.add_argument("output", help="archive to write (.vma, .vma.zst, or - for stdout)")
+    p.add_argument("-o", "--output", dest="output_option", metavar="OUT",
+                   help="archive to write (.vma, .vma.zst, or - for stdout), as every command "
+                        "that writes an archive takes it")
+    p.add_argument("output", nargs="?", metavar="OUT", help="the same, given in place")
     add_compression(p)
     add_json(p)
     add_quiet(p)
@@ -38,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.output is None) == (args.output_option is None):
+        raise UsageError("give the archive to write once: -o OUT (or OUT after the input)")
+    args.output = args.output or args.output_option
     with open_stream(args.input) as stream:  # one pass: stdin cannot be opened twice
         return _run(args, stream)
 
