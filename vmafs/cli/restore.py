@@ -28,12 +28,13 @@ from vmafs.archive.configs import vm_configs
 from vmafs.archive.copier import copy_device
 from vmafs.archive.reader import Archive, Device
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_base, add_json, add_quiet, progress_for
+from vmafs.cli.common import add_base, add_json, add_quiet, int_in, progress_for
 from vmafs.cli.extract import check_target, made_dir, temp_file, write_all
 from vmafs.container.output import TempFile
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import FileNames, display, file_names, json_name, raw
 from vmafs.progress import Progress, print_json
+from vmafs.restore.live import RECONNECT_DELAY, SOCKET_NAME
 
 PROBE = 4096   # bytes at the start of a device that must be zero unless --force
 
@@ -65,10 +66,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace files that exist in DIR, and write onto a device whose "
                         "first 4 KiB are not zero (it holds something)")
+    live = p.add_argument_group(
+        "live restore", "--live: the VM runs on qcow2 targets in DIR, backed by the archive's "
+        "NBD export, while QEMU streams every cluster into them (block-stream); vmafs exits "
+        "0 when the targets no longer need the archive")
+    live.add_argument("--live", action="store_true",
+                      help="restore live: create the targets, serve the archive, print the "
+                           "QEMU -drive arguments, then stream through QEMU's QMP socket")
+    live.add_argument("--qmp", metavar="SOCK",
+                      help="QMP socket of the QEMU that runs on the targets (waited for; a "
+                           "VM started with -S is continued once the streams run)")
+    live.add_argument("--resume", action="store_true",
+                      help="continue an interrupted live restore in DIR: serve the export "
+                           "again at the same socket and finish the streams; no guest write "
+                           "is lost")
+    live.add_argument("--socket", metavar="PATH",
+                      help=f"unix socket of the export (default DIR/{SOCKET_NAME})")
+    live.add_argument("--speed", type=_rate, default=0, metavar="RATE",
+                      help="limit each stream to RATE bytes/s (K, M, G suffixes); the "
+                           "default is as fast as QEMU goes")
+    live.add_argument("--reconnect-delay", type=int_in(0, 86400), default=RECONNECT_DELAY,
+                      metavar="SECONDS",
+                      help="how long QEMU holds reads of the archive while vmafs is away "
+                           f"(interrupted, before --resume; default {RECONNECT_DELAY})")
     add_base(p)
     add_json(p)
     add_quiet(p)
     p.set_defaults(run=run)
+
+
+def _rate(text: str) -> int:
+    """RATE for --speed: bytes per second, with an optional K/M/G (binary) suffix."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    num, unit = text[:-1], text[-1:].upper()
+    if unit not in units or unit == "":
+        num, unit = text, ""
+    if not num.isdigit() or int(num) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (like 50M)")
+    return int(num) * units[unit]
 
 
 @dataclass
@@ -82,6 +117,10 @@ class _Target:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.live or args.resume or args.qmp:
+        return _run_live(args)
+    if args.socket or args.speed:
+        raise UsageError("--socket and --speed belong to --live")
     if not args.to and not args.to_device:
         raise UsageError("give --to DIR, --to-device DEVNAME=DEVICE, or both")
     to_device: dict[bytes, str] = {}
@@ -98,6 +137,42 @@ def run(args: argparse.Namespace) -> int:
             base=args.base, json=args.json, quiet=args.quiet, label="restore"))
     with open_chain(args.archive, args.base) as archive:
         return _restore(args, archive, to_device)
+
+
+def _run_live(args: argparse.Namespace) -> int:
+    """--live (and --resume): the engine is vmafs/restore/live.py."""
+    import sys
+
+    from vmafs.cli import Signalled
+    from vmafs.restore import live
+
+    if not (args.live and args.to and args.qmp):
+        raise UsageError("a live restore needs --live, --to DIR and --qmp SOCK")
+    if args.to_device or args.format != "qcow2" or args.force:
+        raise UsageError("--live writes qcow2 targets in DIR and replaces nothing: "
+                         "--to-device, --format raw and --force do not go with it")
+    out = sys.stderr if args.json else sys.stdout
+
+    def announce(line: str) -> None:
+        print(f"vmafs restore: {line}", file=out, flush=True)
+
+    opts = live.Options(
+        archive=args.archive, to=args.to, qmp=os.path.abspath(args.qmp),
+        bases=[os.path.abspath(b) for b in args.base], drives=args.drive,
+        resume=args.resume, socket=args.socket, speed=args.speed,
+        reconnect_delay=args.reconnect_delay, announce=announce)
+    result = live.run(opts, lambda total: progress_for(args, "live restore", total))
+    if result.signum is not None:
+        print(f"vmafs restore: stopped; QEMU holds its reads of the archive for "
+              f"{args.reconnect_delay} s: run vmafs restore --live --resume with the same "
+              "ARCHIVE, --to and --qmp to continue", file=sys.stderr)
+        raise Signalled(result.signum)
+    if args.json:
+        print_json(live.summary(opts, result))
+    else:
+        print(f"vmafs restore: done: the targets in {display(args.to)} no longer need "
+              "the archive", file=out)
+    return 0
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Restore engines that run QEMU-side machinery (live restore); the commands stay thin."""
