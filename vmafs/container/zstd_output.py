@@ -20,18 +20,16 @@ import zstandard
 from vmafs.format import vma
 from vmafs.format.seektable import MAX_FRAME_DECOMPRESSED_SIZE, SeekTableBuilder
 
-DEFAULT_FRAME_SIZE = 2 << 20
+DEFAULT_FRAME_SIZE = 3 << 20
 """Sets ratio against random-read latency (a cold read decompresses its frame up to the read).
 
-Chosen with tools/bench_size.py: a 1.5 GiB ext4 image of /usr, as vzdump's ``vma create |
-zstd -T2 -3`` = 1.000, level 3: 512 KiB frames 1.066, 1 MiB 1.040, 2 MiB 1.013 (1.008 with
-DFAST_MIN_CHAIN_LOG), 3 MiB 1.004; a SQLite image is <= 1.004 at every size.  Cold random 4 KiB
-reads through a mount cost about 1.8x those of 512 KiB frames (zstd decodes ~1 GB/s here, so
-+0.5 ms per MiB of frame); no frame size meets both 1.01x and 512 KiB's latency, and levels 4-5
-buy the size at smaller frames only with 1.2-2x the compression CPU."""
-DFAST_MIN_CHAIN_LOG = 17
-"""Levels 3-4 (zstd's "dfast") keep at least 2**17 long-match entries: 2 MiB frames then lose
-0.5 % less against one stream at the CPU level 3 costs (zstd -3 has 2**16)."""
+Chosen with tools/bench_size.py against vzdump's ``vma create | zstd -T2 -3`` (= 1.000), level 3,
+a 1.5 GiB ext4 image of /usr: 512 KiB frames 1.066, 1 MiB 1.040, 2 MiB 1.013, 3 MiB 1.004
+(a SQLite image: 1.004 to 0.998); the pipeline takes ~1.27x create's CPU (1.4x at 512 KiB).
+No frame size keeps 512 KiB's cold 4 KiB reads through a mount: zstd decodes ~1 GB/s here, so
+each MiB of frame adds ~0.5 ms on average (3 MiB: ~2.4x the 512 KiB latency).  Smaller frames
+at levels 4-5, larger long-match tables or long-distance matching buy the size only with
+1.1-2x the compression CPU, a window past the frame buys nothing."""
 DEFAULT_LEVEL = 3
 DEFAULT_THREADS = 2
 MAX_WINDOW_LOG = 27
@@ -81,8 +79,7 @@ def _flush(target: Writable) -> None:
 def compression_params(
     level: int, frame_size: int, overrides: Mapping[str, int] | None = None
 ) -> zstandard.ZstdCompressionParameters:
-    """Parameters for one independent frame: content size and checksum on, window ≤ 2**27,
-    a dfast level's long-match table at least DFAST_MIN_CHAIN_LOG.
+    """Parameters for one independent frame: content size and checksum on, window ≤ 2**27.
 
     ``overrides`` are ZstdCompressionParameters keywords (``strategy``, ``hash_log``,
     ``enable_ldm``, ...) laid over the level's own, for benchmarks (tools/bench_size.py).
@@ -90,8 +87,6 @@ def compression_params(
     base = zstandard.ZstdCompressionParameters.from_level(level, source_size=frame_size)
     extra = dict(overrides or {})
     window_log = min(MAX_WINDOW_LOG, extra.pop("window_log", base.window_log))
-    if base.strategy == zstandard.STRATEGY_DFAST and "chain_log" not in extra:
-        extra["chain_log"] = max(base.chain_log, min(DFAST_MIN_CHAIN_LOG, window_log + 1))
     return zstandard.ZstdCompressionParameters.from_level(
         level,
         source_size=frame_size,
