@@ -34,6 +34,7 @@ COMMANDS = {
     "umount": "unmount an archive mounted by vmafs mount",
     "serve": "serve an archive's disks read-only over NBD",
     "restore": "restore a VM's disks as ready-to-boot images (or onto block devices)",
+    "boot": "boot an archive in throwaway overlays to test it (--check: the restore test)",
 }
 
 

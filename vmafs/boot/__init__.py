@@ -1,0 +1,1 @@
+"""`vmafs boot`: a backup booted in throwaway overlays (qemuconf.py: the pure command line)."""
