@@ -25,7 +25,7 @@ def _backup(lab: Lab, s3: S3Env, *extra: str) -> str:
     rc, out, err = run_vmafs("backup", "--qmp", lab.qmp, "--vmid", "100", "--zstd", "-o",
                              s3.url("vm/"), "--json", *extra)
     assert rc == 0, err
-    key = json.loads(out)["archive"]
+    key = json.loads(out)["output"]
     assert key.startswith(s3.url("vm/vzdump-qemu-100-")) and key.endswith(".vma.zst")
     return str(key)
 

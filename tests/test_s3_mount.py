@@ -79,7 +79,7 @@ def test_mount_survives_the_gateway_going_away(s3: S3Env, tmp_path: Path,
     """Reads while the gateway is down fail with EIO (quickly: few attempts); once it is back
     the same reads return the right bytes."""
     image = tmp_path / "disk.raw"
-    data = make_image(image, 32 * MiB, seed=4)
+    data = make_image(image, 160 * MiB, seed=4)  # more than the reads keep (7 x 8 MiB)
     url = s3.url(f"gone/a{suffix}")
     vmafs_cmd("create", "-q", "-o", url, f"drive-scsi0={image}", check=True)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
@@ -89,7 +89,7 @@ def test_mount_survives_the_gateway_going_away(s3: S3Env, tmp_path: Path,
             assert os.pread(fd, MiB, 0) == data[:MiB]
             s3.gw.stop_gateway()
             try:
-                at = 20 * MiB  # data not read yet (even MiBs hold data)
+                at = 120 * MiB + 4096  # data (even MiBs), far from what was read ahead
                 t0 = time.monotonic()
                 with pytest.raises(OSError) as failed:
                     os.pread(fd, 4096, at)
