@@ -25,11 +25,11 @@ DEFAULT_FRAME_SIZE = 3 << 20
 
 Chosen with tools/bench_size.py against vzdump's ``vma create | zstd -T2 -3`` (= 1.000), level 3,
 a 1.5 GiB ext4 image of /usr: 512 KiB frames 1.066, 1 MiB 1.040, 2 MiB 1.013, 3 MiB 1.004
-(a SQLite image: 1.004 to 0.998); the pipeline takes ~1.27x create's CPU (1.4x at 512 KiB).
-No frame size keeps 512 KiB's cold 4 KiB reads through a mount: zstd decodes ~1 GB/s here, so
-each MiB of frame adds ~0.5 ms on average (3 MiB: ~2.4x the 512 KiB latency).  Smaller frames
-at levels 4-5, larger long-match tables or long-distance matching buy the size only with
-1.1-2x the compression CPU, a window past the frame buys nothing."""
+(a SQLite image: 1.004 to 0.998); the pipeline takes 1.2-1.3x create's CPU (1.4x at 512 KiB).
+The price is random reads: a cold 4 KiB read through a mount took 3.4 ms (2 MiB: 2.5 ms,
+512 KiB: 1.3 ms), as zstd decodes ~1 GB/s here and a read decodes half a frame on average.
+Smaller frames at levels 4-5, larger match tables or long-distance matching buy the size only
+with 1.1-2x the compression CPU; a window past the frame buys nothing."""
 DEFAULT_LEVEL = 3
 DEFAULT_THREADS = 2
 MAX_WINDOW_LOG = 27
