@@ -19,9 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from collections.abc import Callable
 from types import TracebackType
-from typing import IO, cast
 
 import numpy as np
 import zstandard
@@ -52,9 +50,6 @@ DEFAULT_CACHE_BYTES = 16 << 20  # 5 frames of the default size (3 MiB)
 PREFIX_READ_MAX = 256 << 10
 # Compressed bytes read past the proportional guess: one zstd block (<= 128 KiB) and its header.
 PREFIX_SLACK = (128 << 10) + 64
-# A local prefix read asks the kernel for all its compressed bytes at once, then hands them to
-# the decompressor in pieces of this size: the first piece decompresses while the rest arrive.
-PREFIX_CHUNK = 64 << 10
 # Whole frames read in file order get this many compressed bytes requested ahead of them.
 PREFETCH = 8 << 20
 MAX_FRAME_SIZE = 32 << 20
@@ -81,21 +76,6 @@ def _read_up_to(reader: zstandard.ZstdDecompressionReader, n: int) -> bytes:
             break
         out += more
     return out
-
-
-class _ChunkReader:
-    """A file-like view of compressed bytes ``[start, end)`` for zstd's stream reader."""
-
-    def __init__(self, pread: Callable[[int, int], bytes], start: int, end: int) -> None:
-        self._pread = pread  # (length, offset), exact
-        self._pos = start
-        self._end = end
-
-    def read(self, size: int = -1) -> bytes:
-        n = self._end - self._pos if size < 0 else min(size, self._end - self._pos)
-        data = self._pread(n, self._pos) if n > 0 else b""
-        self._pos += len(data)
-        return data
 
 
 def _max_blocks(d_size: int) -> int:
@@ -441,23 +421,18 @@ class SeekableZstdSource:
         c_start, c_end = self.table.compressed_range(index)
         c_size = c_end - c_start
         guess = min(c_size, need * c_size // max(end - start, 1) + PREFIX_SLACK)
-        state = int(self._state[index])
-        if state == _UNCHECKED:
+        if self._state[index] == _UNCHECKED:
             # Checking walks every block header to the frame's end: one read of the whole
             # frame costs less than a cold read per block past the prefix.
             guess = c_size
+        data = self._pread_frame(guess, c_start)
+        state = self._checked(index, data)
+        if state != _SIZED or need == end - start:
+            return self.read_frame(index)  # checks the content checksum at the frame's end
         try:
-            if state == _SIZED and need < end - start and not self.remote:
-                self._raw.advise(c_start, guess)
-                out = self._stream_prefix(c_start, c_end, need)
-            else:
-                data = self._pread_frame(guess, c_start)
-                state = self._checked(index, data)
-                if state != _SIZED or need == end - start:
-                    return self.read_frame(index)  # checks the content checksum at the end
-                out = self._decompress_prefix(data, need)
-                if len(out) < need and guess < c_size:
-                    out = self._decompress_prefix(self._pread_frame(c_size, c_start), need)
+            out = self._decompress_prefix(data, need)
+            if len(out) < need and guess < c_size:
+                out = self._decompress_prefix(self._pread_frame(c_size, c_start), need)
         except zstandard.ZstdError as e:
             raise ContainerError(f"{self.name}: frame {index} at {c_start}: {e}") from None
         if len(out) < need:
@@ -466,15 +441,6 @@ class SeekableZstdSource:
                 "the seek table says"
             )
         return out
-
-    def _stream_prefix(self, c_start: int, c_end: int, need: int) -> bytes:
-        """The first ``need`` bytes of a checked frame, its compressed bytes read in
-        PREFIX_CHUNK pieces only as far as the decompressor asks."""
-        source = cast("IO[bytes]", _ChunkReader(self._pread_exact, c_start, c_end))
-        with self._dctx().stream_reader(
-            source, read_size=PREFIX_CHUNK, read_across_frames=False
-        ) as reader:
-            return _read_up_to(reader, need)
 
     def _decompress_prefix(self, data: memoryview, need: int) -> bytes:
         with self._dctx().stream_reader(
