@@ -89,6 +89,7 @@ class BackupOptions:
     zstd: bool | None = None                          # None: from the name
     level: int = 3
     threads: int = 2
+    frame_size: int | None = None                     # seekable zstd frame; None: default
     queue_bytes: int = 64 * MiB                       # sink -> writer buffer (back-pressure)
     stall_timeout: float = 30.0                       # watchdog: writer without progress
     max_workers: int | None = 4                       # x-perf max-workers when QEMU has it

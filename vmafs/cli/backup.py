@@ -20,6 +20,7 @@ from vmafs.cli.common import (
     add_configs,
     add_json,
     add_quiet,
+    frame_bytes,
     int_in,
 )
 from vmafs.errors import FormatError, UsageError, VmafsError
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         qmp_socket=args.qmp, output=args.output, drives=drives,
         configs=configs.files, qga_socket=args.qga,
         zstd=True if args.zstd else None, level=args.level, threads=args.threads,
+        frame_size=frame_bytes(args),
         stall_timeout=args.stall_timeout,
         max_workers=args.max_workers if args.max_workers > 0 else None,
         progress=False if args.quiet else None, handle_signals=True,

@@ -56,6 +56,10 @@ def add_compression(parser: argparse.ArgumentParser) -> None:
                         help="zstd level for .vma.zst output, 1 to 22 (default 3)")
     parser.add_argument("--threads", type=int_in(1, 64), default=2, metavar="N",
                         help="zstd compression threads, 1 to 64 (default 2)")
+    parser.add_argument("--frame-size", type=int_in(64, 8192), metavar="KIB",
+                        help="seekable zstd frame size in KiB, 64 to 8192 (default 3072: as "
+                             "small as vzdump's zstd; 512 reads a random 4 KiB in about a "
+                             "third of the time through a mount, for ~6%% more size)")
     parser.add_argument("--zstd", action="store_true",
                         help="compress (seekable zstd) even when writing to stdout")
 
@@ -67,3 +71,8 @@ def progress_for(args: argparse.Namespace, label: str, total: int) -> Progress:
 def device_list(devices: Iterable[Any]) -> list[dict[str, Any]]:
     """`devices` in --json: one object per disk, its name exact (json_name) and its size."""
     return [{**json_name(d.name), "device_bytes": d.size} for d in devices]
+
+
+def frame_bytes(args: argparse.Namespace) -> int | None:
+    """--frame-size in bytes, or None for the container's default."""
+    return args.frame_size * 1024 if args.frame_size else None

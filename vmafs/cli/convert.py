@@ -13,7 +13,14 @@ import numpy as np
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_archive_input, add_compression, add_json, add_quiet, progress_for
+from vmafs.cli.common import (
+    add_archive_input,
+    add_compression,
+    add_json,
+    add_quiet,
+    frame_bytes,
+    progress_for,
+)
 from vmafs.container.output import open_output
 from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, UsageError, about
@@ -59,7 +66,7 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
     incremental = chain.is_incremental(header.configs)
     progress = progress_for(args, "convert", sum(sizes.values()))
     with open_output(args.output, zstd=args.zstd or None, level=args.level,
-                     threads=args.threads) as out:
+                     threads=args.threads, frame_size=frame_bytes(args)) as out:
         writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in header.devices],
                                header.configs, uuid=header.uuid, ctime=header.ctime,
                                progress=progress.update,

@@ -10,7 +10,14 @@ from vmafs.archive.configs import read_configs
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.backup import images
 from vmafs.cli import COMMANDS
-from vmafs.cli.common import add_compression, add_configs, add_json, add_quiet, progress_for
+from vmafs.cli.common import (
+    add_compression,
+    add_configs,
+    add_json,
+    add_quiet,
+    frame_bytes,
+    progress_for,
+)
 from vmafs.container.output import open_output
 from vmafs.errors import VmafsError
 from vmafs.format.names import json_name
@@ -52,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(s.size for s in specs)
     progress = progress_for(args, "create", total)
     with open_output(args.output, zstd=args.zstd or None, level=args.level,
-                     threads=args.threads) as out:
+                     threads=args.threads, frame_size=frame_bytes(args)) as out:
         writer = ArchiveWriter(out, [DeviceSpec(s.devname, s.size) for s in specs], configs.files,
                                progress=progress.update)
         for dev_id, spec in enumerate(specs, start=1):

@@ -16,6 +16,7 @@ from vmafs.cli.common import (
     add_json,
     add_quiet,
     device_list,
+    frame_bytes,
     int_in,
     progress_for,
 )
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         total = sum(d.size for d in view.devices)
         progress = progress_for(args, "merge", total)
         with open_output(args.output, zstd=args.zstd or None, level=args.level,
-                         threads=args.threads) as out:
+                         threads=args.threads, frame_size=frame_bytes(args)) as out:
             write_full(view, folded[-1], out, progress)
         progress.finish()
     finally:

@@ -13,7 +13,13 @@ import secrets
 import sys
 from collections.abc import Callable, Iterator
 
-from vmafs.container.zstd_output import Output, PlainOutput, SeekableZstdOutput, Writable
+from vmafs.container.zstd_output import (
+    DEFAULT_FRAME_SIZE,
+    Output,
+    PlainOutput,
+    SeekableZstdOutput,
+    Writable,
+)
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import display
 from vmafs.store import display_location, is_remote
@@ -94,7 +100,7 @@ def check_output_name(path: str) -> None:
 
 @contextlib.contextmanager
 def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
-                threads: int = 2) -> Iterator[Output]:
+                threads: int = 2, frame_size: int | None = None) -> Iterator[Output]:
     """Yield an Output for PATH ('-' is stdout); commit on normal exit, discard on exception.
 
     The data goes to a fresh temporary file beside PATH (TempFile); PATH appears only when
@@ -104,18 +110,18 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
     compressed = is_zstd_name(path) if zstd is None else zstd
     if path == "-":
         target = sys.stdout.buffer
-        out = _make(target, compressed, level, threads)
+        out = _make(target, compressed, level, threads, frame_size)
         yield out
         out.close()
         return
     if is_remote(path):
-        yield from _open_upload(path, compressed, level, threads)
+        yield from _open_upload(path, compressed, level, threads, frame_size)
         return
     with open_dir(os.path.dirname(os.path.abspath(path))) as dir_fd:
         tmp = TempFile(dir_fd, os.fsencode(os.path.basename(path)), label=display(path))
         try:
             with os.fdopen(tmp.fd, "wb", buffering=0, closefd=False) as target:
-                out = _make(WritebackFile(target), compressed, level, threads)
+                out = _make(WritebackFile(target), compressed, level, threads, frame_size)
                 try:
                     yield out
                     out.close()
@@ -128,14 +134,15 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
             raise
 
 
-def _open_upload(path: str, compressed: bool, level: int, threads: int) -> Iterator[Output]:
+def _open_upload(path: str, compressed: bool, level: int, threads: int,
+                 frame_size: int | None) -> Iterator[Output]:
     """A store's upload (an S3 multipart upload): the archive streams into it and appears
     only at commit; any failure, Ctrl-C or SIGTERM aborts it (nothing left behind)."""
     from vmafs.store import store_for
 
     upload = store_for(path).create(path)
     try:
-        out = _make(upload, compressed, level, threads)
+        out = _make(upload, compressed, level, threads, frame_size)
         try:
             yield out
             out.close()
@@ -281,9 +288,11 @@ def rename_noreplace(dir_fd: int, src: bytes, dst: bytes) -> None:
     os.unlink(src, dir_fd=dir_fd)
 
 
-def _make(target: Writable, compressed: bool, level: int, threads: int) -> Output:
+def _make(target: Writable, compressed: bool, level: int, threads: int,
+          frame_size: int | None = None) -> Output:
     if compressed:
-        return SeekableZstdOutput(target, level=level, threads=threads)
+        return SeekableZstdOutput(target, level=level, threads=threads,
+                                  frame_size=frame_size or DEFAULT_FRAME_SIZE)
     return PlainOutput(target)
 
 
