@@ -33,6 +33,10 @@ SOCKET_NAME = ".vmafs-live.nbd"   # default export socket, in DIR: the same on -
 RECONNECT_DELAY = 300             # seconds QEMU holds backing reads while vmafs is away
 POLL = 0.5                        # seconds between progress polls
 SUN_PATH_MAX = 107
+HOLE_BUDGET = 128 << 30           # bytes of holes marked zero in a target before QEMU starts
+HOLE_CHUNK = 1 << 30              # per qemu-io write -z (below QEMU's request limit)
+MAX_MARKS = 20000                 # qemu-io commands per target (its argv must stay small)
+TARGET_CLUSTER = 65536
 
 
 @dataclass
@@ -222,6 +226,7 @@ class _LiveRestore:
                     _qemu_img(["create", "-q", "-f", "qcow2", "-F", "raw", "-b",
                                backing_spec(sock, t.name, self.opts.reconnect_delay),
                                f"/proc/self/fd/{fd}", str(t.size)], fd)
+                    _mark_holes(fd, _holes(session, t))
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -365,6 +370,47 @@ class _LiveRestore:
                     raise VmafsError(f"QEMU at {display(self.opts.qmp)} has no drive on "
                                      f"{display(t.path)}: start it with the -drive arguments "
                                      "vmafs printed")
+
+
+def _holes(session: Any, t: Target) -> list[tuple[int, int]]:
+    """The archive's holes in the disk, whole target clusters, up to HOLE_BUDGET bytes."""
+    dev_id = next(d.dev_id for d in session.devices if d.name == t.name)
+    holes: list[tuple[int, int]] = []
+    pos = total = 0
+    while pos < t.size and total < HOLE_BUDGET:
+        runs = session.allocation(dev_id, pos, t.size - pos)
+        if not runs:
+            break
+        for length, is_hole in runs:
+            lo = -(-pos // TARGET_CLUSTER) * TARGET_CLUSTER
+            hi = (pos + length) // TARGET_CLUSTER * TARGET_CLUSTER
+            if is_hole and hi > lo:
+                hi = min(hi, lo + HOLE_BUDGET - total)
+                for start in range(lo, hi, HOLE_CHUNK):
+                    holes.append((start, min(HOLE_CHUNK, hi - start)))
+                total += hi - lo
+            pos += length
+            if total >= HOLE_BUDGET or len(holes) >= MAX_MARKS:
+                return holes[:MAX_MARKS]
+    return holes
+
+
+def _mark_holes(fd: int, holes: list[tuple[int, int]]) -> None:
+    """Mark the archive's holes as zero clusters in the new target (metadata only): QEMU's
+    stream then skips them instead of reading zeros over NBD and writing them. Same content:
+    a hole reads as zeros either way. Done before QEMU opens the target, so no guest write
+    can be overwritten."""
+    if not holes:
+        return
+    cmds = [a for off, n in holes for a in ("-c", f"write -z {off} {n}")]
+    try:
+        proc = subprocess.run(["qemu-io", "-f", "qcow2", f"/proc/self/fd/{fd}", *cmds],
+                              pass_fds=(fd,), capture_output=True, text=True)
+    except FileNotFoundError:
+        return          # an optimisation only: without qemu-io the stream copies zeros
+    if proc.returncode or "error" in proc.stderr.lower() or "error" in proc.stdout.lower():
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["failed"]
+        raise VmafsError(f"qemu-io write -z failed: {lines[-1]}")
 
 
 async def _wait_for_socket(path: str, announce: Callable[[str], None]) -> None:
