@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import guestimage as gi
 import pytest
 from conftest import run_vmafs
-from rgw import S3Env, rgw_gateway, s3_fixture  # noqa: F401 - fixtures
 from test_backup import Lab, check_consistent
 
 from vmafs.archive.chain import open_chain
+
+pytest_plugins = ["rgw"]  # one gateway for the session, whatever module asks
+if TYPE_CHECKING:
+    from rgw import S3Env
 
 
 @pytest.fixture(scope="module")

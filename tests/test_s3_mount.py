@@ -11,16 +11,20 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import fuse_missing
-from rgw import S3Env, rgw_gateway, s3_fixture  # noqa: F401 - fixtures
 from test_mount import PART_OFFSET, PART_SIZE, _losetup_available, _partitioned_ext4, mounted
 from test_mount import vmafs as vmafs_cmd
 from test_s3 import make_image
 
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(fuse_missing() is not None, reason=str(fuse_missing()))
+
+pytest_plugins = ["rgw"]  # one gateway for the session, whatever module asks
+if TYPE_CHECKING:
+    from rgw import S3Env
 
 
 def test_mount_from_s3_reads_exactly(s3: S3Env, tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from rgw import S3Env, rgw_gateway, s3_fixture  # noqa: F401 - fixtures
 
 from vmafs.errors import VmafsError
 from vmafs.store import (
@@ -35,6 +35,10 @@ from vmafs.store.ranged import RangedObject
 from vmafs.store.s3 import MAX_PARTS, PART_MAX, S3Upload, part_size
 
 MiB = 1 << 20
+
+pytest_plugins = ["rgw"]  # one gateway for the session, whatever module asks
+if TYPE_CHECKING:
+    from rgw import S3Env
 
 
 def test_locations() -> None:

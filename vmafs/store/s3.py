@@ -63,17 +63,21 @@ def parse(location: str) -> tuple[str, str]:
 
 # -- the client -----------------------------------------------------------------------------
 
-_client: BaseClient | None = None
+_clients: dict[tuple[str, ...], BaseClient] = {}
 _client_lock = threading.Lock()
+_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
+        "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
 def client() -> BaseClient:
-    """The process's S3 client, made on first use from the environment and ~/.aws/."""
-    global _client
+    """The S3 client, made on first use from the environment and ~/.aws/ (one per setting
+    of those, so a process that changes them gets what they say)."""
+    key = tuple(os.environ.get(name, "") for name in _ENV)
     with _client_lock:
-        if _client is None:
-            _client = _make_client()
-        return _client
+        made = _clients.get(key)
+        if made is None:
+            made = _clients[key] = _make_client()
+        return made
 
 
 def _make_client() -> BaseClient:
