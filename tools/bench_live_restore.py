@@ -23,6 +23,7 @@ read once before).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -124,7 +125,8 @@ def live_round(work: Path, archive: Path, read_at: int, full: bool = True
         if proc.wait(timeout=3600):
             sys.exit(f"vmafs restore --live failed: {proc.stderr.read() if proc.stderr else ''}")
         stream = time.monotonic() - t0
-        q.execute("quit")
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            q.execute("quit")
     finally:
         qemu.kill()
         qemu.wait()
