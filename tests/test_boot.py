@@ -206,3 +206,24 @@ def test_boot_usage_errors(tmp_path: Path) -> None:
                         str(tmp_path / "missing.vma")],
                        capture_output=True, text=True, env=_env(tmp_path), timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+
+
+@needs_qemu
+def test_boot_check_guest_agent(tmp_path: Path) -> None:
+    """A VM with `agent: 1` is up when its guest agent answers guest-ping (the test guest's
+    kernel given through the QEMU arguments after --; it runs qemu-ga on the port)."""
+    guest = gi.guest_or_skip()
+    blank = tmp_path / "blank.raw"
+    with open(blank, "wb") as f:
+        f.truncate(16 << 20)
+    conf = tmp_path / "101.conf"
+    conf.write_text("agent: 1\nmemory: 256\nvirtio0: local:vm-101-disk-0,size=16M\n")
+    archive = tmp_path / "agent.vma"
+    subprocess.run([sys.executable, "-m", "vmafs", "create", "-q", "-o", archive, "-c", conf,
+                    f"drive-virtio0={blank}"], check=True, env=_env(tmp_path))
+    r, out = _boot(tmp_path, archive, "--timeout", "120", "--", "-kernel", guest.kernel,
+                   "-initrd", guest.initrd, "-append", guest.cmdline("idle"))
+    assert r.returncode == 0 and out["up"] is True and out["by"] == "guest-agent", \
+        (out, r.stderr)
+    assert "-m" in out["qemu"] and out["qemu"][out["qemu"].index("-m") + 1] == "256"
+    assert "UP: the guest agent answered" in r.stderr

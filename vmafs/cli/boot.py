@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import Any
 
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_base, add_json
@@ -23,12 +24,28 @@ serial console matches REGEX. One line (and --json) says whether it came up, the
 first disk read and to up; then QEMU is stopped. Exit 0 only when the guest came up."""
 
 
+class _QemuArgsAfterDashDash:
+    """Everything after the first "--" is QEMU's (args.qemu_args), whatever came before."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        words = list(sys.argv[1:] if args is None else args)
+        extra: list[str] = []
+        if "--" in words:
+            i = words.index("--")
+            words, extra = words[:i], words[i + 1:]
+        ns, rest = super().parse_known_args(words, namespace)  # type: ignore[misc]
+        ns.qemu_args = extra
+        return ns, rest
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("boot", help=COMMANDS["boot"], description=DESCRIPTION,
+                       usage="vmafs boot [options] ARCHIVE [-- QEMU-ARGS ...]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("archive", metavar="ARCHIVE", help="the .vma or seekable .vma.zst archive")
-    p.add_argument("qemu_args", nargs="*", metavar="QEMU-ARGS",
-                   help="after --: more QEMU arguments (e.g. -vnc :1)")
+    # QEMU-ARGS follow "--": split off before argparse (a positional list would already be
+    # consumed, empty, by the time "--" comes after options)
+    p.__class__ = type("_BootParser", (_QemuArgsAfterDashDash, type(p)), {})
     p.add_argument("--check", action="store_true",
                    help="boot headless and report whether the guest came up (exit 0 if so)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
