@@ -107,6 +107,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="4G", help="disk size (K/M/G suffix)")
     ap.add_argument("--only", default="upload,extract,mount")
+    ap.add_argument("--frame-size", default=None, metavar="KIB",
+                    help="zstd frame size for the .vma.zst archives (vmafs's default if not "
+                         "given; 512 keeps a cold random read from S3 near one small GET)")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--out", default="/dev/shm",
                     help="where extract writes (default /dev/shm: the network path, not this "
@@ -141,10 +144,13 @@ def main() -> int:
         for suffix in (".vma", ".vma.zst"):
             key = f"a{suffix}"
             local = scratch / f"local{suffix}"
-            vmafs("create", "-o", str(local), f"drive-scsi0={disk}")
+            framing = ["--frame-size", args.frame_size] if args.frame_size and suffix != ".vma" \
+                else []
+            vmafs("create", *framing, "-o", str(local), f"drive-scsi0={disk}")
             stored = local.stat().st_size
             if "upload" in only or not any(o in only for o in ("extract", "mount")):
-                t_ours = vmafs("create", "-o", f"s3://{bucket}/{key}", f"drive-scsi0={disk}")
+                t_ours = vmafs("create", *framing, "-o", f"s3://{bucket}/{key}",
+                               f"drive-scsi0={disk}")
                 t_boto = python(UPLOAD, str(local), bucket, "baseline" + suffix)
                 client.delete_object(Bucket=bucket, Key="baseline" + suffix)
                 report(f"{suffix:8} upload: vmafs create -o s3:// {stored / MiB / t_ours:7.1f} "
