@@ -37,6 +37,8 @@ from vmafs.container.streams import open_stream
 from vmafs.errors import EXIT_DAMAGED, NotSeekableError, VmafsError
 from vmafs.format import chain, vma
 from vmafs.format.names import display, format_ctime
+from vmafs.store import absolute, is_remote, remote_key
+from vmafs.store import names as place_names
 
 ARCHIVE_SUFFIXES = (".vma", ".vma.zst")
 # Archives in one chain: each is held open (one file each, far below the usual 1024 fds), and
@@ -80,7 +82,10 @@ def regular_key(path: str) -> Key:
 
 
 def _regular(path: str) -> Key | str:
-    """The file's identity, or why it is not a regular file."""
+    """The file's identity, or why it is not a regular file (an object in a store is one,
+    keyed by its location)."""
+    if is_remote(path):
+        return remote_key(path)
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -96,6 +101,9 @@ def read_header(path: str) -> vma.Header:
     try:
         source, _kind = open_source(path)  # refuses anything but a regular file or a disk
     except NotSeekableError:
+        if is_remote(path):
+            with open_stream(path) as stream:
+                return walk.read_header(stream)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -131,10 +139,7 @@ def candidates(directory: str) -> Pool:
     """Every archive in a directory, read or not: regular files only (symlinks followed), each
     file once, under its own name rather than a symlink's."""
     pool = Pool([], [])
-    try:
-        names = sorted(os.listdir(directory or "."))
-    except OSError as exc:
-        raise VmafsError(f"cannot list {display(directory)}: {exc.strerror}") from None
+    names = place_names(directory)  # a directory's entries, or the objects of an S3 prefix
     seen: dict[Key, int] = {}
     for name in names:
         if name.startswith(".") or not name.endswith(ARCHIVE_SUFFIXES):
@@ -297,7 +302,7 @@ def choose(child_key: Key, child_devices: Sequence[tuple[str, int]], link: chain
 
 
 def _not_found(child: str, link: chain.Link, pool: Pool, directory: str, given: bool) -> str:
-    where = display(os.path.abspath(directory or "."))
+    where = display(absolute(directory or "."))
     hint = " nor among the --base archives" if given else "; give it with --base"
     if pool.unreadable:
         path, why = pool.unreadable[0]
@@ -365,12 +370,16 @@ def resolve(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
     newest = Archive.open(path, layer=True, drop_behind=drop_behind)  # a disk too
     layers = [newest]
     try:
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise VmafsError(f"cannot open {display(path)}: {exc.strerror}") from None
+        first = _regular(path) if is_remote(path) else None  # an object: its location's key
+        if first is None:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise VmafsError(f"cannot open {display(path)}: {exc.strerror}") from None
+            first = (st.st_dev, st.st_ino)
+        assert not isinstance(first, str)
         walker = _Walk(bases, drop_behind)
-        keys: list[Key] = [(st.st_dev, st.st_ino)]
+        keys: list[Key] = [first]
         while layers[-1].incremental:
             if len(layers) >= MAX_DEPTH:
                 raise ChainError(_too_deep(layers, keys[-1], walker, path))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
 from dataclasses import dataclass, field
 
@@ -26,8 +25,8 @@ from vmafs.cli.common import add_json, int_in
 from vmafs.errors import VmafsError
 from vmafs.format.names import display, json_name
 from vmafs.progress import print_json
+from vmafs.store.place import GONE, Place
 
-GONE = "gone already"
 PROTECTED = ".protected"  # vzdump's mark of an archive prune must not remove: ARCHIVE.protected
 
 
@@ -62,7 +61,7 @@ class _Scan:
     entries: list[retention.Entry] = field(default_factory=list)
     staying: list[retention.Staying] = field(default_factory=list)
     left_alone: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
-    identity: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (dev, ino)
+    identity: dict[str, bytes] = field(default_factory=dict)  # path -> the file or object read
     names: list[str] = field(default_factory=list)
 
 
@@ -70,26 +69,22 @@ def _warn(message: str) -> None:
     print(f"vmafs prune: warning: {message}", file=sys.stderr)
 
 
-def _scan(directory: str, dir_fd: int, vmid: str | None) -> _Scan:
+def _scan(directory: str, place: Place, vmid: str | None) -> _Scan:
     found = _Scan()
-    try:
-        found.names = sorted(os.listdir(dir_fd))
-    except OSError as exc:
-        raise VmafsError(f"cannot list {display(directory)}: {exc.strerror}") from None
+    found.names = place.names()  # a directory's entries, or the objects of an S3 prefix
     for name in found.names:
         parsed = naming.parse_vzdump_name(name)
         considered = parsed is not None and (vmid is None or parsed[0] == vmid)
         if not considered and (name.startswith(".") or not name.endswith(chain.ARCHIVE_SUFFIXES)):
             continue
-        path = os.path.join(directory, name)
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError:
+        path = place.path(name)
+        kind = place.kind(name)  # never opens it (a FIFO never blocks)
+        if kind is None:
             continue  # gone since the listing
-        regular = stat.S_ISREG(st.st_mode)
+        regular = kind[0] == "regular"
         if considered and not regular:
             found.left_alone.append((name, "not a regular file"))
-        if not regular and not (stat.S_ISLNK(st.st_mode) and os.path.isfile(path)):
+        if not regular and kind[0] != "link":  # a symlink to a regular file is read, stays
             continue
         try:
             facts = chain.peek(path)
@@ -100,47 +95,25 @@ def _scan(directory: str, dir_fd: int, vmid: str | None) -> _Scan:
             continue
         parent = facts.parent.uuid if facts.parent is not None else None
         if considered and regular and parsed is not None:
-            protected = os.path.lexists(os.path.join(directory, name + PROTECTED))
+            protected = place.exists(name + PROTECTED)
             found.entries.append(retention.Entry(path, parsed[0], parsed[1], facts.uuid, parent,
                                                  protected))
-            found.identity[path] = (st.st_dev, st.st_ino)
+            found.identity[path] = kind[1]
         else:  # another VM's, a name vzdump would not give, a symlink: it stays
             found.staying.append(retention.Staying(path, facts.uuid, parent))
     return found
 
 
-def _sidecars(dir_fd: int, name: str, remaining_stems: set[str]) -> list[str]:
+def _sidecars(place: Place, name: str, remaining_stems: set[str]) -> list[str]:
     """vzdump's files beside an archive, removed with it: NAME.notes, and STEM.log unless an
     archive that stays has the same stem (NAME.vma beside NAME.vma.zst)."""
     stem = naming.strip_suffix(name)
     out = []
     for side in ([stem + ".log"] if stem not in remaining_stems else []) + [name + ".notes"]:
-        try:
-            st = os.stat(side, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
+        kind = place.kind(side)
+        if kind is not None and kind[0] == "regular":
             out.append(side)
     return out
-
-
-def _unlink_regular(dir_fd: int, name: str, identity: tuple[int, int] | None) -> str | None:
-    """Remove NAME (the name only: unlink never follows a symlink) if it still is the regular
-    file read (identity), or any regular file (None); why not, when it is not removed."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return GONE
-    if not stat.S_ISREG(st.st_mode) or (identity is not None
-                                        and (st.st_dev, st.st_ino) != identity):
-        return "replaced since it was read"
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return GONE
-    except OSError as exc:
-        raise VmafsError(f"cannot remove {display(name)}: {exc.strerror}") from None
-    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,19 +121,13 @@ def run(args: argparse.Namespace) -> int:
                                     args.monthly, args.yearly)
     options.check()  # before reading anything
     vmid = naming.check_vmid(args.vmid) if args.vmid is not None else None
-    try:
-        dir_fd = os.open(args.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise VmafsError(f"cannot open directory {display(args.dir)}: {exc.strerror}") from None
-    try:
-        return _run(args, dir_fd, options, vmid)
-    finally:
-        os.close(dir_fd)
+    with Place(args.dir) as place:  # a directory, or an S3 prefix (s3://BUCKET/PREFIX/)
+        return _run(args, place, options, vmid)
 
 
-def _run(args: argparse.Namespace, dir_fd: int, options: retention.KeepOptions,
+def _run(args: argparse.Namespace, place: Place, options: retention.KeepOptions,
          vmid: str | None) -> int:
-    found = _scan(args.dir, dir_fd, vmid)
+    found = _scan(args.dir, place, vmid)
     resolver = chain.Prune(args.dir)  # every file a kept chain relies on is checked there
     plan = retention.plan(found.entries, options, found.staying, resolver.needs)
     removing = {d.entry.name for d in plan.removed}
@@ -169,7 +136,7 @@ def _run(args: argparse.Namespace, dir_fd: int, options: retention.KeepOptions,
     sidecars: dict[str, list[str]] = {}
     claimed: set[str] = set()
     for d in plan.removal_order():  # a log two removed archives share goes with one of them
-        sidecars[d.entry.name] = [s for s in _sidecars(dir_fd, d.entry.name, remaining_stems)
+        sidecars[d.entry.name] = [s for s in _sidecars(place, d.entry.name, remaining_stems)
                                   if s not in claimed]
         claimed.update(sidecars[d.entry.name])
     for name, reason in found.left_alone:
@@ -182,7 +149,7 @@ def _run(args: argparse.Namespace, dir_fd: int, options: retention.KeepOptions,
         _print_plan(plan, found, sidecars)
     removed: dict[str, list[str]] = {}
     if not args.dry_run:
-        removed = _remove(args, dir_fd, plan, found, sidecars, resolver)
+        removed = _remove(args, place, plan, found, sidecars, resolver)
     if args.json:
         _print_json(args, plan, found, orphans, sidecars, removed)
     elif args.dry_run:
@@ -193,7 +160,7 @@ def _run(args: argparse.Namespace, dir_fd: int, options: retention.KeepOptions,
     return 0
 
 
-def _remove(args: argparse.Namespace, dir_fd: int, plan: retention.Plan, found: _Scan,
+def _remove(args: argparse.Namespace, place: Place, plan: retention.Plan, found: _Scan,
             sidecars: dict[str, list[str]], resolver: chain.Prune) -> dict[str, list[str]]:
     """Unlink the plan's removals, children first. An archive that could not be removed
     (replaced since it was read) still needs its chain: what it needs is not removed."""
@@ -211,7 +178,7 @@ def _remove(args: argparse.Namespace, dir_fd: int, plan: retention.Plan, found: 
             held.update(resolver.needs(d.entry.path, stays).paths)
             continue
         try:
-            skipped = _unlink_regular(dir_fd, name, found.identity.get(d.entry.path))
+            skipped = place.remove(name, found.identity.get(d.entry.path))
         except VmafsError as exc:
             raise VmafsError(f"{exc} (prune stopped; {len(removed)} removed before "
                              "it)") from None
@@ -221,9 +188,9 @@ def _remove(args: argparse.Namespace, dir_fd: int, plan: retention.Plan, found: 
                 held.add(d.entry.path)
                 held.update(resolver.needs(d.entry.path, stays).paths)
             continue
-        removed[name] = [s for s in sidecars[name] if _unlink_regular(dir_fd, s, None) is None]
+        removed[name] = [s for s in sidecars[name] if place.remove(s, None) is None]
     if removed:
-        os.fsync(dir_fd)
+        place.sync()
     return removed
 
 
