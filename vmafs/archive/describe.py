@@ -26,6 +26,8 @@ from vmafs.errors import NotSeekableError, UsageError, VmafsError
 from vmafs.format import chain as chain_record
 from vmafs.format import vma
 from vmafs.format.names import display
+from vmafs.store import display_location, is_remote, store_for
+from vmafs.store import lstat as store_lstat
 
 NOT_SEEKABLE = "not seekable: convert it to mount (vmafs convert ARCHIVE OUT.vma.zst)"
 
@@ -102,6 +104,11 @@ class Info:
 
 
 def _regular_size(path: str) -> int:
+    if is_remote(path):
+        entry = store_for(path).stat(path)
+        if entry is None:
+            raise VmafsError(f"{display_location(path)}: no such object")
+        return entry.size
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -112,6 +119,12 @@ def _regular_size(path: str) -> int:
 
 
 def _container(path: str) -> str:
+    if is_remote(path):
+        obj = store_for(path).open(path)
+        try:
+            return detect_container(obj.read(0, 16))
+        finally:
+            obj.close()
     try:
         with open(path, "rb") as f:
             return detect_container(f.read(16))
@@ -203,16 +216,13 @@ class Listing:
 
 
 def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except OSError:
-        return None
+    return store_lstat(path)  # an object in a store: a regular file of its size
 
 
 def snapshots(directory: str, vmid: str | None = None) -> Listing:
     """The archives of a directory (regular files only), each with whether its chain is
     complete; a file that cannot be read is listed as unreadable, not an error."""
-    if not os.path.isdir(directory):
+    if not is_remote(directory) and not os.path.isdir(directory):
         raise VmafsError(f"{display(directory)}: not a directory")
     pool = chain.candidates(directory)
     listing = Listing([], [], [])
@@ -272,9 +282,8 @@ def _chains(found: Sequence[tuple[chain.Peek, os.stat_result, str | None]]
             continue
         for a in layers:
             try:
-                st = os.stat(a.path or peek.path)
-                done.setdefault((st.st_dev, st.st_ino), None)
-            except OSError:
+                done.setdefault(chain.regular_key(a.path or peek.path), None)
+            except (OSError, VmafsError):
                 pass
             finally:
                 a.close()

@@ -14,6 +14,7 @@ import stat
 from vmafs.archive import naming
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import display
+from vmafs.store import exists
 
 
 def _split(archive: str) -> tuple[str, str]:
@@ -34,7 +35,7 @@ def _open_dir(directory: str) -> int:
 
 def is_protected(archive: str) -> bool:
     """True when the archive's marker exists (whatever it is: prune honours any)."""
-    return os.path.lexists(naming.protected_marker(archive))
+    return exists(naming.protected_marker(archive))  # a path, or an object in a store
 
 
 def protect(archive: str) -> bool:
