@@ -77,6 +77,8 @@ class Session:
         self._chunks: OrderedDict[tuple[int, int], _Fetch] = OrderedDict()
         self._limiter = trio.CapacityLimiter(WORKERS)
         self._sizes = {d.dev_id: d.size for d in archive.devices}
+        # an archive in a store (S3, a URL): its reads may wait on the network
+        self._remote = any(getattr(s, "remote", False) for s in archive.sources)
 
     # -- what is served --------------------------------------------------------------------
 
@@ -108,7 +110,7 @@ class Session:
         """True when reads never wait (a plain archive: index lookups and preads of a hot
         file; measured: a thread per 2 MiB read made qemu-img convert slower, as for the
         mount), so a server may answer them in order, in the task that parsed them."""
-        return not self.archive.compressed
+        return not self.archive.compressed and not self._remote
 
     def read_inline(self, dev_id: int, offset: int, size: int) -> bytes | memoryview:
         """A read of an `inline` session, from any thread (the model reads with pread
@@ -140,7 +142,7 @@ class Session:
         """Device bytes [offset, offset+size) (clipped at the end); `streaming`: read whole
         chunks and the next ones ahead."""
         archive = self.archive
-        if not archive.compressed:
+        if self.inline:
             return self.read_inline(dev_id, offset, size)
         if size <= len(ZERO_VIEW) and self._is_hole(dev_id, offset, size):
             return ZERO_VIEW[:min(size, max(0, self._sizes[dev_id] - offset))]

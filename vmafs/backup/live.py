@@ -71,6 +71,7 @@ from vmafs.errors import VmafsError
 from vmafs.format import chain
 from vmafs.format.names import display
 from vmafs.progress import Progress
+from vmafs.store import absolute
 
 MiB = 1 << 20
 
@@ -360,7 +361,7 @@ class Backup:
                 await agent.execute("guest-ping")
         assert self.lock is not None
         record = self.lock.record
-        record.output = os.path.abspath(self.opts.output) if self.opts.output != "-" else None
+        record.output = absolute(self.opts.output) if self.opts.output != "-" else None
         record.uuid = str(self.uuid)
         record.bitmap = chain.bitmap_name(self.uuid) if self.opts.bitmap else None
         record.parent_bitmap = (chain.bitmap_name(self.parent.uuid)

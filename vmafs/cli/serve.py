@@ -58,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from vmafs.serve.nbd import log, parse_listen, serving
 
     listen = parse_listen(args.listen) if args.listen else None
-    archive = os.path.abspath(args.archive)
+    from vmafs.store import absolute
+
+    archive = absolute(args.archive)  # an s3:// or https:// location stays as it is
     socket = os.path.abspath(args.socket) if args.socket else None
-    bases = [os.path.abspath(b) for b in args.base]
+    bases = [absolute(b) for b in args.base]
 
     async def main(task_status: trio.TaskStatus[daemon.Ready]) -> None:
         async with open_session(archive, bases) as session, \

@@ -142,11 +142,12 @@ async def _serve(req: MountRequest, opts: MountOptions, task_status: Any) -> Non
 def mount(req: MountRequest) -> int:
     """`vmafs mount`: returns (in the parent) 0 once mounted, or raises MountError."""
     from vmafs.serve import daemon
+    from vmafs.store import absolute, display_location
 
-    req.archive = os.path.abspath(req.archive)
-    req.bases = [os.path.abspath(b) for b in req.bases]  # the daemon works from /
+    req.archive = absolute(req.archive)  # an s3:// or https:// location stays as it is
+    req.bases = [absolute(b) for b in req.bases]  # the daemon works from /
     req.mountpoint = os.path.realpath(req.mountpoint)
-    opts = parse_options(req.options, req.archive)
+    opts = parse_options(req.options, display_location(req.archive))  # no URL query shown
     _check_mountpoint(req.mountpoint, opts.nonempty)
 
     async def main(task_status: Any) -> None:
