@@ -194,7 +194,13 @@ class Archive:
                if identity is not None else None)
         held = (walk_cache.load_held(key, header) if key is not None and incremental
                 else None)
-        if key is None or (held is None if incremental else not walk_cache.confirmed(key)):
+        # A full archive in a store (S3, a URL) is not confirmed at open: that reads every
+        # extent's header, a request each (seconds and most of the object for a few GiB);
+        # every read is still checked against the index's checksums, and verify confirms
+        # the index against the whole stream.
+        remote_full = getattr(source, "remote", False) and not incremental
+        if not remote_full and (key is None or (held is None if incremental
+                                                 else not walk_cache.confirmed(key))):
             source.check_layout()
             extents, rules = locate.confirm_index(source, header, table, footer.index_offset,
                                                   complete=not incremental)
