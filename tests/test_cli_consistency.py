@@ -291,3 +291,15 @@ def test_every_command_speaks_one_json_vocabulary(tmp_path: Path, disk: Path,
         doc = json.loads(out)
         assert rc == doc["exit"] and rc != 0 and doc["ok"] is False, (command, doc)
         assert doc["error"] in err
+
+
+def test_a_presigned_urls_signature_is_never_printed() -> None:
+    """Messages and --json show a URL without its query (a presigned URL's signature and key
+    id are credentials)."""
+    url = "http://127.0.0.1:9/b/a.vma?X-Amz-Credential=AKIDSECRET&X-Amz-Signature=feedface"
+    for argv in (["verify", "--json", url], ["info", "--json", url], ["list", url]):
+        rc, out, err = run_vmafs(*argv, timeout=120, env={"AWS_MAX_ATTEMPTS": "1"})
+        assert rc != 0
+        text = out.decode() + err
+        assert "AKIDSECRET" not in text and "feedface" not in text, text
+        assert "http://127.0.0.1:9/b/a.vma?…" in text, text

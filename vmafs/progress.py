@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+from vmafs.format.names import hide_url_queries
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -68,5 +70,5 @@ class Progress:
 def print_json(obj: dict[str, Any], stream: TextIO | None = None) -> None:
     """One JSON object on one line, for --json."""
     out = stream or sys.stdout
-    out.write(json.dumps(obj, sort_keys=True) + "\n")
+    out.write(hide_url_queries(json.dumps(obj, sort_keys=True)) + "\n")
     out.flush()

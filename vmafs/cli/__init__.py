@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from vmafs import __version__
 from vmafs.errors import EXIT_ERROR, EXIT_USAGE, VmafsError
-from vmafs.format.names import display
+from vmafs.format.names import display, hide_url_queries
 
 # Subcommand modules under vmafs.cli; each defines add_parser(subparsers) and run(args) -> int.
 # The one-line helps live here so `vmafs --help` need not import every command's dependencies.
@@ -77,6 +77,7 @@ def _raise_signalled(signum: int, _frame: object) -> None:
 
 def _fail(prog: str, message: str, code: int, json: bool) -> int:
     """The one line on stderr, and for --json the failure object on stdout."""
+    message = hide_url_queries(message)  # never a presigned URL's signature
     print(f"{prog}: error: {message}", file=sys.stderr)
     if json:
         from vmafs.progress import print_json

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vmafs.errors import VmafsError
+from vmafs.format.names import hide_url_queries
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,7 @@ def is_remote(location: str) -> bool:
 def display_location(location: str) -> str:
     """A location as messages show it: a URL without its query (a presigned URL's query
     carries a signature and an access key id)."""
-    if location.startswith(("https://", "http://")) and "?" in location:
-        return location.split("?", 1)[0] + "?…"
-    return location
+    return hide_url_queries(location)
 
 
 def store_for(location: str) -> Store:
