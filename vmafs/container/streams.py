@@ -42,7 +42,7 @@ from vmafs.format.seektable import (
     decode_entries,
     parse_seek_table_footer,
 )
-from vmafs.store import StoredObject
+from vmafs.store import ObjectStream
 
 CHUNK = 1 << 20
 """Read and buffer size: big sequential reads go in MiB pieces."""
@@ -507,7 +507,7 @@ def _open_remote_stream(location: str) -> BinaryIO:
             kind = detect_container(head)
         except FormatError as e:
             raise FormatError(f"{obj.name}: {e}") from None
-        raw = obj.stream() if isinstance(obj, RangedObject) else _ObjectRaw(obj)
+        raw = obj.stream() if isinstance(obj, RangedObject) else ObjectStream(obj)
         decoded: io.RawIOBase
         if kind == "vma":
             decoded = raw
@@ -523,24 +523,3 @@ def _open_remote_stream(location: str) -> BinaryIO:
         obj.close()
         raise
     return io.BufferedReader(decoded, buffer_size=CHUNK)
-
-
-class _ObjectRaw(io.RawIOBase):
-    """Any stored object read in order."""
-
-    def __init__(self, obj: StoredObject) -> None:
-        self._obj = obj
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
-        n = self._obj.readinto(self._pos, memoryview(b).cast("B"))
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self._obj.close()
-        super().close()

@@ -96,6 +96,27 @@ def is_remote(location: str) -> bool:
     return location.startswith(("s3://", "https://", "http://"))
 
 
+class ObjectStream(io.RawIOBase):
+    """A stored object read start to end, as a file (what open_stream reads)."""
+
+    def __init__(self, obj: StoredObject) -> None:
+        self._obj = obj
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
+        n = self._obj.readinto(self._pos, memoryview(b).cast("B"))
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._obj.close()
+        super().close()
+
+
 def display_location(location: str) -> str:
     """A location as messages show it: a URL without its query (a presigned URL's query
     carries a signature and an access key id)."""

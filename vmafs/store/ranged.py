@@ -179,8 +179,10 @@ class RangedObject:
 
     def stream(self) -> io.RawIOBase:
         """The object start to end, read ahead (a sequential reader)."""
+        from vmafs.store import ObjectStream  # the package imports this module
+
         self.sequential = True
-        return RangedStream(self)
+        return ObjectStream(self)
 
     def close(self) -> None:
         with self._lock:
@@ -190,24 +192,3 @@ class RangedObject:
             self._chunks.clear()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-class RangedStream(io.RawIOBase):
-    """A RangedObject as a sequential file (what open_stream reads)."""
-
-    def __init__(self, obj: RangedObject) -> None:
-        self._obj = obj
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
-        n = self._obj.readinto(self._pos, memoryview(b).cast("B"))
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self._obj.close()
-        super().close()
