@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -284,13 +285,17 @@ def process_started(pid: int | None) -> float | None:
     """When a process started (seconds since the epoch), from /proc; None if unknown."""
     if pid is None:
         return None
+    # The process's age on the boot clock, subtracted from now: /proc/stat's btime is whole
+    # seconds and drifts with clock adjustments, enough to misjudge a restart right after a
+    # backup as a QEMU older than it.
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        now = time.time()
+        return now - (uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError):
         return None
 
 
