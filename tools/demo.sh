@@ -101,14 +101,14 @@ echo "the guest is up, writing /files/note-N.txt (file $(files_written) so far)"
 # Full backup into backups/ (named after 100.conf); it also starts a dirty bitmap on the disk.
 # --qga freezes the guest's file system around the start: the ext4 in the archive is clean.
 run vmafs backup --qmp qmp.sock --qga qga.sock -c 100.conf -o backups/ --zstd -q
-full=backups/$(ls backups/)
+full=$(ls backups/*.vma.zst)  # beside it: vzdump's NAME.log
 after_full=$(files_written)  # the full backup holds no file after this one
 wanted=$((after_full + 5))
 wait_files $((wanted + 5))
 # Incremental: only the clusters the guest changed since the full one, named the same way.
 run vmafs backup --qmp qmp.sock --qga qga.sock -c 100.conf -o backups/ --zstd -q \
     --incremental "$full"
-inc=backups/$(ls backups/ | tail -n 1)
+inc=$(ls backups/*.vma.zst | tail -n 1)
 [ "$inc" != "$full" ] || die "no incremental archive in backups/"
 run ls -l backups/          # the incremental holds only what changed
 
