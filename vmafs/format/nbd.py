@@ -246,6 +246,24 @@ class _Sub(Enum):
 # --- The state machine -------------------------------------------------------
 
 
+def parse_info_request(data: bytes) -> tuple[str, set[int]] | bytes:
+    """NBD_OPT_INFO/GO option data: (export name, information types asked for), or why it
+    is invalid (the text of the error reply)."""
+    if len(data) < 6:
+        return b"option data too short"
+    (name_len,) = _U32.unpack_from(data, 0)
+    if name_len > len(data) - 6:
+        return b"bad name length"
+    (n_req,) = _U16.unpack_from(data, 4 + name_len)
+    if 6 + name_len + 2 * n_req != len(data):
+        return b"bad information request count"
+    try:
+        name = data[4 : 4 + name_len].decode("utf-8")
+    except UnicodeDecodeError:
+        return b"export name is not UTF-8"
+    return name, {_U16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(n_req)}
+
+
 class NBDServer:
     """One server-side NBD connection serving a single writable export."""
 
@@ -441,26 +459,14 @@ class NBDServer:
         return None
 
     def _handle_info(self, option: int, data: bytes) -> Event | None:
-        if len(data) < 6:
-            self._opt_reply(option, REP_ERR_INVALID, b"option data too short")
+        parsed = parse_info_request(data)
+        if isinstance(parsed, bytes):
+            self._opt_reply(option, REP_ERR_INVALID, parsed)
             return None
-        (name_len,) = _U32.unpack_from(data, 0)
-        if name_len > len(data) - 6:
-            self._opt_reply(option, REP_ERR_INVALID, b"bad name length")
-            return None
-        (n_req,) = _U16.unpack_from(data, 4 + name_len)
-        if 6 + name_len + 2 * n_req != len(data):
-            self._opt_reply(option, REP_ERR_INVALID, b"bad information request count")
-            return None
-        try:
-            name = data[4 : 4 + name_len].decode("utf-8")
-        except UnicodeDecodeError:
-            self._opt_reply(option, REP_ERR_INVALID, b"export name is not UTF-8")
-            return None
+        name, requests = parsed
         if name != self.export_name:
             self._opt_reply(option, REP_ERR_UNKNOWN, b"no such export")
             return None
-        requests = {_U16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(n_req)}
         self._opt_reply(
             option, REP_INFO, _INFO_EXPORT.pack(INFO_EXPORT, self.size, TRANSMISSION_FLAGS)
         )
@@ -749,27 +755,15 @@ class ExportServer(NBDServer):
         self._opt_reply(option, REP_ACK)
 
     def _handle_info(self, option: int, data: bytes) -> Event | None:
-        if len(data) < 6:
-            self._opt_reply(option, REP_ERR_INVALID, b"option data too short")
+        parsed = parse_info_request(data)
+        if isinstance(parsed, bytes):
+            self._opt_reply(option, REP_ERR_INVALID, parsed)
             return None
-        (name_len,) = _U32.unpack_from(data, 0)
-        if name_len > len(data) - 6:
-            self._opt_reply(option, REP_ERR_INVALID, b"bad name length")
-            return None
-        (n_req,) = _U16.unpack_from(data, 4 + name_len)
-        if 6 + name_len + 2 * n_req != len(data):
-            self._opt_reply(option, REP_ERR_INVALID, b"bad information request count")
-            return None
-        try:
-            name = data[4 : 4 + name_len].decode("utf-8")
-        except UnicodeDecodeError:
-            self._opt_reply(option, REP_ERR_INVALID, b"export name is not UTF-8")
-            return None
+        name, requests = parsed
         chosen = self._lookup(name)
         if chosen is None:
             self._opt_reply(option, REP_ERR_UNKNOWN, self._unknown(name))
             return None
-        requests = {_U16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(n_req)}
         size = self.exports[chosen]
         self._opt_reply(option, REP_INFO, _INFO_EXPORT.pack(INFO_EXPORT, size, self.flags))
         if INFO_NAME in requests:
