@@ -116,12 +116,7 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
                         raise FormatError(str(problems[0]))
             except FormatError as exc:
                 raise about(args.archive, exc) from None
-            for fname, (_, data) in configs:
-                tmp = temp_file(dir_fd, args.dir, fname)
-                temps.append(tmp)
-                write_all(tmp.fd, data)
-            for tmp in temps:
-                tmp.commit(replace=args.force)
+            commit_all(dir_fd, args.dir, configs, temps, args.force)
         finally:
             for tmp in temps:
                 tmp.discard()  # a no-op for those committed
@@ -170,6 +165,18 @@ def check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
         raise VmafsError(f"{display(path)} exists and is a directory")
     if not force:
         raise VmafsError(f"{display(path)} exists (use --force to replace it)")
+
+
+def commit_all(dir_fd: int, dir_path: str, configs: list[tuple[bytes, tuple[str, bytes]]],
+               temps: list[TempFile], force: bool) -> None:
+    """Write the config files beside the disks' temporaries, then commit them all under their
+    final names (the last step of extract and restore, once every check passed)."""
+    for fname, (_, data) in configs:
+        tmp = temp_file(dir_fd, dir_path, fname)
+        temps.append(tmp)
+        write_all(tmp.fd, data)
+    for tmp in temps:
+        tmp.commit(replace=force)
 
 
 def temp_file(dir_fd: int, dir_path: str, name: bytes) -> TempFile:

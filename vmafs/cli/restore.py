@@ -29,7 +29,7 @@ from vmafs.archive.copier import copy_device
 from vmafs.archive.reader import Archive, Device
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_base, add_json, add_quiet, int_in, progress_for
-from vmafs.cli.extract import check_target, made_dir, temp_file, write_all
+from vmafs.cli.extract import check_target, commit_all, made_dir, temp_file
 from vmafs.container.output import TempFile
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import FileNames, display, file_names, json_name, raw
@@ -239,12 +239,8 @@ def _restore(args: argparse.Namespace, archive: Archive, to_device: dict[bytes, 
             qcow2 = [t for t in targets if not t.on_device and args.format == "qcow2"]
             if qcow2:
                 _to_qcow2(archive, qcow2, progress)
-            for fname, (_, data) in configs:
-                tmp = temp_file(dir_fd, args.to, fname)
-                temps.append(tmp)
-                write_all(tmp.fd, data)
-            for tmp in temps:
-                tmp.commit(replace=args.force)
+            if args.to:  # files in a directory (--to-device alone writes none)
+                commit_all(dir_fd, args.to, configs, temps, args.force)
         finally:
             for tmp in temps:
                 tmp.discard()
