@@ -14,7 +14,9 @@ nbdkit's python plugin reading the same archive through vmafs's model (the alter
 design), and `vmafs mount` (FUSE). Every round measures, in this order:
 
   * convert: `qemu-img convert -O raw` of drive-scsi0 from the raw image file, from the
-    export and from the FUSE mount (ratios raw/export, fuse/export: higher is better for us);
+    export, from qemu-nbd serving the raw image and from the FUSE mount, the mounted file's
+    page cache dropped first (so it is a first read through the mount); ratios raw/export,
+    qemu-nbd/export, fuse/export: higher is better for us;
   * seq: `nbdcopy --connections=1 URL null:` of drive-scsi1 from vmafs, nbdkit and qemu-nbd
     (MB/s);
   * rand4k: mean latency of --random-reads synchronous 4 KiB reads at random offsets of
@@ -24,7 +26,8 @@ design), and `vmafs mount` (FUSE). Every round measures, in this order:
     (qemu-img does not sync its output; vmafs syncs before renaming into place, so qemu-img
     followed by an fsync of its output is shown too).
 
-The page cache is warm (a first untimed pass reads everything): the figures compare servers,
+Every timed run starts after a `sync`. The page cache is warm (a first untimed pass reads
+everything): the figures compare servers,
 not disks. Ratios are computed within a round; the median over rounds is reported, with a final
 JSON line.
 """
@@ -138,6 +141,15 @@ def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload,no-any-return]
 
 
+def evict(path: Path) -> None:
+    """Drop one file's pages from the page cache (the others' stay warm)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
@@ -211,11 +223,15 @@ def main() -> None:
         urls1 = {"vmafs": url["drive-scsi1"], "nbdkit": f"nbd+unix:///?socket={socks['nbdkit']}",
                  "qemu-nbd": f"nbd+unix:///?socket={socks['qnbd1']}"}
         out = work / "out.raw"
+        fuse_disk = mnt / "disk-drive-scsi0.raw"
         converts = {"raw": str(img0), "export": url["drive-scsi0"],
-                    "fuse": str(mnt / "disk-drive-scsi0.raw")}
+                    "qemu-nbd": f"nbd+unix:///?socket={socks['qnbd0']}", "fuse": str(fuse_disk)}
 
         def convert(src: str) -> float:
             out.unlink(missing_ok=True)
+            os.sync()  # no earlier run's dirty pages written back during this one
+            if src == str(fuse_disk):  # a first read through the mount, not the page cache's
+                evict(fuse_disk)
             t = timed(lambda: run(["qemu-img", "convert", "-f", "raw", "-O", "raw", src,
                                    str(out)]))
             out.unlink()
@@ -231,6 +247,7 @@ def main() -> None:
         def restore(kind: str) -> float:
             target = work / f"restore-{kind}"
             shutil.rmtree(target, ignore_errors=True)
+            os.sync()
             if kind == "restore":
                 argv = ["restore", "-q", "--format", "raw", "-d", "drive-scsi0", "--to",
                         str(target), str(archive)]
@@ -269,6 +286,7 @@ def main() -> None:
             for k in ("restore", "extract", "qemu-img", "qemu-img+fsync"):
                 row[f"restore.{k}"] = restore(k)
             row["ratio.export_vs_raw"] = row["convert.raw"] / row["convert.export"]
+            row["ratio.export_vs_qemu-nbd"] = row["convert.qemu-nbd"] / row["convert.export"]
             row["ratio.export_vs_fuse"] = row["convert.fuse"] / row["convert.export"]
             row["ratio.rand_vmafs_vs_qemu-nbd"] = row["rand4k.vmafs"] / row["rand4k.qemu-nbd"]
             row["ratio.rand_nbdkit_vs_qemu-nbd"] = row["rand4k.nbdkit"] / row["rand4k.qemu-nbd"]
@@ -290,6 +308,7 @@ def main() -> None:
                 for k in rounds[0] if not k.startswith("ratio.")}
         print("\nbest of rounds: " + ", ".join(f"{k}={v:.3f}" for k, v in best.items()))
         print(f"  best ratios: export_vs_raw {best['convert.raw'] / best['convert.export']:.2f}"
+              f", export_vs_qemu-nbd {best['convert.qemu-nbd'] / best['convert.export']:.2f}"
               f", export_vs_fuse {best['convert.fuse'] / best['convert.export']:.2f}"
               f", rand_vmafs_vs_qemu-nbd {best['rand4k.vmafs'] / best['rand4k.qemu-nbd']:.2f}"
               f", rand_nbdkit_vs_qemu-nbd {best['rand4k.nbdkit'] / best['rand4k.qemu-nbd']:.2f}"
@@ -298,8 +317,14 @@ def main() -> None:
               f", restore_vs_qemu-img {best['restore.qemu-img'] / best['restore.restore']:.2f}"
               f", restore_vs_qemu-img+fsync "
               f"{best['restore.qemu-img+fsync'] / best['restore.restore']:.2f}")
-        targets = {"ratio.export_vs_raw": 1.0, "ratio.export_vs_fuse": 2.0,
-                   "ratio.restore_vs_extract": 1.0, "ratio.restore_vs_qemu-img": 1.2}
+        # The issue's export-vs-raw-file target is out of reach of any NBD server (qemu-nbd's
+        # own ratio is printed beside it); an export is held to qemu-nbd's. A restore syncs its
+        # images, so it is held to qemu-img followed by an fsync as well as to qemu-img alone.
+        targets = {"ratio.export_vs_raw": 1.0, "ratio.export_vs_qemu-nbd": 1.0,
+                   "ratio.export_vs_fuse": 2.0, "ratio.restore_vs_extract": 1.0,
+                   "ratio.restore_vs_qemu-img": 1.2, "ratio.restore_vs_qemu-img+fsync": 1.2}
+        print(f"(for scale: qemu-nbd's convert vs the raw file "
+              f"{med['convert.raw'] / med['convert.qemu-nbd']:.2f})")
         for k, want in targets.items():
             print(f"{'PASS' if med[k] >= want else 'MISS'} {k} {med[k]:.2f} (>= {want})")
         rand = med["ratio.rand_vmafs_vs_qemu-nbd"]
