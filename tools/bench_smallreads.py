@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""Small random reads of a plain archive, against QEMU's own exports of the raw image, in one
+run (issue 17: "small reads as fast as QEMU's own export").
+
+Needs root (FUSE), qemu-storage-daemon, qemu-nbd and Debian's python3-libnbd:
+
+    python3 tools/bench_smallreads.py [--size-gib 2] [--rounds 5] [--reads 1000]
+                                      [--workdir /var/tmp/vmafs-bench-smallreads] [--keep]
+
+One image (data and hole stripes of 64 MiB, as bench_mount.py) and its plain `.vma` are served
+side by side: `vmafs mount` against a qemu-storage-daemon FUSE export of the image, and
+`vmafs serve` against `qemu-nbd --read-only` of the image (a libnbd client, one connection,
+one request at a time). Each round measures every pair, candidate and baseline interleaved
+(their order alternates from round to round), at the same random 4 KiB-aligned offsets in
+data:
+
+  * cold: the backing file's pages (the archive, the image) are evicted first, one file with
+    POSIX_FADV_DONTNEED (never drop_caches: others on the machine keep their warm caches);
+  * warm: the backing file is in the page cache; what is left is each server's own cost.
+
+The FUSE file's own page cache is evicted before each pass (so every read reaches the
+daemon) and read with POSIX_FADV_RANDOM (4 KiB requests, no read-ahead). Latencies are the
+median of a pass; ratios are taken within a round, and the median ratio over rounds is
+reported with its range. Targets: vmafs/baseline <= 1.0 for cold reads (mount vs qsd, serve vs
+qemu-nbd). A final JSON line holds every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+STRIPE = 64 * MiB
+DISK = "disk-drive-scsi0.raw"
+SYSTEM_PYTHON = "/usr/bin/python3"   # Debian's python3-libnbd lives there
+
+# One libnbd connection; reads offsets from stdin ("N SEED" lines), answers the median (µs).
+NBD_CLIENT = r'''
+import nbd, random, statistics, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+size, stripe = h.get_size(), int(sys.argv[2])
+for line in sys.stdin:
+    n, seed = map(int, line.split())
+    rnd = random.Random(seed)
+    times = []
+    for _ in range(n):
+        while True:
+            off = rnd.randrange(0, size // 4096) * 4096
+            if (off // stripe) % 2 == 0:
+                break
+        t = time.perf_counter()
+        h.pread(4096, off)
+        times.append(time.perf_counter() - t)
+    print(statistics.median(times) * 1e6, flush=True)
+'''
+
+
+def env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def vmafs(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vmafs", *args]
+
+
+def evict(path: Path) -> None:
+    """Drop one file's pages from the page cache (everyone else's stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    """Read a file's data into the page cache (holes of a sparse image cost nothing)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        off = 0
+        while off < size:
+            try:
+                off = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                break
+            end = min(os.lseek(fd, off, os.SEEK_HOLE), size)
+            while off < end:
+                off += len(os.pread(fd, min(8 * MiB, end - off), off))
+    finally:
+        os.close(fd)
+
+
+def make_image(path: Path, size: int) -> None:
+    """Half random data, half holes, in alternating stripes."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    rnd = random.Random(1)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for start in range(0, size, 2 * STRIPE):
+            for off in range(start, min(start + STRIPE, size), 4 * MiB):
+                f.seek(off)
+                f.write(rnd.randbytes(4 * MiB))
+
+
+def offsets(size: int, n: int, seed: int) -> list[int]:
+    rnd = random.Random(seed)
+    got: list[int] = []
+    while len(got) < n:
+        off = rnd.randrange(0, size // 4096) * 4096
+        if (off // STRIPE) % 2 == 0:
+            got.append(off)
+    return got
+
+
+def fuse_reads(path: Path, offs: list[int]) -> float:
+    """Median latency (µs) of 4 KiB preads of a FUSE file, its own page cache evicted first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        times = []
+        for off in offs:
+            t = time.perf_counter()
+            os.pread(fd, 4096, off)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+    return statistics.median(times) * 1e6
+
+
+class NBDClient:
+    """A libnbd client (Debian's python3) on one connection, kept open between passes."""
+
+    def __init__(self, url: str) -> None:
+        self.proc = subprocess.Popen([SYSTEM_PYTHON, "-c", NBD_CLIENT, url, str(STRIPE)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def reads(self, n: int, seed: int) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{n} {seed}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def wait_for(check: object, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not come up")
+
+
+def mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+@contextmanager
+def process(argv: list[str], ready: object, what: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(argv, env=env())
+    try:
+        wait_for(ready, what)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@contextmanager
+def vmafs_mount(archive: Path, mnt: Path) -> Iterator[None]:
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env())
+    try:
+        wait_for(lambda: mounted(mnt), "vmafs mount")
+        yield
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        proc.wait(timeout=30)
+
+
+def qsd_argv(image: Path, target: Path) -> list[str]:
+    return ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file0,filename={image},read-only=on,"
+                          "cache.direct=off",
+            "--blockdev", "driver=raw,node-name=raw0,file=file0,read-only=on",
+            "--export", f"type=fuse,id=exp0,node-name=raw0,mountpoint={target},writable=off"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reads", type=int, default=1000, help="4 KiB reads per pass")
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/vmafs-bench-smallreads"))
+    ap.add_argument("--only", choices=("fuse", "nbd"), help="measure one pair only")
+    ap.add_argument("--keep", action="store_true", help="keep the image and the archive")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_smallreads: needs root (FUSE)", file=sys.stderr)
+        return 2
+    work: Path = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    size = int(args.size_gib * GiB) // MiB * MiB
+    image, archive = work / "image.raw", work / "image.vma"
+    make_image(image, size)
+    if not archive.exists():
+        subprocess.run(vmafs("create", "-q", "-o", str(archive), f"drive-scsi0={image}"),
+                       check=True, env=env())
+    backing = {"qsd": image, "mount": archive, "qemu-nbd": image, "serve": archive}
+    pairs = {"fuse": ("mount", "qsd"), "nbd": ("serve", "qemu-nbd")}
+    if args.only:
+        pairs = {args.only: pairs[args.only]}
+    rounds: list[dict[str, float]] = []
+    with ExitStack() as stack:
+        files: dict[str, Path] = {}
+        clients: dict[str, NBDClient] = {}
+        if "fuse" in pairs:
+            qsd = work / "qsd-export.raw"
+            qsd.touch()
+            stack.enter_context(process(qsd_argv(image, qsd), lambda: mounted(qsd), "qsd"))
+            stack.enter_context(vmafs_mount(archive, work / "mnt"))
+            files = {"qsd": qsd, "mount": work / "mnt" / DISK}
+        if "nbd" in pairs:
+            qsock, vsock = work / "qemu-nbd.sock", work / "serve.sock"
+            for sock in (qsock, vsock):
+                sock.unlink(missing_ok=True)
+            stack.enter_context(process(
+                ["qemu-nbd", "--read-only", "-f", "raw", "-t", "-k", str(qsock), str(image)],
+                qsock.exists, "qemu-nbd"))
+            stack.enter_context(process(vmafs("serve", "-f", "--socket", str(vsock),
+                                              str(archive)), vsock.exists, "vmafs serve"))
+            for name, sock in (("qemu-nbd", qsock), ("serve", vsock)):
+                url = f"nbd+unix:///{'drive-scsi0' if name == 'serve' else ''}?socket={sock}"
+                clients[name] = client = NBDClient(url)
+                stack.callback(client.close)
+
+        def measure(name: str, cold: bool, seed: int) -> float:
+            if cold:
+                evict(backing[name])
+            else:
+                warm(backing[name])
+            if name in files:
+                return fuse_reads(files[name], offsets(size, args.reads, seed))
+            return clients[name].reads(args.reads, seed)
+
+        for r in range(args.rounds):
+            row: dict[str, float] = {}
+            for pair, (ours, theirs) in pairs.items():
+                for state in ("cold", "warm"):
+                    order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
+                    for name in order:
+                        row[f"{name}.{state}"] = measure(name, state == "cold", 100 + r)
+                    row[f"ratio.{pair}.{state}"] = row[f"{ours}.{state}"] / row[f"{theirs}.{state}"]
+            print(f"round {r + 1}: " + "  ".join(f"{k} {v:.2f}" if k.startswith("ratio")
+                                                 else f"{k} {v:.0f} µs"
+                                                 for k, v in row.items()), flush=True)
+            rounds.append(row)
+    print(f"--- medians over {args.rounds} rounds [min - max]; latencies in µs")
+    med = {}
+    for key in rounds[0]:
+        values = [row[key] for row in rounds]
+        med[key] = statistics.median(values)
+        print(f"{key:24s} {med[key]:9.2f}  [{min(values):.2f} - {max(values):.2f}]")
+    for pair, (ours, theirs) in pairs.items():
+        ratio = med[f"ratio.{pair}.cold"]
+        print(f"{'PASS' if ratio <= 1.0 else 'MISS'}  cold random 4 KiB, {ours} <= {theirs}: "
+              f"{ratio:.2f}x")
+    print(f"load average: {os.getloadavg()[0]:.1f}")
+    print(json.dumps({"medians": med, "rounds": rounds}, sort_keys=True))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
