@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import guest_replay
 import guestimage as gi
@@ -130,11 +131,18 @@ def _live_restore(guest: gi.Guest, source: Source, tmp: Path, *, kill: bool) -> 
     restore = Restore(source.archive, "--to", out, "--qmp", qmp, "--speed", SLOW)
     line = restore.wait_line(r"-drive file=")
     targets = [out / "disk-drive-virtio0.qcow2", out / "disk-drive-virtio1.qcow2"]
+    nodes = [json.loads(a) for a in shlex.split(restore.wait_line(r"-blockdev"))
+             if a.startswith("{")]
+    assert nodes == [{"driver": "qcow2", "node-name": f"drive-virtio{i}",
+                      "file": {"driver": "file", "filename": str(t)}}
+                     for i, t in enumerate(targets)]
     for t in targets:
         assert f"file={t}," in line
         assert _backing(t) is not None
+    # the killed run's VM takes its disks as -blockdev nodes, the other's as -drive
+    style: Literal["drive", "blockdev"] = "blockdev" if kill else "drive"
     vm = gi.QemuVM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline("writer"),
-                   disks=[gi.Disk(t, fmt="qcow2") for t in targets],
+                   disks=[gi.Disk(t, fmt="qcow2", style=style) for t in targets],
                    extra_args=["-S", "-qmp", f"unix:{qmp},server=on,wait=off"])
     with vm:
         vm.wait_for("VMAFS-READY", timeout=120)      # booted (vmafs continued the -S VM)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket as stdsocket
 import stat
@@ -88,6 +89,15 @@ def qemu_args(targets: list[Target]) -> list[list[str]]:
     """The -drive arguments that run a VM on the targets (ids as Proxmox names them)."""
     return [["-drive", f"file={t.path.replace(',', ',,')},format=qcow2,if=none,"
              f"id={t.name},cache=writeback"] for t in targets]
+
+
+def blockdev_args(targets: list[Target]) -> list[list[str]]:
+    """The same as -blockdev nodes (node names as the -drive ids; QEMU opens each target's
+    backing, the export, from its header)."""
+    return [["-blockdev", json.dumps({
+        "driver": "qcow2", "node-name": t.name,
+        "file": {"driver": "file", "filename": t.path}}, separators=(",", ":"))]
+        for t in targets]
 
 
 def run(opts: Options, progress_of: Callable[[int], Progress]) -> Result:
@@ -166,6 +176,8 @@ class _LiveRestore:
                     args = " ".join(" ".join(a) for a in qemu_args(targets))
                     opts.announce(f"start QEMU on the targets (add -qmp unix:{opts.qmp},"
                                   f"server=on,wait=off; -S to start it paused): {args}")
+                    nodes = " ".join(f"{a} {shlex.quote(v)}" for a, v in blockdev_args(targets))
+                    opts.announce(f"or, as -blockdev nodes: {nodes}")
                 if not all(t.done for t in targets):
                     await self._stream(targets)
         return Result(targets, configs, opts.resume, time.monotonic() - self.started)
