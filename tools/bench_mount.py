@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark `vmafs mount` against reading the raw image directly and QEMU's own FUSE export.
 
-Needs root (drop_caches, FUSE):
+Needs root (FUSE):
 
     python3 tools/bench_mount.py [--size-gib 4] [--rounds 3] [--random-reads 1000]
                                  [--workdir /var/tmp/vmafs-bench] [--keep]
@@ -11,9 +11,13 @@ and with -o direct_io) and a qemu-storage-daemon FUSE export of the raw image ar
 by side, then the same measurements are repeated for --rounds rounds. Each round reads, in this
 order, the raw image, the qsd export, then the vmafs mounts (SOURCES):
 
-  * seq: one cold `dd bs=1M` of the whole disk (page cache dropped first);
+  * seq: one cold `dd bs=1M` of the whole disk;
   * rand4k.data / rand4k.all: median latency of --random-reads cold 4 KiB preads at random
     offsets in data stripes only / anywhere (holes included).
+
+"Cold" means the pages of the file read and of what backs it (the image, the archive) are
+evicted first, one file at a time with POSIX_FADV_DONTNEED: never drop_caches, which would
+empty the page cache of everyone else benchmarking on the machine.
 
 Disk throughput on a busy VM swings by 2x from one minute to the next, so every ratio
 (plain/raw, zstd/raw, plain/qsd, zstd/qsd, rand_plain/qsd) is computed within one round and the
@@ -80,10 +84,14 @@ def vmafs(*args: str) -> list[str]:
     return [sys.executable, "-m", "vmafs", *args]
 
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
+def evict(*paths: Path) -> None:
+    """Drop these files' pages from the page cache (a FUSE file's too); others' stay warm."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def make_image(path: Path, size: int) -> None:
@@ -99,22 +107,25 @@ def make_image(path: Path, size: int) -> None:
                 f.write(rnd.randbytes(4 * MiB))
 
 
-def dd_rate(path: Path, *, skip_mib: int = 0, count_mib: int | None = None) -> float:
-    """Cold sequential read with one dd bs=1M, page cache dropped first; bytes per second."""
+def dd_rate(path: Path, backing: Path, *, skip_mib: int = 0, count_mib: int | None = None
+            ) -> float:
+    """Cold sequential read with one dd bs=1M (path and the file backing it evicted first);
+    bytes per second."""
     args = ["dd", f"if={path}", "of=/dev/null", "bs=1M", f"skip={skip_mib}"]
     if count_mib is not None:
         args.append(f"count={count_mib}")
-    drop_caches()
+    evict(path, backing)
     t = time.perf_counter()
     out = subprocess.run(args, check=True, capture_output=True, text=True)
     elapsed = time.perf_counter() - t
     return int(out.stderr.strip().splitlines()[-1].split()[0]) / elapsed
 
 
-def random_reads(path: Path, size: int, n: int, *, data_only: bool, seed: int = 7) -> float:
+def random_reads(path: Path, backing: Path, size: int, n: int, *, data_only: bool,
+                 seed: int = 7) -> float:
     """Median latency (s) of cold 4 KiB preads at random 4 KiB-aligned offsets."""
     rnd = random.Random(seed)
-    drop_caches()
+    evict(path, backing)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -221,7 +232,8 @@ def show(label: str, value: float, unit: str, extra: str = "") -> None:
     print(f"{label:40s} {fmt(value, unit):>10s} {unit:5s}{extra}".rstrip(), flush=True)
 
 
-def run_round(files: dict[str, Path], size: int, n: int, index: int) -> dict[str, float]:
+def run_round(files: dict[str, Path], backing: dict[str, Path], size: int, n: int,
+              index: int) -> dict[str, float]:
     """One round: cold seq, then cold random reads, of every source in SOURCES order."""
     got: dict[str, float] = {}
 
@@ -230,11 +242,12 @@ def run_round(files: dict[str, Path], size: int, n: int, index: int) -> dict[str
         show(f"round {index + 1}  {key}", value, unit_of(key))
 
     for src in SOURCES:
-        measure(f"{src}.seq", dd_rate(files[src]))
+        measure(f"{src}.seq", dd_rate(files[src], backing[src]))
     for data_only, what in ((True, "data"), (False, "all")):
         for src in SOURCES:
             measure(f"{src}.rand4k.{what}",
-                    random_reads(files[src], size, n, data_only=data_only, seed=7 + index))
+                    random_reads(files[src], backing[src], size, n, data_only=data_only,
+                                 seed=7 + index))
     return got
 
 
@@ -252,7 +265,7 @@ def main() -> int:
     if args.rounds < 1 or args.random_reads < 1:
         ap.error("--rounds and --random-reads must be at least 1")
     if os.geteuid() != 0:
-        print("bench_mount: needs root (drop_caches, FUSE)", file=sys.stderr)
+        print("bench_mount: needs root (FUSE)", file=sys.stderr)
         return 2
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -275,13 +288,15 @@ def main() -> int:
         qsd = work / "qsd-export.raw"
         stack.enter_context(qsd_export(image, qsd))
         files = {"raw": image, "qsd": qsd}
+        backing = {"raw": image, "qsd": image}
         procs: dict[str, subprocess.Popen[bytes]] = {}
         for kind, (name, options) in MOUNTS.items():
             mnt = work / f"mnt-{kind}"
             procs[kind] = stack.enter_context(vmafs_mount(work / name, mnt, *options))
             files[kind] = mnt / DISK
+            backing[kind] = work / name
         for index in range(args.rounds):
-            rounds.append(run_round(files, size, args.random_reads, index))
+            rounds.append(run_round(files, backing, size, args.random_reads, index))
         for kind, proc in procs.items():
             results[f"{kind}.rss_hwm_MiB"] = rss_hwm(proc.pid) / MiB
 
@@ -295,7 +310,8 @@ def main() -> int:
         mnt = work / "mnt-1t"
         with vmafs_mount(work / "sparse-1t.vma", mnt, *options):
             # 4 GiB of holes from the middle of the 1 TiB disk
-            results[f"{kind}.holes"] = dd_rate(mnt / DISK, skip_mib=512 * 1024, count_mib=4096)
+            results[f"{kind}.holes"] = dd_rate(mnt / DISK, work / "sparse-1t.vma",
+                                               skip_mib=512 * 1024, count_mib=4096)
             show(f"{kind}.holes", results[f"{kind}.holes"], "GB/s")
 
     print(f"--- medians over {args.rounds} round(s), [min - max]")
