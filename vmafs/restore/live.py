@@ -34,10 +34,13 @@ SOCKET_NAME = ".vmafs-live.nbd"   # default export socket, in DIR: the same on -
 RECONNECT_DELAY = 300             # seconds QEMU holds backing reads while vmafs is away
 POLL = 0.5                        # seconds between progress polls
 SUN_PATH_MAX = 107
-HOLE_BUDGET = 128 << 30           # bytes of holes marked zero in a target before QEMU starts
 HOLE_CHUNK = 1 << 30              # per qemu-io write -z (below QEMU's request limit)
-MAX_MARKS = 20000                 # qemu-io commands per target (its argv must stay small)
-TARGET_CLUSTER = 65536
+MAX_MARKS = 1 << 20               # qemu-io commands per target (the rest is streamed as zeros)
+# Targets have 2 MiB clusters of 64 KiB subclusters (extended L2): a guest write still copies
+# 64 KiB, and marking the holes of a 1 TiB sparse disk writes 16 MiB of metadata in ~2 s
+# (64 KiB clusters: 128 MiB, ~45 s), after which QEMU's stream passes them in ~5 s.
+TARGET_OPTIONS = "cluster_size=2M,extended_l2=on"
+TARGET_SUBCLUSTER = 65536
 
 
 @dataclass
@@ -235,10 +238,14 @@ class _LiveRestore:
                              | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
                 made.append(t.file)
                 try:
-                    _qemu_img(["create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                               backing_spec(sock, t.name, self.opts.reconnect_delay),
-                               f"/proc/self/fd/{fd}", str(t.size)], fd)
+                    # holes marked before the backing is named: qemu-io then need not open
+                    # the export (1 TiB of holes: 0.14 s instead of 1.7 s)
+                    image = f"/proc/self/fd/{fd}"
+                    _qemu_img(["create", "-q", "-f", "qcow2", "-o", TARGET_OPTIONS, image,
+                               str(t.size)], fd)
                     _mark_holes(fd, _holes(session, t))
+                    _qemu_img(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b",
+                               backing_spec(sock, t.name, self.opts.reconnect_delay), image], fd)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -385,24 +392,22 @@ class _LiveRestore:
 
 
 def _holes(session: Any, t: Target) -> list[tuple[int, int]]:
-    """The archive's holes in the disk, whole target clusters, up to HOLE_BUDGET bytes."""
+    """The archive's holes in the disk, whole target subclusters, at most MAX_MARKS pieces."""
     dev_id = next(d.dev_id for d in session.devices if d.name == t.name)
     holes: list[tuple[int, int]] = []
-    pos = total = 0
-    while pos < t.size and total < HOLE_BUDGET:
+    pos = 0
+    while pos < t.size:
         runs = session.allocation(dev_id, pos, t.size - pos)
         if not runs:
             break
         for length, is_hole in runs:
-            lo = -(-pos // TARGET_CLUSTER) * TARGET_CLUSTER
-            hi = (pos + length) // TARGET_CLUSTER * TARGET_CLUSTER
+            lo = -(-pos // TARGET_SUBCLUSTER) * TARGET_SUBCLUSTER
+            hi = (pos + length) // TARGET_SUBCLUSTER * TARGET_SUBCLUSTER
             if is_hole and hi > lo:
-                hi = min(hi, lo + HOLE_BUDGET - total)
                 for start in range(lo, hi, HOLE_CHUNK):
                     holes.append((start, min(HOLE_CHUNK, hi - start)))
-                total += hi - lo
             pos += length
-            if total >= HOLE_BUDGET or len(holes) >= MAX_MARKS:
+            if len(holes) >= MAX_MARKS:
                 return holes[:MAX_MARKS]
     return holes
 
@@ -411,12 +416,14 @@ def _mark_holes(fd: int, holes: list[tuple[int, int]]) -> None:
     """Mark the archive's holes as zero clusters in the new target (metadata only): QEMU's
     stream then skips them instead of reading zeros over NBD and writing them. Same content:
     a hole reads as zeros either way. Done before QEMU opens the target, so no guest write
-    can be overwritten."""
+    can be overwritten. The commands go on qemu-io's stdin: there may be many. No flushes
+    (cache unsafe): the caller syncs the file once."""
     if not holes:
         return
-    cmds = [a for off, n in holes for a in ("-c", f"write -z {off} {n}")]
+    script = "".join(f"write -z {off} {n}\n" for off, n in holes)
     try:
-        proc = subprocess.run(["qemu-io", "-f", "qcow2", f"/proc/self/fd/{fd}", *cmds],
+        proc = subprocess.run(["qemu-io", "-t", "unsafe", "-f", "qcow2", f"/proc/self/fd/{fd}"],
+                              input=script,
                               pass_fds=(fd,), capture_output=True, text=True)
     except FileNotFoundError:
         return          # an optimisation only: without qemu-io the stream copies zeros
