@@ -44,11 +44,8 @@ from functools import partial
 from typing import Any
 
 import trio
-import trio_asyncio
 
-from vmafs.archive import chain as chains
 from vmafs.archive import naming
-from vmafs.archive.chain import link_to
 from vmafs.backup import bitmaps, blockgraph, runlock
 from vmafs.backup.blockgraph import Disk
 from vmafs.backup.guard import RECONNECT_DELAY, Guard, dead_bitmaps, rescue_and_clean
@@ -60,10 +57,9 @@ from vmafs.backup.qmp import (
     Qmp,
     QmpBusy,
     QmpError,
-    has_member,
     open_qmp,
     process_started,
-    query_graph,
+    query_types,
 )
 from vmafs.backup.writer_thread import WriterThread, describe_writer_error
 from vmafs.container.output import check_output_name
@@ -162,7 +158,7 @@ class _State:
 
 
 class Backup:
-    """One backup run.  `await Backup(opts).run()` inside a trio-asyncio loop, or `backup()`."""
+    """One backup run: `trio.run(run_backup, Backup(opts))`."""
 
     def __init__(self, opts: BackupOptions) -> None:
         self.opts = opts
@@ -238,8 +234,9 @@ class Backup:
                 try:
                     with self._scope:
                         await self._preflight(qmp)
-                        await self._start_writer(nursery)
-                        await self._start_nbd(nursery)
+                        self._start_writer(nursery)
+                        await self._start_nbd(nursery)  # while the writer opens the output
+                        await self._writer_ready()
                         await self._add_nodes(qmp)
                         await self._start_jobs(qmp)
                         await self._wait_jobs(qmp)
@@ -305,6 +302,7 @@ class Backup:
     def _read_prev(self) -> None:
         """PREV and its whole chain, checked as the readers check it, before QEMU is asked
         anything: an incremental on a broken chain would be an archive nothing can read."""
+        from vmafs.archive import chain as chains  # the readers: only an incremental's
         path = self.opts.incremental
         assert path is not None
         try:
@@ -315,7 +313,7 @@ class Backup:
             raise BackupError(f"--incremental {display(path)}: {exc}") from None
         try:
             prev = layers[-1]
-            self._prev_link = link_to(prev)
+            self._prev_link = chains.link_to(prev)
             self.depth = len(layers) + 1
             self._prev_configs = [(n, d) for n, d in prev.configs if n != chain.CONFIG_NAME]
             self._prev_vmid = naming.archive_vmid(path, [n for n, _ in self._prev_configs])
@@ -336,26 +334,32 @@ class Backup:
             path = naming.output_path(self.opts.output, vmid, self.ctime, zstd)
             check_output_name(path)
             self.opts = replace(self.opts, output=path, zstd=zstd)
-        reason = (chains.extend_refusal(self.opts.incremental, self.depth - 1)
-                  if self.opts.incremental is not None else None)
-        if reason is not None:
-            if not self.opts.full_if_needed:
-                raise chains.ChainError(reason)
-            self.notes.append(f"{reason}: taking a full backup instead (--full-if-needed)")
-            self.opts = replace(self.opts, incremental=None)
-        await self._clean_leftovers(qmp)
-        status = await qmp.execute("query-status")
+        if self.opts.incremental is not None:
+            from vmafs.archive import chain as chains
+            reason = chains.extend_refusal(self.opts.incremental, self.depth - 1)
+            if reason is not None:
+                if not self.opts.full_if_needed:
+                    raise chains.ChainError(reason)
+                self.notes.append(f"{reason}: taking a full backup instead (--full-if-needed)")
+                self.opts = replace(self.opts, incremental=None)
+        # What the preflight reads of QEMU, asked at once (one round trip); asked again only
+        # when a dead run's leftovers were removed.  Nothing else changes the graph meanwhile:
+        # QEMU serves one QMP client at a time, and that is us.
+        jobs, nodes, blocks, status = await self._query(qmp)
+        if await self._clean_leftovers(qmp, jobs, nodes):
+            jobs, nodes, blocks, status = await self._query(qmp)
         if status.get("status") in ("shutdown", "guest-panicked", "internal-error"):
             raise BackupError(f"the VM is in state {status.get('status')!r}")
-        blocks, nodes, types = await query_graph(qmp)
+        types = await query_types(qmp, blocks)
         self.disks = blockgraph.select_disks(blocks, nodes, types, self.opts.drives)
         self._nodes = nodes
         if self.opts.incremental is not None:
             self._plan_incremental(nodes, process_started(qmp.peer_pid()))
-        blockgraph.check_no_jobs(await qmp.execute("query-block-jobs"))
-        schema = await qmp.schema()
-        self.x_perf = (self.opts.max_workers is not None
-                       and has_member(schema, "blockdev-backup", "x-perf", "max-workers"))
+        blockgraph.check_no_jobs(jobs)
+        # x-perf is tried, not looked up: the introspected schema is ~200 KiB of JSON, the
+        # slowest QMP answer of a backup; a QEMU without it refuses the whole (atomic)
+        # transaction, which is then sent again without it (_start_jobs).
+        self.x_perf = self.opts.max_workers is not None
         if self.opts.qga_socket:
             async with GuestAgent.open(self.opts.qga_socket) as agent:
                 await agent.execute("guest-ping")
@@ -369,12 +373,24 @@ class Backup:
         record.nodes = [d.node for d in self.disks]
         self.lock.write()
 
-    async def _clean_leftovers(self, qmp: Qmp) -> None:
+    @staticmethod
+    async def _query(qmp: Qmp) -> tuple[list[Any], list[Any], list[Any], dict[str, Any]]:
+        """query-block-jobs, query-named-block-nodes (flat), query-block, query-status."""
+        answers = await qmp.execute_all([
+            ("query-block-jobs", None), ("query-named-block-nodes", {"flat": True}),
+            ("query-block", None), ("query-status", None)])
+        for answer in answers:
+            if isinstance(answer, QmpError):
+                raise answer
+        jobs, nodes, blocks, status = answers
+        return jobs, nodes, blocks, status
+
+    async def _clean_leftovers(self, qmp: Qmp, jobs: list[Any], nodes: list[Any]) -> bool:
         """Remove what dead runs left in this VM (jobs, filters, NBD nodes, their uncommitted
-        bitmaps); refuse while a live one holds objects here."""
+        bitmaps) as `jobs` and `nodes` show it; refuse while a live one holds objects here.
+        True when QEMU was asked to change anything."""
+        changed = False
         with runlock.scan(exclude=self.tag) as runs:
-            jobs = await qmp.execute("query-block-jobs")
-            nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
             names = [*(j.get("device", "") for j in jobs), *(n.get("node-name", "") for n in nodes)]
             present = {t for name in names if (t := runlock.tag_of(name)) is not None}
             for tag in sorted(present & runs.live.keys()):
@@ -395,6 +411,7 @@ class Backup:
             exports = [(str(p), int(n)) for a in ours if a.record is not None
                        and a.tag in present for p, n in a.record.exports]
             if tags or dead:
+                changed = True
                 done = await rescue_and_clean(qmp.execute, tags, dead, exports)
                 if done:
                     self.notes.append("cleaned up after a killed backup: " + ", ".join(done))
@@ -402,6 +419,7 @@ class Backup:
                 for path, _ in a.record.exports if a.record is not None else ():
                     shutil.rmtree(os.path.dirname(path), ignore_errors=True)
                 a.release()
+        return changed
 
     def _plan_incremental(self, nodes: list[dict[str, Any]], qemu_started: float | None
                           ) -> None:
@@ -434,6 +452,7 @@ class Backup:
 
     def _successor(self, prev: uuidlib.UUID) -> str | None:
         """An archive beside PREV (or among --base) that continued from PREV, if any."""
+        from vmafs.archive import chain as chains
         path = self.opts.incremental
         assert path is not None
         with contextlib.suppress(VmafsError):
@@ -443,7 +462,7 @@ class Backup:
                     return display(os.path.basename(peek.path))
         return None
 
-    async def _start_writer(self, nursery: trio.Nursery) -> None:
+    def _start_writer(self, nursery: trio.Nursery) -> None:
         token = trio.lowlevel.current_trio_token()
         self.pipe = Pipe(self.opts.queue_bytes, token)
         total = sum(d.size for d in self.disks)
@@ -462,6 +481,11 @@ class Backup:
                                    self._writer_failed)
         self.writer.start()
         nursery.start_soon(self._watchdog)
+
+    async def _writer_ready(self) -> None:
+        """The output is open and its header built (else the backup stops here, before QEMU
+        is touched)."""
+        assert self.writer is not None
         await self.writer.ready.wait()
         if self.writer.error is not None:
             raise BackupError(describe_writer_error(self.writer.error, self.opts.output))
@@ -508,6 +532,28 @@ class Backup:
             self._st.jobs.append(_Job(f"vmafs-{self.tag}-{i}", disk, node))
 
     async def _start_jobs(self, qmp: Qmp) -> None:
+        try:
+            if self.opts.qga_socket:
+                await self._freeze()
+            # From here on the jobs may exist (a cancelled wait does not undo the command),
+            # so teardown asks QEMU about them.
+            self._jobs_maybe = True
+            self._bitmaps_maybe = self.opts.bitmap
+            try:
+                await qmp.execute("transaction", self._transaction())
+            except QmpError as exc:
+                if not (self.x_perf and "x-perf" in exc.desc):
+                    raise
+                self.x_perf = False  # an older QEMU: nothing was started, start it without
+                await qmp.execute("transaction", self._transaction())
+        finally:
+            if self._st.maybe_frozen:
+                with trio.CancelScope(shield=True):
+                    await self._thaw()
+        self.jobs_started.set()
+
+    def _transaction(self) -> dict[str, Any]:
+        """The one transaction that adds this archive's bitmaps and starts every job."""
         actions = (bitmaps.add_actions(self.disks, self._nodes, self.uuid)
                    if self.opts.bitmap else [])
         for i, job in enumerate(self._st.jobs):
@@ -529,19 +575,7 @@ class Backup:
         args: dict[str, Any] = {"actions": actions}
         if not self.opts.bitmap:
             args["properties"] = {"completion-mode": "grouped"}
-        try:
-            if self.opts.qga_socket:
-                await self._freeze()
-            # From here on the jobs may exist (a cancelled wait does not undo the command),
-            # so teardown asks QEMU about them.
-            self._jobs_maybe = True
-            self._bitmaps_maybe = self.opts.bitmap
-            await qmp.execute("transaction", args)
-        finally:
-            if self._st.maybe_frozen:
-                with trio.CancelScope(shield=True):
-                    await self._thaw()
-        self.jobs_started.set()
+        return args
 
     async def _freeze(self) -> None:
         assert self.opts.qga_socket
@@ -769,20 +803,13 @@ class Backup:
 
 
 async def run_backup(job: Backup) -> BackupResult:
-    """Run a backup inside the current trio run (opens the trio-asyncio loop it needs)."""
-    error: VmafsError | None = None
-    async with trio_asyncio.open_loop():
-        # Errors leave the loop's nursery as exception groups: catch ours inside it.
-        try:
-            return await job.run()
-        except VmafsError as exc:
-            error = exc
-        finally:
-            if job.failure is not None:
-                with trio.CancelScope(shield=True):
-                    await job.abort_writer()
-    assert error is not None
-    raise error
+    """Run a backup inside the current trio run; a failed one waits (briefly) for its writer."""
+    try:
+        return await job.run()
+    finally:
+        if job.failure is not None:
+            with trio.CancelScope(shield=True):
+                await job.abort_writer()
 
 
 def _alive(pid: int) -> bool:

@@ -1,10 +1,11 @@
-"""Thin trio-side clients for QEMU's monitor (QMP) and guest agent (QGA).
+"""Thin trio clients for QEMU's monitor (QMP) and guest agent (QGA).
 
-QMP goes through `qemu.qmp`, which is asyncio-only; from trio we drive it through
-trio-asyncio (one asyncio loop on top of trio, not a second loop in a thread).  Events
-are pumped into a trio channel as soon as the session starts, so none is lost between a
-command and the wait for its event.  The guest agent speaks plain line-delimited JSON
-without a greeting, so it gets a tiny trio client of its own.
+QMP is one JSON object a line over a unix socket: a greeting, then replies matched to their
+commands by id, and events in between.  A reader task routes each line as it arrives, events
+into a trio channel (so none is lost between a command and the wait for its event), replies
+to the command waiting for them.  Native trio, no asyncio bridge: a backup's start-up pays
+neither asyncio's imports nor a loop hop per round trip.  The guest agent speaks plain
+line-delimited JSON without a greeting, so it gets a tiny client of its own.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-import trio_asyncio
-from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
 from vmafs.errors import VmafsError
 
@@ -56,48 +55,112 @@ class GuestAgentError(VmafsError):
     """The guest agent did not answer, or answered with an error."""
 
 
+class _Lines:
+    """JSON objects, one a line, from a stream (a line that is not an object is skipped)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf known to hold no newline (big replies come in parts)
+
+    async def read(self) -> dict[str, Any] | None:
+        """The next object; None at the end of the stream."""
+        while True:
+            idx = self._buf.find(b"\n", self._scanned)
+            if idx >= 0:
+                line = bytes(self._buf[:idx])
+                del self._buf[:idx + 1]
+                self._scanned = 0
+                with contextlib.suppress(ValueError):
+                    obj = json.loads(line)
+                    if isinstance(obj, dict):
+                        return obj
+                continue
+            self._scanned = len(self._buf)
+            data = await self._stream.receive_some(1 << 18)
+            if not data:
+                return None
+            self._buf += data
+
+
 class Qmp:
     """One QMP session.  Use `open_qmp()`; every call is a trio coroutine."""
 
-    def __init__(self, client: QMPClient) -> None:
-        self._client = client
+    def __init__(self, stream: trio.SocketStream, lines: _Lines) -> None:
+        self._stream = stream
+        self._lines = lines
+        self._ids = itertools.count(1)
+        self._waiting: dict[str, tuple[trio.Event, list[dict[str, Any]]]] = {}
+        self._send_lock = trio.Lock()
         send, recv = trio.open_memory_channel[Event](math.inf)
         self._event_send = send
         #: Every event QEMU sent since the session started, in order.
         self.events: trio.MemoryReceiveChannel[Event] = recv
         #: Set when the connection is lost (QEMU died or closed the monitor).
         self.gone = trio.Event()
-        self._closing = False
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
                       *, timeout: float | None = 120.0) -> Any:
         """Run one command and return its result; QEMU errors raise QmpError."""
+        (result,) = await self.execute_all([(command, arguments)], timeout=timeout)
+        if isinstance(result, QmpError):
+            raise result
+        return result
+
+    async def execute_all(self, calls: Sequence[tuple[str, Mapping[str, Any] | None]],
+                          *, timeout: float | None = 120.0) -> list[Any]:
+        """Several commands sent at once, their results in order (QEMU runs them in order):
+        one round trip for all.  A command QEMU refused has its QmpError as its result; a
+        lost connection or no answer within `timeout` raises QemuGone."""
         if self.gone.is_set():
             raise QemuGone("the QMP connection to QEMU is closed")
-        args = dict(arguments) if arguments is not None else None
+        what = ", ".join(command for command, _ in calls)
+        waits: list[tuple[str, str, trio.Event, list[dict[str, Any]]]] = []
+        data = bytearray()
+        for command, arguments in calls:
+            ident = f"vmafs-{next(self._ids)}"
+            msg: dict[str, Any] = {"execute": command, "id": ident}
+            if arguments is not None:
+                msg["arguments"] = dict(arguments)
+            data += json.dumps(msg).encode() + b"\n"
+            done, slot = self._waiting[ident] = (trio.Event(), [])
+            waits.append((command, ident, done, slot))
         try:
             with trio.fail_after(timeout if timeout is not None else math.inf):
-                return await trio_asyncio.aio_as_trio(self._client.execute)(command, args)
-        except ExecuteError as exc:
-            raise QmpError(command, exc.error_class, str(exc)) from None
+                try:
+                    async with self._send_lock:
+                        await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self.gone.set()
+                    raise QemuGone(f"lost the QMP connection to QEMU during {what}") from exc
+                for _, _, done, _ in waits:
+                    await done.wait()
         except trio.TooSlowError:
-            raise QemuGone(f"QEMU did not answer {command} within {timeout:.0f} s") from None
-        except (QMPError, OSError, EOFError) as exc:
-            self.gone.set()
-            raise QemuGone(f"lost the QMP connection to QEMU during {command}") from exc
+            raise QemuGone(f"QEMU did not answer {what} within {timeout:.0f} s") from None
+        finally:
+            for _, ident, _, _ in waits:
+                self._waiting.pop(ident, None)
+        results: list[Any] = []
+        for command, _, _, slot in waits:
+            if not slot:
+                raise QemuGone(f"lost the QMP connection to QEMU during {command}")
+            reply = slot[0]
+            if "error" in reply:
+                error = reply["error"] if isinstance(reply["error"], dict) else {}
+                results.append(QmpError(command, str(error.get("class", "")),
+                                        str(error.get("desc", ""))))
+            else:
+                results.append(reply.get("return"))
+        return results
 
     def peer_pid(self) -> int | None:
         """QEMU's process id, from the socket's peer credentials (None if unknown)."""
-        writer = getattr(self._client, "_writer", None)
-        sock = writer.get_extra_info("socket") if writer is not None else None
-        if sock is None:
-            return None
         try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
+            creds = self._stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   struct.calcsize("3i"))
         except OSError:
             return None
-        return struct.unpack("3i", creds)[0] or None
+        return int(struct.unpack("3i", creds)[0]) or None
 
     async def schema(self) -> list[dict[str, Any]]:
         """The introspected QAPI schema (query-qmp-schema)."""
@@ -105,56 +168,83 @@ class Qmp:
         assert isinstance(result, list)
         return result
 
-    async def _pump_events(self) -> None:
-        listener = self._client.events
-        get = trio_asyncio.aio_as_trio(listener.get)
-        while True:
-            event = await get()
-            try:
-                self._event_send.send_nowait(dict(event))
-            except trio.ClosedResourceError:
-                return
-
-    async def _watch_runstate(self) -> None:
-        changed = trio_asyncio.aio_as_trio(self._client.runstate_changed)
-        while self._client.runstate == Runstate.RUNNING:
-            await changed()
-        self.gone.set()
-        self._event_send.close()  # readers drain what came before, then see EndOfChannel
+    async def _route(self) -> None:
+        """Events into the channel, replies to their waiting command, until the end."""
+        try:
+            while True:
+                try:
+                    msg = await self._lines.read()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    msg = None
+                if msg is None:
+                    return
+                if "event" in msg:
+                    self._event_send.send_nowait(msg)
+                    continue
+                waiter = self._waiting.get(str(msg.get("id")))
+                if waiter is not None:
+                    waiter[1].append(msg)
+                    waiter[0].set()
+        finally:
+            self.gone.set()
+            self._event_send.close()  # readers drain what came before, then see EndOfChannel
+            for done, _ in self._waiting.values():
+                done.set()  # no reply: the connection is lost
 
 
 @asynccontextmanager
 async def open_qmp(path: str, *, timeout: float = 10.0) -> AsyncIterator[Qmp]:
-    """Connect to the QMP unix socket at `path`; needs a running trio-asyncio loop.
-
-    Callers that have none can wrap their code in `trio_asyncio.open_loop()`.
-    """
-    client = QMPClient("vmafs")
+    """Connect to the QMP unix socket at `path` (greeting and capabilities negotiated)."""
     try:
-        with trio.fail_after(timeout):
-            await trio_asyncio.aio_as_trio(client.connect)(path)
-    except trio.TooSlowError:
-        raise QmpBusy(f"QMP socket {path}: no greeting within {timeout:.0f} s (another client "
-                      "holds QEMU's monitor, which serves one at a time)") from None
-    except (QMPError, OSError) as exc:
-        cause = exc.exc if hasattr(exc, "exc") else exc
-        reason = getattr(cause, "strerror", None) or str(cause)
+        stream = await trio.open_unix_socket(path)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
         raise VmafsError(f"cannot connect to QMP socket {path}: {reason}") from None
-    qmp = Qmp(client)
     try:
+        lines = _Lines(stream)
+        qmp = Qmp(stream, lines)
+        try:
+            with trio.fail_after(timeout):
+                greeting = await lines.read()
+        except trio.TooSlowError:
+            raise QmpBusy(f"QMP socket {path}: no greeting within {timeout:.0f} s (another "
+                          "client holds QEMU's monitor, which serves one at a time)") from None
+        except (trio.BrokenResourceError, OSError):
+            greeting = None
+        if greeting is None or "QMP" not in greeting:
+            raise VmafsError(f"cannot connect to QMP socket {path}: no QMP greeting")
+        await _negotiate(stream, lines, path, timeout)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(qmp._pump_events)
-            nursery.start_soon(qmp._watch_runstate)
+            nursery.start_soon(qmp._route)
             try:
                 yield qmp
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            qmp._closing = True
-            # The peer may be long gone; there is nothing left to do about it then.
-            with contextlib.suppress(Exception):
-                await trio_asyncio.aio_as_trio(client.disconnect)()
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def _negotiate(stream: trio.SocketStream, lines: _Lines, path: str,
+                     timeout: float) -> None:
+    """qmp_capabilities, before the reader task starts (QEMU sends no event until it is
+    answered), so that a failure here leaves open_qmp as itself, not in an exception group."""
+    problem = "the connection closed"
+    try:
+        with trio.fail_after(timeout):
+            await stream.send_all(b'{"execute": "qmp_capabilities", "id": "vmafs-0"}\n')
+            while (reply := await lines.read()) is not None:
+                if reply.get("id") != "vmafs-0":
+                    continue
+                if "error" not in reply:
+                    return
+                problem = str(reply["error"])
+                break
+    except trio.TooSlowError:
+        problem = f"no answer within {timeout:.0f} s"
+    except (trio.BrokenResourceError, OSError) as exc:
+        problem = str(exc)
+    raise VmafsError(f"QMP socket {path}: capabilities negotiation failed: {problem}")
 
 
 def has_member(schema: list[dict[str, Any]], command: str, *path: str) -> bool:
@@ -302,12 +392,19 @@ def process_started(pid: int | None) -> float | None:
 async def query_graph(qmp: Qmp) -> tuple[list[Json], list[Json], dict[str, str]]:
     """What disk selection reads of a VM (blockgraph.select_disks): its block devices, its
     named nodes, and the QOM type of each device that has a disk."""
+    blocks, nodes = await qmp.execute_all([("query-block", None),
+                                           ("query-named-block-nodes", {"flat": True})])
+    for answer in (blocks, nodes):
+        if isinstance(answer, QmpError):
+            raise answer
+    return blocks, nodes, await query_types(qmp, blocks)
+
+
+async def query_types(qmp: Qmp, blocks: list[Json]) -> dict[str, str]:
+    """The QOM type of each device that has a disk (one round trip for all)."""
     from vmafs.backup import blockgraph
 
-    blocks = await qmp.execute("query-block")
-    nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-    types: dict[str, str] = {}
-    for path in blockgraph.type_queries(blocks):
-        with contextlib.suppress(QmpError):
-            types[path] = await qmp.execute("qom-get", {"path": path, "property": "type"})
-    return blocks, nodes, types
+    paths = blockgraph.type_queries(blocks)
+    answers = await qmp.execute_all([("qom-get", {"path": p, "property": "type"})
+                                     for p in paths]) if paths else []
+    return {p: a for p, a in zip(paths, answers, strict=True) if not isinstance(a, QmpError)}
