@@ -20,25 +20,30 @@ freeze while a node waits out its reconnect delay.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
 import os
 import shutil
-import socket as stdsocket
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import trio
-
-from vmafs.backup import runlock
-from vmafs.backup.runlock import RunRecord
 from vmafs.errors import VmafsError
+
+if TYPE_CHECKING:
+    import argparse
+    import subprocess
+
+    import trio
+
+    from vmafs.backup import runlock
+    from vmafs.backup.runlock import RunRecord
+
+# The guard process sleeps on its pipe for the whole backup, on the same two cores: it imports
+# trio and the rest only once it has to take over (the functions below import what they use).
 
 RECONNECT_DELAY = 15
 """Seconds QEMU's NBD client keeps requests waiting for a sink to come back (the guard's)."""
@@ -76,6 +81,9 @@ def _archive_is(path: str | None, uuid: str | None) -> bool:
 async def clean_run(execute: Execute, tags: set[str], bitmaps: Sequence[str]) -> list[str]:
     """Force-cancel the jobs and delete the nodes of the runs `tags`, and remove the named
     bitmaps from every node holding one; what was done, one phrase each."""
+    import trio
+
+    from vmafs.backup import runlock
     done: list[str] = []
     jobs = [j["device"] for j in await execute("query-block-jobs")
             if runlock.tag_of(j.get("device", "")) in tags]
@@ -120,6 +128,8 @@ async def rescue_and_clean(execute: Execute, tags: set[str], bitmaps: Sequence[s
     sink that drops everything and let QEMU reconnect to it, so that cancelling the jobs fails
     no guest write still waiting (and deleting the nodes does not wait out reconnect-delay
     with QEMU's monitor frozen)."""
+    import trio
+
     from vmafs.backup.nbd_server import open_listener, serve_nbd
     error: BaseException | None = None
     done: list[str] = []
@@ -160,6 +170,8 @@ class QmpLine:
 
     @classmethod
     async def connect(cls, path: str, timeout: float) -> QmpLine:
+        import trio
+
         stream = await trio.open_unix_socket(path)
         qmp = cls(stream)
         try:
@@ -175,6 +187,8 @@ class QmpLine:
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None, *,
                       timeout: float | None = 120.0) -> Any:
+        import trio
+
         from vmafs.backup.qmp import QmpError
         ident = next(self._ids)
         msg: dict[str, Any] = {"execute": command, "id": ident}
@@ -232,6 +246,8 @@ class Guard:
 
     def __init__(self, qmp: str, lock: runlock.RunLock, sockdir: str,
                  exports: Sequence[tuple[int, int]]) -> None:
+        import subprocess
+
         read, self._write = os.pipe()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
@@ -260,13 +276,18 @@ class Guard:
         self._write = -1
 
 
-async def _wait_for_parent(fd: int) -> bool:
-    """True when vmafs said it is done; False when it died (the pipe ended without a word)."""
-    stream = trio.lowlevel.FdStream(fd)
+def _wait_for_parent(fd: int) -> bool:
+    """True when vmafs said it is done; False when it died (the pipe ended without a word).
+    A plain blocking read, before trio is even imported: the guard costs the backup nothing
+    but its interpreter's start."""
     said = b""
     while True:
-        data = await stream.receive_some(64)
+        try:
+            data = os.read(fd, 64)
+        except InterruptedError:
+            continue
         if not data:
+            os.close(fd)
             return b"d" in said
         said += data
 
@@ -275,6 +296,9 @@ async def _take_over(qmp_path: str, lock_fd: int) -> bool:
     """Clean up after the dead run; True when done, or when QEMU is gone and the run's
     bitmap with it (one a qcow2 image may have stored at a clean exit keeps the lock file,
     so that the next backup of the VM removes it)."""
+    import trio
+
+    from vmafs.backup import runlock
     record = runlock.read_record(lock_fd)
     if record is None:
         return False
@@ -309,6 +333,9 @@ async def reconnect(execute: Execute, tags: set[str]) -> None:
     client still waiting to reconnect then fails its requests, with them the guest writes
     waiting on a copy. A flush through the node finds a dead connection and waits for the new
     one (HMP qemu-io: QMP has no I/O command); once it returns, the client is the guard's."""
+    import trio
+
+    from vmafs.backup import runlock
     for node in await execute("query-named-block-nodes", {"flat": True}):
         name = node.get("node-name", "")
         if node.get("drv") == "nbd" and runlock.tag_of(name) in tags:
@@ -326,9 +353,10 @@ def _log(text: str) -> None:
 
 
 async def _guard(args: argparse.Namespace) -> None:
-    _log("started")
-    if await _wait_for_parent(args.pipe):
-        return
+    """vmafs died: serve its NBD sockets with a sink that drops everything, and clean up."""
+    import socket as stdsocket
+
+    import trio
     _log("vmafs died: taking over")
     cleaned = False
     async with trio.open_nursery() as nursery:
@@ -349,6 +377,7 @@ async def _guard(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
     parser = argparse.ArgumentParser(prog="vmafs-guard")
     parser.add_argument("--qmp", required=True)
     parser.add_argument("--pipe", type=int, required=True)
@@ -362,6 +391,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.dup2(fd, 2)
         os.close(fd)
+    _log("started")
+    if _wait_for_parent(args.pipe):
+        return
+    import trio
     trio.run(_guard, args)
 
 
