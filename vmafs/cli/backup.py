@@ -6,14 +6,8 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import trio
-
-from vmafs.archive import naming
-from vmafs.archive.configs import read_configs
-from vmafs.archive.protection import protect
-from vmafs.backup import backup_log
-from vmafs.backup.live import Backup, BackupOptions, BackupResult, run_backup
 from vmafs.cli.common import (
     add_base,
     add_compression,
@@ -24,9 +18,12 @@ from vmafs.cli.common import (
     int_in,
 )
 from vmafs.errors import FormatError, UsageError, VmafsError
-from vmafs.format import vma
-from vmafs.format.names import display
-from vmafs.progress import print_json
+
+if TYPE_CHECKING:
+    from vmafs.backup.live import Backup, BackupResult
+
+# What a backup runs on (trio, QMP, the archive writer, numpy...) is imported by run(), not
+# here: `vmafs backup --help` and a usage error need none of it.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_compression(p)
     add_json(p)
     add_quiet(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, exit_fast=True)
 
 
 def positive_seconds(text: str) -> float:
@@ -93,6 +90,7 @@ def positive_seconds(text: str) -> float:
 
 
 def parse_drive(arg: str) -> tuple[str, str | None]:
+    from vmafs.format import vma
     node, sep, name = arg.partition("=")
     if not node or (sep and not name):
         raise UsageError(f"--drive {arg!r}: expected NODE or NODE=DEVNAME")
@@ -108,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
     drives = [parse_drive(a) for a in args.drive]
     if args.full_if_needed and not args.incremental:
         raise UsageError("--full-if-needed goes with --incremental")
+    import trio
+
+    from vmafs.archive import naming
+    from vmafs.archive.configs import read_configs
+    from vmafs.archive.protection import protect
+    from vmafs.backup.live import Backup, BackupOptions, run_backup
+    from vmafs.format.names import display
+    from vmafs.progress import print_json
     configs = read_configs(args.config)
     opts = BackupOptions(
         qmp_socket=args.qmp, output=args.output, drives=drives,
@@ -157,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_log(job: Backup, result: BackupResult) -> str | None:
     """vzdump's NAME.log beside the archive (a failure to write it is a note, not an error)."""
+    from vmafs.archive import naming
+    from vmafs.backup import backup_log
     parsed = naming.parse_vzdump_name(os.path.basename(result.archive))
     path = backup_log.log_path(result.archive)
     try:
