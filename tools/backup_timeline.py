@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Where the wall time of one `vmafs backup` goes: a timeline per run, in milliseconds from the
+moment the command was started (fork+exec included), with the same run's `qemu-img convert`
+of the image as the baseline (ratio = convert / backup, the issue's >= 0.8 at 2 and 4 GiB).
+
+Each backup runs as its own process (as a user runs it) through a small wrapper that wraps, by
+patching attributes only, the QMP round trips, the backup's phases, the guard's start, the
+writer's first output and the archive's fsync and rename; nothing of vmafs is changed.  The
+wrapper's hooks cost a few microseconds per QMP command; the imports it shows are the ones the
+command pays anyway.  Rounds alternate backup and convert (other work on the machine shifts
+both alike); medians over --rounds.  Page cache: the image's pages are evicted before every
+timed run (posix_fadvise DONTNEED on that one file; never drop_caches), QEMU reads it with
+cache=none anyway.  The convert reads the image with -U while the (idle) VM runs.
+
+--baseline DIR also runs the vmafs of another tree (e.g. `git archive REV | tar -x -C DIR`) in
+the same rounds, interleaved, so that a change is measured against what it changes.
+--bytecode lets Python write and use .pyc files (an installed vmafs has them; a checkout run
+with PYTHONDONTWRITEBYTECODE=1 compiles every module at every start).
+
+Usage: python3 tools/backup_timeline.py [--size-gib 2] [--rounds 5] [--incremental]
+                                        [--baseline DIR] [--bytecode]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+GiB, MiB = 1 << 30, 1 << 20
+
+# Runs inside the backup's process: hooks, then vmafs's own main().
+WRAPPER = r"""
+import os, sys, time, json, functools
+T0 = float(os.environ["VMAFS_T0"])
+EV = []
+def mark(what, t=None):
+    EV.append((what, ((time.monotonic() if t is None else t) - T0) * 1000))
+mark("python up (site done)")
+import atexit
+atexit.register(lambda: (mark("exit"), open(os.environ["VMAFS_TL"], "w").write(json.dumps(EV))))
+import vmafs.cli
+mark("vmafs.cli imported")
+mods = {}
+def hook_imports():
+    import vmafs.backup.live as live, vmafs.backup.qmp as qmp, vmafs.container.output as out
+    import vmafs.backup.guard as guard
+    mark("backup stack imported")
+    def span(name, fn):
+        @functools.wraps(fn)
+        async def w(*a, **k):
+            t = time.monotonic()
+            try:
+                return await fn(*a, **k)
+            finally:
+                mark(name, t); mark("/" + name)
+        return w
+    def sspan(name, fn):
+        @functools.wraps(fn)
+        def w(*a, **k):
+            t = time.monotonic()
+            try:
+                return fn(*a, **k)
+            finally:
+                mark(name, t); mark("/" + name)
+        return w
+    ex = qmp.Qmp.execute
+    @functools.wraps(ex)
+    async def execute(self, command, arguments=None, **k):
+        t = time.monotonic()
+        try:
+            return await ex(self, command, arguments, **k)
+        finally:
+            mark("qmp " + command, t); mark("/qmp " + command)
+    if not hasattr(qmp.Qmp, "execute_all"):  # else execute() goes through execute_all()
+        qmp.Qmp.execute = execute
+    oq = qmp.open_qmp
+    import contextlib
+    @contextlib.asynccontextmanager
+    async def open_qmp(*a, **k):
+        t = time.monotonic()
+        async with oq(*a, **k) as q:
+            mark("qmp connect+greeting+capabilities", t); mark("/qmp connect+greeting+capabilities")
+            yield q
+        mark("qmp disconnected")
+    qmp.open_qmp = open_qmp
+    live.open_qmp = open_qmp
+    import inspect
+    for m in ("_preflight", "_start_writer", "_start_nbd", "_writer_ready", "_add_nodes",
+              "_start_jobs", "_wait_jobs", "_teardown", "_commit", "_settle_bitmaps",
+              "_clean_leftovers", "_read_prev", "_plan_incremental"):
+        if hasattr(live.Backup, m):
+            fn = getattr(live.Backup, m)
+            wrap = span if inspect.iscoroutinefunction(fn) else sspan
+            setattr(live.Backup, m, wrap("phase " + m, fn))
+    if hasattr(qmp.Qmp, "execute_all"):
+        ea = qmp.Qmp.execute_all
+        @functools.wraps(ea)
+        async def execute_all(self, calls, **k):
+            t = time.monotonic()
+            name = "qmp " + "+".join(c for c, _ in calls)
+            try:
+                return await ea(self, calls, **k)
+            finally:
+                mark(name, t); mark("/" + name)
+        qmp.Qmp.execute_all = execute_all
+    live.Guard.__init__ = sspan("spawn guard", live.Guard.__init__)
+    out.TempFile.commit = sspan("fsync+rename", out.TempFile.commit)
+    orun = live.run_backup
+    async def run_backup(job):
+        mark("trio.run started")
+        return await orun(job)
+    live.run_backup = run_backup
+    import vmafs.cli.backup as cb
+    cb.run_backup = run_backup
+hook_imports()
+sys.argv = ["vmafs", *sys.argv[1:]]
+mark("main()")
+rc = vmafs.cli.main()
+mark("main() returned")
+sys.exit(rc)
+"""
+
+
+def evict(path: Path) -> None:
+    """Drop one file's pages from the page cache (never the whole cache: others benchmark)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+BYTECODE = False
+
+
+def env(tree: Path = ROOT, **extra: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
+    made = dict(os.environ, PYTHONPATH=path, **extra)
+    if BYTECODE:
+        made.pop("PYTHONDONTWRITEBYTECODE", None)
+    return made
+
+
+def make_image(path: Path, size: int) -> None:
+    """First half pseudo-random (incompressible), second half a hole, as bench_backup's."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        block = os.urandom(16 * MiB)
+        for off in range(0, size // 2, 16 * MiB):
+            f.write(block[: min(16 * MiB, size // 2 - off)])
+            block = block[1:] + block[:1]  # not dedupable by the page, cheap
+
+
+def timed_backup(tree: Path, qmp: Path, out: Path, work: Path, *extra: str
+                 ) -> tuple[float, list[Any]]:
+    tl = work / "tl.json"
+    subprocess.run(["sync"], check=True)
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", WRAPPER, "backup", "--qmp", str(qmp), "-o", str(out),
+                    "-q", *extra], check=True, cwd=tree,
+                   env=env(tree, VMAFS_T0=repr(t0), VMAFS_TL=str(tl)))
+    wall = time.monotonic() - t0
+    return wall, json.loads(tl.read_text()) + [["process reaped", wall * 1000]]
+
+
+def timed_convert(img: Path, work: Path) -> float:
+    dst = work / "copy.raw"
+    dst.unlink(missing_ok=True)
+    evict(img)
+    subprocess.run(["sync"], check=True)
+    t0 = time.monotonic()
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(img), str(dst)], check=True)
+    wall = time.monotonic() - t0
+    dst.unlink()
+    return wall
+
+
+def show(events: list[Any]) -> None:
+    opened: dict[str, float] = {}
+    for what, ms in events:
+        if what.startswith("/"):
+            start = opened.pop(what[1:], ms)
+            print(f"  {start:8.1f} .. {ms:8.1f}  ({ms - start:7.1f})  {what[1:]}")
+        elif what.startswith(("qmp ", "phase ", "spawn", "fsync")):
+            opened[what] = ms
+        else:
+            print(f"  {ms:8.1f}              {what}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--incremental", action="store_true",
+                    help="also time an incremental after each full (nothing changed: its "
+                         "fixed cost alone)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another tree's vmafs, run in the same rounds")
+    ap.add_argument("--bytecode", action="store_true", help="let Python use .pyc files")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    global BYTECODE
+    BYTECODE = args.bytecode
+    import guestimage as gi
+
+    trees = {"this": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    guest = gi.build_guest()
+    work = Path(tempfile.mkdtemp(prefix="vmafs-tl-", dir=args.workdir))
+    try:
+        size = int(args.size_gib * GiB) // MiB * MiB
+        img = work / "disk.raw"
+        make_image(img, size)
+        converts: list[float] = []
+        runs: dict[tuple[str, str], list[tuple[float, list[Any]]]] = {}
+        with gi.QemuVM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline("idle"),
+                       disks=[gi.Disk(img, fmt="raw", cache="none")]) as vm:
+            vm.wait_for("VMAFS-READY", timeout=180)
+            if BYTECODE:  # one untimed run each, which writes the .pyc files
+                for tree in trees.values():
+                    timed_backup(tree, vm.qmp_path, work / "w.vma", work)
+                    (work / "w.vma").unlink()
+            for r in range(args.rounds):
+                converts.append(timed_convert(img, work))
+                line = [f"round {r + 1}: qemu-img convert {converts[-1]:.3f} s"]
+                order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
+                for name, tree in order:
+                    out = work / "b.vma"
+                    runs.setdefault((name, "full"), []).append(
+                        timed_backup(tree, vm.qmp_path, out, work))
+                    line.append(f"{name} full {runs[name, 'full'][-1][0]:.3f} s")
+                    if args.incremental:
+                        inc = work / "i.vma"
+                        runs.setdefault((name, "incremental"), []).append(
+                            timed_backup(tree, vm.qmp_path, inc, work, "--incremental",
+                                         str(out)))
+                        line.append(f"inc {runs[name, 'incremental'][-1][0]:.3f} s")
+                        inc.unlink()
+                    out.unlink()
+                print(", ".join(line), flush=True)
+        conv = statistics.median(converts)
+        for (name, kind), got in runs.items():
+            walls = [w for w, _ in got]
+            med_t = statistics.median(walls)
+            pick = min(range(len(walls)), key=lambda i: abs(walls[i] - med_t))
+            print(f"\n{name}, {kind}: median {med_t:.3f} s over {len(walls)}; the run "
+                  "nearest the median, ms from the start of the command:")
+            show(got[pick][1])
+        print(f"\ndisk {size / GiB:.1f} GiB; qemu-img convert median {conv:.3f} s")
+        for name in trees:
+            full = statistics.median(w for w, _ in runs[name, "full"])
+            text = f"  {name:8}: full {full:.3f} s, convert/full {conv / full:.2f} (>= 0.8)"
+            if args.incremental:
+                inc = statistics.median(w for w, _ in runs[name, "incremental"])
+                text += f"; incremental (nothing changed) {inc:.3f} s = {inc / full:.3f} of full"
+            print(text)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
