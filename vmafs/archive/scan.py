@@ -7,17 +7,20 @@ trailing index (if any) must describe exactly what the stream holds, checksums i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
+import xxhash
 
 from vmafs.archive import problems
 from vmafs.archive.locate import check_header
 from vmafs.archive.problems import Problem
 from vmafs.archive.rules import ClusterRules
 from vmafs.archive.walk import (
+    READ_AHEAD,
     Extent,
     HeaderBatch,
     decode_extent,
@@ -42,6 +45,15 @@ class StoredCluster:
     data: memoryview
 
 
+def checksums(data: memoryview, starts: list[int], ends: list[int]) -> list[int]:
+    """index.checksum of each data[start:end], hashed without holding the GIL (xxhash's
+    streaming form releases it, its one-shot form does not): the read-ahead thread fills the
+    next buffers meanwhile."""
+    digest = xxhash.xxh3_64
+    return [digest(data[a:b]).intdigest() & 0xFFFFFFFF
+            for a, b in zip(starts, ends, strict=True)]
+
+
 def stored_clusters(ext: Extent, data: memoryview) -> Iterator[StoredCluster]:
     """The used slots of an (already checked) extent with views of their data."""
     base = ext.offset + vma.EXTENT_HEADER_SIZE
@@ -63,16 +75,27 @@ class TrailerCheck:
         self.header_digest = False  # the footer carries a header digest, and it matched
         self.bad: BadData | None = None  # the clusters whose data fails its checksum
 
-    def add_extent(self, ext: Extent, stored: list[StoredCluster], data: memoryview) -> None:
+    def add_extent(self, ext: Extent, data: memoryview) -> None:
         if ext.is_null:
             self.null_run.append((ext.offset, ext.payload()))
             self.tail = b""
             return
         self.null_run = []
         self.tail = bytes(data[-vma.EXTENT_HEADER_SIZE:]) if len(data) else b""
-        self.index.add_extent(ext.offset, [
-            (s.dev_id, s.cluster, s.mask, index.checksum(s.data)) for s in stored if s.mask
-        ])
+        stored = np.flatnonzero(ext.masks)
+        if not len(stored):
+            return
+        # the columns of index.IndexBuilder.add_extent, a few calls an extent, not 4 a cluster
+        sizes = vma.POPCOUNT16[ext.masks].astype(np.int64) * vma.BLOCK_SIZE
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        built = self.index
+        built.ext_offsets.append(ext.offset)
+        built.ext_counts.append(len(stored))
+        built.dev_ids.frombytes(ext.dev_ids[stored].astype(np.uint8).tobytes())
+        built.clusters.frombytes(ext.clusters[stored].astype(np.uint32).tobytes())
+        built.masks.frombytes(ext.masks[stored].astype(np.uint16).tobytes())
+        built.checksums.fromlist(checksums(data, starts[stored].tolist(), ends[stored].tolist()))
 
     def add_run(self, batch: HeaderBatch) -> None:
         """A run of extents without data: null extents (a trailer) or zero slots."""
@@ -216,35 +239,35 @@ def scan_stream(
     for dev in header.devices:
         sizes[dev.dev_id] = dev.size
     end = header.header_size
-    for item in iter_stream_runs(stream, header):
-        if isinstance(item, HeaderBatch):
-            used = item.dev_ids != 0
-            rules.check(item.dev_ids[used], item.clusters[used], item.masks[used],
-                        np.repeat(item.offsets, used.sum(axis=1)))
-            trailer.add_run(item)
-            if on_zeros is not None and used.any():
-                on_zeros(item.dev_ids[used], item.clusters[used])
-            result.extents += len(item.offsets)
-            end = int(item.offsets[-1]) + vma.EXTENT_HEADER_SIZE
+    with contextlib.closing(iter_stream_runs(stream, header, ahead=READ_AHEAD)) as items:
+        for item in items:
+            if isinstance(item, HeaderBatch):
+                used = item.dev_ids != 0
+                rules.check(item.dev_ids[used], item.clusters[used], item.masks[used],
+                            np.repeat(item.offsets, used.sum(axis=1)))
+                trailer.add_run(item)
+                if on_zeros is not None and used.any():
+                    on_zeros(item.dev_ids[used], item.clusters[used])
+                result.extents += len(item.offsets)
+                end = int(item.offsets[-1]) + vma.EXTENT_HEADER_SIZE
+                if progress is not None:
+                    done = _covered(sizes, item.dev_ids[used], item.clusters[used])
+                    if done:
+                        progress(done)
+                continue
+            ext, data = item
+            rules.check(ext.dev_ids, ext.clusters, ext.masks,
+                        np.full(len(ext.dev_ids), ext.offset, np.int64))
+            if on_extent is not None:
+                on_extent(list(stored_clusters(ext, data)))
+            trailer.add_extent(ext, data)
+            result.extents += 1
+            result.stored_bytes += len(data)
+            end = ext.offset + ext.size
             if progress is not None:
-                done = _covered(sizes, item.dev_ids[used], item.clusters[used])
+                done = _covered(sizes, ext.dev_ids, ext.clusters)
                 if done:
                     progress(done)
-            continue
-        ext, data = item
-        rules.check(ext.dev_ids, ext.clusters, ext.masks,
-                    np.full(len(ext.dev_ids), ext.offset, np.int64))
-        stored = list(stored_clusters(ext, data))
-        if on_extent is not None:
-            on_extent(stored)
-        trailer.add_extent(ext, stored, data)
-        result.extents += 1
-        result.stored_bytes += len(data)
-        end = ext.offset + ext.size
-        if progress is not None:
-            done = _covered(sizes, ext.dev_ids, ext.clusters)
-            if done:
-                progress(done)
     result.stream_bytes = end
     if not result.incremental:
         result.problems.extend(rules.missing())

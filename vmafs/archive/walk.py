@@ -8,9 +8,13 @@ batches (HeaderBatch): a sparse disk has millions of extents, too many to decode
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import io
+import threading
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 
@@ -134,21 +138,37 @@ def read_header(stream: BinaryIO) -> vma.Header:
 
 
 ZERO_RUN_BATCH = 4096  # data-less extents in a row checked together: a sparse disk has millions
+READ_AHEAD = 4
+"""Extent buffers (3.8 MiB each) of a threaded forward read: a reader thread fills the next
+ones while the caller checks one (readinto and decompression release the GIL)."""
 
-
-def iter_stream_runs(stream: BinaryIO, header: vma.Header
-                     ) -> Iterator[tuple[Extent, memoryview] | HeaderBatch]:
+def iter_stream_runs(stream: BinaryIO, header: vma.Header, *, ahead: int = 0
+                     ) -> Generator[_Item, None, None]:
     """Like iter_stream, but runs of extents without data come as HeaderBatch: a 16 TiB sparse
-    disk is 4.5 million of them, too many to handle one by one in Python."""
+    disk is 4.5 million of them, too many to handle one by one in Python.
+
+    With ahead > 0 a reader thread reads up to that many extents ahead of the caller, into a
+    ring of buffers, with the very reads of ahead=0 in the same order; items and the error
+    that ends the stream come in stream order. Either way an extent's data view stays valid
+    until the next item is asked for. Close the iterator to stop the thread early.
+    """
+    if ahead <= 0:
+        buffer = bytearray(vma.MAX_EXTENT_SIZE)
+        yield from _stream_runs(stream, header, lambda: buffer)
+    else:
+        yield from _read_ahead(stream, header, ahead)
+
+
+def _stream_runs(stream: BinaryIO, header: vma.Header, take: Callable[[], bytearray]
+                 ) -> Iterator[_Item]:
+    """The forward walk; take() gives the buffer for the next extent's data."""
     offset = header.header_size
-    buffer = memoryview(bytearray(vma.MAX_EXTENT_SIZE))
+    direct = _plain_file(stream)
     offsets: list[int] = []
     heads: list[bytes] = []
     try:
-        while True:
-            raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
-            if not raw:
-                break
+        raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
+        while raw:
             if len(raw) < vma.EXTENT_HEADER_SIZE:
                 raise problems.error(problems.TRUNCATED, f"read short extent ({len(raw)} bytes) "
                                      f"at offset {offset}", offset=offset)
@@ -163,28 +183,142 @@ def iter_stream_runs(stream: BinaryIO, header: vma.Header
                     yield _batch(offsets, [0] * len(heads), heads)
                     offsets, heads = [], []
                 offset += vma.EXTENT_HEADER_SIZE
+                raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
                 continue
             if heads:
                 yield _batch(offsets, [0] * len(heads), heads)
                 offsets, heads = [], []
             ext = _extent(raw, block_count, offset)
             need = ext.block_count * vma.BLOCK_SIZE
-            data = buffer[:need]
-            got = _read_into(stream, data)
+            buffer = memoryview(take())
+            if direct:
+                got, after = _read_with_next_header(stream, buffer, need)
+            else:
+                got, after = _read_into(stream, buffer[:need]), None
             if got != need:
                 raise problems.error(
                     problems.TRUNCATED,
                     f"short vma extent ({vma.EXTENT_HEADER_SIZE + got} < "
                     f"{vma.EXTENT_HEADER_SIZE + need}) at offset {offset}: archive is truncated",
                     offset=offset)
-            yield ext, data
+            yield ext, buffer[:need]
             offset += ext.size
+            raw = read_exact(stream, vma.EXTENT_HEADER_SIZE) if after is None else after
     except FormatError:
         if heads:
             yield _batch(offsets, [0] * len(heads), heads)
         raise
     if heads:
         yield _batch(offsets, [0] * len(heads), heads)
+
+
+def _plain_file(stream: BinaryIO) -> bool:
+    """A stream straight from a file (not a decoder, not a pipe): reading 512 bytes past an
+    extent can then fail only as the next header's own read would."""
+    raw = getattr(stream, "raw", stream)
+    return isinstance(raw, io.FileIO) and raw.seekable()
+
+
+def _read_with_next_header(stream: BinaryIO, buffer: memoryview, need: int
+                           ) -> tuple[int, bytes | None]:
+    """An extent's data and the header after it in one read (a big read goes past the
+    stream's buffer, straight into ours): (data bytes read, the next header's bytes, b"" at
+    the end). An I/O error reads the data alone again, so that it comes after this extent."""
+    start = stream.tell()
+    try:
+        got = _read_into(stream, buffer[:need + vma.EXTENT_HEADER_SIZE])
+    except OSError:
+        stream.seek(start)
+        return _read_into(stream, buffer[:need]), None
+    return min(got, need), bytes(buffer[need:got])
+
+
+class _Stopped(Exception):
+    """The reader thread's consumer went away."""
+
+
+_END = object()
+
+
+class _Ring:
+    """The reader thread's buffers and the items it has read, in order."""
+
+    def __init__(self, count: int) -> None:
+        self.cond = threading.Condition()
+        self.free = [bytearray(vma.MAX_EXTENT_SIZE) for _ in range(count)]
+        self.items: deque[object] = deque()
+        self.limit = count
+        self.stopped = False
+
+    def take(self) -> bytearray:
+        """A free buffer for the reader (it waits for one)."""
+        with self.cond:
+            while not self.free and not self.stopped:
+                self.cond.wait()
+            if self.stopped:
+                raise _Stopped
+            return self.free.pop()
+
+    def put(self, item: object, *, last: bool = False) -> None:
+        with self.cond:
+            while len(self.items) >= self.limit and not self.stopped and not last:
+                self.cond.wait()
+            if self.stopped:
+                raise _Stopped
+            self.items.append(item)
+            self.cond.notify_all()
+
+    def get(self) -> object:
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            item = self.items.popleft()
+            self.cond.notify_all()
+            return item
+
+    def give_back(self, buffer: bytearray) -> None:
+        with self.cond:
+            self.free.append(buffer)
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+def _read_ahead(stream: BinaryIO, header: vma.Header, count: int) -> Iterator[_Item]:
+    ring = _Ring(count)
+
+    def read() -> None:
+        try:
+            for item in _stream_runs(stream, header, ring.take):
+                ring.put(item)
+            ring.put(_END, last=True)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, in order
+            with contextlib.suppress(_Stopped):
+                ring.put(exc, last=True)
+
+    thread = threading.Thread(target=read, name="vmafs-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ring.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, HeaderBatch):
+                yield item
+                continue
+            ext, data = cast(tuple[Extent, memoryview], item)
+            yield ext, data
+            ring.give_back(cast(bytearray, data.obj))
+    finally:
+        ring.stop()
+        thread.join()
 
 
 def iter_stream(stream: BinaryIO, header: vma.Header) -> Iterator[tuple[Extent, memoryview]]:
@@ -227,6 +361,9 @@ class HeaderBatch:
 
     def payload(self, row: int) -> bytes:
         return vma.null_extent_payload(self.raw[row].tobytes())
+
+
+_Item = tuple[Extent, memoryview] | HeaderBatch  # what a forward walk yields
 
 
 def _batch(offsets: list[int], counts: list[int], heads: list[bytes]) -> HeaderBatch:

@@ -1,0 +1,212 @@
+"""The forward scan's reader thread (issue 17: verify on both cores). What a scan sees and
+reports is what the one-thread walk sees and reports, from a file, a pipe or a decoder, cut
+short anywhere; every data view holds its extent's bytes while the caller has it; the thread
+ends with the scan, however the scan ends."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pytest
+from conftest import run_vmafs
+
+from vmafs.archive import walk
+from vmafs.archive.scan import StoredCluster, checksums, read_header, scan_stream
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+from vmafs.container.output import open_output
+from vmafs.container.streams import open_stream
+from vmafs.errors import FormatError
+from vmafs.format import index, vma
+
+C = vma.CLUSTER_SIZE
+SIZES = [("drive-scsi0", 560 * C), ("drive-scsi1", 70 * C + 8192)]
+
+
+def images() -> list[bytes]:
+    """Device contents: data with zero blocks inside clusters, and runs of zero clusters long
+    enough for extents without data between the extents with data."""
+    rng = np.random.default_rng(17)
+    out = []
+    for n, (_, size) in enumerate(SIZES):
+        disk = rng.integers(1, 256, size, dtype=np.uint8)
+        blocks = disk.reshape(-1, vma.BLOCK_SIZE)
+        blocks[rng.random(len(blocks)) < 0.3] = 0  # partial clusters
+        if n == 0:
+            disk[130 * C:400 * C] = 0  # zero clusters: extents without data
+            disk[480 * C:540 * C] = 0
+        out.append(disk.tobytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same disks as a plain and as a seekable zstd archive."""
+    directory = tmp_path_factory.mktemp("scan")
+    disks = images()
+    paths = {}
+    for name in ("a.vma", "a.vma.zst"):
+        path = directory / name
+        with open_output(str(path)) as out:
+            w = ArchiveWriter(out, [DeviceSpec(n, s) for n, s in SIZES],
+                              [("qemu-server.conf", b"cores: 1\n")])
+            for dev_id, disk in enumerate(disks, start=1):
+                for at in range(0, len(disk), 16 * C):
+                    w.write(dev_id, at, disk[at:at + 16 * C])
+            w.finish()
+        paths[name] = path
+    return paths
+
+
+def summary(stream: BinaryIO, ahead: int) -> tuple[list[tuple[object, ...]], str | None]:
+    """Each item of a forward walk, as plain values, and the error that ended it."""
+    header = read_header(stream)
+    seen: list[tuple[object, ...]] = []
+    try:
+        for item in walk.iter_stream_runs(stream, header, ahead=ahead):
+            if isinstance(item, walk.HeaderBatch):
+                seen.append(("run", item.offsets.tolist(), item.raw.tobytes()))
+            else:
+                ext, data = item
+                seen.append((ext.offset, ext.raw, hashlib.sha256(data).hexdigest()))
+    except FormatError as exc:
+        return seen, str(exc)
+    return seen, None
+
+
+def reported(stream: BinaryIO) -> list[str]:
+    """What scan_stream reports: its problems, or the error that stopped it."""
+    try:
+        return [str(p) for p in scan_stream(stream).problems]
+    except FormatError as exc:
+        return [str(exc)]
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "vmafs-read-ahead"]
+
+
+def test_checksums_are_the_index_checksum() -> None:
+    """The GIL-free form hashes as index.checksum does."""
+    data = memoryview(os.urandom(3 * C))
+    starts, ends = [0, 4096, C, 2 * C + 4096], [4096, C, 3 * C, 2 * C + 8192]
+    assert checksums(data, starts, ends) == [index.checksum(data[a:b])
+                                             for a, b in zip(starts, ends, strict=True)]
+
+
+@pytest.mark.parametrize("name", ["a.vma", "a.vma.zst"])
+def test_read_ahead_yields_what_the_walk_yields(archives: dict[str, Path], name: str) -> None:
+    """From a file (data and the next header in one read), through a decoder, and from a
+    pipe-like stream: the same items, in the same order, with the same bytes."""
+    with open_stream(archives[name]) as f:
+        expected = summary(f, 0)
+    assert expected[1] is None and any(s[0] == "run" for s in expected[0])
+    assert sum(s[0] != "run" for s in expected[0]) > 5
+    for ahead in (1, walk.READ_AHEAD):
+        with open_stream(archives[name]) as f:
+            assert summary(f, ahead) == expected
+        if name == "a.vma":
+            with open(archives[name], "rb") as f:
+                assert summary(f, ahead) == expected
+            stream = io.BufferedReader(io.BytesIO(archives[name].read_bytes()))  # type: ignore[arg-type]
+            assert summary(stream, ahead) == expected
+    assert not reader_threads()
+
+
+def cuts(path: Path) -> Iterator[int]:
+    """Where to cut the archive: inside, at and right after every extent's header and data,
+    and inside the trailing index."""
+    with open(path, "rb") as f:
+        items, _ = summary(f, 0)
+    size = path.stat().st_size
+    for item in items:
+        if item[0] == "run":
+            offsets = item[1]
+            assert isinstance(offsets, list)
+            starts = [offsets[0], offsets[-1]]
+        else:
+            assert isinstance(item[0], int)
+            starts = [item[0]]
+        for start in starts:
+            for delta in (0, 1, 511, 512, 513, C + 5):
+                if start + delta < size:
+                    yield start + delta
+    yield size - 100
+
+
+def test_a_cut_archive_reports_alike(archives: dict[str, Path], tmp_path: Path) -> None:
+    """Cut anywhere, the threaded walk of a file (reading past each extent into the next
+    header) yields the same items and then the same error as the one-thread walk of a
+    stream that reads exactly; and scan_stream reports the same."""
+    whole = archives["a.vma"].read_bytes()
+    cut = tmp_path / "cut.vma"
+    points = sorted(set(cuts(archives["a.vma"])))
+    assert len(points) > 30
+    for at in points:
+        cut.write_bytes(whole[:at])
+        exact = summary(io.BufferedReader(io.BytesIO(whole[:at])), 0)  # type: ignore[arg-type]
+        with open(cut, "rb") as f:
+            assert summary(f, walk.READ_AHEAD) == exact, at
+        with open(cut, "rb") as f:
+            messages = [reported(io.BufferedReader(io.BytesIO(whole[:at]))),  # type: ignore[arg-type]
+                        reported(f)]
+        assert messages[0] == messages[1], at
+    assert not reader_threads()
+
+
+def test_views_hold_their_extent_while_the_caller_has_them(archives: dict[str, Path]) -> None:
+    """on_extent's views are the archive's bytes until it returns (extract writes from them),
+    however far the reader is ahead; the reader uses its few buffers only."""
+    disks = [bytearray(size) for _, size in SIZES]
+    buffers = set()
+
+    def on_extent(slots: list[StoredCluster]) -> None:
+        for s in slots:
+            buffers.add(id(s.data.obj))
+            start = s.cluster * C
+            block = vma.expand_blocks(s.data, s.mask)
+            end = min(start + C, len(disks[s.dev_id - 1]))
+            disks[s.dev_id - 1][start:end] = block[:end - start]
+
+    for name in archives:
+        disks = [bytearray(size) for _, size in SIZES]
+        with open_stream(archives[name]) as f:
+            result = scan_stream(f, on_extent)
+        assert not result.problems and result.has_index
+        assert [bytes(d) for d in disks] == images()
+    assert 1 < len(buffers) <= 2 * walk.READ_AHEAD
+
+
+def test_the_reader_stops_with_the_scan(archives: dict[str, Path]) -> None:
+    """A scan that ends early (its caller fails, or it is closed after one item) leaves no
+    reader thread behind."""
+    def fail(slots: list[StoredCluster]) -> None:
+        raise RuntimeError("disk full")
+
+    with open(archives["a.vma"], "rb") as f, pytest.raises(RuntimeError, match="disk full"):
+        scan_stream(f, fail)
+    assert not reader_threads()
+    with open_stream(archives["a.vma.zst"]) as f:
+        items = walk.iter_stream_runs(f, read_header(f), ahead=2)
+        next(items)
+        items.close()
+    assert not reader_threads()
+
+
+def test_verify_reads_standard_input(archives: dict[str, Path]) -> None:
+    """`vmafs verify -`: the whole archive, and one cut inside an extent's data, say what
+    verify of the file says."""
+    for name in archives:
+        data = archives[name].read_bytes()
+        rc, out, err = run_vmafs("verify", "-", input=data)
+        assert rc == 0, err
+        assert b"OK" in out
+    whole = archives["a.vma"].read_bytes()
+    rc, _, err = run_vmafs("verify", "-", input=whole[:len(whole) // 2 + 1000])
+    assert rc == 3 and "archive is truncated" in err, err

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Benchmark `vmafs verify` on both cores against itself on one core, in the same run.
+
+Archives (made once by `vmafs create`): a plain .vma of a SIZE raw image that is half random
+data, half holes (64 MiB stripes), a plain .vma of a fully random SIZE image, and a .vma.zst
+of the half-random image; each read into the page cache (`cat archive > /dev/null`, timed: the
+I/O floor) right before it is verified. Each round runs `vmafs verify -q` of every archive
+pinned to one core (`taskset -c 0`) and unpinned, in alternating order; medians over the
+rounds. A verify of a one-cluster archive, measured the same way, is the fixed cost (start-up,
+imports), so the ratio on stored data is printed beside the whole command's.
+
+Usage: tools/bench_verify.py [--size 2G] [--rounds 7] [--dir D] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+STRIPE = 64 << 20
+TARGET = 1.6  # issue 17: verify of a plain archive >= 1.6x one core
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def make_image(path: str, size: int, *, dense: bool) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        step = STRIPE if dense else 2 * STRIPE
+        for start in range(0, size, step):
+            f.seek(start)
+            for _ in range(0, min(STRIPE, size - start), 8 << 20):
+                f.write(os.urandom(8 << 20))
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+system) of one command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def warm(path: str) -> float:
+    """Read the whole file into the page cache; the wall time of `cat` (the I/O floor)."""
+    return run(["cat", path])[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="2G")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir in /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep (and reuse) the archives in --dir")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    work = args.dir or tempfile.mkdtemp(prefix="vmafs-bench-verify-", dir="/var/tmp")
+    os.makedirs(work, exist_ok=True)
+    vmafs = [sys.executable, "-m", "vmafs"]
+    archives = {
+        "plain, half data": ("half.raw", "half.vma", False),
+        "plain, dense": ("dense.raw", "dense.vma", True),
+        "zstd, half data": ("half.raw", "half.vma.zst", False),
+        "fixed cost": ("tiny.raw", "tiny.vma", True),
+    }
+    try:
+        for image, archive, dense in archives.values():
+            image_path, archive_path = os.path.join(work, image), os.path.join(work, archive)
+            if args.keep and os.path.exists(archive_path):
+                continue
+            if not os.path.exists(image_path):
+                make_image(image_path, 1 << 16 if image == "tiny.raw" else size, dense=dense)
+            subprocess.run([*vmafs, "create", "-q", "-o", archive_path,
+                            f"drive-scsi0={image_path}"], check=True)
+        if not args.keep:
+            for image in {a[0] for a in archives.values()}:
+                os.unlink(os.path.join(work, image))
+        subprocess.run(["sync"], check=True)
+        times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        floor: dict[str, list[float]] = {}
+        for r in range(args.rounds):
+            for name, (_, archive, _) in archives.items():
+                path = os.path.join(work, archive)
+                floor.setdefault(name, []).append(warm(path))
+                modes = [("one core", ["taskset", "-c", "0"]), ("both cores", [])]
+                for mode, prefix in modes if r % 2 == 0 else modes[::-1]:
+                    times.setdefault((name, mode), []).append(
+                        run([*prefix, *vmafs, "verify", "-q", path]))
+        med = {key: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+               for key, v in times.items()}
+        fixed1, fixed2 = med["fixed cost", "one core"][0], med["fixed cost", "both cores"][0]
+        print(f"vmafs verify, medians of {args.rounds} interleaved rounds, archives in the page "
+              f"cache ({os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the end)")
+        print(f"{'archive':18} {'MiB':>6} {'cat':>7} {'1 core':>7} {'2 cores':>7} "
+              f"{'cpu 1c':>7} {'cpu 2c':>7} {'ratio':>6} {'data only':>9}")
+        for name, (_, archive, _) in archives.items():
+            mib = os.path.getsize(os.path.join(work, archive)) / (1 << 20)
+            (one, cpu1), (two, cpu2) = med[name, "one core"], med[name, "both cores"]
+            ratio = one / two
+            data = ((one - fixed1) / (two - fixed2) if name != "fixed cost" and two > fixed2
+                    else float("nan"))
+            print(f"{name:18} {mib:6.0f} {statistics.median(floor[name]):6.3f}s {one:6.3f}s "
+                  f"{two:6.3f}s {cpu1:6.3f}s {cpu2:6.3f}s {ratio:5.2f}x {data:8.2f}x")
+        one, two = med["plain, half data", "one core"][0], med["plain, half data", "both cores"][0]
+        verdict = "PASS" if one / two >= TARGET else "MISS"
+        print(f"plain archive, both cores vs one: {one / two:.2f}x whole command, "
+              f"{(one - fixed1) / (two - fixed2):.2f}x on stored data "
+              f"(target >= {TARGET}x: {verdict} on the whole command)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
