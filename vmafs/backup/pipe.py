@@ -16,6 +16,13 @@ import trio
 
 WRITE, ZEROES, FINISH, ABORT = range(4)
 
+WAKE_ROOM = 2 << 20
+"""A full queue lets its sinks go on once this much is free (QEMU writes at most 1 MiB).
+
+Not at half full: a copy-before-write request that finds the queue full then waited for the
+writer to store half the queue (32 MiB, 80 ms and more at the disk) before a byte moved
+(issue 17: guest write latency)."""
+
 
 class Pipe:
     """Queue from the trio sink to the writer thread, bounded in bytes.
@@ -26,6 +33,7 @@ class Pipe:
 
     def __init__(self, capacity: int, token: trio.lowlevel.TrioToken) -> None:
         self._capacity = capacity
+        self._wake_room = min(capacity // 2, WAKE_ROOM)
         self._token = token
         self._cond = threading.Condition()
         self._items: deque[tuple[Any, ...]] = deque()
@@ -98,7 +106,7 @@ class Pipe:
                 return
             self._bytes -= nbytes
             space = self._space
-            if space is not None and self._bytes <= self._capacity // 2:
+            if space is not None and self._bytes <= self._capacity - self._wake_room:
                 self._space = None
             else:
                 space = None

@@ -62,7 +62,8 @@ class WriterThread:
         opts = self._opts
         try:
             with open_output(opts.output, zstd=opts.zstd, level=opts.level,
-                             threads=opts.threads, frame_size=opts.frame_size) as out:
+                             threads=opts.threads, frame_size=opts.frame_size,
+                             paced=True) as out:
                 writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in self._disks],
                                        self._configs, uuid=self._uuid.bytes, ctime=self._ctime,
                                        incremental=self._incremental, progress=self._beat)

@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""Guest write latency during a live backup whose archive is on the image's own disk.
+
+One guest (latency mode: a timed 4 KiB O_DIRECT write at a random offset of its disk every
+5 ms) runs throughout; backups of its disk are taken one after another, the variants
+interleaved round by round (order rotated), with idle windows (no backup) between them as the
+same-run baseline.  Per variant: the guest's median / p99 / max write latency during the backups
+(pooled over the rounds, and the median of the per-round figures) and the backup's throughput
+(device bytes / the job's seconds).  Ratios are against the first variant, measured in the same
+run.  Issue 17's targets: median <= 5 ms, p99 <= 30 ms, throughput kept.
+
+A variant is a set of knobs applied to a `vmafs backup` process before it starts (module
+constants and BackupOptions fields; `legacy` puts back the writeback of commit 8b49d35: an
+unpaced sync_file_range kick every 64 MiB).  `--trace` also prints, per backup, when the slow
+writes happened next to the device's in-flight requests and the writer's fsync.
+
+Usage: python tools/bench_guest_latency.py [--size-gib 2] [--rounds 4] [--variants a,b,...]
+       [--workdir DIR] [--json] [--trace]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import guestimage as gi  # noqa: E402
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # the output as of 8b49d35: sync_file_range(WRITE) of the whole file every 64 MiB
+    "legacy": {"writeback": "legacy", "wake_room": 1 << 40},
+    # the current code, whatever its defaults are
+    "current": {},
+    # no writeback of ours: the kernel's flusher and the final fsync
+    "nokick": {"writeback": "none"},
+    # paced writeback with explicit windows (see vmafs/container/output.py)
+    "paced8x2": {"pace": [8 * MiB, 2]},
+    "paced4x4": {"pace": [4 * MiB, 4]},
+    "paced16x2": {"pace": [16 * MiB, 2]},
+    "paced2x4": {"pace": [2 * MiB, 4]},
+    "ahead16": {"pace": [8 * MiB, 2, 16 * MiB]},  # the writer waits for the disk: ~in step
+    "ahead256": {"pace": [8 * MiB, 2, 256 * MiB]},
+    # the sink's queue: wakes at half empty (as before) with the current writeback
+    "wakehalf": {"wake_room": 1 << 40},
+    # QEMU's copy workers (x-perf max-workers), with the current output
+    "workers1": {"opts": {"max_workers": 1}},
+    "workers2": {"opts": {"max_workers": 2}},
+    "workers8": {"opts": {"max_workers": 8}},
+    # the sink -> writer queue
+    "queue16": {"opts": {"queue_bytes": 16 * MiB}},
+    "queue256": {"opts": {"queue_bytes": 256 * MiB}},
+    # the archive on another device (tmpfs): what the backup costs the guest without the
+    # archive's own writes at the disk
+    "shm": {"dir": "/dev/shm"},
+    # x-perf max-chunk (QEMU's default for an NBD target: 1 MiB per copy request)
+    "chunk256k": {"max_chunk": 256 << 10},
+    "chunk64k": {"max_chunk": 64 << 10},
+    "w2c256k": {"opts": {"max_workers": 2}, "max_chunk": 256 << 10},
+    # the writer thread's CPU priority
+    "nice10": {"nice_writer": 10},
+}
+
+# Runs in the `vmafs backup` process: applies the knobs, records trace events, runs the CLI.
+DRIVER = r'''
+import dataclasses, json, os, sys, time
+knobs = json.loads(sys.argv[1])
+trace = knobs.get("trace")
+def event(name):
+    if trace:
+        with open(trace, "a") as f:
+            f.write(f"{time.monotonic():.6f} {name}\n")
+import vmafs.container.output as out
+wb = knobs.get("writeback")
+if wb == "legacy":
+    class LegacyWritebackFile:
+        def __init__(self, raw, **_):
+            self.raw, self.written, self._next = raw, 0, 64 << 20
+        def write(self, data, /):
+            n = self.raw.write(data) or 0
+            self.written += n
+            if self.written >= self._next:
+                self._next = self.written + (64 << 20)
+                out.start_writeback(self.raw.fileno())
+            return n
+        def flush(self):
+            pass
+        def close(self):
+            pass
+        stop = close
+    out.WritebackFile = LegacyWritebackFile
+elif wb == "none":
+    class PlainFile:
+        def __init__(self, raw, **_):
+            self.raw = raw
+        def write(self, data, /):
+            return self.raw.write(data) or 0
+        def flush(self):
+            pass
+        def close(self):
+            pass
+        stop = close
+    out.WritebackFile = PlainFile
+if "pace" in knobs:
+    out.PACE_STEP, out.PACE_WINDOW, *ahead = knobs["pace"]
+    if ahead:
+        out.PACE_AHEAD = ahead[0]
+if "wake_room" in knobs:
+    import vmafs.backup.pipe as pipe
+    pipe.WAKE_ROOM = knobs["wake_room"]
+commit = out.TempFile.commit
+def traced_commit(self, *a, **kw):
+    event("commit-start")
+    try:
+        return commit(self, *a, **kw)
+    finally:
+        event("commit-end")
+out.TempFile.commit = traced_commit
+import vmafs.backup.live as live
+init = live.Backup.__init__
+def patched_init(self, opts, *a, **kw):
+    init(self, dataclasses.replace(opts, **knobs.get("opts", {})), *a, **kw)
+live.Backup.__init__ = patched_init
+if "max_chunk" in knobs:  # x-perf max-chunk, laid into the transaction's backup actions
+    import vmafs.backup.qmp as qmp
+    execute = qmp.Qmp.execute
+    async def patched_execute(self, cmd, args=None, *a, **kw):
+        if cmd == "transaction":
+            for act in args["actions"]:
+                if act["type"] == "blockdev-backup":
+                    act["data"].setdefault("x-perf", {})["max-chunk"] = knobs["max_chunk"]
+        return await execute(self, cmd, args, *a, **kw)
+    qmp.Qmp.execute = patched_execute
+if "nice_writer" in knobs:
+    import vmafs.backup.writer_thread as wt
+    wmain = wt.WriterThread._main
+    def niced_main(self):
+        import threading
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), knobs["nice_writer"])
+        wmain(self)
+    wt.WriterThread._main = niced_main
+if trace:  # how long the sink waited for room in the pipe
+    import vmafs.backup.pipe as pipe
+    put = pipe.Pipe.put
+    waits = []
+    async def timed_put(self, item, nbytes):
+        t = time.monotonic()
+        await put(self, item, nbytes)
+        d = time.monotonic() - t
+        if d > 0.002:
+            waits.append(d)
+    pipe.Pipe.put = timed_put
+event("start")
+from vmafs.cli import main
+try:
+    rc = main(sys.argv[2:])
+finally:
+    if trace:
+        event(f"put-waits:{len(waits)}:{sum(waits):.3f}s:max{max(waits, default=0):.3f}s")
+    t = os.times()
+    event(f"cpu:{t.user + t.system:.2f}s")
+    event("end")
+sys.exit(rc)
+'''
+
+
+def env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def make_image(path: Path, size: int) -> None:
+    """First half pseudo-random, second half a hole (as tools/bench_backup.py)."""
+    rnd = np.random.default_rng(42)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for _ in range(0, size // 2, 64 * MiB):
+            f.write(rnd.integers(0, 256, 64 * MiB, dtype=np.uint8).tobytes())
+        os.fsync(f.fileno())
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def stats(lat: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(lat), "p99": pct(lat, 99), "max": max(lat),
+            "n": len(lat)}
+
+
+class Recorder:
+    """Stamps the guest's latency lines and the disk's in-flight requests with host time."""
+
+    def __init__(self, serial: Path, disk: str) -> None:
+        self.serial = serial
+        self.disk = disk
+        self.lines: list[tuple[float, float]] = []  # (host time, latency ms)
+        self.disk_samples: list[tuple[float, int, int]] = []  # (time, in flight, sectors written)
+        self._stop = threading.Event()
+        self._pos = len(serial.read_bytes())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _diskstat(self) -> tuple[int, int]:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if f[2] == self.disk:
+                return int(f[11]), int(f[9])
+        return 0, 0
+
+    def _run(self) -> None:
+        buf = b""
+        with open(self.serial, "rb") as f:
+            f.seek(self._pos)
+            while not self._stop.is_set():
+                chunk = f.read()
+                now = time.monotonic()
+                if chunk:
+                    buf += chunk
+                    *full, buf = buf.split(b"\n")
+                    for line in full:
+                        m = re.match(rb"VMAFS-LAT (\d+)", line)
+                        if m:
+                            self.lines.append((now, int(m.group(1)) / 1000))
+                self.disk_samples.append((now, *self._diskstat()))
+                time.sleep(0.005)
+
+    def between(self, t0: float, t1: float) -> list[float]:
+        return [ms for t, ms in self.lines if t0 <= t < t1]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def root_disk(path: Path) -> str:
+    dev = os.stat(path).st_dev
+    name = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve().name
+    return name
+
+
+def run_backup(vm: gi.QemuVM, work: Path, knobs: dict[str, Any], trace: Path | None
+               ) -> dict[str, Any]:
+    out = Path(knobs.get("dir", work)) / f"lat-{os.getpid()}.vma"
+    out.unlink(missing_ok=True)
+    knobs = dict(knobs)
+    if trace is not None:
+        trace.unlink(missing_ok=True)
+        knobs["trace"] = str(trace)
+    subprocess.run(["sync"], check=True)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(knobs), "backup", "--qmp",
+                           str(vm.qmp_path), "-o", str(out), "-q", "--json"],
+                          cwd=ROOT, env=env(), check=False, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"backup failed ({knobs}): {proc.stderr.strip()}")
+    t1 = time.monotonic()
+    summary = json.loads(proc.stdout)
+    out.unlink()
+    return {"t0": t0, "t1": t1, "seconds": summary["seconds"],
+            "device_bytes": summary["device_bytes"], "wall": t1 - t0}
+
+
+def show_trace(rec: Recorder, b: dict[str, Any], trace: Path) -> None:
+    events = []
+    if trace.exists():
+        for line in trace.read_text().splitlines():
+            t, name = line.split()
+            events.append((float(t) - b["t0"], name))
+    slow = [(t - b["t0"], ms) for t, ms in rec.lines if b["t0"] <= t < b["t1"] and ms > 20]
+    disk = [(t - b["t0"], q, s) for t, q, s in rec.disk_samples if b["t0"] <= t < b["t1"]]
+    print("    events: " + ", ".join(f"{n}@{t:.2f}" for t, n in events))
+    print("    slow writes (t s: ms): " + ", ".join(f"{t:.2f}:{ms:.0f}" for t, ms in slow))
+    if disk:
+        peak = max(disk, key=lambda x: x[1])
+        mb = (disk[-1][2] - disk[0][2]) * 512 / MiB
+        print(f"    disk: peak in flight {peak[1]} at {peak[0]:.2f} s, written {mb:.0f} MiB; "
+              "in flight per 0.25 s: " + " ".join(
+                  str(max((q for t, q, _ in disk if i * 0.25 <= t < (i + 1) * 0.25), default=0))
+                  for i in range(int(disk[-1][0] / 0.25) + 1)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--variants", default="legacy,current",
+                    help=f"comma-separated, the first is the baseline; from {', '.join(VARIANTS)}"
+                    "; or NAME=JSON for knobs given inline")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--idle-s", type=float, default=2.0, help="idle window before each backup")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--trace", action="store_true")
+    args = ap.parse_args()
+    variants: dict[str, dict[str, Any]] = {}
+    for spec in args.variants.split(","):
+        name, sep, js = spec.partition("=")
+        variants[name] = json.loads(js) if sep else VARIANTS[name]
+    names = list(variants)
+
+    guest = gi.build_guest()
+    work = Path(tempfile.mkdtemp(prefix="vmafs-bench-lat-", dir=args.workdir))
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    idle: list[float] = []
+    try:
+        size = int(args.size_gib * GiB) // MiB * MiB
+        img = work / "disk.raw"
+        make_image(img, size)
+        disk = root_disk(work)
+        append = guest.cmdline("latency", count=10_000_000, interval_ms=5, seed=7)
+        with gi.QemuVM(kernel=guest.kernel, initrd=guest.initrd, append=append,
+                       disks=[gi.Disk(img, fmt="raw", cache="none")]) as vm:
+            vm.wait_for("VMAFS-READY", timeout=120)
+            rec = Recorder(vm.serial_log, disk)
+            try:
+                time.sleep(2)
+                for r in range(args.rounds):
+                    order = names[r % len(names):] + names[:r % len(names)]
+                    for name in order:
+                        subprocess.run(["sync"], check=True)
+                        t = time.monotonic()
+                        time.sleep(args.idle_s)
+                        idle += rec.between(t, time.monotonic())
+                        trace = work / "trace.txt" if args.trace else None
+                        b = run_backup(vm, work, variants[name], trace)
+                        time.sleep(0.3)  # the guest's last lines
+                        b["lat"] = rec.between(b["t0"], b["t1"])
+                        results[name].append(b)
+                        s = stats(b["lat"])
+                        print(f"round {r + 1} {name:>10}: median {s['median']:5.1f} ms  p99 "
+                              f"{s['p99']:6.1f} ms  max {s['max']:6.1f} ms  n {s['n']:4d}  "
+                              f"backup {b['seconds']:.2f} s "
+                              f"({b['device_bytes'] / b['seconds'] / MiB:.0f} MiB/s)",
+                              file=sys.stderr, flush=True)
+                        if trace is not None:
+                            show_trace(rec, b, trace)
+            finally:
+                rec.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report: dict[str, Any] = {"disk_bytes": size, "rounds": args.rounds, "idle": stats(idle),
+                              "variants": {}}
+    for name in names:
+        runs = results[name]
+        pooled = stats([ms for b in runs for ms in b["lat"]])
+        per = [stats(b["lat"]) for b in runs]
+        rate = statistics.median(b["device_bytes"] / b["seconds"] for b in runs)
+        report["variants"][name] = {
+            "knobs": variants[name], "pooled": pooled,
+            "median_of_rounds": {k: statistics.median(p[k] for p in per)
+                                 for k in ("median", "p99", "max")},
+            "rate_mib_s": rate / MiB,
+            "seconds": statistics.median(b["seconds"] for b in runs),
+        }
+    base = report["variants"][names[0]]
+    for v in report["variants"].values():
+        v["rate_ratio"] = v["rate_mib_s"] / base["rate_mib_s"]
+        v["p99_ratio"] = v["pooled"]["p99"] / base["pooled"]["p99"]
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    i = report["idle"]
+    print(f"disk {size / GiB:.1f} GiB, archive on the image's disk, {args.rounds} rounds "
+          f"interleaved; no backup: median {i['median']:.1f} ms, p99 {i['p99']:.1f} ms, "
+          f"max {i['max']:.1f} ms (n {i['n']})")
+    print(f"{'variant':>10} | pooled median / p99 / max ms | round-median p99 | backup MiB/s"
+          f" (x {names[0]}) | p99 x {names[0]} | targets (med<=5, p99<=30)")
+    for name, v in report["variants"].items():
+        p, m = v["pooled"], v["median_of_rounds"]
+        ok = "PASS" if p["median"] <= 5 and p["p99"] <= 30 else "MISS"
+        print(f"{name:>10} | {p['median']:5.1f} / {p['p99']:6.1f} / {p['max']:6.1f}     |"
+              f" {m['p99']:6.1f}           | {v['rate_mib_s']:6.0f} ({v['rate_ratio']:.2f})"
+              f"       | {v['p99_ratio']:.2f}      | {ok}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
