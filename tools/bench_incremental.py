@@ -28,8 +28,13 @@ clusters (1311), picked at random over the whole disk (holes included, as a gues
 Every figure is the median over its runs (each run shown).  Work files go under --workdir
 (default /var/tmp/vmafs-bench-incr), removed at the end unless --keep.
 
+With --only-merge, part 3 alone for plain and for zstd layers (each merged into its own
+container, against create into it), inputs evicted with POSIX_FADV_DONTNEED before every run
+instead of drop_caches, and --before TREE times an older vmafs's merge in the same rounds.
+
 Usage: python3 tools/bench_incremental.py [--runs 3] [--rounds 3] [--random-reads 3000]
                                           [--workdir DIR] [--keep] [--json]
+       python3 tools/bench_incremental.py --only-merge [--runs 5] [--before TREE]
 """
 
 from __future__ import annotations
@@ -187,8 +192,9 @@ def part_live(guest: gi.Guest, img: Path, work: Path, size: int, runs: int) -> d
 
 # -- 2. the 30-deep chain -------------------------------------------------------------------------
 
-def build_chain(base: Path, chain_dir: Path, size: int) -> float:
-    """DEPTH - 1 increments on base, each CHANGE of the clusters, fresh random data."""
+def build_chain(base: Path, chain_dir: Path, size: int, suffix: str = ".vma") -> float:
+    """DEPTH - 1 increments on base, each CHANGE of the clusters, fresh random data (the same
+    whatever the suffix: .vma.zst writes the same chain as seekable zstd layers)."""
     from vmafs.archive.chain import link_to
     from vmafs.archive.reader import Archive
     from vmafs.archive.writer import ArchiveWriter, DeviceSpec
@@ -204,7 +210,7 @@ def build_chain(base: Path, chain_dir: Path, size: int) -> float:
     for k in range(1, DEPTH):
         with Archive.open(str(prev), layer=True) as parent:
             record = chain.encode(chain.ChainRecord(parent=link_to(parent)))
-        path = chain_dir / f"c{k:02d}.vma"
+        path = chain_dir / f"c{k:02d}{suffix}"
         with open_output(str(path)) as out:
             w = ArchiveWriter(out, devices, [(chain.CONFIG_NAME, record)],
                               ctime=ctime + k, incremental=[1])
@@ -288,6 +294,106 @@ def timed_cold(argv: list[str]) -> float:
     return run_vmafs(*argv)[0]
 
 
+def evict(paths: list[Path]) -> None:
+    """Drop these files' pages from the page cache (theirs only: others' caches stay warm)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed_evicted(argv: list[str], inputs: list[Path], tree: Path | None = None) -> float:
+    """Wall seconds of one vmafs command (of `tree`'s vmafs if given) with its inputs
+    evicted from the page cache, after a sync (so no earlier write-out is in its time)."""
+    evict(inputs)
+    os.sync()
+    cmd = vmafs(*argv)
+    e = env()
+    if tree is not None:
+        e = dict(e, PYTHONPATH=str(tree))
+    t = time.perf_counter()
+    res = subprocess.run(cmd, cwd=tree or ROOT, env=e, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    if res.returncode:
+        raise RuntimeError(f"vmafs {' '.join(argv)} failed ({res.returncode}): {res.stderr}")
+    return elapsed
+
+
+def part_merge(work: Path, size: int, runs: int, before: Path | None) -> dict[str, Any]:
+    """Part 3 alone, for plain and for zstd layers: `vmafs merge` of the 30-deep chain
+    vs `vmafs create` of the raw image into the same container (device bytes/s), inputs
+    evicted before every run (no drop_caches: other work on the machine keeps its cache),
+    every variant once a round, the order rotated each round. With `before` (a vmafs tree,
+    e.g. `git archive REV vmafs | tar -x -C DIR`), its merge runs in the same rounds."""
+    img = work / "disk.raw"
+    if not img.exists():
+        make_image(img, size)
+    chains = {}
+    for kind, suffix in (("plain", ".vma"), ("zstd", ".vma.zst")):
+        d = work / f"chain-{kind}"
+        newest = d / f"c{DEPTH - 1:02d}{suffix}"
+        if not newest.exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            run_vmafs("create", "-q", "-o", str(d / f"c00{suffix}"), f"{DEVNAME}={img}")
+            t = build_chain(d / f"c00{suffix}", d, size, suffix)
+            say(f"{kind} chain: {DEPTH} archives built in {t:.1f} s")
+        chains[kind] = (sorted(d.iterdir()), newest, suffix)
+    out = work / "out"
+    out.mkdir(exist_ok=True)
+    variants: list[tuple[str, list[str], list[Path], Path | None]] = []
+    for kind, (files, newest, suffix) in chains.items():
+        variants.append((f"create {suffix}", ["create", "-q", "-o", str(out / f"c{suffix}"),
+                                              f"{DEVNAME}={img}"], [img], None))
+        variants.append((f"merge {kind} layers -> {suffix}",
+                         ["merge", "-q", "-o", str(out / f"m{suffix}"), str(newest)], files, None))
+        if before is not None:
+            variants.append((f"merge {kind} layers -> {suffix} (before)",
+                             ["merge", "-q", "-o", str(out / f"b{suffix}"), str(newest)],
+                             files, before))
+    times: dict[str, list[float]] = {name: [] for name, *_ in variants}
+    sizes: dict[str, int] = {}
+    for r in range(runs):
+        shift = r % len(variants)
+        for name, argv, inputs, tree in variants[shift:] + variants[:shift]:
+            target = Path(argv[argv.index("-o") + 1])
+            target.unlink(missing_ok=True)
+            times[name].append(timed_evicted(argv, inputs, tree))
+            sizes[name] = target.stat().st_size
+            target.unlink()
+        say(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    return {"times_s": times, "out_bytes": sizes, "disk_bytes": size, "runs": runs}
+
+
+def report_merge(res: dict[str, Any]) -> None:
+    size, times = res["disk_bytes"], res["times_s"]
+    print()
+    print(f"=== 3. merge of the {DEPTH}-deep chain vs create of the raw image, "
+          f"{size / GiB:.1f} GiB disk, inputs evicted before every run "
+          f"(median of {res['runs']}; ratio per round, median) ===")
+    for name, ts in times.items():
+        print(f"  {name:34s} {runs_str(ts)} s = "
+              f"{runs_str([size / t / 1e6 for t in ts], '{:.0f}')} MB/s device bytes; "
+              f"output {res['out_bytes'][name] / GiB:.2f} GiB")
+    print(f"  {'figure':44s} {'value':>10s} {'baseline':>10s} {'ratio':>6s}  target")
+    for name, ts in times.items():
+        if not name.startswith("merge"):
+            continue
+        suffix = name.split("-> ")[1].split(" ")[0]
+        base = times[f"create {suffix}"]
+        ratio = med([c / m for c, m in zip(base, ts, strict=True)])
+        verdict = "PASS" if ratio >= 0.8 else "MISS"
+        print(f"  {name + ' / create ' + suffix:44s} {size / med(ts) / 1e6:7.0f} MB/s "
+              f"{size / med(base) / 1e6:7.0f} MB/s {ratio:6.3f}  >= 0.800 {verdict}")
+        before = times.get(name + " (before)")
+        if before is not None:
+            ratio = med([b / m for b, m in zip(before, ts, strict=True)])
+            print(f"  {'  (speed-up over before, info)':44s} {size / med(ts) / 1e6:7.0f} MB/s "
+                  f"{size / med(before) / 1e6:7.0f} MB/s {ratio:6.3f}")
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -302,7 +408,23 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/vmafs-bench-incr"))
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     ap.add_argument("--json", action="store_true", help="also print every number as JSON")
+    ap.add_argument("--only-merge", action="store_true",
+                    help="part 3 alone, for plain and zstd layers, inputs evicted instead of "
+                         "drop_caches; work files kept and reused (remove --workdir to rebuild)")
+    ap.add_argument("--before", type=Path, metavar="TREE",
+                    help="with --only-merge: also time this vmafs tree's merge in the same "
+                         "rounds (git archive REV vmafs | tar -x -C TREE)")
     args = ap.parse_args()
+    if args.only_merge:
+        if args.runs < 1:
+            ap.error("--runs must be at least 1")
+        size = int(args.size_gib * GiB) // PERIOD * PERIOD
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        merge = part_merge(args.workdir, size, args.runs, args.before)
+        report_merge(merge)
+        if args.json:
+            print(json.dumps(merge, sort_keys=True))
+        return 0
     if os.geteuid() != 0:
         print("bench_incremental: needs root (drop_caches, FUSE)", file=sys.stderr)
         return 2

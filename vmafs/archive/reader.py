@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vmafs.archive import locate, problems, walk_cache
+from vmafs.archive import locate, problems, stored, walk_cache
 from vmafs.archive.clusterset import ClusterSet
 from vmafs.archive.walk import index_by_walking
 from vmafs.container.source import ByteSource, open_source
@@ -30,11 +30,9 @@ from vmafs.format.names import format_ctime
 CLUSTER = vma.CLUSTER_SIZE
 ZEROS = bytes(4 * 1024 * 1024)
 ZERO_VIEW = memoryview(ZEROS)
-STORED_WINDOW = 1024       # stored clusters (up to 64 MiB) iter_stored reads at a time
-STORED_GAP = 1 << 20       # stream bytes it reads through rather than seek over
-STORED_SPAN = 16 << 20     # longest single read
 _POPCOUNT = vma.POPCOUNT16_LIST
 MAX_LAYERS = 256           # archives a stack holds: each row's layer number is one byte
+_UINT32_MAX = (1 << 32) - 1  # cluster numbers are uint32 in the rows
 
 
 @dataclass(frozen=True)
@@ -345,59 +343,20 @@ class Archive:
 
     def iter_stored(self, dev_id: int) -> Iterator[tuple[int, int, memoryview, int]]:
         """Every stored cluster of a device in cluster order, as (cluster, mask, stored
-        blocks, checksum), each checked. For copying a whole device (merge): it is read window
-        by window, each layer's rows of a window in as few preads as their stream offsets
-        allow (a chain's base is read in long runs even where newer layers replace a part)."""
+        blocks, checksum), each checked. For copying a whole device (merge): worker threads
+        read (and decompress) the windows ahead, every layer's rows of a window in as few
+        preads as their stream offsets allow (a chain's base is read in long runs even where
+        newer layers replace a part); see stored.py."""
         dmap = self._maps[dev_id]
-        count = len(dmap.clusters)
-        offsets = dmap.all_byte_offsets()
-        nbytes = vma.POPCOUNT16[dmap.masks].astype(np.int64) * vma.BLOCK_SIZE
-        layers = dmap.layers if dmap.layers is not None else np.zeros(count, np.uint8)
-        for lo in range(0, count, STORED_WINDOW):
-            hi = min(lo + STORED_WINDOW, count)
-            got: list[memoryview | None] = [None] * (hi - lo)
-            for layer in np.unique(layers[lo:hi]).tolist():
-                rows = lo + np.flatnonzero(layers[lo:hi] == layer)
-                rows = rows[np.argsort(offsets[rows], kind="stable")]
-                self._read_rows(self.sources[layer], rows, offsets, nbytes, got, lo)
-            sums = (dmap.checksums[lo:hi].tolist() if dmap.checksums is not None
-                    else [None] * (hi - lo))
-            window = zip(got, dmap.clusters[lo:hi].tolist(), dmap.masks[lo:hi].tolist(), sums,
-                         strict=True)
-            for k, (data, cluster, mask, expected) in enumerate(window):
-                assert data is not None
-                check = index.checksum(data)
-                if expected is not None and check != expected:
-                    raise self._mismatch(dev_id, cluster, int(offsets[lo + k]))
-                yield cluster, mask, data, check
+        return stored.iter_stored(self.sources, dmap.clusters, dmap.masks,
+                                  dmap.all_byte_offsets(), dmap.checksums, dmap.layers,
+                                  functools.partial(self._mismatch, dev_id))
 
     def _mismatch(self, dev_id: int, cluster: int, offset: int) -> problems.ArchiveError:
         name = self.device(dev_id).name
         return problems.error(problems.CHECKSUM, f"data checksum mismatch in cluster {cluster} "
                               f"of {name} (stream offset {offset})", device=name,
                               cluster=cluster, offset=offset)
-
-    def _read_rows(self, source: ByteSource, rows: np.ndarray, offsets: np.ndarray,
-                   nbytes: np.ndarray, got: list[memoryview | None], base: int) -> None:
-        """The stored bytes of rows (ascending stream offsets) into got[row - base], runs
-        less than STORED_GAP apart read together."""
-        if not len(rows):
-            return
-        starts = offsets[rows].astype(np.int64)
-        ends = starts + nbytes[rows]
-        # a new read where the gap is too wide; a long run is cut where it passes STORED_SPAN
-        cut = np.flatnonzero((starts[1:] - ends[:-1] > STORED_GAP)
-                             | ((ends[1:] - starts[0]) // STORED_SPAN
-                                != (ends[:-1] - starts[0]) // STORED_SPAN)) + 1
-        for group in np.split(np.arange(len(rows)), cut):
-            first, last = int(starts[group[0]]), int(ends[group[-1]])
-            data = memoryview(source.pread(first, last - first))
-            if len(data) != last - first:
-                raise problems.error(problems.TRUNCATED, "a cluster is cut off at stream "
-                                     f"offset {first}", offset=first)
-            for g in group.tolist():
-                at = int(starts[g]) - first
-                got[int(rows[g]) - base] = data[at:at + int(nbytes[rows[g]])]
 
     def is_hole(self, dev_id: int, offset: int, length: int) -> bool:
         """True if [offset, offset+length) holds no stored data (it reads as zeros)."""
@@ -406,6 +365,20 @@ class Archive:
             return True
         lo, hi = self._span(self._maps[dev_id], dev_id, offset, end)
         return lo == hi
+
+    def stored_clusters(self, dev_id: int, first: int, last: int) -> np.ndarray:
+        """The clusters in [first, last] that hold data (mask non-zero), ascending int64: the
+        allocation map a server reports (block status, what to read ahead), from the rows,
+        without reading anything. A chain's view gives each cluster's newest row."""
+        dmap = self._maps[dev_id]
+        first, last = max(first, 0), min(last, _UINT32_MAX)
+        if first > last:
+            return np.zeros(0, np.int64)
+        # uint32 keys: an int key would make numpy convert the whole column on every call
+        lo = int(dmap.clusters.searchsorted(np.uint32(first)))
+        hi = int(dmap.clusters.searchsorted(np.uint32(last), side="right"))
+        clusters = dmap.clusters[lo:hi]
+        return clusters[dmap.masks[lo:hi] != 0].astype(np.int64)
 
     def stored_bytes(self, dev_id: int) -> int:
         """Bytes of data the archive stores for a device (what `du` of its image shows)."""

@@ -1,0 +1,125 @@
+"""Archive.iter_stored (archive/stored.py: worker threads read windows ahead) and
+Archive.stored_clusters, on a real chain of plain and seekable zstd layers (test_chain's):
+every stored cluster of every point in time once, in order, checked and equal to what the
+model reads, whatever the window and read-ahead; the first bad cluster is the error, after
+exactly the clusters before it; no reader thread outlives the iteration."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_chain import SIZES, Chain, build_chain, main_layers
+
+from vmafs.archive import problems, stored
+from vmafs.archive.chain import open_chain
+from vmafs.archive.reader import Archive
+from vmafs.format import index, vma
+
+C = vma.CLUSTER_SIZE
+
+
+@pytest.fixture(scope="module")
+def ch(tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    return build_chain(tmp_path_factory.mktemp("stored"), main_layers(), SIZES)
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("vmafs-read")]
+
+
+def rows(archive: Archive, dev_id: int) -> list[tuple[int, int, bytes, int]]:
+    return [(c, m, bytes(d), k) for c, m, d, k in archive.iter_stored(dev_id)]
+
+
+@pytest.mark.parametrize("window, ahead", [(1, 1), (3, 1), (5, 1 << 30), (256, 96 << 20)])
+def test_iter_stored_every_point(ch: Chain, monkeypatch: pytest.MonkeyPatch, window: int,
+                                 ahead: int) -> None:
+    monkeypatch.setattr(stored, "WINDOW", window)
+    monkeypatch.setattr(stored, "AHEAD_BYTES", ahead)
+    for path, images in zip(ch.paths, ch.states, strict=True):
+        with open_chain(str(path)) as archive:
+            for dev in archive.devices:
+                got = rows(archive, dev.dev_id)
+                clusters = [c for c, *_ in got]
+                assert clusters == sorted(set(clusters))
+                image = images[dev.name]
+                for cluster, mask, data, check in got:
+                    assert check == index.checksum(data)
+                    assert len(data) == int(vma.POPCOUNT16[mask]) * vma.BLOCK_SIZE
+                    full = vma.expand_blocks(data, mask) if mask != vma.FULL_MASK else data
+                    want = image[cluster * C:(cluster + 1) * C]
+                    assert bytes(full[:len(want)]) == want
+                    assert bytes(archive.read(dev.dev_id, cluster * C, C)) == want
+                # every cluster not yielded reads as zeros
+                rest = np.ones(-(-dev.size // C), bool)
+                rest[clusters] = False
+                for cluster in np.flatnonzero(rest).tolist():
+                    assert image[cluster * C:(cluster + 1) * C].count(0) == len(
+                        image[cluster * C:(cluster + 1) * C])
+    assert not reader_threads()
+
+
+def test_stored_clusters(ch: Chain) -> None:
+    rng = random.Random(5)
+    for path in ch.paths:
+        with open_chain(str(path)) as archive:
+            for dev in archive.devices:
+                data = [c for c, m, _, _ in archive.iter_stored(dev.dev_id) if m]
+                count = -(-dev.size // C)
+                got = archive.stored_clusters(dev.dev_id, 0, count - 1)
+                assert got.dtype == np.int64 and got.tolist() == data
+                assert archive.stored_clusters(dev.dev_id, -5, 1 << 40).tolist() == data
+                assert archive.stored_clusters(dev.dev_id, 3, 2).tolist() == []
+                assert archive.stored_clusters(dev.dev_id, count, 1 << 33).tolist() == []
+                for _ in range(30):
+                    first = rng.randrange(count)
+                    last = rng.randrange(first, count)
+                    assert archive.stored_clusters(dev.dev_id, first, last).tolist() == [
+                        c for c in data if first <= c <= last]
+
+
+def test_early_close_ends_the_readers(ch: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stored, "WINDOW", 2)
+    with open_chain(str(ch.paths[-1])) as archive:
+        it = archive.iter_stored(archive.devices[0].dev_id)
+        next(it)
+        assert reader_threads()
+        it.close()  # what a consumer's exception (a full disk) does to the generator
+    assert not reader_threads()
+
+
+@pytest.mark.parametrize("layer", [0, 2])  # a plain base, a plain increment
+def test_first_bad_cluster_is_the_error(ch: Chain, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch, layer: int) -> None:
+    """A damaged cluster that the newest point reads: the error names it and its stream
+    offset, raised after exactly the clusters before it (reads ahead change nothing)."""
+    monkeypatch.setattr(stored, "WINDOW", 3)
+    monkeypatch.setattr(stored, "AHEAD_BYTES", 1 << 30)
+    copy = ch.copy(tmp_path / "chain")
+    with open_chain(str(copy / ch.names[-1])) as archive:
+        dev = archive.devices[0]
+        dmap = archive._maps[dev.dev_id]  # noqa: SLF001 - which rows come from `layer`
+        assert dmap.layers is not None
+        mine = np.flatnonzero((dmap.layers == layer) & (dmap.masks != 0))
+        row = int(mine[len(mine) // 2])
+        cluster, offset = int(dmap.clusters[row]), int(dmap.all_byte_offsets()[row])
+        before = [c for c, *_ in archive.iter_stored(dev.dev_id)]
+    with open(copy / ch.names[layer], "r+b") as f:  # plain layers: stream offset = file offset
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with open_chain(str(copy / ch.names[-1])) as archive:
+        seen = []
+        with pytest.raises(problems.ArchiveError) as err:
+            for c, *_ in archive.iter_stored(dev.dev_id):
+                seen.append(c)
+    assert err.value.problem.kind == problems.CHECKSUM
+    assert str(err.value) == (f"data checksum mismatch in cluster {cluster} of {dev.name} "
+                              f"(stream offset {offset})")
+    assert seen == before[:before.index(cluster)]
+    assert not reader_threads()

@@ -1,0 +1,136 @@
+"""Every stored cluster of one device, in cluster order, read ahead by worker threads: the
+source of merge (and of a chain's extract and whole reads). Planning is numpy, reading
+(`pread`, and zstd decompression inside a compressed layer's pread) runs in a small thread
+pool, so it overlaps the consumer (the archive writer) and uses the second core; every
+layer's reads of the windows ahead are issued together. (No WILLNEED hints: each layer is
+read in order, which the kernel's own readahead follows; hints only cost syscalls.)
+
+What the caller sees is exactly the one-thread reader's: the same clusters, each checked
+against its checksum, and the same first error (a read's errors are raised when its window
+is reached, reads in the order that reader made them, then mismatches in cluster order).
+Memory is bounded: reads in flight never pass AHEAD_BYTES beyond the window being yielded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmafs.archive import problems
+from vmafs.container.source import ByteSource
+from vmafs.format import index, vma
+
+WINDOW = 256           # stored clusters (up to 16 MiB) yielded per window
+GAP = 1 << 20          # stream bytes one read takes in rather than seek over
+SPAN = 16 << 20        # longest single read
+AHEAD_BYTES = 96 << 20  # bytes of reads in flight ahead of the window being yielded
+THREADS = 2            # readers: zstandard and pread release the GIL
+
+Mismatch = Callable[[int, int], problems.ArchiveError]
+"""(cluster, stream offset) -> the checksum error to raise."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """One pread of a layer: [first, first + length), holding rows (window-relative)."""
+
+    layer: int
+    first: int
+    length: int
+    rows: list[int]
+    at: list[int]      # each row's offset into the read
+    sizes: list[int]   # each row's stored bytes
+
+
+def _plan(lo: int, hi: int, layers: np.ndarray, offsets: np.ndarray,
+          nbytes: np.ndarray) -> list[_Read]:
+    """A window's reads: per layer (ascending), its rows by stream offset, runs less than GAP
+    apart read together, a run cut where it passes SPAN."""
+    reads: list[_Read] = []
+    for layer in np.unique(layers[lo:hi]).tolist():
+        rows = lo + np.flatnonzero(layers[lo:hi] == layer)
+        rows = rows[np.argsort(offsets[rows], kind="stable")]
+        starts = offsets[rows].astype(np.int64)
+        ends = starts + nbytes[rows]
+        cut = np.flatnonzero((starts[1:] - ends[:-1] > GAP)
+                             | ((ends[1:] - starts[0]) // SPAN
+                                != (ends[:-1] - starts[0]) // SPAN)) + 1
+        for group in np.split(np.arange(len(rows)), cut):
+            first, last = int(starts[group[0]]), int(ends[group[-1]])
+            reads.append(_Read(layer, first, last - first, (rows[group] - lo).tolist(),
+                               (starts[group] - first).tolist(), nbytes[rows[group]].tolist()))
+    return reads
+
+
+def _fetch(source: ByteSource, read: _Read) -> tuple[list[memoryview], list[int]]:
+    """Run in a worker: one read, cut into its rows' stored bytes, each row's checksum."""
+    data = memoryview(source.pread(read.first, read.length))
+    if len(data) != read.length:
+        raise problems.error(problems.TRUNCATED, "a cluster is cut off at stream "
+                             f"offset {read.first}", offset=read.first)
+    views = [data[at:at + n] for at, n in zip(read.at, read.sizes, strict=True)]
+    return views, [index.checksum(v) for v in views]
+
+
+def iter_stored(sources: Sequence[ByteSource], clusters: np.ndarray, masks: np.ndarray,
+                offsets: np.ndarray, checksums: np.ndarray | None, layers: np.ndarray | None,
+                mismatch: Mismatch) -> Iterator[tuple[int, int, memoryview, int]]:
+    """(cluster, mask, stored blocks, checksum) of every row, in row (cluster) order.
+
+    `offsets` are byte offsets into `sources[layers[row]]` (layer 0 when `layers` is None);
+    `checksums` None: nothing to compare (a walked archive), the checksum is still given.
+    """
+    count = len(clusters)
+    if not count:
+        return
+    nbytes = vma.POPCOUNT16[masks].astype(np.int64) * vma.BLOCK_SIZE
+    lays = layers if layers is not None else np.zeros(count, np.uint8)
+    windows = range(0, count, WINDOW)
+    pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="vmafs-read")
+    queued: list[tuple[int, list[_Read], list[concurrent.futures.Future[
+        tuple[list[memoryview], list[int]]]]]] = []
+    ahead = 0  # bytes of reads queued for windows after the one being yielded
+    nxt = 0    # the next window to queue
+
+    def fill() -> None:
+        nonlocal ahead, nxt
+        while nxt < len(windows) and (len(queued) < 2 or ahead < AHEAD_BYTES):
+            lo = windows[nxt]
+            reads = _plan(lo, min(lo + WINDOW, count), lays, offsets, nbytes)
+            queued.append((lo, reads, [pool.submit(_fetch, sources[r.layer], r)
+                                       for r in reads]))
+            ahead += sum(r.length for r in reads)
+            nxt += 1
+
+    try:
+        fill()
+        while queued:
+            lo, reads, futures = queued.pop(0)
+            ahead -= sum(r.length for r in reads)
+            hi = min(lo + WINDOW, count)
+            got: list[memoryview | None] = [None] * (hi - lo)
+            checks: list[int] = [0] * (hi - lo)
+            for read, future in zip(reads, futures, strict=True):
+                views, sums = future.result()
+                for row, view, check in zip(read.rows, views, sums, strict=True):
+                    got[row] = view
+                    checks[row] = check
+            del reads, futures
+            fill()  # the next reads start before this window is handed out
+            expected = (checksums[lo:hi].tolist() if checksums is not None
+                        else [None] * (hi - lo))
+            window = zip(got, clusters[lo:hi].tolist(), masks[lo:hi].tolist(), expected,
+                         checks, strict=True)
+            for k, (data, cluster, mask, want, check) in enumerate(window):
+                assert data is not None
+                if want is not None and check != want:
+                    raise mismatch(cluster, int(offsets[lo + k]))
+                yield cluster, mask, data, check
+    finally:
+        for _, _, futures in queued:
+            for future in futures:
+                future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
