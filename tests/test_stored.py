@@ -17,6 +17,7 @@ from test_chain import SIZES, Chain, build_chain, main_layers
 from vmafs.archive import problems, stored
 from vmafs.archive.chain import open_chain
 from vmafs.archive.reader import Archive
+from vmafs.container.zstd_output import SeekableZstdOutput
 from vmafs.format import index, vma
 
 C = vma.CLUSTER_SIZE
@@ -123,3 +124,45 @@ def test_first_bad_cluster_is_the_error(ch: Chain, tmp_path: Path,
                               f"(stream offset {offset})")
     assert seen == before[:before.index(cluster)]
     assert not reader_threads()
+
+
+def test_cut_joins_only_what_straddles() -> None:
+    rng = random.Random(9)
+    whole = rng.randbytes(5000)
+    bounds = [0, 7, 1000, 1001, 3000, 5000]
+    parts = [memoryview(whole[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    at = [0, 0, 5, 7, 999, 1000, 1500, 2999, 4990, 5000]
+    sizes = [0, 7, 3, 993, 2, 1, 1600, 2001, 10, 0]
+    got = stored._cut(parts, at, sizes)  # noqa: SLF001 - the straddle rule itself
+    assert [bytes(v) for v in got] == [whole[a:a + n] for a, n in zip(at, sizes, strict=True)]
+    assert got[3].obj is parts[1].obj  # inside one part: a view, not a copy
+
+
+def test_zstd_frames_cut_inside_clusters(ch: Chain, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer whose frames end mid-cluster (another seekable writer's framing): rows that
+    straddle two frames are joined, the rest are views; the clusters are the same."""
+    monkeypatch.setattr(stored, "WINDOW", 4)
+    want = {}
+    with open_chain(str(ch.paths[-1])) as archive:
+        for dev in archive.devices:
+            want[dev.name] = rows(archive, dev.dev_id)
+    copy = ch.copy(tmp_path / "chain")
+    base = copy / ch.names[0]
+    assert base.suffix == ".vma"
+    stream = base.read_bytes()
+    with open(copy / (ch.names[0] + ".zst"), "wb") as f:
+        out = SeekableZstdOutput(f, frame_size=1 << 20)
+        rng = random.Random(3)
+        pos = 0
+        while pos < len(stream):
+            n = rng.randrange(20_000, 150_000)
+            out.write(stream[pos:pos + n])
+            out.end_frame()
+            pos += n
+        out.close()
+    base.unlink()
+    with open_chain(str(copy / ch.names[-1])) as archive:
+        assert archive.layers[0].compressed
+        for dev in archive.devices:
+            assert rows(archive, dev.dev_id) == want[dev.name]

@@ -13,6 +13,7 @@ Memory is bounded: reads in flight never pass AHEAD_BYTES beyond the window bein
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,13 +67,47 @@ def _plan(lo: int, hi: int, layers: np.ndarray, offsets: np.ndarray,
 
 
 def _fetch(source: ByteSource, read: _Read) -> tuple[list[memoryview], list[int]]:
-    """Run in a worker: one read, cut into its rows' stored bytes, each row's checksum."""
-    data = memoryview(source.pread(read.first, read.length))
-    if len(data) != read.length:
+    """Run in a worker: one read, cut into its rows' stored bytes, each row's checksum.
+
+    A zstd layer hands over its frames as they are (pread_parts): a row is a view into its
+    frame, and only a row that straddles two frames (not in archives vmafs writes: a frame
+    holds whole extents) is joined."""
+    parts_of = getattr(source, "pread_parts", None)
+    parts: list[memoryview] = (parts_of(read.first, read.length) if parts_of is not None
+                               else [memoryview(source.pread(read.first, read.length))])
+    if sum(len(p) for p in parts) != read.length:
         raise problems.error(problems.TRUNCATED, "a cluster is cut off at stream "
                              f"offset {read.first}", offset=read.first)
-    views = [data[at:at + n] for at, n in zip(read.at, read.sizes, strict=True)]
+    if len(parts) == 1:
+        data = parts[0]
+        views = [data[at:at + n] for at, n in zip(read.at, read.sizes, strict=True)]
+    else:
+        views = _cut(parts, read.at, read.sizes)
     return views, [index.checksum(v) for v in views]
+
+
+def _cut(parts: list[memoryview], at: list[int], sizes: list[int]) -> list[memoryview]:
+    """The ranges (at, size) of the concatenation of parts, each a view where it lies in one
+    part, a joined copy where it spans several."""
+    starts = np.cumsum([0] + [len(p) for p in parts]).tolist()
+    views = []
+    for a, n in zip(at, sizes, strict=True):
+        if not n:
+            views.append(memoryview(b""))
+            continue
+        i = bisect.bisect_right(starts, a) - 1
+        rel = a - starts[i]
+        if rel + n <= len(parts[i]):
+            views.append(parts[i][rel:rel + n])
+            continue
+        pieces = []
+        while n > 0:
+            take = min(n, len(parts[i]) - rel)
+            pieces.append(parts[i][rel:rel + take])
+            n -= take
+            i, rel = i + 1, 0
+        views.append(memoryview(b"".join(pieces)))
+    return views
 
 
 def iter_stored(sources: Sequence[ByteSource], clusters: np.ndarray, masks: np.ndarray,

@@ -500,7 +500,27 @@ class SeekableZstdSource:
                     and self._state[first] != _UNSIZED and not self.cached(first)):
                 return self.read_prefix(first, end - f_start)[offset - f_start : end - f_start]
             return self.frame(first)[offset - f_start : end - f_start]
-        parts: list[memoryview] = []  # views: the join below is the only copy
+        return b"".join(self._parts(first, offset, end))  # views: the join is the only copy
+
+    def pread_parts(self, offset: int, length: int) -> list[memoryview]:
+        """Like ``pread``, as views of the decompressed frames, one per frame touched: no join.
+
+        For a reader that takes a long range apart anyway (a merge's windows of stored
+        clusters): joining the frames would copy every byte again, holding the GIL.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return []
+        first = self.frame_of(offset)
+        if end <= self.table.decompressed_range(first)[1]:
+            return [memoryview(self.pread(offset, end - offset))]
+        return self._parts(first, offset, end)
+
+    def _parts(self, first: int, offset: int, end: int) -> list[memoryview]:
+        """Views of [offset, end) frame by frame, from frame ``first`` (which holds offset)."""
+        parts: list[memoryview] = []
         index = first
         pos = offset
         while pos < end:
@@ -515,7 +535,7 @@ class SeekableZstdSource:
                 parts.append(memoryview(data)[pos - f_start : min(end, f_end) - f_start])
                 pos = min(end, f_end)
             index += 1
-        return b"".join(parts)
+        return parts
 
     def will_need(self, offsets: list[int], length: int) -> None:
         """A hint of the ByteSource protocol; frames are read whole, so nothing to do."""
