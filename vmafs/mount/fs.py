@@ -87,6 +87,9 @@ class VmaFS(pyfuse3.Operations):
         self.by_inode = {e.inode: e for e in self.entries}
         self.by_name = {e.name: e for e in self.entries}
         self.on_init: Callable[[], None] | None = None
+        # a plain archive's reads never wait: answered straight from the model, without the
+        # session's bookkeeping of streaming readers (it serves the reads that decompress)
+        self._inline = session.inline
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         # st_blocks of a disk counts its stored data, so du and ls -s show how sparse it is.
@@ -204,6 +207,8 @@ class VmaFS(pyfuse3.Operations):
         if handle.reader is None:
             return memoryview(entry.data)[off:off + size]
         try:
+            if self._inline:
+                return self.session.read_inline(entry.dev_id, off, size)
             return await self.session.read(handle.reader, off, size)
         except Exception as exc:  # noqa: BLE001 - a read fails, the daemon serves on
             raise self._eio(entry, off, size, exc) from None

@@ -236,15 +236,20 @@ class _Connection:
         dev_id = self.reader.dev_id
         sock.setblocking(True)
         out = _Sender(sock)
+        # one receive buffer for the connection: a fresh 256 KiB object per request (what
+        # recv(RECV_SIZE) allocates, then shrinks) costs more than parsing the request
+        buffer = bytearray(RECV_SIZE)
+        view = memoryview(buffer)
+        read_inline, next_event = session.read_inline, conn.next_event
         try:
             while True:
                 while True:
-                    ev = conn.next_event()
+                    ev = next_event()
                     if ev is nbd.NEED_DATA:
                         break
-                    if isinstance(ev, nbd.Read):
+                    if type(ev) is nbd.Read:
                         try:
-                            data = session.read_inline(dev_id, ev.offset, ev.length)
+                            data = read_inline(dev_id, ev.offset, ev.length)
                             if len(data) != ev.length:
                                 raise VmafsError(f"read {len(data)} bytes of {ev.length}")
                         except Exception as exc:  # noqa: BLE001 - this read fails, not others
@@ -262,7 +267,7 @@ class _Connection:
                         out.send(conn.reply_error(ev.handle, ev.error, ev.reason))
                     elif isinstance(ev, nbd.Disconnect):
                         return
-                conn.receive_data(sock.recv(RECV_SIZE))
+                conn.receive_data(view[:sock.recv_into(buffer)])
         finally:
             out.close()
 
@@ -409,6 +414,9 @@ class _Sender:
     def send(self, head: bytes, data: bytes | memoryview = b"") -> None:
         if self.failed is not None:
             raise self.failed
+        if self.thread is None and len(data) < self.LARGE:
+            self._sendmsg(head, data)  # no second thread yet: nothing queued, nobody to race
+            return
         if len(data) < self.LARGE and self.queue.empty() and self.lock.acquire(blocking=False):
             try:
                 self._sendmsg(head, data)
@@ -432,7 +440,16 @@ class _Sender:
                 self.failed = exc
 
     def _sendmsg(self, head: bytes, data: bytes | memoryview) -> None:
+        total = len(head) + len(data)
+        sent = self.sock.sendmsg([head, data] if data else [head])
+        if sent == total:  # all of it at once: the common case
+            return
         parts = [memoryview(head), memoryview(data)] if data else [memoryview(head)]
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
         while parts:
             sent = self.sock.sendmsg(parts)
             while parts and sent >= len(parts[0]):
