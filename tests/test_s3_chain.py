@@ -89,3 +89,42 @@ def test_mount_a_chain_from_s3(s3: S3Env, tmp_path: Path) -> None:
     with mounted(s3.url("m/" + chain[-1].name), tmp_path / "mnt") as mnt:  # type: ignore[arg-type]
         for name, data in _disks(tmp_path / "want").items():
             assert (mnt / name).read_bytes() == data
+
+
+def test_protect_an_archive_in_s3(s3: S3Env, tmp_path: Path) -> None:
+    """vmafs protect puts ARCHIVE.protected beside an archive in S3 (only if none is there),
+    prune on the prefix keeps it, --remove takes the mark away and prune may then remove it."""
+    local = tmp_path / "local"
+    local.mkdir()
+    rng = random.Random(5)
+    old = build_chain(local, [vzname(0)], rng)[0]
+    new = build_chain(local, [vzname(1)], rng)[0]
+    _upload(s3, local, "p/")
+    archive = s3.url("p/" + old.name)
+    rc, out, err = run_vmafs("protect", archive, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["changed"] is True
+    assert s3.get("p/" + old.name + ".protected") == b""
+    rc, out, err = run_vmafs("protect", archive, "--json")
+    assert rc == 0 and json.loads(out)["changed"] is False, err  # already there: no change
+    rc, out, err = run_vmafs("snapshots", s3.url("p/"), "--json")
+    assert rc == 0, err
+    assert [s["protected"] for s in json.loads(out)["snapshots"]] == [True, False]
+    rc, _, err = run_vmafs("prune", s3.url("p/"), "--keep-last", "1")
+    assert rc == 0, err
+    assert s3.keys("p/") == sorted(["p/" + old.name, "p/" + old.name + ".protected",
+                                    "p/" + new.name])
+    rc, out, err = run_vmafs("protect", "--remove", archive, "--json")
+    assert rc == 0 and json.loads(out)["changed"] is True, err
+    rc, out, err = run_vmafs("protect", "--remove", archive, "--json")
+    assert rc == 0 and json.loads(out)["changed"] is False, err
+    rc, _, err = run_vmafs("prune", s3.url("p/"), "--keep-last", "1")
+    assert rc == 0, err
+    assert s3.keys("p/") == ["p/" + new.name]
+    # an archive that is not there, and a URL (read-only), are one-line errors
+    rc, _, err = run_vmafs("protect", s3.url("p/" + vzname(9)))
+    assert rc != 0 and "no such object" in err and "Traceback" not in err
+    url = s3.client.generate_presigned_url(  # type: ignore[attr-defined]
+        "get_object", Params={"Bucket": s3.bucket, "Key": "p/" + new.name})
+    rc, _, err = run_vmafs("protect", url)
+    assert rc != 0 and "read-only" in err and "Signature" not in err, err

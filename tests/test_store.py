@@ -79,6 +79,23 @@ def test_local_store_removes_only_what_was_read(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_marks_are_created_only_where_nothing_is(s3: S3Env, tmp_path: Path) -> None:
+    """A store's mark (vzdump's ARCHIVE.protected) is an empty object created atomically only
+    if nothing is there: never over another object or file, never through a symlink."""
+    marker = tmp_path / "a.vma.protected"
+    assert LocalStore().mark(str(marker)) is True and marker.read_bytes() == b""
+    assert LocalStore().mark(str(marker)) is False
+    (tmp_path / "b.vma.protected").symlink_to(tmp_path / "elsewhere")
+    assert LocalStore().mark(str(tmp_path / "b.vma.protected")) is False
+    assert not (tmp_path / "elsewhere").exists()
+    store = store_for(s3.url("m/a.vma.protected"))
+    assert store.mark(s3.url("m/a.vma.protected")) is True
+    assert store.mark(s3.url("m/a.vma.protected")) is False
+    s3.put("m/b.vma.protected", b"something else")
+    assert store.mark(s3.url("m/b.vma.protected")) is False
+    assert s3.get("m/a.vma.protected") == b"" and s3.get("m/b.vma.protected") == b"something else"
+
+
 def test_part_sizes_hold_ten_terabytes() -> None:
     sizes = [part_size(n) for n in range(1, MAX_PARTS + 1)]
     assert sizes[0] == 8 * MiB and max(sizes) <= PART_MAX

@@ -4,6 +4,9 @@ vmafs's prune never remove (naming.protected_marker is the name rule).
 The marker is created exclusively (O_EXCL: never through a symlink, never over another file)
 and removed only when it is a regular file; both work on names inside the archive's directory
 (one directory descriptor), and the directory is synced so the mark survives a crash.
+
+An archive in a store (s3://BUCKET/KEY) gets its marker as an object beside it, put only if
+the key is free (the store's `mark`), removed only if it is still the marker that was seen.
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ import stat
 from vmafs.archive import naming
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import display
-from vmafs.store import exists
+from vmafs.store import basename, display_location, exists, is_remote, store_for
 
 
 def _split(archive: str) -> tuple[str, str]:
     """(directory, base name) of an archive path that names an archive file."""
     directory, name = os.path.split(archive)
+    _check_name(archive, name)
+    return directory or ".", name
+
+
+def _check_name(archive: str, name: str) -> None:
     if not name.endswith(naming.SUFFIXES):
         raise UsageError(f"{display(archive)}: not an archive name (one ending in "
                          f"{', '.join(naming.SUFFIXES)})")
-    return directory or ".", name
 
 
 def _open_dir(directory: str) -> int:
@@ -41,6 +48,8 @@ def is_protected(archive: str) -> bool:
 def protect(archive: str) -> bool:
     """Create the archive's marker; False when it is protected already. The archive must be a
     regular file (not a symlink: prune considers only regular files)."""
+    if is_remote(archive):
+        return _protect_stored(archive)
     directory, name = _split(archive)
     marker = naming.protected_marker(name)
     dir_fd = _open_dir(directory)
@@ -73,6 +82,8 @@ def protect(archive: str) -> bool:
 def unprotect(archive: str) -> bool:
     """Remove the archive's marker; False when there is none. Only a regular file is removed
     (anything else there was not written as a marker: it is left alone, an error)."""
+    if is_remote(archive):
+        return _unprotect_stored(archive)
     directory, name = _split(archive)
     marker = naming.protected_marker(name)
     dir_fd = _open_dir(directory)
@@ -104,4 +115,25 @@ def _check_regular(dir_fd: int, marker: str, archive: str) -> bool:
     if not stat.S_ISREG(st.st_mode):
         raise VmafsError(f"{display(naming.protected_marker(archive))} exists and is not a "
                          "regular file; left alone")
+    return True
+
+
+def _protect_stored(archive: str) -> bool:
+    """The marker object beside an archive in a store (the archive must be there)."""
+    _check_name(archive, basename(archive))
+    store = store_for(archive)
+    if store.stat(archive) is None:
+        raise VmafsError(f"cannot protect {display_location(archive)}: no such object")
+    return store.mark(naming.protected_marker(archive))
+
+
+def _unprotect_stored(archive: str) -> bool:
+    """Remove the marker object if there is one (only the one seen: by its identity)."""
+    _check_name(archive, basename(archive))
+    store = store_for(archive)
+    marker = naming.protected_marker(archive)
+    entry = store.stat(marker)
+    if entry is None:
+        return False
+    store.remove(marker, entry.identity)
     return True

@@ -16,10 +16,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("protect", help=COMMANDS["protect"],
                        description="Protect an archive from prune: create ARCHIVE.protected "
                                    "beside it, the empty marker vzdump and Proxmox write "
-                                   "(created exclusively, never through a symlink). With "
+                                   "(created exclusively, never through a symlink; for an "
+                                   "archive in S3 an empty object beside it, put only if the "
+                                   "key is free). With "
                                    "--remove, remove the marker (only a regular file). "
                                    "Either way, nothing to do is not an error.")
-    p.add_argument("archive", help="archive file: .vma, .vma.zst, .vma.gz, .vma.lzo")
+    p.add_argument("archive", help="archive file (or s3://BUCKET/KEY): .vma, .vma.zst, "
+                                   ".vma.gz, .vma.lzo")
     p.add_argument("--remove", action="store_true",
                    help="remove the protection marker instead")
     add_json(p)

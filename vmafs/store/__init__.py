@@ -86,6 +86,11 @@ class Store(Protocol):
 
     def create(self, location: str) -> Upload: ...
 
+    def mark(self, location: str) -> bool:
+        """Create an empty object (vzdump's ARCHIVE.protected) unless one is there, in one
+        atomic step; False when one was."""
+        ...
+
     def remove(self, location: str, identity: bytes | None = None) -> None:
         """Remove the object (only if it still has identity, when given)."""
         ...

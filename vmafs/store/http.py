@@ -127,5 +127,8 @@ class HttpStore:
     def create(self, location: str) -> Any:
         raise StoreError(f"{display_location(location)}: an http(s) URL is read-only")
 
+    def mark(self, location: str) -> bool:
+        raise StoreError(f"{display_location(location)}: an http(s) URL is read-only")
+
     def remove(self, location: str, identity: bytes | None = None) -> None:
         raise StoreError(f"{display_location(location)}: an http(s) URL is read-only")

@@ -144,6 +144,28 @@ class LocalStore:
     def create(self, location: str) -> LocalUpload:
         return LocalUpload(location)
 
+    def mark(self, location: str) -> bool:
+        """An empty file created exclusively (never through a symlink), synced with its
+        directory so the mark survives a crash."""
+        directory = os.path.dirname(location) or "."
+        try:
+            fd = os.open(location, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise VmafsError(f"cannot create {display(location)}: {exc.strerror}") from None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return True
+
     def remove(self, location: str, identity: bytes | None = None) -> None:
         """Unlink the name (never what a symlink points to), if it still is the file read."""
         try:

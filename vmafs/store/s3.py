@@ -325,6 +325,21 @@ class S3Store:
     def create(self, location: str) -> S3Upload:
         return S3Upload(location)
 
+    def mark(self, location: str) -> bool:
+        """An empty object put only if the key is free (If-None-Match: *), so two marks at
+        once, or a mark and an upload, never replace each other."""
+        bucket, key = parse(location)
+        try:
+            client().put_object(Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+        except Exception as exc:
+            from botocore.exceptions import ClientError
+
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get(
+                    "Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise error(exc, location) from None
+        return True
+
     def remove(self, location: str, identity: bytes | None = None) -> None:
         bucket, key = parse(location)
         if identity is not None:
