@@ -167,8 +167,8 @@ class Session:
         end = min(offset + length, self._sizes[dev_id])
         if offset >= end:
             return []
-        clusters = _stored_clusters(self.archive, dev_id, offset // CLUSTER,
-                                    (end - 1) // CLUSTER)
+        clusters = self.archive.stored_clusters(dev_id, offset // CLUSTER,
+                                                (end - 1) // CLUSTER)
         runs: list[tuple[int, bool]] = []
         pos = offset
         if len(clusters):
@@ -200,7 +200,7 @@ class Session:
             last = min(first + GROUP * per_chunk, -(-self._sizes[dev_id] // CLUSTER)) - 1
             have = np.zeros(GROUP, np.uint8)
             if last >= first:
-                have[_stored_clusters(self.archive, dev_id, first, last) // per_chunk
+                have[self.archive.stored_clusters(dev_id, first, last) // per_chunk
                      - group * GROUP] = 1
             bits = self._data_bits[(dev_id, group)] = have.tobytes()
         return bool(bits[idx - group * GROUP])
@@ -263,16 +263,6 @@ class Session:
             self._chunks.pop((dev_id, idx), None)
         finally:
             fetch.done.set()
-
-
-def _stored_clusters(archive: Archive, dev_id: int, first: int, last: int) -> np.ndarray:
-    """The clusters in [first, last] that hold data (ascending), from the model's rows."""
-    dmap = archive._maps[dev_id]  # noqa: SLF001 - the rows are the allocation map
-    lo = int(dmap.clusters.searchsorted(np.uint32(first)))
-    hi = int(dmap.clusters.searchsorted(np.uint32(last), side="right"))
-    clusters = dmap.clusters[lo:hi]
-    masks = dmap.masks[lo:hi]
-    return clusters[masks != 0].astype(np.int64)
 
 
 def open_archive(path: str, bases: Sequence[str] = (), *, drop_behind: bool = False
