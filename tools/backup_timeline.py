@@ -17,8 +17,13 @@ the same rounds, interleaved, so that a change is measured against what it chang
 --bytecode lets Python write and use .pyc files (an installed vmafs has them; a checkout run
 with PYTHONDONTWRITEBYTECODE=1 compiles every module at every start).
 
+--like-bench-incremental is part 1 of tools/bench_incremental.py (its image: 2 MiB of random
+data every 4 MiB; 2 % of the clusters written through QEMU between the full and the
+incremental), with the archive the incremental reads evicted (that file only) instead of
+drop_caches.
+
 Usage: python3 tools/backup_timeline.py [--size-gib 2] [--rounds 5] [--incremental]
-                                        [--baseline DIR] [--bytecode]
+                                        [--like-bench-incremental] [--baseline DIR] [--bytecode]
 """
 
 from __future__ import annotations
@@ -207,11 +212,15 @@ def main() -> int:
     ap.add_argument("--incremental", action="store_true",
                     help="also time an incremental after each full (nothing changed: its "
                          "fixed cost alone)")
+    ap.add_argument("--like-bench-incremental", action="store_true",
+                    help="bench_incremental's image, 2 %% changed before each incremental")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="another tree's vmafs, run in the same rounds")
     ap.add_argument("--bytecode", action="store_true", help="let Python use .pyc files")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    like = args.like_bench_incremental
+    args.incremental = args.incremental or like
     global BYTECODE
     BYTECODE = args.bytecode
     import guestimage as gi
@@ -222,11 +231,19 @@ def main() -> int:
     try:
         size = int(args.size_gib * GiB) // MiB * MiB
         img = work / "disk.raw"
-        make_image(img, size)
+        if like:
+            import bench_incremental as bi
+            import numpy as np
+            size = size // bi.PERIOD * bi.PERIOD
+            bi.make_image(img, size)
+            rng = np.random.default_rng(2024)
+        else:
+            make_image(img, size)
+        disk = gi.Disk(img, fmt="raw", cache="none")
         converts: list[float] = []
         runs: dict[tuple[str, str], list[tuple[float, list[Any]]]] = {}
         with gi.QemuVM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline("idle"),
-                       disks=[gi.Disk(img, fmt="raw", cache="none")]) as vm:
+                       disks=[disk]) as vm:
             vm.wait_for("VMAFS-READY", timeout=180)
             if BYTECODE:  # one untimed run each, which writes the .pyc files
                 for tree in trees.values():
@@ -243,6 +260,10 @@ def main() -> int:
                     line.append(f"{name} full {runs[name, 'full'][-1][0]:.3f} s")
                     if args.incremental:
                         inc = work / "i.vma"
+                        if like:
+                            bi.qemu_io_writes(vm, disk.drive_id, bi.changed_clusters(rng, size),
+                                              0x41 + r)
+                            evict(out)
                         runs.setdefault((name, "incremental"), []).append(
                             timed_backup(tree, vm.qmp_path, inc, work, "--incremental",
                                          str(out)))
@@ -264,7 +285,8 @@ def main() -> int:
             text = f"  {name:8}: full {full:.3f} s, convert/full {conv / full:.2f} (>= 0.8)"
             if args.incremental:
                 inc = statistics.median(w for w, _ in runs[name, "incremental"])
-                text += f"; incremental (nothing changed) {inc:.3f} s = {inc / full:.3f} of full"
+                what = "2 % changed" if like else "nothing changed"
+                text += f"; incremental ({what}) {inc:.3f} s = {inc / full:.3f} of full"
             print(text)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     As the program (argv None), a command that sets `exit_fast` (all its work done and its
     threads ended when run() returns) leaves through exit_now()."""
+    # numpy's OpenBLAS starts a thread per core when numpy is imported (~20 ms of every
+    # start); vmafs does no floating-point linear algebra, so it never uses them.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     words = [*(sys.argv[1:] if argv is None else argv)]  # `list` is also a subcommand module
     chosen = next((w for w in words if not w.startswith("-")), None)
     parser = build_parser(chosen if chosen in COMMANDS else None)
