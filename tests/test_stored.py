@@ -17,7 +17,9 @@ from test_chain import SIZES, Chain, build_chain, main_layers
 from vmafs.archive import problems, stored
 from vmafs.archive.chain import open_chain
 from vmafs.archive.reader import Archive
+from vmafs.container import zstd_source
 from vmafs.container.zstd_output import SeekableZstdOutput
+from vmafs.container.zstd_source import SeekableZstdSource
 from vmafs.format import index, vma
 
 C = vma.CLUSTER_SIZE
@@ -166,3 +168,26 @@ def test_zstd_frames_cut_inside_clusters(ch: Chain, tmp_path: Path,
         assert archive.layers[0].compressed
         for dev in archive.devices:
             assert rows(archive, dev.dev_id) == want[dev.name]
+
+
+def test_pread_parts_is_pread_without_the_cache(ch: Chain) -> None:
+    """pread_parts gives pread's bytes frame by frame, and leaves the cache alone: a merge
+    holds at most STREAM_FRAMES frames of each layer, not a cache of each."""
+    zst = next(p for p in ch.paths if p.name.endswith(".vma.zst"))
+    source = SeekableZstdSource(str(zst))
+    try:
+        size = source.size
+        rng = random.Random(11)
+        spans = [(0, size), (size - 1, 5), (size, 3)]
+        spans += [(a, rng.randrange(1, 400_000)) for a in
+                  sorted(rng.randrange(size) for _ in range(40))]
+        for offset, length in spans:
+            parts = source.pread_parts(offset, length)
+            assert all(len(p) for p in parts)
+            assert source.cache_used == 0
+            assert b"".join(parts) == source.pread(offset, length)
+            assert len(source._stream) <= zstd_source.STREAM_FRAMES  # noqa: SLF001
+            source.close()  # empties the cache that pread filled
+            source = SeekableZstdSource(str(zst))
+    finally:
+        source.close()

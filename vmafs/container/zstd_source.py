@@ -65,6 +65,11 @@ _REUSE_MAX = 8 << 20
 """Compressed frames up to this size are read into a per-thread buffer kept for the next."""
 _UNCHECKED, _SIZED, _UNSIZED, _SKIPPABLE = range(4)
 """Per-frame state: what _check_frame found (once per frame)."""
+STREAM_FRAMES = 2
+"""Frames pread_parts keeps per file for the next call (it goes through the file in order)."""
+_THREAD = threading.local()
+"""Each thread's decompressor and compressed-frame buffer, shared by every file it reads: a
+merge reads a chain's layers (up to 256 files) with each of its reader threads."""
 
 
 def _read_up_to(reader: zstandard.ZstdDecompressionReader, n: int) -> bytes:
@@ -127,7 +132,9 @@ class SeekableZstdSource:
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_used = 0
         self._lock = threading.Lock()
-        self._local = threading.local()
+        # pread_parts' frames, apart from the cache: a merge streams every layer of a chain at
+        # once, so it holds STREAM_FRAMES frames a layer, not a cache (16 MiB) a layer
+        self._stream: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._state = np.zeros(self.table.num_frames, dtype=np.uint8)
         # Off by default: a frame's content checksum is only checked at its end, so a reader
         # may turn this on only if it checks what it reads itself (an indexed archive does).
@@ -149,17 +156,18 @@ class SeekableZstdSource:
         return data
 
     def _pread_frame(self, length: int, offset: int) -> memoryview:
-        """Like _pread_exact, into this thread's reused buffer: valid until its next call.
+        """Like _pread_exact, into this thread's reused buffer: valid until its next call (on any
+        file).
 
         Spares a fresh allocation, and its page faults, for every frame read.  Frames larger
         than _REUSE_MAX get a buffer of their own, freed with the result.
         """
-        buf: bytearray | None = getattr(self._local, "buf", None)
+        buf: bytearray | None = getattr(_THREAD, "buf", None)
         if length > _REUSE_MAX:
             buf = bytearray(length)
         elif buf is None or len(buf) < length:
             buf = bytearray(-(-length // (64 << 10)) * (64 << 10))
-            self._local.buf = buf
+            _THREAD.buf = buf
         view = memoryview(buf)[:length]
         got = self._raw.readinto(offset, view)
         if got != length:
@@ -400,12 +408,12 @@ class SeekableZstdSource:
         self._raw.advise(start, c_end + PREFETCH - start)
 
     def _dctx(self) -> zstandard.ZstdDecompressor:
-        dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
+        dctx: zstandard.ZstdDecompressor | None = getattr(_THREAD, "dctx", None)
         if dctx is None:
             # zstd's default window limit, as ``zstd -d``'s: _check_frame bounds what a frame
             # can cost by its window and content size together.
             dctx = zstandard.ZstdDecompressor()
-            self._local.dctx = dctx
+            _THREAD.dctx = dctx
         return dctx
 
     def read_prefix(self, index: int, need: int) -> bytes:
@@ -505,21 +513,39 @@ class SeekableZstdSource:
     def pread_parts(self, offset: int, length: int) -> list[memoryview]:
         """Like ``pread``, as views of the decompressed frames, one per frame touched: no join.
 
-        For a reader that takes a long range apart anyway (a merge's windows of stored
-        clusters): joining the frames would copy every byte again, holding the GIL.
+        For a reader that goes through the file in order, taking long ranges apart anyway (a
+        merge's windows of stored clusters): joining the frames would copy every byte again,
+        holding the GIL.  A frame it reads in part is kept for its next call, apart from the
+        cache (STREAM_FRAMES a file), and frames it reads whole are not kept.
         """
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         end = min(offset + length, self.size)
         if offset >= end:
             return []
-        first = self.frame_of(offset)
-        if end <= self.table.decompressed_range(first)[1]:
-            return [memoryview(self.pread(offset, end - offset))]
-        return self._parts(first, offset, end)
+        return self._parts(self.frame_of(offset), offset, end, stream=True)
 
-    def _parts(self, first: int, offset: int, end: int) -> list[memoryview]:
-        """Views of [offset, end) frame by frame, from frame ``first`` (which holds offset)."""
+    def _streamed(self, index: int, *, keep: bool) -> bytes:
+        """Frame ``index`` for pread_parts: from its frames or the cache, else read (and kept
+        if ``keep``: a frame read in part, whose rest the next call reads)."""
+        with self._lock:
+            data = self._stream.get(index)
+            if data is None:
+                data = self._cache.get(index)
+        if data is None:
+            data = self.read_frame(index)
+            if not keep:
+                return data
+            with self._lock:
+                self._stream[index] = data
+                while len(self._stream) > STREAM_FRAMES:
+                    self._stream.popitem(last=False)
+        return data
+
+    def _parts(self, first: int, offset: int, end: int, *, stream: bool = False
+               ) -> list[memoryview]:
+        """Views of [offset, end) frame by frame, from frame ``first`` (which holds offset);
+        frames read in part come from the cache, or with ``stream`` from _streamed."""
         parts: list[memoryview] = []
         index = first
         pos = offset
@@ -528,7 +554,9 @@ class SeekableZstdSource:
             if f_end > f_start:
                 whole = f_start >= offset and f_end <= end
                 # Frames a big read covers whole are not cached: they would evict hotter ones.
-                if whole and not self.cached(index):
+                if stream:
+                    data = self._streamed(index, keep=not whole)
+                elif whole and not self.cached(index):
                     data = self.read_frame(index)
                 else:
                     data = self.frame(index)
@@ -552,6 +580,7 @@ class SeekableZstdSource:
         if hasattr(self, "_cache"):
             with self._lock:
                 self._cache.clear()
+                self._stream.clear()
                 self._cache_used = 0
 
     def __enter__(self) -> SeekableZstdSource:
