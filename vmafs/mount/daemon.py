@@ -122,7 +122,10 @@ async def _serve(req: MountRequest, opts: MountOptions, task_status: Any) -> Non
             ops.on_init = initialized.set
             async with trio.open_nursery() as nursery:
                 async def fuse_main() -> None:
-                    await pyfuse3.main()
+                    # A plain archive's reads never wait (the session reads them inline): one
+                    # worker task answers them in order. More would only hand the FUSE fd's
+                    # read lock from task to task on every request.
+                    await pyfuse3.main(max_tasks=1 if session.inline else 99)
                     nursery.cancel_scope.cancel()       # unmounted from outside
 
                 nursery.start_soon(fuse_main)
