@@ -8,10 +8,9 @@ batches (HeaderBatch): a sparse disk has millions of extents, too many to decode
 
 from __future__ import annotations
 
-import contextlib
 import io
+import queue
 import threading
-from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, cast
@@ -234,57 +233,48 @@ def _read_with_next_header(stream: BinaryIO, buffer: memoryview, need: int
 
 
 class _Stopped(Exception):
-    """The reader thread's consumer went away."""
+    """The reader thread's caller went away."""
 
 
-_END = object()
+_END = object()  # the reader's last item at the end of the stream
+_STOP = object()  # the caller went away: the reader stops at its next wait
+_FRESH = object()  # a buffer not allocated yet (a short archive needs few)
 
 
 class _Ring:
-    """The reader thread's buffers and the items it has read, in order."""
+    """Between the reader thread and its caller: the items read, in order, and what bounds
+    them: the free extent buffers, and room for runs of headers (queues in C: a handoff
+    costs a few microseconds, not a Python condition's churn)."""
 
     def __init__(self, count: int) -> None:
-        self.cond = threading.Condition()
-        self.free = [bytearray(vma.MAX_EXTENT_SIZE) for _ in range(count)]
-        self.items: deque[object] = deque()
-        self.limit = count
+        self.items: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.buffers: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.room: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.stopped = False
+        for _ in range(count):
+            self.buffers.put(_FRESH)
+            self.room.put(True)
 
     def take(self) -> bytearray:
         """A free buffer for the reader (it waits for one)."""
-        with self.cond:
-            while not self.free and not self.stopped:
-                self.cond.wait()
-            if self.stopped:
-                raise _Stopped
-            return self.free.pop()
+        buffer = self.buffers.get()
+        if buffer is _STOP or self.stopped:
+            raise _Stopped
+        return bytearray(vma.MAX_EXTENT_SIZE) if buffer is _FRESH else cast(bytearray, buffer)
 
-    def put(self, item: object, *, last: bool = False) -> None:
-        with self.cond:
-            while len(self.items) >= self.limit and not self.stopped and not last:
-                self.cond.wait()
-            if self.stopped:
-                raise _Stopped
-            self.items.append(item)
-            self.cond.notify_all()
-
-    def get(self) -> object:
-        with self.cond:
-            while not self.items:
-                self.cond.wait()
-            item = self.items.popleft()
-            self.cond.notify_all()
-            return item
-
-    def give_back(self, buffer: bytearray) -> None:
-        with self.cond:
-            self.free.append(buffer)
-            self.cond.notify_all()
+    def put(self, item: _Item) -> None:
+        """An item for the caller; a run of headers waits for room (the data waited for its
+        buffer)."""
+        if isinstance(item, HeaderBatch) and self.room.get() is _STOP:
+            raise _Stopped
+        if self.stopped:
+            raise _Stopped
+        self.items.put(item)
 
     def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify_all()
+        self.stopped = True
+        self.buffers.put(_STOP)
+        self.room.put(_STOP)
 
 
 def _read_ahead(stream: BinaryIO, header: vma.Header, count: int) -> Iterator[_Item]:
@@ -294,28 +284,28 @@ def _read_ahead(stream: BinaryIO, header: vma.Header, count: int) -> Iterator[_I
         try:
             for item in _stream_runs(stream, header, ring.take):
                 ring.put(item)
-            ring.put(_END, last=True)
+            ring.items.put(_END)
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, in order
-            with contextlib.suppress(_Stopped):
-                ring.put(exc, last=True)
+            ring.items.put(exc)
 
     thread = threading.Thread(target=read, name="vmafs-read-ahead", daemon=True)
     thread.start()
     try:
         while True:
-            item = ring.get()
+            item = ring.items.get()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, HeaderBatch):
                 yield item
+                ring.room.put(True)
                 continue
             ext, data = cast(tuple[Extent, memoryview], item)
             yield ext, data
-            ring.give_back(cast(bytearray, data.obj))
+            ring.buffers.put(data.obj)
     finally:
         ring.stop()
         thread.join()
