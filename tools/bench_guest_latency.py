@@ -73,9 +73,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # x-perf max-chunk (QEMU's default for an NBD target: 1 MiB per copy request)
     "chunk256k": {"max_chunk": 256 << 10},
     "chunk64k": {"max_chunk": 64 << 10},
+    "chunk128k": {"max_chunk": 128 << 10},
+    "chunk512k": {"max_chunk": 512 << 10},
+    "w8c128k": {"opts": {"max_workers": 8}, "max_chunk": 128 << 10},
+    "w8c256k": {"opts": {"max_workers": 8}, "max_chunk": 256 << 10},
     "w2c256k": {"opts": {"max_workers": 2}, "max_chunk": 256 << 10},
-    # the writer thread's CPU priority
+    # the writer thread's CPU priority (and its zstd and writeback threads')
+    "nice5": {"nice_writer": 5},
     "nice10": {"nice_writer": 10},
+    # .vma.zst (level 3, 2 threads)
+    "zst": {"suffix": ".vma.zst"},
+    # the GIL switch interval (default 5 ms)
+    "switch05": {"switch": 0.0005},
+    "switch1": {"switch": 0.001},
+    "c256s1": {"max_chunk": 256 << 10, "switch": 0.001},
+    # no backup: CPU load alone (1 or 2 spinning processes for 4 s)
+    "hog1": {"hog": 1, "seconds": 4},
+    "hog2": {"hog": 2, "seconds": 4},
+    "zstnice5": {"suffix": ".vma.zst", "nice_writer": 5},
 }
 
 # Runs in the `vmafs backup` process: applies the knobs, records trace events, runs the CLI.
@@ -138,6 +153,8 @@ init = live.Backup.__init__
 def patched_init(self, opts, *a, **kw):
     init(self, dataclasses.replace(opts, **knobs.get("opts", {})), *a, **kw)
 live.Backup.__init__ = patched_init
+if "switch" in knobs:  # the GIL's switch interval (the sink waits for it while the writer runs)
+    sys.setswitchinterval(knobs["switch"])
 if "max_chunk" in knobs:  # x-perf max-chunk, laid into the transaction's backup actions
     import vmafs.backup.qmp as qmp
     execute = qmp.Qmp.execute
@@ -148,7 +165,7 @@ if "max_chunk" in knobs:  # x-perf max-chunk, laid into the transaction's backup
                     act["data"].setdefault("x-perf", {})["max-chunk"] = knobs["max_chunk"]
         return await execute(self, cmd, args, *a, **kw)
     qmp.Qmp.execute = patched_execute
-if "nice_writer" in knobs:
+if "nice_writer" in knobs:  # the writer thread and the threads it starts (zstd, writeback)
     import vmafs.backup.writer_thread as wt
     wmain = wt.WriterThread._main
     def niced_main(self):
@@ -167,6 +184,12 @@ if trace:  # how long the sink waited for room in the pipe
         if d > 0.002:
             waits.append(d)
     pipe.Pipe.put = timed_put
+    sizes = {}
+    sink_write = pipe.DiskSink.write
+    async def counted_write(self, offset, data):
+        sizes[len(data)] = sizes.get(len(data), 0) + 1
+        await sink_write(self, offset, data)
+    pipe.DiskSink.write = counted_write
 event("start")
 from vmafs.cli import main
 try:
@@ -174,6 +197,8 @@ try:
 finally:
     if trace:
         event(f"put-waits:{len(waits)}:{sum(waits):.3f}s:max{max(waits, default=0):.3f}s")
+        top = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+        event("writes:" + "/".join(f"{n}x{k >> 10}K" for k, n in top))
     t = os.times()
     event(f"cpu:{t.user + t.system:.2f}s")
     event("end")
@@ -257,9 +282,26 @@ def root_disk(path: Path) -> str:
     return name
 
 
+HOG = ("import sys, time\nend = time.monotonic() + float(sys.argv[1])\n"
+       "while time.monotonic() < end: pass")
+
+
+def run_hog(knobs: dict[str, Any]) -> dict[str, Any]:
+    """No backup: N processes spinning on the CPU for a while (what CPU load alone does)."""
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", HOG, str(knobs["seconds"])])
+             for _ in range(knobs["hog"])]
+    for p in procs:
+        p.wait()
+    t1 = time.monotonic()
+    return {"t0": t0, "t1": t1, "seconds": t1 - t0, "device_bytes": 0, "wall": t1 - t0}
+
+
 def run_backup(vm: gi.QemuVM, work: Path, knobs: dict[str, Any], trace: Path | None
                ) -> dict[str, Any]:
-    out = Path(knobs.get("dir", work)) / f"lat-{os.getpid()}.vma"
+    if "hog" in knobs:
+        return run_hog(knobs)
+    out = Path(knobs.get("dir", work)) / f"lat-{os.getpid()}{knobs.get('suffix', '.vma')}"
     out.unlink(missing_ok=True)
     knobs = dict(knobs)
     if trace is not None:
@@ -363,7 +405,7 @@ def main() -> int:
         runs = results[name]
         pooled = stats([ms for b in runs for ms in b["lat"]])
         per = [stats(b["lat"]) for b in runs]
-        rate = statistics.median(b["device_bytes"] / b["seconds"] for b in runs)
+        rate = statistics.median(b["device_bytes"] / b["seconds"] for b in runs) or 1.0
         report["variants"][name] = {
             "knobs": variants[name], "pooled": pooled,
             "median_of_rounds": {k: statistics.median(p[k] for p in per)

@@ -119,7 +119,7 @@ class Pacer:
         self._ahead = max(ahead or PACE_AHEAD, self._step * (self._window + 1))
         self._cond = threading.Condition()
         self._limit = 0     # bytes written so far (what the writer reported)
-        self._flushed = 0   # bytes on disk and dropped from the cache
+        self.flushed = 0    # bytes on disk and dropped from the cache
         self._stopping = False
         self.error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="vmafs-writeback", daemon=True)
@@ -131,7 +131,7 @@ class Pacer:
         with self._cond:
             self._limit = written
             self._cond.notify_all()
-            while written - self._flushed > self._ahead and self.error is None:
+            while written - self.flushed > self._ahead and self.error is None:
                 self._cond.wait()
         self.check()
         return written - written % self._step + self._step
@@ -173,7 +173,7 @@ class Pacer:
                 return
             os.posix_fadvise(fd, old, step, os.POSIX_FADV_DONTNEED)
             with self._cond:
-                self._flushed = old + step
+                self.flushed = old + step
                 self._cond.notify_all()
 
 

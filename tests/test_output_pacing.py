@@ -1,0 +1,76 @@
+"""Paced writeback of a live backup's archive (container/output.py: WritebackFile, Pacer).
+
+The pacer changes when the archive reaches the disk, never what is written: a paced archive is
+byte for byte the unpaced one, the writer is never more than PACE_AHEAD ahead of the disk, and
+no writeback thread outlives its output.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import vmafs.container.output as output
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+from vmafs.container.output import Pacer, open_output
+
+MiB = 1 << 20
+
+
+def _write_archive(path: Path, paced: bool, size: int, data: bytes) -> None:
+    with open_output(str(path), paced=paced) as out:
+        writer = ArchiveWriter(out, [DeviceSpec("drive-scsi0", size)], uuid=b"u" * 16, ctime=1)
+        for off in range(0, size // 2, MiB):  # half data (in 1 MiB writes, as QEMU's), half zero
+            writer.write(1, off, data[off % 7:] + data[:off % 7])
+        writer.finish()
+
+
+def _pacers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "vmafs-writeback"]
+
+
+@pytest.mark.parametrize("suffix", [".vma", ".vma.zst"])
+def test_paced_archive_is_the_unpaced_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          suffix: str) -> None:
+    monkeypatch.setattr(output, "PACE_STEP", 1 * MiB)  # many steps in a small archive
+    monkeypatch.setattr(output, "PACE_AHEAD", 4 * MiB)
+    size = 48 * MiB + 4096  # a short last cluster too
+    data = os.urandom(MiB)
+    _write_archive(tmp_path / f"paced{suffix}", True, size, data)
+    _write_archive(tmp_path / f"plain{suffix}", False, size, data)
+    assert (tmp_path / f"paced{suffix}").read_bytes() == (tmp_path / f"plain{suffix}").read_bytes()
+    assert not _pacers()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"paced{suffix}",
+                                                                f"plain{suffix}"])
+
+
+def test_pacer_keeps_the_writer_near_the_disk(tmp_path: Path) -> None:
+    step, ahead = 256 << 10, MiB
+    chunk = os.urandom(100_000)  # not a divisor of the step: steps end inside writes
+    with open(tmp_path / "f", "wb", buffering=0) as f:
+        pacer = Pacer(f.fileno(), step=step, window=2, ahead=ahead)
+        written = 0
+        try:
+            for _ in range(200):
+                written += f.write(chunk) or 0
+                pacer.advance(written)
+                assert written - pacer.flushed <= ahead
+            assert pacer.flushed >= written - ahead > 0
+        finally:
+            pacer.stop()
+        pacer.check()
+    assert (tmp_path / "f").stat().st_size == written
+    assert not _pacers()
+
+
+def test_failed_output_stops_the_pacer_and_leaves_nothing(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(output, "PACE_STEP", 1 * MiB)
+    with pytest.raises(RuntimeError), open_output(str(tmp_path / "a.vma"), paced=True) as out:
+        out.write(os.urandom(8 * MiB))
+        raise RuntimeError("the backup failed")
+    assert not _pacers()
+    assert list(tmp_path.iterdir()) == []
