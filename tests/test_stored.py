@@ -191,3 +191,62 @@ def test_pread_parts_is_pread_without_the_cache(ch: Chain) -> None:
             source = SeekableZstdSource(str(zst))
     finally:
         source.close()
+
+
+def one_window_plan(lo: int, hi: int, layers: np.ndarray, offsets: np.ndarray,
+                    nbytes: np.ndarray) -> list[tuple[int, int, int, list[int], list[int],
+                                                      list[int]]]:
+    """The rule, one window at a time: per layer (ascending), rows by offset, runs less than
+    GAP apart together, cut where a run passes SPAN from the layer's first row."""
+    reads = []
+    for layer in sorted(set(layers[lo:hi].tolist())):
+        rows = sorted((r for r in range(lo, hi) if layers[r] == layer),
+                      key=lambda r: int(offsets[r]))
+        group: list[int] = []
+        for r in rows:
+            start = int(offsets[r])
+            if group:
+                prev_end = int(offsets[group[-1]]) + int(nbytes[group[-1]])
+                base = int(offsets[rows[0]])
+                if (start - prev_end > stored.GAP or (start + int(nbytes[r]) - base)
+                        // stored.SPAN != (prev_end - base) // stored.SPAN):
+                    reads.append(group)
+                    group = []
+            group.append(r)
+        reads.append(group)
+    out = []
+    for g in reads:
+        first = int(offsets[g[0]])
+        out.append((int(layers[g[0]]), first, int(offsets[g[-1]]) + int(nbytes[g[-1]]) - first,
+                    [r - lo for r in g], [int(offsets[r]) - first for r in g],
+                    [int(nbytes[r]) for r in g]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_is_the_one_window_rule(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """The numpy plan of many windows at once reads what the rule says, window by window."""
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(stored, "WINDOW", int(rng.integers(1, 40)))
+    monkeypatch.setattr(stored, "GAP", int(rng.choice([0, 5000, 1 << 20])))
+    monkeypatch.setattr(stored, "SPAN", int(rng.choice([C, 3 * C, 16 << 20])))
+    count, nlayers = int(rng.integers(1, 400)), int(rng.integers(1, 5))
+    layers = rng.integers(0, nlayers, count).astype(np.uint8)
+    nbytes = rng.integers(0, 17, count).astype(np.int64) * vma.BLOCK_SIZE
+    offsets = np.zeros(count, np.uint64)
+    for layer in range(nlayers):  # each layer's rows in a stream of its own, shuffled a bit
+        mine = np.flatnonzero(layers == layer)
+        rng.shuffle(mine[: len(mine) // 3])
+        gaps = rng.choice([0, 512, 3 * C, 2 << 20], len(mine))
+        ends = np.cumsum(nbytes[mine] + gaps)
+        offsets[mine] = (ends - nbytes[mine]).astype(np.uint64)
+    lo = 0
+    while lo < count:
+        hi = min(lo + 7 * stored.WINDOW, count)
+        plans = stored._plan(lo, hi, layers, offsets, nbytes)  # noqa: SLF001
+        for k, reads in enumerate(plans):
+            wlo = lo + k * stored.WINDOW
+            want = one_window_plan(wlo, min(wlo + stored.WINDOW, count), layers, offsets,
+                                   nbytes)
+            assert [(r.layer, r.first, r.length, r.rows, r.at, r.sizes) for r in reads] == want
+        lo = hi

@@ -28,6 +28,7 @@ WINDOW = 256           # stored clusters (up to 16 MiB) yielded per window
 GAP = 1 << 20          # stream bytes one read takes in rather than seek over
 SPAN = 16 << 20        # longest single read
 AHEAD_BYTES = 96 << 20  # bytes of reads in flight ahead of the window being yielded
+PLAN_WINDOWS = 64      # windows planned at once (bounded temporaries for a 1 TiB disk)
 THREADS = 2            # readers: zstandard and pread release the GIL
 
 Mismatch = Callable[[int, int], problems.ArchiveError]
@@ -47,43 +48,65 @@ class _Read:
 
 
 def _plan(lo: int, hi: int, layers: np.ndarray, offsets: np.ndarray,
-          nbytes: np.ndarray) -> list[_Read]:
-    """A window's reads: per layer (ascending), its rows by stream offset, runs less than GAP
-    apart read together, a run cut where it passes SPAN."""
-    reads: list[_Read] = []
-    for layer in np.unique(layers[lo:hi]).tolist():
-        rows = lo + np.flatnonzero(layers[lo:hi] == layer)
-        rows = rows[np.argsort(offsets[rows], kind="stable")]
-        starts = offsets[rows].astype(np.int64)
-        ends = starts + nbytes[rows]
-        cut = np.flatnonzero((starts[1:] - ends[:-1] > GAP)
-                             | ((ends[1:] - starts[0]) // SPAN
-                                != (ends[:-1] - starts[0]) // SPAN)) + 1
-        for group in np.split(np.arange(len(rows)), cut):
-            first, last = int(starts[group[0]]), int(ends[group[-1]])
-            reads.append(_Read(layer, first, last - first, (rows[group] - lo).tolist(),
-                               (starts[group] - first).tolist(), nbytes[rows[group]].tolist()))
-    return reads
+          nbytes: np.ndarray) -> list[list[_Read]]:
+    """The reads of the windows of rows [lo, hi) (lo a window's start), window by window:
+    per layer (ascending), its rows by stream offset, runs less than GAP apart read together,
+    a run cut where it passes SPAN (counted from the layer's first row in the window).
+    A few numpy passes over all the windows at once: per window and layer they cost more
+    than the reads."""
+    n = hi - lo
+    win = np.arange(n) // WINDOW
+    order = np.lexsort((offsets[lo:hi], layers[lo:hi], win))  # stable: as one sort per layer
+    w, lay = win[order], layers[lo:hi][order]
+    starts = offsets[lo:hi][order].astype(np.int64)
+    sizes = nbytes[lo:hi][order]
+    ends = starts + sizes
+    new = np.ones(n, bool)  # a (window, layer) begins
+    new[1:] = (w[1:] != w[:-1]) | (lay[1:] != lay[:-1])
+    base = starts[np.maximum.accumulate(np.where(new, np.arange(n), 0))]
+    cut = new.copy()
+    cut[1:] |= ((starts[1:] - ends[:-1] > GAP)
+                | ((ends[1:] - base[1:]) // SPAN != (ends[:-1] - base[1:]) // SPAN))
+    heads = np.flatnonzero(cut)
+    tails = np.append(heads[1:], n)
+    firsts = starts[heads]
+    group = np.cumsum(cut) - 1
+    rows = (order - w * WINDOW).tolist()
+    at = (starts - firsts[group]).tolist()
+    sizes_l = sizes.tolist()
+    plans: list[list[_Read]] = [[] for _ in range(int(win[-1]) + 1)]
+    for a, b, first, last, window, layer in zip(heads.tolist(), tails.tolist(), firsts.tolist(),
+                                                ends[tails - 1].tolist(), w[heads].tolist(),
+                                                lay[heads].tolist(), strict=True):
+        plans[window].append(_Read(layer, first, last - first, rows[a:b], at[a:b],
+                                   sizes_l[a:b]))
+    return plans
 
 
-def _fetch(source: ByteSource, read: _Read) -> tuple[list[memoryview], list[int]]:
-    """Run in a worker: one read, cut into its rows' stored bytes, each row's checksum.
+def _fetch(sources: Sequence[ByteSource], reads: list[_Read]) -> list[list[memoryview]]:
+    """Run in a worker: a window's reads in order, each as the parts its source gives (a zstd
+    layer hands over its frames as they are: pread_parts). The first short one raises.
+    Nothing else: the worker spends its time where the GIL is released (pread, zstd)."""
+    got = []
+    for read in reads:
+        source = sources[read.layer]
+        parts_of = getattr(source, "pread_parts", None)
+        parts: list[memoryview] = (parts_of(read.first, read.length) if parts_of is not None
+                                   else [memoryview(source.pread(read.first, read.length))])
+        if sum(len(p) for p in parts) != read.length:
+            raise problems.error(problems.TRUNCATED, "a cluster is cut off at stream "
+                                 f"offset {read.first}", offset=read.first)
+        got.append(parts)
+    return got
 
-    A zstd layer hands over its frames as they are (pread_parts): a row is a view into its
-    frame, and only a row that straddles two frames (not in archives vmafs writes: a frame
-    holds whole extents) is joined."""
-    parts_of = getattr(source, "pread_parts", None)
-    parts: list[memoryview] = (parts_of(read.first, read.length) if parts_of is not None
-                               else [memoryview(source.pread(read.first, read.length))])
-    if sum(len(p) for p in parts) != read.length:
-        raise problems.error(problems.TRUNCATED, "a cluster is cut off at stream "
-                             f"offset {read.first}", offset=read.first)
+
+def _rows(read: _Read, parts: list[memoryview]) -> list[memoryview]:
+    """A read's rows' stored bytes: views, but for a row that straddles two frames (not in
+    archives vmafs writes: a frame holds whole extents), which is joined."""
     if len(parts) == 1:
         data = parts[0]
-        views = [data[at:at + n] for at, n in zip(read.at, read.sizes, strict=True)]
-    else:
-        views = _cut(parts, read.at, read.sizes)
-    return views, [index.checksum(v) for v in views]
+        return [data[at:at + n] for at, n in zip(read.at, read.sizes, strict=True)]
+    return _cut(parts, read.at, read.sizes)
 
 
 def _cut(parts: list[memoryview], at: list[int], sizes: list[int]) -> list[memoryview]:
@@ -125,47 +148,47 @@ def iter_stored(sources: Sequence[ByteSource], clusters: np.ndarray, masks: np.n
     lays = layers if layers is not None else np.zeros(count, np.uint8)
     windows = range(0, count, WINDOW)
     pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="vmafs-read")
-    queued: list[tuple[int, list[_Read], list[concurrent.futures.Future[
-        tuple[list[memoryview], list[int]]]]]] = []
+    queued: list[tuple[int, list[_Read], concurrent.futures.Future[list[list[memoryview]]]]] \
+        = []
     ahead = 0  # bytes of reads queued for windows after the one being yielded
     nxt = 0    # the next window to queue
+    plans: list[list[_Read]] = []  # of windows nxt..
 
     def fill() -> None:
-        nonlocal ahead, nxt
+        nonlocal ahead, nxt, plans
         while nxt < len(windows) and (len(queued) < 2 or ahead < AHEAD_BYTES):
             lo = windows[nxt]
-            reads = _plan(lo, min(lo + WINDOW, count), lays, offsets, nbytes)
-            queued.append((lo, reads, [pool.submit(_fetch, sources[r.layer], r)
-                                       for r in reads]))
+            if not plans:
+                plans = _plan(lo, min(lo + PLAN_WINDOWS * WINDOW, count), lays, offsets,
+                              nbytes)
+            reads = plans.pop(0)
+            queued.append((lo, reads, pool.submit(_fetch, sources, reads)))
             ahead += sum(r.length for r in reads)
             nxt += 1
 
     try:
         fill()
         while queued:
-            lo, reads, futures = queued.pop(0)
+            lo, reads, future = queued.pop(0)
             ahead -= sum(r.length for r in reads)
             hi = min(lo + WINDOW, count)
             got: list[memoryview | None] = [None] * (hi - lo)
-            checks: list[int] = [0] * (hi - lo)
-            for read, future in zip(reads, futures, strict=True):
-                views, sums = future.result()
-                for row, view, check in zip(read.rows, views, sums, strict=True):
+            for read, parts in zip(reads, future.result(), strict=True):
+                for row, view in zip(read.rows, _rows(read, parts), strict=True):
                     got[row] = view
-                    checks[row] = check
-            del reads, futures
+            del reads, future
             fill()  # the next reads start before this window is handed out
             expected = (checksums[lo:hi].tolist() if checksums is not None
                         else [None] * (hi - lo))
             window = zip(got, clusters[lo:hi].tolist(), masks[lo:hi].tolist(), expected,
-                         checks, strict=True)
-            for k, (data, cluster, mask, want, check) in enumerate(window):
+                         strict=True)
+            for k, (data, cluster, mask, want) in enumerate(window):
                 assert data is not None
+                check = index.checksum(data)
                 if want is not None and check != want:
                     raise mismatch(cluster, int(offsets[lo + k]))
                 yield cluster, mask, data, check
     finally:
-        for _, _, futures in queued:
-            for future in futures:
-                future.cancel()
+        for _, _, future in queued:
+            future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
