@@ -8,7 +8,10 @@ no writeback thread outlives its output.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,46 @@ def test_failed_output_stops_the_pacer_and_leaves_nothing(tmp_path: Path,
         raise RuntimeError("the backup failed")
     assert not _pacers()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def failing_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real ext4 whose disk runs out under it: a loop device over a sparse file on a tmpfs
+    smaller than the file, so writeback fails (EIO) after write() succeeded."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("losetup", "mkfs.ext4", "mount")):
+        pytest.skip("needs root, losetup, mkfs.ext4 and mount")
+    small, mnt = tmp_path / "small", tmp_path / "mnt"
+    small.mkdir()
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    loop = None
+    try:
+        backing = small / "disk"
+        with open(backing, "wb") as f:
+            f.truncate(256 * MiB)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1",
+                        "-O", "^has_journal", str(backing)], check=True)
+        loop = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mount", "-o", "errors=continue", loop, str(mnt)], check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    finally:
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_write_error_met_by_the_pacer_fails_the_output(failing_fs: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pacer's wait is where the error shows first (and it consumes it for the file, so
+    # a later fsync may not see it): the output fails and nothing is committed.
+    monkeypatch.setattr(output, "PACE_STEP", 1 * MiB)
+    monkeypatch.setattr(output, "PACE_AHEAD", 4 * MiB)
+    with pytest.raises(OSError), open_output(str(failing_fs / "a.vma"), paced=True) as out:
+        for _ in range(96):
+            out.write(os.urandom(MiB))
+    assert not _pacers()
+    assert not (failing_fs / "a.vma").exists()

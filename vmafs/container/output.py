@@ -37,10 +37,9 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
-_SYNC_FILE_RANGE_WAIT_AFTER = 4
-_SYNC_FILE_RANGE_WRITE_AND_WAIT = 7
+_SYNC_FILE_RANGE_WRITE_AND_WAIT = 7  # WAIT_BEFORE | WRITE | WAIT_AFTER
+_UNSUPPORTED = (errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP)
 WRITEBACK_STEP = 64 << 20
 PACE_STEP = 8 << 20
 """Paced writeback (a live backup): the archive goes to disk in steps of this size, ..."""
@@ -121,6 +120,7 @@ class Pacer:
         self._limit = 0     # bytes written so far (what the writer reported)
         self.flushed = 0    # bytes on disk and dropped from the cache
         self._stopping = False
+        self._off = False   # the thread has ended: nothing to wait for
         self.error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="vmafs-writeback", daemon=True)
         self._thread.start()
@@ -131,7 +131,8 @@ class Pacer:
         with self._cond:
             self._limit = written
             self._cond.notify_all()
-            while written - self.flushed > self._ahead and self.error is None:
+            while (written - self.flushed > self._ahead and self.error is None
+                   and not self._off):
                 self._cond.wait()
         self.check()
         return written - written % self._step + self._step
@@ -148,6 +149,23 @@ class Pacer:
         self._thread.join()
 
     def _run(self) -> None:
+        try:
+            self._pace()
+        except OSError as exc:
+            self._end(exc)
+        finally:
+            self._end(None)  # the writer never waits for a pacer that is gone
+
+    def _end(self, error: OSError | None) -> None:
+        with self._cond:
+            if error is not None and error.errno in _UNSUPPORTED:
+                error = None  # a file system without it: the commit's fsync does it all
+            if error is not None and self.error is None:
+                self.error = error
+            self._off = True
+            self._cond.notify_all()
+
+    def _pace(self) -> None:
         assert _SYNC_FILE_RANGE is not None
         fd, step = self._fd, self._step
         in_flight: collections.deque[int] = collections.deque()
@@ -167,10 +185,7 @@ class Pacer:
             old = in_flight.popleft()
             if _SYNC_FILE_RANGE(fd, old, step, _SYNC_FILE_RANGE_WRITE_AND_WAIT) != 0:
                 err = ctypes.get_errno()
-                with self._cond:
-                    self.error = OSError(err, os.strerror(err))
-                    self._cond.notify_all()
-                return
+                raise OSError(err, os.strerror(err))
             os.posix_fadvise(fd, old, step, os.POSIX_FADV_DONTNEED)
             with self._cond:
                 self.flushed = old + step
