@@ -190,7 +190,7 @@ def test_throttling_is_retried_and_bytes_stay_exact(s3: S3Env, tmp_path: Path) -
     """Every third request answered 503 SlowDown by a real proxy: upload and reads retry."""
     image = tmp_path / "disk.raw"
     data = make_image(image, 24 * MiB)
-    proxy = FaultProxy(s3.gw.port, every=4)
+    proxy = FaultProxy(s3.gw.port, every=3)
     try:
         env = s3.env(AWS_ENDPOINT_URL=proxy.endpoint)
         rc, _, err = run_vmafs("create", "-o", s3.url("t/a.vma.zst"), f"drive-scsi0={image}",

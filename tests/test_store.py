@@ -152,10 +152,10 @@ def test_a_sequential_reader_keeps_requests_in_flight_in_bounded_memory() -> Non
     buf = bytearray(MiB)
     while n := stream.readinto(buf):
         got += buf[:n]
-        assert len(obj._chunks) <= ranged_mod.AHEAD + ranged_mod.KEEP + 1
+        assert len(obj._chunks) <= ranged_mod.STREAM_AHEAD + ranged_mod.STREAM_KEEP + 1
     assert bytes(got) == fake.data
     assert fake.most >= 3  # several ranged requests at once
-    assert all(e - s <= ranged_mod.CHUNK for s, e in fake.asked)
+    assert all(e - s <= ranged_mod.STREAM_CHUNK for s, e in fake.asked)
     stream.close()
 
 
