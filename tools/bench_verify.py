@@ -70,10 +70,13 @@ print(time.process_time() - cpu, time.thread_time() - main)
 """
 
 
+PIN = ["taskset", "-c", "0"]
+
+
 def cpu_split(path: str, tree: str = ROOT) -> tuple[float, float]:
     """(CPU seconds of one in-process scan, of them in the main thread): the rest is the
     reader thread's; contention on a busy machine stretches wall times, hardly these."""
-    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", SPLIT, path], cwd=tree,
+    out = subprocess.run([*PIN, sys.executable, "-c", SPLIT, path], cwd=tree,
                          env={**os.environ, "PYTHONPATH": tree}, check=True,
                          capture_output=True, text=True).stdout.split()
     return float(out[0]), float(out[1])
