@@ -52,6 +52,8 @@ PREFIX_READ_MAX = 256 << 10
 PREFIX_SLACK = (128 << 10) + 64
 # Whole frames read in file order get this many compressed bytes requested ahead of them.
 PREFETCH = 8 << 20
+# check_frames, walking every frame's block headers, has this many bytes requested ahead.
+CHECK_AHEAD = 32 << 20
 MAX_FRAME_SIZE = 32 << 20
 """Largest frame (decompressed) read for random access; a table listing a larger one is refused.
 
@@ -280,7 +282,17 @@ class SeekableZstdSource:
         """
         empty = memoryview(b"")
         d = self.table.d_offsets
+        c = self.table.c_offsets
+        advised = 0
         for index in np.flatnonzero(self._state == _UNCHECKED).tolist():
+            c_start = int(c[index])
+            if c_start + CHECK_AHEAD // 2 > advised:
+                # The block headers ahead (one every <= 128 KiB): the disk reads them in large
+                # requests now, instead of one small cold read per block (a cold increment of
+                # 29 x 86 MiB: 19,000 reads, seconds).
+                start = max(advised, c_start)
+                advised = c_start + CHECK_AHEAD
+                self._raw.advise(start, advised - start)
             if d[index] == d[index + 1]:
                 self._check_empty(index)
             elif self._checked(index, empty) == _UNSIZED:
