@@ -14,8 +14,8 @@ cache=none anyway.  The convert reads the image with -U while the (idle) VM runs
 
 --baseline DIR also runs the vmafs of another tree (e.g. `git archive REV | tar -x -C DIR`) in
 the same rounds, interleaved, so that a change is measured against what it changes.
---bytecode lets Python write and use .pyc files (an installed vmafs has them; a checkout run
-with PYTHONDONTWRITEBYTECODE=1 compiles every module at every start).
+--bytecode lets Python write (in a private directory) and use .pyc files: an installed vmafs
+has them; a checkout run with PYTHONDONTWRITEBYTECODE=1 compiles every module at every start.
 
 --like-bench-incremental is part 1 of tools/bench_incremental.py (its image: 2 MiB of random
 data every 4 MiB; 2 % of the clusters written through QEMU between the full and the
@@ -154,8 +154,9 @@ BYTECODE = False
 def env(tree: Path = ROOT, **extra: str) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
     made = dict(os.environ, PYTHONPATH=path, **extra)
-    if BYTECODE:
+    if BYTECODE:  # .pyc files in a private directory, never in the shared tree
         made.pop("PYTHONDONTWRITEBYTECODE", None)
+        made["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "vmafs-tl-pycache")
     return made
 
 
@@ -191,6 +192,18 @@ def timed_convert(img: Path, work: Path) -> float:
     wall = time.monotonic() - t0
     dst.unlink()
     return wall
+
+
+def _spans(events: list[Any]) -> list[tuple[float, float, str]]:
+    """(start ms, end ms, name) of every timed span of a run."""
+    opened: dict[str, float] = {}
+    spans = []
+    for what, ms in events:
+        if what.startswith("/"):
+            spans.append((opened.pop(what[1:], ms), ms, what[1:]))
+        else:
+            opened[what] = ms
+    return spans
 
 
 def show(events: list[Any]) -> None:
@@ -279,6 +292,13 @@ def main() -> int:
             print(f"\n{name}, {kind}: median {med_t:.3f} s over {len(walls)}; the run "
                   "nearest the median, ms from the start of the command:")
             show(got[pick][1])
+        print("\nfixed cost (wall time outside the backup jobs: start-up, imports, set-up, "
+              "teardown, commit, exit), median, ms:")
+        for (name, kind), got in runs.items():
+            fixed = [w * 1000 - sum(ms - start for start, ms, what in _spans(ev)
+                                    if what == "phase _wait_jobs") for w, ev in got]
+            print(f"  {name:8} {kind:11}: {statistics.median(fixed):7.1f}  "
+                  f"(runs: {', '.join(f'{f:.0f}' for f in fixed)})")
         print(f"\ndisk {size / GiB:.1f} GiB; qemu-img convert median {conv:.3f} s")
         for name in trees:
             full = statistics.median(w for w, _ in runs[name, "full"])

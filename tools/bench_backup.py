@@ -61,8 +61,9 @@ BYTECODE = False
 def env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     made = dict(os.environ, PYTHONPATH=path)
-    if BYTECODE:
+    if BYTECODE:  # .pyc files in a private directory, never in the shared tree
         made.pop("PYTHONDONTWRITEBYTECODE", None)
+        made["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "vmafs-bench-pycache")
     return made
 
 
