@@ -48,3 +48,15 @@ def about(where: str, exc: VmafsError) -> VmafsError:
     error = VmafsError(f"{where}: {exc}")
     error.exit_code = exc.exit_code
     return error
+
+
+def leaf(exc: BaseException) -> BaseException:
+    """The one exception that matters in what trio raised: nurseries group them; a
+    VmafsError is what the user should read, before anything else, and a cancellation never."""
+    import trio  # only trio's callers have groups to open
+
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        inner.sort(key=lambda e: not isinstance(e, VmafsError))
+        exc = (inner or list(exc.exceptions))[0]
+    return exc

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from vmafs.boot import qemuconf
-from vmafs.errors import VmafsError
+from vmafs.errors import VmafsError, leaf
 
 DEFAULT_EXPECT = r"login: "
 
@@ -62,17 +62,10 @@ def accel_of(choice: str) -> str:
 
 
 def run(opts: Options) -> Result:
-    import trio_asyncio
-
-    async def main() -> Result:
-        async with trio_asyncio.open_loop():
-            return await _boot(opts)
-
     try:
-        return trio.run(main)
+        return trio.run(_boot, opts)
     except BaseExceptionGroup as group:
-        from vmafs.restore.live import _leaf
-        raise _leaf(group) from None
+        raise leaf(group) from None
 
 
 async def _boot(opts: Options) -> Result:

@@ -12,14 +12,13 @@ from functools import partial
 from typing import Any
 
 import trio
-import trio_asyncio
 
 from vmafs.backup import bitmaps, blockgraph, runlock
 from vmafs.backup.guard import dead_bitmaps
 from vmafs.backup.qmp import Qmp, open_qmp, query_graph
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_json
-from vmafs.errors import UsageError, VmafsError
+from vmafs.errors import UsageError, VmafsError, leaf
 from vmafs.progress import human_bytes, print_json
 
 
@@ -44,7 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     wanted = [_bitmap_name(w) for w in args.drop]
-    found, dropped = trio.run(partial(_main, args.qmp, wanted, args.drop_all))
+    try:
+        found, dropped = trio.run(partial(_main, args.qmp, wanted, args.drop_all))
+    except BaseExceptionGroup as group:
+        raise leaf(group) from None
     if args.json:
         print_json({"ok": True, "bitmaps": found, "dropped": dropped})
         return 0
@@ -73,15 +75,7 @@ def _bitmap_name(text: str) -> str:
 
 async def _main(socket: str, wanted: list[str], drop_all: bool
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    error: VmafsError | None = None
-    async with trio_asyncio.open_loop():
-        # Errors leave the loop's nursery as exception groups: catch ours inside it.
-        try:
-            return await _session(socket, wanted, drop_all)
-        except VmafsError as exc:
-            error = exc
-    assert error is not None
-    raise error
+    return await _session(socket, wanted, drop_all)
 
 
 async def _session(socket: str, wanted: list[str], drop_all: bool

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from vmafs.errors import UsageError, VmafsError
+from vmafs.errors import UsageError, VmafsError, leaf
 from vmafs.format.names import display, json_name
 from vmafs.progress import Progress
 
@@ -106,25 +106,13 @@ def blockdev_args(targets: list[Target]) -> list[list[str]]:
 def run(opts: Options, progress_of: Callable[[int], Progress]) -> Result:
     """The whole live restore (or its resumption); returns when every stream completed or
     a signal stopped it (Result.signum)."""
-    import trio_asyncio
-
     async def main() -> Result:
-        async with trio_asyncio.open_loop():
-            return await _LiveRestore(opts, progress_of).run()
+        return await _LiveRestore(opts, progress_of).run()
 
     try:
         return trio.run(main)
     except BaseExceptionGroup as group:   # nurseries group errors: the user sees the one
-        raise _leaf(group) from None
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The exception that matters in what trio raised (a VmafsError before the rest)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        inner.sort(key=lambda e: not isinstance(e, VmafsError))
-        exc = (inner or list(exc.exceptions))[0]
-    return exc
+        raise leaf(group) from None
 
 
 class _LiveRestore:

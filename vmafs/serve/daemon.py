@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from vmafs.errors import EXIT_ERROR, VmafsError
+from vmafs.errors import EXIT_ERROR, VmafsError, leaf
 from vmafs.progress import print_json
 
 log = logging.getLogger("vmafs")
@@ -90,21 +90,13 @@ def _run_loop(main: Main, on_ready: Callable[[Ready], None], *, raise_early: boo
     try:
         trio.run(supervise)
     except BaseException as exc:
-        error = _leaf(exc)
+        error = leaf(exc)
         early = VmafsError | KeyboardInterrupt if raise_early else VmafsError
         if not started and isinstance(error, early):
             raise error from None
         log.error("%s", error, exc_info=not isinstance(error, VmafsError))
         return EXIT_ERROR
     return 0
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The one exception that matters in what trio raised (nurseries group them)."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        exc = (inner or list(exc.exceptions))[0]
-    return exc
 
 
 async def _on_signal(scope: trio.CancelScope) -> None:
