@@ -124,6 +124,9 @@ keyring = {r}/keyring
 rgw_frontends = beast endpoint=127.0.0.1:{self.port} tcp_nodelay=1
 rgw_data = {r}/rgw
 rgw_dns_name = 127.0.0.1
+rgw_gc_obj_min_wait = 1
+rgw_gc_processor_period = 2
+rgw_gc_processor_max_time = 2
 """)
         for d in ("run", "mon", "osd", "rgw"):
             os.mkdir(os.path.join(r, d))
