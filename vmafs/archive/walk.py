@@ -4,11 +4,16 @@ or header by header through a random-access source (opening an archive that has 
 An extent is accepted only whole: header checks (vma.check_extent_header), then its block count
 against its masks. The stream may end only at an extent boundary. Runs of extents are decoded as
 batches (HeaderBatch): a sparse disk has millions of extents, too many to decode one by one.
+
+Forward, a reader thread may read ahead of the checks (two cores: reads and decompression
+release the GIL); a regular file is then read by offset, an extent's data in pieces that the
+reader and the caller waiting for that extent share.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -147,26 +152,33 @@ def iter_stream_runs(stream: BinaryIO, header: vma.Header, *, ahead: int = 0
     disk is 4.5 million of them, too many to handle one by one in Python.
 
     With ahead > 0 a reader thread reads up to that many extents ahead of the caller, into a
-    ring of buffers, with the very reads of ahead=0 in the same order; items and the error
-    that ends the stream come in stream order. Either way an extent's data view stays valid
-    until the next item is asked for. Close the iterator to stop the thread early.
+    ring of buffers; the caller, when it waits for an extent, reads the rest of it itself.
+    Items, and the error that ends the stream, come in stream order as with ahead=0. Either
+    way an extent's data view stays valid until the next item is asked for. Close the
+    iterator to stop the thread early.
     """
-    if ahead <= 0:
-        buffer = bytearray(vma.MAX_EXTENT_SIZE)
-        yield from _stream_runs(stream, header, lambda: buffer)
-    else:
-        yield from _read_ahead(stream, header, ahead)
+    source: _Source = _FileSource(stream, header) if _plain_file(stream) else _StreamSource(stream)
+    if ahead > 0:
+        yield from _read_ahead(source, header, ahead)
+        return
+    buffer = bytearray(vma.MAX_EXTENT_SIZE)
+    for item in _runs(source, header, lambda: buffer):
+        if isinstance(item, HeaderBatch):
+            yield item
+        else:
+            ext, data = item
+            yield ext, data.finish()
 
 
-def _stream_runs(stream: BinaryIO, header: vma.Header, take: Callable[[], bytearray]
-                 ) -> Iterator[_Item]:
-    """The forward walk; take() gives the buffer for the next extent's data."""
+def _runs(source: _Source, header: vma.Header, take: Callable[[], bytearray]
+          ) -> Iterator[HeaderBatch | tuple[Extent, _Data]]:
+    """The forward walk; take() gives the buffer for the next extent's data, which the caller
+    finishes reading (_Data.finish) before it looks at it."""
     offset = header.header_size
-    direct = _plain_file(stream)
     offsets: list[int] = []
     heads: list[bytes] = []
     try:
-        raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
+        raw = source.header(offset, False)
         while raw:
             if len(raw) < vma.EXTENT_HEADER_SIZE:
                 raise problems.error(problems.TRUNCATED, f"read short extent ({len(raw)} bytes) "
@@ -182,27 +194,17 @@ def _stream_runs(stream: BinaryIO, header: vma.Header, take: Callable[[], bytear
                     yield _batch(offsets, [0] * len(heads), heads)
                     offsets, heads = [], []
                 offset += vma.EXTENT_HEADER_SIZE
-                raw = read_exact(stream, vma.EXTENT_HEADER_SIZE)
+                raw = source.header(offset, True)
                 continue
             if heads:
                 yield _batch(offsets, [0] * len(heads), heads)
                 offsets, heads = [], []
             ext = _extent(raw, block_count, offset)
-            need = ext.block_count * vma.BLOCK_SIZE
-            buffer = memoryview(take())
-            if direct:
-                got, after = _read_with_next_header(stream, buffer, need)
-            else:
-                got, after = _read_into(stream, buffer[:need]), None
-            if got != need:
-                raise problems.error(
-                    problems.TRUNCATED,
-                    f"short vma extent ({vma.EXTENT_HEADER_SIZE + got} < "
-                    f"{vma.EXTENT_HEADER_SIZE + need}) at offset {offset}: archive is truncated",
-                    offset=offset)
-            yield ext, buffer[:need]
+            data = source.data(take(), offset, ext.block_count * vma.BLOCK_SIZE)
+            yield ext, data
+            data.work()
             offset += ext.size
-            raw = read_exact(stream, vma.EXTENT_HEADER_SIZE) if after is None else after
+            raw = source.header(offset, False)
     except FormatError:
         if heads:
             yield _batch(offsets, [0] * len(heads), heads)
@@ -212,24 +214,139 @@ def _stream_runs(stream: BinaryIO, header: vma.Header, take: Callable[[], bytear
 
 
 def _plain_file(stream: BinaryIO) -> bool:
-    """A stream straight from a file (not a decoder, not a pipe): reading 512 bytes past an
-    extent can then fail only as the next header's own read would."""
+    """A stream straight from a regular file (not a decoder, not a pipe): it can be read by
+    offset, by two threads at once."""
     raw = getattr(stream, "raw", stream)
     return isinstance(raw, io.FileIO) and raw.seekable()
 
 
-def _read_with_next_header(stream: BinaryIO, buffer: memoryview, need: int
-                           ) -> tuple[int, bytes | None]:
-    """An extent's data and the header after it in one read (a big read goes past the
-    stream's buffer, straight into ours): (data bytes read, the next header's bytes, b"" at
-    the end). An I/O error reads the data alone again, so that it comes after this extent."""
-    start = stream.tell()
-    try:
-        got = _read_into(stream, buffer[:need + vma.EXTENT_HEADER_SIZE])
-    except OSError:
-        stream.seek(start)
-        return _read_into(stream, buffer[:need]), None
-    return min(got, need), bytes(buffer[need:got])
+def _truncated(offset: int, got: int, need: int) -> problems.ArchiveError:
+    return problems.error(
+        problems.TRUNCATED,
+        f"short vma extent ({vma.EXTENT_HEADER_SIZE + got} < {vma.EXTENT_HEADER_SIZE + need}) "
+        f"at offset {offset}: archive is truncated", offset=offset)
+
+
+class _Data:
+    """An extent's data, read into its buffer by the time finish() returns it."""
+
+    def __init__(self, buffer: bytearray, offset: int, need: int, got: int) -> None:
+        self.view = memoryview(buffer)[:need]
+        self.offset = offset
+        self.need = need
+        self.got = got
+
+    def work(self) -> None:
+        """Read what is left of it (nothing: a stream is read in order)."""
+
+    def finish(self) -> memoryview:
+        """The data, all of it: a short read is the archive cut short."""
+        if self.got != self.need:
+            raise _truncated(self.offset, self.got, self.need)
+        return self.view
+
+
+class _Source:
+    """Where a forward walk reads: headers by stream offset (the walk asks in order), and
+    extent data."""
+
+    def header(self, offset: int, in_run: bool) -> bytes:
+        """The 512 bytes at offset (fewer at the end); in_run: after a header without data."""
+        raise NotImplementedError
+
+    def data(self, buffer: bytearray, offset: int, need: int) -> _Data:
+        """The data of the extent at offset, need bytes."""
+        raise NotImplementedError
+
+
+class _StreamSource(_Source):
+    """A stream (a pipe, a decoder): each read where the last one ended, data read at once."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def header(self, offset: int, in_run: bool) -> bytes:
+        return read_exact(self.stream, vma.EXTENT_HEADER_SIZE)
+
+    def data(self, buffer: bytearray, offset: int, need: int) -> _Data:
+        got = _read_into(self.stream, memoryview(buffer)[:need])
+        return _Data(buffer, offset, need, got)
+
+
+PIECE = 1 << 20
+"""An extent's data is read in pieces: the reader thread and the caller waiting for the
+extent each take the next piece not taken (two cores copy from the page cache)."""
+HEADER_CHUNK = 64 << 10  # read at a time in a run of headers without data
+
+
+class _FileSource(_Source):
+    """A regular file, read by offset (os.pread: the stream's own position is not used)."""
+
+    def __init__(self, stream: BinaryIO, header: vma.Header) -> None:
+        self.fd = stream.fileno()
+        self.delta = stream.tell() - header.header_size  # file offset of stream offset 0
+        self.chunk = b""
+        self.chunk_at = 0
+
+    def header(self, offset: int, in_run: bool) -> bytes:
+        at = offset + self.delta
+        rel = at - self.chunk_at
+        if rel < 0 or rel + vma.EXTENT_HEADER_SIZE > len(self.chunk):
+            self.chunk = os.pread(self.fd, HEADER_CHUNK if in_run else vma.EXTENT_HEADER_SIZE,
+                                  at)
+            self.chunk_at, rel = at, 0
+        return self.chunk[rel:rel + vma.EXTENT_HEADER_SIZE]
+
+    def data(self, buffer: bytearray, offset: int, need: int) -> _Data:
+        return _Pieces(self.fd, buffer, offset, need,
+                       offset + vma.EXTENT_HEADER_SIZE + self.delta)
+
+
+class _Pieces(_Data):
+    """Data read piece by piece by whichever thread takes the next piece; finish() waits for
+    the pieces the other thread has taken. What it reports is what one read in order would:
+    the first short read (the end of the file) or error, in file order."""
+
+    def __init__(self, fd: int, buffer: bytearray, offset: int, need: int, at: int) -> None:
+        super().__init__(buffer, offset, need, need)
+        self.fd = fd
+        self.at = at
+        starts = range(0, need, PIECE)
+        self.claims = iter(starts)  # next() on it is atomic under the GIL: each piece once
+        self.left = len(starts)
+        self.lock = threading.Lock()
+        self.done = threading.Lock()
+        self.done.acquire()  # released by whoever reads the last piece
+        self.error: tuple[int, Exception] | None = None
+
+    def work(self) -> None:
+        for start in self.claims:
+            piece = self.view[start:start + PIECE]
+            got, error = 0, None
+            try:
+                while got < len(piece):
+                    n = os.preadv(self.fd, [piece[got:]], self.at + start + got)
+                    if not n:
+                        break
+                    got += n
+            except Exception as exc:  # noqa: BLE001 - the caller raises it, in file order
+                error = exc
+            with self.lock:
+                if error is not None and (self.error is None or start < self.error[0]):
+                    self.error = (start + got, error)
+                elif got < len(piece):
+                    self.got = min(self.got, start + got)
+                self.left -= 1
+                if not self.left:
+                    self.done.release()
+
+    def finish(self) -> memoryview:
+        self.work()
+        with self.done:
+            pass
+        if self.error is not None and self.error[0] < self.got:
+            raise self.error[1]
+        return super().finish()
 
 
 class _Stopped(Exception):
@@ -262,7 +379,7 @@ class _Ring:
             raise _Stopped
         return bytearray(vma.MAX_EXTENT_SIZE) if buffer is _FRESH else cast(bytearray, buffer)
 
-    def put(self, item: _Item) -> None:
+    def put(self, item: HeaderBatch | tuple[Extent, _Data]) -> None:
         """An item for the caller; a run of headers waits for room (the data waited for its
         buffer)."""
         if isinstance(item, HeaderBatch) and self.room.get() is _STOP:
@@ -277,12 +394,12 @@ class _Ring:
         self.room.put(_STOP)
 
 
-def _read_ahead(stream: BinaryIO, header: vma.Header, count: int) -> Iterator[_Item]:
+def _read_ahead(source: _Source, header: vma.Header, count: int) -> Iterator[_Item]:
     ring = _Ring(count)
 
     def read() -> None:
         try:
-            for item in _stream_runs(stream, header, ring.take):
+            for item in _runs(source, header, ring.take):
                 ring.put(item)
             ring.items.put(_END)
         except _Stopped:
@@ -303,9 +420,9 @@ def _read_ahead(stream: BinaryIO, header: vma.Header, count: int) -> Iterator[_I
                 yield item
                 ring.room.put(True)
                 continue
-            ext, data = cast(tuple[Extent, memoryview], item)
-            yield ext, data
-            ring.buffers.put(data.obj)
+            ext, data = cast(tuple[Extent, _Data], item)
+            yield ext, data.finish()
+            ring.buffers.put(data.view.obj)
     finally:
         ring.stop()
         thread.join()
