@@ -72,6 +72,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shm": {"dir": "/dev/shm"},
     # x-perf max-chunk (QEMU's default for an NBD target: 1 MiB per copy request)
     "chunk256k": {"max_chunk": 256 << 10},
+    "legacy256k": {"writeback": "legacy", "wake_room": 1 << 40, "max_chunk": 256 << 10},
+    "zst256k": {"suffix": ".vma.zst", "max_chunk": 256 << 10},
     "chunk64k": {"max_chunk": 64 << 10},
     "chunk128k": {"max_chunk": 128 << 10},
     "chunk512k": {"max_chunk": 512 << 10},
@@ -340,6 +342,20 @@ def show_trace(rec: Recorder, b: dict[str, Any], trace: Path) -> None:
                   for i in range(int(disk[-1][0] / 0.25) + 1)))
 
 
+def _split_top(text: str) -> list[str]:
+    """Split at the commas outside brackets (inline JSON knobs have commas of their own)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and not depth:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gib", type=float, default=2.0)
@@ -353,7 +369,7 @@ def main() -> int:
     ap.add_argument("--trace", action="store_true")
     args = ap.parse_args()
     variants: dict[str, dict[str, Any]] = {}
-    for spec in args.variants.split(","):
+    for spec in _split_top(args.variants):
         name, sep, js = spec.partition("=")
         variants[name] = json.loads(js) if sep else VARIANTS[name]
     names = list(variants)
