@@ -128,22 +128,10 @@ def test_first_bad_cluster_is_the_error(ch: Chain, tmp_path: Path,
     assert not reader_threads()
 
 
-def test_cut_joins_only_what_straddles() -> None:
-    rng = random.Random(9)
-    whole = rng.randbytes(5000)
-    bounds = [0, 7, 1000, 1001, 3000, 5000]
-    parts = [memoryview(whole[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
-    at = [0, 0, 5, 7, 999, 1000, 1500, 2999, 4990, 5000]
-    sizes = [0, 7, 3, 993, 2, 1, 1600, 2001, 10, 0]
-    got = stored._cut(parts, at, sizes)  # noqa: SLF001 - the straddle rule itself
-    assert [bytes(v) for v in got] == [whole[a:a + n] for a, n in zip(at, sizes, strict=True)]
-    assert got[3].obj is parts[1].obj  # inside one part: a view, not a copy
-
-
 def test_zstd_frames_cut_inside_clusters(ch: Chain, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A layer whose frames end mid-cluster (another seekable writer's framing): rows that
-    straddle two frames are joined, the rest are views; the clusters are the same."""
+    """A layer whose frames end mid-cluster (another seekable writer's framing): the same
+    clusters."""
     monkeypatch.setattr(stored, "WINDOW", 4)
     want = {}
     with open_chain(str(ch.paths[-1])) as archive:
@@ -170,9 +158,9 @@ def test_zstd_frames_cut_inside_clusters(ch: Chain, tmp_path: Path,
             assert rows(archive, dev.dev_id) == want[dev.name]
 
 
-def test_pread_parts_is_pread_without_the_cache(ch: Chain) -> None:
-    """pread_parts gives pread's bytes frame by frame, and leaves the cache alone: a merge
-    holds at most STREAM_FRAMES frames of each layer, not a cache of each."""
+def test_pread_stream_is_pread_without_the_cache(ch: Chain) -> None:
+    """pread_stream gives pread's bytes and leaves the cache alone: a merge holds at most
+    STREAM_FRAMES frames of each layer, not a cache of each."""
     zst = next(p for p in ch.paths if p.name.endswith(".vma.zst"))
     source = SeekableZstdSource(str(zst))
     try:
@@ -182,11 +170,10 @@ def test_pread_parts_is_pread_without_the_cache(ch: Chain) -> None:
         spans += [(a, rng.randrange(1, 400_000)) for a in
                   sorted(rng.randrange(size) for _ in range(40))]
         for offset, length in spans:
-            parts = source.pread_parts(offset, length)
-            assert all(len(p) for p in parts)
+            got = bytes(source.pread_stream(offset, length))
             assert source.cache_used == 0
-            assert b"".join(parts) == source.pread(offset, length)
             assert len(source._stream) <= zstd_source.STREAM_FRAMES  # noqa: SLF001
+            assert got == source.pread(offset, length)
             source.close()  # empties the cache that pread filled
             source = SeekableZstdSource(str(zst))
     finally:

@@ -13,7 +13,6 @@ Memory is bounded: reads in flight never pass AHEAD_BYTES beyond the window bein
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -83,54 +82,20 @@ def _plan(lo: int, hi: int, layers: np.ndarray, offsets: np.ndarray,
     return plans
 
 
-def _fetch(sources: Sequence[ByteSource], reads: list[_Read]) -> list[list[memoryview]]:
-    """Run in a worker: a window's reads in order, each as the parts its source gives (a zstd
-    layer hands over its frames as they are: pread_parts). The first short one raises.
-    Nothing else: the worker spends its time where the GIL is released (pread, zstd)."""
+def _fetch(sources: Sequence[ByteSource], reads: list[_Read]) -> list[memoryview]:
+    """Run in a worker: a window's reads in order (a zstd layer's through pread_stream, which
+    keeps its frames apart from its cache); the first short one raises. Nothing else: the
+    worker spends its time where the GIL is released (pread, zstd)."""
     got = []
     for read in reads:
         source = sources[read.layer]
-        parts_of = getattr(source, "pread_parts", None)
-        parts: list[memoryview] = (parts_of(read.first, read.length) if parts_of is not None
-                                   else [memoryview(source.pread(read.first, read.length))])
-        if sum(len(p) for p in parts) != read.length:
+        pread = getattr(source, "pread_stream", source.pread)
+        data = memoryview(pread(read.first, read.length))
+        if len(data) != read.length:
             raise problems.error(problems.TRUNCATED, "a cluster is cut off at stream "
                                  f"offset {read.first}", offset=read.first)
-        got.append(parts)
+        got.append(data)
     return got
-
-
-def _rows(read: _Read, parts: list[memoryview]) -> list[memoryview]:
-    """A read's rows' stored bytes: views, but for a row that straddles two frames (not in
-    archives vmafs writes: a frame holds whole extents), which is joined."""
-    if len(parts) == 1:
-        data = parts[0]
-        return [data[at:at + n] for at, n in zip(read.at, read.sizes, strict=True)]
-    return _cut(parts, read.at, read.sizes)
-
-
-def _cut(parts: list[memoryview], at: list[int], sizes: list[int]) -> list[memoryview]:
-    """The ranges (at, size) of the concatenation of parts, each a view where it lies in one
-    part, a joined copy where it spans several."""
-    starts = np.cumsum([0] + [len(p) for p in parts]).tolist()
-    views = []
-    for a, n in zip(at, sizes, strict=True):
-        if not n:
-            views.append(memoryview(b""))
-            continue
-        i = bisect.bisect_right(starts, a) - 1
-        rel = a - starts[i]
-        if rel + n <= len(parts[i]):
-            views.append(parts[i][rel:rel + n])
-            continue
-        pieces = []
-        while n > 0:
-            take = min(n, len(parts[i]) - rel)
-            pieces.append(parts[i][rel:rel + take])
-            n -= take
-            i, rel = i + 1, 0
-        views.append(memoryview(b"".join(pieces)))
-    return views
 
 
 def iter_stored(sources: Sequence[ByteSource], clusters: np.ndarray, masks: np.ndarray,
@@ -148,8 +113,7 @@ def iter_stored(sources: Sequence[ByteSource], clusters: np.ndarray, masks: np.n
     lays = layers if layers is not None else np.zeros(count, np.uint8)
     windows = range(0, count, WINDOW)
     pool = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="vmafs-read")
-    queued: list[tuple[int, list[_Read], concurrent.futures.Future[list[list[memoryview]]]]] \
-        = []
+    queued: list[tuple[int, list[_Read], concurrent.futures.Future[list[memoryview]]]] = []
     ahead = 0  # bytes of reads queued for windows after the one being yielded
     nxt = 0    # the next window to queue
     plans: list[list[_Read]] = []  # of windows nxt..
@@ -173,9 +137,9 @@ def iter_stored(sources: Sequence[ByteSource], clusters: np.ndarray, masks: np.n
             ahead -= sum(r.length for r in reads)
             hi = min(lo + WINDOW, count)
             got: list[memoryview | None] = [None] * (hi - lo)
-            for read, parts in zip(reads, future.result(), strict=True):
-                for row, view in zip(read.rows, _rows(read, parts), strict=True):
-                    got[row] = view
+            for read, buf in zip(reads, future.result(), strict=True):
+                for row, at, n in zip(read.rows, read.at, read.sizes, strict=True):
+                    got[row] = buf[at:at + n]
             del reads, future
             fill()  # the next reads start before this window is handed out
             expected = (checksums[lo:hi].tolist() if checksums is not None

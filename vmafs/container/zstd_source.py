@@ -68,7 +68,7 @@ _REUSE_MAX = 8 << 20
 _UNCHECKED, _SIZED, _UNSIZED, _SKIPPABLE = range(4)
 """Per-frame state: what _check_frame found (once per frame)."""
 STREAM_FRAMES = 2
-"""Frames pread_parts keeps per file for the next call (it goes through the file in order)."""
+"""Frames pread_stream keeps per file for the next call (it goes through the file in order)."""
 _THREAD = threading.local()
 """Each thread's decompressor and compressed-frame buffer, shared by every file it reads: a
 merge reads a chain's layers (up to 256 files) with each of its reader threads."""
@@ -134,7 +134,7 @@ class SeekableZstdSource:
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_used = 0
         self._lock = threading.Lock()
-        # pread_parts' frames, apart from the cache: a merge streams every layer of a chain at
+        # pread_stream's frames, apart from the cache: a merge streams every layer of a chain at
         # once, so it holds STREAM_FRAMES frames a layer, not a cache (16 MiB) a layer
         self._stream: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._state = np.zeros(self.table.num_frames, dtype=np.uint8)
@@ -522,23 +522,26 @@ class SeekableZstdSource:
             return self.frame(first)[offset - f_start : end - f_start]
         return b"".join(self._parts(first, offset, end))  # views: the join is the only copy
 
-    def pread_parts(self, offset: int, length: int) -> list[memoryview]:
-        """Like ``pread``, as views of the decompressed frames, one per frame touched: no join.
+    def pread_stream(self, offset: int, length: int) -> bytes | memoryview:
+        """Like ``pread``, for a reader that goes through the file in order in long reads (a
+        merge reads every layer of a chain so): a frame it reads in part is kept for its next
+        call apart from the cache (STREAM_FRAMES a file, not a 16 MiB cache a file), frames
+        it reads whole are not kept.
 
-        For a reader that goes through the file in order, taking long ranges apart anyway (a
-        merge's windows of stored clusters): joining the frames would copy every byte again,
-        holding the GIL.  A frame it reads in part is kept for its next call, apart from the
-        cache (STREAM_FRAMES a file), and frames it reads whole are not kept.
+        Frames are joined here, and freed by the thread that decompressed them: handing them
+        over as views (no join) kept them alive longer, and the allocator gave each new frame
+        fresh pages (measured: 2.5x the page faults, +1.2-2.3 s CPU for a 30-deep chain).
         """
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         end = min(offset + length, self.size)
         if offset >= end:
-            return []
-        return self._parts(self.frame_of(offset), offset, end, stream=True)
+            return b""
+        parts = self._parts(self.frame_of(offset), offset, end, stream=True)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _streamed(self, index: int, *, keep: bool) -> bytes:
-        """Frame ``index`` for pread_parts: from its frames or the cache, else read (and kept
+        """Frame ``index`` for pread_stream: from its frames or the cache, else read (and kept
         if ``keep``: a frame read in part, whose rest the next call reads)."""
         with self._lock:
             data = self._stream.get(index)
