@@ -51,6 +51,7 @@ from vmafs.backup.blockgraph import Disk
 from vmafs.backup.guard import RECONNECT_DELAY, Guard, dead_bitmaps, rescue_and_clean
 from vmafs.backup.nbd_server import NBDStats, open_listener, serve_nbd
 from vmafs.backup.pipe import FINISH, DiskSink, Pipe
+from vmafs.backup.prev import PrevReader
 from vmafs.backup.qmp import (
     GuestAgent,
     QemuGone,
@@ -160,8 +161,9 @@ class _State:
 class Backup:
     """One backup run: `trio.run(run_backup, Backup(opts))`."""
 
-    def __init__(self, opts: BackupOptions) -> None:
+    def __init__(self, opts: BackupOptions, prev: PrevReader | None = None) -> None:
         self.opts = opts
+        self._prev_reader = prev               # PREV being read already (an incremental)
         self.failure: str | None = None
         self.tag = secrets.token_hex(5)         # in the names of everything we add to QEMU
         self.disks: list[Disk] = []
@@ -225,7 +227,7 @@ class Backup:
         self.lock = runlock.RunLock(opts.qmp_socket, self.tag)
         try:
             if opts.incremental is not None:
-                self._read_prev()
+                await self._read_prev()
             async with open_qmp(opts.qmp_socket) as qmp, trio.open_nursery() as nursery:
                 self._qmp = qmp
                 if opts.handle_signals:
@@ -299,27 +301,20 @@ class Backup:
 
     # -- phases --
 
-    def _read_prev(self) -> None:
+    async def _read_prev(self) -> None:
         """PREV and its whole chain, checked as the readers check it, before QEMU is asked
-        anything: an incremental on a broken chain would be an archive nothing can read."""
-        from vmafs.archive import chain as chains  # the readers: only an incremental's
+        anything: an incremental on a broken chain would be an archive nothing can read.
+        Read in a thread (prev.py), usually started by the command before its imports."""
         path = self.opts.incremental
         assert path is not None
-        try:
-            layers = chains.resolve(path, self.opts.bases)
-        except chains.ChainError:
-            raise
-        except VmafsError as exc:
-            raise BackupError(f"--incremental {display(path)}: {exc}") from None
-        try:
-            prev = layers[-1]
-            self._prev_link = chains.link_to(prev)
-            self.depth = len(layers) + 1
-            self._prev_configs = [(n, d) for n, d in prev.configs if n != chain.CONFIG_NAME]
-            self._prev_vmid = naming.archive_vmid(path, [n for n, _ in self._prev_configs])
-        finally:
-            for layer in layers:
-                layer.close()
+        reader = self._prev_reader
+        if reader is None or reader.path != path:
+            reader = PrevReader(path, self.opts.bases)
+        facts = await trio.to_thread.run_sync(reader.result, abandon_on_cancel=True)
+        self._prev_link = facts.link
+        self.depth = facts.depth
+        self._prev_configs = facts.configs
+        self._prev_vmid = facts.vmid
         if self.opts.inherit:
             self.opts = replace(self.opts, configs=self._prev_configs)
 

@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     drives = [parse_drive(a) for a in args.drive]
     if args.full_if_needed and not args.incremental:
         raise UsageError("--full-if-needed goes with --incremental")
+    prev = None
+    if args.incremental:  # read while the rest is imported (prev.py)
+        from vmafs.backup.prev import PrevReader
+        prev = PrevReader(args.incremental, args.base)
     import trio
 
     from vmafs.archive import naming
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.protected and args.output == "-":
         raise UsageError("--protected marks an archive file; stdout has none")
-    job = Backup(opts)
+    job = Backup(opts, prev)
     log = None
     try:
         result = trio.run(run_backup, job)

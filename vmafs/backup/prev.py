@@ -1,0 +1,80 @@
+"""What an incremental backup needs of PREV, read in a thread of its own from the moment the
+command starts.
+
+PREV and its whole chain are opened and checked as the readers check them (chains.resolve)
+before QEMU is asked anything: an incremental on a broken chain would be an archive nothing
+can read.  That is file I/O (cold, when PREV's pages are not cached: every data extent
+header of PREV is read) and the import of the readers; in a thread started before the
+command imports trio, QMP and the writer, it overlaps them instead of following them.  This
+module imports nothing heavy itself, so that the thread starts at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vmafs.errors import VmafsError
+
+if TYPE_CHECKING:
+    from vmafs.format.chain import Link
+
+
+@dataclass(frozen=True)
+class PrevFacts:
+    link: Link                          # PREV as the new archive's chain record names it
+    depth: int                          # archives in the new archive's chain
+    configs: list[tuple[str, bytes]]    # PREV's config files (but its chain record)
+    vmid: str | None                    # the VMID PREV's name or configs give
+
+
+def read_prev(path: str, bases: Sequence[str]) -> PrevFacts:
+    """PREV's chain resolved and checked; a broken link raises ChainError, anything else
+    that stops PREV being read a VmafsError naming --incremental."""
+    from vmafs.archive import chain as chains
+    from vmafs.archive import naming
+    from vmafs.format import chain
+    from vmafs.format.names import display
+
+    try:
+        layers = chains.resolve(path, bases)
+    except chains.ChainError:
+        raise
+    except VmafsError as exc:
+        raise VmafsError(f"--incremental {display(path)}: {exc}") from None
+    try:
+        prev = layers[-1]
+        configs = [(n, d) for n, d in prev.configs if n != chain.CONFIG_NAME]
+        return PrevFacts(chains.link_to(prev), len(layers) + 1, configs,
+                         naming.archive_vmid(path, [n for n, _ in configs]))
+    finally:
+        for layer in layers:
+            layer.close()
+
+
+class PrevReader:
+    """read_prev() in a daemon thread, started at once; result() waits for it."""
+
+    def __init__(self, path: str, bases: Sequence[str]) -> None:
+        self.path = path
+        self._bases = list(bases)
+        self._facts: PrevFacts | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="vmafs-prev", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._facts = read_prev(self.path, self._bases)
+        except BaseException as exc:  # noqa: BLE001 - handed to result()'s caller
+            self._error = exc
+
+    def result(self) -> PrevFacts:
+        """PREV's facts, or what read_prev raised (blocks until the thread is done)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._facts is not None
+        return self._facts
