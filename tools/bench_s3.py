@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """vmafs against S3, with baselines measured in the same run against the same gateway.
 
-    python3 tools/bench_s3.py [--size 4G] [--only upload,extract,mount]
+    python3 tools/bench_s3.py [--size 4G] [--only upload,extract,mount] [--rounds 3]
 
 Starts its own Ceph RADOS Gateway (tests/rgw.py) unless AWS_ENDPOINT_URL is set. A disk of
 SIZE, half data (random MiBs between holes), archived plain (.vma) and seekable zstd (.vma.zst):
@@ -9,13 +9,15 @@ SIZE, half data (random MiBs between holes), archived plain (.vma) and seekable 
 - upload: `vmafs create -o s3://…` against boto3's own multipart upload (upload_file, its
   default TransferConfig: 8 MiB parts, 10 threads) of the same archive made locally;
 
-Every baseline runs as its own Python process, as vmafs does (interpreter and boto3 start
-included on both sides);
 - extract from S3 against one full GET of the object read to nowhere, and a serial reader
   that GETs the object range by range (4 MiB) one after another;
 - mount from S3: a sequential read of the disk against the full GET; the median of cold random
   4 KiB reads against the median of single 64 KiB ranged GETs; mount ready (time, requests)
   for a 1 TiB sparse archive.
+
+Every baseline runs as its own Python process, as vmafs does (interpreter and boto3 start
+included on both sides). Other work may share the machine: each figure is the median of
+ROUNDS rounds, vmafs and its baselines interleaved in every round (sync before each run).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +41,7 @@ MiB = 1 << 20
 
 
 def vmafs(*args: str, check: bool = True) -> float:
+    subprocess.run(["sync"], check=False)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "vmafs", *args], cwd=ROOT,
                           capture_output=True, text=True, check=False,
@@ -57,6 +61,7 @@ def make_disk(path: Path, size: int) -> None:
 
 def python(code: str, *args: str) -> float:
     """A baseline as its own process, as vmafs runs: interpreter and boto3 start included."""
+    subprocess.run(["sync"], check=False)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, *args], check=True)
     return time.perf_counter() - t0
@@ -107,6 +112,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="4G", help="disk size (K/M/G suffix)")
     ap.add_argument("--only", default="upload,extract,mount")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds per figure, vmafs and baselines interleaved (medians)")
     ap.add_argument("--frame-size", default=None, metavar="KIB",
                     help="zstd frame size for the .vma.zst archives (vmafs's default if not "
                          "given; 512 keeps a cold random read from S3 near one small GET)")
@@ -149,10 +156,14 @@ def main() -> int:
             vmafs("create", *framing, "-o", str(local), f"drive-scsi0={disk}")
             stored = local.stat().st_size
             if "upload" in only or not any(o in only for o in ("extract", "mount")):
-                t_ours = vmafs("create", *framing, "-o", f"s3://{bucket}/{key}",
-                               f"drive-scsi0={disk}")
-                t_boto = python(UPLOAD, str(local), bucket, "baseline" + suffix)
-                client.delete_object(Bucket=bucket, Key="baseline" + suffix)
+                ours, boto = [], []
+                for _ in range(args.rounds):
+                    client.delete_object(Bucket=bucket, Key=key)
+                    ours.append(vmafs("create", *framing, "-o", f"s3://{bucket}/{key}",
+                                      f"drive-scsi0={disk}"))
+                    boto.append(python(UPLOAD, str(local), bucket, "baseline" + suffix))
+                    client.delete_object(Bucket=bucket, Key="baseline" + suffix)
+                t_ours, t_boto = statistics.median(ours), statistics.median(boto)
                 report(f"{suffix:8} upload: vmafs create -o s3:// {stored / MiB / t_ours:7.1f} "
                        f"MiB/s (archive bytes) | boto3 upload_file {stored / MiB / t_boto:7.1f} "
                        f"MiB/s | ratio {t_boto / t_ours:.2f} (need >= 0.8)")
@@ -160,17 +171,21 @@ def main() -> int:
                 client.upload_file(str(local), bucket, key)
             local.unlink()
             if "extract" in only:
-                t_get = full_get(client, bucket, key)
-                t_serial = serial_ranges(client, bucket, key, stored)
-                out = Path(tempfile.mkdtemp(prefix="vmafs-bench-x-", dir=args.out)) / "x"
-                t_ext = vmafs("extract", f"s3://{bucket}/{key}", str(out))
-                subprocess.run(["rm", "-rf", str(out.parent)], check=True)
+                gets, serials, exts = [], [], []
+                for _ in range(args.rounds):
+                    gets.append(full_get(client, bucket, key))
+                    out = Path(tempfile.mkdtemp(prefix="vmafs-bench-x-", dir=args.out)) / "x"
+                    exts.append(vmafs("extract", f"s3://{bucket}/{key}", str(out)))
+                    subprocess.run(["rm", "-rf", str(out.parent)], check=True)
+                    serials.append(serial_ranges(client, bucket, key, stored))
+                t_get, t_serial, t_ext = (statistics.median(gets), statistics.median(serials),
+                                          statistics.median(exts))
                 report(f"{suffix:8} extract {stored / MiB / t_ext:7.1f} MiB/s | full GET "
                        f"{stored / MiB / t_get:7.1f} | serial 4 MiB ranges "
                        f"{stored / MiB / t_serial:7.1f} | ratio to GET {t_get / t_ext:.2f} "
                        f"(>= 0.8), to serial {t_serial / t_ext:.2f} (>= 1.5)")
             if "mount" in only:
-                bench_mount(client, bucket, key, stored, size, scratch, report)
+                bench_mount(client, bucket, key, stored, size, scratch, report, args.rounds)
             client.delete_object(Bucket=bucket, Key=key)
         if "mount" in only:
             bench_ready(bucket, scratch, report)
@@ -182,23 +197,25 @@ def main() -> int:
 
 
 def bench_mount(client: object, bucket: str, key: str, stored: int, size: int, scratch: Path,
-                report: object) -> None:
+                report: Callable[[str], None], rounds: int) -> None:
     mnt = scratch / "mnt"
     mnt.mkdir(exist_ok=True)
-    vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
-    try:
-        image = mnt / "disk-drive-scsi0.raw"
-        t_get = full_get(client, bucket, key)
-        t0 = time.perf_counter()
-        with open(image, "rb", buffering=0) as f:
-            while f.read(MiB):
-                pass
-        t_seq = time.perf_counter() - t0
-        report(f"  mount sequential read {size / MiB / t_seq:7.1f} MiB/s of disk "
-               f"({stored / MiB / t_seq:7.1f} MiB/s of archive) | full GET "
-               f"{stored / MiB / t_get:7.1f} MiB/s | ratio {t_get / t_seq:.2f} (>= 0.5)")
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    gets, seqs = [], []
+    for _ in range(rounds):  # a fresh mount each round: nothing in the page cache
+        gets.append(full_get(client, bucket, key))
+        vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
+        try:
+            t0 = time.perf_counter()
+            with open(mnt / "disk-drive-scsi0.raw", "rb", buffering=0) as f:
+                while f.read(MiB):
+                    pass
+            seqs.append(time.perf_counter() - t0)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    t_get, t_seq = statistics.median(gets), statistics.median(seqs)
+    report(f"  mount sequential read {size / MiB / t_seq:7.1f} MiB/s of disk "
+           f"({stored / MiB / t_seq:7.1f} MiB/s of archive) | full GET "
+           f"{stored / MiB / t_get:7.1f} MiB/s | ratio {t_get / t_seq:.2f} (>= 0.5)")
     vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
     try:
         times = []
@@ -221,7 +238,7 @@ def bench_mount(client: object, bucket: str, key: str, stored: int, size: int, s
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
 
 
-def bench_ready(bucket: str, scratch: Path, report: object) -> None:
+def bench_ready(bucket: str, scratch: Path, report: Callable[[str], None]) -> None:
     """A 1 TiB sparse disk (a few MiB of data), archived to S3; how soon a mount is ready."""
     sparse = scratch / "sparse.raw"
     with open(sparse, "wb") as f:
