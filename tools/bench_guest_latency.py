@@ -159,14 +159,15 @@ if "switch" in knobs:  # the GIL's switch interval (the sink waits for it while 
     sys.setswitchinterval(knobs["switch"])
 if "max_chunk" in knobs:  # x-perf max-chunk, laid into the transaction's backup actions
     import vmafs.backup.qmp as qmp
-    execute = qmp.Qmp.execute
-    async def patched_execute(self, cmd, args=None, *a, **kw):
-        if cmd == "transaction":
-            for act in args["actions"]:
-                if act["type"] == "blockdev-backup":
-                    act["data"].setdefault("x-perf", {})["max-chunk"] = knobs["max_chunk"]
-        return await execute(self, cmd, args, *a, **kw)
-    qmp.Qmp.execute = patched_execute
+    execute_all = qmp.Qmp.execute_all
+    async def patched_execute_all(self, calls, *a, **kw):
+        for cmd, args in calls:
+            if cmd == "transaction":
+                for act in args["actions"]:
+                    if act["type"] == "blockdev-backup":
+                        act["data"].setdefault("x-perf", {})["max-chunk"] = knobs["max_chunk"]
+        return await execute_all(self, calls, *a, **kw)
+    qmp.Qmp.execute_all = patched_execute_all
 if "nice_writer" in knobs:  # the writer thread and the threads it starts (zstd, writeback)
     import vmafs.backup.writer_thread as wt
     wmain = wt.WriterThread._main
