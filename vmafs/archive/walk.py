@@ -146,6 +146,7 @@ READ_AHEAD = 4
 """Extent buffers (3.8 MiB each) of a threaded forward read: a reader thread fills the next
 ones while the caller checks one (readinto and decompression release the GIL)."""
 
+
 def iter_stream_runs(stream: BinaryIO, header: vma.Header, *, ahead: int = 0
                      ) -> Generator[_Item, None, None]:
     """Like iter_stream, but runs of extents without data come as HeaderBatch: a 16 TiB sparse
