@@ -174,6 +174,27 @@ def test_an_upload_holds_only_its_parts_in_flight(s3: S3Env) -> None:
     assert len(s3.get("mem.bin")) == 60 * MiB and s3.uploads() == []
 
 
+def test_a_side_read_does_not_disturb_a_stream() -> None:
+    """A stream's reader that also reads elsewhere (verify of a .vma.zst reads its seek table
+    near the end as the frames pass) gets that read alone: no chunks there, none evicted."""
+    fake = _Fake(128 * MiB, delay=0)
+    obj = fake.open()
+    stream = obj.stream()
+    buf = bytearray(MiB)
+    for _ in range(20):
+        stream.readinto(buf)
+    at = 120 * MiB + 12345
+    assert obj.read(at, 65536) == fake.data[at:at + 65536]
+    assert [r for r in fake.asked if r[0] <= at < r[1]] == [(at, at + 65536)]  # alone, exact
+    got = bytearray(buf)
+    while n := stream.readinto(buf):
+        got += buf[:n]
+    assert bytes(got) == fake.data[19 * MiB:]
+    chunks = [(s, e) for s, e in fake.asked if e - s == ranged_mod.STREAM_CHUNK]
+    assert len(chunks) == len(set(chunks))  # none fetched twice
+    stream.close()
+
+
 def test_s3_store_lists_a_prefix_and_removes(s3: S3Env) -> None:
     for key in ("p/a.vma", "p/b.vma.zst", "p/sub/c.vma", "q.vma"):
         s3.put(key, b"x" * 3)

@@ -103,7 +103,14 @@ class RangedObject:
         served from chunks, the next ones requested ahead; also for a read that a chunk
         already fetched or on its way holds."""
         with self._lock:
-            if abs(offset - self._next) > NEAR:
+            far = abs(offset - self._next) > NEAR
+            if self.sequential and far and self._chunks \
+                    and not (offset // self._chunk in self._chunks
+                             and (end - 1) // self._chunk in self._chunks):
+                # a stream's reader looking elsewhere (a zstd seek table near the end): that
+                # read alone, exact, neither chunks ahead of it nor the stream's evicted
+                return False
+            if far:
                 self._run_start, self._run_end = offset, end
             self._run_end = max(self._run_end, end)
             self._next = end
