@@ -3,6 +3,8 @@
 Works on any input (a pipe, gzip, lzo, one-frame zstd): it only ever reads forward. The rules are
 those of every reader: walk.py accepts each extent, rules.ClusterRules each slot, and the
 trailing index (if any) must describe exactly what the stream holds, checksums included.
+A reader thread reads ahead (walk.READ_AHEAD extents) while this thread checks and hashes:
+verify uses both cores.
 """
 
 from __future__ import annotations
