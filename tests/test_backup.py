@@ -24,7 +24,6 @@ import guestimage as gi
 import numpy as np
 import pytest
 import trio
-import trio_asyncio
 from test_cli_consistency import undocumented_json_keys
 
 from vmafs.archive import walk
@@ -349,13 +348,14 @@ def test_blockgraph_on_live_qemu(guest: gi.Guest, tmp_path: Path) -> None:
     with Lab(guest, tmp_path, mode="idle", extra=extra) as lab:
 
         async def probe() -> list[Disk]:
-            async with trio_asyncio.open_loop(), open_qmp(lab.qmp) as qmp:
+            async with open_qmp(lab.qmp) as qmp:
                 blocks = await qmp.execute("query-block")
                 nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
                 types = {p: await qmp.execute("qom-get", {"path": p, "property": "type"})
                          for p in blockgraph.type_queries(blocks)}
-                assert has_member(await qmp.schema(), "blockdev-backup", "x-perf",
-                                  "max-workers")
+                schema = await qmp.schema()
+                for member in ("max-workers", "max-chunk"):   # what a backup sets
+                    assert has_member(schema, "blockdev-backup", "x-perf", member)
                 return blockgraph.select_disks(blocks, nodes, types)
 
         disks = trio.run(probe)
