@@ -32,7 +32,9 @@ from vmafs.format.names import FileNames, display, file_names
 
 CHUNK = 1 << 20            # device bytes a chunk holds
 AHEAD = 4                  # chunks decompressed ahead of a streaming reader
-CACHED_CHUNKS = 12         # chunks kept, all readers together
+REMOTE_AHEAD = 8           # ... read ahead of one of an archive in a store (S3, a URL): measured
+# through a mount from S3, sequential read 0.77x the time of 4 ahead (same run, 3 rounds)
+CACHED_CHUNKS = 12         # chunks kept, all readers together (at least the read-ahead + 8)
 WORKERS = 2                # decompressing threads at once (one per core here)
 MAX_RUNS = 1024            # allocation runs answered at once (NBD caps descriptors too)
 GROUP = 4096               # chunks whose "holds data" bits are found at once (4 GiB of disk)
@@ -81,6 +83,8 @@ class Session:
         self._data_bits: dict[tuple[int, int], bytes] = {}  # (dev_id, group): chunk has data
         # an archive in a store (S3, a URL): its reads may wait on the network
         self._remote = any(getattr(s, "remote", False) for s in archive.sources)
+        self._ahead = REMOTE_AHEAD if self._remote else AHEAD
+        self._cached = max(CACHED_CHUNKS, self._ahead + 8)
 
     # -- what is served --------------------------------------------------------------------
 
@@ -221,7 +225,7 @@ class Session:
         first, last = offset // CHUNK, (offset + size - 1) // CHUNK
         nchunks = (dev_size + CHUNK - 1) // CHUNK
         wanted = [(idx, self._fetch(dev_id, idx)) for idx in range(first, last + 1)]
-        for idx in range(last + 1, min(last + 1 + AHEAD, nchunks)):
+        for idx in range(last + 1, min(last + 1 + self._ahead, nchunks)):
             self._fetch(dev_id, idx)
         parts: list[memoryview] = []
         for idx, fetch in wanted:
@@ -248,7 +252,7 @@ class Session:
             return None
         fetch = _Fetch()
         self._chunks[key] = fetch
-        while len(self._chunks) > CACHED_CHUNKS:
+        while len(self._chunks) > self._cached:
             self._chunks.popitem(last=False)
         assert self.nursery is not None
         self.nursery.start_soon(self._read_ahead, dev_id, idx, length, fetch)
