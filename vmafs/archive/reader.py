@@ -274,6 +274,8 @@ class Archive:
         if offset >= end:
             return b""
         dmap = self._maps[dev_id]
+        if (end - 1) // CLUSTER == offset // CLUSTER:
+            return self._read_in_cluster(dmap, dev_id, offset, end)
         lo, hi = self._span(dmap, dev_id, offset, end)
         if lo == hi:  # a hole: no stored cluster touched
             return _zeros(end - offset)
@@ -305,6 +307,21 @@ class Archive:
         if pos < end:
             parts.append(_zeros(end - pos))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_in_cluster(self, dmap: _DeviceMap, dev_id: int, offset: int, end: int
+                         ) -> bytes | memoryview:
+        """A read inside one cluster (the small random reads of a mount or an export): one
+        index search and no per-row lists (measured: 35.7 -> 29.5 µs a warm 4 KiB read)."""
+        cluster = offset // CLUSTER
+        row = int(dmap.clusters.searchsorted(np.uint32(cluster)))
+        if row == len(dmap.clusters) or int(dmap.clusters[row]) != cluster:
+            return _zeros(end - offset)
+        _, data, views = self._fetch_run(
+            [cluster], [int(dmap.masks[row])], dmap.byte_offsets(row, row + 1),
+            None if dmap.checksums is None else [int(dmap.checksums[row])],
+            None if dmap.layers is None else [int(dmap.layers[row])], 0, dev_id)
+        base = cluster * CLUSTER
+        return (data if views is None else views[0])[offset - base:end - base]
 
     def _fetch_run(self, clusters: list[int], masks: list[int], offsets: list[int],
                    sums: list[int] | None, lays: list[int] | None, i: int, dev_id: int
