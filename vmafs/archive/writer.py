@@ -360,7 +360,13 @@ class ArchiveWriter:
             return
         head = vma.encode_extent_header(self.uuid, self._slots, self._blocks)
         self._index.add_extent(self.position, self._stored)
-        self._emit(b"".join([head, *self._chunks]))
+        parts = [head, *self._chunks]
+        # an output that takes the pieces as they are saves joining them (a copy of every byte)
+        write_parts = getattr(self.out, "write_parts", None)
+        if write_parts is not None:
+            self.position += write_parts(parts)
+        else:
+            self._emit(b"".join(parts))
         self._slots, self._chunks, self._stored, self._blocks = [], [], [], 0
 
     def _report(self, nbytes: int) -> None:

@@ -13,7 +13,7 @@ import os
 import secrets
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from vmafs.container.zstd_output import (
     DEFAULT_FRAME_SIZE,
@@ -72,6 +72,10 @@ class WritebackFile:
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         n = self.raw.write(data) or 0
+        self._count(n)
+        return n
+
+    def _count(self, n: int) -> None:
         self.written += n
         if self.written >= self._next:
             if self._pacer is not None:
@@ -79,7 +83,17 @@ class WritebackFile:
             else:
                 self._next = self.written + WRITEBACK_STEP
                 start_writeback(self.raw.fileno())
-        return n
+
+    def writev(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Write the pieces in order, all of them (os.writev: no joined copy)."""
+        fd = self.raw.fileno()
+        total = sum(memoryview(p).nbytes for p in parts)
+        done = os.writev(fd, parts)
+        if done < total:  # a short write: the rest one by one
+            rest = memoryview(b"".join(parts))[done:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+        self._count(total)
 
     def flush(self) -> None:
         pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol, Self
 
 import zstandard
@@ -212,6 +212,21 @@ class SeekableZstdOutput(_Output):
             self._cut()
         return n
 
+    def write_parts(self, parts: Sequence[bytes | memoryview]) -> int:
+        """write() of the pieces joined, without joining them first."""
+        self._check_open()
+        n = sum(memoryview(p).nbytes for p in parts)
+        if n > MAX_FRAME_DECOMPRESSED_SIZE:
+            raise ValueError(f"a {n}-byte write cannot fit in one seekable frame")
+        if len(self._buf) + n > MAX_FRAME_DECOMPRESSED_SIZE:
+            self._cut()
+        for part in parts:
+            self._buf += part
+        self.bytes_in += n
+        if len(self._buf) >= self._frame_size:
+            self._cut()
+        return n
+
     def end_frame(self) -> None:
         """Make the next ``write`` start a new frame."""
         self._check_open()
@@ -277,6 +292,21 @@ class PlainOutput(_Output):
             self.bytes_out += n
         else:
             self._buf += data
+        return n
+
+    def write_parts(self, parts: Sequence[bytes | memoryview]) -> int:
+        """write() of the pieces joined: straight to a target that gathers them itself
+        (os.writev), else joined."""
+        n = sum(memoryview(p).nbytes for p in parts)
+        writev = getattr(self._target, "writev", None)
+        if writev is None or n < self._buffer_size:
+            return self.write(b"".join(parts))
+        if self._closed:
+            raise ValueError("write to a closed PlainOutput")
+        self._flush_buf()
+        writev(parts)
+        self.bytes_in += n
+        self.bytes_out += n
         return n
 
     def end_frame(self) -> None:
