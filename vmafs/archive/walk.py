@@ -142,9 +142,11 @@ def read_header(stream: BinaryIO) -> vma.Header:
 
 
 ZERO_RUN_BATCH = 4096  # data-less extents in a row checked together: a sparse disk has millions
-READ_AHEAD = 4
-"""Extent buffers (3.8 MiB each) of a threaded forward read: a reader thread fills the next
-ones while the caller checks one (readinto and decompression release the GIL)."""
+READ_AHEAD = 2
+"""Extent buffers (3.8 MiB each) of a threaded forward read: the reader thread fills one while
+the caller checks the other (reads and decompression release the GIL). More only cost: the
+data is hashed after more other data was copied, out of cache (1 GiB verified on one core:
+0.25 s with 2, 0.30 s with 4; on two cores no faster)."""
 
 
 def iter_stream_runs(stream: BinaryIO, header: vma.Header, *, ahead: int = 0
