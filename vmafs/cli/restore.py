@@ -34,7 +34,7 @@ from vmafs.container.output import TempFile
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import FileNames, display, file_names, json_name, raw
 from vmafs.progress import Progress, print_json
-from vmafs.restore.live import RECONNECT_DELAY, SOCKET_NAME
+from vmafs.restore import RECONNECT_DELAY, SOCKET_NAME
 
 PROBE = 4096   # bytes at the start of a device that must be zero unless --force
 

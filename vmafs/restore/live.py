@@ -29,9 +29,8 @@ import trio
 from vmafs.errors import UsageError, VmafsError, leaf
 from vmafs.format.names import display, json_name
 from vmafs.progress import Progress
+from vmafs.restore import RECONNECT_DELAY, SOCKET_NAME
 
-SOCKET_NAME = ".vmafs-live.nbd"   # default export socket, in DIR: the same on --resume
-RECONNECT_DELAY = 300             # seconds QEMU holds backing reads while vmafs is away
 POLL = 0.5                        # seconds between progress polls
 SUN_PATH_MAX = 107
 HOLE_CHUNK = 1 << 30              # per qemu-io write -z (below QEMU's request limit)
