@@ -247,10 +247,8 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
     check_output_name(path)
     compressed = is_zstd_name(path) if zstd is None else zstd
     if path == "-":
-        target = sys.stdout.buffer
-        out = _make(target, compressed, level, threads, frame_size)
-        yield out
-        out.close()
+        with _archive_output(sys.stdout.buffer, compressed, level, threads, frame_size) as out:
+            yield out
         return
     if is_remote(path):
         yield from _open_upload(path, compressed, level, threads, frame_size)
@@ -261,13 +259,8 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
             with os.fdopen(tmp.fd, "wb", buffering=0, closefd=False) as target:
                 wb = WritebackFile(target, paced=paced)
                 try:
-                    out = _make(wb, compressed, level, threads, frame_size)
-                    try:
+                    with _archive_output(wb, compressed, level, threads, frame_size) as out:
                         yield out
-                        out.close()
-                    except BaseException:
-                        out.abort()
-                        raise
                     wb.close()
                 finally:
                     wb.stop()
@@ -285,13 +278,8 @@ def _open_upload(path: str, compressed: bool, level: int, threads: int,
 
     upload = store_for(path).create(path)
     try:
-        out = _make(upload, compressed, level, threads, frame_size)
-        try:
+        with _archive_output(upload, compressed, level, threads, frame_size) as out:
             yield out
-            out.close()
-        except BaseException:
-            out.abort()
-            raise
         upload.commit()
     except BaseException:
         try:
@@ -429,6 +417,20 @@ def rename_noreplace(dir_fd: int, src: bytes, dst: bytes) -> None:
             return
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst)) from None
     os.unlink(src, dir_fd=dir_fd)
+
+
+@contextlib.contextmanager
+def _archive_output(target: Writable, compressed: bool, level: int, threads: int,
+                    frame_size: int | None) -> Iterator[Output]:
+    """The archive's output over target: closed (everything written) when the block ends
+    well, aborted (nothing more written) when it raises."""
+    out = _make(target, compressed, level, threads, frame_size)
+    try:
+        yield out
+        out.close()
+    except BaseException:
+        out.abort()
+        raise
 
 
 def _make(target: Writable, compressed: bool, level: int, threads: int,
