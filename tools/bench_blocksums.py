@@ -41,6 +41,8 @@ import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchlib import evict
+
 from vmafs.archive.reader import Archive  # noqa: E402
 
 BLOCK = 4096
@@ -53,14 +55,6 @@ TIB = 1 << 40
 
 def checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 class BlockSums:

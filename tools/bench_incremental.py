@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import guestimage as gi  # noqa: E402
+from benchlib import evict  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CLUSTER = 64 * KiB
@@ -294,20 +295,10 @@ def timed_cold(argv: list[str]) -> float:
     return run_vmafs(*argv)[0]
 
 
-def evict(paths: list[Path]) -> None:
-    """Drop these files' pages from the page cache (theirs only: others' caches stay warm)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def timed_evicted(argv: list[str], inputs: list[Path], tree: Path | None = None) -> float:
     """Wall seconds of one vmafs command (of `tree`'s vmafs if given) with its inputs
     evicted from the page cache, after a sync (so no earlier write-out is in its time)."""
-    evict(inputs)
+    evict(*inputs)
     os.sync()
     cmd = vmafs(*argv)
     e = env()

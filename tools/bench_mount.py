@@ -51,6 +51,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from benchlib import evict, make_half_data_image
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -82,29 +84,6 @@ def env() -> dict[str, str]:
 
 def vmafs(*args: str) -> list[str]:
     return [sys.executable, "-m", "vmafs", *args]
-
-
-def evict(*paths: Path) -> None:
-    """Drop these files' pages from the page cache (a FUSE file's too); others' stay warm."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def make_image(path: Path, size: int) -> None:
-    """Half random data, half holes, in alternating stripes."""
-    if path.exists() and path.stat().st_size == size:
-        return
-    rnd = random.Random(1)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for start in range(0, size, 2 * STRIPE):
-            for off in range(start, min(start + STRIPE, size), 4 * MiB):
-                f.seek(off)
-                f.write(rnd.randbytes(4 * MiB))
 
 
 def dd_rate(path: Path, backing: Path, *, skip_mib: int = 0, count_mib: int | None = None
@@ -272,7 +251,7 @@ def main() -> int:
     size = int(args.size_gib * GiB) // MiB * MiB
     image = work / "image.raw"
 
-    make_image(image, size)
+    make_half_data_image(image, size, STRIPE)
     archives = {"plain": work / "image.vma", "zstd": work / "image.vma.zst"}
     for kind, path in archives.items():
         if not path.exists():

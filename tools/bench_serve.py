@@ -47,6 +47,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchlib import evict
+
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
@@ -139,15 +141,6 @@ print((time.perf_counter() - t) / n * 1e6)
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload,no-any-return]
-
-
-def evict(path: Path) -> None:
-    """Drop one file's pages from the page cache (the others' stay warm)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -41,6 +41,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from benchlib import evict, make_half_data_image
+
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
@@ -79,15 +81,6 @@ def vmafs(*args: str) -> list[str]:
     return [sys.executable, "-m", "vmafs", *args]
 
 
-def evict(path: Path) -> None:
-    """Drop one file's pages from the page cache (everyone else's stay)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def warm(path: Path) -> None:
     """Read a file's data into the page cache (holes of a sparse image cost nothing)."""
     fd = os.open(path, os.O_RDONLY)
@@ -104,19 +97,6 @@ def warm(path: Path) -> None:
                 off += len(os.pread(fd, min(8 * MiB, end - off), off))
     finally:
         os.close(fd)
-
-
-def make_image(path: Path, size: int) -> None:
-    """Half random data, half holes, in alternating stripes."""
-    if path.exists() and path.stat().st_size == size:
-        return
-    rnd = random.Random(1)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for start in range(0, size, 2 * STRIPE):
-            for off in range(start, min(start + STRIPE, size), 4 * MiB):
-                f.seek(off)
-                f.write(rnd.randbytes(4 * MiB))
 
 
 def offsets(size: int, n: int, seed: int) -> list[int]:
@@ -225,7 +205,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     size = int(args.size_gib * GiB) // MiB * MiB
     image, archive = work / "image.raw", work / "image.vma"
-    make_image(image, size)
+    make_half_data_image(image, size, STRIPE)
     if not archive.exists():
         subprocess.run(vmafs("create", "-q", "-o", str(archive), f"drive-scsi0={image}"),
                        check=True, env=env())
