@@ -163,7 +163,8 @@ def test_output_into_a_pipe_never_seeks() -> None:
 
 def test_output_from_trio_worker_threads(tmp_path: Path) -> None:
     """The live backup writes from trio.to_thread workers, one call at a time."""
-    trio = pytest.importorskip("trio")
+    import trio
+
     chunks = _extents(13, 40)
     path = tmp_path / "t.zst"
 
