@@ -80,6 +80,13 @@ class _DeviceMap:
         return np.uint64(self.sector_base) + (self.offsets.astype(np.uint64) << np.uint64(9))
 
 
+def _rows(dmap: _DeviceMap, first: int, last: int) -> tuple[int, int]:
+    """Index range of the stored clusters first..last. Searched with uint32 keys: a Python
+    int would make numpy convert the whole column on every call (milliseconds at 1 TiB)."""
+    return (int(dmap.clusters.searchsorted(np.uint32(first))),
+            int(dmap.clusters.searchsorted(np.uint32(last), side="right")))
+
+
 def _aligned(column: np.ndarray) -> np.ndarray:
     return np.require(column, requirements=("A", "C"))
 
@@ -276,7 +283,7 @@ class Archive:
         dmap = self._maps[dev_id]
         if (end - 1) // CLUSTER == offset // CLUSTER:
             return self._read_in_cluster(dmap, dev_id, offset, end)
-        lo, hi = self._span(dmap, dev_id, offset, end)
+        lo, hi = self._span(dmap, offset, end)
         if lo == hi:  # a hole: no stored cluster touched
             return _zeros(end - offset)
         clusters = dmap.clusters[lo:hi].tolist()
@@ -380,7 +387,7 @@ class Archive:
         end = min(offset + length, self._sizes[dev_id])
         if offset >= end:
             return True
-        lo, hi = self._span(self._maps[dev_id], dev_id, offset, end)
+        lo, hi = self._span(self._maps[dev_id], offset, end)
         return lo == hi
 
     def stored_clusters(self, dev_id: int, first: int, last: int) -> np.ndarray:
@@ -391,9 +398,7 @@ class Archive:
         first, last = max(first, 0), min(last, _UINT32_MAX)
         if first > last:
             return np.zeros(0, np.int64)
-        # uint32 keys: an int key would make numpy convert the whole column on every call
-        lo = int(dmap.clusters.searchsorted(np.uint32(first)))
-        hi = int(dmap.clusters.searchsorted(np.uint32(last), side="right"))
+        lo, hi = _rows(dmap, first, last)
         clusters = dmap.clusters[lo:hi]
         return clusters[dmap.masks[lo:hi] != 0].astype(np.int64)
 
@@ -402,16 +407,10 @@ class Archive:
         masks = self._maps[dev_id].masks
         return int(vma.POPCOUNT16[masks].sum(dtype=np.int64)) * vma.BLOCK_SIZE
 
-    def _span(self, dmap: _DeviceMap, dev_id: int, offset: int, end: int) -> tuple[int, int]:
-        """Index range of the stored clusters in [offset, end).
-
-        Searched with uint32 keys: a Python int would make numpy convert the whole column on
-        every call (milliseconds per read at 1 TiB).
-        """
-        first = offset // CLUSTER
-        last = (end - 1) // CLUSTER
-        return (int(dmap.clusters.searchsorted(np.uint32(first))),
-                int(dmap.clusters.searchsorted(np.uint32(last), side="right")))
+    @staticmethod
+    def _span(dmap: _DeviceMap, offset: int, end: int) -> tuple[int, int]:
+        """Index range of the stored clusters in device bytes [offset, end)."""
+        return _rows(dmap, offset // CLUSTER, (end - 1) // CLUSTER)
 
     def close(self) -> None:
         for source in self.sources:
