@@ -228,3 +228,27 @@ def test_live_restore_refusals(source: Source, tmp_path: Path) -> None:
             tmp_path / "q")
     assert r.returncode == 1 and "nothing to resume" in r.stderr
     assert _sha256(source.archive) == source.sha256
+
+
+def test_target_names_its_backing_while_holes_are_marked(tmp_path: Path) -> None:
+    """A target file that exists always names the export as its backing (a SIGKILL between
+    its creation and the hole marking must not leave one --resume takes for finished), and
+    the holes are marked as zero clusters without reaching the export."""
+    from vmafs.restore import live
+
+    target = tmp_path / "t.qcow2"
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        spec = live.backing_spec(str(tmp_path / "nobody.sock"), "drive-scsi0", 5)
+        live.create_target(fd, 1 << 40, spec)
+        assert _backing(target) == spec
+        live._mark_holes(fd, [(0, 1 << 30), (2 << 30, 1 << 30)])
+    finally:
+        os.close(fd)
+    assert _backing(target) == spec
+    image = "json:" + json.dumps({"driver": "qcow2", "backing": None,
+                                  "file": {"driver": "file", "filename": str(target)}})
+    extents = json.loads(subprocess.run(["qemu-img", "map", "--output=json", image],
+                                        check=True, capture_output=True, text=True).stdout)
+    marked = [(e["start"], e["length"]) for e in extents if e["present"] and e["zero"]]
+    assert marked == [(0, 1 << 30), (2 << 30, 1 << 30)]

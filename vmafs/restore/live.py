@@ -225,14 +225,9 @@ class _LiveRestore:
                              | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
                 made.append(t.file)
                 try:
-                    # holes marked before the backing is named: qemu-io then need not open
-                    # the export (1 TiB of holes: 0.14 s instead of 1.7 s)
-                    image = f"/proc/self/fd/{fd}"
-                    _qemu_img(["create", "-q", "-f", "qcow2", "-o", TARGET_OPTIONS, image,
-                               str(t.size)], fd)
+                    create_target(fd, t.size,
+                                  backing_spec(sock, t.name, self.opts.reconnect_delay))
                     _mark_holes(fd, _holes(session, t))
-                    _qemu_img(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b",
-                               backing_spec(sock, t.name, self.opts.reconnect_delay), image], fd)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -378,6 +373,14 @@ class _LiveRestore:
                                      "vmafs printed")
 
 
+def create_target(fd: int, size: int, backing: str) -> None:
+    """A qcow2 target in the empty file fd, its backing named from the start (-u: not opened
+    now), so a target that exists always needs the archive until its stream ends: --resume
+    takes one without backing for finished."""
+    _qemu_img(["create", "-q", "-u", "-f", "qcow2", "-o", TARGET_OPTIONS, "-F", "raw",
+               "-b", backing, f"/proc/self/fd/{fd}", str(size)], fd)
+
+
 def _holes(session: Any, t: Target) -> list[tuple[int, int]]:
     """The archive's holes in the disk, whole target subclusters, at most MAX_MARKS pieces."""
     dev_id = next(d.dev_id for d in session.devices if d.name == t.name)
@@ -408,9 +411,12 @@ def _mark_holes(fd: int, holes: list[tuple[int, int]]) -> None:
     if not holes:
         return
     script = "".join(f"write -z {off} {n}\n" for off, n in holes)
+    # the backing left closed ("backing": null): qemu-io need not reach the export (1 TiB of
+    # holes: 0.14 s instead of 1.7 s), and zero clusters are written all the same
+    image = "json:" + json.dumps({"driver": "qcow2", "backing": None, "file": {
+        "driver": "file", "filename": f"/proc/self/fd/{fd}"}})
     try:
-        proc = subprocess.run(["qemu-io", "-t", "unsafe", "-f", "qcow2", f"/proc/self/fd/{fd}"],
-                              input=script,
+        proc = subprocess.run(["qemu-io", "-t", "unsafe", image], input=script,
                               pass_fds=(fd,), capture_output=True, text=True)
     except FileNotFoundError:
         return          # an optimisation only: without qemu-io the stream copies zeros
