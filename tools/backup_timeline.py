@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import evict
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -136,16 +138,6 @@ rc = vmafs.cli.main()
 mark("main() returned")
 sys.exit(rc)
 """
-
-
-def evict(path: Path) -> None:
-    """Drop one file's pages from the page cache (never the whole cache: others benchmark)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 BYTECODE = False

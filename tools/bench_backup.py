@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from benchlib import evict, make_front_half_image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -70,23 +70,9 @@ def env() -> dict[str, str]:
 def drop_caches(path: Path | None = None) -> None:
     """Sync, and evict `path`'s pages from the page cache (that file only)."""
     subprocess.run(["sync"], check=False)
-    if path is None:
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def make_image(path: Path, size: int) -> None:
-    """First half pseudo-random, second half a hole."""
-    rnd = np.random.default_rng(42)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for _ in range(0, size // 2, 64 * MiB):
-            f.write(rnd.integers(0, 256, 64 * MiB, dtype=np.uint8).tobytes())
+    if path is not None:
+        with contextlib.suppress(OSError):
+            evict(path)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -149,7 +135,7 @@ def main() -> int:
     try:
         size = int(args.size_gib * GiB) // MiB * MiB
         img = work / "disk.raw"
-        make_image(img, size)
+        make_front_half_image(img, size)
         res["disk_bytes"] = size
 
         # Baselines (the idle VM's image read with -U: its content does not change) and

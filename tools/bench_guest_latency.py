@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from benchlib import make_front_half_image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -214,16 +214,6 @@ def env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=path)
 
 
-def make_image(path: Path, size: int) -> None:
-    """First half pseudo-random, second half a hole (as tools/bench_backup.py)."""
-    rnd = np.random.default_rng(42)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for _ in range(0, size // 2, 64 * MiB):
-            f.write(rnd.integers(0, 256, 64 * MiB, dtype=np.uint8).tobytes())
-        os.fsync(f.fileno())
-
-
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
@@ -382,7 +372,7 @@ def main() -> int:
     try:
         size = int(args.size_gib * GiB) // MiB * MiB
         img = work / "disk.raw"
-        make_image(img, size)
+        make_front_half_image(img, size)
         disk = root_disk(work)
         append = guest.cmdline("latency", count=10_000_000, interval_ms=5, seed=7)
         with gi.QemuVM(kernel=guest.kernel, initrd=guest.initrd, append=append,

@@ -3,6 +3,7 @@ benchmark on the same machine: never drop_caches), and the half-data test image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -11,10 +12,13 @@ MiB = 1 << 20
 
 
 def evict(*paths: Path | str) -> None:
-    """Drop these files' pages from the page cache (a FUSE file's too); others' stay warm."""
+    """Drop these files' pages from the page cache (a FUSE file's too); others' stay warm.
+    Dirty pages are written first: the kernel drops clean ones only."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
+            with contextlib.suppress(OSError):  # a read-only mount may refuse a sync
+                os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -31,3 +35,15 @@ def make_half_data_image(path: Path, size: int, stripe: int) -> None:
             for off in range(start, min(start + stripe, size), 4 * MiB):
                 f.seek(off)
                 f.write(rnd.randbytes(min(4 * MiB, start + stripe - off, size - off)))
+
+
+def make_front_half_image(path: Path, size: int) -> None:
+    """First half pseudo-random, second half a hole (the live-backup benchmarks' disk)."""
+    import numpy as np
+
+    rnd = np.random.default_rng(42)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for _ in range(0, size // 2, 64 * MiB):
+            f.write(rnd.integers(0, 256, 64 * MiB, dtype=np.uint8).tobytes())
+        os.fsync(f.fileno())
