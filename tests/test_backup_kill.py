@@ -221,6 +221,22 @@ def test_refusals_give_the_true_reason(lab: KillLab, tmp_path: Path) -> None:
     assert_point_in_time(images(alone / "next.vma", tmp_path / "x"), lab.bases)
 
 
+def test_a_backup_in_the_same_second_takes_the_next_name(lab: KillLab, tmp_path: Path) -> None:
+    """vzdump names have one-second resolution: a backup started in the second of an archive
+    that is there already takes the next second's name; the file there is left alone."""
+    from vmafs.archive.naming import vzdump_name
+
+    store = tmp_path / "store"
+    store.mkdir()
+    now = time.time()
+    taken = [store / vzdump_name("101", now + k, False) for k in (0, 1)]
+    for path in taken:
+        path.write_bytes(b"a user's file")
+    out = Path(backup(lab, f"{store}/", "--vmid", "101")["output"])
+    assert out not in taken and out.parent == store
+    assert all(p.read_bytes() == b"a user's file" for p in taken)
+
+
 def test_incremental_inherits_the_vm(lab: KillLab, tmp_path: Path) -> None:
     """Without -c/--vmid an incremental takes its parent's VMID and config files; with them
     the new ones win. -o DIR/ writes vzdump's NAME.log beside each archive."""

@@ -63,7 +63,7 @@ from vmafs.backup.qmp import (
     query_types,
 )
 from vmafs.backup.writer_thread import WriterThread, describe_writer_error
-from vmafs.container.output import check_output_name
+from vmafs.container.output import check_output_name, is_remote
 from vmafs.errors import VmafsError
 from vmafs.format import chain
 from vmafs.format.names import display
@@ -331,6 +331,15 @@ class Backup:
                                            (await qmp.execute("query-name")).get("name")))
             zstd = self.opts.zstd is True
             path = naming.output_path(self.opts.output, vmid, self.ctime, zstd)
+            # vzdump names have one-second resolution: a backup of the VM started in the same
+            # second as the last one (an incremental right after its full) takes the next
+            # second's name rather than fail
+            for _ in range(2):
+                if is_remote(path) or not os.path.lexists(path):
+                    break
+                await trio.sleep(1.0 - time.time() % 1)
+                self.ctime = int(time.time())
+                path = naming.output_path(self.opts.output, vmid, self.ctime, zstd)
             check_output_name(path)
             self.opts = replace(self.opts, output=path, zstd=zstd)
         if self.opts.incremental is not None:
