@@ -71,6 +71,25 @@ def test_configs_are_stored_as_proxmox_reads_them(tmp_path: Path, disk: Path) ->
         "qemu-server.conf", "qemu-server.fw", "readme"]
 
 
+def test_create_in_the_same_second_takes_the_next_name(tmp_path: Path, disk: Path) -> None:
+    """As for backup: vzdump names have one-second resolution, so an archive created in the
+    second of one already there takes the next free second's name; the file there is kept."""
+    from vmafs.archive.naming import vzdump_name
+
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    now = time.time()
+    taken = [outdir / vzdump_name("101", now + k, False) for k in (0, 1)]
+    for path in taken:
+        path.write_bytes(b"a user's file")
+    rc, out, err = run_vmafs("create", "-q", "--json", "--vmid", "101", "-o", f"{outdir}/",
+                             f"drive-scsi0={disk}")
+    assert rc == 0, err
+    written = Path(json.loads(out)["output"])
+    assert written not in taken and written.parent == outdir
+    assert all(p.read_bytes() == b"a user's file" for p in taken)
+
+
 @pytest.mark.parametrize("configs,fragments", [
     (["a.conf", "b.conf"], ["both be stored as qemu-server.conf", "NAME=FILE"]),
     (["vmafs-chain.json=a.conf"], ["vmafs-chain.json is reserved"]),

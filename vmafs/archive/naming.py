@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from vmafs.errors import UsageError, VmafsError
@@ -105,6 +105,22 @@ def output_path(output: str, vmid: str, when: datetime | float, zstd: bool) -> s
     if is_directory_output(output):
         return os.path.join(output, vzdump_name(vmid, when, zstd))
     return output
+
+
+# vzdump names have one-second resolution: an archive started in the same second as the last one
+# of its VM (an incremental right after its full) takes a later second's name rather than fail
+NAME_WAITS = 2
+
+
+def vacant_second(output: str, vmid: str, when: int, zstd: bool,
+                  taken: Callable[[str], bool]) -> int:
+    """The first second from WHEN (at most NAME_WAITS later) whose vzdump name in the directory
+    OUTPUT is not taken; WHEN itself when all are (the exclusive create then says so). The
+    caller waits for that second, so an archive's name never claims a time still to come."""
+    for second in range(when, when + NAME_WAITS + 1):
+        if not taken(output_path(output, vmid, second, zstd)):
+            return second
+    return when
 
 
 # vzdump's mark that an archive is protected (never pruned): an empty file beside it named

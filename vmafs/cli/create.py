@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from vmafs.archive import naming
@@ -54,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if naming.is_directory_output(args.output):
         vmid = args.vmid or configs.vmid
         vmid = naming.check_vmid(vmid) if vmid else naming.default_vmid([], None)  # says why
-        args.output = naming.output_path(args.output, vmid, time.time(), bool(args.zstd))
+        now = int(time.time())
+        second = naming.vacant_second(args.output, vmid, now, bool(args.zstd), os.path.lexists)
+        time.sleep(max(0.0, second - time.time()))
+        args.output = naming.output_path(args.output, vmid, second, bool(args.zstd))
         args.zstd = False  # the name says it now
     total = sum(s.size for s in specs)
     progress = progress_for(args, "create", total)
