@@ -13,7 +13,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,7 @@ import trio
 
 from vmafs.boot import qemuconf
 from vmafs.errors import VmafsError, leaf
+from vmafs.signals import on_stop_signal
 
 DEFAULT_EXPECT = r"login: "
 
@@ -145,30 +145,26 @@ async def _run_qemu(opts: Options, result: Result, cfg: qemuconf.VmConfig, qmp: 
             result.argv, stdin=subprocess.DEVNULL if opts.check else None,
             stdout=log, stderr=subprocess.STDOUT if log is not None else None)
         try:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
-                                           signal.SIGHUP) as sigs:
-                async with trio.open_nursery() as nursery:
-                    async def on_signal() -> None:
-                        async for signum in sigs:
-                            result.signum = signum
-                            nursery.cancel_scope.cancel()
-                            return
+            async with trio.open_nursery() as nursery:
+                def stop(signum: int) -> None:
+                    result.signum = signum
+                    nursery.cancel_scope.cancel()
 
-                    async def exited() -> None:
-                        result.qemu_exit = await proc.wait()
-                        if opts.check and not result.up and result.by == "serial":
-                            # the console may have matched just before QEMU exited
-                            _serial_matched(result, serial, pattern, started)
+                async def exited() -> None:
+                    result.qemu_exit = await proc.wait()
+                    if opts.check and not result.up and result.by == "serial":
+                        # the console may have matched just before QEMU exited
+                        _serial_matched(result, serial, pattern, started)
+                    nursery.cancel_scope.cancel()
+
+                await nursery.start(on_stop_signal, stop)
+                nursery.start_soon(exited)
+                if opts.check:
+                    async def checked() -> None:
+                        with trio.move_on_after(opts.timeout):
+                            await _watch(result, cfg, qmp, qga, serial, pattern, started)
                         nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(on_signal)
-                    nursery.start_soon(exited)
-                    if opts.check:
-                        async def checked() -> None:
-                            with trio.move_on_after(opts.timeout):
-                                await _watch(result, cfg, qmp, qga, serial, pattern, started)
-                            nursery.cancel_scope.cancel()
-                        nursery.start_soon(checked)
+                    nursery.start_soon(checked)
         finally:
             with trio.CancelScope(shield=True):
                 await _stop(proc)

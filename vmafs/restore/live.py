@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import socket as stdsocket
 import stat
 import subprocess
@@ -30,6 +29,7 @@ from vmafs.errors import UsageError, VmafsError, leaf
 from vmafs.format.names import display, json_name
 from vmafs.progress import Progress
 from vmafs.restore import RECONNECT_DELAY, SOCKET_NAME
+from vmafs.signals import on_stop_signal
 
 POLL = 0.5                        # seconds between progress polls
 SUN_PATH_MAX = 107
@@ -123,16 +123,13 @@ class _LiveRestore:
         self.signum: int | None = None
 
     async def run(self) -> Result:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
-            async with trio.open_nursery() as nursery:
-                async def watch() -> None:
-                    async for signum in sigs:
-                        self.signum = signum
-                        nursery.cancel_scope.cancel()
-                        return
-                nursery.start_soon(watch)
-                result = await self._restore()
+        async with trio.open_nursery() as nursery:
+            def stop(signum: int) -> None:
+                self.signum = signum
                 nursery.cancel_scope.cancel()
+            await nursery.start(on_stop_signal, stop)
+            result = await self._restore()
+            nursery.cancel_scope.cancel()
         if self.signum is not None:
             return Result([], [], self.opts.resume, time.monotonic() - self.started,
                           self.signum)

@@ -26,6 +26,7 @@ import trio
 
 from vmafs.errors import EXIT_ERROR, VmafsError, leaf
 from vmafs.progress import print_json
+from vmafs.signals import on_stop_signal
 
 log = logging.getLogger("vmafs")
 
@@ -75,7 +76,10 @@ def _run_loop(main: Main, on_ready: Callable[[Ready], None], *, raise_early: boo
     async def supervise() -> None:
         nonlocal started
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signal, nursery.cancel_scope)
+            def stop(signum: int) -> None:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+            await nursery.start(on_stop_signal, stop)
 
             async def body(task_status: trio.TaskStatus[Ready]) -> None:
                 try:
@@ -97,14 +101,6 @@ def _run_loop(main: Main, on_ready: Callable[[Ready], None], *, raise_early: boo
         log.error("%s", error, exc_info=not isinstance(error, VmafsError))
         return EXIT_ERROR
     return 0
-
-
-async def _on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-        async for signum in sigs:
-            log.info("%s: stopping", signal.Signals(signum).name)
-            scope.cancel()
-            return
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
