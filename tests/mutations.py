@@ -16,6 +16,10 @@ Three stricter rules come from issue 8:
   undecided ("never silently serve unchecked data from an archive whose index was damaged");
 - zstd is read frame after frame as `zstd -d` reads it (the seek table is a skippable frame and
   proves nothing); a frame that fails to decode ends the stream there.
+A footer with the block-sums field (0x8002) makes a row's checksum that of its data's 4 KiB
+blocks' sums; the sums extents themselves are never needed to decide a cluster (a reader whose
+sums are damaged reads the whole cluster), only to be whole extents (Proxmox stops at a broken
+one).
 Then, per mutant: verify passes => extract succeeds, agrees with the reference, and the model,
 VmaFS and a mount return exactly extract's bytes; verify fails => extract fails leaving no file
 under a final name, and every piece read is an error or the reference's decided bytes.
@@ -59,6 +63,7 @@ MAX_EXTENT = EXT + SLOTS * CLUSTER
 NULL_PAYLOAD = SLOTS * 7
 INDEX_MAGIC = b"VMAFSIX1"
 FOOTER_MAGIC = b"VMAFSFT1"
+FIELD_BLOCK_SUMS = 0x8002
 SEEK_MAGIC = 0x8F92EAB1
 SKIP_SEEK = 0x184D2A5E
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -71,6 +76,29 @@ def popcount(mask: int) -> int:
 
 def xxh32low(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+
+
+def summed(data: bytes | memoryview) -> int:
+    """A cluster's check in a block-summed archive: of its 4 KiB blocks' sums, LE u32."""
+    return xxh32low(b"".join(struct.pack("<I", xxh32low(data[a:a + BLOCK]))
+                             for a in range(0, len(data), BLOCK)))
+
+
+def footer_fields(footer: bytes) -> list[tuple[int, bytes]]:
+    """The typed fields after a footer payload's fixed 32 bytes, up to type 0."""
+    pos, out = 32, []
+    while pos + 4 <= len(footer):
+        kind, n = struct.unpack_from("<HH", footer, pos)
+        if kind == 0:
+            break
+        out.append((kind, footer[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    return out
+
+
+def fields_bytes(footer: bytes) -> bytes:
+    """The raw typed fields of a footer payload (to keep them when forging a new footer)."""
+    return b"".join(struct.pack("<HH", k, len(v)) + v for k, v in footer_fields(footer))
 
 
 # -- bases -------------------------------------------------------------------------------------
@@ -418,8 +446,10 @@ def decode_index(blob: bytes) -> Index | None:
                  list(zip(offs, counts, strict=True)))
 
 
-def footer_extent(uuid: bytes, offset: int, length: int, check: int) -> bytes:
-    return null_extents(uuid, struct.pack("<8sIQQI", FOOTER_MAGIC, 1, offset, length, check))
+def footer_extent(uuid: bytes, offset: int, length: int, check: int, fields: bytes = b""
+                  ) -> bytes:
+    return null_extents(uuid, struct.pack("<8sIQQI", FOOTER_MAGIC, 1, offset, length, check)
+                        + fields)
 
 
 def read_trailer(stream: bytes, lay: Layout) -> tuple[Index, int] | None:
@@ -443,10 +473,10 @@ def read_trailer(stream: bytes, lay: Layout) -> tuple[Index, int] | None:
     return idx, foot.offset
 
 
-def index_trailer(idx: Index, uuid: bytes, at: int) -> bytes:
-    """Index null extents starting at stream offset `at`, then the footer."""
+def index_trailer(idx: Index, uuid: bytes, at: int, fields: bytes = b"") -> bytes:
+    """Index null extents starting at stream offset `at`, then the footer (with `fields`)."""
     blob = encode_index(idx)
-    return null_extents(uuid, blob) + footer_extent(uuid, at, len(blob), xxh32low(blob))
+    return null_extents(uuid, blob) + footer_extent(uuid, at, len(blob), xxh32low(blob), fields)
 
 
 def walked_index(stream: bytes, lay: Layout) -> Index:
@@ -648,14 +678,10 @@ def _ref_header(stream: bytes, ref: Reference) -> bool:
 def _ref_header_digest_holds(stream: bytes, footer: bytes) -> bool:
     """Our footer's header digest (typed field 1 after its fixed 32 bytes), if it carries
     one, against the reference's own digest of the header."""
-    pos, digest = 32, None
-    while pos + 4 <= len(footer):
-        kind, n = struct.unpack_from("<HH", footer, pos)
-        if kind == 0:
-            break
+    digest = None
+    for kind, value in footer_fields(footer):
         if kind == 1:
-            digest = footer[pos + 4:pos + 4 + n]
-        pos += 4 + n
+            digest = value
     return digest is None or digest == _ref_header_sha256(stream)
 
 
@@ -795,8 +821,9 @@ def _ref_index(stream: bytes, hsize: int, uuid: bytes,
         return False, []
     bad = []
     flat = [x for _, s in stored for x in s]
+    check = summed if any(k == FIELD_BLOCK_SUMS for k, _ in footer_fields(p)) else xxh32low
     for (d, c, _, check_row), (_, _, _, doff, dlen) in zip(idx.rows, flat, strict=True):
-        if xxh32low(stream[doff:doff + dlen]) != check_row:
+        if check(stream[doff:doff + dlen]) != check_row:
             bad.append((d, c))
     return True, bad
 
@@ -804,7 +831,7 @@ def _ref_index(stream: bytes, hsize: int, uuid: bytes,
 # -- mutations ---------------------------------------------------------------------------------
 
 KINDS = ("none", "flip", "overwrite", "truncate", "append", "reseal", "forge", "seektable",
-         "combo", "header")
+         "combo", "header", "sums")
 
 
 @dataclass
@@ -860,7 +887,12 @@ def _region(info: BaseInfo, rng: random.Random) -> tuple[str, int, int]:
         choices.append(("block-count", e.offset + 6, e.offset + 8))
         choices.append(("data", e.offset + EXT, e.offset + e.size))
         choices.append(("data", e.offset + EXT, e.offset + e.size))
-    nulls = [e for e in lay.nulls if e.offset > (data_ext[-1].offset if data_ext else 0)]
+    runs = sums_runs(info)
+    if runs:
+        run = rng.choice(runs)
+        choices.append(("sums", run[0].offset, run[-1].offset + EXT))
+    nulls = [e for e in lay.nulls if e.offset > (data_ext[-1].offset if data_ext else 0)
+             and not any(e is x for r in runs for x in r)]
     if len(nulls) > 1:
         e = rng.choice(nulls[:-1])
         choices.append(("index", e.offset, e.offset + EXT))
@@ -978,6 +1010,71 @@ def _append(info: BaseInfo, rng: random.Random, p: Params) -> bytes:
     return _reencode(info, s + extra)
 
 
+def sums_runs(info: BaseInfo) -> list[list[Extent]]:
+    """The null extents that carry each data extent's block sums (a footer with the block
+    sums field), one run per data extent; [] for an archive without them."""
+    lay = info.lay
+    if not lay.extents or not lay.extents[-1].null or not any(
+            k == FIELD_BLOCK_SUMS for k, _ in footer_fields(lay.extents[-1].payload(info.stream))):
+        return []
+    by_offset = {e.offset: e for e in lay.extents}
+    runs = []
+    for d in lay.data_extents:
+        n = -(-4 * d.block_count // NULL_PAYLOAD)
+        run = [by_offset.get(d.offset + d.size + k * EXT) for k in range(n)]
+        if all(e is not None and e.null for e in run):
+            runs.append([e for e in run if e is not None])
+    return runs
+
+
+def _sums(info: BaseInfo, rng: random.Random, p: Params) -> bytes | None:
+    """Damage to the block sums after the data extents: resealed (a valid null extent whose
+    sums are wrong: reads fall back to whole clusters) or not (a broken extent, where
+    Proxmox's reader stops), moved, dropped, or the footer's word for them taken away."""
+    s, lay = info.stream, info.lay
+    runs = sums_runs(info)
+    if not runs:
+        return None
+    buf = bytearray(s)
+    op = rng.choice(("payload-resealed", "payload-resealed", "payload", "zero-resealed",
+                     "dev-id-resealed", "swap", "drop-run", "drop-field"))
+    run = rng.choice(runs)
+    p.update(op=op, run=run[0].offset)
+    if op in ("payload-resealed", "payload"):
+        e = rng.choice(run)
+        at = e.offset + 40 + rng.choice([8 * k + b for k in range(SLOTS) for b in (0, 1, 2, 4, 5,
+                                                                                  6, 7)])
+        buf[at] ^= 1 << rng.randrange(8)
+        p["at"] = at
+        if op == "payload-resealed":
+            reseal(buf, e.offset)
+    elif op == "zero-resealed":
+        for e in run:
+            buf[e.offset:e.offset + EXT] = null_extents(lay.uuid, b"")
+    elif op == "dev-id-resealed":  # a slot that Proxmox's reader no longer skips
+        e = rng.choice(run)
+        at = e.offset + 40 + 8 * rng.randrange(SLOTS) + 3
+        buf[at] = rng.choice((1, 2, 7))
+        reseal(buf, e.offset)
+        p["at"] = at
+    elif op == "swap":
+        same = [r for r in runs if len(r) == len(run) and r[0].offset != run[0].offset]
+        if not same:
+            return None
+        other = rng.choice(same)
+        a, b, n = run[0].offset, other[0].offset, len(run) * EXT
+        buf[a:a + n], buf[b:b + n] = s[b:b + n], s[a:a + n]
+    elif op == "drop-run":
+        del buf[run[0].offset:run[-1].offset + EXT]
+    else:
+        foot = lay.extents[-1]
+        payload = foot.payload(s)
+        kept = b"".join(struct.pack("<HH", k, len(v)) + v for k, v in footer_fields(payload)
+                        if k != FIELD_BLOCK_SUMS)
+        buf[foot.offset:foot.offset + EXT] = null_extents(lay.uuid, payload[:32] + kept)
+    return _finish(info, bytes(buf))
+
+
 def _data_slots(info: BaseInfo) -> list[tuple[Extent, int]]:
     return [(e, k) for e in info.lay.data_extents for k in range(len(e.slots))]
 
@@ -1092,10 +1189,11 @@ def _forge(info: BaseInfo, rng: random.Random, p: Params) -> bytes | None:
         return _finish(info, s[:at] + index_trailer(idx, lay.uuid, at))
     idx, foot = trailer
     buf = bytearray(s)
+    fields = fields_bytes(lay.extents[-1].payload(s))  # header digest, block sums: kept
     if op in ("row-swap", "row-drop", "row-checksum"):
         idx = _lie(idx, {"row-swap": "swap", "row-drop": "drop",
                          "row-checksum": "checksum"}[op], rng, p)
-        return _finish(info, s[:idx.offset] + index_trailer(idx, lay.uuid, idx.offset))
+        return _finish(info, s[:idx.offset] + index_trailer(idx, lay.uuid, idx.offset, fields))
     _, _, off, length, check = struct.unpack_from("<8sIQQI", lay.extents[-1].payload(s))
     if op == "offset-2^64":
         off = (1 << 64) - rng.choice((512, 1024, 4096 * 3))
@@ -1104,7 +1202,7 @@ def _forge(info: BaseInfo, rng: random.Random, p: Params) -> bytes | None:
     else:
         off += rng.choice((-EXT, EXT))
     p.update(index_offset=off, index_length=length)
-    buf[foot:] = footer_extent(lay.uuid, off, length, check)
+    buf[foot:] = footer_extent(lay.uuid, off, length, check, fields)
     return _finish(info, bytes(buf))
 
 
@@ -1274,13 +1372,15 @@ GENERATORS: dict[str, Callable[[BaseInfo, random.Random, Params], bytes | None]]
     "none": lambda info, rng, p: info.raw,
     "flip": _flip, "overwrite": _overwrite, "truncate": _truncate, "append": _append,
     "reseal": _reseal, "forge": _forge, "seektable": _seektable, "combo": _combo,
-    "header": _header,
+    "header": _header, "sums": _sums,
 }
 
 
 def applicable(kind: str, base: Base) -> bool:
     if kind == "seektable":
         return base.container == "seekable"
+    if kind == "sums":  # only plain archives carry block sums
+        return base.container == "plain" and base.indexed
     return True
 
 

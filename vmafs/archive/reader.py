@@ -2,7 +2,10 @@
 through. It opens in one of two modes, which every consumer sees the same way:
 
 - "indexed": a trailing vmafs index, trusted only after locate.py's cross-checks against the
-  stream; every cluster read is checked against its checksum (EIO on a mismatch);
+  stream; every cluster read is checked against its checksum (EIO on a mismatch). In a
+  block-summed archive (format/index.py) a read of part of a cluster reads only its blocks
+  and the cluster's block sums, and checks both; sums that fail the index fall back to
+  reading the whole cluster, which then decides, as every other reading path does;
 - "walked": an archive without an index (Proxmox's), indexed by walking its extent headers with
   every rule verify applies; there are no data checksums to check.
 Anything else is refused at open: an archive verify would reject for its structure (damage,
@@ -16,11 +19,12 @@ import copy
 import functools
 import uuid as uuidlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from vmafs.archive import locate, problems, stored, walk_cache
+from vmafs.archive import locate, problems, stored, walk, walk_cache
 from vmafs.archive.clusterset import ClusterSet
 from vmafs.archive.walk import index_by_walking
 from vmafs.container.source import ByteSource, open_source
@@ -33,6 +37,7 @@ ZERO_VIEW = memoryview(ZEROS)
 _POPCOUNT = vma.POPCOUNT16_LIST
 MAX_LAYERS = 256           # archives a stack holds: each row's layer number is one byte
 _UINT32_MAX = (1 << 32) - 1  # cluster numbers are uint32 in the rows
+NEAR = 16 << 10  # block sums this close after the blocks come in the same read
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,24 @@ class Device:
     dev_id: int
     name: str
     size: int
+
+
+class _Sums:
+    """Where a block-summed archive's sums are: each data extent's start and data end (where
+    its sums begin), in stream order, 16 bytes a data extent (not a cluster)."""
+
+    __slots__ = ("starts", "ends")
+
+    def __init__(self, table: index.IndexTable) -> None:
+        self.starts = _aligned(table.ext_offsets.astype(np.uint64))
+        self.ends = index.extent_ends(table.ext_counts, table.masks, table.offsets)
+
+    def locate(self, data_offset: int) -> tuple[int, int]:
+        """(stream offset where the sums of the extent holding data_offset begin, number of
+        that extent's blocks before data_offset)."""
+        e = int(self.starts.searchsorted(np.uint64(data_offset), side="right")) - 1
+        first = (data_offset - int(self.starts[e]) - vma.EXTENT_HEADER_SIZE) // vma.BLOCK_SIZE
+        return int(self.ends[e]), first
 
 
 class _DeviceMap:
@@ -124,7 +147,7 @@ class Archive:
 
     def __init__(self, source: ByteSource, header: vma.Header, table: index.IndexTable,
                  *, mode: str, compressed: bool,
-                 held: dict[int, ClusterSet] | None = None) -> None:
+                 held: dict[int, ClusterSet] | None = None, block_sums: bool = False) -> None:
         self.source = source
         self.sources = [source]
         self.header = header
@@ -138,6 +161,8 @@ class Archive:
         self.layers: list[Archive] = [self]
         self.path: str | None = None
         self._maps = _device_maps(table, header)
+        # per layer (a chain's view has one each): where its block sums are, or None
+        self._sums: list[_Sums | None] = [_Sums(table) if block_sums else None]
         self._sizes = {d.dev_id: d.size for d in header.devices}
         self._held = held  # incremental: every cluster it has a slot for, data or zero
         self._digest: str | None = None
@@ -210,11 +235,14 @@ class Archive:
             extents, rules = locate.confirm_index(source, header, table, footer.index_offset,
                                                   complete=not incremental)
             held = rules.seen if incremental else None
+            if footer.block_sums:
+                _check_sums_extents(source, header, table)
             if key is not None and held is not None:
                 walk_cache.remember_held(key, held, extents)
             elif key is not None:
                 walk_cache.remember_confirmed(key, extents)
-        return cls(source, header, table, mode=INDEXED, compressed=compressed, held=held)
+        return cls(source, header, table, mode=INDEXED, compressed=compressed, held=held,
+                   block_sums=footer.block_sums)
 
     @classmethod
     def stack(cls, layers: list[Archive]) -> Archive:
@@ -227,6 +255,7 @@ class Archive:
         view = copy.copy(layers[-1])  # its header, devices, configs and record
         view.layers = list(layers)
         view.sources = [a.source for a in layers]
+        view._sums = [a._sums[0] for a in layers]
         view.compressed = any(a.compressed for a in layers)
         view._maps = {dev.dev_id: _stack_maps(layers, dev.name) for dev in view.devices}
         view._held = None
@@ -323,12 +352,66 @@ class Archive:
         row = int(dmap.clusters.searchsorted(np.uint32(cluster)))
         if row == len(dmap.clusters) or int(dmap.clusters[row]) != cluster:
             return _zeros(end - offset)
+        layer = 0 if dmap.layers is None else int(dmap.layers[row])
+        sums = self._sums[layer]
+        if sums is not None and dmap.checksums is not None:
+            got = self._read_blocks(dmap, dev_id, row, layer, sums, offset, end)
+            if got is not None:
+                return got
         _, data, views = self._fetch_run(
             [cluster], [int(dmap.masks[row])], dmap.byte_offsets(row, row + 1),
             None if dmap.checksums is None else [int(dmap.checksums[row])],
             None if dmap.layers is None else [int(dmap.layers[row])], 0, dev_id)
         base = cluster * CLUSTER
         return (data if views is None else views[0])[offset - base:end - base]
+
+    def _read_blocks(self, dmap: _DeviceMap, dev_id: int, row: int, layer: int, sums: _Sums,
+                     offset: int, end: int) -> bytes | memoryview | None:
+        """Part of a stored cluster of a block-summed archive: only the blocks the read needs
+        and the cluster's sums (asked for together, so the disk has both at once), each
+        block against its sum and the sums against the index. None: read the whole cluster
+        instead (it covers every stored block, or the sums fail the index: damaged sums)."""
+        mask = int(dmap.masks[row])
+        base = offset // CLUSTER * CLUSTER
+        j0, j1 = (offset - base) // vma.BLOCK_SIZE, (end - 1 - base) // vma.BLOCK_SIZE + 1
+        want = mask & ((1 << j1) - (1 << j0))
+        if not want:
+            return _zeros(end - offset)
+        if want == mask:
+            return None  # every stored block: the whole-cluster read checks it as cheaply
+        source = self.source if dmap.layers is None else self.sources[layer]
+        data_at = dmap.byte_offsets(row, row + 1)[0]
+        sums_at, first = sums.locate(data_at)
+        k0 = _POPCOUNT[mask & ((1 << j0) - 1)]  # stored blocks before the first one wanted
+        count = _POPCOUNT[want]
+        lo, hi = index.sums_payload_span(first, _POPCOUNT[mask])
+        blocks_at = data_at + k0 * vma.BLOCK_SIZE
+        nbytes = count * vma.BLOCK_SIZE
+        if 0 <= sums_at + lo - (blocks_at + nbytes) <= NEAR:  # one read covers both
+            both = memoryview(source.pread(blocks_at, sums_at + hi - blocks_at))
+            data, raw = both[:nbytes], both[sums_at + lo - blocks_at:]
+        else:
+            source.will_need([sums_at + lo], hi - lo)
+            data = memoryview(source.pread(blocks_at, nbytes))
+            raw = memoryview(source.pread(sums_at + lo, hi - lo))
+        if len(raw) != hi - lo or len(data) < nbytes:
+            return None  # cut off: the whole-cluster read says what is wrong
+        all_sums = index.sums_from_extents(raw, first, _POPCOUNT[mask])
+        if index.checksum(all_sums) != int(dmap.checksums[row]):  # type: ignore[index]
+            return None
+        if index.block_sums(data) != all_sums[k0 * 4:(k0 + count) * 4]:
+            raise self._mismatch(dev_id, int(dmap.clusters[row]), data_at)
+        if want == (1 << j1) - (1 << j0):  # every block of the read stored: one run
+            return data[offset - base - j0 * vma.BLOCK_SIZE:end - base - j0 * vma.BLOCK_SIZE]
+        out = bytearray((j1 - j0) * vma.BLOCK_SIZE)
+        pos = 0
+        for j in range(j0, j1):
+            if want >> j & 1:
+                at = (j - j0) * vma.BLOCK_SIZE
+                out[at:at + vma.BLOCK_SIZE] = data[pos:pos + vma.BLOCK_SIZE]
+                pos += vma.BLOCK_SIZE
+        start = offset - base - j0 * vma.BLOCK_SIZE
+        return memoryview(out)[start:start + end - offset]
 
     def _fetch_run(self, clusters: list[int], masks: list[int], offsets: list[int],
                    sums: list[int] | None, lays: list[int] | None, i: int, dev_id: int
@@ -354,9 +437,11 @@ class Archive:
         views: list[memoryview] = []
         whole = True
         pos = 0
+        check = index.checksum if self._sums[lays[i] if lays else 0] is None else \
+            index.summed_check
         for k in range(i, j):
             stored = data[pos:pos + nbytes[k - i]]
-            if sums is not None and index.checksum(stored) != sums[k]:
+            if sums is not None and check(stored) != sums[k]:
                 raise self._mismatch(dev_id, clusters[k], first + pos)
             pos += len(stored)
             mask = masks[k]
@@ -372,9 +457,15 @@ class Archive:
         preads as their stream offsets allow (a chain's base is read in long runs even where
         newer layers replace a part); see stored.py."""
         dmap = self._maps[dev_id]
-        return stored.iter_stored(self.sources, dmap.clusters, dmap.masks,
-                                  dmap.all_byte_offsets(), dmap.checksums, dmap.layers,
-                                  functools.partial(self._mismatch, dev_id))
+        offsets = dmap.all_byte_offsets()
+        mismatch = functools.partial(self._mismatch, dev_id)
+        if dmap.checksums is None or all(s is None for s in self._sums):
+            return stored.iter_stored(self.sources, dmap.clusters, dmap.masks, offsets,
+                                      dmap.checksums, dmap.layers, mismatch)
+        return _summed_stored(
+            stored.iter_stored(self.sources, dmap.clusters, dmap.masks, offsets, None,
+                               dmap.layers, mismatch),
+            dmap.checksums, dmap.layers, [s is not None for s in self._sums], offsets, mismatch)
 
     def _mismatch(self, dev_id: int, cluster: int, offset: int) -> problems.ArchiveError:
         name = self.device(dev_id).name
@@ -421,6 +512,49 @@ class Archive:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _summed_stored(rows: Iterator[tuple[int, int, memoryview, int]], checks: np.ndarray,
+                   layers: np.ndarray | None, summed: list[bool], offsets: np.ndarray,
+                   mismatch: stored.Mismatch) -> Iterator[tuple[int, int, memoryview, int]]:
+    """iter_stored's rows, each checked the way its layer's index says: the checksum of its
+    data, or of its blocks' sums. Each row still carries its data's checksum (what a writer
+    without block sums stores)."""
+    for row, (cluster, mask, data, check) in enumerate(rows):
+        layer = 0 if layers is None else int(layers[row])
+        got = index.summed_check(data) if summed[layer] else check
+        if got != int(checks[row]):
+            raise mismatch(cluster, int(offsets[row]))
+        yield cluster, mask, data, check
+
+
+def _check_sums_extents(source: ByteSource, header: vma.Header, table: index.IndexTable) -> None:
+    """Every null extent that carries block sums is a whole extent of this archive (md5
+    included), as Proxmox's reader, which stops at a broken one, requires: a random reader
+    must not serve what comes after one. Their contents are checked by the reads."""
+    ends = index.extent_ends(table.ext_counts, table.masks, table.offsets)
+    starts = table.ext_offsets.astype(np.int64)
+    blocks = (ends.astype(np.int64) - starts - vma.EXTENT_HEADER_SIZE) // vma.BLOCK_SIZE
+    spans = [(int(e), index.sums_extents(int(b)) * vma.EXTENT_HEADER_SIZE)
+             for e, b in zip(ends.tolist(), blocks.tolist(), strict=True)]
+
+    def check(span: tuple[int, int]) -> None:
+        at, n = span
+        raw = source.pread(at, n)
+        for pos in range(0, n, vma.EXTENT_HEADER_SIZE):
+            ext = walk.decode_extent(raw[pos:pos + vma.EXTENT_HEADER_SIZE], header.uuid, at + pos)
+            if not ext.is_null:
+                raise problems.error(problems.INDEX, "vmafs index not usable: its block sums "
+                                     f"at offset {at + pos} are not in a null extent",
+                                     offset=at + pos)
+
+    if len(spans) < 64:
+        for span in spans:
+            check(span)
+        return
+    with ThreadPoolExecutor(locate.CONFIRM_THREADS) as pool:
+        for _ in pool.map(check, spans, chunksize=64):
+            pass
 
 
 def _zero_chunks(held: ClusterSet, stored: np.ndarray, chunk: int = 1 << 20

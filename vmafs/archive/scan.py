@@ -2,7 +2,8 @@
 
 Works on any input (a pipe, gzip, lzo, one-frame zstd): it only ever reads forward. The rules are
 those of every reader: walk.py accepts each extent, rules.ClusterRules each slot, and the
-trailing index (if any) must describe exactly what the stream holds, checksums included.
+trailing index (if any) must describe exactly what the stream holds, checksums included,
+and in a block-summed archive every data extent is followed by exactly its blocks' sums.
 A reader thread reads ahead (walk.READ_AHEAD extents) while this thread checks and hashes:
 verify uses both cores.
 """
@@ -76,12 +77,21 @@ class TrailerCheck:
         self.tail = b""  # the stream's last 512 bytes, when they are data
         self.header_digest = False  # the footer carries a header digest, and it matched
         self.bad: BadData | None = None  # the clusters whose data fails its checksum
+        # Block sums (format/index.py): whether the stream carries them is seen after its
+        # first data extent (None until then; that extent is hashed both ways), then each
+        # data extent's sums must follow it. The footer, at the end, must agree.
+        self.summed: bool | None = None
+        self.pending: tuple[int, bytes] | None = None  # (offset, sums) a data extent awaits
+        self.first_checks: list[int] = []  # the first extent's data checksums, until decided
+        self.sums_problem: Problem | None = None  # the first data extent without its sums
 
     def add_extent(self, ext: Extent, data: memoryview) -> None:
         if ext.is_null:
+            self._sums_follow([ext.payload()], [True])
             self.null_run.append((ext.offset, ext.payload()))
             self.tail = b""
             return
+        self._sums_follow([], [])
         self.null_run = []
         self.tail = bytes(data[-vma.EXTENT_HEADER_SIZE:]) if len(data) else b""
         stored = np.flatnonzero(ext.masks)
@@ -97,10 +107,48 @@ class TrailerCheck:
         built.dev_ids.frombytes(ext.dev_ids[stored].astype(np.uint8).tobytes())
         built.clusters.frombytes(ext.clusters[stored].astype(np.uint32).tobytes())
         built.masks.frombytes(ext.masks[stored].astype(np.uint16).tobytes())
-        built.checksums.fromlist(checksums(data, starts[stored].tolist(), ends[stored].tolist()))
+        starts, ends = starts[stored].tolist(), ends[stored].tolist()
+        if self.summed is False:
+            built.checksums.fromlist(checksums(data, starts, ends))
+            return
+        if self.summed is None:
+            self.first_checks = checksums(data, starts, ends)
+        sums = index.block_sums(data)
+        per = vma.BLOCK_SIZE // index.SUM_SIZE
+        built.checksums.fromlist([index.checksum(sums[a // per:b // per])
+                                  for a, b in zip(starts, ends, strict=True)])
+        self.pending = (ext.offset + ext.size, sums)
+
+    def _sums_follow(self, payloads: list[bytes], null: list[bool]) -> None:
+        """What follows a data extent (null extents' payloads, in order; none: a data extent
+        or the end) against the sums it awaits: decides whether the stream carries sums
+        (after the first data extent), then requires them after every one."""
+        if self.pending is None:
+            return
+        at, sums = self.pending
+        self.pending = None
+        n = index.sums_extents(len(sums) // index.SUM_SIZE)
+        found = (len(payloads) >= n and all(null[:n])
+                 and b"".join(payloads[:n]) == sums.ljust(n * vma.NULL_PAYLOAD_SIZE, b"\0"))
+        if self.summed is None:
+            self.summed = found
+            if not found:  # an archive without sums: its first extent's checks are of data
+                first = len(self.index.checksums) - len(self.first_checks)
+                self.index.checksums[first:] = type(self.index.checksums)(
+                    "I", self.first_checks)
+            self.first_checks = []
+        elif not found and self.sums_problem is None:
+            self.sums_problem = Problem(problems.INDEX, "the block sums after the data extent "
+                                        f"ending at offset {at} are missing or do not match "
+                                        "its data", offset=at)
 
     def add_run(self, batch: HeaderBatch) -> None:
-        """A run of extents without data: null extents (a trailer) or zero slots."""
+        """A run of extents without data: null extents (a trailer, block sums) or zero slots."""
+        if self.pending is not None:
+            n = index.sums_extents(len(self.pending[1]) // index.SUM_SIZE)
+            null = ~(batch.dev_ids[:n] != 0).any(axis=1)
+            self._sums_follow([bytes(batch.payload(i)) if null[i] else b""
+                               for i in range(min(n, len(null)))], null.tolist())
         continues, rows = batch.trailing_nulls()
         if not continues:
             self.null_run = []
@@ -109,6 +157,7 @@ class TrailerCheck:
 
     def verify(self) -> tuple[bool, list[Problem]]:
         """(has_index, problems): the trailing index must list exactly what the data holds."""
+        self._sums_follow([], [])
         if not self.null_run:
             return False, self._forged_tail()
         footer_offset, footer_payload = self.null_run[-1]
@@ -135,6 +184,10 @@ class TrailerCheck:
                                   offset=footer.index_offset)]
         except FormatError as exc:
             return True, [_index_problem(f"trailing index: {exc}", footer.index_offset)]
+        if bool(self.summed) != footer.block_sums and len(self.index.clusters):
+            say = ("its index announces block sums the stream does not carry" if footer.block_sums
+                   else "the stream carries block sums its index does not announce")
+            return True, [_index_problem(f"trailing index: {say}", footer.index_offset)]
         seen = index.decode_index(self.index.encode())
         for name in ("dev_ids", "clusters", "masks", "offsets"):
             if not np.array_equal(getattr(seen, name), getattr(table, name)):
@@ -144,7 +197,10 @@ class TrailerCheck:
         assert seen.checksums is not None and table.checksums is not None
         bad = np.flatnonzero(seen.checksums != table.checksums)
         self.bad = BadData(seen.dev_ids[bad], seen.clusters[bad], seen.offsets[bad])
-        return True, self.bad.problems(self.header)
+        found = self.bad.problems(self.header)
+        if self.sums_problem is not None:
+            found.append(self.sums_problem)
+        return True, found
 
     def _forged_tail(self) -> list[Problem]:
         """A stream without an index whose last data bytes look like a vmafs footer: a random

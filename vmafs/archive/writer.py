@@ -2,7 +2,9 @@
 
 It never seeks and holds at most one extent plus the partially written clusters, so it can feed a
 pipe or a compressor. Every cluster is emitted exactly once; clusters never written (or zeroed)
-become zero slots at the end, then the index and the footer follow as null extents.
+become zero slots at the end, then the index and the footer follow as null extents. A plain
+archive is block-summed (format/index.py): each data extent is followed by its blocks' sums in
+null extents, hashed a whole extent at a time, so memory stays one extent's worth.
 
 Which clusters were seen is kept in ClusterSets, not in arrays over whole devices: a 16 TiB sparse
 disk (2^28 clusters) costs memory for what was written, and finish() walks the zero slots in
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmafs.archive.clusterset import ClusterSet
-from vmafs.container.zstd_output import Output
+from vmafs.container.zstd_output import Output, PlainOutput
 from vmafs.errors import FormatError
 from vmafs.format import index, vma
 from vmafs.format.names import display
@@ -74,8 +76,11 @@ class ArchiveWriter:
         extent_bytes: int | None = None,
         progress: Callable[[int], None] | None = None,
         incremental: Collection[int] = (),
+        block_sums: bool | None = None,
     ) -> None:
         self.out = out
+        # block sums only pay where a small read can read a few blocks: not inside zstd frames
+        self.block_sums = isinstance(out, PlainOutput) if block_sums is None else block_sums
         # Devices (ids) of an incremental archive whose clusters never written get no slot:
         # they are the parent's. Others (all, in a full archive) get zero slots.
         self.incremental = frozenset(incremental)
@@ -100,7 +105,7 @@ class ArchiveWriter:
         self._partial: dict[tuple[int, int], _PartialCluster] = {}
         self._slots: list[tuple[int, int, int]] = []
         self._chunks: list[bytes | memoryview] = []
-        self._stored: list[tuple[int, int, int, int]] = []
+        self._stored: list[tuple[int, int, int, int]] = []  # check 0 until flushed (sums)
         self._blocks = 0
         self._index = index.IndexBuilder()
         self.position = 0  # bytes of stream emitted so far
@@ -151,7 +156,8 @@ class ArchiveWriter:
     def write_stored(self, dev_id: int, cluster: int, mask: int, payload: bytes | memoryview,
                      check: int) -> None:
         """A cluster as an archive stores it: its non-zero blocks (mask) and their checksum,
-        already checked by the caller (a merge copies clusters without expanding them)."""
+        already checked by the caller (a merge copies clusters without expanding them). In a
+        block-summed archive the check is worked out again from the blocks' sums."""
         size = self._check_range(dev_id, cluster * CLUSTER, 0)
         if not self._touched[dev_id - 1].add(cluster):
             self._duplicate(dev_id, cluster)
@@ -185,7 +191,8 @@ class ArchiveWriter:
         index_offset = self.position
         self._emit(vma.encode_null_extents(self.uuid, blob))
         self.out.end_frame()
-        footer = index.Footer(index_offset, len(blob), index.checksum(blob), self._header_digest)
+        footer = index.Footer(index_offset, len(blob), index.checksum(blob), self._header_digest,
+                              self.block_sums)
         self._emit(vma.encode_null_extents(self.uuid, index.encode_footer(footer)))
         self.finished = True
 
@@ -286,8 +293,11 @@ class ArchiveWriter:
         self._slots.append((dev_id, cluster, mask))
         if mask:
             self._chunks.append(payload)
-            self._stored.append((dev_id, cluster, mask,
-                                 index.checksum(payload) if check is None else check))
+            if self.block_sums:
+                check = 0  # from the extent's block sums, at _flush_extent
+            elif check is None:
+                check = index.checksum(payload)
+            self._stored.append((dev_id, cluster, mask, check))
             self._blocks += nblocks
         self._report(length)
 
@@ -359,8 +369,17 @@ class ArchiveWriter:
         if not self._slots:
             return
         head = vma.encode_extent_header(self.uuid, self._slots, self._blocks)
-        self._index.add_extent(self.position, self._stored)
         parts = [head, *self._chunks]
+        if self.block_sums and self._blocks:
+            sums = index.block_sums(*self._chunks)
+            checks = index.checksum
+            at = 0
+            for k, (dev_id, cluster, mask, _) in enumerate(self._stored):
+                n = vma.POPCOUNT16_LIST[mask] * index.SUM_SIZE
+                self._stored[k] = (dev_id, cluster, mask, checks(sums[at:at + n]))
+                at += n
+            parts.append(vma.encode_null_extents(self.uuid, sums))
+        self._index.add_extent(self.position, self._stored)
         # an output that takes the pieces as they are saves joining them (a copy of every byte)
         write_parts = getattr(self.out, "write_parts", None)
         if write_parts is not None:

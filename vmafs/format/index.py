@@ -22,9 +22,19 @@ The footer (one null extent's 413 payload bytes, little-endian):
   uuid, ctime, every device's id, name and size, every config's name and data), so a header
   rewritten and resealed (its md5 is unkeyed) no longer matches its index. Old archives have
   no fields (zeros) and read as before; old readers read only the first 32 bytes.
-  Types 2..0x7fff and critical ones are free: a keyed MAC or signature over the index and this
-  footer's fields (the header digest included, so the header and its chain record) is meant
-  to be one of them.
+  Type 0x8002 (critical, empty), block sums: see below. Other types 2..0x7fff and critical
+  ones are free: a keyed MAC or signature over the index and this footer's fields (the
+  header digest included, so the header and its chain record) is meant to be one of them.
+
+Block sums (footer field 0x8002; plain archives written since vmafs had it): every stored
+4 KiB block has a 32-bit sum, `checksum(block)`, and a cluster's index check is defined as
+`checksum(its stored blocks' sums, LE u32, in stored order)` instead of checksum(data). Right
+after each data extent, that extent's sums (4 bytes a stored block, in stream order) travel
+in null extents: ceil(4 * blocks / 413) of them, zero-padded, nothing else. So a small read
+finds them from the index alone (the extent's end) and reads just its blocks plus its
+cluster's sums; a whole-cluster read needs no sums (it hashes its blocks' sums from the
+data). An archive without the field reads as before; an older vmafs refuses it (critical).
+Proxmox's reader skips those null extents as it skips the index's.
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ _FOOTER = struct.Struct("<8sIQQI")
 _FIELD = struct.Struct("<HH")
 FIELD_HEADER_DIGEST = 1
 FIELD_CRITICAL = 0x8000
+FIELD_BLOCK_SUMS = 0x8002  # critical: the index's checks are over block sums (see above)
+SUM_SIZE = 4  # bytes of one block's sum
 # Index limits, checked before allocating: one slot per cluster of 254 devices of 256 TiB.
 MAX_SLOTS = 1 << 40
 MAX_INDEX_BYTES = 1 << 36
@@ -58,12 +70,72 @@ def checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
 
 
+def block_sums(*parts: bytes | bytearray | memoryview) -> bytes:
+    """The sums (LE u32, `checksum` of each) of the whole 4 KiB blocks of the parts, in
+    order: one hash call a block, the 64-bit digests truncated by numpy in one step (a
+    writer passes an extent's clusters at once)."""
+    digest = xxhash.xxh3_64_intdigest
+    step = vma.BLOCK_SIZE
+    views = [memoryview(p).cast("B") for p in parts]
+    return np.array([digest(v[at:at + step]) for v in views for at in range(0, len(v), step)],
+                    np.uint64).astype("<u4").tobytes()
+
+
+def summed_check(stored: bytes | bytearray | memoryview) -> int:
+    """A cluster's index check in a block-summed archive, from its stored blocks."""
+    return checksum(block_sums(stored))
+
+
+def sums_extents(blocks: int) -> int:
+    """Null extents that carry the sums of an extent of `blocks` stored blocks."""
+    return -(-blocks * SUM_SIZE // vma.NULL_PAYLOAD_SIZE)
+
+
+def sums_payload_span(first: int, count: int) -> tuple[int, int]:
+    """[start, end) offsets, from an extent's data end, of the null extents that hold the
+    sums of its stored blocks first..first+count-1: whole 512-byte headers to read."""
+    lo = first * SUM_SIZE // vma.NULL_PAYLOAD_SIZE
+    hi = ((first + count) * SUM_SIZE - 1) // vma.NULL_PAYLOAD_SIZE + 1
+    return lo * vma.EXTENT_HEADER_SIZE, hi * vma.EXTENT_HEADER_SIZE
+
+
+def sums_from_extents(raw: bytes | memoryview, first: int, count: int) -> bytes:
+    """The sums of blocks first..first+count-1 out of the headers sums_payload_span named
+    (`raw` starts at its start). Slot bytes are picked directly: the few slots a cluster's
+    64 bytes of sums touch, no decode of whole headers."""
+    per = vma.NULL_PAYLOAD_SIZE
+    pos = first * SUM_SIZE
+    end = pos + count * SUM_SIZE
+    base = pos // per * per
+    out = bytearray()
+    while pos < end:
+        ext, within = divmod(pos - base, per)
+        slot, byte = divmod(within, 7)
+        at = ext * vma.EXTENT_HEADER_SIZE + 40 + slot * 8
+        slot_payload = bytes(raw[at:at + 3]) + bytes(raw[at + 4:at + 8])
+        take = min(7 - byte, end - pos)
+        out += slot_payload[byte:byte + take]
+        pos += take
+    return bytes(out)
+
+
+def extent_ends(ext_counts: np.ndarray, masks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Stream offset where each data extent's data ends (where its block sums start), from
+    its last row: one step an extent, not a pass over every row."""
+    if not len(ext_counts):
+        return np.zeros(0, np.uint64)
+    last = np.cumsum(ext_counts.astype(np.int64)) - 1
+    return (offsets[last].astype(np.uint64)
+            + vma.POPCOUNT16[masks[last]].astype(np.uint64) * np.uint64(vma.BLOCK_SIZE))
+
+
 @dataclass(frozen=True)
 class Footer:
     index_offset: int  # stream offset of the first index null extent
     index_length: int  # bytes of index payload
     index_checksum: int
     header_digest: bytes | None = None  # vma.header_digest of the archive; None: not carried
+    block_sums: bool = False  # checks are over block sums, carried after each data extent
 
 
 class IndexBuilder:
@@ -192,6 +264,8 @@ def encode_footer(footer: Footer) -> bytes:
                        footer.index_length, footer.index_checksum)
     if footer.header_digest is not None:
         out += _FIELD.pack(FIELD_HEADER_DIGEST, len(footer.header_digest)) + footer.header_digest
+    if footer.block_sums:
+        out += _FIELD.pack(FIELD_BLOCK_SUMS, 0)
     return out
 
 
@@ -205,15 +279,20 @@ def decode_footer(payload: bytes) -> Footer | None:
     if length > MAX_INDEX_BYTES:
         raise FormatError("index length is impossible")
     digest = None
+    summed = False
     fields = _footer_fields(payload[_FOOTER.size:vma.NULL_PAYLOAD_SIZE])
     for kind, value in fields:
         if kind == FIELD_HEADER_DIGEST:
             if len(value) != 32 or digest is not None:
                 raise FormatError("footer: bad header digest field")
             digest = value
+        elif kind == FIELD_BLOCK_SUMS:
+            if value or summed:
+                raise FormatError("footer: bad block sums field")
+            summed = True
         elif kind & FIELD_CRITICAL:
             raise FormatError(f"footer: field type {kind:#06x} is not known to this vmafs")
-    return Footer(offset, length, crc, digest)
+    return Footer(offset, length, crc, digest, summed)
 
 
 def _footer_fields(area: bytes) -> list[tuple[int, bytes]]:
