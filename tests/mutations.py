@@ -503,6 +503,23 @@ class RefDevice:
     decided: bytearray  # per cluster: 1 = decided (image holds its bytes), 0 = undecided
     seen: bytearray
     image: dict[int, bytearray] = field(default_factory=dict)  # written clusters only
+    # block-summed archives: of an undecided cluster, the 4 KiB blocks (bits) still decided:
+    # those not stored (the index says zeros) and those its sound sums prove
+    blocks: dict[int, int] = field(default_factory=dict)
+
+    def decides(self, off: int, end: int) -> bool:
+        """Every byte of [off, end) decided: its cluster, or its block of it."""
+        for c in range(off // CLUSTER, (end - 1) // CLUSTER + 1):
+            if self.decided[c]:
+                continue
+            bits = self.blocks.get(c)
+            if bits is None:
+                return False
+            lo, hi = max(off, c * CLUSTER) - c * CLUSTER, min(end, (c + 1) * CLUSTER) - c * CLUSTER
+            want = (1 << ((hi - 1) // BLOCK + 1)) - (1 << (lo // BLOCK))
+            if want & ~bits:
+                return False
+        return True
 
     def write(self, start: int, data: bytes) -> None:
         while data:
@@ -544,7 +561,7 @@ class Reference:
         end = min(off + length, dev.size)
         if off >= end:
             return b""
-        if not all(dev.decided[off // CLUSTER:(end - 1) // CLUSTER + 1]):
+        if not dev.decides(off, end):
             return None
         return dev.read(off, end)
 
@@ -595,7 +612,7 @@ def reference(stream: bytes, container_clean: bool = True, container_why: str = 
         claimed = claimed or _near(bp, INDEX_MAGIC) or _near(bp, FOOTER_MAGIC)
     ref.index_claimed = claimed
     if claimed:
-        sound, bad = _ref_index(stream, hsize, uuid, stored, nulls)
+        sound, bad, proven = _ref_index(stream, hsize, uuid, stored, nulls)
         ref.index_sound = sound
         if not sound:
             ref.problems.append("index present but not sound")
@@ -606,6 +623,8 @@ def reference(stream: bytes, container_clean: bool = True, container_why: str = 
         for d, c in bad:
             ref.problems.append(f"checksum of cluster {c} of device {d}")
             ref.devices[d].decided[c] = 0
+        for (d, c), bits in proven.items():
+            ref.devices[d].blocks[c] = bits
         if sound and not _ref_header_digest_holds(stream, nulls[-1][1]):
             ref.problems.append("the header does not match the index's header digest")
     ref.clean = complete and not ref.problems
@@ -792,40 +811,78 @@ def _ref_extent(stream: bytes, pos: int, uuid: bytes, ref: Reference
 
 def _ref_index(stream: bytes, hsize: int, uuid: bytes,
                stored: list[tuple[int, list[tuple[int, int, int, int, int]]]],
-               nulls: list[tuple[int, bytes]]) -> tuple[bool, list[tuple[int, int]]]:
-    """(sound, clusters whose data fails its checksum). Sound: the footer is the last walked
-    extent, the index null extents sit right before it, after every data extent, its checksum
-    holds and its rows are exactly the walked stored slots."""
+               nulls: list[tuple[int, bytes]]
+               ) -> tuple[bool, list[tuple[int, int]], dict[tuple[int, int], int]]:
+    """(sound, clusters whose data fails its checksum, the blocks of those still decided in a
+    block-summed archive). Sound: the footer is the last walked extent, the index null extents
+    sit right before it, after every data extent, its checksum holds and its rows are exactly
+    the walked stored slots."""
+    no: tuple[bool, list[tuple[int, int]], dict[tuple[int, int], int]] = (False, [], {})
     if not nulls or nulls[-1][1][:8] != FOOTER_MAGIC:
-        return False, []
+        return no
     foot_off, p = nulls[-1]
     _, version, off, length, check = struct.unpack_from("<8sIQQI", p)
     n = max(1, -(-length // NULL_PAYLOAD))
     if version != 1 or off + n * EXT != foot_off or off < hsize:
-        return False, []
+        return no
     if stored and off < stored[-1][0]:
-        return False, []
+        return no
     by_off = dict(nulls)
     parts = [by_off.get(off + i * EXT) for i in range(n)]
     if any(q is None for q in parts):
-        return False, []
+        return no
     blob = b"".join(q for q in parts if q is not None)[:length]
     if len(blob) != length or xxh32low(blob) != check:
-        return False, []
+        return no
     idx = decode_index(blob)
     if idx is None:
-        return False, []
+        return no
     exts = [(o, len(s)) for o, s in stored]
     rows = [(d, c, m) for _, s in stored for d, c, m, _, _ in s]
     if idx.extents != exts or [r[:3] for r in idx.rows] != rows:
-        return False, []
+        return no
     bad = []
-    flat = [x for _, s in stored for x in s]
-    check = summed if any(k == FIELD_BLOCK_SUMS for k, _ in footer_fields(p)) else xxh32low
-    for (d, c, _, check_row), (_, _, _, doff, dlen) in zip(idx.rows, flat, strict=True):
-        if check(stream[doff:doff + dlen]) != check_row:
-            bad.append((d, c))
-    return True, bad
+    proven: dict[tuple[int, int], int] = {}
+    block_sums = any(k == FIELD_BLOCK_SUMS for k, _ in footer_fields(p))
+    check = summed if block_sums else xxh32low
+    ends = {o: max(dp + dl for _, _, _, dp, dl in s) for o, s in stored}
+    for (d, c, m, check_row), (eo, slot) in zip(idx.rows, [(o, x) for o, s in stored
+                                                            for x in s], strict=True):
+        doff, dlen = slot[3], slot[4]
+        if check(stream[doff:doff + dlen]) == check_row:
+            continue
+        bad.append((d, c))
+        if block_sums:
+            proven[(d, c)] = _ref_proven_blocks(stream, by_off, ends[eo], eo, doff, m, check_row)
+    return True, bad, proven
+
+
+def _ref_proven_blocks(stream: bytes, by_off: dict[int, bytes], end: int, ext: int, doff: int,
+                       mask: int, check: int) -> int:
+    """The blocks of a cluster that fails its check which a reader may still serve: those
+    not stored (zeros, as the index says) and, if the cluster's sums in the walked null
+    extents after its data extent hash to its check, the stored ones matching their sum."""
+    bits = ~mask & 0xFFFF
+    blocks = (end - ext - EXT) // BLOCK
+    parts = [by_off.get(end + k * EXT) for k in range(-(-4 * blocks // NULL_PAYLOAD))]
+    if any(q is None for q in parts):
+        return bits
+    payload = b"".join(q for q in parts if q is not None)
+    first = (doff - ext - EXT) // BLOCK
+    sums = payload[4 * first:4 * (first + popcount(mask))]
+    if xxh32low(sums) != check:
+        return bits
+    k = 0
+    for j in range(16):
+        if mask >> j & 1:
+            at = doff + k * BLOCK
+            if xxh32low(stream[at:at + BLOCK]) == struct.unpack_from("<I", sums, 4 * k)[0]:
+                bits |= 1 << j
+            k += 1
+    return bits
+
+
+
 
 
 # -- mutations ---------------------------------------------------------------------------------

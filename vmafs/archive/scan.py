@@ -11,6 +11,7 @@ verify uses both cores.
 from __future__ import annotations
 
 import contextlib
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -77,12 +78,16 @@ class TrailerCheck:
         self.tail = b""  # the stream's last 512 bytes, when they are data
         self.header_digest = False  # the footer carries a header digest, and it matched
         self.bad: BadData | None = None  # the clusters whose data fails its checksum
-        # Block sums (format/index.py): whether the stream carries them is seen after its
-        # first data extent (None until then; that extent is hashed both ways), then each
-        # data extent's sums must follow it. The footer, at the end, must agree.
+        # Block sums (format/index.py): whether the stream carries them is seen from what
+        # follows its first data extent (None until then; that extent is hashed both ways).
+        # Then the sums after each data extent give each cluster a carried check, which the
+        # index must confirm as it confirms the data's: sums and data are damaged apart.
         self.summed: bool | None = None
-        self.pending: tuple[int, bytes] | None = None  # (offset, sums) a data extent awaits
+        self.pending: tuple[int, int, list[tuple[int, int]]] | None = None
+        """(where its sums start, its blocks, each stored cluster's [first, end) block) of
+        the data extent whose sums come next"""
         self.first_checks: list[int] = []  # the first extent's data checksums, until decided
+        self.carried = array("I")  # per stored cluster: checksum of the sums carried for it
         self.sums_problem: Problem | None = None  # the first data extent without its sums
 
     def add_extent(self, ext: Extent, data: memoryview) -> None:
@@ -117,35 +122,46 @@ class TrailerCheck:
         per = vma.BLOCK_SIZE // index.SUM_SIZE
         built.checksums.fromlist([index.checksum(sums[a // per:b // per])
                                   for a, b in zip(starts, ends, strict=True)])
-        self.pending = (ext.offset + ext.size, sums)
+        step = vma.BLOCK_SIZE
+        self.pending = (ext.offset + ext.size, len(data) // step,
+                        [(a // step, b // step) for a, b in zip(starts, ends, strict=True)])
 
     def _sums_follow(self, payloads: list[bytes], null: list[bool]) -> None:
         """What follows a data extent (null extents' payloads, in order; none: a data extent
-        or the end) against the sums it awaits: decides whether the stream carries sums
-        (after the first data extent), then requires them after every one."""
+        or the end): its block sums, if the stream carries them. Whether it does is decided
+        after the first data extent, from the shape alone (its data may be damaged): enough
+        null extents, zero after the sums, and no index there."""
         if self.pending is None:
             return
-        at, sums = self.pending
+        at, blocks, bounds = self.pending
         self.pending = None
-        n = index.sums_extents(len(sums) // index.SUM_SIZE)
-        found = (len(payloads) >= n and all(null[:n])
-                 and b"".join(payloads[:n]) == sums.ljust(n * vma.NULL_PAYLOAD_SIZE, b"\0"))
+        n = index.sums_extents(blocks)
+        carried = b"".join(payloads[:n])
+        size = blocks * index.SUM_SIZE
+        found = (len(payloads) >= n and all(null[:n]) and not any(carried[size:])
+                 and not carried.startswith((index.INDEX_MAGIC, index.FOOTER_MAGIC)))
         if self.summed is None:
             self.summed = found
             if not found:  # an archive without sums: its first extent's checks are of data
                 first = len(self.index.checksums) - len(self.first_checks)
-                self.index.checksums[first:] = type(self.index.checksums)(
-                    "I", self.first_checks)
+                self.index.checksums[first:] = array("I", self.first_checks)
+                self.first_checks = []
+                return
             self.first_checks = []
-        elif not found and self.sums_problem is None:
-            self.sums_problem = Problem(problems.INDEX, "the block sums after the data extent "
-                                        f"ending at offset {at} are missing or do not match "
-                                        "its data", offset=at)
+        if not found:
+            if self.sums_problem is None:
+                self.sums_problem = Problem(problems.INDEX, "the block sums after the data "
+                                            f"extent ending at offset {at} are missing",
+                                            offset=at)
+            self.carried.fromlist([0] * len(bounds))
+            return
+        self.carried.fromlist([index.checksum(carried[a * index.SUM_SIZE:b * index.SUM_SIZE])
+                               for a, b in bounds])
 
     def add_run(self, batch: HeaderBatch) -> None:
         """A run of extents without data: null extents (a trailer, block sums) or zero slots."""
         if self.pending is not None:
-            n = index.sums_extents(len(self.pending[1]) // index.SUM_SIZE)
+            n = index.sums_extents(self.pending[1])
             null = ~(batch.dev_ids[:n] != 0).any(axis=1)
             self._sums_follow([bytes(batch.payload(i)) if null[i] else b""
                                for i in range(min(n, len(null)))], null.tolist())
@@ -198,6 +214,14 @@ class TrailerCheck:
         bad = np.flatnonzero(seen.checksums != table.checksums)
         self.bad = BadData(seen.dev_ids[bad], seen.clusters[bad], seen.offsets[bad])
         found = self.bad.problems(self.header)
+        if self.sums_problem is None and footer.block_sums:
+            wrong = np.flatnonzero(np.frombuffer(self.carried, np.uint32) != table.checksums)
+            if len(wrong):
+                row = int(wrong[0])
+                self.sums_problem = Problem(
+                    problems.INDEX, f"the block sums of {len(wrong)} cluster(s) do not match "
+                    f"the index, first of cluster {int(seen.clusters[row])} (data at stream "
+                    f"offset {int(seen.offsets[row])})", offset=int(seen.offsets[row]))
         if self.sums_problem is not None:
             found.append(self.sums_problem)
         return True, found

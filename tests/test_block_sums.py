@@ -1,0 +1,259 @@
+"""Block-summed plain archives (issue 17, format/index.py): every stored 4 KiB block has a sum
+in null extents after its data extent, and a read of part of a cluster reads only its blocks
+and the cluster's sums. Every path must still give the same bytes or an error: damaged sums
+fall back to the whole cluster, a damaged block fails wherever it is read, and an archive
+written without sums reads as before. Real archives, real commands, dissect.archive as a second
+reader."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from archive_helpers import assert_every_cluster_once, dissect_read, walk_vma
+from conftest import run_vmafs
+
+from vmafs.archive.problems import ArchiveError
+from vmafs.archive.reader import Archive
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+from vmafs.container.zstd_output import PlainOutput
+from vmafs.format import index, vma
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mutations as mu  # noqa: E402
+
+MiB = 1 << 20
+CLUSTER = vma.CLUSTER_SIZE
+BLOCK = vma.BLOCK_SIZE
+
+
+def _image(path: Path) -> bytes:
+    """Dense data, partial clusters (some 4 KiB blocks zero), holes, an odd tail: 9 MiB."""
+    rnd = random.Random(17)
+    img = bytearray(9 * MiB + 3 * 512)
+    img[:5 * MiB] = rnd.randbytes(5 * MiB)
+    for c in range(40, 80):  # every other block zero: masks 0x5555
+        for j in range(0, 16, 2):
+            at = c * CLUSTER + j * BLOCK
+            img[at:at + BLOCK] = bytes(BLOCK)
+    for _ in range(30):
+        at = rnd.randrange(6 * MiB, 9 * MiB) // BLOCK * BLOCK
+        img[at:at + BLOCK] = rnd.randbytes(BLOCK)
+    img[-700:] = rnd.randbytes(700)
+    path.write_bytes(img)
+    return bytes(img)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    work = tmp_path_factory.mktemp("block-sums")
+    img = _image(work / "disk.raw")
+    out = work / "a.vma"
+    rc, _, err = run_vmafs("create", "-q", "-o", out, f"drive-scsi0={work / 'disk.raw'}")
+    assert rc == 0, err
+    return out, img
+
+
+def _footer(data: bytes) -> index.Footer:
+    footer = index.decode_footer(vma.null_extent_payload(data[-512:]))
+    assert footer is not None
+    return footer
+
+
+def _sums_runs(data: bytes) -> list[tuple[int, int, int]]:
+    """(data extent offset, its blocks, where its sums start) of every data extent."""
+    walk = walk_vma(data)
+    return [(off, blocks, off + 512 + blocks * BLOCK) for off, _, blocks in walk.extents
+            if blocks]
+
+
+def _reads(archive: Archive, img: bytes, seed: int, count: int = 1500) -> None:
+    rnd = random.Random(seed)
+    for _ in range(count):
+        off = rnd.randrange(len(img))
+        n = rnd.choice((1, 100, 512, BLOCK, 2 * BLOCK, 3 * BLOCK + 5, CLUSTER, 200_000))
+        assert bytes(archive.read(1, off, n)) == img[off:off + n], (off, n)
+
+
+def test_round_trip(made: tuple[Path, bytes], tmp_path: Path) -> None:
+    """Every read size, verify, extract, and Proxmox's rules (an independent walker) and
+    dissect.archive agree; each data extent is followed by exactly its sums."""
+    path, img = made
+    data = path.read_bytes()
+    assert _footer(data).block_sums
+    walk = walk_vma(data)  # asserts Proxmox's reader rules: mid-stream null extents pass
+    assert_every_cluster_once(walk)
+    assert bytes(walk.images[1]) == img
+    for _, blocks, at in _sums_runs(data):
+        n = index.sums_extents(blocks)
+        payload = b"".join(vma.null_extent_payload(data[at + k * 512:at + (k + 1) * 512])
+                           for k in range(n))
+        own = data[at - blocks * BLOCK:at]
+        assert payload[:4 * blocks] == index.block_sums(own)
+        assert not any(payload[4 * blocks:])
+    images, _ = dissect_read(path)
+    assert images["drive-scsi0"] == img
+    with Archive.open(str(path)) as archive:
+        _reads(archive, img, 1)
+    rc, out, err = run_vmafs("verify", path)
+    assert rc == 0, err
+    rc, _, err = run_vmafs("extract", "-q", path, tmp_path / "x")
+    assert rc == 0, err
+    assert (tmp_path / "x" / "disk-drive-scsi0.raw").read_bytes() == img
+
+
+def _damaged(path: Path, tmp: Path, edit: str) -> tuple[Path, int, int]:
+    """A copy of the archive with one thing damaged; (copy, cluster, stream offset of its
+    data) of the second cluster (full) of the first data extent."""
+    data = bytearray(path.read_bytes())
+    runs = _sums_runs(bytes(data))
+    ext_off, _, sums_at = runs[0]
+    first = struct.unpack_from(">Q", data, ext_off + 40)[0]
+    info = struct.unpack_from(">Q", data, ext_off + 48)[0]
+    dev, cluster, mask = info >> 32 & 0xFF, info & 0xFFFFFFFF, info >> 48
+    assert mask == 0xFFFF and dev and first >> 48 == 0xFFFF
+    data_at = ext_off + 512 + CLUSTER
+    if edit == "block":  # a byte of block 0 of that cluster
+        data[data_at + 10] ^= 1
+    elif edit == "sums":  # its sums, resealed: a valid null extent with wrong sums
+        data[sums_at + 40 + 9 * 8] ^= 1  # payload byte 63: the 16th sum of cluster 1
+        mu.reseal(data, sums_at)
+    elif edit == "sums-md5":  # a broken extent where Proxmox's reader stops
+        data[sums_at + 40] ^= 1
+    out = tmp / f"{edit}.vma"
+    out.write_bytes(data)
+    return out, cluster, data_at
+
+
+def test_damaged_block_fails_on_every_path(made: tuple[Path, bytes], tmp_path: Path) -> None:
+    """A damaged block is an error wherever it is read; the other blocks of its cluster,
+    proven by their sums, still read (the oracle in mutations.py allows exactly that)."""
+    path, img = made
+    bad, cluster, _ = _damaged(path, tmp_path, "block")
+    base = cluster * CLUSTER
+    with Archive.open(str(bad)) as archive:
+        with pytest.raises(ArchiveError, match="checksum mismatch"):
+            archive.read(1, base, BLOCK)  # the damaged block
+        with pytest.raises(ArchiveError, match="checksum mismatch"):
+            archive.read(1, base, CLUSTER)  # the whole cluster
+        with pytest.raises(ArchiveError, match="checksum mismatch"):
+            archive.read(1, base - BLOCK, 2 * BLOCK)  # across into it
+        assert bytes(archive.read(1, base + 5 * BLOCK, BLOCK)) == img[base + 5 * BLOCK:
+                                                                     base + 6 * BLOCK]
+        with pytest.raises(ArchiveError, match="checksum mismatch"):
+            list(archive.iter_stored(1))
+    rc, _, err = run_vmafs("verify", bad)
+    assert rc == 3 and "checksum mismatch" in err, err
+    rc, _, err = run_vmafs("extract", "-q", bad, tmp_path / "x")
+    assert rc == 3 and not (tmp_path / "x" / "disk-drive-scsi0.raw").exists(), err
+
+
+def test_damaged_sums_fall_back(made: tuple[Path, bytes], tmp_path: Path) -> None:
+    """Sums that fail the index: small reads read the whole cluster instead (same bytes as
+    every other path); verify and extract call the archive damaged."""
+    path, img = made
+    bad, cluster, _ = _damaged(path, tmp_path, "sums")
+    with Archive.open(str(bad)) as archive:
+        _reads(archive, img, 2, 800)
+        base = cluster * CLUSTER
+        for j in range(16):
+            at = base + j * BLOCK
+            assert bytes(archive.read(1, at + 3, 100)) == img[at + 3:at + 103]
+        assert sum(len(d) for _, _, d, _ in archive.iter_stored(1)) > 0
+    rc, _, err = run_vmafs("verify", bad)
+    assert rc == 3 and "block sums" in err, err
+    rc, _, err = run_vmafs("extract", "-q", bad, tmp_path / "x")
+    assert rc != 0 and not (tmp_path / "x" / "disk-drive-scsi0.raw").exists(), err
+
+
+def test_broken_sums_extent_refused(made: tuple[Path, bytes], tmp_path: Path) -> None:
+    """A sums extent whose md5 fails ends the stream for Proxmox's reader: a random reader
+    must not serve what follows it, so the archive does not open."""
+    path, _ = made
+    bad, _, _ = _damaged(path, tmp_path, "sums-md5")
+    with pytest.raises(ArchiveError, match="md5"):
+        Archive.open(str(bad))
+    rc, _, err = run_vmafs("verify", bad)
+    assert rc == 3, err
+
+
+def _write(out_path: Path, img: bytes, *, block_sums: bool) -> None:
+    with open(out_path, "wb") as f:
+        out = PlainOutput(f)
+        writer = ArchiveWriter(out, [DeviceSpec("drive-scsi0", len(img))], uuid=b"u" * 16,
+                               ctime=1, block_sums=block_sums)
+        writer.write(1, 0, img)
+        writer.finish()
+        out.close()
+
+
+def test_unsummed_archive_reads_as_before(made: tuple[Path, bytes], tmp_path: Path) -> None:
+    """An archive with data checksums (every vmafs before block sums): no sums extents, no
+    footer field, every path reads it."""
+    _, img = made
+    old = tmp_path / "old.vma"
+    _write(old, img, block_sums=False)
+    data = old.read_bytes()
+    footer = _footer(data)
+    assert not footer.block_sums
+    walk = walk_vma(data)
+    assert min(walk.null_extents) == footer.index_offset  # only the index and its footer
+    with Archive.open(str(old)) as archive:
+        _reads(archive, img, 3, 500)
+    rc, _, err = run_vmafs("verify", old)
+    assert rc == 0, err
+    new = tmp_path / "new.vma"
+    _write(new, img, block_sums=True)
+    overhead = new.stat().st_size / old.stat().st_size - 1
+    assert 0 < overhead < 0.002  # 10 null extents per 3.8 MB extent: 0.13 %
+
+
+def test_zstd_archive_has_no_sums(made: tuple[Path, bytes], tmp_path: Path) -> None:
+    """Only plain archives carry sums: a zstd read decompresses a whole frame anyway."""
+    path, img = made
+    out = tmp_path / "a.vma.zst"
+    rc, _, err = run_vmafs("convert", path, out)
+    assert rc == 0, err
+    with Archive.open(str(out)) as archive:
+        assert archive._sums == [None]
+        _reads(archive, img, 4, 300)
+    back = tmp_path / "back.vma"
+    rc, _, err = run_vmafs("convert", out, back)
+    assert rc == 0, err
+    assert _footer(back.read_bytes()).block_sums
+    with Archive.open(str(back)) as archive:
+        _reads(archive, img, 5, 300)
+
+
+def test_mixed_index_semantics_is_damage(made: tuple[Path, bytes], tmp_path: Path) -> None:
+    """The footer's word for block sums taken away (resealed): the index's checks no longer
+    match any cluster's data checksum, so reads fail, and verify says why."""
+    path, _ = made
+    data = bytearray(path.read_bytes())
+    payload = vma.null_extent_payload(bytes(data[-512:]))
+    footer = _footer(bytes(data))
+    plain = index.encode_footer(index.Footer(footer.index_offset, footer.index_length,
+                                             footer.index_checksum, footer.header_digest))
+    data[-512:] = vma.encode_null_extents(bytes(data[8:24]), plain)
+    assert payload != plain
+    bad = tmp_path / "nofield.vma"
+    bad.write_bytes(data)
+    with Archive.open(str(bad)) as archive, pytest.raises(ArchiveError):
+        archive.read(1, 0, BLOCK)
+    rc, _, err = run_vmafs("verify", bad)
+    assert rc == 3 and "block sums" in err, err
+
+
+def test_sums_payload_positions() -> None:
+    """sums_payload_span and sums_from_extents find any block's sums in the null extents."""
+    sums = hashlib.sha256(b"x").digest() * 118  # 3776 bytes: 944 blocks
+    raw = vma.encode_null_extents(b"u" * 16, sums)
+    assert len(raw) == index.sums_extents(944) * 512
+    for first, count in ((0, 16), (102, 16), (103, 1), (928, 16), (0, 944), (500, 7)):
+        lo, hi = index.sums_payload_span(first, count)
+        assert index.sums_from_extents(raw[lo:hi], first, count) == sums[4 * first:
+                                                                          4 * (first + count)]
