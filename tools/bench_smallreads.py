@@ -24,6 +24,11 @@ median of a pass; ratios are taken within a round, and the median ratio over rou
 reported with its range. Targets: vmafs/baseline <= 1.0 (mount vs qsd, serve vs qemu-nbd),
 cold and warm. A final JSON line holds every round. Where a cold read's time goes (the whole
 64 KiB cluster read to check its checksum) is measured by tools/bench_blocksums.py.
+
+`vmafs create` writes a block-summed archive (format/index.py): a 4 KiB read reads its block
+and the cluster's sums. --unsummed also serves the same image as an archive without block
+sums (every read checks its whole 64 KiB cluster, as before them): "mount0"/"serve0", measured
+in the same rounds, so the gain is a ratio within a run too.
 """
 
 from __future__ import annotations
@@ -181,6 +186,28 @@ def vmafs_mount(archive: Path, mnt: Path) -> Iterator[None]:
         proc.wait(timeout=30)
 
 
+def write_unsummed(image: Path, out: Path) -> None:
+    """The image as an archive without block sums, as vmafs wrote them before (whole-cluster
+    checks): the writer's API with block_sums=False; zero runs cost nothing."""
+    sys.path.insert(0, str(ROOT))
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.zstd_output import PlainOutput
+
+    size = image.stat().st_size
+    chunk = 4 * MiB
+    with open(image, "rb") as src, open(out, "xb") as f:
+        output = PlainOutput(f)
+        writer = ArchiveWriter(output, [DeviceSpec("drive-scsi0", size)], block_sums=False)
+        for off in range(0, size, chunk):
+            data = src.read(chunk)
+            if data.count(0) == len(data):
+                writer.write_zeroes(1, off, len(data))
+            else:
+                writer.write(1, off, data)
+        writer.finish()
+        output.close()
+
+
 def qsd_argv(image: Path, target: Path) -> list[str]:
     return ["qemu-storage-daemon",
             "--blockdev", f"driver=file,node-name=file0,filename={image},read-only=on,"
@@ -197,6 +224,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/vmafs-bench-smallreads"))
     ap.add_argument("--only", choices=("fuse", "nbd"), help="measure one pair only")
     ap.add_argument("--keep", action="store_true", help="keep the image and the archive")
+    ap.add_argument("--unsummed", action="store_true",
+                    help="also an archive without block sums (mount0, serve0)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_smallreads: needs root (FUSE)", file=sys.stderr)
@@ -209,8 +238,13 @@ def main() -> int:
     if not archive.exists():
         subprocess.run(vmafs("create", "-q", "-o", str(archive), f"drive-scsi0={image}"),
                        check=True, env=env())
-    backing = {"qsd": image, "mount": archive, "qemu-nbd": image, "serve": archive}
+    old = work / "image-unsummed.vma"
+    if args.unsummed and not old.exists():
+        write_unsummed(image, old)
+    backing = {"qsd": image, "mount": archive, "qemu-nbd": image, "serve": archive,
+               "mount0": old, "serve0": old}
     pairs = {"fuse": ("mount", "qsd"), "nbd": ("serve", "qemu-nbd")}
+    before = {"fuse": "mount0", "nbd": "serve0"} if args.unsummed else {}
     if args.only:
         pairs = {args.only: pairs[args.only]}
     rounds: list[dict[str, float]] = []
@@ -223,6 +257,9 @@ def main() -> int:
             stack.enter_context(process(qsd_argv(image, qsd), lambda: mounted(qsd), "qsd"))
             stack.enter_context(vmafs_mount(archive, work / "mnt"))
             files = {"qsd": qsd, "mount": work / "mnt" / DISK}
+            if args.unsummed:
+                stack.enter_context(vmafs_mount(old, work / "mnt0"))
+                files["mount0"] = work / "mnt0" / DISK
         if "nbd" in pairs:
             qsock, vsock = work / "qemu-nbd.sock", work / "serve.sock"
             for sock in (qsock, vsock):
@@ -232,8 +269,15 @@ def main() -> int:
                 qsock.exists, "qemu-nbd"))
             stack.enter_context(process(vmafs("serve", "-f", "--socket", str(vsock),
                                               str(archive)), vsock.exists, "vmafs serve"))
-            for name, sock in (("qemu-nbd", qsock), ("serve", vsock)):
-                url = f"nbd+unix:///{'drive-scsi0' if name == 'serve' else ''}?socket={sock}"
+            socks = [("qemu-nbd", qsock), ("serve", vsock)]
+            if args.unsummed:
+                osock = work / "serve0.sock"
+                osock.unlink(missing_ok=True)
+                stack.enter_context(process(vmafs("serve", "-f", "--socket", str(osock),
+                                                  str(old)), osock.exists, "vmafs serve"))
+                socks.append(("serve0", osock))
+            for name, sock in socks:
+                url = f"nbd+unix:///{'' if name == 'qemu-nbd' else 'drive-scsi0'}?socket={sock}"
                 clients[name] = client = NBDClient(url)
                 stack.callback(client.close)
 
@@ -250,10 +294,14 @@ def main() -> int:
             row: dict[str, float] = {}
             for pair, (ours, theirs) in pairs.items():
                 for state in ("cold", "warm"):
-                    order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
+                    names = (ours, theirs, *([before[pair]] if pair in before else []))
+                    order = names if r % 2 == 0 else names[::-1]
                     for name in order:
                         row[f"{name}.{state}"] = measure(name, state == "cold", 100 + r)
                     row[f"ratio.{pair}.{state}"] = row[f"{ours}.{state}"] / row[f"{theirs}.{state}"]
+                    if pair in before:
+                        row[f"ratio.{pair}.unsummed.{state}"] = (
+                            row[f"{before[pair]}.{state}"] / row[f"{theirs}.{state}"])
             print(f"round {r + 1}: " + "  ".join(f"{k} {v:.2f}" if k.startswith("ratio")
                                                  else f"{k} {v:.0f} µs"
                                                  for k, v in row.items()), flush=True)
@@ -270,6 +318,8 @@ def main() -> int:
             print(f"{'PASS' if ratio <= 1.0 else 'MISS'}  {state} random 4 KiB, {ours} <= "
                   f"{theirs}: {ratio:.2f}x")
     print(f"load average: {os.getloadavg()[0]:.1f}")
+    if not args.keep:
+        old.unlink(missing_ok=True)
     print(json.dumps({"medians": med, "rounds": rounds}, sort_keys=True))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -68,6 +68,7 @@ class Info:
     record: chain_record.ChainRecord | None
     chain: list[ChainLink] = field(default_factory=list)  # oldest first; [] for a full one
     chain_error: str | None = None
+    block_sums: bool = False  # plain, indexed, each 4 KiB block summed (small reads read less)
 
     @property
     def incremental(self) -> bool:
@@ -170,6 +171,7 @@ def describe(path: str, bases: Sequence[str] = ()) -> Info:
         archive = layers[-1] if layers else Archive.open(path, layer=True)
         try:
             info.mode = archive.mode
+            info.block_sums = archive.block_sums
             info.stream_bytes = archive.source.size
             # stored in 4 KiB blocks: a device's short last block counts only up to its end
             info.devices = [DeviceFacts(d.dev_id, d.name, d.size,

@@ -15,8 +15,10 @@ the stream) never mounts, so the mount serves no byte extract would not write.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import threading
 import uuid as uuidlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,21 +50,44 @@ class Device:
 
 
 class _Sums:
-    """Where a block-summed archive's sums are: each data extent's start and data end (where
-    its sums begin), in stream order, 16 bytes a data extent (not a cluster)."""
+    """Where a block-summed archive's sums are (each data extent's start and data end, where
+    its sums begin: 16 bytes a data extent, not a cluster), and the sums of the extents read
+    lately: a small read of a cluster near one read before (a booting guest, a file system's
+    metadata) then needs no second disk read. The cache holds at most CACHE_BYTES and
+    trusts nothing: each read checks the sums it takes against the index."""
 
-    __slots__ = ("starts", "ends")
+    __slots__ = ("starts", "ends", "cache", "cached", "lock")
+    CACHE_BYTES = 8 << 20  # ~2200 extents' sums: 8 GiB of data
 
     def __init__(self, table: index.IndexTable) -> None:
         self.starts = _aligned(table.ext_offsets.astype(np.uint64))
         self.ends = index.extent_ends(table.ext_counts, table.masks, table.offsets)
+        self.cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self.cached = 0
+        self.lock = threading.Lock()
 
-    def locate(self, data_offset: int) -> tuple[int, int]:
-        """(stream offset where the sums of the extent holding data_offset begin, number of
-        that extent's blocks before data_offset)."""
+    def locate(self, data_offset: int) -> tuple[int, int, int, int]:
+        """(extent number, where its sums begin, its blocks, its blocks before data_offset)
+        of the data extent holding data_offset."""
         e = int(self.starts.searchsorted(np.uint64(data_offset), side="right")) - 1
-        first = (data_offset - int(self.starts[e]) - vma.EXTENT_HEADER_SIZE) // vma.BLOCK_SIZE
-        return int(self.ends[e]), first
+        start, end = int(self.starts[e]) + vma.EXTENT_HEADER_SIZE, int(self.ends[e])
+        return e, end, (end - start) // vma.BLOCK_SIZE, (data_offset - start) // vma.BLOCK_SIZE
+
+    def get(self, extent: int) -> bytes | None:
+        with self.lock:
+            got = self.cache.get(extent)
+            if got is not None:
+                self.cache.move_to_end(extent)
+            return got
+
+    def put(self, extent: int, sums: bytes) -> None:
+        with self.lock:
+            if extent in self.cache:
+                return
+            self.cache[extent] = sums
+            self.cached += len(sums)
+            while self.cached > self.CACHE_BYTES:
+                self.cached -= len(self.cache.popitem(last=False)[1])
 
 
 class _DeviceMap:
@@ -175,6 +200,12 @@ class Archive:
     @property
     def incremental(self) -> bool:
         return self.record is not None and self.record.incremental
+
+    @property
+    def block_sums(self) -> bool:
+        """Each stored 4 KiB block has its own sum (format/index.py): a small read reads
+        only its blocks. A chain's view: its newest layer."""
+        return self._sums[-1] is not None
 
     @classmethod
     def open(cls, path: str, *, drop_behind: bool = False, layer: bool = False) -> Archive:
@@ -367,10 +398,11 @@ class Archive:
 
     def _read_blocks(self, dmap: _DeviceMap, dev_id: int, row: int, layer: int, sums: _Sums,
                      offset: int, end: int) -> bytes | memoryview | None:
-        """Part of a stored cluster of a block-summed archive: only the blocks the read needs
-        and the cluster's sums (asked for together, so the disk has both at once), each
-        block against its sum and the sums against the index. None: read the whole cluster
-        instead (it covers every stored block, or the sums fail the index: damaged sums)."""
+        """Part of a stored cluster of a block-summed archive: only the blocks the read needs,
+        and its extent's sums unless read lately (then both are asked for together, so the
+        disk has both at once); each block is checked against its sum and the cluster's sums
+        against the index. None: read the whole cluster instead (it covers every stored
+        block, or the sums fail the index: damaged sums)."""
         mask = int(dmap.masks[row])
         base = offset // CLUSTER * CLUSTER
         j0, j1 = (offset - base) // vma.BLOCK_SIZE, (end - 1 - base) // vma.BLOCK_SIZE + 1
@@ -381,25 +413,33 @@ class Archive:
             return None  # every stored block: the whole-cluster read checks it as cheaply
         source = self.source if dmap.layers is None else self.sources[layer]
         data_at = dmap.byte_offsets(row, row + 1)[0]
-        sums_at, first = sums.locate(data_at)
+        extent, sums_at, blocks, first = sums.locate(data_at)
         k0 = _POPCOUNT[mask & ((1 << j0) - 1)]  # stored blocks before the first one wanted
         count = _POPCOUNT[want]
-        lo, hi = index.sums_payload_span(first, _POPCOUNT[mask])
         blocks_at = data_at + k0 * vma.BLOCK_SIZE
         nbytes = count * vma.BLOCK_SIZE
-        if 0 <= sums_at + lo - (blocks_at + nbytes) <= NEAR:  # one read covers both
-            both = memoryview(source.pread(blocks_at, sums_at + hi - blocks_at))
-            data, raw = both[:nbytes], both[sums_at + lo - blocks_at:]
-        else:
-            source.will_need([sums_at + lo], hi - lo)
+        carried = sums.get(extent)
+        if carried is not None:
             data = memoryview(source.pread(blocks_at, nbytes))
-            raw = memoryview(source.pread(sums_at + lo, hi - lo))
-        if len(raw) != hi - lo or len(data) < nbytes:
-            return None  # cut off: the whole-cluster read says what is wrong
-        all_sums = index.sums_from_extents(raw, first, _POPCOUNT[mask])
-        if index.checksum(all_sums) != int(dmap.checksums[row]):  # type: ignore[index]
+        else:
+            span = index.sums_extents(blocks) * vma.EXTENT_HEADER_SIZE
+            if sums_at - (blocks_at + nbytes) <= NEAR:  # one read covers both
+                both = memoryview(source.pread(blocks_at, sums_at + span - blocks_at))
+                data, raw = both[:nbytes], both[sums_at - blocks_at:]
+            else:
+                source.will_need([sums_at], span)
+                data = memoryview(source.pread(blocks_at, nbytes))
+                raw = memoryview(source.pread(sums_at, span))
+            if len(raw) != span:
+                return None  # cut off: the whole-cluster read says what is wrong
+            carried = vma.null_payloads(raw)
+            sums.put(extent, carried)
+        if len(data) < nbytes:
             return None
-        if index.block_sums(data) != all_sums[k0 * 4:(k0 + count) * 4]:
+        own = carried[first * index.SUM_SIZE:(first + _POPCOUNT[mask]) * index.SUM_SIZE]
+        if index.checksum(own) != int(dmap.checksums[row]):  # type: ignore[index]
+            return None
+        if index.block_sums(data) != own[k0 * index.SUM_SIZE:(k0 + count) * index.SUM_SIZE]:
             raise self._mismatch(dev_id, int(dmap.clusters[row]), data_at)
         if want == (1 << j1) - (1 << j0):  # every block of the read stored: one run
             return data[offset - base - j0 * vma.BLOCK_SIZE:end - base - j0 * vma.BLOCK_SIZE]

@@ -293,6 +293,7 @@ class ScanResult:
     incremental: bool = False  # its chain record names a parent: missing clusters are its
     header_digest: bool = False  # its index carries the header's digest, and it matched
     bad_data: BadData | None = None  # data checksum mismatches (also among problems)
+    block_sums: bool = False  # its index and its stream have each 4 KiB block's sum
 
 
 def scan_stream(
@@ -357,4 +358,5 @@ def scan_stream(
     result.problems.extend(index_problems)
     result.header_digest = trailer.header_digest
     result.bad_data = trailer.bad
+    result.block_sums = bool(trailer.summed) and result.has_index
     return result

@@ -161,13 +161,14 @@ def run(args: argparse.Namespace) -> int:
                         for d in devices],
             "device_bytes": sum(d.size for d in devices),
             "stored_bytes": result.stored_bytes, "indexed": result.has_index,
-            "header_digest": result.header_digest,
+            "header_digest": result.header_digest, "block_sums": result.block_sums,
             "incremental": result.incremental, "chain": chain,
         })
     elif ok:
+        sums = " (and 4 KiB block sums)" if result.block_sums else ""
         what = ("no vmafs index: no data checksums" if not result.has_index
-                else "data checksums and header digest verified" if result.header_digest
-                else "data checksums verified; no header digest")
+                else f"data checksums{sums} and header digest verified"
+                if result.header_digest else f"data checksums{sums} verified; no header digest")
         if chain:
             what += f"; a chain of {len(chain)} archives, every link and archive checked"
         print(f"{args.archive}: OK ({len(result.header.devices)} devices, "

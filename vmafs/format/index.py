@@ -72,13 +72,12 @@ def checksum(data: bytes | memoryview) -> int:
 
 def block_sums(*parts: bytes | bytearray | memoryview) -> bytes:
     """The sums (LE u32, `checksum` of each) of the whole 4 KiB blocks of the parts, in
-    order: one hash call a block, the 64-bit digests truncated by numpy in one step (a
-    writer passes an extent's clusters at once)."""
+    order: one hash call a block (a writer passes an extent's clusters at once)."""
     digest = xxhash.xxh3_64_intdigest
     step = vma.BLOCK_SIZE
     views = [memoryview(p).cast("B") for p in parts]
-    return np.array([digest(v[at:at + step]) for v in views for at in range(0, len(v), step)],
-                    np.uint64).astype("<u4").tobytes()
+    sums = [digest(v[at:at + step]) & 0xFFFFFFFF for v in views for at in range(0, len(v), step)]
+    return struct.pack(f"<{len(sums)}I", *sums)
 
 
 def summed_check(stored: bytes | bytearray | memoryview) -> int:
@@ -89,34 +88,6 @@ def summed_check(stored: bytes | bytearray | memoryview) -> int:
 def sums_extents(blocks: int) -> int:
     """Null extents that carry the sums of an extent of `blocks` stored blocks."""
     return -(-blocks * SUM_SIZE // vma.NULL_PAYLOAD_SIZE)
-
-
-def sums_payload_span(first: int, count: int) -> tuple[int, int]:
-    """[start, end) offsets, from an extent's data end, of the null extents that hold the
-    sums of its stored blocks first..first+count-1: whole 512-byte headers to read."""
-    lo = first * SUM_SIZE // vma.NULL_PAYLOAD_SIZE
-    hi = ((first + count) * SUM_SIZE - 1) // vma.NULL_PAYLOAD_SIZE + 1
-    return lo * vma.EXTENT_HEADER_SIZE, hi * vma.EXTENT_HEADER_SIZE
-
-
-def sums_from_extents(raw: bytes | memoryview, first: int, count: int) -> bytes:
-    """The sums of blocks first..first+count-1 out of the headers sums_payload_span named
-    (`raw` starts at its start). Slot bytes are picked directly: the few slots a cluster's
-    64 bytes of sums touch, no decode of whole headers."""
-    per = vma.NULL_PAYLOAD_SIZE
-    pos = first * SUM_SIZE
-    end = pos + count * SUM_SIZE
-    base = pos // per * per
-    out = bytearray()
-    while pos < end:
-        ext, within = divmod(pos - base, per)
-        slot, byte = divmod(within, 7)
-        at = ext * vma.EXTENT_HEADER_SIZE + 40 + slot * 8
-        slot_payload = bytes(raw[at:at + 3]) + bytes(raw[at + 4:at + 8])
-        take = min(7 - byte, end - pos)
-        out += slot_payload[byte:byte + take]
-        pos += take
-    return bytes(out)
 
 
 def extent_ends(ext_counts: np.ndarray, masks: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -383,6 +383,17 @@ def encode_null_extents(uuid: bytes, payload: bytes) -> bytes:
     return b"".join(out)
 
 
+_PAYLOAD_BYTES = np.array([0, 1, 2, 4, 5, 6, 7])  # of each 8-byte slot: all but dev_id
+
+
+def null_payloads(headers: bytes | bytearray | memoryview) -> bytes:
+    """The payloads of consecutive null extent headers, joined (413 bytes each): a gather of
+    their slot bytes, not a loop. Their md5 and dev_id bytes are not checked here."""
+    n = len(headers) // EXTENT_HEADER_SIZE
+    arr = np.frombuffer(headers, np.uint8, n * EXTENT_HEADER_SIZE).reshape(n, EXTENT_HEADER_SIZE)
+    return arr[:, 40:].reshape(n, SLOTS_PER_EXTENT, 8)[:, :, _PAYLOAD_BYTES].tobytes()
+
+
 def null_extent_payload(buf: bytes) -> bytes:
     """The 413 payload bytes of a null extent header (checked by decode_extent_header first)."""
     arr = np.frombuffer(buf[40:EXTENT_HEADER_SIZE], np.uint8).reshape(SLOTS_PER_EXTENT, 8)
