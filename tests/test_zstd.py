@@ -978,3 +978,80 @@ def test_fifo_without_writer_does_not_hang(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("FormatError") and "empty" in lines[0]
     assert lines[1].startswith("NotSeekableError") and "not a regular file" in lines[1]
+
+
+# -- frames decoded ahead by worker threads (open_stream of a seekable file) --------------------
+
+
+def _many_frames(path: Path, frame_size: int = 64 << 10) -> bytes:
+    """A seekable file of many frames, compressible and not, as vmafs writes it."""
+    rng = random.Random(7)
+    data = b"".join(rng.randbytes(20000) + bytes(30000) for _ in range(60))
+    with open(path, "wb") as f:
+        out = SeekableZstdOutput(f, frame_size=frame_size, threads=0)
+        out.write(data)
+        out.close()
+    return data
+
+
+def _unzstd_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("vmafs-unzstd")]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: frames decoded in line")
+def test_stream_of_a_seekable_file_decodes_frames_ahead(tmp_path: Path) -> None:
+    """Worker threads decode the frames ahead of the reader; the bytes are zstd -d's, in
+    reads of any size, and the workers end with the stream."""
+    path = tmp_path / "many.zst"
+    data = _many_frames(path)
+    with open_stream(path) as f:
+        got = bytearray(f.read(100))
+        assert _unzstd_threads()
+        rng = random.Random(1)
+        while chunk := f.read(rng.choice((1, 4096, 65536, 200000, 1 << 20))):
+            got += chunk
+    assert bytes(got) == data
+    assert not _unzstd_threads()
+
+
+@needs_zstd
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: frames decoded in line")
+def test_stream_damaged_frame_is_the_error_after_every_byte_before_it(tmp_path: Path) -> None:
+    """A frame that fails its checksum: the reader gets every byte of the frames before it
+    (decoded ahead or not), then the error, as far as zstd -d got or further."""
+    path = tmp_path / "many.zst"
+    data = _many_frames(path)
+    with SeekableZstdSource(path) as src:
+        k = src.num_frames // 2
+        c_start, c_end = src.table.compressed_range(k)
+        d_start = src.frame_bounds(k)[0]
+    raw = bytearray(path.read_bytes())
+    raw[c_end - 2] ^= 0xFF  # in the frame's content checksum
+    path.write_bytes(raw)
+    ok, partial = _zstd_d_partial(path)
+    assert not ok
+    got = bytearray()
+    with open_stream(path) as f, pytest.raises(FormatError, match=f"frame {k} at {c_start}"):
+        while chunk := f.read(65536):
+            got += chunk
+    assert bytes(got) == data[:d_start]
+    assert partial[:d_start] == bytes(got)
+    assert not _unzstd_threads()
+
+
+def test_stream_on_one_cpu_decodes_in_line(tmp_path: Path) -> None:
+    """Pinned to one CPU, the stream decodes on the reader's thread (workers would only
+    take turns with it): the same bytes."""
+    path = tmp_path / "many.zst"
+    data = _many_frames(path)
+    code = ("import os, sys, threading\n"
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "from vmafs.container.streams import open_stream\n"
+            "with open_stream(sys.argv[1]) as f:\n"
+            "    out = f.read()\n"
+            "    names = [t.name for t in threading.enumerate()]\n"
+            "    assert not [n for n in names if n.startswith('vmafs-unzstd')]\n"
+            "sys.stdout.buffer.write(out)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          check=True)
+    assert proc.stdout == data

@@ -11,6 +11,7 @@ imports), so the ratio on stored data is printed beside the whole command's. --b
 also runs the vmafs of an older commit (git archive) the same way, in the same rounds.
 
 Usage: tools/bench_verify.py [--size 2G] [--rounds 7] [--dir D] [--keep] [--baseline REV]
+                             [--baseline-tree DIR]
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the archives in --dir")
     ap.add_argument("--baseline", metavar="REV", help="also time the vmafs of this commit")
+    ap.add_argument("--baseline-tree", metavar="DIR",
+                    help="also time the vmafs in DIR (e.g. `git archive REV vmafs | tar -x`)")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = args.dir or tempfile.mkdtemp(prefix="vmafs-bench-verify-", dir="/var/tmp")
@@ -123,6 +126,8 @@ def main() -> None:
             subprocess.run(f"git -C {ROOT} archive {args.baseline} vmafs | tar -x -C {base}",
                            shell=True, check=True)
             trees[f"{args.baseline}: "] = base
+        if args.baseline_tree:
+            trees[f"{args.baseline_tree}: "] = os.path.abspath(args.baseline_tree)
         subprocess.run(["sync"], check=True)
         times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         split: dict[tuple[str, str], list[tuple[float, float]]] = {}

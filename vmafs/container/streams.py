@@ -8,6 +8,8 @@ truncated or damaged input as FormatError instead of ending the stream quietly.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import fcntl
 import io
@@ -19,8 +21,9 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
+import numpy as np
 import zstandard
 
 from vmafs.container.zstd_frames import (
@@ -43,6 +46,9 @@ from vmafs.format.seektable import (
     parse_seek_table_footer,
 )
 from vmafs.store import ObjectStream
+
+if TYPE_CHECKING:
+    from vmafs.container.zstd_source import SeekableZstdSource
 
 CHUNK = 1 << 20
 """Read and buffer size: big sequential reads go in MiB pieces."""
@@ -278,6 +284,117 @@ class _ZstdRaw(io.RawIOBase):
         super().close()
 
 
+FRAMES_AHEAD = 16 << 20
+"""Decompressed bytes of frames decoded ahead of the reader (5 frames of the default size)."""
+FRAMES_QUEUED = 16
+"""And at most this many frames (small frames, from other writers)."""
+DECODERS = 2
+"""Worker threads decoding frames: zstandard's decompress and pread release the GIL."""
+
+
+class _FramesRaw(io.RawIOBase):
+    """A seekable zstd file's stream, its frames decoded by worker threads ahead of the reader,
+    so decoding overlaps what the reader does with the bytes (verify hashes them).
+
+    Frames are independent, and SeekableZstdSource proves each entry holds exactly its one
+    frame before decoding it (empty entries included), and the table that the entries fill
+    the file before it: the bytes are ``zstd -d``'s. A frame's error is raised when the
+    reader reaches that frame, after every byte before it. Decoding ahead starts at one frame
+    and grows with what was read (list and config read only the header). Frames are decoded
+    into buffers the reader hands back (fresh ones cost a page fault per 4 KiB)."""
+
+    def __init__(self, raw: io.RawIOBase, source: SeekableZstdSource) -> None:
+        self._raw = raw
+        self._source = source
+        self._sizes = np.diff(source.table.d_offsets).tolist()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            DECODERS, thread_name_prefix="vmafs-unzstd")
+        self._queue: collections.deque[
+            tuple[int, concurrent.futures.Future[tuple[bytearray, int]]]] = collections.deque()
+        self._free: collections.deque[bytearray] = collections.deque()  # appends are atomic
+        self._next = 0      # the next frame to hand to a worker
+        self._ahead = 0     # decompressed bytes of the frames queued
+        self._read = 0      # bytes handed to the reader
+        self._buffer = bytearray()
+        self._frame = memoryview(self._buffer)
+        self._pos = 0
+
+    @classmethod
+    def open(cls, raw: io.FileIO, name: str) -> _FramesRaw | None:
+        """The frame-parallel stream of a seekable zstd file whose table holds (frames of at
+        most MAX_FRAME_SIZE that fill the file); None for any other, which the one-thread
+        decoder then reads and judges as before."""
+        from vmafs.container.zstd_source import SeekableZstdSource  # it imports this module
+
+        try:
+            source = SeekableZstdSource(raw.fileno(), closefd=False, name=name)
+        except VmafsError:
+            return None
+        finally:
+            raw.seek(0)  # opening it sought to the end
+        return cls(raw, source)
+
+    def readable(self) -> bool:
+        return True
+
+    def _decode(self, index: int, size: int) -> tuple[bytearray, int]:
+        """In a worker: frame ``index`` into a free buffer that fits it (not one far larger:
+        memory follows the frames in flight)."""
+        try:
+            buf = self._free.pop()
+        except IndexError:
+            buf = bytearray()
+        if not size <= len(buf) <= 2 * size + (1 << 20):
+            buf = bytearray(size)
+        return buf, self._source.read_frame_into(index, buf)
+
+    def _fill(self) -> None:
+        limit = min(FRAMES_AHEAD, max(self._read, 1))
+        sizes = self._sizes
+        while self._next < len(sizes) and (not self._queue or (
+                self._ahead < limit and len(self._queue) < FRAMES_QUEUED)):
+            size = sizes[self._next]
+            self._queue.append((size, self._pool.submit(self._decode, self._next, size)))
+            self._ahead += size
+            self._next += 1
+
+    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
+        want = len(b)
+        if not want:
+            return 0
+        while self._pos == len(self._frame):
+            self._fill()
+            if not self._queue:
+                return 0
+            size, future = self._queue.popleft()
+            self._ahead -= size
+            self._fill()  # the workers go on while this frame is waited for and read
+            self._frame.release()
+            if self._buffer:
+                self._free.append(self._buffer)
+            self._buffer = bytearray()
+            self._buffer, n = future.result()
+            self._frame = memoryview(self._buffer)[:n]
+            self._pos = 0
+        n = min(want, len(self._frame) - self._pos)
+        b[:n] = self._frame[self._pos:self._pos + n]
+        self._pos += n
+        self._read += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            for _, future in self._queue:
+                future.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._queue.clear()
+            self._free.clear()
+            self._frame.release()
+            self._source.close()
+            self._raw.close()
+        super().close()
+
+
 class _GzipRaw(io.RawIOBase):
     """Multi-member gzip via zlib, output bounded per call (no zip-bomb buffers)."""
 
@@ -483,7 +600,9 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
             decoded = source
         elif kind == "zstd":
             table = _SeekTableCheck.open(direct_fd, name) if direct_fd is not None else None
-            decoded = _ZstdRaw(source, table)
+            frames = (_FramesRaw.open(cast(io.FileIO, raw), name)
+                      if table is not None and len(os.sched_getaffinity(0)) > 1 else None)
+            decoded = frames if frames is not None else _ZstdRaw(source, table)
         elif kind == "gzip":
             decoded = _GzipRaw(source)
         else:
