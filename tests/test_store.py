@@ -159,6 +159,71 @@ def test_a_sequential_reader_keeps_requests_in_flight_in_bounded_memory() -> Non
     stream.close()
 
 
+class _Cut:
+    """A body of the fake object that ends (or raises, as a dropped connection does) after
+    `cut` bytes; a readinto answers at most 1 MiB, as a socket does."""
+
+    def __init__(self, data: bytes, start: int, end: int, cut: int, raises: bool) -> None:
+        self.view = memoryview(data)[start:min(end, start + cut)]
+        self.raises = raises and start + cut < end
+        self.closed = False
+
+    def readinto(self, view: memoryview) -> int:
+        if not self.view and self.raises:
+            raise ranged_mod.BodyBroke("fake: the connection broke off")
+        n = min(len(view), len(self.view), MiB)
+        view[:n] = self.view[:n]
+        self.view = self.view[n:]
+        return n
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_stream_is_one_request_resumed_where_it_broke_off() -> None:
+    """stream() of a store that streams bodies: one request for the whole object, read ahead
+    in bounded pieces; a body that ends early or breaks off is asked for again from where it
+    stopped, and the bytes are exact."""
+    fake = _Fake(40 * MiB + 12345, delay=0)
+    opened: list[tuple[int, int]] = []
+    bodies: list[_Cut] = []
+
+    def open_body(start: int, end: int) -> _Cut:
+        opened.append((start, end))
+        cut = 9 * MiB + 7 if len(opened) < 4 else end  # the first three break off
+        bodies.append(_Cut(fake.data, start, end, cut, raises=len(opened) % 2 == 1))
+        return bodies[-1]
+
+    tail = ranged_mod.TAIL
+    obj = RangedObject("fake", len(fake.data), b"v1", fake.fetch,
+                       (len(fake.data) - tail, fake.data[-tail:]), open_body)
+    stream = obj.stream()
+    got = bytearray()
+    buf = bytearray(3 * MiB + 5)
+    while n := stream.readinto(buf):
+        got += buf[:n]
+    assert bytes(got) == fake.data
+    assert [s for s, _ in opened] == [0, 9 * MiB + 7, 18 * MiB + 14, 27 * MiB + 21]
+    assert all(e == len(fake.data) for _, e in opened) and fake.asked == []
+    stream.close()
+    assert all(b.closed for b in bodies)
+
+
+def test_a_stream_that_keeps_breaking_is_one_error() -> None:
+    fake = _Fake(8 * MiB, delay=0)
+
+    def open_body(start: int, end: int) -> _Cut:
+        return _Cut(fake.data, start, end, 0, raises=True)
+
+    tail = ranged_mod.TAIL
+    obj = RangedObject("fake", len(fake.data), b"v1", fake.fetch,
+                       (len(fake.data) - tail, fake.data[-tail:]), open_body)
+    stream = obj.stream()
+    with pytest.raises(VmafsError, match="broke off"):
+        stream.readinto(bytearray(MiB))
+    stream.close()
+
+
 def test_an_upload_holds_only_its_parts_in_flight(s3: S3Env) -> None:
     upload = S3Upload(s3.url("mem.bin"), base_part=5 * MiB, in_flight=2)
     block = os.urandom(MiB)

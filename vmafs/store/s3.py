@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmafs.errors import ContainerError, VmafsError
 from vmafs.store import Entry, StoreError
-from vmafs.store.ranged import TAIL, RangedObject
+from vmafs.store.ranged import TAIL, BodyBroke, RangedObject
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -221,7 +221,46 @@ def open_object(location: str) -> RangedObject:
     def fetch(start: int, end: int) -> bytes:
         return _get_range(s3, bucket, key, etag, start, end, location)
 
-    return RangedObject(location, size, identity, fetch, (size - len(body), body))
+    def open_body(start: int, end: int) -> _Body:
+        try:  # botocore retries the request itself
+            resp = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                 IfMatch=etag)
+        except Exception as exc:
+            raise error(exc, location) from None
+        return _Body(resp["Body"], location)
+
+    return RangedObject(location, size, identity, fetch, (size - len(body), body), open_body)
+
+
+class _Body:
+    """A GET's body as it arrives (ranged.Body). Read with http.client's readinto, under
+    botocore and urllib3, when it is there: straight from the socket into the reader's
+    buffer (urllib3's readinto reads into new bytes and copies them)."""
+
+    def __init__(self, body: Any, where: str) -> None:
+        self._body = body
+        fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+        self._fp = fp if callable(getattr(fp, "readinto", None)) else None
+        self._where = where
+
+    def readinto(self, view: memoryview) -> int:
+        import http.client
+
+        try:
+            if self._fp is not None:
+                return int(self._fp.readinto(view))
+            data = self._body.read(len(view))
+            view[:len(data)] = data
+            return len(data)
+        except Exception as exc:
+            if isinstance(exc, (*_body_errors(), http.client.HTTPException, ValueError)):
+                # (ValueError: a read of a connection closed under it)
+                raise BodyBroke(f"{self._where}: the connection to S3 broke off "
+                                f"({type(exc).__name__})") from None
+            raise error(exc, self._where) from None
+
+    def close(self) -> None:
+        self._body.close()  # the connection is not reused: the body may be unread
 
 
 def _read_body(resp: dict[str, Any]) -> bytes:
