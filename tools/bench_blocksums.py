@@ -1,28 +1,26 @@
 #!/usr/bin/env python3
-"""What finer checksums would buy a small random read (issue 17), measured before any format
-change: a 4 KiB read of an indexed archive today reads and hashes its whole 64 KiB cluster.
+"""What block sums (format/index.py) buy a small random read, in-process, against the same
+image written without them (issue 17). No FUSE, no NBD: the reader's own cost.
 
-    python3 tools/bench_blocksums.py ARCHIVE.vma [--rounds 5] [--reads 400]
+    python3 tools/bench_blocksums.py [--size-gib 2] [--rounds 5] [--reads 400]
+                                     [--workdir /var/tmp/vmafs-bench-blocksums] [--tib] [--keep]
 
-Builds, beside a plain archive, what a new index version would carry (a 32-bit XXH3 of every
-stored 4 KiB block, in index row order, in 4 KiB "sum pages" of 1024 sums, each page checked by
-a 32-bit sum kept in memory with the index) in a side file on the same file system, then
-measures cold random 4 KiB reads in data (both files evicted with POSIX_FADV_DONTNEED before
-each pass, one after the other, the same offsets), every read checked:
+One half-data image (64 MiB stripes, as the other benchmarks), written twice: `vmafs create`
+(block sums) and the writer without them (every read checks its whole 64 KiB cluster). Each
+round measures, interleaved (order alternating), cold random 4 KiB reads in data at the same
+offsets: both archives' pages evicted first (POSIX_FADV_DONTNEED, never drop_caches):
 
-  * today:      Archive.read (the whole cluster read, its checksum checked);
-  * serial:     the 4 KiB block, then its sum page (a lazily loaded table, cold);
-  * parallel:   the sum page asked for first (POSIX_FADV_WILLNEED), then both read: the two
-                disk reads overlap;
-  * ..., sum page cold: each read's sum page evicted first (a disk far larger than the part
-                read: every read needs a page of sums from disk);
-  * resident:   the sums already in memory (a small disk, or pages read before);
-  * raw 4 KiB:  one unchecked 4 KiB pread of the archive: the floor.
+  * unsummed:           Archive.read of an archive without sums (64 KiB read + check);
+  * summed, sums cached: the extent's sums in the reader's cache (a read near an earlier one):
+                        one 4 KiB disk read;
+  * summed, sums cold:  the reader's sums cache emptied before each read: the block and the
+                        extent's sums (asked for first), two disk reads at once;
+  * raw 4 KiB:          one unchecked pread of the block: the floor.
 
-Also prints the warm cost of each path, the CPU cost of hashing 16 x 4 KiB vs 64 KiB, and what
-the table costs at 1 TiB of stored data (bytes on disk, bytes loaded at open).
-Assumes full clusters (what `vmafs create` of a random image writes); partial clusters would
-index their sums by the popcount of the mask bits below the block.
+Then the same reads warm (in the page cache). Medians per pass, median over rounds, ratio to
+unsummed. Also the archives' sizes (sums overhead) and, with --tib, a 1 TiB sparse disk
+(1 GiB of data) both ways: archive and index size, first open (confirming the index, the
+sums extents' headers included) and cached open.
 """
 
 from __future__ import annotations
@@ -30,135 +28,143 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import xxhash
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import evict
+from bench_smallreads import write_unsummed
+from benchlib import evict, make_half_data_image
 
 from vmafs.archive.reader import Archive  # noqa: E402
+from vmafs.format import index, vma  # noqa: E402
 
 BLOCK = 4096
 CLUSTER = 65536
-PER_CLUSTER = CLUSTER // BLOCK
-PAGE = 4096
-SUMS_PER_PAGE = PAGE // 4
-TIB = 1 << 40
-
-
-def checksum(data: bytes | memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
-
-
-class BlockSums:
-    """The prototype read path: a 4 KiB block checked against its own sum."""
-
-    def __init__(self, archive: Archive, path: Path, sums_path: Path) -> None:
-        dmap = archive._maps[1]  # noqa: SLF001 - a prototype of the model's own read path
-        if not (dmap.masks == 0xFFFF).all():
-            raise SystemExit("bench_blocksums: needs an archive of full clusters")
-        self.clusters = dmap.clusters
-        self.offsets = dmap.all_byte_offsets().astype(np.int64)
-        self.fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-        if not sums_path.exists():
-            self._build(sums_path)
-        self.sfd = os.open(sums_path, os.O_RDONLY)
-        os.posix_fadvise(self.sfd, 0, 0, os.POSIX_FADV_RANDOM)
-        table = np.fromfile(sums_path, "<u4")
-        pages = table.view(np.uint8).reshape(-1, PAGE)
-        self.page_sums = [checksum(p.tobytes()) for p in pages]  # in memory with the index
-        self.resident = table                           # the "resident" variant
-        self.cache: dict[int, np.ndarray] = {}
-
-    def _build(self, sums_path: Path) -> None:
-        n = len(self.clusters)
-        sums = np.zeros(-(-n * PER_CLUSTER // SUMS_PER_PAGE) * SUMS_PER_PAGE, "<u4")
-        for row in range(n):
-            data = os.pread(self.fd, CLUSTER, int(self.offsets[row]))
-            mv = memoryview(data)
-            sums[row * PER_CLUSTER:(row + 1) * PER_CLUSTER] = [
-                checksum(mv[b * BLOCK:(b + 1) * BLOCK]) for b in range(PER_CLUSTER)]
-        sums.tofile(sums_path)
-
-    def _locate(self, offset: int) -> tuple[int, int]:
-        row = int(self.clusters.searchsorted(np.uint32(offset // CLUSTER)))
-        block = (offset % CLUSTER) // BLOCK
-        return row * PER_CLUSTER + block, int(self.offsets[row]) + block * BLOCK
-
-    def forget(self, offset: int) -> None:
-        """Evict the sum page a read used: a disk much larger than the reads' reach."""
-        page = self._locate(offset)[0] // SUMS_PER_PAGE
-        os.posix_fadvise(self.sfd, page * PAGE, PAGE, os.POSIX_FADV_DONTNEED)
-
-    def read(self, offset: int, *, parallel: bool, resident: bool = False) -> bytes:
-        index, at = self._locate(offset)
-        page = index // SUMS_PER_PAGE
-        if resident:
-            want = int(self.resident[index])
-        else:
-            if parallel:
-                os.posix_fadvise(self.sfd, page * PAGE, PAGE, os.POSIX_FADV_WILLNEED)
-            data = os.pread(self.fd, BLOCK, at)
-            raw = os.pread(self.sfd, PAGE, page * PAGE)
-            if checksum(raw) != self.page_sums[page]:
-                raise ValueError("sum page damaged")
-            want = int.from_bytes(raw[(index % SUMS_PER_PAGE) * 4:][:4], "little")
-            if checksum(data) != want:
-                raise ValueError("block damaged")
-            return data
-        data = os.pread(self.fd, BLOCK, at)
-        if checksum(data) != want:
-            raise ValueError("block damaged")
-        return data
+MiB = 1 << 20
+GiB = 1 << 30
+STRIPE = 64 * MiB
 
 
 def data_offsets(archive: Archive, n: int, seed: int) -> list[int]:
-    clusters = archive._maps[1].clusters  # noqa: SLF001
+    clusters = archive._maps[1].clusters  # noqa: SLF001 - the rows say where data is
     rnd = random.Random(seed)
     return [int(clusters[rnd.randrange(len(clusters))]) * CLUSTER + rnd.randrange(16) * BLOCK
             for _ in range(n)]
 
 
+def create(image: Path, out: Path) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vmafs", "create", "-q", "-o", str(out),
+                    f"drive-scsi0={image}"], check=True)
+    return time.perf_counter() - t
+
+
+def index_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        f.seek(-512, os.SEEK_END)
+        footer = index.decode_footer(vma.null_extent_payload(f.read(512)))
+    assert footer is not None
+    return footer.index_length
+
+
+def open_times(path: Path) -> tuple[float, float]:
+    """(first open: the index confirmed against the stream, cold; an open after it)."""
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "vmafs"
+    shutil.rmtree(cache, ignore_errors=True)
+    evict(path)
+    t = time.perf_counter()
+    Archive.open(str(path)).close()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    Archive.open(str(path)).close()
+    return first, time.perf_counter() - t
+
+
+def tib(work: Path) -> None:
+    image = work / "tib.raw"
+    with open(image, "wb") as f:
+        f.truncate(1 << 40)
+        rnd = random.Random(5)
+        for k in range(16):  # 1 GiB of data in 16 places
+            f.seek(k * (1 << 36))
+            for _ in range(16):
+                f.write(rnd.randbytes(4 * MiB))
+    new, old = work / "tib.vma", work / "tib-unsummed.vma"
+    for p in (new, old):
+        p.unlink(missing_ok=True)
+    create(image, new)
+    write_unsummed(image, old)
+    print("1 TiB sparse disk, 1 GiB of data:")
+    for name, path in (("summed", new), ("unsummed", old)):
+        first, again = open_times(path)
+        print(f"  {name:9s} archive {path.stat().st_size / MiB:8.1f} MiB, index "
+              f"{index_bytes(path) / 1024:6.0f} KiB, first open {first:.2f} s, "
+              f"then {again * 1e3:.0f} ms")
+    for p in (image, new, old):
+        p.unlink()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("archive", type=Path)
+    ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reads", type=int, default=400)
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/vmafs-bench-blocksums"))
+    ap.add_argument("--tib", action="store_true", help="also a 1 TiB sparse disk: open times")
+    ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    path: Path = args.archive
-    sums_path = path.with_name(path.name + ".blocksums")
-    archive = Archive.open(str(path))
-    proto = BlockSums(archive, path, sums_path)
-    raw_fd = proto.fd
+    work: Path = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("XDG_CACHE_HOME", str(work / "xdg-cache"))
+    size = int(args.size_gib * GiB) // MiB * MiB
+    image, new, old = work / "image.raw", work / "image.vma", work / "image-unsummed.vma"
+    make_half_data_image(image, size, STRIPE)
+    if not new.exists():
+        create(image, new)
+    if not old.exists():
+        write_unsummed(image, old)
+    print(f"archive sizes: summed {new.stat().st_size} B, unsummed {old.stat().st_size} B: "
+          f"+{(new.stat().st_size / old.stat().st_size - 1) * 100:.3f} %")
+    summed, unsummed = Archive.open(str(new)), Archive.open(str(old))
+    sums = summed._sums[0]  # noqa: SLF001 - the reader's sums cache, emptied for "cold"
+    assert sums is not None
+    fd = os.open(new, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    dmap = summed._maps[1]  # noqa: SLF001
+
+    def raw(off: int) -> object:
+        row = int(dmap.clusters.searchsorted(off // CLUSTER))
+        return os.pread(fd, BLOCK, int(dmap.offsets[row]) + off % CLUSTER)
+
+    def cold_sums(off: int) -> object:
+        sums.cache.clear()
+        sums.cached = 0
+        return summed.read(1, off, BLOCK)
+
     paths: dict[str, Callable[[int], object]] = {
-        "today (64 KiB + check)": lambda o: archive.read(1, o, BLOCK),
-        "block sums, serial": lambda o: proto.read(o, parallel=False),
-        "block sums, parallel": lambda o: proto.read(o, parallel=True),
-        "serial, sum page cold": lambda o: proto.read(o, parallel=False),
-        "parallel, sum page cold": lambda o: proto.read(o, parallel=True),
-        "block sums, resident": lambda o: proto.read(o, parallel=False, resident=True),
-        "raw 4 KiB (unchecked)": lambda o: os.pread(raw_fd, BLOCK, proto._locate(o)[1]),
+        "unsummed (64 KiB+check)": lambda o: unsummed.read(1, o, BLOCK),
+        "summed, sums cached": lambda o: summed.read(1, o, BLOCK),
+        "summed, sums cold": cold_sums,
+        "raw 4 KiB (unchecked)": raw,
     }
     cold: dict[str, list[float]] = {k: [] for k in paths}
     warm: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(args.rounds):
+        offs = data_offsets(summed, args.reads, 1000 + r)
+        for off in offs:  # the sums of every extent these reads touch, in the cache
+            summed.read(1, off, BLOCK)
         names = list(paths) if r % 2 == 0 else list(reversed(paths))
         for name in names:
-            offs = data_offsets(archive, args.reads, 1000 + r)
-            evict(path)
-            evict(sums_path)
+            evict(new)
+            evict(old)
             times = []
             for off in offs:
-                if "page cold" in name:
-                    proto.forget(off)
                 t = time.perf_counter()
                 paths[name](off)
                 times.append(time.perf_counter() - t)
@@ -167,33 +173,22 @@ def main() -> int:
             for off in offs:  # now warm: the same blocks again
                 paths[name](off)
             warm[name].append((time.perf_counter() - t) / len(offs) * 1e6)
+    base = statistics.median(cold["unsummed (64 KiB+check)"])
+    wbase = statistics.median(warm["unsummed (64 KiB+check)"])
     print(f"{'path':26s} {'cold µs':>8s} {'warm µs':>8s}  (medians of {args.rounds} rounds; "
           "cold per-pass medians [min-max])")
-    base = statistics.median(cold["today (64 KiB + check)"])
     for name in paths:
         c, w = statistics.median(cold[name]), statistics.median(warm[name])
         print(f"{name:26s} {c:8.0f} {w:8.1f}  [{min(cold[name]):.0f}-{max(cold[name]):.0f}] "
-              f"{c / base:.2f}x today")
-    buf = os.urandom(CLUSTER)
-    mv = memoryview(buf)
-    n = 20000
-    t = time.perf_counter()
-    for _ in range(n):
-        checksum(buf)
-    one = (time.perf_counter() - t) / n * 1e6
-    t = time.perf_counter()
-    for _ in range(n):
-        blocks = [mv[b * BLOCK:(b + 1) * BLOCK] for b in range(PER_CLUSTER)]
-        for block in blocks:
-            checksum(block)
-    sixteen = (time.perf_counter() - t) / n * 1e6
-    print(f"hash a 64 KiB cluster: {one:.2f} µs whole, {sixteen:.2f} µs as 16 blocks "
-          f"(+{(sixteen - one) * 16384 / 1e6:.3f} s per GiB written, one core)")
-    clusters = TIB // CLUSTER
-    print(f"at 1 TiB stored: today's index ~{clusters * 11 / 2**20:.0f} MiB (11 B a cluster); "
-          f"block sums {clusters * PER_CLUSTER * 4 / 2**20:.0f} MiB on disk (0.1 % of data, "
-          f"read lazily, a 4 KiB page per 4 MiB of data); page sums loaded at open "
-          f"{clusters * PER_CLUSTER // SUMS_PER_PAGE * 4 / 2**20:.0f} MiB")
+              f"cold {c / base:.2f}x, warm {w / wbase:.2f}x unsummed")
+    print(f"load average: {os.getloadavg()[0]:.1f}")
+    summed.close()
+    unsummed.close()
+    os.close(fd)
+    if args.tib:
+        tib(work)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -39,7 +39,8 @@ ZERO_VIEW = memoryview(ZEROS)
 _POPCOUNT = vma.POPCOUNT16_LIST
 MAX_LAYERS = 256           # archives a stack holds: each row's layer number is one byte
 _UINT32_MAX = (1 << 32) - 1  # cluster numbers are uint32 in the rows
-NEAR = 16 << 10  # block sums this close after the blocks come in the same read
+NEAR = CLUSTER  # block sums this close after the blocks come in the same read (further,
+# and PlainSource would take the second read for a sequential reader's and read ahead)
 
 
 @dataclass(frozen=True)
