@@ -136,3 +136,57 @@ def test_onto_a_block_device(source: Source, loop_device: tuple[str, Path],
         assert proc.returncode == 1 and "needs" in proc.stderr
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_qcow2_of_a_large_sparse_disk_with_partial_clusters(tmp_path: Path) -> None:
+    """The qcow2 image restore lays out itself: data in several L2 tables' spans, clusters
+    stored in part (zero 4 KiB blocks), the disk's last cluster; clean for qemu-img check,
+    equal to the source, and as sparse as the data."""
+    size = 1300 * MiB + 5 * 4096  # not a whole cluster: the last one is cut short
+    disk = tmp_path / "disk.raw"
+    rnd = random.Random(3)
+    with open(disk, "wb") as f:
+        f.truncate(size)
+        for at in (0, 512 * MiB - 3 * CLUSTER, 700 * MiB + 4096, size - 5 * 4096):
+            f.seek(at)
+            block = bytearray(rnd.randbytes(min(6 * CLUSTER, size - at)))
+            block[4096:3 * 4096] = bytes(2 * 4096)  # a partly stored cluster
+            f.write(block)
+    archive = tmp_path / "a.vma"
+    assert vmafs("create", "-q", "-o", archive, f"drive-scsi0={disk}").returncode == 0
+    _restore(archive, "--to", tmp_path / "out")
+    image = tmp_path / "out" / "disk-drive-scsi0.qcow2"
+    _same(image, "qcow2", disk)
+    assert os.stat(image).st_blocks * 512 < 4 * MiB
+
+
+def test_qcow2_layout_of_a_huge_disk_is_clean(tmp_path: Path) -> None:
+    """Many L2 tables and several refcount blocks (more than 32768 host clusters): the
+    metadata alone, the data clusters left as holes (they read as zeros), is what qemu-img
+    check accepts, and qemu-img map finds every cluster where the layout put it."""
+    import numpy as np
+
+    from vmafs.restore import qcow2
+
+    size = (1 << 40) + 512
+    clusters = np.unique(np.random.default_rng(4).integers(0, size // CLUSTER, 40000))
+    lay = qcow2.layout(size, clusters)
+    assert lay.refcount_blocks >= 2 and len(lay.l2_tables) > 1000
+    image = tmp_path / "huge.qcow2"
+    fd = os.open(image, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for offset, data in qcow2.metadata(lay):
+            os.pwrite(fd, data, offset)
+        os.ftruncate(fd, lay.file_size())
+    finally:
+        os.close(fd)
+    subprocess.run(["qemu-img", "check", "-q", str(image)], check=True)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["virtual-size"] == size
+    mapped = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(image)],
+                                       check=True, capture_output=True, text=True).stdout)
+    data = [(m["start"], m["length"], m["offset"]) for m in mapped if m["data"]]
+    assert sum(n for _, n, _ in data) == len(clusters) * CLUSTER
+    first, _, at = data[0]
+    assert first == int(clusters[0]) * CLUSTER and at == lay.data_offset(0)

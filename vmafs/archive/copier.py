@@ -17,9 +17,12 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+
 from vmafs.archive.reader import ZEROS, Archive
 from vmafs.archive.scan import StoredCluster
 from vmafs.container.output import WRITEBACK_STEP, start_writeback
+from vmafs.errors import VmafsError
 from vmafs.format import vma
 
 COPY_BATCH = 256  # clusters written at once (whole adjacent ones by one pwritev)
@@ -34,17 +37,22 @@ _ZERO_RANGE = 0x10
 
 
 def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int], None],
-                *, dense: bool = False) -> int:
+                *, dense: bool = False, packed: np.ndarray | None = None,
+                packed_at: int = 0) -> int:
     """A device as the model reads it (a chain: each cluster from its newest archive) into
     fd; returns the data bytes written. `dense`: fd has old content (a block device), so holes
     are zeroed and partial clusters written whole; otherwise fd is a fresh sparse file of the
-    device's size and holes stay holes."""
+    device's size and holes stay holes. `packed`: the device's stored clusters (ascending,
+    Archive.stored_clusters), written one after another from file cluster `packed_at` (a
+    qcow2 image's data area) instead of at their offsets in the disk."""
     size = archive.device(dev_id).size
     zero = _Zeroer(fd) if dense else None
     batch: list[StoredCluster] = []
     done = 0      # device bytes accounted for
     covered = 0   # device bytes written or zeroed (dense)
     written = 0
+    rank = 0      # stored clusters met (packed)
+    limit = size if packed is None else 1 << 62  # what write_extent clips at
     for cluster, mask, data, _ in archive.iter_stored(dev_id):
         start = cluster * vma.CLUSTER_SIZE
         if zero is not None:
@@ -53,15 +61,25 @@ def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int]
             if mask != vma.FULL_MASK:
                 data, mask = memoryview(vma.expand_blocks(data, mask)), vma.FULL_MASK
             covered = min(start + vma.CLUSTER_SIZE, size)
-        batch.append(StoredCluster(dev_id, cluster, mask, 0, data))
+        place = cluster
+        if packed is not None and mask:
+            if rank >= len(packed) or packed[rank] != cluster:
+                raise VmafsError(f"cluster {cluster} is not where the image's map has it")
+            place, rank = packed_at + rank, rank + 1
+            if start + vma.CLUSTER_SIZE > size:  # the disk's last cluster: nothing past it
+                whole = memoryview(vma.expand_blocks(data, mask))
+                data, mask = whole[:max(0, size - start)], vma.FULL_MASK
+        batch.append(StoredCluster(dev_id, place, mask, 0, data))
         if len(batch) == COPY_BATCH:
-            written += write_extent({dev_id: fd}, batch, {dev_id: size})
+            written += write_extent({dev_id: fd}, batch, {dev_id: limit})
             reached = min((cluster + 1) * vma.CLUSTER_SIZE, size)
             if reached // WRITEBACK_STEP != done // WRITEBACK_STEP:  # overlap disk and reads
                 start_writeback(fd)
             progress(reached - done)
             done, batch = reached, []
-    written += write_extent({dev_id: fd}, batch, {dev_id: size})
+    written += write_extent({dev_id: fd}, batch, {dev_id: limit})
+    if packed is not None and rank != len(packed):
+        raise VmafsError(f"{len(packed) - rank} clusters of the image's map were not read")
     if zero is not None and covered < size:
         zero(covered, size - covered)
     progress(size - done)

@@ -2,12 +2,11 @@
 config files, or a disk straight onto a block device.
 
 Raw images are what `vmafs extract` writes, so restore runs extract for them (one engine, one
-set of checks, the same names). Block devices are written by the copy engine
-(archive/copier.py) from the archive model: stored data only, holes zeroed. qcow2 images are
-written by `qemu-img convert` reading the archive's NBD export in-process (serve/nbd.py):
-block status lets it skip the holes, and QEMU writes its own format. Every file appears under
-its final name only when all of them were written; nothing existing is replaced without
---force.
+set of checks, the same names). Block devices and qcow2 images are written by the copy engine
+(archive/copier.py) from the archive model: stored data only, holes zeroed on a device; a
+qcow2 image is laid out from the index (restore/qcow2.py: its metadata, then the stored
+clusters in disk order), so nothing but the data is written. Every file appears under its
+final name only when all of them were written; nothing existing is replaced without --force.
 """
 
 from __future__ import annotations
@@ -16,10 +15,7 @@ import argparse
 import contextlib
 import errno
 import os
-import shutil
 import stat
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +30,7 @@ from vmafs.container.output import TempFile
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import FileNames, display, file_names, json_name, raw
 from vmafs.progress import Progress, print_json
-from vmafs.restore import RECONNECT_DELAY, SOCKET_NAME
+from vmafs.restore import RECONNECT_DELAY, SOCKET_NAME, qcow2
 
 PROBE = 4096   # bytes at the start of a device that must be zero unless --force
 
@@ -235,10 +231,9 @@ def _restore(args: argparse.Namespace, archive: Archive, to_device: dict[bytes, 
                         os.ftruncate(t.fd, t.device.size)
                     t.copied = copy_device(archive, t.device.dev_id, t.fd, progress.update,
                                            dense=t.on_device)
-                    os.fsync(t.fd)
-            qcow2 = [t for t in targets if not t.on_device and args.format == "qcow2"]
-            if qcow2:
-                _to_qcow2(archive, qcow2, progress)
+                else:
+                    t.copied = _write_qcow2(archive, t.device, t.fd, progress)
+                os.fsync(t.fd)
             if args.to:  # files in a directory (--to-device alone writes none)
                 commit_all(dir_fd, args.to, configs, temps, args.force)
         finally:
@@ -296,40 +291,18 @@ def _open_device(path: str, dev: Device, force: bool) -> int:
     return fd
 
 
-def _to_qcow2(archive: Archive, targets: list[_Target], progress: Progress) -> None:
-    """Each target a qcow2 image written by qemu-img from the session's NBD export."""
-    import trio
-
-    from vmafs.archive.serving import session_of
-    from vmafs.serve.nbd import serving
-
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise VmafsError("qemu-img is needed for --format qcow2 (or use --format raw)")
-    for t in targets:   # the image is created in our temporary file, through its fd
-        _qemu_img([qemu_img, "create", "-q", "-f", "qcow2", f"/proc/self/fd/{t.fd}",
-                   str(t.device.size)], t.fd)
-
-    async def main() -> None:
-        with tempfile.TemporaryDirectory(prefix="vmafs-restore-") as private:
-            sock = os.path.join(private, "nbd")
-            async with session_of(archive) as session, \
-                    serving(session, socket=sock) as export:
-                for t in targets:
-                    await trio.to_thread.run_sync(_qemu_img, [
-                        qemu_img, "convert", "-n", "--target-is-zero", "-W", "-f", "raw",
-                        "-O", "qcow2", export.urls[t.device.name],
-                        f"/proc/self/fd/{t.fd}"], t.fd)
-                    t.copied = archive.stored_bytes(t.device.dev_id)
-                    progress.update(t.device.size)
-
-    trio.run(main)
-    for t in targets:
-        os.fsync(t.fd)
-
-
-def _qemu_img(argv: list[str], fd: int) -> None:
-    proc = subprocess.run(argv, pass_fds=(fd,), capture_output=True, text=True)
-    if proc.returncode:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        raise VmafsError(f"qemu-img {argv[1]} failed: {lines[-1]}")
+def _write_qcow2(archive: Archive, device: Device, fd: int, progress: Progress) -> int:
+    """The disk as a qcow2 image in fd (a fresh file): its metadata from the index, then the
+    stored clusters by the copy engine. Returns the data bytes the archive stores for it."""
+    clusters = archive.stored_clusters(device.dev_id, 0,
+                                       max(0, device.size - 1) // qcow2.CLUSTER)
+    lay = qcow2.layout(device.size, clusters)
+    for offset, data in qcow2.metadata(lay):
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    os.ftruncate(fd, lay.file_size())
+    copy_device(archive, device.dev_id, fd, progress.update, packed=clusters,
+                packed_at=lay.data_at)
+    return archive.stored_bytes(device.dev_id)
