@@ -4,10 +4,12 @@ moment the command was started (fork+exec included), with the same run's `qemu-i
 of the image as the baseline (ratio = convert / backup, the issue's >= 0.8 at 2 and 4 GiB).
 
 Each backup runs as its own process (as a user runs it) through a small wrapper that wraps, by
-patching attributes only, the QMP round trips, the backup's phases, the guard's start, the
-writer's first output and the archive's fsync and rename; nothing of vmafs is changed.  The
-wrapper's hooks cost a few microseconds per QMP command; the imports it shows are the ones the
-command pays anyway.  Rounds alternate backup and convert (other work on the machine shifts
+patching attributes only, the QMP round trips, the backup's phases, the guard's start, PREV's
+read (in its thread), the first and last NBD write QEMU sent, and the archive's fsync and
+rename; nothing of vmafs is changed.  The hooks are installed when the command itself has
+imported vmafs.backup.live (a post-import hook), so the imports happen where they do in a
+plain run and overlap what they overlap there; they cost a few microseconds per QMP command
+and per NBD write.  Rounds alternate backup and convert (other work on the machine shifts
 both alike); medians over --rounds.  Page cache: the image's pages are evicted before every
 timed run (posix_fadvise DONTNEED on that one file; never drop_caches), QEMU reads it with
 cache=none anyway.  The convert reads the image with -U while the (idle) VM runs.
@@ -59,10 +61,20 @@ import atexit
 atexit.register(lambda: (mark("exit"), open(os.environ["VMAFS_TL"], "w").write(json.dumps(EV))))
 import vmafs.cli
 mark("vmafs.cli imported")
-mods = {}
+import vmafs.backup.prev as prev_mod  # imports nothing heavy (the command imports it first)
+_main = prev_mod.PrevReader._main
+def _prev_main(self):
+    t = time.monotonic()
+    try:
+        return _main(self)
+    finally:
+        mark("PREV read (its thread)", t); mark("/PREV read (its thread)")
+prev_mod.PrevReader._main = _prev_main
 def hook_imports():
+    # Runs once vmafs.backup.live has been imported by the command itself (a post-import
+    # hook), so the imports overlap what they overlap in a plain run.
     import vmafs.backup.live as live, vmafs.backup.qmp as qmp, vmafs.container.output as out
-    import vmafs.backup.guard as guard
+    import vmafs.backup.pipe as pipe
     mark("backup stack imported")
     def span(name, fn):
         @functools.wraps(fn)
@@ -124,14 +136,36 @@ def hook_imports():
         qmp.Qmp.execute_all = execute_all
     live.Guard.__init__ = sspan("spawn guard", live.Guard.__init__)
     out.TempFile.commit = sspan("fsync+rename", out.TempFile.commit)
+    sink_write = pipe.DiskSink.write
+    seen = []
+    async def write(self, offset, data):
+        now = time.monotonic()
+        if not seen:
+            mark("first NBD write", now)
+        seen[:] = [now]
+        return await sink_write(self, offset, data)
+    pipe.DiskSink.write = write
+    atexit.register(lambda: seen and mark("last NBD write", seen[0]))
     orun = live.run_backup
     async def run_backup(job):
         mark("trio.run started")
         return await orun(job)
     live.run_backup = run_backup
-    import vmafs.cli.backup as cb
-    cb.run_backup = run_backup
-hook_imports()
+import importlib.abc, importlib.machinery
+class _PostImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "vmafs.backup.live":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            sys.modules[name] = module
+            hook_imports()
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, _PostImport())
 sys.argv = ["vmafs", *sys.argv[1:]]
 mark("main()")
 rc = vmafs.cli.main()
@@ -141,7 +175,7 @@ sys.exit(rc)
 
 
 BYTECODE = False
-PLAIN = False  # --plain: `python -m vmafs`, no wrapper (its imports come before main())
+PLAIN = False  # --plain: `python -m vmafs`, no wrapper
 
 
 def env(tree: Path = ROOT, **extra: str) -> dict[str, str]:
@@ -208,7 +242,7 @@ def show(events: list[Any]) -> None:
         if what.startswith("/"):
             start = opened.pop(what[1:], ms)
             print(f"  {start:8.1f} .. {ms:8.1f}  ({ms - start:7.1f})  {what[1:]}")
-        elif what.startswith(("qmp ", "phase ", "spawn", "fsync")):
+        elif what.startswith(("qmp ", "phase ", "spawn", "fsync", "PREV")):
             opened[what] = ms
         else:
             print(f"  {ms:8.1f}              {what}")
@@ -227,8 +261,7 @@ def main() -> int:
                     help="another tree's vmafs, run in the same rounds")
     ap.add_argument("--bytecode", action="store_true", help="let Python use .pyc files")
     ap.add_argument("--plain", action="store_true",
-                    help="wall times only, of `python -m vmafs` itself (the wrapper imports "
-                         "the backup's modules before main(), which hides what overlaps them)")
+                    help="wall times only, of `python -m vmafs` itself (no hooks at all)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     like = args.like_bench_incremental

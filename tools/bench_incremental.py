@@ -2,25 +2,28 @@
 """Benchmark incremental backups, deep chains and `vmafs merge` against baselines measured in
 the same run (ratios, not absolutes; nothing here asserts on time).
 
-Needs root (drop_caches, FUSE) and the test guest (tests/guestimage.py).  One 4 GiB raw disk,
+Needs root (FUSE) and the test guest (tests/guestimage.py).  One 4 GiB raw disk,
 half random data (the first 2 MiB of every 4 MiB), half holes; "2 %" below is 2 % of its 64 KiB
 clusters (1311), picked at random over the whole disk (holes included, as a guest writes).
 
 1. live (idle guest, -drive raw cache=none disk): `vmafs backup` full, then 2 % of the clusters
    written through QEMU's block layer (HMP `qemu-io write -P`, pipelined on one QMP
    connection), then `vmafs backup --incremental`.  Targets: incremental time <= 1/10 of the
-   full's, incremental bytes written <= 1/20 of the full's.  --runs rounds of full + incremental,
-   page cache dropped before each backup.  Times are the wall time of the command; shown too: the
-   time the command reports itself ("seconds" of --json), and the cold `vmafs backup --help` time
-   (the interpreter and the imports every backup pays before it starts).
+   full's, incremental bytes written <= 1/20 of the full's.  --runs rounds of full +
+   incremental; before each backup the image and the archives it reads are evicted from the
+   page cache (never drop_caches: others measure on the same machine, and a backup started a
+   day after its PREV finds the Python modules it runs in the cache, not PREV).  Times are the
+   wall time of the command; shown too: the time the command reports itself ("seconds" of
+   --json), and the `vmafs backup --help` time (the interpreter and the imports every backup
+   pays first).
 2. a 30-deep chain (the full of `vmafs create` + 29 incrementals written with ArchiveWriter, each
    2 % random clusters of fresh random data): mount ready (from starting `vmafs mount` until it
-   returned and the disk file could be stat'ed) < 1 s, cold (caches dropped) and warm; baseline
-   the single full archive.  Random 4 KiB reads (-o direct_io, same offsets) through the
+   returned and the disk file could be stat'ed) < 1 s, cold (the archives evicted) and warm;
+   baseline the single full archive.  Random 4 KiB reads (-o direct_io, same offsets) through the
    chain's mount vs the merged archive's (same content): median latency within 1.2x, with the
-   archives' page cache cold and hot.  The chain's mount daemon VmHWM < 128 MiB.
-3. `vmafs merge` of that chain into a .vma vs `vmafs create` of the raw image into a .vma, page
-   cache dropped before every run, --runs runs each, alternating: device bytes/s >= 0.8x.
+   archives' page cache cold (evicted) and hot.  The chain's mount daemon VmHWM < 128 MiB.
+3. `vmafs merge` of that chain into a .vma vs `vmafs create` of the raw image into a .vma, inputs
+   evicted before every run, --runs runs each, alternating: device bytes/s >= 0.8x.
    The merged disk holds more data than the original image (the increments also wrote into its
    holes), so for information also: `vmafs create` of the chain's final content (the merged
    archive extracted once), which writes the same archive as the merge.
@@ -29,12 +32,18 @@ Every figure is the median over its runs (each run shown).  Work files go under 
 (default /var/tmp/vmafs-bench-incr), removed at the end unless --keep.
 
 With --only-merge, part 3 alone for plain and for zstd layers (each merged into its own
-container, against create into it), inputs evicted with POSIX_FADV_DONTNEED before every run
-instead of drop_caches, and --before TREE times an older vmafs's merge in the same rounds.
+container, against create into it), and --before TREE times an older vmafs's merge in the same
+rounds.  With --only-live, part 1 alone, and --before TREE runs an older vmafs's full and
+incremental in the same rounds (the trees alternate, their order rotated each round), so that
+a change is measured against what it changes.  --bytecode lets Python write and use .pyc
+files (in a private directory, never in the tree), as an installed vmafs has them; without
+it a checkout run with PYTHONDONTWRITEBYTECODE=1 compiles every module it imports at every
+start.
 
 Usage: python3 tools/bench_incremental.py [--runs 3] [--rounds 3] [--random-reads 3000]
                                           [--workdir DIR] [--keep] [--json]
        python3 tools/bench_incremental.py --only-merge [--runs 5] [--before TREE]
+       python3 tools/bench_incremental.py --only-live [--runs 7] [--before TREE] [--bytecode]
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,29 +82,30 @@ QEMU_IO_BATCH = 64                  # HMP commands in flight on the QMP connecti
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, PYTHONPATH=path)
+BYTECODE = False  # --bytecode: .pyc files in a private directory, as an installed vmafs has
+
+
+def env(tree: Path = ROOT) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
+    made = dict(os.environ, PYTHONPATH=path)
+    if BYTECODE:  # never in the shared tree
+        made.pop("PYTHONDONTWRITEBYTECODE", None)
+        made["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), "vmafs-bi-pycache")
+    return made
 
 
 def vmafs(*args: str) -> list[str]:
     return [sys.executable, "-m", "vmafs", *args]
 
 
-def run_vmafs(*args: str) -> tuple[float, str]:
-    """Wall seconds of one vmafs command, and its stdout."""
+def run_vmafs(*args: str, tree: Path = ROOT) -> tuple[float, str]:
+    """Wall seconds of one vmafs command (of `tree`'s vmafs), and its stdout."""
     t = time.perf_counter()
-    res = subprocess.run(vmafs(*args), cwd=ROOT, env=env(), capture_output=True, text=True)
+    res = subprocess.run(vmafs(*args), cwd=tree, env=env(tree), capture_output=True, text=True)
     elapsed = time.perf_counter() - t
     if res.returncode:
         raise RuntimeError(f"vmafs {' '.join(args)} failed ({res.returncode}): {res.stderr}")
     return elapsed, res.stdout
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
 
 
 def say(msg: str) -> None:
@@ -152,43 +163,59 @@ def qemu_io_writes(vm: gi.QemuVM, drive: str, clusters: np.ndarray, byte: int) -
     return time.perf_counter() - t
 
 
-def live_backup(vm: gi.QemuVM, out: Path, *extra: str) -> dict[str, Any]:
-    drop_caches()
+def live_backup(vm: gi.QemuVM, out: Path, evicted: list[Path], *extra: str,
+                tree: Path = ROOT) -> dict[str, Any]:
+    """One `vmafs backup` with `evicted` (the image, the archives it reads) evicted first, after
+    a sync (so no earlier write-out is in its time)."""
+    evict(*evicted)
+    os.sync()
     wall, stdout = run_vmafs("backup", "--qmp", str(vm.qmp_path), "-o", str(out), "-q",
-                             "--json", *extra)
+                             "--json", *extra, tree=tree)
     summary = json.loads(stdout)
     return {"wall_s": wall, "inner_s": summary["seconds"], "file_bytes": out.stat().st_size,
             "bytes_out": summary.get("archive_bytes"), "data_bytes": summary.get("copied_bytes"),
             "incremental": summary["incremental"]}
 
 
-def part_live(guest: gi.Guest, img: Path, work: Path, size: int, runs: int) -> dict[str, Any]:
+def part_live(guest: gi.Guest, img: Path, work: Path, size: int, runs: int,
+              trees: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Rounds of full + 2 % written + incremental, for each tree (in rotated order)."""
+    trees = trees or {"this": ROOT}
     rng = np.random.default_rng(2024)
-    rounds = []
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     disk = gi.Disk(img, fmt="raw", cache="none")
     t = time.perf_counter()
     with gi.QemuVM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline("idle"),
                    disks=[disk]) as vm:
         vm.wait_for("VMAFS-READY", timeout=180)
         say(f"  VM booted in {time.perf_counter() - t:.1f} s")
+        if BYTECODE:  # one untimed run of each tree writes its .pyc files
+            for tree in trees.values():
+                run_vmafs("backup", "--help", tree=tree)
         for r in range(runs):
-            full, inc = work / f"live-full{r}.vma", work / f"live-inc{r}.vma"
-            drop_caches()
-            startup = run_vmafs("backup", "--help")[0]
-            f = live_backup(vm, full)
-            clusters = changed_clusters(rng, size)
-            w = qemu_io_writes(vm, disk.drive_id, clusters, 0x41 + r)
-            i = live_backup(vm, inc, "--incremental", str(full))
-            assert not f["incremental"] and i["incremental"], (f, i)
-            rounds.append({"full": f, "inc": i, "changed_clusters": len(clusters),
-                           "qemu_io_s": w, "startup_s": startup})
-            say(f"  run {r + 1}: full {f['wall_s']:.2f} s ({f['inner_s']:.2f} s inside), "
-                f"{f['file_bytes'] / MiB:.0f} MiB; {len(clusters)} clusters written by qemu-io "
-                f"in {w:.1f} s; incremental {i['wall_s']:.2f} s ({i['inner_s']:.2f} s inside), "
-                f"{i['file_bytes'] / MiB:.1f} MiB")
-            full.unlink()
-            inc.unlink()
-    return {"rounds": rounds}
+            names = list(trees)
+            names = names[r % len(names):] + names[:r % len(names)]
+            for name in names:
+                tree = trees[name]
+                full, inc = work / f"live-full{r}.vma", work / f"live-inc{r}.vma"
+                startup = run_vmafs("backup", "--help", tree=tree)[0]
+                f = live_backup(vm, full, [img], tree=tree)
+                clusters = changed_clusters(rng, size)
+                w = qemu_io_writes(vm, disk.drive_id, clusters, 0x41 + r)
+                i = live_backup(vm, inc, [img, full], "--incremental", str(full), tree=tree)
+                assert not f["incremental"] and i["incremental"], (f, i)
+                rounds[name].append({"full": f, "inc": i, "changed_clusters": len(clusters),
+                                     "qemu_io_s": w, "startup_s": startup,
+                                     "load": os.getloadavg()[0]})
+                say(f"  run {r + 1} {name}: full {f['wall_s']:.2f} s ({f['inner_s']:.2f} s "
+                    f"inside), {f['file_bytes'] / MiB:.0f} MiB; {len(clusters)} clusters "
+                    f"written by qemu-io in {w:.1f} s; incremental {i['wall_s']:.2f} s "
+                    f"({i['inner_s']:.2f} s inside), {i['file_bytes'] / MiB:.1f} MiB; "
+                    f"= {i['wall_s'] / f['wall_s']:.3f} of the full; load "
+                    f"{os.getloadavg()[0]:.1f}")
+                full.unlink()
+                inc.unlink()
+    return {"rounds": rounds["this"], "trees": rounds}
 
 
 # -- 2. the 30-deep chain -------------------------------------------------------------------------
@@ -260,8 +287,8 @@ def mounted(archive: Path, mnt: Path, *options: str) -> Iterator[Path]:
 
 def mount_ready(archive: Path, mnt: Path, size: int, cold: bool) -> float:
     mnt.mkdir(exist_ok=True)
-    if cold:
-        drop_caches()
+    if cold:  # the archive and every archive beside it (its chain)
+        evict(*(p for p in archive.parent.iterdir() if p.is_file()))
     t = time.perf_counter()
     res = subprocess.run(vmafs("mount", str(archive), str(mnt)), env=env(), cwd=ROOT,
                          capture_output=True)
@@ -290,9 +317,8 @@ def random_reads(path: Path, offsets: list[int]) -> list[float]:
 
 # -- 3. merge vs create ---------------------------------------------------------------------------
 
-def timed_cold(argv: list[str]) -> float:
-    drop_caches()
-    return run_vmafs(*argv)[0]
+def timed_cold(argv: list[str], inputs: list[Path]) -> float:
+    return timed_evicted(argv, inputs)
 
 
 def timed_evicted(argv: list[str], inputs: list[Path], tree: Path | None = None) -> float:
@@ -412,12 +438,37 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     ap.add_argument("--json", action="store_true", help="also print every number as JSON")
     ap.add_argument("--only-merge", action="store_true",
-                    help="part 3 alone, for plain and zstd layers, inputs evicted instead of "
-                         "drop_caches; work files kept and reused (remove --workdir to rebuild)")
+                    help="part 3 alone, for plain and zstd layers; work files kept and reused "
+                         "(remove --workdir to rebuild)")
+    ap.add_argument("--only-live", action="store_true",
+                    help="part 1 alone: full and incremental live backups")
     ap.add_argument("--before", type=Path, metavar="TREE",
-                    help="with --only-merge: also time this vmafs tree's merge in the same "
-                         "rounds (git archive REV vmafs | tar -x -C TREE)")
+                    help="with --only-merge or --only-live: also time this vmafs tree in the "
+                         "same rounds (git archive REV vmafs | tar -x -C TREE)")
+    ap.add_argument("--bytecode", action="store_true",
+                    help="let Python write and use .pyc files (private directory), as an "
+                         "installed vmafs has them")
     args = ap.parse_args()
+    global BYTECODE
+    BYTECODE = args.bytecode
+    if args.only_live:
+        if args.runs < 1:
+            ap.error("--runs must be at least 1")
+        size = int(args.size_gib * GiB) // PERIOD * PERIOD
+        work = args.workdir
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            img = work / "disk.raw"
+            make_image(img, size)
+            trees = {"this": ROOT, **({"before": args.before.resolve()} if args.before else {})}
+            live = part_live(gi.build_guest(), img, work, size, args.runs, trees)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        report_live(live, size)
+        if args.json:
+            print(json.dumps(live, sort_keys=True))
+        return 0
     if args.only_merge:
         if args.runs < 1:
             ap.error("--runs must be at least 1")
@@ -429,7 +480,7 @@ def main() -> int:
             print(json.dumps(merge, sort_keys=True))
         return 0
     if os.geteuid() != 0:
-        print("bench_incremental: needs root (drop_caches, FUSE)", file=sys.stderr)
+        print("bench_incremental: needs root (FUSE)", file=sys.stderr)
         return 2
     if args.runs < 1 or args.rounds < 1 or args.random_reads < 1:
         ap.error("--runs, --rounds and --random-reads must be at least 1")
@@ -452,7 +503,7 @@ def main() -> int:
 
         # 3 (baseline, run 1) and the chain's base: vmafs create of the raw image
         base = chain_dir / "c00.vma"
-        create_s = [timed_cold(["create", "-q", "-o", str(base), f"{DEVNAME}={img}"])]
+        create_s = [timed_cold(["create", "-q", "-o", str(base), f"{DEVNAME}={img}"], [img])]
         say(f"create run 1: {create_s[0]:.2f} s (the chain's base)")
         t = build_chain(base, chain_dir, size)
         newest = chain_dir / f"c{DEPTH - 1:02d}.vma"
@@ -482,14 +533,15 @@ def main() -> int:
         for r in range(args.runs):
             if r:
                 create_s.append(timed_cold(["create", "-q", "-o", str(c_out),
-                                            f"{DEVNAME}={img}"]))
+                                            f"{DEVNAME}={img}"], [img]))
                 c_out.unlink()
             merged.unlink(missing_ok=True)
-            merge_s.append(timed_cold(["merge", "-q", "-o", str(merged), str(newest)]))
+            merge_s.append(timed_cold(["merge", "-q", "-o", str(merged), str(newest)],
+                                      sorted(chain_dir.iterdir())))
             if not r:
                 run_vmafs("extract", "-q", str(merged), str(final.parent))
             create_final_s.append(timed_cold(["create", "-q", "-o", str(c_out),
-                                              f"{DEVNAME}={final}"]))
+                                              f"{DEVNAME}={final}"], [final]))
             res["create_final_out_bytes"] = c_out.stat().st_size
             c_out.unlink()
             say(f"run {r + 1}: create {create_s[r]:.2f} s, merge {merge_s[r]:.2f} s, "
@@ -513,7 +565,7 @@ def main() -> int:
                 offsets = (rng.integers(0, size // 4096, args.random_reads) * 4096).tolist()
                 order = [("chain", f_chain), ("merged", f_merged)]
                 for name, path in order if r % 2 == 0 else order[::-1]:
-                    drop_caches()
+                    evict(*chain_dir.iterdir(), merged)
                     reads[f"{name}_cold"].append(med(random_reads(path, offsets)))
                     reads[f"{name}_hot"].append(med(random_reads(path, offsets)))
                 say(f"random reads round {r + 1} (median ms): " + ", ".join(
@@ -531,6 +583,36 @@ def main() -> int:
     res["total_s"] = time.perf_counter() - t_start
     report(res)
     return 0
+
+
+def report_live(live: dict[str, Any], size: int) -> None:
+    """--only-live: each tree's figures, and this tree's against the other's, per round."""
+    trees = live["trees"]
+    print(f"\n=== 1. live backup, idle guest, {size / GiB:.1f} GiB raw disk, 2 % clusters "
+          "changed, image and PREV evicted before each backup ===")
+    ratios = {}
+    for name, rounds in trees.items():
+        fw = [r["full"]["wall_s"] for r in rounds]
+        iw = [r["inc"]["wall_s"] for r in rounds]
+        ii = [r["inc"]["inner_s"] for r in rounds]
+        su = [r["startup_s"] for r in rounds]
+        ratios[name] = [i / f for i, f in zip(iw, fw, strict=True)]
+        ratio = med(ratios[name])
+        print(f"  {name:6s} full {runs_str(fw)} s, incremental {runs_str(iw)} s "
+              f"(inside {runs_str(ii)}), `backup --help` {runs_str(su)} s")
+        print(f"  {name:6s} median full {med(fw):.3f} s, incremental {med(iw):.3f} s, "
+              f"incremental / full (per round, median) {ratio:.3f} (<= 0.100: "
+              f"{'PASS' if ratio <= 0.1 else 'MISS'})")
+    if "before" in trees:
+        this, before = trees["this"], trees["before"]
+        inc = med([b["inc"]["wall_s"] / t["inc"]["wall_s"] for t, b in zip(this, before,
+                                                                          strict=True)])
+        full = med([b["full"]["wall_s"] / t["full"]["wall_s"] for t, b in zip(this, before,
+                                                                            strict=True)])
+        print(f"  before / this, per round, median: incremental {inc:.3f}, full {full:.3f}")
+    loads = [r["load"] for rounds in trees.values() for r in rounds]
+    print(f"  load average during the runs: {min(loads):.1f} .. {max(loads):.1f} "
+          f"(median {med(loads):.1f})")
 
 
 def report(res: dict[str, Any]) -> None:
