@@ -198,12 +198,19 @@ def write_unsummed(image: Path, out: Path) -> None:
     with open(image, "rb") as src, open(out, "xb") as f:
         output = PlainOutput(f)
         writer = ArchiveWriter(output, [DeviceSpec("drive-scsi0", size)], block_sums=False)
-        for off in range(0, size, chunk):
-            data = src.read(chunk)
-            if data.count(0) == len(data):
-                writer.write_zeroes(1, off, len(data))
-            else:
-                writer.write(1, off, data)
+        off = 0
+        while off < size:  # the data runs only (SEEK_DATA): holes are zero slots at finish
+            try:
+                off = os.lseek(src.fileno(), off, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(src.fileno(), off, os.SEEK_HOLE)
+            start = off // chunk * chunk
+            for at in range(start, min(-(-end // chunk) * chunk, size), chunk):
+                data = os.pread(src.fileno(), min(chunk, size - at), at)
+                if data.count(0) != len(data):
+                    writer.write(1, at, data)
+            off = max(end, -(-end // chunk) * chunk)
         writer.finish()
         output.close()
 

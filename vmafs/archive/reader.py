@@ -264,6 +264,8 @@ class Archive:
         if not remote_full and (key is None or (held is None if incremental
                                                  else not walk_cache.confirmed(key))):
             source.check_layout()
+            if footer.block_sums:  # confirming reads every gap, the sums runs too: one at a
+                _will_need_sums(source, table)  # time, so the disk is asked for all first
             extents, rules = locate.confirm_index(source, header, table, footer.index_offset,
                                                   complete=not incremental)
             held = rules.seen if incremental else None
@@ -569,15 +571,30 @@ def _summed_stored(rows: Iterator[tuple[int, int, memoryview, int]], checks: np.
         yield cluster, mask, data, check
 
 
+def _sums_spans(table: index.IndexTable) -> list[tuple[int, int]]:
+    """(stream offset, bytes) of each data extent's run of sums extents."""
+    ends = index.extent_ends(table.ext_counts, table.masks, table.offsets)
+    starts = table.ext_offsets.astype(np.int64)
+    blocks = (ends.astype(np.int64) - starts - vma.EXTENT_HEADER_SIZE) // vma.BLOCK_SIZE
+    return [(int(e), index.sums_extents(int(b)) * vma.EXTENT_HEADER_SIZE)
+            for e, b in zip(ends.tolist(), blocks.tolist(), strict=True)]
+
+
+def _will_need_sums(source: ByteSource, table: index.IndexTable) -> None:
+    """Ask for every sums run at once (a disk answers many requests together), in batches
+    of runs of the same size."""
+    by_size: dict[int, list[int]] = {}
+    for at, n in _sums_spans(table):
+        by_size.setdefault(n, []).append(at)
+    for n, offsets in by_size.items():
+        source.will_need(offsets, n)
+
+
 def _check_sums_extents(source: ByteSource, header: vma.Header, table: index.IndexTable) -> None:
     """Every null extent that carries block sums is a whole extent of this archive (md5
     included), as Proxmox's reader, which stops at a broken one, requires: a random reader
     must not serve what comes after one. Their contents are checked by the reads."""
-    ends = index.extent_ends(table.ext_counts, table.masks, table.offsets)
-    starts = table.ext_offsets.astype(np.int64)
-    blocks = (ends.astype(np.int64) - starts - vma.EXTENT_HEADER_SIZE) // vma.BLOCK_SIZE
-    spans = [(int(e), index.sums_extents(int(b)) * vma.EXTENT_HEADER_SIZE)
-             for e, b in zip(ends.tolist(), blocks.tolist(), strict=True)]
+    spans = _sums_spans(table)
 
     def check(span: tuple[int, int]) -> None:
         at, n = span
