@@ -17,9 +17,9 @@ Three stricter rules come from issue 8:
 - zstd is read frame after frame as `zstd -d` reads it (the seek table is a skippable frame and
   proves nothing); a frame that fails to decode ends the stream there.
 A footer with the block-sums field (0x8002) makes a row's checksum that of its data's 4 KiB
-blocks' sums; the sums extents themselves are never needed to decide a cluster (a reader whose
-sums are damaged reads the whole cluster), only to be whole extents (Proxmox stops at a broken
-one).
+blocks' sums; the sums extents (field 2: carried) are never needed to decide a cluster (a
+reader whose sums are damaged reads the whole cluster), only to be whole extents (Proxmox
+stops at a broken one); where a cluster fails, the blocks its sound sums prove stay decided.
 Then, per mutant: verify passes => extract succeeds, agrees with the reference, and the model,
 VmaFS and a mount return exactly extract's bytes; verify fails => extract fails leaving no file
 under a final name, and every piece read is an error or the reference's decided bytes.
@@ -64,6 +64,7 @@ NULL_PAYLOAD = SLOTS * 7
 INDEX_MAGIC = b"VMAFSIX1"
 FOOTER_MAGIC = b"VMAFSFT1"
 FIELD_BLOCK_SUMS = 0x8002
+FIELD_SUMS_CARRIED = 2
 SEEK_MAGIC = 0x8F92EAB1
 SKIP_SEEK = 0x184D2A5E
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -1068,11 +1069,12 @@ def _append(info: BaseInfo, rng: random.Random, p: Params) -> bytes:
 
 
 def sums_runs(info: BaseInfo) -> list[list[Extent]]:
-    """The null extents that carry each data extent's block sums (a footer with the block
-    sums field), one run per data extent; [] for an archive without them."""
+    """The null extents that carry each data extent's block sums (a footer with the sums
+    carried field), one run per data extent; [] for an archive without them."""
     lay = info.lay
     if not lay.extents or not lay.extents[-1].null or not any(
-            k == FIELD_BLOCK_SUMS for k, _ in footer_fields(lay.extents[-1].payload(info.stream))):
+            k == FIELD_SUMS_CARRIED
+            for k, _ in footer_fields(lay.extents[-1].payload(info.stream))):
         return []
     by_offset = {e.offset: e for e in lay.extents}
     runs = []
@@ -1126,8 +1128,11 @@ def _sums(info: BaseInfo, rng: random.Random, p: Params) -> bytes | None:
     else:
         foot = lay.extents[-1]
         payload = foot.payload(s)
+        drop = rng.choice(((FIELD_BLOCK_SUMS,), (FIELD_SUMS_CARRIED,),
+                           (FIELD_BLOCK_SUMS, FIELD_SUMS_CARRIED)))
+        p["dropped"] = drop
         kept = b"".join(struct.pack("<HH", k, len(v)) + v for k, v in footer_fields(payload)
-                        if k != FIELD_BLOCK_SUMS)
+                        if k not in drop)
         buf[foot.offset:foot.offset + EXT] = null_extents(lay.uuid, payload[:32] + kept)
     return _finish(info, bytes(buf))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_round_trip(made: tuple[Path, bytes], tmp_path: Path) -> None:
     dissect.archive agree; each data extent is followed by exactly its sums."""
     path, img = made
     data = path.read_bytes()
-    assert _footer(data).block_sums
+    assert _footer(data).block_sums and _footer(data).sums_carried
     walk = walk_vma(data)  # asserts Proxmox's reader rules: mid-stream null extents pass
     assert_every_cluster_once(walk)
     assert bytes(walk.images[1]) == img
@@ -212,19 +213,30 @@ def test_unsummed_archive_reads_as_before(made: tuple[Path, bytes], tmp_path: Pa
     assert 0 < overhead < 0.002  # 10 null extents per 3.8 MB extent: 0.13 %
 
 
-def test_zstd_archive_has_no_sums(made: tuple[Path, bytes], tmp_path: Path) -> None:
-    """Only plain archives carry sums: a zstd read decompresses a whole frame anyway."""
+def test_zstd_archive_carries_no_sums(made: tuple[Path, bytes], tmp_path: Path) -> None:
+    """Only plain archives carry sums (a zstd read decompresses a whole frame anyway), but
+    the checks are over block sums in both: the same content digest, plain or zstd, and
+    `zstd -d` of a .vma.zst is a plain archive that verifies."""
     path, img = made
     out = tmp_path / "a.vma.zst"
     rc, _, err = run_vmafs("convert", path, out)
     assert rc == 0, err
-    with Archive.open(str(out)) as archive:
-        assert archive._sums == [None]
+    with Archive.open(str(out)) as archive, Archive.open(str(path)) as plain:
+        assert archive._sums == [None] and archive.block_sums
+        assert archive.digest() == plain.digest()
         _reads(archive, img, 4, 300)
+    unz = tmp_path / "unz.vma"
+    subprocess.run(["zstd", "-q", "-d", str(out), "-o", str(unz)], check=True)
+    footer = _footer(unz.read_bytes())
+    assert footer.block_sums and not footer.sums_carried
+    rc, _, err = run_vmafs("verify", unz)
+    assert rc == 0, err
+    with Archive.open(str(unz)) as archive:
+        _reads(archive, img, 6, 300)
     back = tmp_path / "back.vma"
     rc, _, err = run_vmafs("convert", out, back)
     assert rc == 0, err
-    assert _footer(back.read_bytes()).block_sums
+    assert _footer(back.read_bytes()).sums_carried
     with Archive.open(str(back)) as archive:
         _reads(archive, img, 5, 300)
 
@@ -238,6 +250,7 @@ def test_mixed_index_semantics_is_damage(made: tuple[Path, bytes], tmp_path: Pat
     footer = _footer(bytes(data))
     plain = index.encode_footer(index.Footer(footer.index_offset, footer.index_length,
                                              footer.index_checksum, footer.header_digest))
+    assert footer.block_sums and footer.sums_carried
     data[-512:] = vma.encode_null_extents(bytes(data[8:24]), plain)
     assert payload != plain
     bad = tmp_path / "nofield.vma"

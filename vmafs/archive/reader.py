@@ -173,7 +173,8 @@ class Archive:
 
     def __init__(self, source: ByteSource, header: vma.Header, table: index.IndexTable,
                  *, mode: str, compressed: bool,
-                 held: dict[int, ClusterSet] | None = None, block_sums: bool = False) -> None:
+                 held: dict[int, ClusterSet] | None = None, block_sums: bool = False,
+                 sums_carried: bool = False) -> None:
         self.source = source
         self.sources = [source]
         self.header = header
@@ -187,8 +188,10 @@ class Archive:
         self.layers: list[Archive] = [self]
         self.path: str | None = None
         self._maps = _device_maps(table, header)
-        # per layer (a chain's view has one each): where its block sums are, or None
-        self._sums: list[_Sums | None] = [_Sums(table) if block_sums else None]
+        # per layer (a chain's view has one each): its checks are over block sums; where
+        # its block sums are (None: not carried, a read checks whole clusters)
+        self._summed: list[bool] = [block_sums]
+        self._sums: list[_Sums | None] = [_Sums(table) if sums_carried else None]
         self._sizes = {d.dev_id: d.size for d in header.devices}
         self._held = held  # incremental: every cluster it has a slot for, data or zero
         self._digest: str | None = None
@@ -204,9 +207,9 @@ class Archive:
 
     @property
     def block_sums(self) -> bool:
-        """Each stored 4 KiB block has its own sum (format/index.py): a small read reads
-        only its blocks. A chain's view: its newest layer."""
-        return self._sums[-1] is not None
+        """Its checks are over 4 KiB block sums (format/index.py); a plain archive carries
+        them, and a small read reads only its blocks. A chain's view: its newest layer."""
+        return self._summed[-1]
 
     @classmethod
     def open(cls, path: str, *, drop_behind: bool = False, layer: bool = False) -> Archive:
@@ -264,19 +267,19 @@ class Archive:
         if not remote_full and (key is None or (held is None if incremental
                                                  else not walk_cache.confirmed(key))):
             source.check_layout()
-            if footer.block_sums:  # confirming reads every gap, the sums runs too: one at a
-                _will_need_sums(source, table)  # time, so the disk is asked for all first
+            if footer.sums_carried:  # confirming reads every gap, the sums runs too: one at
+                _will_need_sums(source, table)  # a time, so the disk is asked for all first
             extents, rules = locate.confirm_index(source, header, table, footer.index_offset,
                                                   complete=not incremental)
             held = rules.seen if incremental else None
-            if footer.block_sums:
+            if footer.sums_carried:
                 _check_sums_extents(source, header, table)
             if key is not None and held is not None:
                 walk_cache.remember_held(key, held, extents)
             elif key is not None:
                 walk_cache.remember_confirmed(key, extents)
         return cls(source, header, table, mode=INDEXED, compressed=compressed, held=held,
-                   block_sums=footer.block_sums)
+                   block_sums=footer.block_sums, sums_carried=footer.sums_carried)
 
     @classmethod
     def stack(cls, layers: list[Archive]) -> Archive:
@@ -290,6 +293,7 @@ class Archive:
         view.layers = list(layers)
         view.sources = [a.source for a in layers]
         view._sums = [a._sums[0] for a in layers]
+        view._summed = [a._summed[0] for a in layers]
         view.compressed = any(a.compressed for a in layers)
         view._maps = {dev.dev_id: _stack_maps(layers, dev.name) for dev in view.devices}
         view._held = None
@@ -480,8 +484,7 @@ class Archive:
         views: list[memoryview] = []
         whole = True
         pos = 0
-        check = index.checksum if self._sums[lays[i] if lays else 0] is None else \
-            index.summed_check
+        check = index.summed_check if self._summed[lays[i] if lays else 0] else index.checksum
         for k in range(i, j):
             stored = data[pos:pos + nbytes[k - i]]
             if sums is not None and check(stored) != sums[k]:
@@ -502,13 +505,13 @@ class Archive:
         dmap = self._maps[dev_id]
         offsets = dmap.all_byte_offsets()
         mismatch = functools.partial(self._mismatch, dev_id)
-        if dmap.checksums is None or all(s is None for s in self._sums):
+        if dmap.checksums is None or not any(self._summed):
             return stored.iter_stored(self.sources, dmap.clusters, dmap.masks, offsets,
                                       dmap.checksums, dmap.layers, mismatch)
         return _summed_stored(
             stored.iter_stored(self.sources, dmap.clusters, dmap.masks, offsets, None,
                                dmap.layers, mismatch),
-            dmap.checksums, dmap.layers, [s is not None for s in self._sums], offsets, mismatch)
+            dmap.checksums, dmap.layers, self._summed, offsets, mismatch)
 
     def _mismatch(self, dev_id: int, cluster: int, offset: int) -> problems.ArchiveError:
         name = self.device(dev_id).name

@@ -78,17 +78,20 @@ class TrailerCheck:
         self.tail = b""  # the stream's last 512 bytes, when they are data
         self.header_digest = False  # the footer carries a header digest, and it matched
         self.bad: BadData | None = None  # the clusters whose data fails its checksum
-        # Block sums (format/index.py): whether the stream carries them is seen from what
-        # follows its first data extent (None until then; that extent is hashed both ways).
-        # Then the sums after each data extent give each cluster a carried check, which the
-        # index must confirm as it confirms the data's: sums and data are damaged apart.
+        # Block sums (format/index.py). Whether the stream carries them is seen from what
+        # follows its first data extent (None until then); the sums after each data extent
+        # then give each cluster a carried check, which the index must confirm as it
+        # confirms the data's: sums and data are damaged apart. A stream without them (zstd,
+        # or from before block sums) is hashed both ways: only its footer, at the end, says
+        # which checks its index holds.
         self.summed: bool | None = None
         self.pending: tuple[int, int, list[tuple[int, int]]] | None = None
         """(where its sums start, its blocks, each stored cluster's [first, end) block) of
         the data extent whose sums come next"""
-        self.first_checks: list[int] = []  # the first extent's data checksums, until decided
+        self.data_checks: array[int] | None = array("I")  # None: the stream carries sums
         self.carried = array("I")  # per stored cluster: checksum of the sums carried for it
         self.sums_problem: Problem | None = None  # the first data extent without its sums
+        self.block_sums = False  # the footer says the checks are over block sums
 
     def add_extent(self, ext: Extent, data: memoryview) -> None:
         if ext.is_null:
@@ -113,18 +116,16 @@ class TrailerCheck:
         built.clusters.frombytes(ext.clusters[stored].astype(np.uint32).tobytes())
         built.masks.frombytes(ext.masks[stored].astype(np.uint16).tobytes())
         starts, ends = starts[stored].tolist(), ends[stored].tolist()
-        if self.summed is False:
-            built.checksums.fromlist(checksums(data, starts, ends))
-            return
-        if self.summed is None:
-            self.first_checks = checksums(data, starts, ends)
+        if self.data_checks is not None:
+            self.data_checks.fromlist(checksums(data, starts, ends))
         sums = index.block_sums(data)
         per = vma.BLOCK_SIZE // index.SUM_SIZE
         built.checksums.fromlist([index.checksum(sums[a // per:b // per])
                                   for a, b in zip(starts, ends, strict=True)])
-        step = vma.BLOCK_SIZE
-        self.pending = (ext.offset + ext.size, len(data) // step,
-                        [(a // step, b // step) for a, b in zip(starts, ends, strict=True)])
+        if self.summed is not False:
+            step = vma.BLOCK_SIZE
+            self.pending = (ext.offset + ext.size, len(data) // step,
+                            [(a // step, b // step) for a, b in zip(starts, ends, strict=True)])
 
     def _sums_follow(self, payloads: list[bytes], null: list[bool]) -> None:
         """What follows a data extent (null extents' payloads, in order; none: a data extent
@@ -142,12 +143,9 @@ class TrailerCheck:
                  and not carried.startswith((index.INDEX_MAGIC, index.FOOTER_MAGIC)))
         if self.summed is None:
             self.summed = found
-            if not found:  # an archive without sums: its first extent's checks are of data
-                first = len(self.index.checksums) - len(self.first_checks)
-                self.index.checksums[first:] = array("I", self.first_checks)
-                self.first_checks = []
+            if not found:
                 return
-            self.first_checks = []
+            self.data_checks = None  # carried sums: the index's checks are over them
         if not found:
             if self.sums_problem is None:
                 self.sums_problem = Problem(problems.INDEX, "the block sums after the data "
@@ -200,10 +198,16 @@ class TrailerCheck:
                                   offset=footer.index_offset)]
         except FormatError as exc:
             return True, [_index_problem(f"trailing index: {exc}", footer.index_offset)]
-        if bool(self.summed) != footer.block_sums and len(self.index.clusters):
-            say = ("its index announces block sums the stream does not carry" if footer.block_sums
-                   else "the stream carries block sums its index does not announce")
+        self.block_sums = footer.block_sums
+        carried = bool(self.summed)
+        if len(self.index.clusters) and (carried != footer.sums_carried
+                                         or (carried and not footer.block_sums)):
+            say = ("its index announces block sums the stream does not carry"
+                   if footer.sums_carried else
+                   "the stream carries block sums its index does not announce")
             return True, [_index_problem(f"trailing index: {say}", footer.index_offset)]
+        if not footer.block_sums and self.data_checks is not None:
+            self.index.checksums = self.data_checks  # an index of data checksums
         seen = index.decode_index(self.index.encode())
         for name in ("dev_ids", "clusters", "masks", "offsets"):
             if not np.array_equal(getattr(seen, name), getattr(table, name)):
@@ -214,7 +218,7 @@ class TrailerCheck:
         bad = np.flatnonzero(seen.checksums != table.checksums)
         self.bad = BadData(seen.dev_ids[bad], seen.clusters[bad], seen.offsets[bad])
         found = self.bad.problems(self.header)
-        if self.sums_problem is None and footer.block_sums:
+        if self.sums_problem is None and footer.sums_carried:
             wrong = np.flatnonzero(np.frombuffer(self.carried, np.uint32) != table.checksums)
             if len(wrong):
                 row = int(wrong[0])
@@ -293,7 +297,7 @@ class ScanResult:
     incremental: bool = False  # its chain record names a parent: missing clusters are its
     header_digest: bool = False  # its index carries the header's digest, and it matched
     bad_data: BadData | None = None  # data checksum mismatches (also among problems)
-    block_sums: bool = False  # its index and its stream have each 4 KiB block's sum
+    block_sums: bool = False  # its index's checks are over 4 KiB block sums
 
 
 def scan_stream(
@@ -358,5 +362,5 @@ def scan_stream(
     result.problems.extend(index_problems)
     result.header_digest = trailer.header_digest
     result.bad_data = trailer.bad
-    result.block_sums = bool(trailer.summed) and result.has_index
+    result.block_sums = trailer.block_sums
     return result

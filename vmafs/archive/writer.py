@@ -2,9 +2,9 @@
 
 It never seeks and holds at most one extent plus the partially written clusters, so it can feed a
 pipe or a compressor. Every cluster is emitted exactly once; clusters never written (or zeroed)
-become zero slots at the end, then the index and the footer follow as null extents. A plain
-archive is block-summed (format/index.py): each data extent is followed by its blocks' sums in
-null extents, hashed a whole extent at a time, so memory stays one extent's worth.
+become zero slots at the end, then the index and the footer follow as null extents. Checks are
+over block sums (format/index.py), hashed a whole extent at a time; a plain archive carries
+each extent's sums in null extents right after it, so memory stays one extent's worth.
 
 Which clusters were seen is kept in ClusterSets, not in arrays over whole devices: a 16 TiB sparse
 disk (2^28 clusters) costs memory for what was written, and finish() walks the zero slots in
@@ -76,11 +76,15 @@ class ArchiveWriter:
         extent_bytes: int | None = None,
         progress: Callable[[int], None] | None = None,
         incremental: Collection[int] = (),
-        block_sums: bool | None = None,
+        block_sums: bool = True,
+        carry_sums: bool | None = None,
     ) -> None:
         self.out = out
-        # block sums only pay where a small read can read a few blocks: not inside zstd frames
-        self.block_sums = isinstance(out, PlainOutput) if block_sums is None else block_sums
+        # block_sums False: data checksums, as vmafs wrote before block sums. The sums are
+        # carried only where a small read can read a few blocks: not inside zstd frames.
+        self.block_sums = block_sums
+        self.carry_sums = block_sums and (isinstance(out, PlainOutput) if carry_sums is None
+                                          else carry_sums)
         # Devices (ids) of an incremental archive whose clusters never written get no slot:
         # they are the parent's. Others (all, in a full archive) get zero slots.
         self.incremental = frozenset(incremental)
@@ -192,7 +196,7 @@ class ArchiveWriter:
         self._emit(vma.encode_null_extents(self.uuid, blob))
         self.out.end_frame()
         footer = index.Footer(index_offset, len(blob), index.checksum(blob), self._header_digest,
-                              self.block_sums)
+                              self.block_sums, self.carry_sums)
         self._emit(vma.encode_null_extents(self.uuid, index.encode_footer(footer)))
         self.finished = True
 
@@ -378,7 +382,8 @@ class ArchiveWriter:
                 n = vma.POPCOUNT16_LIST[mask] * index.SUM_SIZE
                 self._stored[k] = (dev_id, cluster, mask, checks(sums[at:at + n]))
                 at += n
-            parts.append(vma.encode_null_extents(self.uuid, sums))
+            if self.carry_sums:
+                parts.append(vma.encode_null_extents(self.uuid, sums))
         self._index.add_extent(self.position, self._stored)
         # an output that takes the pieces as they are saves joining them (a copy of every byte)
         write_parts = getattr(self.out, "write_parts", None)

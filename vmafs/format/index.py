@@ -22,19 +22,24 @@ The footer (one null extent's 413 payload bytes, little-endian):
   uuid, ctime, every device's id, name and size, every config's name and data), so a header
   rewritten and resealed (its md5 is unkeyed) no longer matches its index. Old archives have
   no fields (zeros) and read as before; old readers read only the first 32 bytes.
-  Type 0x8002 (critical, empty), block sums: see below. Other types 2..0x7fff and critical
-  ones are free: a keyed MAC or signature over the index and this footer's fields (the
-  header digest included, so the header and its chain record) is meant to be one of them.
+  Type 0x8002 (critical, empty), block sums, and type 2 (empty), sums carried: see below.
+  Other types 3..0x7fff and critical ones are free: a keyed MAC or signature over the index
+  and this footer's fields (the header digest included, so the header and its chain record)
+  is meant to be one of them.
 
-Block sums (footer field 0x8002; plain archives written since vmafs had it): every stored
-4 KiB block has a 32-bit sum, `checksum(block)`, and a cluster's index check is defined as
-`checksum(its stored blocks' sums, LE u32, in stored order)` instead of checksum(data). Right
-after each data extent, that extent's sums (4 bytes a stored block, in stream order) travel
-in null extents: ceil(4 * blocks / 413) of them, zero-padded, nothing else. So a small read
-finds them from the index alone (the extent's end) and reads just its blocks plus its
-cluster's sums; a whole-cluster read needs no sums (it hashes its blocks' sums from the
-data). An archive without the field reads as before; an older vmafs refuses it (critical).
-Proxmox's reader skips those null extents as it skips the index's.
+Block sums (field 0x8002; every archive written since vmafs had it): every stored 4 KiB
+block has a 32-bit sum, `checksum(block)`, and a cluster's index check is defined as
+`checksum(its stored blocks' sums, LE u32, in stored order)` instead of checksum(data), in
+every container, so an archive's content digest (format/chain.py) is the same plain or
+compressed. Sums carried (field 2, with 0x8002; plain archives): right after each data
+extent, that extent's sums (4 bytes a stored block, in stream order) travel in null extents,
+ceil(4 * blocks / 413) of them, zero-padded, nothing else. So a small read finds them from
+the index alone (the extent's end) and reads just its blocks plus its cluster's sums; a
+whole-cluster read needs no sums (it hashes its blocks' sums from the data). A zstd archive
+does not carry them (a read decompresses a whole frame anyway; `zstd -d` of it is a plain
+archive without them, which reads whole clusters). An archive without 0x8002 reads as
+before; an older vmafs refuses one with it (critical). Proxmox's reader skips the sums'
+null extents as it skips the index's.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ _FIELD = struct.Struct("<HH")
 FIELD_HEADER_DIGEST = 1
 FIELD_CRITICAL = 0x8000
 FIELD_BLOCK_SUMS = 0x8002  # critical: the index's checks are over block sums (see above)
+FIELD_SUMS_CARRIED = 2  # the sums follow each data extent (see above)
 SUM_SIZE = 4  # bytes of one block's sum
 # Index limits, checked before allocating: one slot per cluster of 254 devices of 256 TiB.
 MAX_SLOTS = 1 << 40
@@ -106,7 +112,8 @@ class Footer:
     index_length: int  # bytes of index payload
     index_checksum: int
     header_digest: bytes | None = None  # vma.header_digest of the archive; None: not carried
-    block_sums: bool = False  # checks are over block sums, carried after each data extent
+    block_sums: bool = False  # the checks are over block sums
+    sums_carried: bool = False  # the sums follow each data extent (with block_sums)
 
 
 class IndexBuilder:
@@ -237,6 +244,8 @@ def encode_footer(footer: Footer) -> bytes:
         out += _FIELD.pack(FIELD_HEADER_DIGEST, len(footer.header_digest)) + footer.header_digest
     if footer.block_sums:
         out += _FIELD.pack(FIELD_BLOCK_SUMS, 0)
+    if footer.sums_carried:
+        out += _FIELD.pack(FIELD_SUMS_CARRIED, 0)
     return out
 
 
@@ -250,7 +259,7 @@ def decode_footer(payload: bytes) -> Footer | None:
     if length > MAX_INDEX_BYTES:
         raise FormatError("index length is impossible")
     digest = None
-    summed = False
+    summed = carried = False
     fields = _footer_fields(payload[_FOOTER.size:vma.NULL_PAYLOAD_SIZE])
     for kind, value in fields:
         if kind == FIELD_HEADER_DIGEST:
@@ -261,9 +270,15 @@ def decode_footer(payload: bytes) -> Footer | None:
             if value or summed:
                 raise FormatError("footer: bad block sums field")
             summed = True
+        elif kind == FIELD_SUMS_CARRIED:
+            if value or carried:
+                raise FormatError("footer: bad sums carried field")
+            carried = True
         elif kind & FIELD_CRITICAL:
             raise FormatError(f"footer: field type {kind:#06x} is not known to this vmafs")
-    return Footer(offset, length, crc, digest, summed)
+    if carried and not summed:
+        raise FormatError("footer: sums carried without block sums")
+    return Footer(offset, length, crc, digest, summed, carried)
 
 
 def _footer_fields(area: bytes) -> list[tuple[int, bytes]]:
