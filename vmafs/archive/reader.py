@@ -565,13 +565,18 @@ def _summed_stored(rows: Iterator[tuple[int, int, memoryview, int]], checks: np.
                    mismatch: stored.Mismatch) -> Iterator[tuple[int, int, memoryview, int]]:
     """iter_stored's rows, each checked the way its layer's index says: the checksum of its
     data, or of its blocks' sums. Each row still carries its data's checksum (what a writer
-    without block sums stores)."""
-    for row, (cluster, mask, data, check) in enumerate(rows):
-        layer = 0 if layers is None else int(layers[row])
-        got = index.summed_check(data) if summed[layer] else check
-        if got != int(checks[row]):
-            raise mismatch(cluster, int(offsets[row]))
-        yield cluster, mask, data, check
+    without block sums stores). Stopping closes `rows` at once: its reader threads end."""
+    try:
+        for row, (cluster, mask, data, check) in enumerate(rows):
+            layer = 0 if layers is None else int(layers[row])
+            got = index.summed_check(data) if summed[layer] else check
+            if got != int(checks[row]):
+                raise mismatch(cluster, int(offsets[row]))
+            yield cluster, mask, data, check
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
 
 
 def _sums_spans(table: index.IndexTable) -> list[tuple[int, int]]:

@@ -165,10 +165,11 @@ def run(args: argparse.Namespace) -> int:
             "incremental": result.incremental, "chain": chain,
         })
     elif ok:
-        sums = " (and 4 KiB block sums)" if result.block_sums else ""
         what = ("no vmafs index: no data checksums" if not result.has_index
-                else f"data checksums{sums} and header digest verified"
-                if result.header_digest else f"data checksums{sums} verified; no header digest")
+                else "data checksums and header digest verified" if result.header_digest
+                else "data checksums verified; no header digest")
+        if result.block_sums:
+            what += ", over 4 KiB block sums"
         if chain:
             what += f"; a chain of {len(chain)} archives, every link and archive checked"
         print(f"{args.archive}: OK ({len(result.header.devices)} devices, "
