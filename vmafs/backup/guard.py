@@ -252,7 +252,10 @@ class Guard:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        args = [sys.executable, "-m", "vmafs.backup.guard", "--qmp", qmp, "--pipe", str(read),
+        # -S: no site-packages (and their .pth files) at start, ~40 ms less of the guard's
+        # interpreter start on the backup's two cores; main() adds them if it takes over
+        args = [sys.executable, "-S", "-m", "vmafs.backup.guard", "--qmp", qmp,
+                "--pipe", str(read),
                 "--lock", str(lock.fd), "--lock-path", lock.path, "--sockdir", sockdir]
         for fd, size in exports:
             args += ["--export", f"{fd}:{size}"]
@@ -394,6 +397,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     _log("started")
     if _wait_for_parent(args.pipe):
         return
+    if sys.flags.no_site:  # started with -S (Guard): trio is in site-packages
+        import site
+        site.main()
     import trio
     trio.run(_guard, args)
 
