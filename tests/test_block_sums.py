@@ -22,6 +22,7 @@ from vmafs.archive.problems import ArchiveError
 from vmafs.archive.reader import Archive
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.container.zstd_output import PlainOutput
+from vmafs.errors import FormatError
 from vmafs.format import index, vma
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -268,3 +269,19 @@ def test_null_payloads() -> None:
     assert len(raw) == index.sums_extents(944) * 512
     assert vma.null_payloads(raw)[:len(sums)] == sums
     assert vma.null_payloads(raw[512:1024]) == vma.null_extent_payload(raw[512:1024])
+
+
+def test_footer_fields() -> None:
+    """Block sums (critical) and sums carried round-trip; carried without block sums, or a
+    field given twice, is a damaged footer; an older footer reads without them."""
+    for summed, carried in ((False, False), (True, False), (True, True)):
+        footer = index.Footer(1 << 20, 1000, 7, bytes(32), summed, carried)
+        assert index.decode_footer(index.encode_footer(footer).ljust(413, b"\0")) == footer
+    head = index.encode_footer(index.Footer(1 << 20, 1000, 7))
+    field = struct.pack("<HH", index.FIELD_SUMS_CARRIED, 0)
+    with pytest.raises(FormatError, match="without block sums"):
+        index.decode_footer((head + field).ljust(413, b"\0"))
+    twice = struct.pack("<HH", index.FIELD_BLOCK_SUMS, 0) * 2
+    with pytest.raises(FormatError, match="block sums field"):
+        index.decode_footer((head + twice).ljust(413, b"\0"))
+    assert index.decode_footer(head.ljust(413, b"\0")) == index.Footer(1 << 20, 1000, 7)
