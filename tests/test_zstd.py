@@ -1055,3 +1055,26 @@ def test_stream_on_one_cpu_decodes_in_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
                           check=True)
     assert proc.stdout == data
+
+
+def test_check_frames_in_spans_names_the_first_bad_entry(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_frames walks spans of the file in threads: with two bad entries, the error is
+    the first one's, whichever thread finds its own first; good files pass whole."""
+    import vmafs.container.zstd_source as zs
+
+    monkeypatch.setattr(zs, "CHECK_AHEAD", 16 << 10)  # many spans
+    parts = [os.urandom(3000) + bytes(5000) for _ in range(40)]
+    frames = [_sized(p) for p in parts]
+    entries = [(len(f), len(p)) for f, p in zip(frames, parts, strict=True)]
+    good = _seekable(tmp_path / "good.zst", frames, entries)
+    with SeekableZstdSource(good) as src:
+        src.check_frames()
+        assert src.pread(0, src.size) == b"".join(parts)
+    for first, second in ((3, 30), (30, 33)):
+        bad = list(entries)
+        for k in (first, second):  # the frame stays, its entry claims one byte more
+            bad[k] = (entries[k][0], entries[k][1] + 1)
+        path = _seekable(tmp_path / f"bad{first}.zst", frames, bad)
+        with SeekableZstdSource(path) as src, pytest.raises(FormatError, match=f"entry {first}:"):
+            src.check_frames()

@@ -67,7 +67,7 @@ CREATE_CHILD = r"""
 import json, sys
 from vmafs.container import output, zstd_output
 spec = json.loads(sys.argv[1])
-def make(target, compressed, level, threads):
+def make(target, compressed, level, threads, frame_size=None):
     if not compressed:
         return zstd_output.PlainOutput(target)
     return zstd_output.SeekableZstdOutput(
