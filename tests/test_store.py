@@ -209,6 +209,36 @@ def test_a_stream_is_one_request_resumed_where_it_broke_off() -> None:
     assert all(b.closed for b in bodies)
 
 
+def test_a_sequential_reader_gets_its_chunks_from_one_streamed_request() -> None:
+    """A reader that goes through the object in order (a mount's sequential read) is served
+    chunk by chunk from one streamed request, resumed where it breaks off; a read far from it
+    is its own ranged request, and the stream goes on after it."""
+    fake = _Fake(80 * MiB, delay=0)
+    opened: list[int] = []
+
+    def open_body(start: int, end: int) -> _Cut:
+        opened.append(start)
+        return _Cut(fake.data, start, end, 20 * MiB + 3 if len(opened) == 1 else end,
+                    raises=True)
+
+    tail = ranged_mod.TAIL
+    obj = RangedObject("fake", len(fake.data), b"v1", fake.fetch,
+                       (len(fake.data) - tail, fake.data[-tail:]), open_body)
+    got = bytearray()
+    view = memoryview(bytearray(256 << 10))
+    for at in range(2 * MiB, 60 * MiB, len(view)):
+        n = obj.readinto(at, view)
+        got += view[:n]
+        if at == 30 * MiB:  # a read elsewhere meanwhile
+            assert obj.read(70 * MiB + 5, 4096) == fake.data[70 * MiB + 5:70 * MiB + 5 + 4096]
+    assert bytes(got) == fake.data[2 * MiB:60 * MiB]
+    assert len(opened) == 2 and opened[1] == 20 * MiB + 3 + opened[0]
+    # ranged requests: the run's first reads (before it counts as sequential), the side read
+    assert [r for r in fake.asked if r[0] >= 2 * MiB + ranged_mod.RUN] == [
+        (70 * MiB + 5, 70 * MiB + 5 + 4096)]
+    obj.close()
+
+
 def test_a_stream_that_keeps_breaking_is_one_error() -> None:
     fake = _Fake(8 * MiB, delay=0)
 

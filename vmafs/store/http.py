@@ -11,7 +11,7 @@ from typing import Any
 
 from vmafs.errors import ContainerError
 from vmafs.store import Entry, StoreError, display_location
-from vmafs.store.ranged import TAIL, RangedObject
+from vmafs.store.ranged import TAIL, BodyBroke, RangedObject
 
 ATTEMPTS = 6
 BODY_ATTEMPTS = 5
@@ -95,7 +95,58 @@ def open_url(url: str) -> RangedObject:
             raise StoreError(f"{where}: the server stopped honouring Range requests")
         return bytes(data)
 
-    return RangedObject(where, size, identity, fetch, (size - len(body), bytes(body)))
+    def open_body(start: int, end: int) -> _Body:
+        import urllib3
+
+        head = {"Range": f"bytes={start}-{end - 1}"}
+        if etag and not etag.startswith("W/"):
+            head["If-Match"] = etag
+        try:
+            resp = _manager().request("GET", url, headers=head, preload_content=False)
+        except urllib3.exceptions.MaxRetryError as exc:
+            reason = type(exc.reason).__name__ if exc.reason is not None else "gave up"
+            raise StoreError(f"{where}: cannot reach the server ({reason})") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreError(f"{where}: the connection broke off ({type(exc).__name__})"
+                             ) from None
+        if resp.status != 206:
+            resp.release_conn()
+            _check(resp.status, where)
+            raise StoreError(f"{where}: the server stopped honouring Range requests")
+        return _Body(resp, where)
+
+    return RangedObject(where, size, identity, fetch, (size - len(body), bytes(body)),
+                        open_body)
+
+
+class _Body:
+    """A GET's body as it arrives (ranged.Body), read with http.client's readinto under
+    urllib3 when it is there: straight from the socket into the reader's buffer."""
+
+    def __init__(self, resp: Any, where: str) -> None:
+        self._resp = resp
+        fp = getattr(resp, "_fp", None)
+        self._fp = fp if callable(getattr(fp, "readinto", None)) else None
+        self._where = where
+
+    def readinto(self, view: memoryview) -> int:
+        import http.client
+
+        import urllib3
+
+        try:
+            if self._fp is not None:
+                return int(self._fp.readinto(view))
+            data = self._resp.read(len(view))
+            view[:len(data)] = data
+            return len(data)
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
+                ValueError) as exc:
+            raise BodyBroke(f"{self._where}: the connection broke off "
+                            f"({type(exc).__name__})") from None
+
+    def close(self) -> None:
+        self._resp.close()  # the connection is not reused: the body may be unread
 
 
 class HttpStore:

@@ -43,6 +43,7 @@ STREAM_CHUNK = 16 << 20  # a stream()'s chunks: one reader, start to end, so few
 STREAM_AHEAD = 3  # (a request costs ~2 ms of botocore CPU; client and gateway share the cores)
 STREAM_KEEP = 0
 STREAM_PIECE = 8 << 20  # a streamed body's pieces read ahead (STREAM_AHEAD of them)
+STREAM_IDLE = 5.0  # seconds a streamed request waits for its reader's next chunk
 HEAD = 1 << 20  # the VMA header and its configs, or a seekable file's first frames
 TAIL = 1 << 20
 NEAR = 2 << 20  # a read starting this close to the last one's end continues its run (a few
@@ -51,6 +52,8 @@ RUN = 4 << 20  # the span a run covers before its reader counts as sequential: t
 # read-ahead around one random read, or an open reading a header and a tail, start no chunks
 
 BODY_ATTEMPTS = 5  # a streamed body that breaks off is asked for again this often in a row
+
+_Chunk = concurrent.futures.Future[bytes | bytearray]  # a chunk fetched or on its way
 
 Fetch = Callable[[int, int], bytes]
 """The store's one primitive: bytes [start, end) of the object's version, retried as needed."""
@@ -87,10 +90,11 @@ class RangedObject:
         self._version = version
         self._fetch = fetch
         self._open_body = open_body
+        self._streamer: _Streamer | None = None  # a sequential reader's chunks, streamed
         self._tail_at, self._tail = tail
         self._head: bytes | None = b"" if size == 0 else None
         self._lock = threading.Lock()
-        self._chunks: OrderedDict[int, concurrent.futures.Future[bytes]] = OrderedDict()
+        self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next = -1  # where the last read ended
         self._run_start = 0  # the span of the current run of reads that follow each other
@@ -193,7 +197,7 @@ class RangedObject:
             out.append(memoryview(data)[lo - idx * self._chunk:hi - idx * self._chunk])
         return out
 
-    def _schedule(self, first: int, last: int) -> list[concurrent.futures.Future[bytes]]:
+    def _schedule(self, first: int, last: int) -> list[_Chunk]:
         """The chunks first..last (clipped to the object), requested if not yet."""
         last = min(last, (self._size - 1) // self._chunk)
         out = []
@@ -205,8 +209,7 @@ class RangedObject:
                 future = self._chunks.get(idx)
                 if future is None:
                     start = idx * self._chunk
-                    future = self._pool.submit(self._fetch_chunk, start,
-                                               min(start + self._chunk, self._size))
+                    future = self._request(start, min(start + self._chunk, self._size))
                     self._chunks[idx] = future
                 else:
                     self._chunks.move_to_end(idx)
@@ -217,6 +220,21 @@ class RangedObject:
 
     def _fetch_chunk(self, start: int, end: int) -> bytes:
         return self._get(start, end)
+
+    def _request(self, start: int, end: int) -> _Chunk:
+        """A chunk's future (lock held): from the streamed request when the chunk continues
+        it (or starts one: a store that streams bodies), else its own ranged request."""
+        assert self._pool is not None
+        if self._open_body is None:
+            return self._pool.submit(self._fetch_chunk, start, end)
+        streamer = self._streamer
+        if streamer is None or not streamer.take(start):
+            if streamer is not None and not streamer.idle():
+                return self._pool.submit(self._fetch_chunk, start, end)  # one elsewhere
+            if streamer is not None:
+                streamer.stop()
+            streamer = self._streamer = _Streamer(self, self._open_body, start)
+        return streamer.queue(start, end)
 
     def advise(self, offset: int, length: int) -> None:
         """Honoured for a sequential reader only: a reader's first reads (a header, a seek
@@ -245,11 +263,139 @@ class RangedObject:
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
+            streamer, self._streamer = self._streamer, None
             for future in self._chunks.values():
                 future.cancel()
             self._chunks.clear()
+        if streamer is not None:
+            streamer.stop()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Resuming:
+    """One streamed request from `pos` on, asked for again from where it breaks off (an
+    error, or its end before the object's), up to BODY_ATTEMPTS times in a row without
+    progress; then one StoreError line."""
+
+    def __init__(self, obj: RangedObject, open_body: OpenBody, pos: int) -> None:
+        self.obj = obj
+        self._open = open_body
+        self.pos = pos
+        self._body: Body | None = None
+
+    def fill(self, view: memoryview, stopped: Callable[[], bool]) -> bool:
+        """Fill all of view with the next bytes; False if stopped() turned true meanwhile."""
+        got, failures = 0, 0
+        while got < len(view):
+            if stopped():
+                return False
+            if self._body is None:
+                with self.obj._lock:
+                    self.obj.requests += 1
+                self._body = self._open(self.pos, self.obj.size)
+            try:
+                n = self._body.readinto(view[got:])
+                if not n:
+                    raise BodyBroke(f"{self.obj.name}: the connection broke off at "
+                                    f"{self.pos} of {self.obj.size} bytes")
+            except BodyBroke as exc:
+                self.close()
+                failures += 1
+                if failures >= BODY_ATTEMPTS:
+                    from vmafs.store import StoreError  # the package imports this module
+
+                    raise StoreError(str(exc)) from None
+                time.sleep(min(5.0, 0.1 * 2 ** failures) * random.random())  # full jitter
+                continue
+            failures = 0
+            got += n
+            self.pos += n
+        return True
+
+    def close(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close
+                body.close()
+
+
+class _Streamer:
+    """A sequential reader's chunks, in order, from one streamed request (its own thread):
+    what one GET of the rest costs instead of a request per chunk. A chunk that does not
+    continue it goes to its own ranged request; a streamer with nothing to read for
+    STREAM_IDLE seconds closes its request and ends."""
+
+    def __init__(self, obj: RangedObject, open_body: OpenBody, pos: int) -> None:
+        self._reader = _Resuming(obj, open_body, pos)
+        self._next = pos   # where the next chunk queued must start
+        self._jobs: queue.SimpleQueue[tuple[int, int, _Chunk]
+                                      | None] = queue.SimpleQueue()
+        self._waiting = 0  # jobs queued, not yet read (under the object's lock)
+        self._ended = False
+        self._stopped = False
+        threading.Thread(target=self._run, name="vmafs-stream", daemon=True).start()
+
+    def take(self, start: int) -> bool:
+        """True if a chunk at start continues this stream (the object's lock held)."""
+        return not self._ended and start == self._next
+
+    def idle(self) -> bool:
+        return self._ended or self._waiting == 0
+
+    def queue(self, start: int, end: int) -> _Chunk:
+        future: _Chunk = concurrent.futures.Future()
+        self._next = end
+        self._waiting += 1
+        self._jobs.put((start, end, future))
+        return future
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        lock = self._reader.obj._lock
+        try:
+            while True:
+                try:
+                    job = self._jobs.get(timeout=STREAM_IDLE)
+                except queue.Empty:
+                    with lock:
+                        if self._jobs.empty():
+                            self._ended = True
+                            return
+                    continue
+                if job is None or self._stopped:
+                    return
+                start, end, future = job
+                if not future.set_running_or_notify_cancel():
+                    self._stopped = True  # a cancelled chunk: the reader went (close)
+                    return
+                try:
+                    data = bytearray(end - start)
+                    if not self._reader.fill(memoryview(data), lambda: self._stopped):
+                        future.cancel()
+                        return
+                except BaseException as exc:  # noqa: BLE001 - the reader gets it
+                    future.set_exception(exc)
+                    with lock:
+                        self._ended = True
+                    return
+                future.set_result(data)
+                with lock:
+                    self._waiting -= 1
+        finally:
+            with lock:
+                self._ended = True
+            self._reader.close()
+            while True:  # whatever is still queued: its reader asks again
+                try:
+                    left = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if left is not None:
+                    left[2].cancel()
 
 
 class _BodyStream(io.RawIOBase):
@@ -296,48 +442,19 @@ class _BodyStream(io.RawIOBase):
         return n
 
     def _run(self) -> None:
+        reader = _Resuming(self._obj, self._open, 0)
         size = self._obj.size
-        pos = 0
-        body: Body | None = None
-        failures = 0
         try:
-            while pos < size and not self._stopped:
+            while reader.pos < size and not self._stopped:
                 self._room.acquire()
-                if self._stopped:
+                piece = memoryview(bytearray(min(STREAM_PIECE, size - reader.pos)))
+                if not reader.fill(piece, lambda: self._stopped):
                     return
-                piece = memoryview(bytearray(min(STREAM_PIECE, size - pos)))
-                got = 0
-                while got < len(piece):
-                    if body is None:
-                        with self._obj._lock:
-                            self._obj.requests += 1
-                        body = self._open(pos + got, size)
-                    try:
-                        n = body.readinto(piece[got:])
-                        if not n:
-                            raise BodyBroke(f"{self._obj.name}: the connection broke off at "
-                                            f"{pos + got} of {size} bytes")
-                    except BodyBroke as exc:
-                        _close_quietly(body)
-                        body = None
-                        failures += 1
-                        if failures >= BODY_ATTEMPTS:
-                            from vmafs.store import StoreError  # the package imports this
-
-                            raise StoreError(str(exc)) from None
-                        time.sleep(min(5.0, 0.1 * 2 ** failures) * random.random())  # jitter
-                        continue
-                    if self._stopped:
-                        return
-                    failures = 0
-                    got += n
                 self._pieces.put(piece)
-                pos += got
         except BaseException as exc:  # noqa: BLE001 - raised to the reader, in order
             self._pieces.put(exc)
         finally:
-            if body is not None:
-                _close_quietly(body)
+            reader.close()
 
     def close(self) -> None:
         """Stop the thread (at its next piece; a read waiting on the network ends with the
@@ -349,6 +466,3 @@ class _BodyStream(io.RawIOBase):
         super().close()
 
 
-def _close_quietly(body: Body) -> None:
-    with contextlib.suppress(Exception):  # a broken connection may fail to close
-        body.close()
