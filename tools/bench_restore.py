@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp/vmafs-bench-restore")
     ap.add_argument("--before", default=None, metavar="PATH",
                     help="a vmafs tree to time beside this one")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                    help="more vmafs trees to time beside this one (repeatable)")
     ap.add_argument("--kinds", default="extract,extract-zst,restore-raw,restore-qcow2")
     args = ap.parse_args()
     work = Path(args.dir)
@@ -52,6 +54,9 @@ def main() -> int:
     trees = {"": str(ROOT)}
     if args.before:
         trees["before:"] = args.before
+    for item in args.tree:
+        name, _, path = item.partition("=")
+        trees[f"{name}:"] = path
     for suffix in (".vma", ".vma.zst"):
         archive = work / f"a{suffix}"
         if not archive.exists():
