@@ -71,8 +71,9 @@ def stored_clusters(ext: Extent, data: memoryview) -> Iterator[StoredCluster]:
 class TrailerCheck:
     """Collects the null extents at the end of a stream and checks our index against the data."""
 
-    def __init__(self, header: vma.Header) -> None:
+    def __init__(self, header: vma.Header, block_sums: bool | None = None) -> None:
         self.header = header
+        self.hint = block_sums  # what the footer says, if read first: only those checks
         self.index = index.IndexBuilder()
         self.null_run: list[tuple[int, bytes]] = []  # (offset, payload) of trailing null extents
         self.tail = b""  # the stream's last 512 bytes, when they are data
@@ -88,7 +89,8 @@ class TrailerCheck:
         self.pending: tuple[int, int, list[tuple[int, int]]] | None = None
         """(where its sums start, its blocks, each stored cluster's [first, end) block) of
         the data extent whose sums come next"""
-        self.data_checks: array[int] | None = array("I")  # None: the stream carries sums
+        # None: not wanted (the stream carries sums, or the footer said block sums)
+        self.data_checks: array[int] | None = None if block_sums else array("I")
         self.carried = array("I")  # per stored cluster: checksum of the sums carried for it
         self.sums_problem: Problem | None = None  # the first data extent without its sums
         self.block_sums = False  # the footer says the checks are over block sums
@@ -118,10 +120,13 @@ class TrailerCheck:
         starts, ends = starts[stored].tolist(), ends[stored].tolist()
         if self.data_checks is not None:
             self.data_checks.fromlist(checksums(data, starts, ends))
-        sums = index.block_sums(data)
-        per = vma.BLOCK_SIZE // index.SUM_SIZE
-        built.checksums.fromlist([index.checksum(sums[a // per:b // per])
-                                  for a, b in zip(starts, ends, strict=True)])
+        if self.hint is False:  # data checksums only: these are never compared
+            built.checksums.fromlist([0] * len(starts))
+        else:
+            sums = index.block_sums(data)
+            per = vma.BLOCK_SIZE // index.SUM_SIZE
+            built.checksums.fromlist([index.checksum(sums[a // per:b // per])
+                                      for a, b in zip(starts, ends, strict=True)])
         if self.summed is not False:
             step = vma.BLOCK_SIZE
             self.pending = (ext.offset + ext.size, len(data) // step,
@@ -199,6 +204,9 @@ class TrailerCheck:
         except FormatError as exc:
             return True, [_index_problem(f"trailing index: {exc}", footer.index_offset)]
         self.block_sums = footer.block_sums
+        if self.hint is not None and self.hint != footer.block_sums:
+            return True, [_index_problem("trailing index: its footer changed while the archive "
+                                         "was read", footer_offset)]
         carried = bool(self.summed)
         if len(self.index.clusters) and (carried != footer.sums_carried
                                          or (carried and not footer.block_sums)):
@@ -307,6 +315,7 @@ def scan_stream(
     *,
     header: vma.Header | None = None,
     on_zeros: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    block_sums: bool | None = None,
 ) -> ScanResult:
     """Read a whole archive, checking every rule; on_extent sees each extent's checked slots,
     on_zeros (dev_ids, clusters) the zero slots of the extents without data, as arrays (an
@@ -315,13 +324,14 @@ def scan_stream(
     A broken extent or slot raises ArchiveError (nothing after it can be trusted); missing
     clusters and a trailing index that disagrees with the data are collected in
     ScanResult.problems. Pass the header if it was already read from this stream (stdin cannot
-    be opened twice).
+    be opened twice), and `block_sums` if the footer was read first (a file): a stream without
+    carried sums is then hashed only the way its index checks, not both ways.
     """
     if header is None:
         header = read_header(stream)
     result = ScanResult(header, incremental=chain.is_incremental(header.configs))
     rules = ClusterRules(header)
-    trailer = TrailerCheck(header)
+    trailer = TrailerCheck(header, block_sums)
     sizes = np.zeros(256, np.int64)  # per dev_id; 0 for vmstate and unknown ids
     for dev in header.devices:
         sizes[dev.dev_id] = dev.size
