@@ -52,7 +52,7 @@ class Device:
 
 class _Sums:
     """Where a block-summed archive's sums are (each data extent's start and data end, where
-    its sums begin: 16 bytes a data extent, not a cluster), and the sums of the extents read
+    its sums begin: 16 bytes a data extent, 0.3 a cluster), and the sums of the extents read
     lately: a small read of a cluster near one read before (a booting guest, a file system's
     metadata) then needs no second disk read. The cache holds at most CACHE_BYTES and
     trusts nothing: each read checks the sums it takes against the index."""
@@ -392,7 +392,9 @@ class Archive:
             return _zeros(end - offset)
         layer = 0 if dmap.layers is None else int(dmap.layers[row])
         sums = self._sums[layer]
-        if sums is not None and dmap.checksums is not None:
+        # in a store (S3, a URL) a second request costs more than the rest of the cluster
+        if (sums is not None and dmap.checksums is not None
+                and not getattr(self.sources[layer], "remote", False)):
             got = self._read_blocks(dmap, dev_id, row, layer, sums, offset, end)
             if got is not None:
                 return got
