@@ -46,7 +46,7 @@ from typing import Any
 import trio
 
 from vmafs.archive import naming
-from vmafs.backup import bitmaps, blockgraph, runlock
+from vmafs.backup import bitmaps, blockgraph, runlock, switching
 from vmafs.backup.blockgraph import Disk
 from vmafs.backup.guard import RECONNECT_DELAY, Guard, dead_bitmaps, rescue_and_clean
 from vmafs.backup.nbd_server import NBDStats, open_listener, serve_nbd
@@ -229,6 +229,7 @@ class Backup:
             check_output_name(opts.output)
         started = time.monotonic()
         self.lock = runlock.RunLock(opts.qmp_socket, self.tag)
+        switching.hold()  # QEMU's requests wait on our replies: short GIL hand-overs
         try:
             if opts.incremental is not None:
                 await self._read_prev()
@@ -267,6 +268,7 @@ class Backup:
                 self.failure = self._busy_reason() if isinstance(exc, QmpBusy) else str(exc)
                 self.exit_code = exc.exit_code
         finally:
+            switching.release()
             self._finish_progress()
             self._let_go()
         if self.failure is not None:

@@ -11,12 +11,12 @@ module imports nothing heavy itself, so that the thread starts at once.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vmafs.backup import switching
 from vmafs.errors import VmafsError
 
 if TYPE_CHECKING:
@@ -55,15 +55,6 @@ def read_prev(path: str, bases: Sequence[str]) -> PrevFacts:
             layer.close()
 
 
-# While PREV is read, the interpreter hands the GIL over every 0.5 ms instead of 5: the reader
-# waits on one small read per extent header of PREV (thousands, cold), and each time it must
-# get the GIL back from the main thread, which is busy importing; at 5 ms a hand-over, a cold
-# 4 GiB PREV took 0.8 s instead of 0.25 s beside the imports (whole start-up of an
-# incremental, imports and PREV read, median of 16 interleaved runs under load: 0.51 s
-# instead of 0.61 s).
-SWITCH_INTERVAL = 0.0005
-
-
 class PrevReader:
     """read_prev() in a daemon thread, started at once; result() waits for it."""
 
@@ -72,13 +63,14 @@ class PrevReader:
         self._bases = list(bases)
         self._facts: PrevFacts | None = None
         self._error: BaseException | None = None
-        self._switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
+        # short GIL hand-overs while it reads (switching.py): its thousands of small cold
+        # reads run beside the command's imports
+        switching.hold()
         self._thread = threading.Thread(target=self._main, name="vmafs-prev", daemon=True)
         try:
             self._thread.start()
         except BaseException:
-            sys.setswitchinterval(self._switch)
+            switching.release()
             raise
 
     def _main(self) -> None:
@@ -87,7 +79,7 @@ class PrevReader:
         except BaseException as exc:  # noqa: BLE001 - handed to result()'s caller
             self._error = exc
         finally:
-            sys.setswitchinterval(self._switch)
+            switching.release()
 
     def result(self) -> PrevFacts:
         """PREV's facts, or what read_prev raised (blocks until the thread is done)."""
