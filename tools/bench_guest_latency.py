@@ -85,7 +85,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nice10": {"nice_writer": 10},
     # .vma.zst (level 3, 2 threads)
     "zst": {"suffix": ".vma.zst"},
-    # the GIL switch interval (default 5 ms)
+    # the GIL switch interval while the backup runs (vmafs/backup/switching.py: 0.5 ms;
+    # Python's default is 5 ms)
+    "switch5": {"switch": 0.005},
     "switch05": {"switch": 0.0005},
     "switch1": {"switch": 0.001},
     "c256s1": {"max_chunk": 256 << 10, "switch": 0.001},
@@ -156,6 +158,8 @@ def patched_init(self, opts, *a, **kw):
     init(self, dataclasses.replace(opts, **knobs.get("opts", {})), *a, **kw)
 live.Backup.__init__ = patched_init
 if "switch" in knobs:  # the GIL's switch interval (the sink waits for it while the writer runs)
+    import vmafs.backup.switching as switching
+    switching.SWITCH_INTERVAL = knobs["switch"]
     sys.setswitchinterval(knobs["switch"])
 if "max_chunk" in knobs:  # x-perf max-chunk, laid into the transaction's backup actions
     import vmafs.backup.qmp as qmp
