@@ -285,3 +285,63 @@ def test_footer_fields() -> None:
     with pytest.raises(FormatError, match="block sums field"):
         index.decode_footer((head + twice).ljust(413, b"\0"))
     assert index.decode_footer(head.ljust(413, b"\0")) == index.Footer(1 << 20, 1000, 7)
+
+
+def _layer(path: Path, disk: bytes, writes: list[tuple[int, bytes]], *, parent: Path | None,
+           block_sums: bool, ctime: int) -> None:
+    """A full archive of `disk` (parent None) or an increment holding `writes` (a disk of
+    len(disk) bytes), written with or without block sums."""
+    from vmafs.archive.chain import link_to
+    from vmafs.container.output import open_output
+    from vmafs.format import chain as chain_record
+
+    configs = [("qemu-server.conf", b"memory: 512\n")]
+    if parent is not None:
+        with Archive.open(str(parent), layer=True) as p:
+            configs.append((chain_record.CONFIG_NAME, chain_record.encode(
+                chain_record.ChainRecord(parent=link_to(p)))))
+    with open_output(str(path)) as out:
+        writer = ArchiveWriter(out, [DeviceSpec("drive-scsi0", len(disk))], configs,
+                               ctime=ctime, incremental=[1] if parent else [],
+                               block_sums=block_sums)
+        for off, data in ([(0, disk)] if parent is None else writes):
+            writer.write(1, off, data)
+        writer.finish()
+
+
+def test_chain_of_old_and_new_archives(tmp_path: Path) -> None:
+    """An archive with data checksums (from before block sums) under increments with block
+    sums, plain and zstd: the chain reads as one (small and whole reads, merge's read), each
+    layer checked its own way, and a damaged block of the old base is an error."""
+    from vmafs.archive.chain import open_chain
+
+    rnd = random.Random(9)
+    disk = bytearray(rnd.randbytes(2 * MiB))
+    base = tmp_path / "c0.vma"
+    _layer(base, bytes(disk), [], parent=None, block_sums=False, ctime=1_700_000_000)
+    writes = [(5 * CLUSTER, rnd.randbytes(CLUSTER)), (20 * CLUSTER, rnd.randbytes(2 * CLUSTER))]
+    parent = base
+    for k, name in enumerate(("c1.vma", "c2.vma.zst"), start=1):
+        path = tmp_path / name
+        _layer(path, bytes(disk), writes[k - 1:k], parent=parent, block_sums=True,
+               ctime=1_700_000_000 + 3600 * k)
+        off, data = writes[k - 1]
+        disk[off:off + len(data)] = data
+        parent = path
+    with open_chain(str(parent)) as view:
+        assert [a.block_sums for a in view.layers] == [False, True, True]
+        img = bytes(disk)
+        _reads(view, img, 7, 600)
+        got = bytearray(len(img))
+        for cluster, mask, data, _ in view.iter_stored(1):
+            assert mask == 0xFFFF
+            got[cluster * CLUSTER:(cluster + 1) * CLUSTER] = data
+        assert bytes(got) == img
+    rc, _, err = run_vmafs("verify", parent)
+    assert rc == 0, err
+    data = bytearray(base.read_bytes())
+    at = walk_vma(bytes(data)).extents[0][0] + 512 + 30 * CLUSTER + 5  # cluster 30: the base's
+    data[at] ^= 1
+    base.write_bytes(data)
+    with open_chain(str(parent)) as view, pytest.raises(ArchiveError, match="checksum"):
+        view.read(1, 30 * CLUSTER + 4096 * 3, 4096)
