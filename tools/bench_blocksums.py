@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_smallreads import write_unsummed
 from benchlib import evict, make_half_data_image
 
+from vmafs.archive import reader  # noqa: E402
 from vmafs.archive.reader import Archive  # noqa: E402
 from vmafs.format import index, vma  # noqa: E402
 
@@ -132,8 +133,6 @@ def main() -> int:
     print(f"archive sizes: summed {new.stat().st_size} B, unsummed {old.stat().st_size} B: "
           f"+{(new.stat().st_size / old.stat().st_size - 1) * 100:.3f} %")
     summed, unsummed = Archive.open(str(new)), Archive.open(str(old))
-    sums = summed._sums[0]  # noqa: SLF001 - the reader's sums cache, emptied for "cold"
-    assert sums is not None
     fd = os.open(new, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     dmap = summed._maps[1]  # noqa: SLF001
@@ -142,9 +141,12 @@ def main() -> int:
         row = int(dmap.clusters.searchsorted(off // CLUSTER))
         return os.pread(fd, BLOCK, int(dmap.offsets[row]) + off % CLUSTER)
 
+    cache = reader._SUMS_CACHE  # noqa: SLF001 - emptied for "sums cold"
+
     def cold_sums(off: int) -> object:
-        sums.cache.clear()
-        sums.cached = 0
+        with cache.lock:
+            cache.entries.clear()
+            cache.size = 0
         return summed.read(1, off, BLOCK)
 
     paths: dict[str, Callable[[int], object]] = {

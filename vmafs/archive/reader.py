@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import itertools
 import threading
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -50,22 +51,52 @@ class Device:
     size: int
 
 
-class _Sums:
-    """Where a block-summed archive's sums are (each data extent's start and data end, where
-    its sums begin: 16 bytes a data extent, 0.3 a cluster), and the sums of the extents read
-    lately: a small read of a cluster near one read before (a booting guest, a file system's
-    metadata) then needs no second disk read. The cache holds at most CACHE_BYTES and
-    trusts nothing: each read checks the sums it takes against the index."""
+class _SumsCache:
+    """The sums of the data extents read lately, for every archive of the process together
+    (a chain of many layers shares one budget): at most CACHE_BYTES, least recently used out
+    first. It trusts nothing: each read checks the sums it takes against its index."""
 
-    __slots__ = ("starts", "ends", "cache", "cached", "lock")
     CACHE_BYTES = 8 << 20  # ~2200 extents' sums: 8 GiB of data
+
+    def __init__(self) -> None:
+        self.entries: collections.OrderedDict[tuple[int, int], bytes] = (
+            collections.OrderedDict())
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        with self.lock:
+            got = self.entries.get(key)
+            if got is not None:
+                self.entries.move_to_end(key)
+            return got
+
+    def put(self, key: tuple[int, int], sums: bytes) -> None:
+        with self.lock:
+            if key in self.entries:
+                return
+            self.entries[key] = sums
+            self.size += len(sums)
+            while self.size > self.CACHE_BYTES:
+                self.size -= len(self.entries.popitem(last=False)[1])
+
+
+_SUMS_CACHE = _SumsCache()
+_SUMS_KEYS = itertools.count()
+
+
+class _Sums:
+    """Where a block-summed archive's sums are: each data extent's start and data end, where
+    its sums begin (16 bytes a data extent, 0.3 a cluster). The sums read lately are kept in
+    _SUMS_CACHE: a small read of a cluster near one read before (a booting guest, a file
+    system's metadata) then needs no second disk read."""
+
+    __slots__ = ("starts", "ends", "key")
 
     def __init__(self, table: index.IndexTable) -> None:
         self.starts = _aligned(table.ext_offsets.astype(np.uint64))
         self.ends = index.extent_ends(table.ext_counts, table.masks, table.offsets)
-        self.cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        self.cached = 0
-        self.lock = threading.Lock()
+        self.key = next(_SUMS_KEYS)  # this archive's entries in the cache
 
     def locate(self, data_offset: int) -> tuple[int, int, int, int]:
         """(extent number, where its sums begin, its blocks, its blocks before data_offset)
@@ -75,20 +106,10 @@ class _Sums:
         return e, end, (end - start) // vma.BLOCK_SIZE, (data_offset - start) // vma.BLOCK_SIZE
 
     def get(self, extent: int) -> bytes | None:
-        with self.lock:
-            got = self.cache.get(extent)
-            if got is not None:
-                self.cache.move_to_end(extent)
-            return got
+        return _SUMS_CACHE.get((self.key, extent))
 
     def put(self, extent: int, sums: bytes) -> None:
-        with self.lock:
-            if extent in self.cache:
-                return
-            self.cache[extent] = sums
-            self.cached += len(sums)
-            while self.cached > self.CACHE_BYTES:
-                self.cached -= len(self.cache.popitem(last=False)[1])
+        _SUMS_CACHE.put((self.key, extent), sums)
 
 
 class _DeviceMap:
