@@ -11,7 +11,9 @@ only if all of this holds, checked at open time:
   index itself;
 - every data extent's header, read at the offset the index gives, lists exactly the slots the
   index lists for it, with the block count they need; every position in the runs between them
-  holds a data-less extent of this archive (its md5 is left to verify);
+  (block sums, an increment's zero slots, Proxmox's null extents) holds a whole data-less
+  extent of this archive, md5 included: Proxmox's reader stops at a broken one, so a random
+  reader must not serve what lies beyond it;
 - all those slots keep every VMA rule (rules.ClusterRules: known devices, in range, no mask
   bit past the end) and hold every cluster exactly once.
 So each extent boundary the index relies on is one the stream walk also reaches: an index
@@ -141,9 +143,8 @@ def confirm_index(source: ByteSource, header: vma.Header, table: index.IndexTabl
                    int(gap_starts[i]))
     rules = ClusterRules(header)
     try:
-        _confirm_data_extents(source, header, table, starts, blocks, first_row, rules)
-        for start, end in zip(gap_starts.tolist(), gap_ends.tolist(), strict=True):
-            _confirm_gap(source, header.uuid, start, end, rules, sealed=not complete)
+        _confirm_extents(source, header, table, starts, blocks, first_row,
+                         gap_starts, gap_ends, rules)
     except problems.ArchiveError as exc:
         if exc.problem.kind == problems.INDEX:
             raise
@@ -154,14 +155,31 @@ def confirm_index(source: ByteSource, header: vma.Header, table: index.IndexTabl
     return len(starts) + int((gap_ends - gap_starts).sum()) // HEAD, rules
 
 
-def _confirm_data_extents(source: ByteSource, header: vma.Header, table: index.IndexTable,
-                          starts: np.ndarray, blocks: np.ndarray, first_row: np.ndarray,
-                          rules: ClusterRules) -> None:
-    if not len(starts):
-        return
+Slots = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # dev_ids, clusters, masks, at
+
+
+def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexTable,
+                     starts: np.ndarray, blocks: np.ndarray, first_row: np.ndarray,
+                     gap_starts: np.ndarray, gap_ends: np.ndarray, rules: ClusterRules) -> None:
+    """Each data extent's header and the run of data-less extents before it (the last run
+    up to the index) are read in a pool: a cold disk answers several reads at once, and a
+    dense archive has a run of block sums after every extent. The short runs of a batch are
+    then checked together (one numpy pass), and all slots go through the rules in stream
+    order, so a duplicate is reported where a stream walk would meet it."""
     uuid = header.uuid
 
-    def check(i: int) -> Extent:
+    def read(i: int) -> tuple[bytes | memoryview | Slots, Extent | None]:
+        start, end = int(gap_starts[i]), int(gap_ends[i])
+        gap: bytes | memoryview | Slots
+        if end - start <= GAP_CHUNK:
+            gap = source.pread(start, end - start) if end > start else b""
+            if len(gap) != end - start:
+                raise _bad("the archive ends inside the extents the index describes", start)
+        else:  # a long run (an increment's zero slots): checked here, a chunk at a time
+            gap = _concat([_check_null_headers(chunk, pos + HEAD * np.arange(len(chunk) // HEAD),
+                                               uuid) for pos, chunk in _chunks(source, start, end)])
+        if i == len(starts):
+            return gap, None
         offset = int(starts[i])
         raw = source.pread(offset, HEAD)
         try:
@@ -176,66 +194,85 @@ def _confirm_data_extents(source: ByteSource, header: vma.Header, table: index.I
                 or not np.array_equal(ext.clusters[stored], table.clusters[lo:hi])
                 or not np.array_equal(ext.masks[stored], table.masks[lo:hi])):
             raise _bad(f"it does not match the extent header at offset {offset}", offset)
-        return ext
+        return gap, ext
 
-    def feed(extents: list[Extent]) -> None:
-        rules.check(np.concatenate([e.dev_ids for e in extents]),
-                    np.concatenate([e.clusters for e in extents]),
-                    np.concatenate([e.masks for e in extents]),
-                    np.concatenate([np.full(len(e.dev_ids), e.offset, np.int64)
-                                    for e in extents]))
+    def feed(lo: int, found: list[tuple[bytes | memoryview | Slots, Extent | None]]) -> None:
+        short = [(i, gap) for i, (gap, _) in enumerate(found, lo)
+                 if not isinstance(gap, tuple) and len(gap)]
+        checked: dict[int, Slots] = {}
+        if short:  # every short run of the batch in one pass, split back by header offset
+            heads = b"".join(gap for _, gap in short)
+            at = np.concatenate([int(gap_starts[i]) + HEAD * np.arange(len(gap) // HEAD)
+                                 for i, gap in short])
+            slots = _check_null_headers(heads, at, uuid)
+            owner = np.searchsorted(gap_starts[[i for i, _ in short]], slots[3], side="right") - 1
+            for k, (i, _) in enumerate(short):
+                pick = owner == k
+                if pick.any():
+                    checked[i] = (slots[0][pick], slots[1][pick], slots[2][pick], slots[3][pick])
+        parts: list[Slots] = []
+        for i, (gap, ext) in enumerate(found, lo):
+            if isinstance(gap, tuple):
+                parts.append(gap)
+            elif i in checked:
+                parts.append(checked[i])
+            if ext is not None:
+                parts.append((ext.dev_ids, ext.clusters, ext.masks,
+                              np.full(len(ext.dev_ids), ext.offset, np.int64)))
+        parts = [p for p in parts if len(p[0])]
+        if parts:
+            rules.check(*_concat(parts))
 
-    step = 1024
-    if len(starts) < 64:
-        feed([check(i) for i in range(len(starts))])
+    runs = len(starts) + 1
+    if runs <= 64:
+        feed(0, [read(i) for i in range(runs)])
         return
+    step = 1024
     with ThreadPoolExecutor(CONFIRM_THREADS) as pool:
-        for lo in range(0, len(starts), step):
-            feed(list(pool.map(check, range(lo, min(lo + step, len(starts))), chunksize=64)))
+        for lo in range(0, runs, step):
+            feed(lo, list(pool.map(read, range(lo, min(lo + step, runs)), chunksize=64)))
 
 
-def _confirm_gap(source: ByteSource, uuid: bytes, start: int, end: int,
-                 rules: ClusterRules, *, sealed: bool = False) -> None:
-    """Every 512 bytes of [start, end) is a header of this archive with no data; their zero
-    slots go through the rules like any others. `sealed`: also check each one's md5 (an
-    incremental archive's zero slots say which parent clusters became zeros, and nothing
-    else covers them; its runs are short).
+def _concat(parts: list[Slots]) -> Slots:
+    if not parts:
+        return (np.zeros(0, np.uint8), np.zeros(0, np.uint32), np.zeros(0, np.uint16),
+                np.zeros(0, np.int64))
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
 
-    Checked as 64 little-endian words per header, whole chunks at a time: word 0 is magic,
-    reserved and block_count (b"VMAE" and six zero bytes), words 1-2 the uuid, and no used
-    slot may have a mask. The md5 is left to verify: what matters here is
-    that no extent boundary hides in the run, and a header with no blocks has none.
-    """
+
+def _check_null_headers(heads: bytes | memoryview, at: np.ndarray, uuid: bytes) -> Slots:
+    """Each 512 bytes of HEADS (at stream offsets AT) is a whole header of this archive with
+    no data; returns their used slots (an increment's zero clusters) for the rules.
+
+    Checked as 64 little-endian words per header, all at once: word 0 is magic, reserved and
+    block_count (b"VMAE" and six zero bytes), words 1-2 the uuid, no used slot may have a
+    mask; then each header's md5 (the one step a header; hashlib needs no more)."""
     first = np.frombuffer(vma.EXTENT_MAGIC + bytes(4), "<u8")[0]
     uuid_words = np.frombuffer(uuid, "<u8")
-    for pos, chunk in _chunks(source, start, end):
-        words = np.frombuffer(chunk, "<u8").reshape(-1, HEAD // 8)
-        ok = (words[:, 0] == first) & (words[:, 1] == uuid_words[0]) \
-            & (words[:, 2] == uuid_words[1])
-        dev, clusters, masks = vma.slot_columns(chunk)
-        used = dev != 0
-        ok &= ~(used & (masks != 0)).any(axis=1)
-        if not ok.all():
-            offset = pos + int(np.flatnonzero(~ok)[0]) * HEAD
-            raise _bad(f"where it says the stream has no data, offset {offset} holds an "
-                       "extent with data or none at all", offset)
-        if sealed:  # magic, uuid and block count were checked above: the md5 is left
-            heads = np.frombuffer(chunk, np.uint8).reshape(-1, HEAD).copy()
-            want = heads[:, 24:40].tobytes()
-            heads[:, 24:40] = 0
-            flat = heads.data.cast("B")
-            md5 = hashlib.md5
-            got = b"".join([md5(flat[at:at + HEAD]).digest()
-                            for at in range(0, len(flat), HEAD)])
-            if got != want:
-                bad = np.flatnonzero((np.frombuffer(got, np.uint8)
-                                      != np.frombuffer(want, np.uint8)).reshape(-1, 16)
-                                     .any(axis=1))[0]
-                raise problems.error(problems.CHECKSUM, "wrong vma extent header chechsum "
-                                     "(md5 mismatch)", offset=pos + int(bad) * HEAD)
-        offsets = pos + np.repeat(np.arange(len(words)), used.sum(axis=1)) * HEAD
-        rules.check(dev[used], clusters[used].astype(np.uint32), masks[used].astype(np.uint16),
-                    offsets)
+    words = np.frombuffer(heads, "<u8").reshape(-1, HEAD // 8)
+    ok = (words[:, 0] == first) & (words[:, 1] == uuid_words[0]) \
+        & (words[:, 2] == uuid_words[1])
+    dev, clusters, masks = vma.slot_columns(heads)
+    used = dev != 0
+    ok &= ~(used & (masks != 0)).any(axis=1)
+    if not ok.all():
+        offset = int(at[np.flatnonzero(~ok)[0]])
+        raise _bad(f"where it says the stream has no data, offset {offset} holds an "
+                   "extent with data or none at all", offset)
+    copy = np.frombuffer(heads, np.uint8).reshape(-1, HEAD).copy()
+    want = copy[:, 24:40].tobytes()
+    copy[:, 24:40] = 0
+    flat = copy.data.cast("B")
+    md5 = hashlib.md5
+    got = b"".join([md5(flat[k:k + HEAD]).digest() for k in range(0, len(flat), HEAD)])
+    if got != want:
+        bad = np.flatnonzero((np.frombuffer(got, np.uint8) != np.frombuffer(want, np.uint8))
+                             .reshape(-1, 16).any(axis=1))[0]
+        raise problems.error(problems.CHECKSUM, "wrong vma extent header chechsum "
+                             "(md5 mismatch)", offset=int(at[bad]))
+    return (dev[used], clusters[used].astype(np.uint32), masks[used].astype(np.uint16),
+            np.repeat(at, used.sum(axis=1)))
 
 
 def _chunks(source: ByteSource, start: int, end: int

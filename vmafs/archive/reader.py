@@ -22,12 +22,11 @@ import itertools
 import threading
 import uuid as uuidlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from vmafs.archive import locate, problems, stored, walk, walk_cache
+from vmafs.archive import locate, problems, stored, walk_cache
 from vmafs.archive.clusterset import ClusterSet
 from vmafs.archive.walk import index_by_walking
 from vmafs.container.source import ByteSource, open_source
@@ -288,13 +287,9 @@ class Archive:
         if not remote_full and (key is None or (held is None if incremental
                                                  else not walk_cache.confirmed(key))):
             source.check_layout()
-            if footer.sums_carried:  # confirming reads every gap, the sums runs too: one at
-                _will_need_sums(source, table)  # a time, so the disk is asked for all first
             extents, rules = locate.confirm_index(source, header, table, footer.index_offset,
                                                   complete=not incremental)
             held = rules.seen if incremental else None
-            if footer.sums_carried:
-                _check_sums_extents(source, header, table)
             if key is not None and held is not None:
                 walk_cache.remember_held(key, held, extents)
             elif key is not None:
@@ -600,50 +595,6 @@ def _summed_stored(rows: Iterator[tuple[int, int, memoryview, int]], checks: np.
         close = getattr(rows, "close", None)
         if close is not None:
             close()
-
-
-def _sums_spans(table: index.IndexTable) -> list[tuple[int, int]]:
-    """(stream offset, bytes) of each data extent's run of sums extents."""
-    ends = index.extent_ends(table.ext_counts, table.masks, table.offsets)
-    starts = table.ext_offsets.astype(np.int64)
-    blocks = (ends.astype(np.int64) - starts - vma.EXTENT_HEADER_SIZE) // vma.BLOCK_SIZE
-    return [(int(e), index.sums_extents(int(b)) * vma.EXTENT_HEADER_SIZE)
-            for e, b in zip(ends.tolist(), blocks.tolist(), strict=True)]
-
-
-def _will_need_sums(source: ByteSource, table: index.IndexTable) -> None:
-    """Ask for every sums run at once (a disk answers many requests together), in batches
-    of runs of the same size."""
-    by_size: dict[int, list[int]] = {}
-    for at, n in _sums_spans(table):
-        by_size.setdefault(n, []).append(at)
-    for n, offsets in by_size.items():
-        source.will_need(offsets, n)
-
-
-def _check_sums_extents(source: ByteSource, header: vma.Header, table: index.IndexTable) -> None:
-    """Every null extent that carries block sums is a whole extent of this archive (md5
-    included), as Proxmox's reader, which stops at a broken one, requires: a random reader
-    must not serve what comes after one. Their contents are checked by the reads."""
-    spans = _sums_spans(table)
-
-    def check(span: tuple[int, int]) -> None:
-        at, n = span
-        raw = source.pread(at, n)
-        for pos in range(0, n, vma.EXTENT_HEADER_SIZE):
-            ext = walk.decode_extent(raw[pos:pos + vma.EXTENT_HEADER_SIZE], header.uuid, at + pos)
-            if not ext.is_null:
-                raise problems.error(problems.INDEX, "vmafs index not usable: its block sums "
-                                     f"at offset {at + pos} are not in a null extent",
-                                     offset=at + pos)
-
-    if len(spans) < 64:
-        for span in spans:
-            check(span)
-        return
-    with ThreadPoolExecutor(locate.CONFIRM_THREADS) as pool:
-        for _ in pool.map(check, spans, chunksize=64):
-            pass
 
 
 def _zero_chunks(held: ClusterSet, stored: np.ndarray, chunk: int = 1 << 20
