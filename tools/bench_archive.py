@@ -59,14 +59,6 @@ def peak_rss_mib(cmd: list[str]) -> float:
     return int(out.split()[-1]) / 1024
 
 
-def drop_caches() -> None:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="4G")
