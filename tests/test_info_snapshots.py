@@ -90,7 +90,7 @@ def test_info_plain_full(library: Path) -> None:
     doc = json_of("info", path)
     assert doc["archive"] == str(path)
     assert (doc["container"], doc["seekable"], doc["mode"]) == ("vma", True, "indexed")
-    assert doc["indexed"] is True and doc["checksums"] is True
+    assert doc["indexed"] is True and doc["checksums"] is True and doc["block_sums"] is True
     assert doc["archive_bytes"] == path.stat().st_size == doc["stream_bytes"]
     assert doc["ratio"] == 1.0
     assert doc["devices"] == [{"dev_id": 1, "name": DEV, "device_bytes": SIZE,

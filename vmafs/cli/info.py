@@ -50,7 +50,7 @@ def to_json(info: Info) -> dict[str, Any]:
     return {
         "ok": True, "archive": info.path, "archive_bytes": info.archive_bytes,
         "container": info.container, "seekable": info.seekable, "mode": info.mode,
-        "indexed": info.indexed, "checksums": info.indexed,
+        "indexed": info.indexed, "checksums": info.indexed, "block_sums": info.block_sums,
         "stream_bytes": info.stream_bytes,
         "ratio": round(info.ratio, 3) if info.ratio is not None else None,
         "devices": devices, "device_bytes": sum(d.size for d in info.devices),
@@ -85,7 +85,8 @@ def lines_of(info: Info) -> list[str]:
     if not info.seekable:
         out.append(f"index: unknown; {NOT_SEEKABLE}")
     elif info.indexed:
-        out.append("index: vmafs index with data checksums")
+        out.append("index: vmafs index with data checksums"
+                   + (" over 4 KiB block sums" if info.block_sums else ""))
     else:
         out.append("index: none (walked: no data checksums; vmafs convert adds them)")
     out += [f"uuid: {info.uuid}", f"time: {iso_time(info.ctime) or info.ctime} "
