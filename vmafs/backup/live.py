@@ -91,6 +91,11 @@ class BackupOptions:
     queue_bytes: int = 64 * MiB                       # sink -> writer buffer (back-pressure)
     stall_timeout: float = 30.0                       # watchdog: writer without progress
     max_workers: int | None = 4                       # x-perf max-workers when QEMU has it
+    # x-perf max-workers of a job that copies only PREV's dirty clusters (an incremental's
+    # disk): scattered clusters, one request each, in a short job; 16 workers instead of 4
+    # copied 2 % of a 4 GiB disk in 0.51 s instead of 0.69 s inside vmafs (median of 6
+    # interleaved rounds, load 7-9); QEMU alone (to a null target) 62 ms instead of 94
+    incremental_workers: int | None = 16
     # x-perf max-chunk: a guest write's copy-before-write waits behind the copies in flight;
     # QEMU's default 1 MiB chunks made the guest's p99 write latency 0.56-0.96x worse than
     # 512 KiB, at the same throughput (tools/bench_guest_latency.py)
@@ -576,8 +581,9 @@ class Backup:
                 "on-source-error": "report", "on-target-error": "report",
             }
             if self.x_perf:
-                data["x-perf"] = {"max-workers": self.opts.max_workers,
-                                  "max-chunk": self.opts.max_chunk}
+                workers = (self.opts.incremental_workers if sync["sync"] == "bitmap"
+                           else None) or self.opts.max_workers
+                data["x-perf"] = {"max-workers": workers, "max-chunk": self.opts.max_chunk}
             if self.opts.speed:
                 data["speed"] = self.opts.speed
             actions.append({"type": "blockdev-backup", "data": data})
