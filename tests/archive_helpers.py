@@ -4,6 +4,7 @@ reader."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -179,6 +180,5 @@ def reseal_header(data: bytearray) -> None:
         return  # a header no reader takes: nothing further to keep in step with it
     footer = index.decode_footer(vma.null_extent_payload(bytes(data[-512:])))
     if footer is not None and footer.header_digest is not None:
-        fresh = index.Footer(footer.index_offset, footer.index_length, footer.index_checksum,
-                             vma.header_digest(header))
+        fresh = dataclasses.replace(footer, header_digest=vma.header_digest(header))
         data[-512:] = vma.encode_null_extents(header.uuid, index.encode_footer(fresh))

@@ -345,3 +345,35 @@ def test_chain_of_old_and_new_archives(tmp_path: Path) -> None:
     base.write_bytes(data)
     with open_chain(str(parent)) as view, pytest.raises(ArchiveError, match="checksum"):
         view.read(1, 30 * CLUSTER + 4096 * 3, 4096)
+
+
+def test_convert_of_an_old_archive_keeps_its_links(tmp_path: Path) -> None:
+    """An archive's children link to its content digest, which covers its index's checks: so
+    convert writes an archive from before block sums with data checksums again (its footer
+    read first), and the chain over the converted parent still reads; from a stream, where
+    the footer comes last, such an archive is refused rather than relinked wrong."""
+    from vmafs.archive.chain import open_chain
+
+    rnd = random.Random(11)
+    disk = rnd.randbytes(MiB)
+    base, child = tmp_path / "c0.vma", tmp_path / "c1.vma"
+    _layer(base, disk, [], parent=None, block_sums=False, ctime=1_700_000_000)
+    _layer(child, disk, [(3 * CLUSTER, rnd.randbytes(CLUSTER))], parent=base, block_sums=True,
+           ctime=1_700_003_600)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    rc, _, err = run_vmafs("convert", "-q", base, moved / "c0.vma.zst")
+    assert rc == 0, err
+    with Archive.open(str(base), layer=True) as a, \
+            Archive.open(str(moved / "c0.vma.zst"), layer=True) as b:
+        assert b.digest() == a.digest() and not b.block_sums
+    child.rename(moved / "c1.vma")
+    with open_chain(str(moved / "c1.vma")) as view:
+        assert len(view.layers) == 2
+    with open(base, "rb") as stdin:
+        proc = subprocess.run([sys.executable, "-m", "vmafs", "convert", "-q", "-",
+                               str(tmp_path / "piped.vma")], stdin=stdin, capture_output=True,
+                              text=True, timeout=120)
+    assert proc.returncode != 0 and "from a file, not a stream" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "piped.vma").exists()

@@ -33,7 +33,7 @@ from vmafs.archive import problems
 from vmafs.archive.rules import ClusterRules
 from vmafs.archive.walk import Extent, decode_extent
 from vmafs.container.source import ByteSource, open_source
-from vmafs.errors import ChecksumError, FormatError, NotSeekableError
+from vmafs.errors import ChecksumError, FormatError, NotSeekableError, VmafsError
 from vmafs.format import index, vma
 
 HEAD = vma.EXTENT_HEADER_SIZE
@@ -62,6 +62,26 @@ def find_footer(source: ByteSource, header: vma.Header) -> index.Footer | None:
     if footer is not None:
         check_header(footer, header)
     return footer
+
+
+def footer_block_sums(path: str, header: vma.Header) -> bool | None:
+    """Whether the footer, read first where the archive can be read at random, says its
+    checks are over block sums: a stream that does not carry them (zstd, an archive from
+    before them) is then hashed one way only. None: not known (stdin, a stream, no footer,
+    a damaged one: the full read says what is wrong)."""
+    if path == "-":
+        return None
+    try:
+        source, _kind = open_source(path)
+    except (VmafsError, OSError):
+        return None
+    try:
+        footer = find_footer(source, header)
+    except VmafsError:
+        return None
+    finally:
+        source.close()
+    return None if footer is None else footer.block_sums
 
 
 def check_header(footer: index.Footer, header: vma.Header) -> bool:

@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from vmafs.archive import locate
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.cli import COMMANDS
@@ -65,11 +66,16 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
     sizes = {d.dev_id: d.size for d in header.devices}
     incremental = chain.is_incremental(header.configs)
     progress = progress_for(args, "convert", sum(sizes.values()))
+    # An archive's content digest (what its children link to) covers its index's checks, so
+    # the output checks the way the input does: data checksums for an archive written before
+    # block sums, read from its footer first where it can be read at random
+    said = locate.footer_block_sums(args.input, header)
+    block_sums = said is not False
     with open_output(args.output, zstd=args.zstd or None, level=args.level,
                      threads=args.threads, frame_size=frame_bytes(args)) as out:
         writer = ArchiveWriter(out, [DeviceSpec(d.name, d.size) for d in header.devices],
                                header.configs, uuid=header.uuid, ctime=header.ctime,
-                               progress=progress.update,
+                               progress=progress.update, block_sums=block_sums,
                                incremental=new_ids.values() if incremental else ())
 
         def on_extent(slots: list[StoredCluster]) -> None:
@@ -106,6 +112,10 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
             raise about(args.input, exc) from None
         if result.problems:
             raise FormatError(f"{args.input}: {result.problems[0]}")
+        if result.has_index and result.block_sums != block_sums:  # a stream: known only now
+            raise FormatError(f"{args.input}: its index checks data, not block sums (written "
+                              "by an older vmafs); convert it from a file, not a stream, so "
+                              "that archives linked to it still find it")
         writer.finish()
     progress.finish()
     if args.json:

@@ -14,7 +14,6 @@ from vmafs.archive.problems import Problem, problem_of
 from vmafs.archive.scan import BadData, ScanResult, read_header, scan_stream
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
-from vmafs.container.source import open_source
 from vmafs.container.streams import open_stream
 from vmafs.errors import (
     EXIT_DAMAGED,
@@ -59,29 +58,9 @@ def scan_file(path: str, quiet: bool) -> ScanResult:
                                 sum(d.size for d in header.devices))
         try:
             return scan_stream(stream, progress=progress.update, header=header,
-                               block_sums=_footer_says(path, header))
+                               block_sums=locate.footer_block_sums(path, header))
         finally:
             progress.finish()
-
-
-def _footer_says(path: str, header: vma.Header) -> bool | None:
-    """Whether the footer, read first where the archive can be read at random, says its
-    checks are over block sums: a stream that does not carry them (zstd, an archive from
-    before them) is then hashed one way only. None: not known (stdin, a stream, no footer,
-    a damaged one: the full read says what is wrong)."""
-    if path == "-":
-        return None
-    try:
-        source, _kind = open_source(path)
-    except (VmafsError, OSError):
-        return None
-    try:
-        footer = locate.find_footer(source, header)
-    except VmafsError:
-        return None
-    finally:
-        source.close()
-    return None if footer is None else footer.block_sums
 
 
 def check_chain(path: str, bases: list[str], quiet: bool
