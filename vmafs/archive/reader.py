@@ -290,10 +290,12 @@ class Archive:
             extents, rules = locate.confirm_index(source, header, table, footer.index_offset,
                                                   complete=not incremental)
             held = rules.seen if incremental else None
+            # a compressed layer's check walked every frame: worth remembering at any size
+            worth = max(extents, walk_cache.MIN_EXTENTS) if compressed else extents
             if key is not None and held is not None:
-                walk_cache.remember_held(key, held, extents)
+                walk_cache.remember_held(key, held, worth)
             elif key is not None:
-                walk_cache.remember_confirmed(key, extents)
+                walk_cache.remember_confirmed(key, worth)
         return cls(source, header, table, mode=INDEXED, compressed=compressed, held=held,
                    block_sums=footer.block_sums, sums_carried=footer.sums_carried)
 

@@ -24,7 +24,8 @@ from vmafs.archive.clusterset import ClusterSet
 from vmafs.format import index, vma
 
 MIN_EXTENTS = 4096  # smaller walks take well under a second: not worth a file
-MAX_ENTRIES = 16
+MAX_ENTRIES = 256  # a chain is up to MAX_LAYERS deep: its layers must not evict each other
+MAX_BYTES = 1 << 30  # and walks of large archives (11 bytes a cluster) not fill the disk
 _MAGIC = b"VMAFSWC2"
 _HEAD = struct.Struct("<8s32sQQB7x")  # magic, key, extents, stored clusters, offset bytes
 
@@ -132,10 +133,15 @@ def _evict(directory: str) -> None:
     for name in os.listdir(directory):
         if len(name.removesuffix(".ok").removesuffix(".held")) == 64 and not name.startswith("."):
             with contextlib.suppress(OSError):
-                entries.append((os.stat(os.path.join(directory, name)).st_mtime, name))
-    for _, name in sorted(entries)[:-MAX_ENTRIES]:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(directory, name))
+                st = os.stat(os.path.join(directory, name))
+                entries.append((st.st_mtime, st.st_size, name))
+    entries.sort(reverse=True)  # newest first: kept while within both limits
+    total = 0
+    for count, (_, size, name) in enumerate(entries):
+        total += size
+        if count and (count >= MAX_ENTRIES or total > MAX_BYTES):  # the newest is kept
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
 
 
 _HELD_MAGIC = b"VMAFSHS1"
