@@ -244,6 +244,34 @@ def test_walk_cache(tmp_path: Path, vectors: Path, monkeypatch: pytest.MonkeyPat
         Archive.open(str(path))
 
 
+@pytest.mark.parametrize("name", ["w.vma", "w.vma.zst"])
+def test_a_written_archive_opens_without_its_check(image: bytes, tmp_path: Path, name: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full archive vmafs has just written and committed is remembered as checked (its index
+    and stream agree by construction): opening it reads no extent headers, until the file
+    changes; an increment is not (what it holds is learnt only by the check)."""
+    from vmafs.archive import locate, walk_cache
+    from vmafs.container.output import open_output
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / name
+    with open_output(str(path)) as out:
+        writer = ArchiveWriter(out, [DeviceSpec("drive-scsi0", len(image))])
+        writer.write(1, 0, image)
+        writer.finish()
+    assert len(os.listdir(walk_cache.cache_dir())) == 1
+    checked = []
+    confirm = locate.confirm_index
+    monkeypatch.setattr(locate, "confirm_index",
+                        lambda *a, **k: checked.append(1) or confirm(*a, **k))
+    with Archive.open(str(path)) as archive:
+        assert bytes(archive.read(1, 0, len(image))) == image
+    assert not checked
+    os.utime(path, ns=(1, 1))  # changed (ctime moves too): checked again
+    Archive.open(str(path)).close()
+    assert checked
+
+
 def walk_cache_walk(*args: object) -> object:
     from vmafs.archive.walk import index_by_walking
 

@@ -109,6 +109,14 @@ def remember_confirmed(key: bytes, extents: int) -> None:
         _write(key.hex() + ".ok", [key])
 
 
+def remember_written(raw_header_and_footer: bytes, identity: bytes) -> None:
+    """Remember as checked a full archive this process has just written and committed: its
+    index and its stream agree by construction, so its first open need not read every
+    extent header (an incremental's PREV, opened right after its backup)."""
+    key = key_of(identity, raw_header_and_footer)
+    _write(key.hex() + ".ok", [key])
+
+
 def _write(name: str, parts: list[bytes | memoryview]) -> None:
     """An entry, whole or not at all (a private temporary file renamed into place); failing
     to write one is never an error (a read-only home, a full disk)."""

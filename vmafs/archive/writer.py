@@ -13,6 +13,7 @@ chunks, building their extent headers with numpy (md5 per header is the only per
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import uuid as uuidlib
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vmafs.archive import walk_cache
 from vmafs.archive.clusterset import ClusterSet
 from vmafs.container.zstd_output import Output, PlainOutput
 from vmafs.errors import FormatError
@@ -96,7 +98,7 @@ class ArchiveWriter:
                                   min(limit // vma.BLOCK_SIZE,
                                       vma.SLOTS_PER_EXTENT * vma.BLOCKS_PER_CLUSTER))
         self._progress = progress
-        header = vma.encode_header(self.uuid, self.ctime,
+        self._raw_header = header = vma.encode_header(self.uuid, self.ctime,
                                    [(d.name, d.size) for d in self.devices], configs)
         # of the header as every reader decodes it, for the footer (format/index.py)
         self._header_digest = vma.header_digest(vma.decode_header(header))
@@ -199,6 +201,9 @@ class ArchiveWriter:
                               self.block_sums, self.carry_sums)
         self._emit(vma.encode_null_extents(self.uuid, index.encode_footer(footer)))
         self.finished = True
+        if not self.incremental:  # what opening it would check holds by construction
+            self.out.on_commit = functools.partial(
+                walk_cache.remember_written, self._raw_header + index.encode_footer(footer))
 
     # --- internals ------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from vmafs.container.zstd_output import (
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import display
 from vmafs.store import display_location, is_remote
+from vmafs.store.local import stat_identity
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -303,6 +304,8 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
         except BaseException:
             tmp.discard()
             raise
+        if out.on_commit is not None and (identity := tmp.identity()) is not None:
+            out.on_commit(identity)
 
 
 def _open_upload(path: str, compressed: bool, level: int, threads: int,
@@ -392,6 +395,17 @@ class TempFile:
                                  "files)") from None
         self._done = True
         os.fsync(self.dir_fd)
+
+    def identity(self) -> bytes | None:
+        """The committed file's identity (file_identity), if the final name is still this
+        file; None otherwise (replaced since, or not committed)."""
+        if not self._done:
+            return None
+        try:
+            st = os.stat(self.final, dir_fd=self.dir_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return stat_identity(st) if (st.st_dev, st.st_ino) == self._id else None
 
     def discard(self) -> None:
         """Remove the temporary file, if it is still ours and was not committed."""

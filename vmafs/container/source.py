@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 from typing import Protocol
 
 from vmafs.container.streams import detect_container
 from vmafs.errors import NotSeekableError, VmafsError
+from vmafs.store.local import stat_identity
 
 
 class ByteSource(Protocol):
@@ -47,9 +47,7 @@ class ByteSource(Protocol):
 
 def file_identity(fd: int) -> bytes:
     """A file's device, inode, size, mtime and ctime: any change to it changes one of them."""
-    st = os.fstat(fd)
-    return struct.pack("<QQQqq", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                       st.st_ctime_ns)
+    return stat_identity(os.fstat(fd))
 
 
 def open_file(path: str) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, Self
 
 import zstandard
@@ -50,6 +50,9 @@ class Output(Protocol):
 
     extent_bytes: int
     bytes_out: int
+    # told the file's identity (container.source.file_identity) once the file is committed
+    # under its final name, where an output knows it: what the archive model may remember
+    on_commit: Callable[[bytes], None] | None
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
 
@@ -99,6 +102,8 @@ def compression_params(
 
 class _Output:
     """As a context manager: close() on success, abort() after an exception."""
+
+    on_commit: Callable[[bytes], None] | None = None
 
     def close(self) -> None:
         raise NotImplementedError
