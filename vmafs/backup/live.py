@@ -337,16 +337,12 @@ class Backup:
                     or naming.default_vmid(self.opts.configs,
                                            (await qmp.execute("query-name")).get("name")))
             zstd = self.opts.zstd is True
+            if not is_remote(self.opts.output):
+                second = naming.vacant_second(self.opts.output, vmid, self.ctime, zstd,
+                                              os.path.lexists)
+                await trio.sleep(max(0.0, second - time.time()))
+                self.ctime = second
             path = naming.output_path(self.opts.output, vmid, self.ctime, zstd)
-            # vzdump names have one-second resolution: a backup of the VM started in the same
-            # second as the last one (an incremental right after its full) takes the next
-            # second's name rather than fail
-            for _ in range(2):
-                if is_remote(path) or not os.path.lexists(path):
-                    break
-                await trio.sleep(1.0 - time.time() % 1)
-                self.ctime = int(time.time())
-                path = naming.output_path(self.opts.output, vmid, self.ctime, zstd)
             check_output_name(path)
             self.opts = replace(self.opts, output=path, zstd=zstd)
         if self.opts.incremental is not None:
