@@ -5,13 +5,14 @@ honouring Retry-After. A URL's query (a presigned URL's signature) is never show
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 from typing import Any
 
 from vmafs.errors import ContainerError
 from vmafs.store import Entry, StoreError, display_location
-from vmafs.store.ranged import TAIL, BodyBroke, RangedObject
+from vmafs.store.ranged import TAIL, BodyBroke, HttpBody, RangedObject
 
 ATTEMPTS = 6
 BODY_ATTEMPTS = 5
@@ -95,7 +96,7 @@ def open_url(url: str) -> RangedObject:
             raise StoreError(f"{where}: the server stopped honouring Range requests")
         return bytes(data)
 
-    def open_body(start: int, end: int) -> _Body:
+    def open_body(start: int, end: int) -> HttpBody:
         import urllib3
 
         head = {"Range": f"bytes={start}-{end - 1}"}
@@ -113,40 +114,11 @@ def open_url(url: str) -> RangedObject:
             resp.release_conn()
             _check(resp.status, where)
             raise StoreError(f"{where}: the server stopped honouring Range requests")
-        return _Body(resp, where)
+        return HttpBody(getattr(resp, "_fp", None), resp.read, resp.close,
+                        functools.partial(_broke, where))
 
     return RangedObject(where, size, identity, fetch, (size - len(body), bytes(body)),
                         open_body)
-
-
-class _Body:
-    """A GET's body as it arrives (ranged.Body), read with http.client's readinto under
-    urllib3 when it is there: straight from the socket into the reader's buffer."""
-
-    def __init__(self, resp: Any, where: str) -> None:
-        self._resp = resp
-        fp = getattr(resp, "_fp", None)
-        self._fp = fp if callable(getattr(fp, "readinto", None)) else None
-        self._where = where
-
-    def readinto(self, view: memoryview) -> int:
-        import http.client
-
-        import urllib3
-
-        try:
-            if self._fp is not None:
-                return int(self._fp.readinto(view))
-            data = self._resp.read(len(view))
-            view[:len(data)] = data
-            return len(data)
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
-                ValueError) as exc:
-            raise BodyBroke(f"{self._where}: the connection broke off "
-                            f"({type(exc).__name__})") from None
-
-    def close(self) -> None:
-        self._resp.close()  # the connection is not reused: the body may be unread
 
 
 class HttpStore:
@@ -183,3 +155,14 @@ class HttpStore:
 
     def remove(self, location: str, identity: bytes | None = None) -> None:
         raise StoreError(f"{display_location(location)}: an http(s) URL is read-only")
+
+
+def _broke(where: str, exc: Exception) -> Exception | None:
+    import http.client
+
+    import urllib3
+
+    if isinstance(exc, (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
+                        ValueError)):
+        return BodyBroke(f"{where}: the connection broke off ({type(exc).__name__})")
+    return None

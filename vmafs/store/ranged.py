@@ -32,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from vmafs.errors import IncompleteError
 
@@ -78,6 +78,36 @@ request retried as needed, its failures the store's one-line errors)."""
 class BodyBroke(Exception):
     """A body broke off mid-transfer (the message is the store's line for it, if it stays
     broken)."""
+
+
+class HttpBody:
+    """A GET's body as it arrives (a Body), read with http.client's readinto when the HTTP
+    stack under it exposes one (`fp`): straight from the socket into the reader's buffer
+    (urllib3's own readinto reads into new bytes and copies them). `broke` turns what the
+    stack raised into the error to raise instead (None: raise it as it is)."""
+
+    def __init__(self, fp: Any, read: Callable[[int], bytes], close: Callable[[], None],
+                 broke: Callable[[Exception], Exception | None]) -> None:
+        self._fp = fp if callable(getattr(fp, "readinto", None)) else None
+        self._read = read
+        self._close = close
+        self._broke = broke
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            if self._fp is not None:
+                return int(self._fp.readinto(view))
+            data = self._read(len(view))
+            view[:len(data)] = data
+            return len(data)
+        except Exception as exc:
+            error = self._broke(exc)
+            if error is None:
+                raise
+            raise error from None
+
+    def close(self) -> None:
+        self._close()  # the connection is not reused: the body may be unread
 
 
 class RangedObject:

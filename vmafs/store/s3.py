@@ -19,6 +19,7 @@ Credentials are never printed: messages carry the S3 error code and the bucket a
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import io
 import os
 import random
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmafs.errors import ContainerError, VmafsError
 from vmafs.store import Entry, StoreError
-from vmafs.store.ranged import TAIL, BodyBroke, RangedObject
+from vmafs.store.ranged import TAIL, BodyBroke, HttpBody, RangedObject
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -221,46 +222,17 @@ def open_object(location: str) -> RangedObject:
     def fetch(start: int, end: int) -> bytes:
         return _get_range(s3, bucket, key, etag, start, end, location)
 
-    def open_body(start: int, end: int) -> _Body:
+    def open_body(start: int, end: int) -> HttpBody:
         try:  # botocore retries the request itself
             resp = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
                                  IfMatch=etag)
         except Exception as exc:
             raise error(exc, location) from None
-        return _Body(resp["Body"], location)
+        body = resp["Body"]
+        return HttpBody(getattr(getattr(body, "_raw_stream", None), "_fp", None), body.read,
+                        body.close, functools.partial(_broke, location))
 
     return RangedObject(location, size, identity, fetch, (size - len(body), body), open_body)
-
-
-class _Body:
-    """A GET's body as it arrives (ranged.Body). Read with http.client's readinto, under
-    botocore and urllib3, when it is there: straight from the socket into the reader's
-    buffer (urllib3's readinto reads into new bytes and copies them)."""
-
-    def __init__(self, body: Any, where: str) -> None:
-        self._body = body
-        fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
-        self._fp = fp if callable(getattr(fp, "readinto", None)) else None
-        self._where = where
-
-    def readinto(self, view: memoryview) -> int:
-        import http.client
-
-        try:
-            if self._fp is not None:
-                return int(self._fp.readinto(view))
-            data = self._body.read(len(view))
-            view[:len(data)] = data
-            return len(data)
-        except Exception as exc:
-            if isinstance(exc, (*_body_errors(), http.client.HTTPException, ValueError)):
-                # (ValueError: a read of a connection closed under it)
-                raise BodyBroke(f"{self._where}: the connection to S3 broke off "
-                                f"({type(exc).__name__})") from None
-            raise error(exc, self._where) from None
-
-    def close(self) -> None:
-        self._body.close()  # the connection is not reused: the body may be unread
 
 
 def _read_body(resp: dict[str, Any]) -> bytes:
@@ -534,3 +506,13 @@ class S3Upload:
                         f"--key {self.key} --upload-id {self.upload_id}") from None
                 attempt += 1
                 time.sleep(min(2.0, 0.1 * 2 ** attempt) * (0.5 + random.random() / 2))
+
+
+def _broke(where: str, exc: Exception) -> Exception:
+    """A body's read error: the connection broke off (read again from there), or S3's."""
+    import http.client
+
+    if isinstance(exc, (*_body_errors(), http.client.HTTPException, ValueError)):
+        # (ValueError: a read of a connection closed under it)
+        return BodyBroke(f"{where}: the connection to S3 broke off ({type(exc).__name__})")
+    return error(exc, where)
