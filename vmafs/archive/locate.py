@@ -38,6 +38,7 @@ from vmafs.format import index, vma
 
 HEAD = vma.EXTENT_HEADER_SIZE
 GAP_CHUNK = 8 << 20  # bytes of data-less extents checked per read
+SHORT_GAP = 64 << 10  # a run read beside its extent's header (block sums: 5 KiB an extent)
 CONFIRM_THREADS = 4  # header reads in flight: a cold disk answers several at once
 
 
@@ -181,23 +182,22 @@ Slots = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # dev_ids, cluste
 def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexTable,
                      starts: np.ndarray, blocks: np.ndarray, first_row: np.ndarray,
                      gap_starts: np.ndarray, gap_ends: np.ndarray, rules: ClusterRules) -> None:
-    """Each data extent's header and the run of data-less extents before it (the last run
-    up to the index) are read in a pool: a cold disk answers several reads at once, and a
-    dense archive has a run of block sums after every extent. The short runs of a batch are
-    then checked together (one numpy pass), and all slots go through the rules in stream
-    order, so a duplicate is reported where a stream walk would meet it."""
+    """Each data extent's header and the short run of data-less extents before it (the last
+    run up to the index) are read in a pool: a cold disk answers several reads at once, and
+    a dense archive has a run of block sums after every extent. The short runs of a batch are
+    checked together (one numpy pass); a long run (a sparse disk's zero slots, hundreds of MB
+    for TiBs) is read and checked a chunk at a time, in order, so memory stays bounded. All
+    slots go through the rules in stream order: a duplicate is reported where a stream walk
+    would meet it."""
     uuid = header.uuid
 
-    def read(i: int) -> tuple[bytes | memoryview | Slots, Extent | None]:
+    def read(i: int) -> tuple[bytes | memoryview | None, Extent | None]:
         start, end = int(gap_starts[i]), int(gap_ends[i])
-        gap: bytes | memoryview | Slots
-        if end - start <= GAP_CHUNK:
+        gap = None  # a long run: checked in order by feed
+        if end - start <= SHORT_GAP:
             gap = source.pread(start, end - start) if end > start else b""
             if len(gap) != end - start:
                 raise _bad("the archive ends inside the extents the index describes", start)
-        else:  # a long run (an increment's zero slots): checked here, a chunk at a time
-            gap = _concat([_check_null_headers(chunk, pos + HEAD * np.arange(len(chunk) // HEAD),
-                                               uuid) for pos, chunk in _chunks(source, start, end)])
         if i == len(starts):
             return gap, None
         offset = int(starts[i])
@@ -216,32 +216,36 @@ def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexT
             raise _bad(f"it does not match the extent header at offset {offset}", offset)
         return gap, ext
 
-    def feed(lo: int, found: list[tuple[bytes | memoryview | Slots, Extent | None]]) -> None:
-        short = [(i, gap) for i, (gap, _) in enumerate(found, lo)
-                 if not isinstance(gap, tuple) and len(gap)]
-        checked: dict[int, Slots] = {}
-        if short:  # every short run of the batch in one pass, split back by header offset
-            heads = b"".join(gap for _, gap in short)
-            at = np.concatenate([int(gap_starts[i]) + HEAD * np.arange(len(gap) // HEAD)
-                                 for i, gap in short])
-            slots = _check_null_headers(heads, at, uuid)
-            owner = np.searchsorted(gap_starts[[i for i, _ in short]], slots[3], side="right") - 1
-            for k, (i, _) in enumerate(short):
-                pick = owner == k
-                if pick.any():
-                    checked[i] = (slots[0][pick], slots[1][pick], slots[2][pick], slots[3][pick])
-        parts: list[Slots] = []
+    def feed(lo: int, found: list[tuple[bytes | memoryview | None, Extent | None]]) -> None:
+        heads: list[bytes | memoryview] = []
+        at: list[np.ndarray] = []
+        extents: list[Slots] = []
+
+        def flush() -> None:
+            parts = extents + ([_check_null_headers(b"".join(heads), np.concatenate(at), uuid)]
+                               if heads else [])
+            parts = [p for p in parts if len(p[0])]
+            if parts:
+                merged = _concat(parts)
+                order = np.argsort(merged[3], kind="stable")  # stream order
+                rules.check(*(column[order] for column in merged))
+            heads.clear()
+            at.clear()
+            extents.clear()
+
         for i, (gap, ext) in enumerate(found, lo):
-            if isinstance(gap, tuple):
-                parts.append(gap)
-            elif i in checked:
-                parts.append(checked[i])
+            if gap is None:
+                flush()
+                for pos, chunk in _chunks(source, int(gap_starts[i]), int(gap_ends[i])):
+                    rules.check(*_check_null_headers(
+                        chunk, pos + HEAD * np.arange(len(chunk) // HEAD), uuid))
+            elif len(gap):
+                heads.append(gap)
+                at.append(int(gap_starts[i]) + HEAD * np.arange(len(gap) // HEAD))
             if ext is not None:
-                parts.append((ext.dev_ids, ext.clusters, ext.masks,
-                              np.full(len(ext.dev_ids), ext.offset, np.int64)))
-        parts = [p for p in parts if len(p[0])]
-        if parts:
-            rules.check(*_concat(parts))
+                extents.append((ext.dev_ids, ext.clusters, ext.masks,
+                                np.full(len(ext.dev_ids), ext.offset, np.int64)))
+        flush()
 
     runs = len(starts) + 1
     if runs <= 64:
