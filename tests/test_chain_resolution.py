@@ -151,9 +151,9 @@ def test_a_whole_read_is_remembered_for_the_unchanged_file(tmp_path: Path,
     d, paths = small_chain(tmp_path, 4)
     rc, _, err = run_vmafs("merge", "-q", "-o", d / "base.vma", paths[2])
     assert rc == 0, err
+    written = set((tmp_path / "cache").rglob("*.ok"))  # what writing them remembered
     assert chain_names(paths[-1]) == ["base.vma", "c3.vma"]
-    remembered = list((tmp_path / "cache").rglob("*.ok"))
-    assert len(remembered) == 1
+    assert len(set((tmp_path / "cache").rglob("*.ok")) - written) == 1
     assert chain_names(paths[-1]) == ["base.vma", "c3.vma"]  # from the cache
     before = os.stat(d / "base.vma")
     pf.damage_data(d / "base.vma")
