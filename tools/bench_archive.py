@@ -17,12 +17,9 @@ import sys
 import tempfile
 import time
 
+from benchlib import parse_size
+
 STRIPE = 64 << 20
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 def make_image(path: str, size: int) -> None:

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from benchlib import parse_size, s3_bench_bucket  # noqa: E402
+
 MiB = 1 << 20
 
 
@@ -122,21 +124,10 @@ def main() -> int:
                     help="where extract writes (default /dev/shm: the network path, not this "
                          "machine's disk, is what is measured)")
     args = ap.parse_args()
-    size = int(args.size[:-1]) << {"K": 10, "M": 20, "G": 30}[args.size[-1].upper()] \
-        if args.size[-1].isalpha() else int(args.size)
+    size = parse_size(args.size)
     only = set(args.only.split(","))
 
-    import boto3
-
-    gw = None
-    if "AWS_ENDPOINT_URL" not in os.environ:
-        import rgw
-
-        gw = rgw.Gateway(memory=max(8 << 30, 6 * size)).start()
-        os.environ.update(gw.env())
-    client = boto3.client("s3")
-    bucket = f"bench{random.randrange(1 << 30)}"
-    client.create_bucket(Bucket=bucket)
+    gw, client, bucket = s3_bench_bucket("bench", max(8 << 30, 6 * size))
     scratch = Path(tempfile.mkdtemp(prefix="vmafs-bench-s3-", dir=args.dir))
     results: list[str] = []
 

@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from benchlib import parse_size, s3_bench_bucket  # noqa: E402
+
 MiB = 1 << 20
 
 
@@ -101,20 +103,9 @@ def main() -> int:
                     help="also mount with this vmafs tree (git archive REV vmafs | tar -x)")
     ap.add_argument("--dir", default="/var/tmp")
     args = ap.parse_args()
-    size = int(args.size[:-1]) << {"K": 10, "M": 20, "G": 30}[args.size[-1].upper()] \
-        if args.size[-1].isalpha() else int(args.size)
+    size = parse_size(args.size)
 
-    import boto3
-
-    gw = None
-    if "AWS_ENDPOINT_URL" not in os.environ:
-        import rgw
-
-        gw = rgw.Gateway(memory=max(4 << 30, 3 * size)).start()
-        os.environ.update(gw.env())
-    client = boto3.client("s3")
-    bucket = f"benchrand{random.randrange(1 << 30)}"
-    client.create_bucket(Bucket=bucket)
+    gw, client, bucket = s3_bench_bucket("benchrand", max(4 << 30, 3 * size))
     scratch = Path(tempfile.mkdtemp(prefix="vmafs-bench-s3r-", dir=args.dir))
     mounts: list[Path] = []
     try:

@@ -23,16 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from archive_helpers import MemOutput  # noqa: E402
+from benchlib import parse_size  # noqa: E402
 from test_scale import DATA_AT, RSS_LIMIT, round_trip  # noqa: E402
 
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec  # noqa: E402
 
 MiB = 1 << 20
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 class NullOutput(MemOutput):

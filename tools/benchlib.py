@@ -11,6 +11,31 @@ from pathlib import Path
 MiB = 1 << 20
 
 
+def parse_size(text: str) -> int:
+    """A size as the benchmarks take it: 4G, 512M, 1.5T, or bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    unit = text[-1].upper()
+    return int(float(text[:-1]) * units[unit]) if unit in units else int(text)
+
+
+def s3_bench_bucket(prefix: str, memory: int) -> tuple[object | None, object, str]:
+    """A fresh bucket to measure in: on $AWS_ENDPOINT_URL if set, else on a throwaway Ceph
+    RADOS Gateway (tests/rgw.py) given MEMORY bytes, started here; (gateway or None, boto3
+    client, bucket). The caller stops the gateway."""
+    import boto3
+
+    gw = None
+    if "AWS_ENDPOINT_URL" not in os.environ:
+        import rgw
+
+        gw = rgw.Gateway(memory=memory).start()
+        os.environ.update(gw.env())
+    client = boto3.client("s3")
+    bucket = f"{prefix}{random.randrange(1 << 30)}"
+    client.create_bucket(Bucket=bucket)
+    return gw, client, bucket
+
+
 def evict(*paths: Path | str) -> None:
     """Drop these files' pages from the page cache (a FUSE file's too); others' stay warm.
     Dirty pages are written first: the kernel drops clean ones only."""
