@@ -30,6 +30,7 @@ from vmafs.archive import locate, problems, stored, walk_cache
 from vmafs.archive.clusterset import ClusterSet
 from vmafs.archive.walk import index_by_walking
 from vmafs.container.source import ByteSource, open_source
+from vmafs.errors import VmafsError
 from vmafs.format import chain, index, vma
 from vmafs.format.names import format_ctime
 
@@ -106,6 +107,35 @@ class _Sums:
 
     def get(self, extent: int) -> bytes | None:
         return _SUMS_CACHE.get((self.key, extent))
+
+    def preload(self, source: ByteSource, stop: threading.Event, budget: int) -> int:
+        """Read the sums of the extents, first to last, into the cache until BUDGET bytes of
+        sums are loaded or STOP is set; returns the bytes loaded. Each run is read as a small
+        read would read it (and trusted no more: every read checks what it takes)."""
+        loaded = 0
+        step = 64  # runs asked for at once: a disk answers many requests together
+        for lo in range(0, len(self.starts), step):
+            runs = []
+            for e in range(lo, min(lo + step, len(self.starts))):
+                start = int(self.starts[e]) + vma.EXTENT_HEADER_SIZE
+                end = int(self.ends[e])
+                blocks = (end - start) // vma.BLOCK_SIZE
+                if loaded + blocks * index.SUM_SIZE > budget:
+                    break
+                loaded += blocks * index.SUM_SIZE
+                runs.append((e, end, index.sums_extents(blocks) * vma.EXTENT_HEADER_SIZE))
+            for _, at, span in runs:
+                source.will_need([at], span)
+            for e, at, span in runs:
+                if stop.is_set():
+                    return loaded
+                if self.get(e) is None:
+                    raw = source.pread(at, span)
+                    if len(raw) == span:
+                        self.put(e, vma.null_payloads(raw))
+            if len(runs) < step:
+                break
+        return loaded
 
     def put(self, extent: int, sums: bytes) -> None:
         _SUMS_CACHE.put((self.key, extent), sums)
@@ -516,22 +546,17 @@ class Archive:
                          else memoryview(vma.expand_blocks(stored, mask)))
         return j, data, None if whole else views
 
-    def iter_stored(self, dev_id: int) -> Iterator[tuple[int, int, memoryview, int]]:
+    def iter_stored(self, dev_id: int) -> Iterator[tuple[int, int, memoryview, int | None]]:
         """Every stored cluster of a device in cluster order, as (cluster, mask, stored
         blocks, checksum), each checked. For copying a whole device (merge): worker threads
         read (and decompress) the windows ahead, every layer's rows of a window in as few
         preads as their stream offsets allow (a chain's base is read in long runs even where
         newer layers replace a part); see stored.py."""
         dmap = self._maps[dev_id]
-        offsets = dmap.all_byte_offsets()
-        mismatch = functools.partial(self._mismatch, dev_id)
-        if dmap.checksums is None or not any(self._summed):
-            return stored.iter_stored(self.sources, dmap.clusters, dmap.masks, offsets,
-                                      dmap.checksums, dmap.layers, mismatch)
-        return _summed_stored(
-            stored.iter_stored(self.sources, dmap.clusters, dmap.masks, offsets, None,
-                               dmap.layers, mismatch),
-            dmap.checksums, dmap.layers, self._summed, offsets, mismatch)
+        return stored.iter_stored(self.sources, dmap.clusters, dmap.masks,
+                                  dmap.all_byte_offsets(), dmap.checksums, dmap.layers,
+                                  functools.partial(self._mismatch, dev_id),
+                                  self._summed if dmap.checksums is not None else (False,))
 
     def _mismatch(self, dev_id: int, cluster: int, offset: int) -> problems.ArchiveError:
         name = self.device(dev_id).name
@@ -569,6 +594,21 @@ class Archive:
         """Index range of the stored clusters in device bytes [offset, end)."""
         return _rows(dmap, offset // CLUSTER, (end - 1) // CLUSTER)
 
+    def preload_sums(self, stop: threading.Event) -> None:
+        """Load the block sums of a block-summed archive's extents (a chain's newest layers
+        first) into the sums cache, up to most of its budget, so that a small read's first
+        read of an extent is one disk read, not two: what a mount or an export does in the
+        background once it is ready. Stops at STOP, and quietly at any error (the reads that
+        need the sums read them)."""
+        budget = _SumsCache.CACHE_BYTES * 3 // 4
+        for sums, source in reversed(list(zip(self._sums, self.sources, strict=True))):
+            if sums is None or getattr(source, "remote", False) or budget <= 0:
+                continue
+            try:
+                budget -= sums.preload(source, stop, budget)
+            except (VmafsError, OSError, ValueError):
+                return
+
     def close(self) -> None:
         for source in self.sources:
             source.close()
@@ -578,25 +618,6 @@ class Archive:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _summed_stored(rows: Iterator[tuple[int, int, memoryview, int]], checks: np.ndarray,
-                   layers: np.ndarray | None, summed: list[bool], offsets: np.ndarray,
-                   mismatch: stored.Mismatch) -> Iterator[tuple[int, int, memoryview, int]]:
-    """iter_stored's rows, each checked the way its layer's index says: the checksum of its
-    data, or of its blocks' sums. Each row still carries its data's checksum (what a writer
-    without block sums stores). Stopping closes `rows` at once: its reader threads end."""
-    try:
-        for row, (cluster, mask, data, check) in enumerate(rows):
-            layer = 0 if layers is None else int(layers[row])
-            got = index.summed_check(data) if summed[layer] else check
-            if got != int(checks[row]):
-                raise mismatch(cluster, int(offsets[row]))
-            yield cluster, mask, data, check
-    finally:
-        close = getattr(rows, "close", None)
-        if close is not None:
-            close()
 
 
 def _zero_chunks(held: ClusterSet, stored: np.ndarray, chunk: int = 1 << 20

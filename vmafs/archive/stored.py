@@ -100,8 +100,11 @@ def _fetch(sources: Sequence[ByteSource], reads: list[_Read]) -> list[memoryview
 
 def iter_stored(sources: Sequence[ByteSource], clusters: np.ndarray, masks: np.ndarray,
                 offsets: np.ndarray, checksums: np.ndarray | None, layers: np.ndarray | None,
-                mismatch: Mismatch) -> Iterator[tuple[int, int, memoryview, int]]:
-    """(cluster, mask, stored blocks, checksum) of every row, in row (cluster) order.
+                mismatch: Mismatch, summed: Sequence[bool] = (False,)
+                ) -> Iterator[tuple[int, int, memoryview, int | None]]:
+    """(cluster, mask, stored blocks, data checksum) of every row, in row (cluster) order,
+    each checked the way its layer's index checks (`summed[layer]`: the checksum of its
+    blocks' sums, and then no data checksum is given: None).
 
     `offsets` are byte offsets into `sources[layers[row]]` (layer 0 when `layers` is None);
     `checksums` None: nothing to compare (a walked archive), the checksum is still given.
@@ -145,9 +148,14 @@ def iter_stored(sources: Sequence[ByteSource], clusters: np.ndarray, masks: np.n
             expected = (checksums[lo:hi].tolist() if checksums is not None
                         else [None] * (hi - lo))
             window = zip(got, clusters[lo:hi].tolist(), masks[lo:hi].tolist(), expected,
-                         strict=True)
-            for k, (data, cluster, mask, want) in enumerate(window):
+                         lays[lo:hi].tolist(), strict=True)
+            for k, (data, cluster, mask, want, layer) in enumerate(window):
                 assert data is not None
+                if summed[layer]:
+                    if index.summed_check(data) != want:
+                        raise mismatch(cluster, int(offsets[lo + k]))
+                    yield cluster, mask, data, None
+                    continue
                 check = index.checksum(data)
                 if want is not None and check != want:
                     raise mismatch(cluster, int(offsets[lo + k]))

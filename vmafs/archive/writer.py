@@ -160,10 +160,11 @@ class ArchiveWriter:
             self._write_pieces(dev_id, last * CLUSTER, memoryview(bytes(end - last * CLUSTER)))
 
     def write_stored(self, dev_id: int, cluster: int, mask: int, payload: bytes | memoryview,
-                     check: int) -> None:
-        """A cluster as an archive stores it: its non-zero blocks (mask) and their checksum,
-        already checked by the caller (a merge copies clusters without expanding them). In a
-        block-summed archive the check is worked out again from the blocks' sums."""
+                     check: int | None) -> None:
+        """A cluster as an archive stores it: its non-zero blocks (mask) and their data
+        checksum if known (None: worked out here), already checked by the caller (a merge
+        copies clusters without expanding them). In a block-summed archive the check is
+        worked out from the blocks' sums."""
         size = self._check_range(dev_id, cluster * CLUSTER, 0)
         if not self._touched[dev_id - 1].add(cluster):
             self._duplicate(dev_id, cluster)
