@@ -18,6 +18,7 @@ checksum in an indexed archive); the adapter decides what its client sees (EIO).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -297,9 +298,18 @@ async def open_session(path: str, bases: Sequence[str] = (), *, drop_behind: boo
 @contextlib.asynccontextmanager
 async def session_of(archive: Archive) -> AsyncIterator[Session]:
     """A session over an archive the caller opened (and closes): its read-ahead runs in a
-    nursery of its own, cancelled when the block is left."""
-    async with trio.open_nursery() as nursery:
-        try:
-            yield Session(archive, nursery)
-        finally:
-            nursery.cancel_scope.cancel()
+    nursery of its own, cancelled when the block is left. A thread loads the archive's block
+    sums meanwhile (Archive.preload_sums), stopped and joined when the block is left."""
+    stop = threading.Event()
+    preload = threading.Thread(target=archive.preload_sums, args=(stop,), daemon=True,
+                               name="vmafs-sums")
+    preload.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                yield Session(archive, nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        stop.set()
+        preload.join()  # at most one small read away
