@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from benchlib import parse_size, s3_bench_bucket  # noqa: E402
+from benchlib import make_half_data_image, parse_size, s3_bench_bucket  # noqa: E402
 
 MiB = 1 << 20
 
@@ -51,14 +51,6 @@ def vmafs(*args: str, check: bool = True) -> float:
     if check and proc.returncode != 0:
         raise SystemExit(f"vmafs {' '.join(args)} failed: {proc.stderr}")
     return time.perf_counter() - t0
-
-
-def make_disk(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for at in range(0, size, 2 * MiB):  # fresh random data: nothing compresses
-            f.seek(at)
-            f.write(os.urandom(MiB))
 
 
 def python(code: str, *args: str) -> float:
@@ -137,7 +129,7 @@ def main() -> int:
 
     try:
         disk = scratch / "disk.raw"
-        make_disk(disk, size)
+        make_half_data_image(disk, size, MiB)  # random: nothing compresses
         report(f"disk {size / 2**30:.2f} GiB, half data; gateway {os.environ['AWS_ENDPOINT_URL']}")
         for suffix in (".vma", ".vma.zst"):
             key = f"a{suffix}"

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from benchlib import parse_size, s3_bench_bucket  # noqa: E402
+from benchlib import make_half_data_image, parse_size, s3_bench_bucket  # noqa: E402
 
 MiB = 1 << 20
 
@@ -44,14 +44,6 @@ def vmafs(tree: Path, *args: str) -> None:
                           env={**os.environ, "PYTHONPATH": str(tree)})
     if proc.returncode != 0:
         raise SystemExit(f"vmafs {' '.join(args)} failed: {proc.stderr}")
-
-
-def make_disk(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for at in range(0, size, 2 * MiB):  # fresh random data: nothing compresses
-            f.seek(at)
-            f.write(os.urandom(MiB))
 
 
 def offsets(size: int, n: int, seed: int) -> list[int]:
@@ -110,7 +102,7 @@ def main() -> int:
     mounts: list[Path] = []
     try:
         disk = scratch / "disk.raw"
-        make_disk(disk, size)
+        make_half_data_image(disk, size, MiB)  # random: nothing compresses
         frames = args.frame_size or [""]
         keys = {}
         for fs in frames:
