@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace, stream: BinaryIO) -> int:
                                         min(hi * vma.CLUSTER_SIZE, sizes[dev_id]) - start)
 
         try:
-            result = scan_stream(stream, on_extent, header=header,
+            result = scan_stream(stream, on_extent, header=header, block_sums=said,
                                  on_zeros=on_zeros if incremental else None)
         except FormatError as exc:
             raise about(args.input, exc) from None
