@@ -68,6 +68,7 @@ from vmafs.errors import VmafsError
 from vmafs.format import chain
 from vmafs.format.names import display
 from vmafs.progress import Progress
+from vmafs.signals import on_stop_signal
 from vmafs.store import absolute
 
 MiB = 1 << 20
@@ -241,7 +242,7 @@ class Backup:
             async with open_qmp(opts.qmp_socket) as qmp, trio.open_nursery() as nursery:
                 self._qmp = qmp
                 if opts.handle_signals:
-                    await nursery.start(self._signals)
+                    await nursery.start(on_stop_signal, self._on_signal)
                 ok = False
                 try:
                     with self._scope:
@@ -302,13 +303,9 @@ class Backup:
         return f"QMP socket {self.opts.qmp_socket}: no greeting (another client holds QEMU's " \
                "monitor, which serves one at a time)"
 
-    async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                       ) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            task_status.started()
-            async for signum in signals:
-                self.signalled = self.signalled or signum
-                self.fail(f"interrupted by {signal.Signals(signum).name}")
+    def _on_signal(self, signum: int) -> None:
+        self.signalled = self.signalled or signum
+        self.fail(f"interrupted by {signal.Signals(signum).name}")
 
     # -- phases --
 
