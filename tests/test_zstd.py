@@ -1047,6 +1047,23 @@ def test_stream_damaged_frame_is_the_error_after_every_byte_before_it(tmp_path: 
     assert not _unzstd_threads()
 
 
+@pytest.mark.usefixtures("spare_core")
+def test_stream_of_stored_frames_decodes_in_line(tmp_path: Path) -> None:
+    """Frames that do not compress (random data: stored blocks) are a copy to decode: the
+    reader's thread decodes them, no workers; the same bytes."""
+    path = tmp_path / "random.zst"
+    data = random.Random(3).randbytes(600 << 10)
+    with open(path, "wb") as f:
+        out = SeekableZstdOutput(f, frame_size=64 << 10, threads=0)
+        out.write(data)
+        out.close()
+    with open_stream(path) as f:
+        got = f.read(100)
+        assert not _unzstd_threads()
+        got += f.read()
+    assert got == data
+
+
 def test_stream_on_one_cpu_decodes_in_line(tmp_path: Path) -> None:
     """Pinned to one CPU, the stream decodes on the reader's thread (workers would only
     take turns with it): the same bytes."""

@@ -290,6 +290,11 @@ FRAMES_QUEUED = 16
 """And at most this many frames (small frames, from other writers)."""
 DECODERS = 2
 """Worker threads decoding frames: zstandard's decompress and pread release the GIL."""
+STORED_SHARE = 0.9
+"""A file whose frames take at least this share of their content's bytes is mostly stored
+blocks (incompressible data): decoding it is a copy, which costs the reader's thread less than
+a worker's hand-off, its second copy and its buffers' page faults (verify of a 1 GiB image half
+random data, half holes: 0.39 s CPU with the workers, 0.22 s in line; on 2 cores 0.90x of one)."""
 
 
 def _spare_core() -> bool:
@@ -331,8 +336,8 @@ class _FramesRaw(io.RawIOBase):
     @classmethod
     def open(cls, raw: io.FileIO, name: str) -> _FramesRaw | None:
         """The frame-parallel stream of a seekable zstd file whose table holds (frames of at
-        most MAX_FRAME_SIZE that fill the file); None for any other, which the one-thread
-        decoder then reads and judges as before."""
+        most MAX_FRAME_SIZE that fill the file) and whose frames compress (STORED_SHARE); None
+        for any other, which the one-thread decoder then reads and judges as before."""
         from vmafs.container.zstd_source import SeekableZstdSource  # it imports this module
 
         try:
@@ -341,6 +346,10 @@ class _FramesRaw(io.RawIOBase):
             return None
         finally:
             raw.seek(0)  # opening it sought to the end
+        table = source.table
+        if int(table.c_offsets[-1]) >= STORED_SHARE * int(table.d_offsets[-1]):
+            source.close()
+            return None
         return cls(raw, source)
 
     def readable(self) -> bool:
