@@ -13,8 +13,10 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+import xxhash
 from archive_helpers import assert_every_cluster_once, dissect_read, walk_vma
 from conftest import run_vmafs
 
@@ -377,3 +379,93 @@ def test_convert_of_an_old_archive_keeps_its_links(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "from a file, not a stream" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "piped.vma").exists()
+
+
+# --- the accelerator (vmafs/format/_blocksums.c) and the Python it stands in for ----------------
+
+
+def _native() -> ModuleType:
+    """The C accelerator; skipped (a failure in CI: conftest.py) if it was not built."""
+    try:
+        from vmafs.format import _blocksums
+    except ImportError:
+        pytest.skip("the block sums accelerator is not built (pip install -e . builds it from "
+                    "setup.py; it needs gcc, python3-dev and libxxhash-dev)")
+    return _blocksums
+
+
+def _buffers(rnd: random.Random) -> list[object]:
+    """Every kind of buffer a caller passes: bytes, bytearray, views (some not contiguous),
+    numpy arrays of other item sizes and orders; empty, one block, partial blocks, many."""
+    import numpy as np
+
+    sizes = [0, 1, 100, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK, CLUSTER, 59 * CLUSTER + 7]
+    out: list[object] = []
+    for size in sizes:
+        raw = rnd.randbytes(size)
+        out += [raw, bytearray(raw), memoryview(raw), memoryview(bytearray(raw))[1:]]
+        out.append(memoryview(raw)[::2])  # not contiguous
+        out.append(memoryview(bytearray(raw))[::-3])
+    grid = np.frombuffer(rnd.randbytes(64 * BLOCK), np.uint32).reshape(256, 256)
+    out += [grid, grid.T, grid[:, ::3], memoryview(grid)[::2], memoryview(grid.tobytes()).cast("I")]
+    out.append(bytes(BLOCK))  # a zero block: the most common sum of all
+    return out
+
+
+def test_accelerator_sums_as_the_format_says() -> None:
+    """The accelerator, the Python fallback and the format's definition (format/index.py:
+    low 32 bits of XXH3-64 of each 4 KiB block, LE) give the same bytes for any buffer, one
+    part or many; a buffer that is not C-contiguous is summed as its bytes in C order."""
+    native = _native()
+    rnd = random.Random(1717)
+    buffers = _buffers(rnd)
+    for buf in buffers:
+        flat = memoryview(buf).tobytes()  # type: ignore[call-overload]
+        want = b"".join(struct.pack("<I", xxhash.xxh3_64_intdigest(flat[at:at + BLOCK])
+                                    & 0xFFFFFFFF) for at in range(0, len(flat), BLOCK))
+        assert native.block_sums(buf) == want
+        assert index._block_sums(buf) == want  # type: ignore[arg-type]
+        assert index.block_sums(buf) == want  # type: ignore[arg-type]
+    assert native.block_sums() == index._block_sums() == b""
+    for _ in range(20):
+        parts = rnd.sample(buffers, rnd.randrange(1, 6))
+        assert native.block_sums(*parts) == index._block_sums(*parts)  # type: ignore[arg-type]
+    for bad in (None, 7, "text"):
+        with pytest.raises(TypeError):
+            native.block_sums(b"x", bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            index._block_sums(b"x", bad)  # type: ignore[arg-type]
+
+
+def test_accelerator_checks_as_the_format_says() -> None:
+    """The index check of each cluster (or of any pieces) of a buffer, over its data or its
+    block sums: the accelerator, the Python fallback and checksum/summed_check of each piece
+    agree; ends out of order or past the data are refused by both."""
+    import numpy as np
+
+    native = _native()
+    rnd = random.Random(1718)
+    for buf in _buffers(rnd):
+        flat = memoryview(buf).tobytes()  # type: ignore[call-overload]
+        for _ in range(4):
+            ends = sorted(rnd.randrange(len(flat) + 1) for _ in range(rnd.randrange(0, 8)))
+            if rnd.random() < 0.5:
+                ends.append(len(flat))
+            starts = [0, *ends][:len(ends)]
+            for summed in (False, True):
+                check = index.summed_check if summed else index.checksum
+                want = struct.pack(f"<{len(ends)}I", *[check(flat[a:b])
+                                                        for a, b in zip(starts, ends, strict=True)])
+                assert native.checks(buf, ends, summed) == want
+                assert native.checks(buf, np.array(ends, np.int64), summed=summed) == want
+                assert index._checks(buf, ends, summed) == want  # type: ignore[arg-type]
+                assert index.checks(buf, ends, summed=summed) == want  # type: ignore[arg-type]
+    data = rnd.randbytes(3 * CLUSTER)
+    for ends in ([CLUSTER, 0], [3 * CLUSTER + 1], [-1]):
+        for summed in (False, True):
+            with pytest.raises(ValueError, match="non-decreasing"):
+                native.checks(data, ends, summed)
+            with pytest.raises(ValueError, match="non-decreasing"):
+                index._checks(data, ends, summed)
+    with pytest.raises(TypeError):
+        native.checks(data, 5)  # type: ignore[arg-type]

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,24 +72,71 @@ MAX_INDEX_BYTES = 1 << 36
 MAX_STREAM_OFFSET = 1 << 60  # offsets must stay far from int64 overflow in any arithmetic
 
 
-def checksum(data: bytes | memoryview) -> int:
+def checksum(data: bytes | bytearray | memoryview) -> int:
     """The 32-bit checksum of stored cluster data and of the index itself."""
     return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
 
 
+try:  # the optional C accelerator, built by `pip install` (setup.py): the same values as the
+    # Python below (tests/test_block_sums.py proves it), hashed with the GIL released, so a
+    # second thread runs meanwhile
+    from vmafs.format import _blocksums as _native
+except ImportError:  # not built: the Python below
+    _native = None  # type: ignore[assignment]
+
+
 def block_sums(*parts: bytes | bytearray | memoryview) -> bytes:
-    """The sums (LE u32, `checksum` of each) of the whole 4 KiB blocks of the parts, in
-    order: one hash call a block (a writer passes an extent's clusters at once)."""
-    digest = xxhash.xxh3_64_intdigest
-    step = vma.BLOCK_SIZE
-    views = [memoryview(p).cast("B") for p in parts]
-    sums = [digest(v[at:at + step]) & 0xFFFFFFFF for v in views for at in range(0, len(v), step)]
-    return struct.pack(f"<{len(sums)}I", *sums)
+    """The sums (LE u32, `checksum` of each) of the 4 KiB blocks of the parts, in order (a
+    part's short last block is summed as it is): a writer passes an extent's clusters at once.
+    A part that is not C-contiguous is summed as its bytes in C order (tobytes())."""
+    if _native is not None:
+        return _native.block_sums(*parts)
+    return _block_sums(*parts)
 
 
 def summed_check(stored: bytes | bytearray | memoryview) -> int:
     """A cluster's index check in a block-summed archive, from its stored blocks."""
     return checksum(block_sums(stored))
+
+
+def checks(data: bytes | bytearray | memoryview, ends: Sequence[int] | np.ndarray, *,
+           summed: bool = False) -> bytes:
+    """The index check (LE u32) of each piece of data, pieces back to back from 0, the i-th
+    ending at ends[i]: `checksum` of its bytes, or with summed, `summed_check` of it. One call
+    an extent (its clusters, or the sums carried for them), not one a cluster."""
+    if _native is not None:
+        return _native.checks(data, ends, summed)
+    return _checks(data, ends, summed)
+
+
+def _bytes_of(part: bytes | bytearray | memoryview) -> memoryview:
+    """A buffer's bytes in C order: itself if C-contiguous, else a copy."""
+    view = memoryview(part)
+    return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+
+
+def _block_sums(*parts: bytes | bytearray | memoryview) -> bytes:
+    """block_sums without the accelerator: one hash call a block."""
+    digest = xxhash.xxh3_64_intdigest
+    step = vma.BLOCK_SIZE
+    views = [_bytes_of(p) for p in parts]
+    sums = [digest(v[at:at + step]) & 0xFFFFFFFF for v in views for at in range(0, len(v), step)]
+    return struct.pack(f"<{len(sums)}I", *sums)
+
+
+def _checks(data: bytes | bytearray | memoryview, ends: Sequence[int] | np.ndarray,
+            summed: bool) -> bytes:
+    """checks without the accelerator."""
+    view = _bytes_of(data)
+    out = []
+    start = 0
+    for end in [int(e) for e in ends]:
+        if not start <= end <= len(view):
+            raise ValueError("ends must be non-decreasing and within the data")
+        piece = view[start:end]
+        out.append(checksum(_block_sums(piece) if summed else piece))
+        start = end
+    return struct.pack(f"<{len(out)}I", *out)
 
 
 def sums_extents(blocks: int) -> int:
