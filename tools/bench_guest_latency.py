@@ -11,8 +11,10 @@ run.  Issue 17's targets: median <= 5 ms, p99 <= 30 ms, throughput kept.
 
 A variant is a set of knobs applied to a `vmafs backup` process before it starts (module
 constants and BackupOptions fields; `legacy` puts back the writeback of commit 8b49d35: an
-unpaced sync_file_range kick every 64 MiB).  `--trace` also prints, per backup, when the slow
-writes happened next to the device's in-flight requests and the writer's fsync.
+unpaced sync_file_range kick every 64 MiB; `{"tree": DIR}` runs the vmafs of another tree,
+e.g. `git archive REV | tar -x -C DIR`, to measure a change against what it changes).
+`--trace` also prints, per backup, when the slow writes happened next to the device's
+in-flight requests and the writer's fsync.
 
 Usage: python tools/bench_guest_latency.py [--size-gib 2] [--rounds 4] [--variants a,b,...]
        [--workdir DIR] [--json] [--trace]
@@ -184,18 +186,18 @@ if trace:  # how long the sink waited for room in the pipe
     import vmafs.backup.pipe as pipe
     put = pipe.Pipe.put
     waits = []
-    async def timed_put(self, item, nbytes):
+    def timed_put(self, item, nbytes):
         t = time.monotonic()
-        await put(self, item, nbytes)
+        put(self, item, nbytes)
         d = time.monotonic() - t
         if d > 0.002:
             waits.append(d)
     pipe.Pipe.put = timed_put
     sizes = {}
     sink_write = pipe.DiskSink.write
-    async def counted_write(self, offset, data):
+    def counted_write(self, offset, data):
         sizes[len(data)] = sizes.get(len(data), 0) + 1
-        await sink_write(self, offset, data)
+        sink_write(self, offset, data)
     pipe.DiskSink.write = counted_write
 event("start")
 from vmafs.cli import main
@@ -213,8 +215,8 @@ sys.exit(rc)
 '''
 
 
-def env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+def env(tree: Path = ROOT) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, PYTHONPATH=path)
 
 
@@ -306,9 +308,10 @@ def run_backup(vm: gi.QemuVM, work: Path, knobs: dict[str, Any], trace: Path | N
         knobs["trace"] = str(trace)
     subprocess.run(["sync"], check=True)
     t0 = time.monotonic()
+    tree = Path(knobs.get("tree", ROOT))  # another tree's vmafs (`git archive REV`), same knobs
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(knobs), "backup", "--qmp",
                            str(vm.qmp_path), "-o", str(out), "-q", "--json"],
-                          cwd=ROOT, env=env(), check=False, capture_output=True, text=True)
+                          cwd=tree, env=env(tree), check=False, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"backup failed ({knobs}): {proc.stderr.strip()}")
     t1 = time.monotonic()

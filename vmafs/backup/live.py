@@ -1,9 +1,10 @@
 """Live backup of a running QEMU VM into one archive, copy-before-write, over QMP.
 
-Data flows one way: QEMU's backup jobs -> one NBD export per disk (trio) -> a queue bounded
-in bytes -> ONE writer thread -> ArchiveWriter -> the output.  The NBD handlers only enqueue
-and return, so QEMU's copy-before-write requests (which hold up guest writes) are
-acknowledged at once; the queue bound is the back-pressure.
+Data flows one way: QEMU's backup jobs -> one NBD export per disk (a thread per connection)
+-> a queue bounded in bytes -> ONE writer thread -> ArchiveWriter -> the output.  The NBD
+handlers only enqueue and return, so QEMU's copy-before-write requests (which hold up guest
+writes) are acknowledged at once; the queue bound is the back-pressure.  The trio loop runs
+QMP, the watchdog and the signals: no request of QEMU's passes through it.
 
 What keeps the VM safe whatever happens:
 
@@ -49,7 +50,7 @@ from vmafs.archive import naming
 from vmafs.backup import bitmaps, blockgraph, runlock, switching
 from vmafs.backup.blockgraph import Disk
 from vmafs.backup.guard import RECONNECT_DELAY, Guard, dead_bitmaps, rescue_and_clean
-from vmafs.backup.nbd_server import NBDStats, open_listener, serve_nbd
+from vmafs.backup.nbd_server import NBDStats, open_listener, serve_nbd_threads
 from vmafs.backup.pipe import FINISH, DiskSink, Pipe
 from vmafs.backup.prev import PrevReader
 from vmafs.backup.qmp import (
@@ -472,7 +473,7 @@ class Backup:
 
     def _start_writer(self, nursery: trio.Nursery) -> None:
         token = trio.lowlevel.current_trio_token()
-        self.pipe = Pipe(self.opts.queue_bytes, token)
+        self.pipe = Pipe(self.opts.queue_bytes)
         total = sum(d.size for d in self.disks)
         configs = list(self.opts.configs)
         if self.parent is not None:
@@ -521,7 +522,7 @@ class Backup:
                 for i, disk in enumerate(self.disks):
                     path = os.path.join(self._sockdir, f"{i}.sock")
                     self._nbd_stats.append(await nursery.start(partial(
-                        serve_nbd, path, disk.size, DiskSink(self.pipe, i + 1),
+                        serve_nbd_threads, path, disk.size, DiskSink(self.pipe, i + 1),
                         listener=self._listeners[i])))
                 task_status.started()
 

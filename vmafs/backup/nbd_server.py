@@ -1,12 +1,23 @@
-"""A trio NBD server on a unix socket: the sink QEMU's backup job writes into.
+"""NBD servers on a unix socket: the sink QEMU's backup job writes into.
 
 The protocol lives in `vmafs.format.nbd`; this shell moves bytes between a socket and
-that state machine and calls an `ExportHandler`.  Requests of one connection
-are handled in order (the handler's awaits are the back-pressure); QEMU keeps
-many requests in flight, so replies to everything parsed from one read go out
-in one send.  Cancelling the scope around `serve_nbd` closes every connection
-at once: that is how a watchdog frees QEMU from a stalled sink — so handler
-awaits must be cancellable (a thread it waits for must be abandoned on cancel).
+that state machine and calls a handler.  Two shells, one dispatch:
+
+* `serve_nbd_threads` (the live backup's sink): each connection is served by a thread of its
+  own with a blocking socket and a blocking handler.  A WRITE's header is read alone and its
+  payload straight into its buffer in one call (MSG_WAITALL), so a 512 KiB request is three
+  system calls and a few microseconds of Python, with the GIL released while the kernel copies;
+  the trio loop sees no request at all.  Measured, a live backup of a 2 GiB disk (1 GiB of
+  data): the process's CPU 1.51 s instead of 1.86 s with trio's socket calls (user + sys,
+  median of 5 interleaved rounds); trio's per-request cost was several recv calls (a unix
+  socket hands over ~200 KiB at a time), their wakeups and the replies' sends, all in Python.
+* `serve_nbd` (trio, awaited handlers): the guard's sink (it drops everything), the offline
+  feed's (qemu_img_feed.py) and the tests'.
+
+Requests of one connection are handled in order (the handler's waits are the back-pressure).
+Cancelling the scope around either closes every connection at once: that is how a watchdog
+frees QEMU from a stalled sink (a thread's socket is shut down; its handler must return when
+the sink is discarded).
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import logging
 import os
 import socket as stdsocket
 import stat
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -146,7 +159,6 @@ async def _serve_connection(
 async def _run(
     sock: trio.socket.SocketType, conn: nbd.NBDServer, handler: ExportHandler, stats: NBDStats
 ) -> None:
-    kinds = stats.request_kinds
     while True:
         view = conn.payload_buffer()
         if view is not None:
@@ -164,71 +176,27 @@ async def _run(
 
         out: list[bytes] = []
         while True:
-            try:
-                ev = conn.next_event()
-            except nbd.NBDProtocolError as exc:
-                if not eof:
-                    raise
-                # The client went away mid-request (QEMU killed, or vmafs's own drop): a lost
-                # connection, not a broken protocol.
-                log.info("NBD connection lost: %s", exc)
-                return
-            if ev is nbd.NEED_DATA:
+            ev = _next(conn, eof)
+            if ev is None:
                 break
-            if isinstance(ev, nbd.Write):
-                key = (nbd.CMD_WRITE, ev.flags)
-                kinds[key] = kinds.get(key, 0) + 1
-                length = len(ev.data)
+            if isinstance(ev, _REQUESTS):
+                _begin(ev, stats)
                 stats.busy_since = trio.current_time()
                 try:
-                    await handler.write(ev.offset, ev.data)
+                    if isinstance(ev, nbd.Write):
+                        await handler.write(ev.offset, ev.data)
+                    elif isinstance(ev, nbd.WriteZeroes):
+                        await handler.write_zeroes(ev.offset, ev.length)
+                    else:
+                        await handler.flush()
                 except Exception as exc:
-                    out.append(_failed(conn, ev.handle, exc, "write", stats))
+                    out.append(_failed(conn, ev, exc, stats))
                 else:
-                    out.append(conn.reply(ev.handle))
-                    stats.writes += 1
-                    stats.bytes_written += length
-                    stats.max_write = max(stats.max_write, length)
-            elif isinstance(ev, nbd.WriteZeroes):
-                key = (nbd.CMD_WRITE_ZEROES, ev.flags)
-                kinds[key] = kinds.get(key, 0) + 1
-                stats.busy_since = trio.current_time()
-                try:
-                    await handler.write_zeroes(ev.offset, ev.length)
-                except Exception as exc:
-                    out.append(_failed(conn, ev.handle, exc, "write_zeroes", stats))
-                else:
-                    out.append(conn.reply(ev.handle))
-                    stats.zero_requests += 1
-                    stats.bytes_zeroed += ev.length
-            elif isinstance(ev, nbd.Flush):
-                key = (nbd.CMD_FLUSH, 0)
-                kinds[key] = kinds.get(key, 0) + 1
-                stats.busy_since = trio.current_time()
-                try:
-                    await handler.flush()
-                except Exception as exc:
-                    out.append(_failed(conn, ev.handle, exc, "flush", stats))
-                else:
-                    out.append(conn.reply(ev.handle))
-                    stats.flushes += 1
-            elif isinstance(ev, nbd.BadRequest):
-                key = (ev.command, -1)
-                kinds[key] = kinds.get(key, 0) + 1
-                log.warning("refusing NBD request: %s", ev.reason)
-                out.append(conn.reply(ev.handle, ev.error))
-                stats.errors += 1
-            elif isinstance(ev, nbd.TransmissionStarted):
-                out.append(conn.data_to_send())
-                log.debug("NBD transmission started via %s", ev.via)
-                continue
-            elif isinstance(ev, nbd.Disconnect):
-                out.append(conn.data_to_send())
+                    out.append(_succeeded(conn, ev, stats))
+            elif _other(conn, ev, stats, out):
                 if out:
                     await _send_all(sock, b"".join(out))
-                log.debug("NBD client disconnected: %s", ev.reason)
                 return
-            stats.requests += 1
         stats.busy_since = None
         handshake = conn.data_to_send()
         if handshake:
@@ -238,8 +206,216 @@ async def _run(
             await _send_all(sock, b"".join(out))
 
 
-def _failed(conn: nbd.NBDServer, handle: int, exc: Exception, what: str, stats: NBDStats) -> bytes:
+# --- one connection, one thread ---------------------------------------------------------------
+
+
+class BlockingHandler(Protocol):
+    """ExportHandler's calls, made in the connection's thread; they may block (back-pressure)
+    but must return once the sink is discarded."""
+
+    def write(self, offset: int, data: bytes | bytearray) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+REQUEST_HEADER = 28
+"""Bytes of an NBD request header (magic, flags, type, handle, offset, length)."""
+
+
+async def serve_nbd_threads(
+    socket_path: str,
+    size: int,
+    handler: BlockingHandler,
+    *,
+    listener: trio.socket.SocketType | None = None,
+    task_status: trio.TaskStatus[NBDStats] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """serve_nbd, each connection in a thread of its own calling a BlockingHandler."""
+    stats = NBDStats()
+    if listener is None:
+        listener = await open_listener(socket_path)
+    with listener:
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(stats)
+                while True:
+                    conn, _ = await listener.accept()
+                    stats.connections += 1
+                    nursery.start_soon(_connection_thread, conn, size, handler, stats)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)
+
+
+class _Held:
+    """A connection's socket, closed by its thread alone; shut down (to end the thread) by the
+    trio side only while the thread has not closed it, so the fd is never another file's."""
+
+    def __init__(self, sock: stdsocket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.sock.close()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(stdsocket.SHUT_RDWR)
+
+
+async def _connection_thread(tsock: trio.socket.SocketType, size: int,
+                             handler: BlockingHandler, stats: NBDStats) -> None:
+    held = _Held(stdsocket.socket(fileno=tsock.detach()))
+    held.sock.setblocking(True)
+    done = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def main() -> None:
+        try:
+            _serve_blocking(held.sock, nbd.NBDServer(size, ""), handler, stats)
+        except nbd.NBDProtocolError as exc:
+            log.warning("NBD client broke the protocol, dropping it: %s", exc)
+        except OSError as exc:  # the peer went away, or our own shutdown
+            log.info("NBD connection lost: %s", exc)
+        finally:
+            held.close()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+    threading.Thread(target=main, name="vmafs-nbd", daemon=True).start()
+    try:
+        await done.wait()
+    finally:
+        held.shutdown()  # cancelled: the thread's next socket call fails, and it ends
+
+
+def _serve_blocking(sock: stdsocket.socket, conn: nbd.NBDServer, handler: BlockingHandler,
+                    stats: NBDStats) -> None:
+    sock.sendall(conn.data_to_send())
+    waitall = stdsocket.MSG_WAITALL
+    while True:
+        view = conn.payload_buffer()
+        if view is not None:
+            with view:
+                n = sock.recv_into(view, 0, waitall)  # the whole payload, one call
+            eof = not n
+            if n:
+                conn.payload_received(n)
+            else:
+                conn.receive_data(b"")
+        else:
+            if conn.state is nbd.State.TRANSMISSION:  # a header alone: payloads go straight
+                data = sock.recv(REQUEST_HEADER, waitall)  # to their buffers, never via ours
+            else:
+                data = sock.recv(RECV_SIZE)
+            eof = not data
+            conn.receive_data(data)
+        out: list[bytes] = []
+        while True:
+            ev = _next(conn, eof)
+            if ev is None:
+                break
+            if isinstance(ev, _REQUESTS):
+                _begin(ev, stats)
+                stats.busy_since = time.monotonic()
+                try:
+                    if isinstance(ev, nbd.Write):
+                        handler.write(ev.offset, ev.data)
+                    elif isinstance(ev, nbd.WriteZeroes):
+                        handler.write_zeroes(ev.offset, ev.length)
+                    else:
+                        handler.flush()
+                except Exception as exc:
+                    out.append(_failed(conn, ev, exc, stats))
+                else:
+                    out.append(_succeeded(conn, ev, stats))
+            elif _other(conn, ev, stats, out):
+                if out:
+                    sock.sendall(b"".join(out))
+                return
+        stats.busy_since = None
+        handshake = conn.data_to_send()
+        if handshake:
+            out.append(handshake)
+        if out:
+            stats.last_activity = time.monotonic()
+            sock.sendall(b"".join(out) if len(out) > 1 else out[0])
+
+
+# --- the dispatch both shells share -----------------------------------------------------------
+
+_REQUESTS = (nbd.Write, nbd.WriteZeroes, nbd.Flush)
+
+
+def _next(conn: nbd.NBDServer, eof: bool) -> nbd.Event | None:
+    """The next event, None when more data is needed (or the client went away mid-request:
+    QEMU killed, or vmafs's own drop, which is a lost connection, not a broken protocol)."""
+    try:
+        ev = conn.next_event()
+    except nbd.NBDProtocolError as exc:
+        if not eof:
+            raise
+        log.info("NBD connection lost: %s", exc)
+        return nbd.Disconnect("lost")
+    return None if ev is nbd.NEED_DATA else ev  # type: ignore[return-value]
+
+
+_COMMANDS: dict[type, int] = {nbd.Write: nbd.CMD_WRITE, nbd.WriteZeroes: nbd.CMD_WRITE_ZEROES,
+                              nbd.Flush: nbd.CMD_FLUSH}
+
+
+def _begin(ev: nbd.Write | nbd.WriteZeroes | nbd.Flush, stats: NBDStats) -> None:
+    key = (_COMMANDS[type(ev)], getattr(ev, "flags", 0))
+    stats.request_kinds[key] = stats.request_kinds.get(key, 0) + 1
+    stats.requests += 1
+
+
+def _succeeded(conn: nbd.NBDServer, ev: nbd.Write | nbd.WriteZeroes | nbd.Flush,
+               stats: NBDStats) -> bytes:
+    if isinstance(ev, nbd.Write):
+        length = len(ev.data)
+        stats.writes += 1
+        stats.bytes_written += length
+        stats.max_write = max(stats.max_write, length)
+    elif isinstance(ev, nbd.WriteZeroes):
+        stats.zero_requests += 1
+        stats.bytes_zeroed += ev.length
+    else:
+        stats.flushes += 1
+    return conn.reply(ev.handle)
+
+
+def _other(conn: nbd.NBDServer, ev: nbd.Event, stats: NBDStats, out: list[bytes]) -> bool:
+    """Events that are not requests for the handler; True: the connection ends (send `out`)."""
+    if isinstance(ev, nbd.BadRequest):
+        key = (ev.command, -1)
+        stats.request_kinds[key] = stats.request_kinds.get(key, 0) + 1
+        stats.requests += 1
+        log.warning("refusing NBD request: %s", ev.reason)
+        out.append(conn.reply(ev.handle, ev.error))
+        stats.errors += 1
+    elif isinstance(ev, nbd.TransmissionStarted):
+        out.append(conn.data_to_send())
+        log.debug("NBD transmission started via %s", ev.via)
+    elif isinstance(ev, nbd.Disconnect):
+        out.append(conn.data_to_send())
+        log.debug("NBD client disconnected: %s", ev.reason)
+        return True
+    return False
+
+
+def _failed(conn: nbd.NBDServer, ev: nbd.Write | nbd.WriteZeroes | nbd.Flush, exc: Exception,
+            stats: NBDStats) -> bytes:
     code = _nbd_errno(exc)
+    what = nbd.COMMAND_NAMES[_COMMANDS[type(ev)]]
     log.error("NBD %s failed, reporting %s to the client: %r", what, errno.errorcode[code], exc)
     stats.errors += 1
-    return conn.reply(handle, code)
+    return conn.reply(ev.handle, code)
+

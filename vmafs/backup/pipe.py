@@ -1,4 +1,5 @@
-"""The hand-off from the NBD sinks (trio) to the one writer thread: a queue bounded in bytes.
+"""The hand-off from the NBD sinks (one thread a connection) to the one writer thread: a queue
+bounded in bytes.
 
 The sinks only enqueue and return, so QEMU's copy-before-write requests are acknowledged at
 once; the bound is the back-pressure. On failure the pipe switches to discarding, so guest
@@ -12,8 +13,6 @@ import time
 from collections import deque
 from typing import Any
 
-import trio
-
 WRITE, ZEROES, FINISH, ABORT = range(4)
 
 WAKE_ROOM = 2 << 20
@@ -25,93 +24,87 @@ writer to store half the queue (32 MiB, 80 ms and more at the disk) before a byt
 
 
 class Pipe:
-    """Queue from the trio sink to the writer thread, bounded in bytes.
+    """Queue from the NBD sinks' threads to the writer thread, bounded in bytes.
 
-    `put` waits (in trio) while the queue is full; after `discard()` it drops everything and
-    returns at once, which is what frees QEMU when the backup is void.
+    `put` blocks while the queue is full; after `discard()` it drops everything and returns at
+    once, which is what frees QEMU when the backup is void.
     """
 
-    def __init__(self, capacity: int, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._wake_room = min(capacity // 2, WAKE_ROOM)
-        self._token = token
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._ready = threading.Condition(lock)   # the writer waits for an item
+        self._room = threading.Condition(lock)    # full: the sinks wait for room
+        self._waiting = 0                          # sinks waiting for room
         self._items: deque[tuple[Any, ...]] = deque()
         self._bytes = 0
-        self._space: trio.Event | None = None
         self.discarding = False
         self.last_progress = time.monotonic()
         self.busy = False      # the writer thread holds an item it has not finished
 
-    async def put(self, item: tuple[Any, ...], nbytes: int) -> None:
-        while True:
-            with self._cond:
-                if self.discarding:
-                    return
-                if self._bytes == 0 or self._bytes + nbytes <= self._capacity:
-                    items = self._items
-                    if not items and not self.busy:
-                        self.last_progress = time.monotonic()  # the stall clock starts now
-                    elif item[0] == ZEROES and items and _extends(items[-1], item):
-                        # Empty space comes as a run of adjacent zero requests: one item.
-                        last = items[-1]
-                        items[-1] = (ZEROES, last[1], last[2], last[3] + item[3])
-                        return
-                    items.append(item)
-                    self._bytes += nbytes
-                    self._cond.notify()
-                    return
-                if self._space is None:
-                    self._space = trio.Event()
-                space = self._space
-            await space.wait()
+    def put(self, item: tuple[Any, ...], nbytes: int) -> None:
+        with self._ready:
+            while not (self.discarding or self._bytes == 0
+                       or self._bytes + nbytes <= self._capacity):
+                self._waiting += 1
+                try:
+                    self._room.wait()
+                finally:
+                    self._waiting -= 1
+            if self.discarding:
+                return
+            items = self._items
+            if not items and not self.busy:
+                self.last_progress = time.monotonic()  # the stall clock starts now
+            elif item[0] == ZEROES and items and _extends(items[-1], item):
+                # Empty space comes as a run of adjacent zero requests: one item.
+                last = items[-1]
+                items[-1] = (ZEROES, last[1], last[2], last[3] + item[3])
+                return
+            items.append(item)
+            self._bytes += nbytes
+            self._ready.notify()
 
     def put_control(self, kind: int) -> None:
-        with self._cond:
+        with self._ready:
             if kind == ABORT:
                 self._items.clear()
                 self._items.appendleft((ABORT,))
             else:
                 self._items.append((kind,))
-            self._cond.notify()
+            self._ready.notify()
 
     def discard(self) -> None:
         """Stop storing: wake every waiting put, drop the queue, tell the writer to abort."""
-        with self._cond:
+        with self._ready:
             self.discarding = True
             self._bytes = 0
-            space, self._space = self._space, None
+            self._room.notify_all()
         self.put_control(ABORT)
-        if space is not None:
-            space.set()
 
     def pending(self) -> bool:
-        with self._cond:
+        with self._ready:
             return bool(self._items) or self.busy
 
     # writer-thread side
 
     def get(self) -> tuple[Any, ...]:
-        with self._cond:
+        with self._ready:
             while not self._items:
-                self._cond.wait()
+                self._ready.wait()
             self.busy = True
             return self._items.popleft()
 
     def done(self, nbytes: int) -> None:
-        with self._cond:
+        with self._ready:
             self.busy = False
             self.last_progress = time.monotonic()
             if self.discarding:
                 return
             self._bytes -= nbytes
-            space = self._space
-            if space is not None and self._bytes <= self._capacity - self._wake_room:
-                self._space = None
-            else:
-                space = None
-        if space is not None:
-            self._token.run_sync_soon(space.set)
+            if self._waiting and self._bytes <= self._capacity - self._wake_room:
+                self._room.notify_all()
 
     def heartbeat(self) -> None:
         self.last_progress = time.monotonic()
@@ -122,20 +115,20 @@ def _extends(last: tuple[Any, ...], item: tuple[Any, ...]) -> bool:
 
 
 class DiskSink:
-    """The NBD ExportHandler of one disk: enqueue and return."""
+    """The NBD BlockingHandler of one disk: enqueue and return."""
 
     def __init__(self, pipe: Pipe, dev_id: int) -> None:
         self._pipe = pipe
         self._dev_id = dev_id
 
-    async def write(self, offset: int, data: bytes | bytearray) -> None:
+    def write(self, offset: int, data: bytes | bytearray) -> None:
         # nbd_server hands us a buffer nobody else references: no copy needed.
-        await self._pipe.put((WRITE, self._dev_id, offset, data), len(data))
+        self._pipe.put((WRITE, self._dev_id, offset, data), len(data))
 
-    async def write_zeroes(self, offset: int, length: int) -> None:
-        await self._pipe.put((ZEROES, self._dev_id, offset, length), 0)
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._pipe.put((ZEROES, self._dev_id, offset, length), 0)
 
-    async def flush(self) -> None:
+    def flush(self) -> None:
         # Durability is decided at commit (fsync + rename), not per NBD flush; waiting here
         # would only let a slow output hold up QEMU's blockdev-del.
         return
