@@ -111,11 +111,13 @@ async def _serve(req: MountRequest, opts: MountOptions, task_status: Any) -> Non
     import trio
 
     from vmafs.archive.serving import open_session
+    from vmafs.mount.fuse_wait import fuse_fds, lean_wait
     from vmafs.serve.daemon import Ready
 
     # Served through the page cache, the data is cached there: drop the archive's copy.
     async with open_session(req.archive, req.bases,
                             drop_behind=not opts.direct_io) as session:
+        fds_before = fuse_fds()
         ops = _init_fuse(session, req, opts)
         try:
             initialized = trio.Event()
@@ -123,9 +125,14 @@ async def _serve(req: MountRequest, opts: MountOptions, task_status: Any) -> Non
             async with trio.open_nursery() as nursery:
                 async def fuse_main() -> None:
                     # A plain archive's reads never wait (the session reads them inline): one
-                    # worker task answers them in order. More would only hand the FUSE fd's
-                    # read lock from task to task on every request.
-                    await pyfuse3.main(max_tasks=1 if session.inline else 99)
+                    # worker task answers them in order, waiting for each request the lean
+                    # way (fuse_wait.py). More would only hand the FUSE fd's read lock from
+                    # task to task on every request.
+                    if session.inline:
+                        with lean_wait(pyfuse3, fds_before):
+                            await pyfuse3.main(max_tasks=1)
+                    else:
+                        await pyfuse3.main(max_tasks=99)
                     nursery.cancel_scope.cancel()       # unmounted from outside
 
                 nursery.start_soon(fuse_main)
