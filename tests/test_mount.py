@@ -233,6 +233,28 @@ def test_mount_options() -> None:
     assert info[0].fstype == "fuse.vmafs"
 
 
+def test_lean_wait_hooks_pyfuse3_only_with_its_fd() -> None:
+    """The plain mount's request wait replaces pyfuse3's private hook (fuse_wait.py) only
+    when the hook exists and one new /dev/fuse fd is found, and puts it back on leaving; a
+    pyfuse3 without the hook fails here, not silently in the daemon."""
+    import pyfuse3
+
+    from vmafs.mount.fuse_wait import fuse_fds, lean_wait
+
+    original = pyfuse3._wait_fuse_readable
+    before = fuse_fds()
+    with lean_wait(pyfuse3, before) as lean:  # no new fd: pyfuse3 waits its own way
+        assert not lean and pyfuse3._wait_fuse_readable is original
+    fd = os.open("/dev/fuse", os.O_RDWR)
+    try:
+        assert fuse_fds() - before == {fd}
+        with lean_wait(pyfuse3, before) as lean:
+            assert lean and pyfuse3._wait_fuse_readable is not original
+        assert pyfuse3._wait_fuse_readable is original
+    finally:
+        os.close(fd)
+
+
 # -- what the mount shows ----------------------------------------------------------------------
 
 def test_listing_and_stat(source: Source, archive: Path, tmp_path: Path) -> None:
