@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import io
 import os
 import stat
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, cast
 
 from vmafs.archive.chain import open_chain
 from vmafs.archive.configs import vm_configs
-from vmafs.archive.copier import copy_device, write_extent
+from vmafs.archive.copier import WriteBehind, copy_device, write_extent
 from vmafs.archive.problems import MISSING
 from vmafs.archive.reader import Archive
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
+from vmafs.archive.walk import _plain_file as read_by_offset
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
 from vmafs.container.output import WRITEBACK_STEP, TempFile, open_dir, start_writeback
@@ -95,27 +98,37 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
 
             written = 0
 
-            def on_extent(slots: list[StoredCluster]) -> None:
+            def kick(total: int) -> None:
                 nonlocal written
-                before = written // WRITEBACK_STEP
-                written += write_extent(fds, slots, sizes)
-                if written // WRITEBACK_STEP != before:  # overlap the disk writes with reading
-                    for fd in fds.values():
+                if total // WRITEBACK_STEP != written // WRITEBACK_STEP:
+                    for fd in fds.values():  # overlap the disk writes with reading
                         start_writeback(fd)
+                written = total
 
+            def on_extent(slots: list[StoredCluster]) -> None:
+                kick(written + write_extent(fds, slots, sizes))
+
+            gc.freeze()  # what is made by now lives to the end: collections skip it (the
+            # botocore client's objects made each one cost ~3 % of extract's CPU)
             try:
                 if isinstance(source, Archive):
                     indexed = True
                     for dev_id, fd in fds.items():
                         copy_device(source, dev_id, fd, progress.update)
-                else:
-                    result = scan_stream(source, on_extent, progress.update, header=header)
-                    indexed = result.has_index
-                    problems = [p for p in result.problems if _concerns(p, extracted)]
-                    if problems:
-                        raise FormatError(str(problems[0]))
+                elif read_by_offset(source):  # the walk reads the file itself: writes in line
+                    indexed = _scan(args, source, header, on_extent, progress.update, extracted)
+                else:  # a decoder or a remote stream: written behind, while the next is read
+                    behind = WriteBehind(fds, sizes, kick=kick)
+                    try:
+                        indexed = _scan(args, cast(BinaryIO, _Fenced(source, behind)), header,
+                                        behind.put, progress.update, extracted)
+                        behind.finish()
+                    finally:
+                        behind.close()
             except FormatError as exc:
                 raise about(args.archive, exc) from None
+            finally:
+                gc.unfreeze()  # (a process that goes on, the tests, collects them again)
             commit_all(dir_fd, args.dir, configs, temps, args.force)
         finally:
             for tmp in temps:
@@ -132,6 +145,34 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
                                 for fname, (name, data) in configs],
                     "indexed": indexed})
     return 0
+
+
+def _scan(args: argparse.Namespace, stream: BinaryIO, header: vma.Header,
+          on_extent: Callable[[list[StoredCluster]], None],
+          progress: Callable[[int], None], extracted: list[str]) -> bool:
+    """Every rule checked as the stream's extents are written; whether it has an index."""
+    result = scan_stream(stream, on_extent, progress, header=header)
+    problems = [p for p in result.problems if _concerns(p, extracted)]
+    if problems:
+        raise FormatError(str(problems[0]))
+    return result.has_index
+
+
+class _Fenced(io.RawIOBase):
+    """A stream whose reader waits, before it refills a buffer, until the writes queued
+    behind (WriteBehind) no longer read it: the forward walk reads a stream only through
+    readinto (read() comes here too), into a ring of extent buffers it reuses."""
+
+    def __init__(self, stream: BinaryIO, behind: WriteBehind) -> None:
+        self._stream = stream
+        self._behind = behind
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
+        self._behind.fence(memoryview(b).obj)
+        return cast(int, self._stream.readinto(b))  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
