@@ -4,20 +4,24 @@ Works on any input (a pipe, gzip, lzo, one-frame zstd): it only ever reads forwa
 those of every reader: walk.py accepts each extent, rules.ClusterRules each slot, and the
 trailing index (if any) must describe exactly what the stream holds, checksums included,
 and in a block-summed archive every data extent is followed by exactly its blocks' sums.
-A reader thread reads ahead (walk.READ_AHEAD extents) while this thread checks and hashes:
-verify uses both cores.
+A reader thread reads ahead (walk.READ_AHEAD extents) while this thread checks each extent,
+and a third hashes it meanwhile (index.checks, in C without the GIL when built): verify uses
+both cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
+import sys
+import threading
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
-import xxhash
 
 from vmafs.archive import problems
 from vmafs.archive.locate import check_header
@@ -49,15 +53,6 @@ class StoredCluster:
     data: memoryview
 
 
-def checksums(data: memoryview, starts: list[int], ends: list[int]) -> list[int]:
-    """index.checksum of each data[start:end], hashed without holding the GIL (xxhash's
-    streaming form releases it, its one-shot form does not): the read-ahead thread fills the
-    next buffers meanwhile."""
-    digest = xxhash.xxh3_64
-    return [digest(data[a:b]).intdigest() & 0xFFFFFFFF
-            for a, b in zip(starts, ends, strict=True)]
-
-
 def stored_clusters(ext: Extent, data: memoryview) -> Iterator[StoredCluster]:
     """The used slots of an (already checked) extent with views of their data."""
     base = ext.offset + vma.EXTENT_HEADER_SIZE
@@ -68,6 +63,11 @@ def stored_clusters(ext: Extent, data: memoryview) -> Iterator[StoredCluster]:
         yield StoredCluster(dev_id, cluster, mask, base + pos, data[pos:pos + n])
 
 
+Hashed = tuple[np.ndarray, bytes | None, bytes | None]
+"""An extent's hashing (TrailerCheck.hash_job): where its stored clusters end in its data,
+their data checksums (if wanted) and block-summed checks (if wanted), LE u32."""
+
+
 class TrailerCheck:
     """Collects the null extents at the end of a stream and checks our index against the data."""
 
@@ -75,7 +75,9 @@ class TrailerCheck:
         self.header = header
         self.hint = block_sums  # what the footer says, if read first: only those checks
         self.index = index.IndexBuilder()
-        self.null_run: list[tuple[int, bytes]] = []  # (offset, payload) of trailing null extents
+        # the trailing null extents so far, as runs of (stream offsets, 512-byte headers):
+        # their payloads are gathered at the end (every data extent's sums are such a run)
+        self.null_run: list[tuple[np.ndarray, np.ndarray]] = []
         self.tail = b""  # the stream's last 512 bytes, when they are data
         self.header_digest = False  # the footer carries a header digest, and it matched
         self.bad: BadData | None = None  # the clusters whose data fails its checksum
@@ -86,65 +88,73 @@ class TrailerCheck:
         # or from before block sums) is hashed both ways: only its footer, at the end, says
         # which checks its index holds.
         self.summed: bool | None = None
-        self.pending: tuple[int, int, list[tuple[int, int]]] | None = None
-        """(where its sums start, its blocks, each stored cluster's [first, end) block) of
-        the data extent whose sums come next"""
+        self.pending: tuple[int, int, np.ndarray] | None = None
+        """(where its sums start, its blocks, where each stored cluster's data ends) of the
+        data extent whose sums come next"""
         # None: not wanted (the stream carries sums, or the footer said block sums)
         self.data_checks: array[int] | None = None if block_sums else array("I")
         self.carried = array("I")  # per stored cluster: checksum of the sums carried for it
         self.sums_problem: Problem | None = None  # the first data extent without its sums
         self.block_sums = False  # the footer says the checks are over block sums
 
-    def add_extent(self, ext: Extent, data: memoryview) -> None:
+    def hash_job(self, ext: Extent, data: memoryview) -> Callable[[], Hashed]:
+        """The hashing add_extent needs of a data extent's data, as a call another thread may
+        make while this one goes on (index.checks releases the GIL); add_extent takes its
+        result. The data must stay as it is until the call returns."""
+        blocks = vma.POPCOUNT16[ext.masks].astype(np.int64)
+        ends = (np.cumsum(blocks) * vma.BLOCK_SIZE)[blocks != 0]  # the stored clusters' ends
+        data_checks, summed = self.data_checks is not None, self.hint is not False
+
+        def run() -> Hashed:
+            return (ends, index.checks(data, ends) if data_checks else None,
+                    index.checks(data, ends, summed=True) if summed else None)
+        return run
+
+    def add_extent(self, ext: Extent, data: memoryview, hashed: Hashed | None = None) -> None:
+        """The next extent of the stream; hashed: what hash_job's call returned for it (None:
+        hashed here)."""
         if ext.is_null:
-            self._sums_follow([ext.payload()], [True])
-            self.null_run.append((ext.offset, ext.payload()))
+            raw = np.frombuffer(ext.raw, np.uint8).reshape(1, vma.EXTENT_HEADER_SIZE)
+            self._sums_follow(raw)
+            self.null_run.append((np.array([ext.offset], np.int64), raw))
             self.tail = b""
             return
-        self._sums_follow([], [])
+        self._sums_follow(None)
         self.null_run = []
         self.tail = bytes(data[-vma.EXTENT_HEADER_SIZE:]) if len(data) else b""
         stored = np.flatnonzero(ext.masks)
         if not len(stored):
             return
+        ends, data_checks, summed_checks = hashed or self.hash_job(ext, data)()
         # the columns of index.IndexBuilder.add_extent, a few calls an extent, not 4 a cluster
-        sizes = vma.POPCOUNT16[ext.masks].astype(np.int64) * vma.BLOCK_SIZE
-        ends = np.cumsum(sizes)
-        starts = ends - sizes
         built = self.index
         built.ext_offsets.append(ext.offset)
         built.ext_counts.append(len(stored))
         built.dev_ids.frombytes(ext.dev_ids[stored].astype(np.uint8).tobytes())
         built.clusters.frombytes(ext.clusters[stored].astype(np.uint32).tobytes())
         built.masks.frombytes(ext.masks[stored].astype(np.uint16).tobytes())
-        starts, ends = starts[stored].tolist(), ends[stored].tolist()
-        if self.data_checks is not None:
-            self.data_checks.fromlist(checksums(data, starts, ends))
-        if self.hint is False:  # data checksums only: these are never compared
-            built.checksums.fromlist([0] * len(starts))
+        if self.data_checks is not None and data_checks is not None:
+            self.data_checks.extend(_u32(data_checks))
+        if summed_checks is None:  # data checksums only: these are never compared
+            built.checksums.extend(array("I", bytes(4 * len(ends))))
         else:
-            sums = index.block_sums(data)
-            per = vma.BLOCK_SIZE // index.SUM_SIZE
-            built.checksums.fromlist([index.checksum(sums[a // per:b // per])
-                                      for a, b in zip(starts, ends, strict=True)])
+            built.checksums.extend(_u32(summed_checks))
         if self.summed is not False:
-            step = vma.BLOCK_SIZE
-            self.pending = (ext.offset + ext.size, len(data) // step,
-                            [(a // step, b // step) for a, b in zip(starts, ends, strict=True)])
+            self.pending = (ext.offset + ext.size, len(data) // vma.BLOCK_SIZE, ends)
 
-    def _sums_follow(self, payloads: list[bytes], null: list[bool]) -> None:
-        """What follows a data extent (null extents' payloads, in order; none: a data extent
-        or the end): its block sums, if the stream carries them. Whether it does is decided
-        after the first data extent, from the shape alone (its data may be damaged): enough
-        null extents, zero after the sums, and no index there."""
+    def _sums_follow(self, nulls: np.ndarray | None) -> None:
+        """What follows a data extent (the headers of the null extents right after it, in
+        order; None: anything else, or the end): its block sums, if the stream carries them.
+        Whether it does is decided after the first data extent, from the shape alone (its
+        data may be damaged): enough null extents, zero after the sums, and no index there."""
         if self.pending is None:
             return
-        at, blocks, bounds = self.pending
+        at, blocks, ends = self.pending
         self.pending = None
         n = index.sums_extents(blocks)
-        carried = b"".join(payloads[:n])
+        carried = _payloads(nulls[:n]) if nulls is not None and len(nulls) >= n else b""
         size = blocks * index.SUM_SIZE
-        found = (len(payloads) >= n and all(null[:n]) and not any(carried[size:])
+        found = (len(carried) >= size and not any(carried[size:])
                  and not carried.startswith((index.INDEX_MAGIC, index.FOOTER_MAGIC)))
         if self.summed is None:
             self.summed = found
@@ -156,36 +166,39 @@ class TrailerCheck:
                 self.sums_problem = Problem(problems.INDEX, "the block sums after the data "
                                             f"extent ending at offset {at} are missing",
                                             offset=at)
-            self.carried.fromlist([0] * len(bounds))
+            self.carried.extend(array("I", bytes(4 * len(ends))))
             return
-        self.carried.fromlist([index.checksum(carried[a * index.SUM_SIZE:b * index.SUM_SIZE])
-                               for a, b in bounds])
+        per = vma.BLOCK_SIZE // index.SUM_SIZE
+        self.carried.extend(_u32(index.checks(carried, ends // per)))
 
     def add_run(self, batch: HeaderBatch) -> None:
         """A run of extents without data: null extents (a trailer, block sums) or zero slots."""
         if self.pending is not None:
             n = index.sums_extents(self.pending[1])
-            null = ~(batch.dev_ids[:n] != 0).any(axis=1)
-            self._sums_follow([bytes(batch.payload(i)) if null[i] else b""
-                               for i in range(min(n, len(null)))], null.tolist())
+            self._sums_follow(None if batch.dev_ids[:n].any() else batch.raw[:n])
         continues, rows = batch.trailing_nulls()
         if not continues:
             self.null_run = []
         self.tail = b""
-        self.null_run += [(int(batch.offsets[i]), batch.payload(i)) for i in rows.tolist()]
+        if len(rows):
+            self.null_run.append((batch.offsets[rows[0]:], batch.raw[rows[0]:]))
 
     def verify(self) -> tuple[bool, list[Problem]]:
         """(has_index, problems): the trailing index must list exactly what the data holds."""
-        self._sums_follow([], [])
+        self._sums_follow(None)
         if not self.null_run:
             return False, self._forged_tail()
-        footer_offset, footer_payload = self.null_run[-1]
+        offsets = np.concatenate([o for o, _ in self.null_run])
+        payloads = _payloads(np.concatenate([r for _, r in self.null_run]))
+        size = vma.NULL_PAYLOAD_SIZE
+        footer_offset = int(offsets[-1])
         try:
-            footer = index.decode_footer(footer_payload)
+            footer = index.decode_footer(payloads[-size:])
         except FormatError as exc:
             return True, [_index_problem(f"trailing index: {exc}", footer_offset)]
         if footer is None:
-            if any(p.startswith(index.INDEX_MAGIC) for _, p in self.null_run):
+            if any(payloads.startswith(index.INDEX_MAGIC, at)
+                   for at in range(0, len(payloads), size)):
                 # our index is there but its footer (the last extent) is not: cut short
                 return True, [Problem(problems.TRUNCATED, "trailing index has no footer: the "
                                       "archive is truncated", offset=footer_offset)]
@@ -196,7 +209,8 @@ class TrailerCheck:
             return True, [exc.problem]
         try:
             index.index_extent_span(footer, footer_offset)
-            blob = b"".join(p for off, p in self.null_run[:-1] if off >= footer.index_offset)
+            first = int(np.searchsorted(offsets, footer.index_offset))
+            blob = payloads[first * size:-size]
             table = index.decode_index(index.check_index_blob(blob, footer))
         except ChecksumError as exc:
             return True, [Problem(problems.CHECKSUM, f"trailing index: {exc}",
@@ -284,6 +298,19 @@ class BadData:
         return found
 
 
+def _payloads(headers: np.ndarray) -> bytes:
+    """The payloads of null extents, joined, from their headers (rows of 512 bytes)."""
+    return vma.null_payloads(np.ascontiguousarray(headers).data.cast("B"))
+
+
+def _u32(little: bytes) -> array[int]:
+    """index.checks' LE u32 values as the index builder's (native) array."""
+    out = array("I", little)
+    if sys.byteorder == "big":  # pragma: no cover
+        out.byteswap()
+    return out
+
+
 def _covered(sizes: np.ndarray, dev_ids: np.ndarray, clusters: np.ndarray) -> int:
     """Device bytes these slots account for (for progress), clipped at each device's end."""
     left = sizes[dev_ids.astype(np.intp)] - clusters.astype(np.int64) * vma.CLUSTER_SIZE
@@ -292,6 +319,52 @@ def _covered(sizes: np.ndarray, dev_ids: np.ndarray, clusters: np.ndarray) -> in
 
 def _index_problem(message: str, offset: int | None) -> Problem:
     return Problem(problems.INDEX, message, offset=offset)
+
+
+HASH_APART = 256 << 10
+"""Data extents at least this big are hashed in a thread of their own while the scanning thread
+checks their slots, hands them to on_extent and builds their index rows (a small one costs
+less hashed in line than handed over)."""
+
+
+def _hash_apart() -> bool:
+    """Hash in a thread of its own: with two cores to run on (the reader thread takes one)."""
+    return len(os.sched_getaffinity(0)) >= 2
+
+
+class _Hasher:
+    """A thread that runs one hashing job at a time (TrailerCheck.hash_job) for the scanning
+    thread, which waits for its result before it reads on; started by the first job."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], Hashed] | None] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[tuple[Hashed | None, BaseException | None]] = \
+            queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="vmafs-hash", daemon=True)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                self.results.put((job(), None))
+            except BaseException as exc:  # noqa: BLE001 - raised in the scanning thread
+                self.results.put((None, exc))
+
+    def submit(self, job: Callable[[], Hashed]) -> None:
+        if not self.thread.is_alive():
+            self.thread.start()
+        self.jobs.put(job)
+
+    def result(self) -> Hashed:
+        hashed, exc = self.results.get()
+        if exc is not None:
+            raise exc
+        assert hashed is not None
+        return hashed
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
 
 
 @dataclass
@@ -336,28 +409,41 @@ def scan_stream(
     for dev in header.devices:
         sizes[dev.dev_id] = dev.size
     end = header.header_size
-    with contextlib.closing(iter_stream_runs(stream, header, ahead=READ_AHEAD)) as items:
+    apart = _hash_apart()
+    with contextlib.closing(iter_stream_runs(stream, header, ahead=READ_AHEAD)) as items, \
+            contextlib.closing(_Hasher()) as hasher:
         for item in items:
             if isinstance(item, HeaderBatch):
                 used = item.dev_ids != 0
-                rules.check(item.dev_ids[used], item.clusters[used], item.masks[used],
-                            np.repeat(item.offsets, used.sum(axis=1)))
+                if used.any():  # zero slots (not null extents: a trailer, block sums)
+                    rules.check(item.dev_ids[used], item.clusters[used], item.masks[used],
+                                np.repeat(item.offsets, used.sum(axis=1)))
+                    if on_zeros is not None:
+                        on_zeros(item.dev_ids[used], item.clusters[used])
+                    if progress is not None:
+                        done = _covered(sizes, item.dev_ids[used], item.clusters[used])
+                        if done:
+                            progress(done)
                 trailer.add_run(item)
-                if on_zeros is not None and used.any():
-                    on_zeros(item.dev_ids[used], item.clusters[used])
                 result.extents += len(item.offsets)
                 end = int(item.offsets[-1]) + vma.EXTENT_HEADER_SIZE
-                if progress is not None:
-                    done = _covered(sizes, item.dev_ids[used], item.clusters[used])
-                    if done:
-                        progress(done)
                 continue
             ext, data = item
             rules.check(ext.dev_ids, ext.clusters, ext.masks,
                         np.full(len(ext.dev_ids), ext.offset, np.int64))
-            if on_extent is not None:
-                on_extent(list(stored_clusters(ext, data)))
-            trailer.add_extent(ext, data)
+            job = trailer.hash_job(ext, data)
+            if apart and len(data) >= HASH_APART:
+                hasher.submit(job)
+                try:
+                    if on_extent is not None:
+                        on_extent(list(stored_clusters(ext, data)))
+                finally:
+                    hashed = hasher.result()  # before the next item reuses the buffer
+            else:
+                if on_extent is not None:
+                    on_extent(list(stored_clusters(ext, data)))
+                hashed = job()
+            trailer.add_extent(ext, data, hashed)
             result.extents += 1
             result.stored_bytes += len(data)
             end = ext.offset + ext.size
