@@ -25,6 +25,10 @@ reported with its range. Targets: vmafs/baseline <= 1.0 (mount vs qsd, serve vs 
 cold and warm. A final JSON line holds every round. Where a cold read's time goes (the whole
 64 KiB cluster read to check its checksum) is measured by tools/bench_blocksums.py.
 
+--tree NAME=DIR (repeatable) also serves the archive with the vmafs of another source tree
+(e.g. a `git worktree` of an older commit): "mount@NAME"/"serve@NAME", measured in the same
+rounds, so a change's gain is a ratio within one run too.
+
 `vmafs create` writes a block-summed archive (format/index.py): a 4 KiB read reads its block
 and the cluster's sums. --unsummed also serves the same image as an archive without block
 sums (every read checks its whole 64 KiB cluster, as before them): "mount0"/"serve0", measured
@@ -77,8 +81,8 @@ for line in sys.stdin:
 '''
 
 
-def env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+def env(tree: Path = ROOT) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, PYTHONPATH=path)
 
 
@@ -164,8 +168,9 @@ def mounted(path: Path) -> bool:
 
 
 @contextmanager
-def process(argv: list[str], ready: object, what: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, env=env())
+def process(argv: list[str], ready: object, what: str, tree: Path = ROOT
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(argv, env=env(tree))
     try:
         wait_for(ready, what)
         yield proc
@@ -175,9 +180,9 @@ def process(argv: list[str], ready: object, what: str) -> Iterator[subprocess.Po
 
 
 @contextmanager
-def vmafs_mount(archive: Path, mnt: Path) -> Iterator[None]:
+def vmafs_mount(archive: Path, mnt: Path, tree: Path = ROOT) -> Iterator[None]:
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env())
+    proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env(tree))
     try:
         wait_for(lambda: mounted(mnt), "vmafs mount")
         yield
@@ -233,7 +238,16 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the image and the archive")
     ap.add_argument("--unsummed", action="store_true",
                     help="also an archive without block sums (mount0, serve0)")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                    help="also mount and serve with another source tree's vmafs "
+                         "(mount@NAME, serve@NAME)")
     args = ap.parse_args()
+    trees: dict[str, Path] = {}
+    for item in args.tree:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not (Path(path) / "vmafs").is_dir():
+            ap.error(f"--tree {item!r}: give NAME=DIR, DIR a source tree with vmafs/")
+        trees[name] = Path(path).resolve()
     if os.geteuid() != 0:
         print("bench_smallreads: needs root (FUSE)", file=sys.stderr)
         return 2
@@ -250,8 +264,12 @@ def main() -> int:
         write_unsummed(image, old)
     backing = {"qsd": image, "mount": archive, "qemu-nbd": image, "serve": archive,
                "mount0": old, "serve0": old}
+    for name in trees:
+        backing[f"mount@{name}"] = backing[f"serve@{name}"] = archive
     pairs = {"fuse": ("mount", "qsd"), "nbd": ("serve", "qemu-nbd")}
-    before = {"fuse": "mount0", "nbd": "serve0"} if args.unsummed else {}
+    # more candidates of a pair, measured in the same rounds, each as a ratio to the baseline
+    extra = {"fuse": ["mount0"] * args.unsummed + [f"mount@{n}" for n in trees],
+             "nbd": ["serve0"] * args.unsummed + [f"serve@{n}" for n in trees]}
     if args.only:
         pairs = {args.only: pairs[args.only]}
     rounds: list[dict[str, float]] = []
@@ -267,6 +285,9 @@ def main() -> int:
             if args.unsummed:
                 stack.enter_context(vmafs_mount(old, work / "mnt0"))
                 files["mount0"] = work / "mnt0" / DISK
+            for name, tree in trees.items():
+                stack.enter_context(vmafs_mount(archive, work / f"mnt@{name}", tree))
+                files[f"mount@{name}"] = work / f"mnt@{name}" / DISK
         if "nbd" in pairs:
             qsock, vsock = work / "qemu-nbd.sock", work / "serve.sock"
             for sock in (qsock, vsock):
@@ -283,6 +304,13 @@ def main() -> int:
                 stack.enter_context(process(vmafs("serve", "-f", "--socket", str(osock),
                                                   str(old)), osock.exists, "vmafs serve"))
                 socks.append(("serve0", osock))
+            for name, tree in trees.items():
+                tsock = work / f"serve@{name}.sock"
+                tsock.unlink(missing_ok=True)
+                stack.enter_context(process(vmafs("serve", "-f", "--socket", str(tsock),
+                                                  str(archive)), tsock.exists, "vmafs serve",
+                                            tree))
+                socks.append((f"serve@{name}", tsock))
             for name, sock in socks:
                 url = f"nbd+unix:///{'' if name == 'qemu-nbd' else 'drive-scsi0'}?socket={sock}"
                 clients[name] = client = NBDClient(url)
@@ -301,19 +329,21 @@ def main() -> int:
             row: dict[str, float] = {}
             for pair, (ours, theirs) in pairs.items():
                 for state in ("cold", "warm"):
-                    names = (ours, theirs, *([before[pair]] if pair in before else []))
+                    names = (ours, theirs, *extra[pair])
                     order = names if r % 2 == 0 else names[::-1]
                     for name in order:
                         row[f"{name}.{state}"] = measure(name, state == "cold", 100 + r)
-                    row[f"ratio.{pair}.{state}"] = row[f"{ours}.{state}"] / row[f"{theirs}.{state}"]
-                    if pair in before:
-                        row[f"ratio.{pair}.unsummed.{state}"] = (
-                            row[f"{before[pair]}.{state}"] / row[f"{theirs}.{state}"])
+                    for name in (ours, *extra[pair]):
+                        label = {"mount0": "unsummed", "serve0": "unsummed"}.get(name, name)
+                        key = (f"ratio.{pair}.{state}" if name == ours
+                               else f"ratio.{pair}.{label}.{state}")
+                        row[key] = row[f"{name}.{state}"] / row[f"{theirs}.{state}"]
             print(f"round {r + 1}: " + "  ".join(f"{k} {v:.2f}" if k.startswith("ratio")
                                                  else f"{k} {v:.0f} µs"
                                                  for k, v in row.items()), flush=True)
             rounds.append(row)
     print(f"--- medians over {args.rounds} rounds [min - max]; latencies in µs")
+    print(f"trees: this one {ROOT}" + "".join(f", {n} {p}" for n, p in trees.items()))
     med = {}
     for key in rounds[0]:
         values = [row[key] for row in rounds]
