@@ -349,6 +349,50 @@ def test_prefix_reads(tmp_path: Path) -> None:
         assert src.read_prefix(0, end - start) == stream[start:end]
 
 
+def test_first_prefix_read_of_a_local_frame(tmp_path: Path) -> None:
+    """A local frame's first small read decodes its prefix while the rest of it arrives, and
+    checks the whole frame (block headers to its end) before returning anything: the bytes,
+    the frame checked, only the prefix read into the frame buffer; an entry that lies about
+    its frame is still the error."""
+    import vmafs.container.zstd_source as zs
+
+    chunks = _extents(41, 400)
+    stream = b"".join(chunks)
+    path = tmp_path / "p.zst"
+    _write_seekable(path, chunks, frame_size=1 << 20)
+    with SeekableZstdSource(path, cache_bytes=0) as src:
+        src.checked_by_reader = True
+        lengths: list[int] = []
+        pread_frame = src._pread_frame
+
+        def counting(length: int, offset: int) -> memoryview:
+            lengths.append(length)
+            return pread_frame(length, offset)
+
+        src._pread_frame = counting  # type: ignore[method-assign]
+        start, _ = src.frame_bounds(1)
+        assert src.pread(start + 4096, 4096) == stream[start + 4096 : start + 8192]
+        c_start, c_end = src.table.compressed_range(1)
+        assert lengths and max(lengths) < (c_end - c_start) // 2
+        assert src._state[1] == zs._SIZED
+        num_frames, entries = src.num_frames, [src.table.compressed_range(i)
+                                               for i in range(src.num_frames)]
+    # entry 2 claims one byte less than its frame holds: the first small read refuses it
+    data = path.read_bytes()
+    table_at = entries[-1][1]
+    with SeekableZstdSource(path) as src:
+        sizes = [(c1 - c0, src.frame_bounds(i)[1] - src.frame_bounds(i)[0])
+                 for i, (c0, c1) in enumerate(entries)]
+    sizes[2] = (sizes[2][0], sizes[2][1] - 1)
+    path.write_bytes(data[:table_at] + encode_seek_table(sizes))
+    with SeekableZstdSource(path, cache_bytes=0) as src:
+        assert src.num_frames == num_frames
+        src.checked_by_reader = True
+        start, _ = src.frame_bounds(2)
+        with pytest.raises(FormatError, match="entry 2:"):
+            src.pread(start + 4096, 4096)
+
+
 def _seekable_bytes(tmp_path: Path) -> tuple[bytes, list[bytes]]:
     chunks = _extents(31, 30)
     path = tmp_path / "s.zst"
