@@ -1,4 +1,5 @@
-"""PlainSource's page-cache handling, checked with fincore (util-linux) on a real file."""
+"""PlainSource's page-cache handling, checked with fincore (util-linux) on a real file; the
+archive model's small reads against the image they came from."""
 
 from __future__ import annotations
 
@@ -58,3 +59,39 @@ def test_sequential_reader_drops_what_it_passed(tmp_path: Path, drop_behind: boo
             assert left > size // 2
     finally:
         source.close()
+
+
+def test_small_reads_and_stream_offsets_match_the_image(tmp_path: Path) -> None:
+    """A block-summed archive's small reads (one row looked up, its blocks and sums read and
+    checked) give the image's bytes at any offset and length inside a cluster, and
+    stream_offset points at each stored 4 KiB block (None where the image has zeros)."""
+    import random
+
+    from conftest import run_vmafs
+
+    from vmafs.archive.reader import Archive
+
+    rnd = random.Random(7)
+    image = bytearray(8 * MiB)
+    for block in range(0, len(image) // 4096):
+        if rnd.random() < 0.6:  # partly stored clusters: some of their blocks are zeros
+            image[block * 4096:(block + 1) * 4096] = rnd.randbytes(4096)
+    (tmp_path / "disk.raw").write_bytes(image)
+    archive = tmp_path / "a.vma"
+    rc, _, err = run_vmafs("create", "-q", "-o", archive,
+                           f"drive-scsi0={tmp_path / 'disk.raw'}")
+    assert rc == 0, err
+    with Archive.open(str(archive)) as model:
+        assert model.block_sums
+        dev_id = model.devices[0].dev_id
+        for block in range(0, len(image) // 4096):
+            at = model.stream_offset(dev_id, block * 4096 + rnd.randrange(4096))
+            want = bytes(image[block * 4096:(block + 1) * 4096])
+            if at is None:
+                assert want == bytes(4096)
+            else:
+                assert bytes(model.source.pread(at, 4096)) == want
+        for _ in range(2000):
+            offset = rnd.randrange(len(image))
+            length = rnd.randrange(1, 65536 - offset % 65536 + 1)
+            assert bytes(model.read(dev_id, offset, length)) == image[offset:offset + length]

@@ -25,6 +25,11 @@ reported with its range. Targets: vmafs/baseline <= 1.0 (mount vs qsd, serve vs 
 cold and warm. A final JSON line holds every round. Where a cold read's time goes (the whole
 64 KiB cluster read to check its checksum) is measured by tools/bench_blocksums.py.
 
+The floor is measured in the same rounds: "pread.image" and "pread.archive" are this
+process's own 4 KiB preads of the image at the same offsets and of the archive where those
+blocks are stored (Archive.stream_offset), cold or warm as the pass: what the disk and the
+page cache cost before any server adds its share.
+
 --tree NAME=DIR (repeatable) also serves the archive with the vmafs of another source tree
 (e.g. a `git worktree` of an older commit): "mount@NAME"/"serve@NAME", measured in the same
 rounds, so a change's gain is a ratio within one run too.
@@ -49,6 +54,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from benchlib import evict, make_half_data_image
 
@@ -115,6 +121,36 @@ def offsets(size: int, n: int, seed: int) -> list[int]:
         off = rnd.randrange(0, size // 4096) * 4096
         if (off // STRIPE) % 2 == 0:
             got.append(off)
+    return got
+
+
+def preads(path: Path, offs: list[int]) -> float:
+    """Median latency (µs) of 4 KiB preads of a file at these offsets: the floor."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        times = []
+        for off in offs:
+            t = time.perf_counter()
+            os.pread(fd, 4096, off)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+    return statistics.median(times) * 1e6
+
+
+def open_model(archive: Path) -> Any:
+    """The archive opened by this tree's reader (for Archive.stream_offset)."""
+    sys.path.insert(0, str(ROOT))
+    from vmafs.archive.reader import Archive
+
+    return Archive.open(str(archive))
+
+
+def stored_at(model: Any, offs: list[int]) -> list[int]:
+    """Where the archive stores the blocks at these device offsets (its first device)."""
+    dev_id = model.devices[0].dev_id
+    got = [model.stream_offset(dev_id, off) for off in offs]
+    assert None not in got, "the offsets are in data"
     return got
 
 
@@ -263,7 +299,7 @@ def main() -> int:
     if args.unsummed and not old.exists():
         write_unsummed(image, old)
     backing = {"qsd": image, "mount": archive, "qemu-nbd": image, "serve": archive,
-               "mount0": old, "serve0": old}
+               "mount0": old, "serve0": old, "pread.image": image, "pread.archive": archive}
     for name in trees:
         backing[f"mount@{name}"] = backing[f"serve@{name}"] = archive
     pairs = {"fuse": ("mount", "qsd"), "nbd": ("serve", "qemu-nbd")}
@@ -316,11 +352,17 @@ def main() -> int:
                 clients[name] = client = NBDClient(url)
                 stack.callback(client.close)
 
+        model = stack.enter_context(open_model(archive))
+
         def measure(name: str, cold: bool, seed: int) -> float:
             if cold:
                 evict(backing[name])
             else:
                 warm(backing[name])
+            if name == "pread.image":
+                return preads(image, offsets(size, args.reads, seed))
+            if name == "pread.archive":
+                return preads(archive, stored_at(model, offsets(size, args.reads, seed)))
             if name in files:
                 return fuse_reads(files[name], offsets(size, args.reads, seed))
             return clients[name].reads(args.reads, seed)
@@ -330,6 +372,8 @@ def main() -> int:
             for pair, (ours, theirs) in pairs.items():
                 for state in ("cold", "warm"):
                     names = (ours, theirs, *extra[pair])
+                    if pair == next(iter(pairs)):  # the floor, once a round
+                        names = (*names, "pread.image", "pread.archive")
                     order = names if r % 2 == 0 else names[::-1]
                     for name in order:
                         row[f"{name}.{state}"] = measure(name, state == "cold", 100 + r)

@@ -597,6 +597,19 @@ class Archive:
                               f"of {name} (stream offset {offset})", device=name,
                               cluster=cluster, offset=offset)
 
+    def stream_offset(self, dev_id: int, offset: int) -> int | None:
+        """Where the stored 4 KiB block holding device byte OFFSET lies in the (decompressed)
+        stream, None if that block is not stored (it reads as zeros): for tools that measure
+        the disk under a read (a chain's view: in its layer's stream)."""
+        dmap = self._maps[dev_id]
+        rows = dmap.rows
+        row = rows.find(offset // CLUSTER)
+        block = offset % CLUSTER // vma.BLOCK_SIZE
+        if row < 0 or not rows.masks[row] >> block & 1:
+            return None
+        at = dmap.byte_offsets(row, row + 1)[0]
+        return at + _POPCOUNT[rows.masks[row] & ((1 << block) - 1)] * vma.BLOCK_SIZE
+
     def is_hole(self, dev_id: int, offset: int, length: int) -> bool:
         """True if [offset, offset+length) holds no stored data (it reads as zeros)."""
         end = min(offset + length, self._sizes[dev_id])
