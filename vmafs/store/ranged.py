@@ -42,7 +42,10 @@ KEEP = 2  # chunks kept behind it (concurrent readers a little apart share them)
 STREAM_CHUNK = 16 << 20  # a stream()'s chunks: one reader, start to end, so fewer requests
 STREAM_AHEAD = 3  # (a request costs ~2 ms of botocore CPU; client and gateway share the cores)
 STREAM_KEEP = 0
-STREAM_PIECE = 8 << 20  # a streamed body's pieces read ahead (STREAM_AHEAD of them)
+STREAM_PIECE = 8 << 20  # a streamed body's pieces read ahead (BODY_AHEAD of them): the
+BODY_AHEAD = 6  # reader's pace varies (extract's writes share the cores with the gateway): with
+# 3 the body's thread waited for a free piece ~25 % of the time, with 6 ~10 % (extract of 2 GiB
+# from the RADOS gateway, 0.85x the time, 3 interleaved rounds at load 11-14)
 STREAM_IDLE = 5.0  # seconds a streamed request waits for its reader's next chunk
 HEAD = 1 << 20  # the VMA header and its configs, or a seekable file's first frames
 TAIL = 1 << 20
@@ -430,7 +433,7 @@ class _Streamer:
 
 class _BodyStream(io.RawIOBase):
     """A RangedObject from start to end by one streamed request, read by its own thread into
-    STREAM_AHEAD pieces of STREAM_PIECE bytes ahead of the reader: the network keeps going
+    BODY_AHEAD pieces of STREAM_PIECE bytes ahead of the reader: the network keeps going
     while the reader works (read straight into the reader's buffers instead, the transfer
     stopped whenever it did: extract from S3 took 1.2x the time). Where the body breaks off
     (an error, or its end before the object's), the rest is asked for again from there, up to
@@ -444,7 +447,7 @@ class _BodyStream(io.RawIOBase):
         # the pieces' buffers, reused: a fresh 8 MiB buffer a piece cost its zeroing and page
         # faults (2.4 % of extract's CPU in memset alone); one more than ahead: the reader's
         self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
-        for _ in range(STREAM_AHEAD + 1):
+        for _ in range(BODY_AHEAD + 1):
             self._free.put(None)  # allocated when first needed (a short object needs few)
         self._stopped = False
         self._piece: memoryview = memoryview(b"")
