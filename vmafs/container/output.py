@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from vmafs.container.zstd_output import (
     DEFAULT_FRAME_SIZE,
+    DEFAULT_LEVEL,
     Output,
     PlainOutput,
     SeekableZstdOutput,
@@ -271,10 +272,11 @@ def check_output_name(path: str) -> None:
 
 
 @contextlib.contextmanager
-def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
+def open_output(path: str, *, zstd: bool | None = None, level: int | None = None,
                 threads: int = 2, frame_size: int | None = None,
                 paced: bool = False) -> Iterator[Output]:
     """Yield an Output for PATH ('-' is stdout); commit on normal exit, discard on exception.
+    ``level`` None: the seekable zstd default (DEFAULT_LEVEL, chosen with its frame size).
 
     The data goes to a fresh temporary file beside PATH (TempFile); PATH appears only when
     complete, and never replaces a file that is there. ``paced``: write it out in small
@@ -282,6 +284,7 @@ def open_output(path: str, *, zstd: bool | None = None, level: int = 3,
     """
     check_output_name(path)
     compressed = is_zstd_name(path) if zstd is None else zstd
+    level = DEFAULT_LEVEL if level is None else level
     if path == "-":
         with _archive_output(sys.stdout.buffer, compressed, level, threads, frame_size) as out:
             yield out

@@ -285,7 +285,7 @@ class _ZstdRaw(io.RawIOBase):
 
 
 FRAMES_AHEAD = 16 << 20
-"""Decompressed bytes of frames decoded ahead of the reader (5 frames of the default size)."""
+"""Decompressed bytes of frames decoded ahead of the reader (8 frames of the default size)."""
 FRAMES_QUEUED = 16
 """And at most this many frames (small frames, from other writers)."""
 DECODERS = 2

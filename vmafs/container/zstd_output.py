@@ -20,16 +20,26 @@ import zstandard
 from vmafs.format import vma
 from vmafs.format.seektable import MAX_FRAME_DECOMPRESSED_SIZE, SeekTableBuilder
 
-DEFAULT_FRAME_SIZE = 3 << 20
-"""Sets ratio against random-read latency (a cold read decompresses its frame up to the read).
+DEFAULT_FRAME_SIZE = 2 << 20
+"""Sets size against random-read latency: a cold read decodes its frame up to the read.
 
-Chosen with tools/bench_size.py against vzdump's ``vma create | zstd -T2 -3`` (= 1.000), level 3,
-a 1.5 GiB ext4 image of /usr: 512 KiB frames 1.066, 1 MiB 1.040, 2 MiB 1.013, 3 MiB 1.004
-(a SQLite image: 1.004 to 0.998); the pipeline takes 1.2-1.3x create's CPU (1.4x at 512 KiB).
-The price is random reads: a cold 4 KiB read through a mount took 3.4 ms (2 MiB: 2.5 ms,
-512 KiB: 1.3 ms), as zstd decodes ~1 GB/s here and a read decodes half a frame on average.
-Smaller frames at levels 4-5, larger match tables or long-distance matching buy the size only
-with 1.1-2x the compression CPU; a window past the frame buys nothing."""
+Chosen from tools/bench_size.py's curve against vzdump's ``vma create | zstd -3`` (= 1.000;
+``zstd -T2 -3`` writes the same bytes) of a 1.5 GiB ext4 image of /usr, the harder of its two
+images (a SQLite image: 0.993-0.999 at every point); create's CPU against the pipeline's, and
+cold 4 KiB reads through a mount, all in one run (2 rounds, load 10-13: the latencies are
+inflated, their order is not):
+
+    frames  level  size    CPU-speed  cold 4 KiB p50
+    1 MiB     3    1.033   1.06x      2.9 ms
+    1.5 MiB   3    1.016
+    1.5 MiB   4    1.007   0.93x      3.8 ms
+    2 MiB     3    1.007   1.09x      4.6 ms   <- the default (at the CLI's level 3)
+    3 MiB     3    0.998   1.12x      8.0 ms   (the default before)
+    1 MiB     5    0.997   0.62x      3.0 ms
+
+Level 4 is level 3's strategy with larger match tables (1.5 MiB at level 4 is the better read
+for the same size, if the default level were 4); level 5's lazier search costs twice the CPU;
+long-distance matching and a window past the frame buy nothing within a frame."""
 DEFAULT_LEVEL = 3
 DEFAULT_THREADS = 2
 MAX_WINDOW_LOG = 27
