@@ -138,12 +138,19 @@ def hook_imports():
     out.TempFile.commit = sspan("fsync+rename", out.TempFile.commit)
     sink_write = pipe.DiskSink.write
     seen = []
-    def write(self, offset, data):
+    def note():
         now = time.monotonic()
         if not seen:
             mark("first NBD write", now)
         seen[:] = [now]
-        return sink_write(self, offset, data)
+    if inspect.iscoroutinefunction(sink_write):  # a tree from before the sinks' threads
+        async def write(self, offset, data):
+            note()
+            return await sink_write(self, offset, data)
+    else:
+        def write(self, offset, data):
+            note()
+            return sink_write(self, offset, data)
     pipe.DiskSink.write = write
     atexit.register(lambda: seen and mark("last NBD write", seen[0]))
     orun = live.run_backup

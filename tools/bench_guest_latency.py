@@ -183,21 +183,35 @@ if "nice_writer" in knobs:  # the writer thread and the threads it starts (zstd,
         wmain(self)
     wt.WriterThread._main = niced_main
 if trace:  # how long the sink waited for room in the pipe
+    import inspect
     import vmafs.backup.pipe as pipe
     put = pipe.Pipe.put
     waits = []
-    def timed_put(self, item, nbytes):
-        t = time.monotonic()
-        put(self, item, nbytes)
+    def waited(t):
         d = time.monotonic() - t
         if d > 0.002:
             waits.append(d)
+    if inspect.iscoroutinefunction(put):  # a tree from before the sinks' threads
+        async def timed_put(self, item, nbytes):
+            t = time.monotonic()
+            await put(self, item, nbytes)
+            waited(t)
+    else:
+        def timed_put(self, item, nbytes):
+            t = time.monotonic()
+            put(self, item, nbytes)
+            waited(t)
     pipe.Pipe.put = timed_put
     sizes = {}
     sink_write = pipe.DiskSink.write
-    def counted_write(self, offset, data):
-        sizes[len(data)] = sizes.get(len(data), 0) + 1
-        sink_write(self, offset, data)
+    if inspect.iscoroutinefunction(sink_write):
+        async def counted_write(self, offset, data):
+            sizes[len(data)] = sizes.get(len(data), 0) + 1
+            await sink_write(self, offset, data)
+    else:
+        def counted_write(self, offset, data):
+            sizes[len(data)] = sizes.get(len(data), 0) + 1
+            sink_write(self, offset, data)
     pipe.DiskSink.write = counted_write
 event("start")
 from vmafs.cli import main
