@@ -206,7 +206,7 @@ def mounted(path: Path) -> bool:
 @contextmanager
 def process(argv: list[str], ready: object, what: str, tree: Path = ROOT
             ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, env=env(tree))
+    proc = subprocess.Popen(argv, env=env(tree), cwd=tree)  # -m puts the cwd first
     try:
         wait_for(ready, what)
         yield proc
@@ -218,7 +218,8 @@ def process(argv: list[str], ready: object, what: str, tree: Path = ROOT
 @contextmanager
 def vmafs_mount(archive: Path, mnt: Path, tree: Path = ROOT) -> Iterator[None]:
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env(tree))
+    proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env(tree),
+                            cwd=tree)  # `python -m` imports from the cwd first
     try:
         wait_for(lambda: mounted(mnt), "vmafs mount")
         yield
@@ -287,7 +288,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_smallreads: needs root (FUSE)", file=sys.stderr)
         return 2
-    work: Path = args.workdir
+    work: Path = args.workdir.resolve()  # the servers run in their tree's directory
     work.mkdir(parents=True, exist_ok=True)
     size = int(args.size_gib * GiB) // MiB * MiB
     image, archive = work / "image.raw", work / "image.vma"
