@@ -23,6 +23,7 @@ the sink is discarded).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -233,6 +234,7 @@ async def serve_nbd_threads(
     task_status: trio.TaskStatus[NBDStats] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """serve_nbd, each connection in a thread of its own calling a BlockingHandler."""
+    _reuse_freed_memory()
     stats = NBDStats()
     if listener is None:
         listener = await open_listener(socket_path)
@@ -247,6 +249,23 @@ async def serve_nbd_threads(
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_path)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _reuse_freed_memory() -> None:
+    """Every WRITE's payload is a fresh buffer (format/nbd.py), freed by the writer thread once
+    stored: let glibc hand the same memory out again instead of returning it to the kernel
+    and faulting it in, zeroed, for the next one (the payloads are mmapped chunks, or the heap
+    top is trimmed, by default). Measured, a 2 GiB disk's backup (1 GiB of data), 5 interleaved
+    rounds at load 12-15: CPU 1.43 s instead of 1.66 s (user + sys, medians: page faults and
+    clear_page), wall time lower in all 5 rounds (median 3.8 s vs 5.8 s). The process keeps
+    the memory of the queue's 64 MiB, which it held anyway, until it exits."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, nbd.MAX_BLOCK)
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
 class _Held:
