@@ -68,10 +68,11 @@ class NBDStats:
     bytes_zeroed: int = 0
     flushes: int = 0
     errors: int = 0  # error replies sent (refused requests and handler failures)
-    last_activity: float = 0.0  # trio.current_time() of the last reply sent
+    last_activity: float = 0.0  # when the last reply was sent (see busy_since's clock)
     busy_since: float | None = None
-    """trio.current_time() when the handler call in progress began (None: idle).
-    A watchdog that sees this too old knows the sink is stalled, not idle."""
+    """When the handler call in progress began (None: idle): trio.current_time() for
+    serve_nbd, time.monotonic() for serve_nbd_threads. A watchdog that sees this too old
+    knows the sink is stalled, not idle."""
     request_kinds: dict[tuple[int, int], int] = field(default_factory=dict)
     """(command, flags) -> count: what the client actually sends."""
     max_write: int = 0
