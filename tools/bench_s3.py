@@ -42,23 +42,54 @@ from benchlib import make_half_data_image, parse_size, s3_bench_bucket  # noqa: 
 MiB = 1 << 20
 
 
-def vmafs(*args: str, check: bool = True) -> float:
+CPU: list[float] = [0.0, 0.0]
+"""The last command's CPU seconds (user + system, its threads included), and the gateway's
+meanwhile (its processes', when this script started it): the client and the gateway share
+the cores, so CPU per GiB says what a run costs more steadily than its wall time."""
+GATEWAY_PIDS: list[int] = []
+
+
+def _gateway_cpu() -> float:
+    ticks = 0
+    for pid in GATEWAY_PIDS:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(argv: list[str], env: dict[str, str] | None) -> tuple[float, int, str]:
+    """Wall time, exit status and stderr of one command; its CPU (and the gateway's) in CPU."""
     subprocess.run(["sync"], check=False)
+    gw0 = _gateway_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "vmafs", *args], cwd=ROOT,
-                          capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if check and proc.returncode != 0:
-        raise SystemExit(f"vmafs {' '.join(args)} failed: {proc.stderr}")
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    CPU[:] = [usage.ru_utime + usage.ru_stime, _gateway_cpu() - gw0]
+    return wall, os.waitstatus_to_exitcode(status), err
+
+
+def vmafs(*args: str, check: bool = True) -> float:
+    wall, code, err = _timed([sys.executable, "-m", "vmafs", *args],
+                             {**os.environ, "PYTHONPATH": str(ROOT)})
+    if check and code != 0:
+        raise SystemExit(f"vmafs {' '.join(args)} failed: {err}")
+    return wall
 
 
 def python(code: str, *args: str) -> float:
     """A baseline as its own process, as vmafs runs: interpreter and boto3 start included."""
-    subprocess.run(["sync"], check=False)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, *args], check=True)
-    return time.perf_counter() - t0
+    wall, status, err = _timed([sys.executable, "-c", code, *args], None)
+    if status != 0:
+        raise SystemExit(f"baseline failed: {err}")
+    return wall
 
 
 FULL_GET = """
@@ -120,6 +151,8 @@ def main() -> int:
     only = set(args.only.split(","))
 
     gw, client, bucket = s3_bench_bucket("bench", max(8 << 30, 6 * size))
+    if gw is not None:
+        GATEWAY_PIDS.extend(p.pid for p in gw.procs.values())  # type: ignore[attr-defined]
     scratch = Path(tempfile.mkdtemp(prefix="vmafs-bench-s3-", dir=args.dir))
     results: list[str] = []
 
@@ -155,10 +188,13 @@ def main() -> int:
             local.unlink()
             if "extract" in only:
                 gets, serials, exts = [], [], []
+                cpu: dict[str, list[list[float]]] = {"get": [], "ext": []}
                 for _ in range(args.rounds):
                     gets.append(full_get(client, bucket, key))
+                    cpu["get"].append(list(CPU))
                     out = Path(tempfile.mkdtemp(prefix="vmafs-bench-x-", dir=args.out)) / "x"
                     exts.append(vmafs("extract", f"s3://{bucket}/{key}", str(out)))
+                    cpu["ext"].append(list(CPU))
                     subprocess.run(["rm", "-rf", str(out.parent)], check=True)
                     serials.append(serial_ranges(client, bucket, key, stored))
                 t_get, t_serial, t_ext = (statistics.median(gets), statistics.median(serials),
@@ -167,6 +203,13 @@ def main() -> int:
                        f"{stored / MiB / t_get:7.1f} | serial 4 MiB ranges "
                        f"{stored / MiB / t_serial:7.1f} | ratio to GET {t_get / t_ext:.2f} "
                        f"(>= 0.8), to serial {t_serial / t_ext:.2f} (>= 1.5)")
+                gib = stored / (1 << 30)
+                per = {k: [statistics.median(r[i] for r in v) / gib for i in (0, 1)]
+                       for k, v in cpu.items()}
+                gateway = (f" | gateway's {per['ext'][1]:.2f} (GET: {per['get'][1]:.2f})"
+                           if GATEWAY_PIDS else "")
+                report(f"{'':8} CPU s per GiB stored: extract {per['ext'][0]:.2f} | full GET "
+                       f"{per['get'][0]:.2f}{gateway}")
             if "mount" in only:
                 bench_mount(client, bucket, key, stored, size, scratch, report, args.rounds)
             client.delete_object(Bucket=bucket, Key=key)

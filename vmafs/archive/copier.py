@@ -49,13 +49,35 @@ def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int]
     Archive.stored_clusters), written one after another from file cluster `packed_at` (a
     qcow2 image's data area) instead of at their offsets in the disk."""
     size = archive.device(dev_id).size
+    limit = size if packed is None else 1 << 62  # what write_extent clips at
+    steps = [0]  # writeback steps kicked
+
+    def kick(total: int) -> None:
+        if total // WRITEBACK_STEP != steps[0]:  # overlap the disk writes with the reads
+            steps[0] = total // WRITEBACK_STEP
+            start_writeback(fd)
+
+    # the clusters' views stay valid after the reader moves on (each window's reads are
+    # buffers of their own): written behind, while the next ones are checked
+    behind = WriteBehind({dev_id: fd}, {dev_id: limit}, kick=kick)
+    try:
+        written = _copy_device(archive, dev_id, fd, size, behind, progress, dense, packed,
+                               packed_at)
+        behind.finish()
+    finally:
+        behind.close()
+    return written
+
+
+def _copy_device(archive: Archive, dev_id: int, fd: int, size: int, behind: WriteBehind,
+                 progress: Callable[[int], None], dense: bool, packed: np.ndarray | None,
+                 packed_at: int) -> int:
     zero = _Zeroer(fd) if dense else None
     batch: list[StoredCluster] = []
     done = 0      # device bytes accounted for
     covered = 0   # device bytes written or zeroed (dense)
     written = 0
     rank = 0      # stored clusters met (packed)
-    limit = size if packed is None else 1 << 62  # what write_extent clips at
     for cluster, mask, data, _ in archive.iter_stored(dev_id):
         start = cluster * vma.CLUSTER_SIZE
         if zero is not None:
@@ -73,14 +95,14 @@ def copy_device(archive: Archive, dev_id: int, fd: int, progress: Callable[[int]
                 whole = memoryview(vma.expand_blocks(data, mask))
                 data, mask = whole[:max(0, size - start)], vma.FULL_MASK
         batch.append(StoredCluster(dev_id, place, mask, 0, data))
+        written += len(data)
         if len(batch) == COPY_BATCH:
-            written += write_extent({dev_id: fd}, batch, {dev_id: limit})
+            behind.put(batch)
             reached = min((cluster + 1) * vma.CLUSTER_SIZE, size)
-            if reached // WRITEBACK_STEP != done // WRITEBACK_STEP:  # overlap disk and reads
-                start_writeback(fd)
             progress(reached - done)
             done, batch = reached, []
-    written += write_extent({dev_id: fd}, batch, {dev_id: limit})
+    if batch:
+        behind.put(batch)
     if packed is not None and rank != len(packed):
         raise VmafsError(f"{len(packed) - rank} clusters of the image's map were not read")
     if zero is not None and covered < size:
@@ -196,6 +218,8 @@ class WriteBehind:
 
     def fence(self, buffer: object) -> None:
         """Wait until no queued write reads buffer (its producer is about to refill it)."""
+        if not self._busy.get(id(buffer)):  # no lock: a buffer given back is not queued again
+            return
         with self._cond:
             self._cond.wait_for(lambda: not self._busy.get(id(buffer)))
 
