@@ -3,7 +3,8 @@ in null extents after its data extent, and a read of part of a cluster reads onl
 and the cluster's sums. Every path must still give the same bytes or an error: damaged sums
 fall back to the whole cluster, a damaged block fails wherever it is read, and an archive
 written without sums reads as before. Real archives, real commands, dissect.archive as a second
-reader."""
+reader. The sums themselves: the C accelerator (format/_blocksums.c) and the Python fallback each
+compute what the format defines, for every kind of buffer (so they are equal)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
 import xxhash
@@ -384,8 +385,23 @@ def test_convert_of_an_old_archive_keeps_its_links(tmp_path: Path) -> None:
 # --- the accelerator (vmafs/format/_blocksums.c) and the Python it stands in for ----------------
 
 
-def _native() -> ModuleType:
-    """The C accelerator; skipped (a failure in CI: conftest.py) if it was not built."""
+class _Python:
+    """index.py's own sums, as the accelerator is called."""
+
+    block_sums = staticmethod(index._block_sums)
+
+    @staticmethod
+    def checks(data: object, ends: object, summed: bool = False) -> bytes:
+        return index._checks(data, ends, summed)  # type: ignore[arg-type]
+
+
+def _implementation(name: str) -> Any:
+    """The Python fallback, the C accelerator (skipped, so a failure in CI: conftest.py, if
+    it was not built), or whichever index.py uses."""
+    if name == "python":
+        return _Python
+    if name == "index":
+        return index
     try:
         from vmafs.format import _blocksums
     except ImportError:
@@ -412,38 +428,49 @@ def _buffers(rnd: random.Random) -> list[object]:
     return out
 
 
-def test_accelerator_sums_as_the_format_says() -> None:
-    """The accelerator, the Python fallback and the format's definition (format/index.py:
-    low 32 bits of XXH3-64 of each 4 KiB block, LE) give the same bytes for any buffer, one
-    part or many; a buffer that is not C-contiguous is summed as its bytes in C order."""
-    native = _native()
+def _sums(flat: bytes) -> bytes:
+    """The format's definition (format/index.py): low 32 bits of XXH3-64 of each 4 KiB
+    block (a short last one as it is), LE."""
+    return b"".join(struct.pack("<I", xxhash.xxh3_64_intdigest(flat[at:at + BLOCK]) & 0xFFFFFFFF)
+                    for at in range(0, len(flat), BLOCK))
+
+
+def _low32(data: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+
+
+IMPLEMENTATIONS = ["python", "accelerator", "index"]
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_block_sums_as_the_format_says(name: str) -> None:
+    """The Python fallback and the C accelerator (index.py uses the one it has) sum as the
+    format says, for any buffer, one part or many; a buffer that is not C-contiguous is
+    summed as its bytes in C order. So the two are equal."""
+    impl = _implementation(name)
     rnd = random.Random(1717)
     buffers = _buffers(rnd)
-    for buf in buffers:
-        flat = memoryview(buf).tobytes()  # type: ignore[call-overload]
-        want = b"".join(struct.pack("<I", xxhash.xxh3_64_intdigest(flat[at:at + BLOCK])
-                                    & 0xFFFFFFFF) for at in range(0, len(flat), BLOCK))
-        assert native.block_sums(buf) == want
-        assert index._block_sums(buf) == want  # type: ignore[arg-type]
-        assert index.block_sums(buf) == want  # type: ignore[arg-type]
-    assert native.block_sums() == index._block_sums() == b""
+    flats = [memoryview(buf).tobytes() for buf in buffers]  # type: ignore[call-overload]
+    for buf, flat in zip(buffers, flats, strict=True):
+        assert impl.block_sums(buf) == _sums(flat)
+    assert impl.block_sums() == b""
     for _ in range(20):
-        parts = rnd.sample(buffers, rnd.randrange(1, 6))
-        assert native.block_sums(*parts) == index._block_sums(*parts)  # type: ignore[arg-type]
+        picked = rnd.sample(range(len(buffers)), rnd.randrange(1, 6))
+        assert impl.block_sums(*[buffers[i] for i in picked]) == b"".join(
+            _sums(flats[i]) for i in picked)
     for bad in (None, 7, "text"):
         with pytest.raises(TypeError):
-            native.block_sums(b"x", bad)  # type: ignore[arg-type]
-        with pytest.raises(TypeError):
-            index._block_sums(b"x", bad)  # type: ignore[arg-type]
+            impl.block_sums(b"x", bad)
 
 
-def test_accelerator_checks_as_the_format_says() -> None:
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_checks_as_the_format_says(name: str) -> None:
     """The index check of each cluster (or of any pieces) of a buffer, over its data or its
-    block sums: the accelerator, the Python fallback and checksum/summed_check of each piece
-    agree; ends out of order or past the data are refused by both."""
+    block sums, as the format says, from either implementation; ends out of order or past the
+    data are refused by both."""
     import numpy as np
 
-    native = _native()
+    impl = _implementation(name)
     rnd = random.Random(1718)
     for buf in _buffers(rnd):
         flat = memoryview(buf).tobytes()  # type: ignore[call-overload]
@@ -453,19 +480,17 @@ def test_accelerator_checks_as_the_format_says() -> None:
                 ends.append(len(flat))
             starts = [0, *ends][:len(ends)]
             for summed in (False, True):
-                check = index.summed_check if summed else index.checksum
-                want = struct.pack(f"<{len(ends)}I", *[check(flat[a:b])
-                                                        for a, b in zip(starts, ends, strict=True)])
-                assert native.checks(buf, ends, summed) == want
-                assert native.checks(buf, np.array(ends, np.int64), summed=summed) == want
-                assert index._checks(buf, ends, summed) == want  # type: ignore[arg-type]
-                assert index.checks(buf, ends, summed=summed) == want  # type: ignore[arg-type]
+                want = struct.pack(f"<{len(ends)}I", *[
+                    _low32(_sums(flat[a:b]) if summed else flat[a:b])
+                    for a, b in zip(starts, ends, strict=True)])
+                assert impl.checks(buf, ends, summed=summed) == want
+                assert impl.checks(buf, np.array(ends, np.int64), summed=summed) == want
     data = rnd.randbytes(3 * CLUSTER)
     for ends in ([CLUSTER, 0], [3 * CLUSTER + 1], [-1]):
         for summed in (False, True):
             with pytest.raises(ValueError, match="non-decreasing"):
-                native.checks(data, ends, summed)
-            with pytest.raises(ValueError, match="non-decreasing"):
-                index._checks(data, ends, summed)
+                impl.checks(data, ends, summed=summed)
     with pytest.raises(TypeError):
-        native.checks(data, 5)  # type: ignore[arg-type]
+        impl.checks(data, 5)
+    assert index.summed_check(data) == _low32(_sums(data))
+    assert index.checksum(data) == _low32(data)

@@ -429,28 +429,24 @@ def scan_stream(
                 end = int(item.offsets[-1]) + vma.EXTENT_HEADER_SIZE
                 continue
             ext, data = item
-            rules.check(ext.dev_ids, ext.clusters, ext.masks,
-                        np.full(len(ext.dev_ids), ext.offset, np.int64))
-            job = trailer.hash_job(ext, data)
-            if apart and len(data) >= HASH_APART:
-                hasher.submit(job)
-                try:
-                    if on_extent is not None:
-                        on_extent(list(stored_clusters(ext, data)))
-                finally:
-                    hashed = hasher.result()  # before the next item reuses the buffer
-            else:
+            hand = apart and len(data) >= HASH_APART
+            if hand:  # hashed meanwhile
+                hasher.submit(trailer.hash_job(ext, data))
+            try:
+                rules.check(ext.dev_ids, ext.clusters, ext.masks,
+                            np.full(len(ext.dev_ids), ext.offset, np.int64))
                 if on_extent is not None:
                     on_extent(list(stored_clusters(ext, data)))
-                hashed = job()
+                if progress is not None:
+                    done = _covered(sizes, ext.dev_ids, ext.clusters)
+                    if done:
+                        progress(done)
+            finally:
+                hashed = hasher.result() if hand else None  # before the buffer is reused
             trailer.add_extent(ext, data, hashed)
             result.extents += 1
             result.stored_bytes += len(data)
             end = ext.offset + ext.size
-            if progress is not None:
-                done = _covered(sizes, ext.dev_ids, ext.clusters)
-                if done:
-                    progress(done)
     result.stream_bytes = end
     if not result.incremental:
         result.problems.extend(rules.missing())
