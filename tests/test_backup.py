@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -646,3 +647,78 @@ def test_one_tib_empty_disk(guest: gi.Guest, tmp_path: Path) -> None:
     assert arc.devices[0].size == 1 << 40
     assert arc.read(1, (1 << 40) - 4 * MiB, 4 * MiB) == bytes(4 * MiB)
     assert [d["name"] for d in json.loads(res.stdout)["devices"]] == ["drive-virtio5"]
+
+
+# --- the sink's threaded NBD server, with qemu-img as its client -----------------------------
+
+
+class _Collect:
+    """A BlockingHandler that keeps the image; `gate` (when set) holds every write."""
+
+    def __init__(self, size: int, gate: threading.Event | None = None) -> None:
+        self.image = bytearray(size)
+        self.zeroed = 0
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def write(self, offset: int, data: bytes | bytearray) -> None:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait()
+        self.image[offset:offset + len(data)] = data
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.zeroed += length
+
+    def flush(self) -> None:
+        pass
+
+
+def test_threaded_nbd_sink_with_qemu_img(tmp_path: Path) -> None:
+    """qemu-img convert into serve_nbd_threads: data as WRITEs, holes as WRITE_ZEROES; then a
+    write held in its handler: cancelling the server ends the connection, and the client
+    sees it fail instead of waiting forever."""
+    from vmafs.backup.nbd_server import serve_nbd_threads
+
+    size = 8 * MiB
+    src = tmp_path / "src.raw"
+    rng = np.random.default_rng(3)
+    with open(src, "wb") as f:
+        f.truncate(size)
+        for at in (0, 3 * MiB + 4096, size - 64 * 1024):
+            f.seek(at)
+            f.write(rng.integers(1, 256, 64 * 1024, dtype=np.uint8).tobytes())
+    sock = tmp_path / "nbd.sock"  # short enough for a unix socket under pytest's tmp
+    convert = ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src),
+               f"nbd+unix:///?socket={sock}"]
+
+    async def copy(handler: _Collect) -> Any:
+        async with trio.open_nursery() as nursery:
+            stats = await nursery.start(serve_nbd_threads, str(sock), size, handler)
+            await trio.run_process(convert, capture_stderr=True)
+            nursery.cancel_scope.cancel()
+        return stats
+
+    handler = _Collect(size)
+    stats = trio.run(copy, handler)
+    assert bytes(handler.image) == src.read_bytes()
+    assert stats.bytes_written == 3 * 64 * 1024 and stats.errors == 0
+    assert stats.bytes_written + handler.zeroed >= size
+
+    gate = threading.Event()
+    held = _Collect(size, gate=gate)
+
+    async def cancelled() -> int:
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as server:
+                await server.start(serve_nbd_threads, str(sock), size, held)
+                proc = await nursery.start(partial(trio.run_process, convert, check=False,
+                                                   capture_stderr=True))
+                await trio.to_thread.run_sync(held.entered.wait)
+                server.cancel_scope.cancel()  # the server only: the write is still held
+            with trio.fail_after(60):
+                code = int(await proc.wait())
+            gate.set()
+        return code
+
+    assert trio.run(cancelled) != 0  # the client saw its connection end, and gave up
