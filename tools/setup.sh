@@ -12,3 +12,6 @@ apt-get install -y -qq --no-install-recommends \
     ceph-mon ceph-osd radosgw ceph-common >/dev/null
 # also builds vmafs/format/_blocksums.c in place (setup.py; optional: without it the Python sums)
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# An editable install compiles no bytecode (a wheel install does): compile it once, so every
+# `vmafs` command starts without compiling its imports (~40 ms of CPU a start).
+python3 -m compileall -q vmafs
