@@ -222,10 +222,6 @@ class BlockingHandler(Protocol):
     def flush(self) -> None: ...
 
 
-REQUEST_HEADER = 28
-"""Bytes of an NBD request header (magic, flags, type, handle, offset, length)."""
-
-
 async def serve_nbd_threads(
     socket_path: str,
     size: int,
@@ -332,7 +328,7 @@ def _serve_blocking(sock: stdsocket.socket, conn: nbd.NBDServer, handler: Blocki
                 conn.receive_data(b"")
         else:
             if conn.state is nbd.State.TRANSMISSION:  # a header alone: payloads go straight
-                data = sock.recv(REQUEST_HEADER, waitall)  # to their buffers, never via ours
+                data = sock.recv(nbd.REQUEST_SIZE, waitall)  # to their buffers, never via ours
             else:
                 data = sock.recv(RECV_SIZE)
             eof = not data

@@ -115,6 +115,7 @@ _U16 = struct.Struct(">H")
 _OPT_HEADER = struct.Struct(">QII")  # magic, option, length
 _OPT_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
+REQUEST_SIZE: Final = _REQUEST.size  # a server reading headers alone reads this many bytes
 _REPLY = struct.Struct(">IIQ")  # magic, error, handle
 _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK = struct.Struct(">HIII")
