@@ -464,6 +464,27 @@ class _BodyStream(io.RawIOBase):
         view = memoryview(b).cast("B")
         if not view or self._at >= self._obj.size:
             return 0
+        n = min(len(view), len(self._current()))
+        view[:n] = self._piece[:n]
+        self._piece = self._piece[n:]
+        self._at += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to size bytes (all the rest if negative) in one copy from the piece (a zstd
+        decoder reads so; RawIOBase's read copied twice, through a new bytearray)."""
+        if size is None or size < 0:
+            return self.readall()
+        if not size or self._at >= self._obj.size:
+            return b""
+        n = min(size, len(self._current()))
+        data = bytes(self._piece[:n])
+        self._piece = self._piece[n:]
+        self._at += n
+        return data
+
+    def _current(self) -> memoryview:
+        """The piece being read (the next one, once it is read whole)."""
         if not self._piece:
             if self._failed is not None:
                 raise self._failed
@@ -476,11 +497,7 @@ class _BodyStream(io.RawIOBase):
                 raise item
             self._piece = item
             self._held = cast(bytearray, item.obj)
-        n = min(len(view), len(self._piece))
-        view[:n] = self._piece[:n]
-        self._piece = self._piece[n:]
-        self._at += n
-        return n
+        return self._piece
 
     def _run(self) -> None:
         reader = _Resuming(self._obj, self._open, 0)
