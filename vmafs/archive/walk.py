@@ -160,7 +160,8 @@ def iter_stream_runs(stream: BinaryIO, header: vma.Header, *, ahead: int = 0
     way an extent's data view stays valid until the next item is asked for. Close the
     iterator to stop the thread early.
     """
-    source: _Source = _FileSource(stream, header) if _plain_file(stream) else _StreamSource(stream)
+    source: _Source = (_FileSource(stream, header) if read_by_offset(stream)
+                       else _StreamSource(stream))
     if ahead > 0:
         yield from _read_ahead(source, header, ahead)
         return
@@ -216,7 +217,7 @@ def _runs(source: _Source, header: vma.Header, take: Callable[[], bytearray]
         yield _batch(offsets, [0] * len(heads), heads)
 
 
-def _plain_file(stream: BinaryIO) -> bool:
+def read_by_offset(stream: BinaryIO) -> bool:
     """A stream straight from a regular file (not a decoder, not a pipe): it can be read by
     offset, by two threads at once."""
     raw = getattr(stream, "raw", stream)

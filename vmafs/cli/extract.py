@@ -19,7 +19,7 @@ from vmafs.archive.locate import footer_block_sums
 from vmafs.archive.problems import MISSING
 from vmafs.archive.reader import Archive
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
-from vmafs.archive.walk import _plain_file as read_by_offset
+from vmafs.archive.walk import read_by_offset
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
 from vmafs.container.output import WRITEBACK_STEP, TempFile, open_dir, start_writeback
