@@ -1,14 +1,14 @@
-"""The forward scan's reader thread and hashing thread (issue 17: verify on both cores). What a
-scan sees and reports is what the one-thread walk sees and reports, from a file, a pipe or a
-decoder, cut short anywhere, whether extents are hashed in line or apart; every data view holds
-its extent's bytes while the caller has it; the threads end with the scan, however it ends."""
+"""The forward scan's reader thread (issue 17: verify on both cores). What a scan sees and
+reports is what the one-thread walk sees and reports, from a file, a pipe or a decoder, cut
+short anywhere; every data view holds its extent's bytes while the caller has it; the thread
+ends with the scan, however the scan ends."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import run_vmafs
 
-from vmafs.archive import scan, walk
+from vmafs.archive import walk
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.container.output import open_output
@@ -88,8 +88,7 @@ def reported(stream: BinaryIO) -> list[str]:
 
 
 def reader_threads() -> list[threading.Thread]:
-    """The scan's threads: the reader's and the one that hashes extents apart."""
-    return [t for t in threading.enumerate() if t.name in ("vmafs-read-ahead", "vmafs-hash")]
+    return [t for t in threading.enumerate() if t.name == "vmafs-read-ahead"]
 
 
 @pytest.mark.parametrize("name", ["a.vma", "a.vma.zst"])
@@ -203,71 +202,3 @@ def test_verify_reads_standard_input(archives: dict[str, Path]) -> None:
     rc, _, err = run_vmafs("verify", "-", input=whole[:len(whole) // 2 + 1000])
     assert rc == 3 and "archive is truncated" in err, err
 
-
-def scanned(stream: BinaryIO, on_extent: Callable[[list[StoredCluster]], None] | None = None
-            ) -> tuple[object, ...]:
-    """Everything a scan reports, as plain values, or the error that stopped it."""
-    try:
-        r = scan_stream(stream, on_extent)
-    except FormatError as exc:
-        return (str(exc),)
-    bad = r.bad_data
-    return ([str(p) for p in r.problems], r.has_index, r.block_sums, r.header_digest,
-            r.extents, r.stored_bytes, r.stream_bytes,
-            None if bad is None else (bad.dev_ids.tolist(), bad.clusters.tolist(),
-                                      bad.offsets.tolist()))
-
-
-def damaged(path: Path, tmp: Path) -> Iterator[Path]:
-    """Copies of a plain archive with one thing wrong: a byte of data in a few places, a
-    carried block sum (its extent resealed), a data extent's sums missing, a cut."""
-    whole = path.read_bytes()
-    with open(path, "rb") as f:
-        items, _ = summary(f, 0)
-    extents = [item[0] for item in items if item[0] != "run"]
-    assert len(extents) >= 4
-    runs = [item[1] for item in items if item[0] == "run"]
-    edits: list[tuple[str, bytes]] = []
-    for k in (0, 2, len(extents) - 1):  # a data byte: the extent's cluster fails its check
-        data = bytearray(whole)
-        data[int(extents[k]) + 512 + 5 * C + 77] ^= 0x20  # type: ignore[call-overload]
-        edits.append((f"data{k}", bytes(data)))
-    sums_at = int(runs[0][0])  # type: ignore[index]
-    data = bytearray(whole)
-    data[sums_at + 40 + 8 * 3] ^= 1  # a byte of the first carried sums, resealed
-    data[sums_at + 24:sums_at + 40] = bytes(16)
-    data[sums_at + 24:sums_at + 40] = hashlib.md5(data[sums_at:sums_at + 512]).digest()
-    edits.append(("sums", bytes(data)))
-    edits.append(("cut", whole[:int(extents[1]) + 512 + 3 * C]))  # type: ignore[call-overload]
-    for name, content in edits:
-        out = tmp / f"{name}.vma"
-        out.write_bytes(content)
-        yield out
-
-
-def test_hashing_apart_reports_alike(archives: dict[str, Path], tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every extent hashed in a thread of its own (while the scan checks its slots and hands
-    them to on_extent) or every extent hashed in line: the same verdicts, messages and bad
-    clusters, intact or damaged, plain or zstd; the hashing thread ran, and is gone after."""
-    paths = [archives["a.vma"], archives["a.vma.zst"], *damaged(archives["a.vma"], tmp_path)]
-    for path in paths:
-        seen: dict[int, list[int]] = {}
-        results = []
-        for threshold in (1 << 62, 0):  # in line, then apart
-            monkeypatch.setattr(scan, "HASH_APART", threshold)
-
-            def on_extent(slots: list[StoredCluster], threshold: int = threshold,
-                          seen: dict[int, list[int]] = seen) -> None:
-                seen.setdefault(threshold, []).append(
-                    sum(t.name == "vmafs-hash" for t in threading.enumerate()))
-
-            with open_stream(path) as f:
-                results.append(scanned(f, on_extent))
-            assert not reader_threads()
-        assert results[0] == results[1], path.name
-        assert max(seen[0]) == 1 and max(seen[1 << 62]) == 0, path.name
-        if path.name in ("a.vma", "a.vma.zst"):
-            assert results[0][0] == [] and results[0][1], results[0]
-        else:
-            assert results[0][0] != [], path.name

@@ -63,16 +63,8 @@ def run(cmd: list[str], tree: str = ROOT) -> tuple[float, float]:
 
 SPLIT = """
 import os, sys, threading, time
-from vmafs.archive import scan
 from vmafs.archive.scan import read_header, scan_stream
 from vmafs.container.streams import open_stream
-hashed = [0.0]  # CPU of the thread that hashes extents apart (scan._Hasher), if this tree has it
-if hasattr(scan, "_Hasher"):
-    run = scan._Hasher._run
-    def timed(self):
-        run(self)
-        hashed[0] += time.thread_time()
-    scan._Hasher._run = timed
 tick = os.sysconf("SC_CLK_TCK")
 def workers():  # CPU of the frame decoders, still alive until the stream closes
     total = 0.0
@@ -86,18 +78,18 @@ cpu, main = time.process_time(), time.thread_time()
 with open_stream(sys.argv[1]) as s:
     scan_stream(s, header=read_header(s))
     decoders = workers()
-print(time.process_time() - cpu, time.thread_time() - main, decoders, hashed[0])
+print(time.process_time() - cpu, time.thread_time() - main, decoders)
 """
 
 
-def cpu_split(path: str, tree: str = ROOT) -> tuple[float, float, float, float]:
+def cpu_split(path: str, tree: str = ROOT) -> tuple[float, float, float]:
     """(CPU seconds of one in-process scan on both cores, of them in the main thread, in the
-    frame decoders of a .vma.zst, in the hashing thread): the rest is the reader thread's;
-    contention on a busy machine stretches wall times, hardly these."""
+    frame decoders of a .vma.zst): the rest is the reader thread's; contention on a busy
+    machine stretches wall times, hardly these."""
     out = subprocess.run([sys.executable, "-c", SPLIT, path], cwd=tree,
                          env={**os.environ, "PYTHONPATH": tree}, check=True,
                          capture_output=True, text=True).stdout.split()
-    return float(out[0]), float(out[1]), float(out[2]), float(out[3])
+    return float(out[0]), float(out[1]), float(out[2])
 
 
 def warm(path: str) -> float:
@@ -149,7 +141,7 @@ def main() -> None:
             trees[f"{args.baseline_tree}: "] = os.path.abspath(args.baseline_tree)
         subprocess.run(["sync"], check=True)
         times: dict[tuple[str, str], list[tuple[float, float]]] = {}
-        split: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+        split: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         floor: dict[str, list[float]] = {}
         for r in range(args.rounds):
             for name, (_, archive, _) in archives.items():
@@ -191,19 +183,20 @@ def main() -> None:
             one, two = best[name, "one core"], best[name, "both cores"]
             print(f"  {name:18} 1 core {one:6.3f}s 2 cores {two:6.3f}s ratio {one / two:5.2f}x "
                   f"on stored data {(one - b1) / (two - b2):5.2f}x")
-        print("\nCPU of one in-process scan on both cores, medians: the main thread checks, "
-              "a thread of its own\nhashes (or the main thread), the reader thread reads (a "
-              ".vma.zst's frames: worker threads\ndecode them); the total over the busiest "
-              "thread (the decoders' share split over them)\nbounds what two cores can give")
+        print("\nCPU of one in-process scan on both cores, medians: the main thread checks and "
+              "hashes,\nthe reader thread reads (a .vma.zst's frames: worker threads decode "
+              "them); the total over the busiest\nthread (the decoders' share split over them) "
+              "bounds what two cores can give")
         for tag in trees:
             for name in list(archives)[:3]:
-                total, main_cpu, dec, hasher = (statistics.median(v[k] for v in split[name, tag])
-                                                for k in range(4))
-                reader = total - main_cpu - dec - hasher
-                busiest = max(main_cpu, reader, dec / DECODERS, hasher)
+                total = statistics.median(t for t, _, _ in split[name, tag])
+                main_cpu = statistics.median(m for _, m, _ in split[name, tag])
+                dec = statistics.median(d for _, _, d in split[name, tag])
+                reader = total - main_cpu - dec
+                busiest = max(main_cpu, reader, dec / DECODERS)
                 print(f"{tag or 'this tree: '}{name:18} total {total:6.3f}s main "
-                      f"{main_cpu:6.3f}s hash {hasher:6.3f}s reader {reader:6.3f}s decoders "
-                      f"{dec:6.3f}s bound {min(2.0, total / busiest):5.2f}x")
+                      f"{main_cpu:6.3f}s reader {reader:6.3f}s decoders {dec:6.3f}s bound "
+                      f"{min(2.0, total / busiest):5.2f}x")
         for tag in list(trees)[1:]:
             print(f"\nthe same, vmafs of {tag[:-2]} (same rounds): seconds, and this tree's "
                   "speed-up over it")
