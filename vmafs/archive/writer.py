@@ -382,12 +382,11 @@ class ArchiveWriter:
         parts = [head, *self._chunks]
         if self.block_sums and self._blocks:
             sums = index.block_sums(*self._chunks)
-            checks = index.checksum
-            at = 0
-            for k, (dev_id, cluster, mask, _) in enumerate(self._stored):
-                n = vma.POPCOUNT16_LIST[mask] * index.SUM_SIZE
-                self._stored[k] = (dev_id, cluster, mask, checks(sums[at:at + n]))
-                at += n
+            ends = np.cumsum([vma.POPCOUNT16_LIST[mask] * index.SUM_SIZE
+                              for _, _, mask, _ in self._stored])
+            checks = np.frombuffer(index.checks(sums, ends), "<u4").tolist()  # one call
+            self._stored = [(dev_id, cluster, mask, check) for (dev_id, cluster, mask, _), check
+                            in zip(self._stored, checks, strict=True)]
             if self.carry_sums:
                 parts.append(vma.encode_null_extents(self.uuid, sums))
         self._index.add_extent(self.position, self._stored)
