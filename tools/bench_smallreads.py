@@ -124,10 +124,14 @@ def offsets(size: int, n: int, seed: int) -> list[int]:
     return got
 
 
-def preads(path: Path, offs: list[int]) -> float:
-    """Median latency (µs) of 4 KiB preads of a file at these offsets: the floor."""
+def preads(path: Path, offs: list[int], *, evict: bool = False) -> float:
+    """Median latency (µs) of 4 KiB preads of a file at these offsets (the floor; a FUSE file
+    with evict: its own page cache dropped first)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        if evict:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         times = []
         for off in offs:
             t = time.perf_counter()
@@ -152,22 +156,6 @@ def stored_at(model: Any, offs: list[int]) -> list[int]:
     got = [model.stream_offset(dev_id, off) for off in offs]
     assert None not in got, "the offsets are in data"
     return got
-
-
-def fuse_reads(path: Path, offs: list[int]) -> float:
-    """Median latency (µs) of 4 KiB preads of a FUSE file, its own page cache evicted first."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        times = []
-        for off in offs:
-            t = time.perf_counter()
-            os.pread(fd, 4096, off)
-            times.append(time.perf_counter() - t)
-    finally:
-        os.close(fd)
-    return statistics.median(times) * 1e6
 
 
 class NBDClient:
@@ -365,7 +353,7 @@ def main() -> int:
             if name == "pread.archive":
                 return preads(archive, stored_at(model, offsets(size, args.reads, seed)))
             if name in files:
-                return fuse_reads(files[name], offsets(size, args.reads, seed))
+                return preads(files[name], offsets(size, args.reads, seed), evict=True)
             return clients[name].reads(args.reads, seed)
 
         for r in range(args.rounds):

@@ -31,6 +31,7 @@ import socket as stdsocket
 import stat
 import threading
 import time
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -125,6 +126,19 @@ async def serve_nbd(
     """
     if stats is None:
         stats = NBDStats()
+    counted = stats
+
+    async def serve_one(conn: trio.socket.SocketType) -> None:
+        await _serve_connection(conn, size, handler, export_name, counted)
+
+    await _accept(socket_path, listener, stats, serve_one, task_status)
+
+
+async def _accept(socket_path: str, listener: trio.socket.SocketType | None, stats: NBDStats,
+                  serve_one: Callable[[trio.socket.SocketType], Awaitable[None]],
+                  task_status: trio.TaskStatus[NBDStats]) -> None:
+    """Both servers' listening loop: each connection served by serve_one in a task of its
+    own until cancelled; the socket file removed on the way out."""
     if listener is None:
         listener = await open_listener(socket_path)
     with listener:
@@ -134,7 +148,7 @@ async def serve_nbd(
                 while True:
                     conn, _ = await listener.accept()
                     stats.connections += 1
-                    nursery.start_soon(_serve_connection, conn, size, handler, export_name, stats)
+                    nursery.start_soon(serve_one, conn)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_path)
@@ -176,14 +190,12 @@ async def _run(
             eof = not data
             conn.receive_data(data)
 
-        out: list[bytes] = []
-        while True:
-            ev = _next(conn, eof)
-            if ev is None:
-                break
-            if isinstance(ev, _REQUESTS):
-                _begin(ev, stats)
-                stats.busy_since = trio.current_time()
+        answers = _answer(conn, eof, stats, trio.current_time)
+        result: Exception | None = None
+        try:
+            while True:
+                ev = answers.send(result)  # None starts it
+                result = None
                 try:
                     if isinstance(ev, nbd.Write):
                         await handler.write(ev.offset, ev.data)
@@ -192,20 +204,13 @@ async def _run(
                     else:
                         await handler.flush()
                 except Exception as exc:
-                    out.append(_failed(conn, ev, exc, stats))
-                else:
-                    out.append(_succeeded(conn, ev, stats))
-            elif _other(conn, ev, stats, out):
-                if out:
-                    await _send_all(sock, b"".join(out))
-                return
-        stats.busy_since = None
-        handshake = conn.data_to_send()
-        if handshake:
-            out.append(handshake)
+                    result = exc
+        except StopIteration as done:
+            out, ended = done.value
         if out:
-            stats.last_activity = trio.current_time()
             await _send_all(sock, b"".join(out))
+        if ended:
+            return
 
 
 # --- one connection, one thread ---------------------------------------------------------------
@@ -233,19 +238,11 @@ async def serve_nbd_threads(
     """serve_nbd, each connection in a thread of its own calling a BlockingHandler."""
     _reuse_freed_memory()
     stats = NBDStats()
-    if listener is None:
-        listener = await open_listener(socket_path)
-    with listener:
-        try:
-            async with trio.open_nursery() as nursery:
-                task_status.started(stats)
-                while True:
-                    conn, _ = await listener.accept()
-                    stats.connections += 1
-                    nursery.start_soon(_connection_thread, conn, size, handler, stats)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(socket_path)
+
+    async def serve_one(conn: trio.socket.SocketType) -> None:
+        await _connection_thread(conn, size, handler, stats)
+
+    await _accept(socket_path, listener, stats, serve_one, task_status)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -333,14 +330,12 @@ def _serve_blocking(sock: stdsocket.socket, conn: nbd.NBDServer, handler: Blocki
                 data = sock.recv(RECV_SIZE)
             eof = not data
             conn.receive_data(data)
-        out: list[bytes] = []
-        while True:
-            ev = _next(conn, eof)
-            if ev is None:
-                break
-            if isinstance(ev, _REQUESTS):
-                _begin(ev, stats)
-                stats.busy_since = time.monotonic()
+        answers = _answer(conn, eof, stats, time.monotonic)
+        result: Exception | None = None
+        try:
+            while True:
+                ev = answers.send(result)  # None starts it
+                result = None
                 try:
                     if isinstance(ev, nbd.Write):
                         handler.write(ev.offset, ev.data)
@@ -349,25 +344,48 @@ def _serve_blocking(sock: stdsocket.socket, conn: nbd.NBDServer, handler: Blocki
                     else:
                         handler.flush()
                 except Exception as exc:
-                    out.append(_failed(conn, ev, exc, stats))
-                else:
-                    out.append(_succeeded(conn, ev, stats))
-            elif _other(conn, ev, stats, out):
-                if out:
-                    sock.sendall(b"".join(out))
-                return
-        stats.busy_since = None
-        handshake = conn.data_to_send()
-        if handshake:
-            out.append(handshake)
+                    result = exc
+        except StopIteration as done:
+            out, ended = done.value
         if out:
-            stats.last_activity = time.monotonic()
             sock.sendall(b"".join(out) if len(out) > 1 else out[0])
+        if ended:
+            return
 
 
 # --- the dispatch both shells share -----------------------------------------------------------
 
 _REQUESTS = (nbd.Write, nbd.WriteZeroes, nbd.Flush)
+
+
+_Request = nbd.Write | nbd.WriteZeroes | nbd.Flush
+
+
+def _answer(conn: nbd.NBDServer, eof: bool, stats: NBDStats, now: Callable[[], float]
+            ) -> Generator[_Request, Exception | None, tuple[list[bytes], bool]]:
+    """The events of what was received: each request is yielded for the shell to carry out
+    (sent back: None, or the exception it raised); returns the replies to send and whether the
+    connection ends. Both shells (trio, blocking) run it, so the rules live here once."""
+    out: list[bytes] = []
+    while True:
+        ev = _next(conn, eof)
+        if ev is None:
+            break
+        if isinstance(ev, _REQUESTS):
+            _begin(ev, stats)
+            stats.busy_since = now()
+            exc = yield ev
+            out.append(_succeeded(conn, ev, stats) if exc is None
+                       else _failed(conn, ev, exc, stats))
+        elif _other(conn, ev, stats, out):
+            return out, True
+    stats.busy_since = None
+    handshake = conn.data_to_send()
+    if handshake:
+        out.append(handshake)
+    if out:
+        stats.last_activity = now()
+    return out, False
 
 
 def _next(conn: nbd.NBDServer, eof: bool) -> nbd.Event | None:
