@@ -27,10 +27,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from benchlib import make_half_data_image
+from benchlib import make_half_data_image, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -81,13 +80,13 @@ def main() -> int:
                 subprocess.run(["sync"], check=True)
                 if kind == "qemu-img":
                     out.mkdir()
-                    row[kind], row[f"cpu.{kind}"] = run(
+                    row[kind], row[f"cpu.{kind}"] = timed(
                         ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "raw",
                          str(image), str(out / "disk.raw")], None)
                 else:
                     tag, _, what = kind.rpartition(":")
                     tree = trees[f"{tag}:" if tag else ""]
-                    row[kind], row[f"cpu.{kind}"] = run(
+                    row[kind], row[f"cpu.{kind}"] = timed(
                         [sys.executable, "-m", "vmafs", *argv[what]], tree)
             shutil.rmtree(out, ignore_errors=True)
             rounds.append(row)
@@ -112,19 +111,6 @@ def main() -> int:
 def vmafs(tree: str, *args: str) -> None:
     subprocess.run([sys.executable, "-m", "vmafs", *args], check=True, cwd=tree,
                    env={**os.environ, "PYTHONPATH": tree})
-
-
-def run(argv: list[str], tree: str | None) -> tuple[float, float]:
-    """Wall time and CPU time (user + system, its threads included) of one command."""
-    env = {**os.environ, "PYTHONPATH": tree} if tree else None
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=tree, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode})")
-    return wall, usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

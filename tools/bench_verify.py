@@ -23,16 +23,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from benchlib import parse_size, timed
 
 STRIPE = 64 << 20
 TARGET = 1.6  # issue 17: verify of a plain archive >= 1.6x one core
 DECODERS = 2  # vmafs/container/streams.py: threads decoding a .vma.zst's frames
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 def make_image(path: str, size: int, *, dense: bool) -> None:
@@ -49,16 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(cmd: list[str], tree: str = ROOT) -> tuple[float, float]:
-    """(wall seconds, CPU seconds user+system) of one command, `python -m vmafs` from tree."""
-    env = {**os.environ, "PYTHONPATH": tree}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=tree, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}")
-    return wall, usage.ru_utime + usage.ru_stime
+    """(wall seconds, CPU seconds) of one command, `python -m vmafs` from tree."""
+    return timed(cmd, tree, quiet=True)
 
 
 SPLIT = """

@@ -1,11 +1,13 @@
 """What the benchmarks in tools/ share: evicting files from the page cache one by one (others
-benchmark on the same machine: never drop_caches), and the half-data test image."""
+benchmark on the same machine: never drop_caches), the half-data test image, timing a command."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import subprocess
+import time
 from pathlib import Path
 
 MiB = 1 << 20
@@ -72,3 +74,19 @@ def make_front_half_image(path: Path, size: int) -> None:
         for _ in range(0, size // 2, 64 * MiB):
             f.write(rnd.integers(0, 256, 64 * MiB, dtype=np.uint8).tobytes())
         os.fsync(f.fileno())
+
+
+def timed(argv: list[str], tree: str | None = None, *, quiet: bool = False
+          ) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, its threads included) of one command; with
+    tree, run from there with PYTHONPATH=tree (`python -m vmafs` of that tree)."""
+    env = {**os.environ, "PYTHONPATH": tree} if tree else None
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=tree, env=env,
+                            stdout=subprocess.DEVNULL if quiet else None)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise SystemExit(f"{' '.join(argv)} exited {code}")
+    return wall, usage.ru_utime + usage.ru_stime
