@@ -45,7 +45,7 @@ class ClusterRules:
         """
         if not len(dev_ids):
             return
-        if self._zero_run(dev_ids, clusters, masks, offsets):
+        if self._ascending_run(dev_ids, clusters, masks, offsets):
             return
         dev = dev_ids.astype(np.intp)
         cl = clusters.astype(np.int64)
@@ -80,13 +80,18 @@ class ClusterRules:
             self.seen[dev_id].add_array(cl[rows])
         self.vmstate_next += int(vmstate.sum())
 
-    def _zero_run(self, dev_ids: np.ndarray, clusters: np.ndarray, masks: np.ndarray,
-                  offsets: np.ndarray) -> bool:
-        """The zero slots a writer emits for untouched clusters, checked as a few ranges: one
-        device, ascending clusters inside it, no masks. True if they were (and are kept)."""
+    def _ascending_run(self, dev_ids: np.ndarray, clusters: np.ndarray, masks: np.ndarray,
+                       offsets: np.ndarray) -> bool:
+        """The slots a writer emits, data or zero, checked as a few ranges: one device,
+        ascending clusters inside it, no mask bit past its end. True if they were (and are
+        kept); anything else (including every broken rule but a duplicate) takes the general
+        check, which reports it."""
         dev_id = int(dev_ids[0])
-        if (not self._known[dev_id] or int(clusters[-1]) >= self._clusters[dev_id]
-                or masks.any() or int(dev_ids.min()) != int(dev_ids.max())):
+        last = int(clusters[-1])
+        limit = int(self._clusters[dev_id])
+        if (not self._known[dev_id] or last >= limit
+                or (last == limit - 1 and int(masks[-1]) & ~int(self._last_mask[dev_id]))
+                or int(dev_ids.min()) != int(dev_ids.max())):
             return False
         steps = np.diff(clusters.astype(np.int64))
         breaks = np.flatnonzero(steps != 1)
