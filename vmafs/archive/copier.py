@@ -14,11 +14,13 @@ import collections
 import ctypes
 import ctypes.util
 import errno
+import io
 import os
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO, cast
 
 import numpy as np
 
@@ -223,6 +225,11 @@ class WriteBehind:
         with self._cond:
             self._cond.wait_for(lambda: not self._busy.get(id(buffer)))
 
+    def fenced(self, stream: BinaryIO) -> BinaryIO:
+        """stream, read through the fence: for a forward walk whose extent buffers are the
+        ones queued here."""
+        return cast(BinaryIO, _Fenced(stream, self))
+
     def finish(self) -> None:
         """Wait for every write; raise the first failure."""
         with self._cond:
@@ -258,6 +265,26 @@ class WriteBehind:
                 self._queued -= 1
                 self._cond.notify_all()
             del slots
+
+
+class _Fenced(io.RawIOBase):
+    """A stream whose reader waits, before it refills a buffer, until the writes queued
+    behind (WriteBehind) no longer read it: the forward walk reads a stream only through
+    readinto (read() comes here too), into a ring of extent buffers it reuses."""
+
+    def __init__(self, stream: BinaryIO, behind: WriteBehind) -> None:
+        self._stream = stream
+        self._behind = behind
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
+        self._behind.fence(memoryview(b).obj)
+        return cast(int, self._stream.readinto(b))  # type: ignore[attr-defined]
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size)  # new bytes (the extent headers): nothing to wait for
 
 
 def _write_pieces(pieces: list[tuple[int, int, memoryview]]) -> None:

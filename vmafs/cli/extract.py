@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import io
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, cast
+from typing import BinaryIO
 
 from vmafs.archive.chain import open_chain
 from vmafs.archive.configs import vm_configs
@@ -122,7 +121,7 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
                 else:  # a decoder or a remote stream: written behind, while the next is read
                     behind = WriteBehind(fds, sizes, kick=kick)
                     try:
-                        indexed = _scan(cast(BinaryIO, _Fenced(source, behind)), header,
+                        indexed = _scan(behind.fenced(source), header,
                                         behind.put, progress.update, extracted,
                                         footer_block_sums(args.archive, header))
                         behind.finish()
@@ -161,26 +160,6 @@ def _scan(stream: BinaryIO, header: vma.Header, on_extent: Callable[[list[Stored
     if problems:
         raise FormatError(str(problems[0]))
     return result.has_index
-
-
-class _Fenced(io.RawIOBase):
-    """A stream whose reader waits, before it refills a buffer, until the writes queued
-    behind (WriteBehind) no longer read it: the forward walk reads a stream only through
-    readinto (read() comes here too), into a ring of extent buffers it reuses."""
-
-    def __init__(self, stream: BinaryIO, behind: WriteBehind) -> None:
-        self._stream = stream
-        self._behind = behind
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
-        self._behind.fence(memoryview(b).obj)
-        return cast(int, self._stream.readinto(b))  # type: ignore[attr-defined]
-
-    def read(self, size: int = -1) -> bytes:
-        return self._stream.read(size)  # new bytes (the extent headers): nothing to wait for
 
 
 @contextlib.contextmanager
