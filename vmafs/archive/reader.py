@@ -16,7 +16,6 @@ the stream) never mounts, so the mount serves no byte extract would not write.
 from __future__ import annotations
 
 import bisect
-import collections
 import copy
 import functools
 import itertools
@@ -34,6 +33,7 @@ from vmafs.container.source import ByteSource, open_source
 from vmafs.errors import VmafsError
 from vmafs.format import chain, index, vma
 from vmafs.format.names import format_ctime
+from vmafs.lru import ByteLRU
 
 CLUSTER = vma.CLUSTER_SIZE
 ZEROS = bytes(4 * 1024 * 1024)
@@ -52,37 +52,11 @@ class Device:
     size: int
 
 
-class _SumsCache:
-    """The sums of the data extents read lately, for every archive of the process together
-    (a chain of many layers shares one budget): at most CACHE_BYTES, least recently used out
-    first. It trusts nothing: each read checks the sums it takes against its index."""
-
-    CACHE_BYTES = 8 << 20  # ~2200 extents' sums: 8 GiB of data
-
-    def __init__(self) -> None:
-        self.entries: collections.OrderedDict[tuple[int, int], bytes] = (
-            collections.OrderedDict())
-        self.size = 0
-        self.lock = threading.Lock()
-
-    def get(self, key: tuple[int, int]) -> bytes | None:
-        with self.lock:
-            got = self.entries.get(key)
-            if got is not None:
-                self.entries.move_to_end(key)
-            return got
-
-    def put(self, key: tuple[int, int], sums: bytes) -> None:
-        with self.lock:
-            if key in self.entries:
-                return
-            self.entries[key] = sums
-            self.size += len(sums)
-            while self.size > self.CACHE_BYTES:
-                self.size -= len(self.entries.popitem(last=False)[1])
-
-
-_SUMS_CACHE = _SumsCache()
+SUMS_CACHE_BYTES = 8 << 20  # ~2200 extents' sums: 8 GiB of data
+# The sums of the data extents read lately, for every archive of the process together (a chain
+# of many layers shares one budget). It trusts nothing: each read checks the sums it takes
+# against its index.
+_SUMS_CACHE: ByteLRU[tuple[int, int]] = ByteLRU(SUMS_CACHE_BYTES)
 _SUMS_KEYS = itertools.count()
 
 
@@ -646,7 +620,7 @@ class Archive:
         read of an extent is one disk read, not two: what a mount or an export does in the
         background once it is ready. Stops at STOP, and quietly at any error (the reads that
         need the sums read them)."""
-        budget = _SumsCache.CACHE_BYTES * 3 // 4
+        budget = SUMS_CACHE_BYTES * 3 // 4
         for sums, source in reversed(list(zip(self._sums, self.sources, strict=True))):
             if sums is None or getattr(source, "remote", False) or budget <= 0:
                 continue

@@ -44,6 +44,7 @@ from vmafs.format.seektable import (
     decode_seek_table,
     parse_seek_table_footer,
 )
+from vmafs.lru import ByteLRU
 from vmafs.store import StoredObject
 from vmafs.store.local import LocalObject
 
@@ -139,9 +140,7 @@ class SeekableZstdSource:
             self._own_fd = True
             if isinstance(self._raw, LocalObject):
                 self._raw.own = True
-        self._cache_limit = cache_bytes
-        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        self._cache_used = 0
+        self._cache: ByteLRU[int] = ByteLRU(cache_bytes)
         self._lock = threading.Lock()
         # pread_stream's frames, apart from the cache: a merge streams every layer of a chain at
         # once, so it holds STREAM_FRAMES frames a layer, not a cache (16 MiB) a layer
@@ -594,13 +593,11 @@ class SeekableZstdSource:
 
     def frame(self, index: int) -> bytes:
         """Frame ``index`` decompressed, through the LRU cache (thread-safe)."""
-        with self._lock:
-            data = self._cache.get(index)
-            if data is not None:
-                self._cache.move_to_end(index)
-                return data
+        data = self._cache.get(index)
+        if data is not None:
+            return data
         data = self.read_frame(index)
-        self._remember(index, data)
+        self._cache.put(index, data)
         return data
 
     def prefetch(self, index: int) -> None:
@@ -611,24 +608,10 @@ class SeekableZstdSource:
     @property
     def cache_used(self) -> int:
         """Bytes of decompressed frames held in the cache."""
-        with self._lock:
-            return self._cache_used
-
-    def _remember(self, index: int, data: bytes) -> None:
-        if len(data) > self._cache_limit:
-            return
-        with self._lock:
-            if index in self._cache:
-                return
-            self._cache[index] = data
-            self._cache_used += len(data)
-            while self._cache_used > self._cache_limit:
-                _, old = self._cache.popitem(last=False)
-                self._cache_used -= len(old)
+        return self._cache.used
 
     def cached(self, index: int) -> bool:
-        with self._lock:
-            return index in self._cache
+        return index in self._cache
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at decompressed ``offset`` (short only at the end)."""
@@ -736,10 +719,9 @@ class SeekableZstdSource:
             self._raw.close()
             self._own_fd = False
         if hasattr(self, "_cache"):
+            self._cache.clear()
             with self._lock:
-                self._cache.clear()
                 self._stream.clear()
-                self._cache_used = 0
 
     def __enter__(self) -> SeekableZstdSource:
         return self
