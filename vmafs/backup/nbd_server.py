@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -197,12 +197,7 @@ async def _run(
                 ev = answers.send(result)  # None starts it
                 result = None
                 try:
-                    if isinstance(ev, nbd.Write):
-                        await handler.write(ev.offset, ev.data)
-                    elif isinstance(ev, nbd.WriteZeroes):
-                        await handler.write_zeroes(ev.offset, ev.length)
-                    else:
-                        await handler.flush()
+                    await _invoke(handler, ev)
                 except Exception as exc:
                     result = exc
         except StopIteration as done:
@@ -337,12 +332,7 @@ def _serve_blocking(sock: stdsocket.socket, conn: nbd.NBDServer, handler: Blocki
                 ev = answers.send(result)  # None starts it
                 result = None
                 try:
-                    if isinstance(ev, nbd.Write):
-                        handler.write(ev.offset, ev.data)
-                    elif isinstance(ev, nbd.WriteZeroes):
-                        handler.write_zeroes(ev.offset, ev.length)
-                    else:
-                        handler.flush()
+                    _invoke(handler, ev)
                 except Exception as exc:
                     result = exc
         except StopIteration as done:
@@ -386,6 +376,15 @@ def _answer(conn: nbd.NBDServer, eof: bool, stats: NBDStats, now: Callable[[], f
     if out:
         stats.last_activity = now()
     return out, False
+
+
+def _invoke(handler: ExportHandler | BlockingHandler, ev: _Request) -> Any:
+    """The handler's call for a request: its result (an awaitable from an ExportHandler)."""
+    if isinstance(ev, nbd.Write):
+        return handler.write(ev.offset, ev.data)
+    if isinstance(ev, nbd.WriteZeroes):
+        return handler.write_zeroes(ev.offset, ev.length)
+    return handler.flush()
 
 
 def _next(conn: nbd.NBDServer, eof: bool) -> nbd.Event | None:
