@@ -64,7 +64,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 DISK = "disk-drive-scsi0.raw"
 USR_PARTS = ("bin", "sbin", "include", "lib/x86_64-linux-gnu")
-DEFAULT_VARIANTS = "default,1024:3,1536:4,3072:3,1024:5"
+DEFAULT_VARIANTS = "default,1536:4,2048:3,1280:4,1024:3"
 GOAL_SIZE, GOAL_SPEED, GOAL_READ_MS = 1.01, 1.2, 1.5  # issue 17
 
 # A child that runs `vmafs create` with the zstd output made as the variant says.

@@ -21,9 +21,9 @@ is the steadier column; whole-stream ``zstd -T2 -3`` ratio 1.6622):
       4Mi  1.6666  +0.27%   3.60 / 3.37 / 6.79             169             643
 
 512 KiB was the default until tools/bench_size.py measured real file system images against
-vzdump's one-stream pipeline (then 3 MiB; now 2 MiB: see DEFAULT_FRAME_SIZE and bench_size's
-curve, the one benchmark of size, create speed and cold reads); this synthetic stream isolates
-the CPU costs.  The CPU column above understates a cold read through the mount:
+vzdump's one-stream pipeline (then 3 MiB, 2 MiB; now 1.5 MiB at level 4: see DEFAULT_FRAME_SIZE
+and bench_size's curve, the one benchmark of size, create speed and cold reads); this synthetic
+stream isolates the CPU costs.  The CPU column above understates a cold read through the mount:
 the frame must first come off the disk, at 0.4-1 GB/s on this VM.  With 1 MiB frames a
 random 4 KiB read through `vmafs mount` took 1.4-1.8 ms (goal <= 1.5 ms), with 512 KiB
 1.0-1.3 ms (the reader decompresses only the frame's prefix up to the read), for 0.6% of

@@ -20,7 +20,7 @@ import zstandard
 from vmafs.format import vma
 from vmafs.format.seektable import MAX_FRAME_DECOMPRESSED_SIZE, SeekTableBuilder
 
-DEFAULT_FRAME_SIZE = 2 << 20
+DEFAULT_FRAME_SIZE = 3 << 19
 """Sets size against random-read latency: a cold read decodes its frame up to the read.
 
 Chosen from tools/bench_size.py's curve against vzdump's ``vma create | zstd -3`` (= 1.000;
@@ -32,15 +32,19 @@ inflated, their order is not):
     frames  level  size    CPU-speed  cold 4 KiB p50
     1 MiB     3    1.033   1.06x      2.9 ms
     1.5 MiB   3    1.016
-    1.5 MiB   4    1.007   0.93x      3.8 ms
-    2 MiB     3    1.007   1.09x      4.6 ms   <- the default (at the CLI's level 3)
-    3 MiB     3    0.998   1.12x      8.0 ms   (the default before)
+    1.5 MiB   4    1.007   0.93x      3.8 ms   <- the default
+    2 MiB     3    1.007   1.09x      4.6 ms   (the default before)
+    3 MiB     3    0.998   1.12x      8.0 ms
     1 MiB     5    0.997   0.62x      3.0 ms
 
-Level 4 is level 3's strategy with larger match tables (1.5 MiB at level 4 is the better read
-for the same size, if the default level were 4); level 5's lazier search costs twice the CPU;
+A cold read's time is mostly decoding (~1 GB/s here) from the frame's start to the read: half
+a frame on average. Level 4 is level 3's strategy (dfast) with larger match tables (2**18
+entries): 1.5 MiB frames as small as level 3's 2 MiB ones (/usr image: 446.51 vs 446.43 MB)
+for ~5% more compression CPU, and a cold 4 KiB read 0.78x as long (in-process, 200 reads
+interleaved, load 6).  Greedy search (level 5, or searchLog 1 at any table size) halves the
+compression speed (~160 vs ~280 MB/s a core); minMatch 4 or 6 and larger tables do not pay;
 long-distance matching and a window past the frame buy nothing within a frame."""
-DEFAULT_LEVEL = 3
+DEFAULT_LEVEL = 4
 DEFAULT_THREADS = 2
 MAX_WINDOW_LOG = 27
 """Plain ``zstd -d`` refuses larger windows without --long."""

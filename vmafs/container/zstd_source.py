@@ -48,7 +48,7 @@ from vmafs.lru import ByteLRU
 from vmafs.store import StoredObject
 from vmafs.store.local import LocalObject
 
-DEFAULT_CACHE_BYTES = 16 << 20  # 8 frames of the default size (2 MiB)
+DEFAULT_CACHE_BYTES = 16 << 20  # 10 frames of the default size (1.5 MiB)
 # With checked_by_reader set, a read of at most this many bytes from a frame not in the cache
 # decompresses the frame only up to the read's end: a random 4 KiB read then costs half a frame
 # of disk reads on average, not a whole one.
@@ -67,8 +67,8 @@ MAX_FRAME_SIZE = 32 << 20
 A frame is decompressed whole, so each reading thread holds one (a mount runs two workers and
 its own thread, beside a 16 MiB cache): 32 MiB keeps that near 100 MiB, well inside a 256 MiB
 budget, where the format's own 2 GiB limit would cost 2 GiB per thread.  vmafs writes frames of
-2 MiB (3 MiB and 512 KiB before) plus at most one extent (< 6.7 MiB); other seekable writers use
-a few MiB."""
+1.5 MiB (2 MiB, 3 MiB and 512 KiB before) plus at most one extent (< 6.7 MiB); other seekable
+writers use a few MiB."""
 MAX_FRAME_COMPRESSED = MAX_FRAME_SIZE + 3 * (MAX_FRAME_SIZE // BLOCK_SIZE_MAX) + 64
 """A frame of MAX_FRAME_SIZE stored raw: its header, block headers and checksum."""
 COLD_READ_MAX = 64 << 10
