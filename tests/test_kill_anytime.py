@@ -1,0 +1,172 @@
+"""SIGKILL at seeded random moments of every long command that writes a file: create (plain
+and zstd), convert, merge, extract and restore (raw and qcow2).
+
+Nothing can clean up after SIGKILL, so what must hold is what the writing discipline gives:
+the final name is either absent or the complete, correct output (when the command had
+committed it before the signal); the inputs are untouched; what is left behind is a hidden
+temporary file, never a file under a name the user asked for; and running the same command
+again succeeds and gives the right bytes, whatever the killed run left.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmafs.archive.chain import link_to
+from vmafs.archive.reader import Archive
+from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+from vmafs.container.output import open_output
+from vmafs.format import chain
+
+MiB = 1 << 20
+SIZE = 128 * MiB
+DEV = "drive-scsi0"
+KILLS = 3  # moments per command
+SEED = 20261205
+CHANGED = 8 * MiB  # what the increment rewrites, from the disk's start
+
+
+@dataclass
+class Job:
+    """One command: its arguments (given the directory to write in), the file it makes, and
+    how to check that file."""
+
+    name: str
+    args: Callable[[Path], list[str]]
+    output: Callable[[Path], Path]
+    check: Callable[[Path], None]
+
+
+def vmafs_cmd(*args: str | os.PathLike[str]) -> list[str]:
+    return [sys.executable, "-m", "vmafs", *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A half-data image (1 MiB stripes of random data and holes), its archives, and an
+    increment over the zstd one that rewrites its first CHANGED bytes (what merge folds)."""
+    d = tmp_path_factory.mktemp("kill-inputs")
+    image = d / "disk.raw"
+    rng = random.Random(SEED)
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+        for mib in range(0, SIZE // MiB, 2):
+            f.seek(mib * MiB)
+            f.write(rng.randbytes(MiB // 2) + bytes(MiB // 4) + rng.randbytes(MiB // 4))
+    plain, zst = d / "in.vma", d / "in.vma.zst"
+    for out in (plain, zst):
+        subprocess.run(vmafs_cmd("create", "-q", "-o", out, f"{DEV}={image}"), check=True)
+    increment = d / "inc.vma"
+    with Archive.open(str(zst), layer=True) as parent:
+        record = chain.encode(chain.ChainRecord(parent=link_to(parent)))
+    with open_output(str(increment)) as out:
+        w = ArchiveWriter(out, [DeviceSpec(DEV, SIZE)], [(chain.CONFIG_NAME, record)],
+                          incremental=[1])
+        w.write(1, 0, changed_bytes())
+        w.finish()
+    return {"image": image, "plain": plain, "zst": zst, "increment": increment}
+
+
+def changed_bytes() -> bytes:
+    return random.Random(SEED + 1).randbytes(CHANGED)
+
+
+def jobs(inputs: dict[str, Path]) -> list[Job]:
+    expected = inputs["image"].read_bytes()
+    merged = changed_bytes() + expected[CHANGED:]
+
+    def holds(image: bytes) -> Callable[[Path], None]:
+        def check(path: Path) -> None:
+            with Archive.open(str(path)) as a:
+                (dev,) = a.devices
+                assert bytes(a.read(dev.dev_id, 0, dev.size)) == image
+        return check
+
+    archive_holds_image = holds(expected)
+
+    def raw_is_image(path: Path) -> None:
+        assert path.read_bytes() == expected
+
+    def qcow2_is_image(path: Path) -> None:
+        subprocess.run(["qemu-img", "check", "-q", str(path)], check=True)
+        subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2",
+                        str(inputs["image"]), str(path)], check=True)
+
+    image, plain, zst = inputs["image"], inputs["plain"], inputs["zst"]
+    return [
+        Job("create.vma", lambda o: ["create", "-q", "-o", str(o / "out.vma"), f"{DEV}={image}"],
+            lambda o: o / "out.vma", archive_holds_image),
+        Job("create.vma.zst",
+            lambda o: ["create", "-q", "-o", str(o / "out.vma.zst"), f"{DEV}={image}"],
+            lambda o: o / "out.vma.zst", archive_holds_image),
+        Job("convert", lambda o: ["convert", "-q", str(plain), str(o / "out.vma.zst")],
+            lambda o: o / "out.vma.zst", archive_holds_image),
+        Job("merge", lambda o: ["merge", "-q", "-o", str(o / "out.vma"),
+                                str(inputs["increment"])],
+            lambda o: o / "out.vma", holds(merged)),
+        Job("extract", lambda o: ["extract", "-q", str(zst), str(o / "x")],
+            lambda o: o / "x" / f"disk-{DEV}.raw", raw_is_image),
+        Job("restore.raw",
+            lambda o: ["restore", "-q", "--format", "raw", "--to", str(o / "r"), str(plain)],
+            lambda o: o / "r" / f"disk-{DEV}.raw", raw_is_image),
+        Job("restore.qcow2", lambda o: ["restore", "-q", "--to", str(o / "r"), str(zst)],
+            lambda o: o / "r" / f"disk-{DEV}.qcow2", qcow2_is_image),
+    ]
+
+
+def input_state(inputs: dict[str, Path]) -> list[tuple[int, int, int]]:
+    return [(s.st_ino, s.st_size, s.st_mtime_ns) for s in (p.stat() for p in inputs.values())]
+
+
+def visible_files(top: Path) -> set[Path]:
+    """Every file under TOP whose name the user could mistake for an output: not hidden."""
+    return {p for p in top.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("name", ["create.vma", "create.vma.zst", "convert", "merge", "extract",
+                                  "restore.raw", "restore.qcow2"])
+def test_sigkill_at_random_moments(inputs: dict[str, Path], tmp_path: Path, name: str) -> None:
+    job = next(j for j in jobs(inputs) if j.name == name)
+    before = input_state(inputs)
+
+    # One run undisturbed: its output is right, and how long it takes sets the kill moments.
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    start = time.monotonic()
+    subprocess.run(vmafs_cmd(*job.args(ref)), check=True, stdin=subprocess.DEVNULL)
+    took = time.monotonic() - start
+    job.check(job.output(ref))
+
+    rng = random.Random(f"{SEED}-{name}")
+    for k in range(KILLS):
+        out = tmp_path / f"kill{k}"
+        out.mkdir()
+        proc = subprocess.Popen(vmafs_cmd(*job.args(out)), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        moment = rng.uniform(0.3, 1.0) * took  # past most of the start-up
+        time.sleep(moment)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        final = job.output(out)
+        assert proc.returncode in (0, -signal.SIGKILL), (moment, proc.returncode, err)
+        if final.exists():  # it had committed its output first: then that output is whole
+            job.check(final)
+            continue
+        assert visible_files(out) == set(), (moment, sorted(visible_files(out)))
+        assert input_state(inputs) == before
+        # The same command again, over whatever the killed run left: it succeeds, and right.
+        again = subprocess.run(vmafs_cmd(*job.args(out)), stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, (moment, again.stderr)
+        job.check(final)
+    assert input_state(inputs) == before
