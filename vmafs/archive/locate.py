@@ -40,6 +40,10 @@ HEAD = vma.EXTENT_HEADER_SIZE
 GAP_CHUNK = 8 << 20  # bytes of data-less extents checked per read
 SHORT_GAP = 64 << 10  # a run read beside its extent's header (block sums: 5 KiB an extent)
 CONFIRM_THREADS = 4  # header reads in flight: a cold disk answers several at once
+READ_MAX = 8 << 20  # neighbouring headers (and the runs between them) read at once
+MERGE_SLACK = 1 << 20  # bytes a remote plain object's read takes in rather than ask again
+BATCH_RUNS = 1024  # extents read ahead of the rules' check
+BATCH_BYTES = 64 << 20
 
 
 def find_footer(source: ByteSource, header: vma.Header) -> index.Footer | None:
@@ -183,38 +187,60 @@ def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexT
                      starts: np.ndarray, blocks: np.ndarray, first_row: np.ndarray,
                      gap_starts: np.ndarray, gap_ends: np.ndarray, rules: ClusterRules) -> None:
     """Each data extent's header and the short run of data-less extents before it (the last
-    run up to the index) are read in a pool: a cold disk answers several reads at once, and
-    a dense archive has a run of block sums after every extent. The short runs of a batch are
-    checked together (one numpy pass); a long run (a sparse disk's zero slots, hundreds of MB
-    for TiBs) is read and checked a chunk at a time, in order, so memory stays bounded. All
-    slots go through the rules in stream order: a duplicate is reported where a stream walk
-    would meet it."""
+    run up to the index) are one span; neighbouring spans are read together (_reads), the
+    reads in a pool: a cold disk answers several at once, a store a request each. The short
+    runs of a batch are checked together (one numpy pass); a long run (a sparse disk's zero
+    slots, hundreds of MB for TiBs) is read and checked a chunk at a time, in order, so memory
+    stays bounded. All slots go through the rules in stream order: a duplicate is reported
+    where a stream walk would meet it."""
     uuid = header.uuid
+    n = len(starts)
+    # a plain object in a store: a request costs what ~1 MiB of its bytes does, so spans that
+    # far apart are read as one (a compressed source decodes whatever frames a read spans)
+    slack = MERGE_SLACK if getattr(source, "remote", False) and not hasattr(
+        source, "frame_of") else 0
+    short = gap_ends - gap_starts <= max(SHORT_GAP, slack)
+    # run i's span: its short gap and the header after it (they touch); the last run's gap,
+    # if short (if long, an empty span where the last header ends)
+    last_hi = np.append(starts[-1:] + HEAD, header.header_size)[0]
+    lo = np.append(np.where(short[:n], gap_starts[:n], starts),
+                   gap_starts[n] if short[n] else last_hi)
+    hi = np.append(starts + HEAD, gap_ends[n] if short[n] else last_hi)
+    bounds = _reads(lo, hi, slack)
 
-    def read(i: int) -> tuple[bytes | memoryview | None, Extent | None]:
-        start, end = int(gap_starts[i]), int(gap_ends[i])
-        gap = None  # a long run: checked in order by feed
-        if end - start <= SHORT_GAP:
-            gap = source.pread(start, end - start) if end > start else b""
-            if len(gap) != end - start:
-                raise _bad("the archive ends inside the extents the index describes", start)
-        if i == len(starts):
-            return gap, None
+    def check(raw: bytes | memoryview, i: int) -> Extent:
         offset = int(starts[i])
-        raw = source.pread(offset, HEAD)
         try:
             ext = decode_extent(raw, uuid, offset)
         except FormatError as exc:
             raise _bad(f"the extent it lists at offset {offset} is not valid ({exc})",
                        offset) from None
         stored = ext.masks != 0
-        lo, hi = int(first_row[i]), int(first_row[i]) + int(table.ext_counts[i])
+        a, b = int(first_row[i]), int(first_row[i]) + int(table.ext_counts[i])
         if (ext.block_count != int(blocks[i])
-                or not np.array_equal(ext.dev_ids[stored], table.dev_ids[lo:hi])
-                or not np.array_equal(ext.clusters[stored], table.clusters[lo:hi])
-                or not np.array_equal(ext.masks[stored], table.masks[lo:hi])):
+                or not np.array_equal(ext.dev_ids[stored], table.dev_ids[a:b])
+                or not np.array_equal(ext.clusters[stored], table.clusters[a:b])
+                or not np.array_equal(ext.masks[stored], table.masks[a:b])):
             raise _bad(f"it does not match the extent header at offset {offset}", offset)
-        return gap, ext
+        return ext
+
+    def read(k: int) -> list[tuple[bytes | memoryview | None, Extent | None]]:
+        """The runs of read k: each one's short gap (None: a long one) and extent."""
+        first, last = int(bounds[k]), int(bounds[k + 1])
+        start, end = int(lo[first]), int(hi[last - 1])
+        data = source.pread(start, end - start) if end > start else b""
+        out: list[tuple[bytes | memoryview | None, Extent | None]] = []
+        for i in range(first, last):
+            gap = None
+            if short[i]:
+                a, b = int(gap_starts[i]) - start, int(gap_ends[i]) - start
+                gap = data[a:b]
+                if len(gap) != b - a:
+                    raise _bad("the archive ends inside the extents the index describes",
+                               int(gap_starts[i]))
+            b = int(hi[i]) - start
+            out.append((gap, check(data[b - HEAD:b], i) if i < n else None))
+        return out
 
     def feed(lo: int, found: list[tuple[bytes | memoryview | None, Extent | None]]) -> None:
         heads: list[bytes | memoryview] = []
@@ -247,14 +273,35 @@ def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexT
                                 np.full(len(ext.dev_ids), ext.offset, np.int64)))
         flush()
 
-    runs = len(starts) + 1
-    if runs <= 64:
-        feed(0, [read(i) for i in range(runs)])
+    reads = len(bounds) - 1
+    if reads == 1:
+        feed(0, read(0))
         return
-    step = 1024
+    # batches of about BATCH_RUNS runs and BATCH_BYTES bytes read, checked in order
+    cuts = [0]
+    size = 0
+    for k in range(reads):
+        size += int(hi[bounds[k + 1] - 1] - lo[bounds[k]])
+        if (bounds[k + 1] - bounds[cuts[-1]] >= BATCH_RUNS or size >= BATCH_BYTES
+                or k + 1 == reads):
+            cuts.append(k + 1)
+            size = 0
     with ThreadPoolExecutor(CONFIRM_THREADS) as pool:
-        for lo in range(0, runs, step):
-            feed(lo, list(pool.map(read, range(lo, min(lo + step, runs)), chunksize=64)))
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            found = [run for part in pool.map(read, range(a, b)) for run in part]
+            feed(int(bounds[a]), found)
+
+
+def _reads(lo: np.ndarray, hi: np.ndarray, slack: int) -> np.ndarray:
+    """Where the reads of spans [lo, hi) (in order, not overlapping) start and end, as
+    indices: spans at most `slack` apart are read together, READ_MAX bytes at most (plus the
+    last span's own size)."""
+    apart = np.ones(len(lo), bool)
+    apart[1:] = lo[1:] - hi[:-1] > slack
+    base = lo[np.flatnonzero(apart)][np.cumsum(apart) - 1]  # where each one's read starts
+    part = (lo - base) // READ_MAX
+    apart[1:] |= part[1:] != part[:-1]
+    return np.append(np.flatnonzero(apart), len(lo))
 
 
 def _concat(parts: list[Slots]) -> Slots:

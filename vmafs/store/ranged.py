@@ -53,6 +53,8 @@ NEAR = 2 << 20  # a read starting this close to the last one's end continues its
 # threads reading in order, each a little ahead or behind the others, are one reader)
 RUN = 4 << 20  # the span a run covers before its reader counts as sequential: the kernel's
 # read-ahead around one random read, or an open reading a header and a tail, start no chunks
+RUNS = 4  # runs told apart at once, each its own sequential reader once RUN long (memory:
+# chunks for each, so at most RUNS x (AHEAD + KEEP + a read's) chunks)
 
 BODY_ATTEMPTS = 5  # a streamed body that breaks off is asked for again this often in a row
 
@@ -129,9 +131,10 @@ class RangedObject:
         self._lock = threading.Lock()
         self._chunks: OrderedDict[int, _Chunk] = OrderedDict()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._next = -1  # where the last read ended
-        self._run_start = 0  # the span of the current run of reads that follow each other
-        self._run_end = 0
+        # runs of reads that follow each other, the latest first: [start, end, next] (where
+        # the run's last read ended); a few at once (a layout check's threads, each through
+        # its own span of the object, are as many sequential readers)
+        self._runs: list[list[int]] = []
         self.sequential = False
         """Set for a reader that goes through the object in order (a stream)."""
         self._chunk, self._ahead, self._keep = CHUNK, AHEAD, KEEP
@@ -174,21 +177,26 @@ class RangedObject:
         served from chunks, the next ones requested ahead; also for a read that a chunk
         already fetched or on its way holds."""
         with self._lock:
-            far = abs(offset - self._next) > NEAR
-            if self.sequential and far and self._chunks \
-                    and not (offset // self._chunk in self._chunks
-                             and (end - 1) // self._chunk in self._chunks):
+            run = next((r for r in self._runs if abs(offset - r[2]) <= NEAR), None)
+            held = (offset // self._chunk in self._chunks
+                    and (end - 1) // self._chunk in self._chunks)
+            if self.sequential and run is None and self._chunks and not held:
                 # a stream's reader looking elsewhere (a zstd seek table near the end): that
                 # read alone, exact, neither chunks ahead of it nor the stream's evicted
                 return False
-            if far:
-                self._run_start, self._run_end = offset, end
-            self._run_end = max(self._run_end, end)
-            self._next = end
+            if run is None:
+                run = [offset, end, end]
+            else:
+                self._runs.remove(run)
+            self._runs.insert(0, run)
+            del self._runs[RUNS:]
+            run[1], run[2] = max(run[1], end), end
             return (self.sequential or end - offset >= self._chunk
-                    or self._run_end - self._run_start >= RUN
-                    or (offset // self._chunk in self._chunks
-                        and (end - 1) // self._chunk in self._chunks))
+                    or run[1] - run[0] >= RUN or held)
+
+    def _streams(self) -> int:
+        """How many runs are sequential readers now (the lock held): each has its chunks."""
+        return max(1, sum(1 for r in self._runs if r[1] - r[0] >= RUN))
 
     def readinto(self, offset: int, view: memoryview) -> int:
         end = min(offset + len(view), self._size)
@@ -247,7 +255,8 @@ class RangedObject:
                 else:
                     self._chunks.move_to_end(idx)
                 out.append(future)
-            while len(self._chunks) > last - first + 1 + self._keep:  # the read, ahead, behind
+            # the read, ahead, behind: for each sequential reader at once
+            while len(self._chunks) > (last - first + 1 + self._keep) * self._streams():
                 self._chunks.popitem(last=False)
         return out
 
@@ -273,7 +282,8 @@ class RangedObject:
         """Honoured for a sequential reader only: a reader's first reads (a header, a seek
         table, one frame) must not start whole chunks of an object they will not read."""
         with self._lock:
-            if not (self.sequential or self._run_end - self._run_start >= RUN):
+            if not (self.sequential or any(abs(offset - r[2]) <= NEAR and r[1] - r[0] >= RUN
+                                           for r in self._runs)):
                 return
         end = min(offset + length, self._size, self._tail_at)
         if offset >= end:
