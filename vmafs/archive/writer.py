@@ -236,6 +236,12 @@ class ArchiveWriter:
 
     def _write_clusters(self, dev_id: int, first: int, view: memoryview, size: int) -> None:
         """Whole clusters (the last may be the device's short tail), masks in one numpy pass."""
+        if len(view) == CLUSTER:  # one (an incremental's scattered copies): no arrays
+            self._claim(dev_id, first, first + 1)
+            mask = self._mask(dev_id, first, int(vma.cluster_masks(view)[0]))
+            payload = view if mask == vma.FULL_MASK else vma.stored_blocks(view, mask)
+            self._add_stored(dev_id, first, mask, payload, min(CLUSTER, size - first * CLUSTER))
+            return
         count = -(-len(view) // CLUSTER)
         self._claim(dev_id, first, first + count)
         if len(view) % CLUSTER:
