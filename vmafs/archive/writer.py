@@ -236,11 +236,8 @@ class ArchiveWriter:
 
     def _write_clusters(self, dev_id: int, first: int, view: memoryview, size: int) -> None:
         """Whole clusters (the last may be the device's short tail), masks in one numpy pass."""
-        if len(view) == CLUSTER:  # one (an incremental's scattered copies): no arrays
-            self._claim(dev_id, first, first + 1)
-            mask = self._mask(dev_id, first, int(vma.cluster_masks(view)[0]))
-            payload = view if mask == vma.FULL_MASK else vma.stored_blocks(view, mask)
-            self._add_stored(dev_id, first, mask, payload, min(CLUSTER, size - first * CLUSTER))
+        if len(view) == CLUSTER:
+            self._write_cluster(dev_id, first, view, size)
             return
         count = -(-len(view) // CLUSTER)
         self._claim(dev_id, first, first + count)
@@ -266,6 +263,13 @@ class ArchiveWriter:
                 # an empty (zero-cluster) slice cannot be cast: numpy gives it a 0 in its shape
                 payload = stored.data.cast("B") if len(stored) else b""
             self._add_stored(dev_id, cluster, mask, payload, length)
+
+    def _write_cluster(self, dev_id: int, cluster: int, view: memoryview, size: int) -> None:
+        """One whole cluster (an incremental's scattered copies): no arrays to build."""
+        self._claim(dev_id, cluster, cluster + 1)
+        mask = self._mask(dev_id, cluster, int(vma.cluster_masks(view)[0]))
+        payload = view if mask == vma.FULL_MASK else vma.stored_blocks(view, mask)
+        self._add_stored(dev_id, cluster, mask, payload, min(CLUSTER, size - cluster * CLUSTER))
 
     def _write_pieces(self, dev_id: int, offset: int, view: memoryview) -> None:
         size = self.devices[dev_id - 1].size
