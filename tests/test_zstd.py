@@ -325,18 +325,18 @@ def test_prefix_reads(tmp_path: Path) -> None:
     with SeekableZstdSource(path, cache_bytes=0) as src:
         src.checked_by_reader = True
         read: list[int] = []
-        pread_exact, pread_frame = src._pread_exact, src._pread_frame
+        raw_read, raw_readinto = src._raw.read, src._raw.readinto
 
-        def counting_exact(length: int, offset: int) -> bytes:
+        def counting_read(offset: int, length: int) -> bytes:
             read.append(length)
-            return pread_exact(length, offset)
+            return raw_read(offset, length)
 
-        def counting_frame(length: int, offset: int) -> memoryview:
-            read.append(length)
-            return pread_frame(length, offset)
+        def counting_readinto(offset: int, view: memoryview) -> int:
+            read.append(len(view))
+            return raw_readinto(offset, view)
 
-        src._pread_exact = counting_exact  # type: ignore[method-assign]
-        src._pread_frame = counting_frame  # type: ignore[method-assign]
+        src._raw.read = counting_read  # type: ignore[method-assign]
+        src._raw.readinto = counting_readinto  # type: ignore[method-assign]
         for _ in range(300):
             off = rng.randrange(src.size)
             n = rng.choice([1, 4096, 65536, 256 << 10, 300 << 10])
@@ -349,11 +349,12 @@ def test_prefix_reads(tmp_path: Path) -> None:
         assert src.read_prefix(0, end - start) == stream[start:end]
 
 
-def test_first_prefix_read_of_a_local_frame(tmp_path: Path) -> None:
-    """A local frame's first small read decodes its prefix while the rest of it arrives, and
-    checks the whole frame (block headers to its end) before returning anything: the bytes,
-    the frame checked, only the prefix read into the frame buffer; an entry that lies about
-    its frame is still the error."""
+def test_prefix_read_of_a_local_frame(tmp_path: Path) -> None:
+    """A local frame's small read decodes its prefix as its compressed bytes are read, piece by
+    piece, and a first read checks the whole frame (block headers to its end) before returning
+    anything: the bytes, the frame checked, only the prefix read into the frame buffer (the
+    tail's block headers by small reads); an entry that lies about its frame is still the
+    error."""
     import vmafs.container.zstd_source as zs
 
     chunks = _extents(41, 400)
@@ -362,19 +363,22 @@ def test_first_prefix_read_of_a_local_frame(tmp_path: Path) -> None:
     _write_seekable(path, chunks, frame_size=1 << 20)
     with SeekableZstdSource(path, cache_bytes=0) as src:
         src.checked_by_reader = True
-        lengths: list[int] = []
-        pread_frame = src._pread_frame
+        pieces: list[int] = []
+        readinto = src._raw.readinto
 
-        def counting(length: int, offset: int) -> memoryview:
-            lengths.append(length)
-            return pread_frame(length, offset)
+        def counting(offset: int, view: memoryview) -> int:
+            pieces.append(len(view))
+            return readinto(offset, view)
 
-        src._pread_frame = counting  # type: ignore[method-assign]
+        src._raw.readinto = counting  # type: ignore[method-assign]
         start, _ = src.frame_bounds(1)
-        assert src.pread(start + 4096, 4096) == stream[start + 4096 : start + 8192]
         c_start, c_end = src.table.compressed_range(1)
-        assert lengths and max(lengths) < (c_end - c_start) // 2
-        assert src._state[1] == zs._SIZED
+        for again in (False, True):  # the first read checks the frame, the next does not
+            pieces.clear()
+            assert src.pread(start + 4096, 4096) == stream[start + 4096 : start + 8192]
+            assert pieces and max(pieces) <= zs.FEED_PIECE
+            assert sum(pieces) < (c_end - c_start) // 2, again
+            assert src._state[1] == zs._SIZED
         num_frames, entries = src.num_frames, [src.table.compressed_range(i)
                                                for i in range(src.num_frames)]
     # entry 2 claims one byte less than its frame holds: the first small read refuses it
