@@ -32,6 +32,7 @@ from vmafs.format.names import display
 CLUSTER = vma.CLUSTER_SIZE
 SLOTS = vma.SLOTS_PER_EXTENT
 ZERO_CHUNK = 1 << 18  # zero slots per numpy step in finish(): ~10 MB of temporaries
+_ZERO_SUM = index.checksum(bytes(vma.BLOCK_SIZE))  # a zero block's sum
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class ArchiveWriter:
         self._partial: dict[tuple[int, int], _PartialCluster] = {}
         self._slots: list[tuple[int, int, int]] = []
         self._chunks: list[bytes | memoryview] = []
+        self._sums: list[memoryview | None] = []  # each chunk's block sums, if known
         self._stored: list[tuple[int, int, int, int]] = []  # check 0 until flushed (sums)
         self._blocks = 0
         self._index = index.IndexBuilder()
@@ -235,23 +237,26 @@ class ArchiveWriter:
         touched.add_range(first, last)
 
     def _write_clusters(self, dev_id: int, first: int, view: memoryview, size: int) -> None:
-        """Whole clusters (the last may be the device's short tail), masks in one numpy pass."""
-        if len(view) == CLUSTER:
-            self._write_cluster(dev_id, first, view, size)
-            return
+        """Whole clusters (the last may be the device's short tail): their masks from the block
+        sums the archive stores anyway (one C pass over the data, not two)."""
         count = -(-len(view) // CLUSTER)
         self._claim(dev_id, first, first + count)
         if len(view) % CLUSTER:
             padded = bytearray(count * CLUSTER)
             padded[:len(view)] = view
             view = memoryview(padded)
-        masks = vma.cluster_masks(view)
-        blocks = np.frombuffer(view, np.uint8).reshape(-1, vma.BLOCK_SIZE)
+        masks, sums, starts = _masks_and_sums(view)
+        if count == 1:  # an incremental's scattered copies: no arrays to slice
+            mask = self._mask(dev_id, first, int(masks[0]))
+            blocks = view if mask == vma.FULL_MASK else vma.stored_blocks(view, mask)
+            self._add_stored(dev_id, first, mask, blocks, min(CLUSTER, size - first * CLUSTER),
+                             sums=sums.data)
+            return
         compact: np.ndarray | None = None
         if not (masks == vma.FULL_MASK).all():
             bits = (masks[:, None] >> np.arange(16, dtype=np.uint16)) & 1
-            compact = blocks[bits.ravel().astype(bool)]
-        starts = np.concatenate(([0], np.cumsum(vma.POPCOUNT16[masks], dtype=np.int64)))
+            compact = np.frombuffer(view, np.uint8).reshape(-1, vma.BLOCK_SIZE)[
+                bits.ravel().astype(bool)]
         for i in range(count):
             cluster = first + i
             length = min(CLUSTER, size - cluster * CLUSTER)
@@ -262,14 +267,8 @@ class ArchiveWriter:
                 stored = compact[starts[i]:starts[i + 1]]
                 # an empty (zero-cluster) slice cannot be cast: numpy gives it a 0 in its shape
                 payload = stored.data.cast("B") if len(stored) else b""
-            self._add_stored(dev_id, cluster, mask, payload, length)
-
-    def _write_cluster(self, dev_id: int, cluster: int, view: memoryview, size: int) -> None:
-        """One whole cluster (an incremental's scattered copies): no arrays to build."""
-        self._claim(dev_id, cluster, cluster + 1)
-        mask = self._mask(dev_id, cluster, int(vma.cluster_masks(view)[0]))
-        payload = view if mask == vma.FULL_MASK else vma.stored_blocks(view, mask)
-        self._add_stored(dev_id, cluster, mask, payload, min(CLUSTER, size - cluster * CLUSTER))
+            self._add_stored(dev_id, cluster, mask, payload, length,
+                             sums=sums[starts[i]:starts[i + 1]].data)
 
     def _write_pieces(self, dev_id: int, offset: int, view: memoryview) -> None:
         size = self.devices[dev_id - 1].size
@@ -306,13 +305,16 @@ class ArchiveWriter:
         return mask
 
     def _add_stored(self, dev_id: int, cluster: int, mask: int,
-                    payload: bytes | memoryview, length: int, check: int | None = None) -> None:
+                    payload: bytes | memoryview, length: int, check: int | None = None,
+                    sums: memoryview | None = None) -> None:
+        """`sums`: the block sums of payload, if known (else worked out at _flush_extent)."""
         nblocks = len(payload) // vma.BLOCK_SIZE
         if len(self._slots) == vma.SLOTS_PER_EXTENT or self._blocks + nblocks > self._extent_blocks:
             self._flush_extent()
         self._slots.append((dev_id, cluster, mask))
         if mask:
             self._chunks.append(payload)
+            self._sums.append(sums)
             if self.block_sums:
                 check = 0  # from the extent's block sums, at _flush_extent
             elif check is None:
@@ -391,7 +393,9 @@ class ArchiveWriter:
         head = vma.encode_extent_header(self.uuid, self._slots, self._blocks)
         parts = [head, *self._chunks]
         if self.block_sums and self._blocks:
-            sums = index.block_sums(*self._chunks)
+            known = self._sums
+            sums = (b"".join(known) if None not in known  # type: ignore[arg-type]
+                    else index.block_sums(*self._chunks))
             ends = np.cumsum([vma.POPCOUNT16_LIST[mask] * index.SUM_SIZE
                               for _, _, mask, _ in self._stored])
             checks = np.frombuffer(index.checks(sums, ends), "<u4").tolist()  # one call
@@ -407,6 +411,7 @@ class ArchiveWriter:
         else:
             self._emit(b"".join(parts))
         self._slots, self._chunks, self._stored, self._blocks = [], [], [], 0
+        self._sums = []
 
     def _report(self, nbytes: int) -> None:
         if self._progress and nbytes:
@@ -418,6 +423,26 @@ class ArchiveWriter:
 
 
 _MD5_AT, _SLOTS_AT = 24, 40  # where an extent header's md5 and slots begin
+
+
+def _masks_and_sums(view: memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole clusters' block masks (vma.cluster_masks's), the sums of their non-zero blocks in
+    order, and where each cluster's sums start (one more entry: the end), from one block_sums
+    call: a block is zero if its sum is a zero block's and its bytes are all zero (looked at
+    for those blocks alone, so a sum that collides never drops data)."""
+    sums = np.frombuffer(index.block_sums(view), "<u4").reshape(-1, vma.BLOCKS_PER_CLUSTER)
+    zero = sums == _ZERO_SUM
+    if zero.any():
+        at = np.flatnonzero(zero)
+        words = np.frombuffer(view, np.uint64).reshape(-1, vma.BLOCK_SIZE // 8)
+        zero.flat[at[words[at].any(axis=1)]] = False
+        kept = sums[~zero]
+    else:
+        kept = sums.ravel()
+    masks = np.packbits(~zero, axis=1, bitorder="little").view("<u2").ravel()
+    starts = np.zeros(len(masks) + 1, np.int64)
+    np.cumsum(vma.POPCOUNT16[masks], out=starts[1:])
+    return masks, kept, starts
 
 
 def _zero_extent_template(uuid: bytes) -> np.ndarray:
