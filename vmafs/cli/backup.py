@@ -115,18 +115,20 @@ def run(args: argparse.Namespace) -> int:
     drives = [parse_drive(a) for a in args.drive]
     if args.full_if_needed and not args.incremental:
         raise UsageError("--full-if-needed goes with --incremental")
-    prev = None
-    if args.incremental:  # read while the rest is imported (prev.py)
-        from vmafs.backup.prev import PrevReader
-        prev = PrevReader(args.incremental, args.base)
-    import trio
+    from vmafs.cli import importing
+    with importing():
+        prev = None
+        if args.incremental:  # read while the rest is imported (prev.py)
+            from vmafs.backup.prev import PrevReader
+            prev = PrevReader(args.incremental, args.base)
+        import trio
 
-    from vmafs.archive import naming
-    from vmafs.archive.configs import read_configs
-    from vmafs.archive.protection import protect
-    from vmafs.backup.live import Backup, BackupOptions, run_backup
-    from vmafs.format.names import display
-    from vmafs.progress import print_json
+        from vmafs.archive import naming
+        from vmafs.archive.configs import read_configs
+        from vmafs.archive.protection import protect
+        from vmafs.backup.live import Backup, BackupOptions, run_backup
+        from vmafs.format.names import display
+        from vmafs.progress import print_json
     configs = read_configs(args.config)
     opts = BackupOptions(
         qmp_socket=args.qmp, output=args.output, drives=drives,
