@@ -238,8 +238,6 @@ class Backup:
         self.lock = runlock.RunLock(opts.qmp_socket, self.tag)
         switching.hold()  # QEMU's requests wait on our replies: short GIL hand-overs
         try:
-            if opts.incremental is not None:
-                await self._read_prev()
             async with open_qmp(opts.qmp_socket) as qmp, trio.open_nursery() as nursery:
                 self._qmp = qmp
                 if opts.handle_signals:
@@ -311,8 +309,8 @@ class Backup:
     # -- phases --
 
     async def _read_prev(self) -> None:
-        """PREV and its whole chain, checked as the readers check it, before QEMU is asked
-        anything: an incremental on a broken chain would be an archive nothing can read.
+        """PREV and its whole chain, checked as the readers check it, before anything in QEMU
+        is changed: an incremental on a broken chain would be an archive nothing can read.
         Read in a thread (prev.py), usually started by the command before its imports."""
         path = self.opts.incremental
         assert path is not None
@@ -330,6 +328,14 @@ class Backup:
     async def _preflight(self, qmp: Qmp) -> None:
         """Everything that can refuse the backup, before anything is touched (but what a
         killed backup left, which is cleaned up first)."""
+        # What the preflight reads of QEMU, asked at once (one round trip); asked again only
+        # when a dead run's leftovers were removed.  Nothing else changes the graph meanwhile:
+        # QEMU serves one QMP client at a time, and that is us.  An incremental asks while
+        # PREV's thread still reads (QEMU answers meanwhile), and changes nothing in QEMU
+        # before PREV has passed.
+        jobs, nodes, blocks, status = await self._query(qmp)
+        if self.opts.incremental is not None:
+            await self._read_prev()
         if naming.is_directory_output(self.opts.output):
             vmid = (self.opts.vmid or (self._prev_vmid if self.opts.inherit else None)
                     or naming.default_vmid(self.opts.configs,
@@ -351,10 +357,6 @@ class Backup:
                     raise chains.ChainError(reason)
                 self.notes.append(f"{reason}: taking a full backup instead (--full-if-needed)")
                 self.opts = replace(self.opts, incremental=None)
-        # What the preflight reads of QEMU, asked at once (one round trip); asked again only
-        # when a dead run's leftovers were removed.  Nothing else changes the graph meanwhile:
-        # QEMU serves one QMP client at a time, and that is us.
-        jobs, nodes, blocks, status = await self._query(qmp)
         if await self._clean_leftovers(qmp, jobs, nodes):
             jobs, nodes, blocks, status = await self._query(qmp)
         if status.get("status") in ("shutdown", "guest-panicked", "internal-error"):
