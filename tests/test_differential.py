@@ -1,6 +1,6 @@
 """Differential mutation test (issue 8): seeded mutants of archives of every kind through every
 reading path — verify, extract, list, config, the Archive model, VmaFS without a kernel, the real
-command and a real FUSE mount — must agree: the same bytes, or an error; never other bytes, never
+command, a real FUSE mount, the NBD export, restore (raw and qcow2) and S3 — must agree: the same bytes, or an error; never other bytes, never
 a traceback, a hang or unbounded memory. The mutations and the oracle are in tests/mutations.py;
 `tools/mutate_archives.py` runs many more and prints a reproducer for each failure."""
 
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import VECTORS, fuse_missing
@@ -20,6 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mutations as mu  # noqa: E402
 import mutations_nbd  # noqa: E402
+import mutations_paths  # noqa: E402
+
+if TYPE_CHECKING:
+    from rgw import S3Env
+
+pytest_plugins = ["rgw"]  # the S3 path reads mutants from the session's Ceph gateway
 
 # base group -> (bases, seeds per kind): about 300 mutants in all, for CI
 GROUPS: dict[str, tuple[list[str], int]] = {
@@ -227,6 +233,59 @@ def test_real_nbd_export(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base
             out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
             out.failures += mutations_nbd.check_nbd(m, bases[m.base], tmp_path, out)
             outcomes.append(out)
+    assert len(outcomes) >= 12
+    assert not any(o.failures for o in outcomes), _report(outcomes)
+
+
+def _nbd_kind_mutants(infos: dict[str, mu.BaseInfo]) -> list[mu.Mutant]:
+    """The first mutant of each kind on NBD_KINDS's bases (and on the legacy containers)."""
+    chosen = []
+    for base, kind, _ in _nbd_picks(infos) + [(b, "flip", {}) for b in GROUPS["legacy"][0]
+                                              if b in infos]:
+        m = mu.make_mutant(infos[base], kind, 0)
+        if m is not None:
+            chosen.append(m)
+    return chosen
+
+
+def test_restore_path(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base],
+                      tmp_path: Path) -> None:
+    """A few mutants of every kind restored as raw and qcow2 images: each disk whole and the
+    bytes extract gives (or the reference decides), or an error that leaves no image."""
+    outcomes = []
+    for m in _nbd_kind_mutants(infos):
+        out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
+        out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
+        out.failures += mutations_paths.check_restore(m, bases[m.base], tmp_path, out)
+        outcomes.append(out)
+    assert len(outcomes) >= 12
+    assert not any(o.failures for o in outcomes), _report(outcomes)
+
+
+# forged indexes a store's archive must catch as it reads (it confirms extents lazily)
+S3_PICKS = [
+    ("vmafs.vma", "forge", {"op": "row-swap"}),
+    ("vmafs.vma.zst", "forge", {"op": "row-swap"}),
+    ("vmafs.vma", "forge", {"op": "row-drop"}),
+    ("spec-two-disks.vma", "forge", {"op": "in-last-cluster", "lie": "swap"}),
+    ("spec-two-disks.vma", "forge", {"op": "appended", "lie": "swap"}),
+    ("vmafs.vma", "header", {"what": "size"}),
+]
+
+
+def test_s3_path(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base], tmp_path: Path,
+                 s3: S3Env) -> None:
+    """The same mutants read from the Ceph gateway: verify and extract get the local verdicts
+    and bytes, and the model's ranged reads are judged as the local model's."""
+    outcomes = []
+    for k, m in enumerate(_nbd_kind_mutants(infos) + _pick(infos, S3_PICKS)):
+        key = f"m/{k}{bases[m.base].name[bases[m.base].name.index('.'):]}"
+        out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
+        out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
+        out.failures += mutations_paths.check_s3(
+            m, bases[m.base], tmp_path, out, s3.url(key),
+            lambda data, key=key: s3.put(key, data))
+        outcomes.append(out)
     assert len(outcomes) >= 12
     assert not any(o.failures for o in outcomes), _report(outcomes)
 

@@ -53,11 +53,12 @@ def test_small_cold_read_fetches_a_frame_prefix(s3: S3Env, tmp_path: Path,
             fetched.clear()
             got = archive.read(archive.devices[0].dev_id, off, 4096)
             assert bytes(got) == data[off:off + 4096]
-        assert len(fetched) == 1, fetched  # one request
-        start, end = fetched[0]
-        frame = next((s, e) for s, e in frames if s <= start < e)
-        assert start == frame[0] and end < frame[1], (fetched, frame)
-        assert end - start < largest
+        # one request, and one for its extent's header (a first read there: extent_check.py)
+        assert 1 <= len(fetched) <= 2, fetched
+        for start, end in fetched:
+            frame = next((s, e) for s, e in frames if s <= start < e)
+            assert start == frame[0] and end < frame[1], (fetched, frame)
+            assert end - start < largest
     with open_chain(s3.url("a.vma.zst")) as archive:  # then whole frames: checked, exact
         dev = archive.devices[0].dev_id
         assert bytes(archive.read(dev, 0, len(data))) == data

@@ -28,6 +28,7 @@ import numpy as np
 
 from vmafs.archive import locate, problems, stored, walk_cache
 from vmafs.archive.clusterset import ClusterSet
+from vmafs.archive.extent_check import LazyExtents
 from vmafs.archive.walk import index_by_walking
 from vmafs.container.source import ByteSource, open_source
 from vmafs.errors import VmafsError
@@ -227,7 +228,7 @@ class Archive:
     def __init__(self, source: ByteSource, header: vma.Header, table: index.IndexTable,
                  *, mode: str, compressed: bool,
                  held: dict[int, ClusterSet] | None = None, block_sums: bool = False,
-                 sums_carried: bool = False) -> None:
+                 sums_carried: bool = False, lazy: LazyExtents | None = None) -> None:
         self.source = source
         self.sources = [source]
         self.header = header
@@ -245,6 +246,9 @@ class Archive:
         # its block sums are (None: not carried, a read checks whole clusters)
         self._summed: list[bool] = [block_sums]
         self._sums: list[_Sums | None] = [_Sums(table) if sums_carried else None]
+        # per layer: its data extents still to be confirmed as reads need them (a store's
+        # full archive, extent_check.py), else None
+        self._lazy: list[LazyExtents | None] = [lazy]
         self._sizes = {d.dev_id: d.size for d in header.devices}
         self._held = held  # incremental: every cluster it has a slot for, data or zero
         self._digest: str | None = None
@@ -313,10 +317,13 @@ class Archive:
         held = (walk_cache.load_held(key, header) if key is not None and incremental
                 else None)
         # A full archive in a store (S3, a URL) is not confirmed at open: that reads every
-        # extent's header, a request each (seconds and most of the object for a few GiB);
-        # every read is still checked against the index's checksums, and verify confirms
-        # the index against the whole stream.
+        # extent's header, a request each (seconds and most of the object for a few GiB).
+        # Its extent chain and slot rules are checked now, on the index, and each data
+        # extent's header the first time a read needs it (extent_check.py); every read is
+        # checked against the index's checksums; verify confirms the whole stream.
         remote_full = getattr(source, "remote", False) and not incremental
+        lazy = (LazyExtents(source, header, table, footer.index_offset) if remote_full
+                else None)
         if not remote_full and (key is None or (held is None if incremental
                                                  else not walk_cache.confirmed(key))):
             source.check_layout()
@@ -330,7 +337,7 @@ class Archive:
             elif key is not None:
                 walk_cache.remember_confirmed(key, worth)
         return cls(source, header, table, mode=INDEXED, compressed=compressed, held=held,
-                   block_sums=footer.block_sums, sums_carried=footer.sums_carried)
+                   block_sums=footer.block_sums, sums_carried=footer.sums_carried, lazy=lazy)
 
     @classmethod
     def stack(cls, layers: list[Archive]) -> Archive:
@@ -345,6 +352,7 @@ class Archive:
         view.sources = [a.source for a in layers]
         view._sums = [a._sums[0] for a in layers]
         view._summed = [a._summed[0] for a in layers]
+        view._lazy = [a._lazy[0] for a in layers]
         view.compressed = any(a.compressed for a in layers)
         view._maps = {dev.dev_id: _stack_maps(layers, dev.name) for dev in view.devices}
         view._held = None
@@ -533,7 +541,11 @@ class Archive:
         first = offsets[i]
         total = sum(nbytes)
         source = self.source if lays is None else self.sources[lays[i]]
+        lazy = self._lazy[-1 if lays is None else lays[i]]
+        confirming = lazy.start(first) if lazy is not None else None  # a run is one extent's
         data = memoryview(source.pread(first, total))
+        if confirming is not None:
+            confirming()
         if len(data) != total:
             name = self.device(dev_id).name
             raise problems.error(problems.TRUNCATED, f"cluster {clusters[j - 1]} of {name} is "
@@ -560,10 +572,18 @@ class Archive:
         preads as their stream offsets allow (a chain's base is read in long runs even where
         newer layers replace a part); see stored.py."""
         dmap = self._maps[dev_id]
+        self.confirm_extents()
         return stored.iter_stored(self.sources, dmap.clusters, dmap.masks,
                                   dmap.all_byte_offsets(), dmap.checksums, dmap.layers,
                                   functools.partial(self._mismatch, dev_id),
                                   self._summed if dmap.checksums is not None else (False,))
+
+    def confirm_extents(self) -> None:
+        """Confirm now every data extent a store's archive left to its first read
+        (extent_check.py): a reader of whole devices needs them all."""
+        for lazy in self._lazy:
+            if lazy is not None:
+                lazy.confirm_all()
 
     def _mismatch(self, dev_id: int, cluster: int, offset: int) -> problems.ArchiveError:
         name = self.device(dev_id).name
