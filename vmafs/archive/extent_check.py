@@ -20,7 +20,6 @@ are unkeyed). verify checks everything, from any store.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -111,8 +110,8 @@ def _pool() -> ThreadPoolExecutor:
 
 class LazyExtents:
     """A store's full archive: each data extent confirmed (check_extent) the first time a
-    read needs it, the header requested beside the data so the read waits for one round trip.
-    Thread-safe: two reads of one new extent may both check it, with the same verdict."""
+    read needs it. Thread-safe: two reads of one new extent may both check it, with the same
+    verdict."""
 
     def __init__(self, source: ByteSource, header: vma.Header, table: index.IndexTable,
                  index_offset: int) -> None:
@@ -126,15 +125,23 @@ class LazyExtents:
                                    np.zeros(len(table.dev_ids), np.int64))
         self.done = bytearray(len(self.chain.starts))
 
-    def start(self, data_offset: int) -> Callable[[], None] | None:
-        """Begin confirming the extent whose data holds stream offset DATA_OFFSET; None if
-        it is already confirmed. Call what it returns once the data is read: it raises what
-        the check found. The header is asked for beside the data (a request of its own, or
-        of its zstd frame's prefix), so the read waits for one round trip, not two."""
-        i = int(self.chain.starts.searchsorted(data_offset, side="right")) - 1
+    def read(self, offset: int, length: int) -> memoryview:
+        """Stream bytes [offset, offset+length) of one extent's data, once that extent is
+        confirmed. A read that starts where the extent's data does (a reader in order) takes
+        the header in the same request; any other asks for it beside the data, so it waits
+        for one round trip, not two."""
+        i = int(self.chain.starts.searchsorted(offset, side="right")) - 1
         if i < 0 or self.done[i]:
-            return None
-        return _pool().submit(self._confirm, i).result
+            return memoryview(self.source.pread(offset, length))
+        at = int(self.chain.starts[i])
+        if at + HEAD == offset:
+            both = memoryview(self.source.pread(at, HEAD + length))
+            self._check(i, both[:HEAD])
+            return both[HEAD:]
+        confirming = _pool().submit(self._confirm, i)
+        data = memoryview(self.source.pread(offset, length))
+        confirming.result()
+        return data
 
     def confirm_all(self) -> None:
         """Every data extent (a reader of whole devices needs them all)."""
@@ -143,6 +150,8 @@ class LazyExtents:
             fut.result()
 
     def _confirm(self, i: int) -> None:
-        raw = self.source.pread(int(self.chain.starts[i]), HEAD)
+        self._check(i, self.source.pread(int(self.chain.starts[i]), HEAD))
+
+    def _check(self, i: int, raw: bytes | memoryview) -> None:
         check_extent(raw, self.uuid, self.table, self.chain, i)
         self.done[i] = 1

@@ -541,11 +541,9 @@ class Archive:
         first = offsets[i]
         total = sum(nbytes)
         source = self.source if lays is None else self.sources[lays[i]]
-        lazy = self._lazy[-1 if lays is None else lays[i]]
-        confirming = lazy.start(first) if lazy is not None else None  # a run is one extent's
-        data = memoryview(source.pread(first, total))
-        if confirming is not None:
-            confirming()
+        lazy = self._lazy[-1 if lays is None else lays[i]]  # a run is in one extent
+        data = (memoryview(source.pread(first, total)) if lazy is None
+                else lazy.read(first, total))
         if len(data) != total:
             name = self.device(dev_id).name
             raise problems.error(problems.TRUNCATED, f"cluster {clusters[j - 1]} of {name} is "
