@@ -18,6 +18,9 @@ SIZE, half data (random MiBs between holes), archived plain (.vma) and seekable 
 Every baseline runs as its own Python process, as vmafs does (interpreter and boto3 start
 included on both sides). Other work may share the machine: each figure is the median of
 ROUNDS rounds, vmafs and its baselines interleaved in every round (sync before each run).
+With --tree, extract and the mount's sequential read run from that checkout too, interleaved:
+a change measured against what it changes, in one run. With AWS_ENDPOINT_URL set, the
+gateway's CPU is counted if GATEWAY_PIDS (its processes' ids, space-separated) is set too.
 """
 
 from __future__ import annotations
@@ -61,12 +64,13 @@ def _gateway_cpu() -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _timed(argv: list[str], env: dict[str, str] | None) -> tuple[float, int, str]:
+def _timed(argv: list[str], env: dict[str, str] | None, cwd: Path = ROOT
+           ) -> tuple[float, int, str]:
     """Wall time, exit status and stderr of one command; its CPU (and the gateway's) in CPU."""
     subprocess.run(["sync"], check=False)
     gw0 = _gateway_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     err = proc.stderr.read()
@@ -76,9 +80,9 @@ def _timed(argv: list[str], env: dict[str, str] | None) -> tuple[float, int, str
     return wall, os.waitstatus_to_exitcode(status), err
 
 
-def vmafs(*args: str, check: bool = True) -> float:
+def vmafs(*args: str, check: bool = True, tree: Path = ROOT) -> float:
     wall, code, err = _timed([sys.executable, "-m", "vmafs", *args],
-                             {**os.environ, "PYTHONPATH": str(ROOT)})
+                             {**os.environ, "PYTHONPATH": str(tree)}, tree)
     if check and code != 0:
         raise SystemExit(f"vmafs {' '.join(args)} failed: {err}")
     return wall
@@ -143,6 +147,8 @@ def main() -> int:
                     help="zstd frame size for the .vma.zst archives (vmafs's default if not "
                          "given; 512 keeps a cold random read from S3 near one small GET)")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--tree", default=None, type=Path,
+                    help="another checkout whose extract and mount run interleaved too")
     ap.add_argument("--out", default="/dev/shm",
                     help="where extract writes (default /dev/shm: the network path, not this "
                          "machine's disk, is what is measured)")
@@ -153,6 +159,9 @@ def main() -> int:
     gw, client, bucket = s3_bench_bucket("bench", max(8 << 30, 6 * size))
     if gw is not None:
         GATEWAY_PIDS.extend(p.pid for p in gw.procs.values())  # type: ignore[attr-defined]
+    else:
+        GATEWAY_PIDS.extend(int(p) for p in os.environ.get("GATEWAY_PIDS", "").split())
+    trees = [("vmafs", ROOT)] + ([("tree", args.tree.resolve())] if args.tree else [])
     scratch = Path(tempfile.mkdtemp(prefix="vmafs-bench-s3-", dir=args.dir))
     results: list[str] = []
 
@@ -187,31 +196,37 @@ def main() -> int:
                 client.upload_file(str(local), bucket, key)
             local.unlink()
             if "extract" in only:
-                gets, serials, exts = [], [], []
-                cpu: dict[str, list[list[float]]] = {"get": [], "ext": []}
+                gets, serials = [], []
+                exts: dict[str, list[float]] = {label: [] for label, _ in trees}
+                cpu: dict[str, list[list[float]]] = {"get": [], **{k: [] for k in exts}}
                 for _ in range(args.rounds):
                     gets.append(full_get(client, bucket, key))
                     cpu["get"].append(list(CPU))
-                    out = Path(tempfile.mkdtemp(prefix="vmafs-bench-x-", dir=args.out)) / "x"
-                    exts.append(vmafs("extract", f"s3://{bucket}/{key}", str(out)))
-                    cpu["ext"].append(list(CPU))
-                    subprocess.run(["rm", "-rf", str(out.parent)], check=True)
+                    for label, tree in trees:
+                        out = Path(tempfile.mkdtemp(prefix="vmafs-bench-x-", dir=args.out))
+                        exts[label].append(vmafs("extract", f"s3://{bucket}/{key}",
+                                                 str(out / "x"), tree=tree))
+                        cpu[label].append(list(CPU))
+                        subprocess.run(["rm", "-rf", str(out)], check=True)
                     serials.append(serial_ranges(client, bucket, key, stored))
-                t_get, t_serial, t_ext = (statistics.median(gets), statistics.median(serials),
-                                          statistics.median(exts))
-                report(f"{suffix:8} extract {stored / MiB / t_ext:7.1f} MiB/s | full GET "
-                       f"{stored / MiB / t_get:7.1f} | serial 4 MiB ranges "
-                       f"{stored / MiB / t_serial:7.1f} | ratio to GET {t_get / t_ext:.2f} "
-                       f"(>= 0.8), to serial {t_serial / t_ext:.2f} (>= 1.5)")
+                t_get, t_serial = statistics.median(gets), statistics.median(serials)
                 gib = stored / (1 << 30)
                 per = {k: [statistics.median(r[i] for r in v) / gib for i in (0, 1)]
                        for k, v in cpu.items()}
-                gateway = (f" | gateway's {per['ext'][1]:.2f} (GET: {per['get'][1]:.2f})"
-                           if GATEWAY_PIDS else "")
-                report(f"{'':8} CPU s per GiB stored: extract {per['ext'][0]:.2f} | full GET "
-                       f"{per['get'][0]:.2f}{gateway}")
+                for label, _ in trees:
+                    t_ext = statistics.median(exts[label])
+                    report(f"{suffix:8} extract ({label}) {stored / MiB / t_ext:7.1f} MiB/s | "
+                           f"full GET {stored / MiB / t_get:7.1f} | serial 4 MiB ranges "
+                           f"{stored / MiB / t_serial:7.1f} | ratio to GET {t_get / t_ext:.2f} "
+                           f"(>= 0.8), to serial {t_serial / t_ext:.2f} (>= 1.5)")
+                    gateway = (f" | gateway's {per[label][1]:.2f} (GET: {per['get'][1]:.2f})"
+                               if GATEWAY_PIDS else "")
+                    report(f"{'':8} CPU s per GiB stored: extract ({label}) {per[label][0]:.2f}"
+                           f" | full GET {per['get'][0]:.2f}{gateway}")
+                report(f"{'':8} load {os.getloadavg()[0]:.1f}")
             if "mount" in only:
-                bench_mount(client, bucket, key, stored, size, scratch, report, args.rounds)
+                bench_mount(client, bucket, key, stored, size, scratch, report, args.rounds,
+                            trees)
             client.delete_object(Bucket=bucket, Key=key)
         if "mount" in only:
             bench_ready(bucket, scratch, report)
@@ -223,25 +238,35 @@ def main() -> int:
 
 
 def bench_mount(client: object, bucket: str, key: str, stored: int, size: int, scratch: Path,
-                report: Callable[[str], None], rounds: int) -> None:
+                report: Callable[[str], None], rounds: int,
+                trees: list[tuple[str, Path]]) -> None:
     mnt = scratch / "mnt"
     mnt.mkdir(exist_ok=True)
-    gets, seqs = [], []
+    gets: list[float] = []
+    seqs: dict[str, list[float]] = {label: [] for label, _ in trees}
+    daemon_cpu: dict[str, list[float]] = {label: [] for label, _ in trees}
     for _ in range(rounds):  # a fresh mount each round: nothing in the page cache
         gets.append(full_get(client, bucket, key))
-        vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
-        try:
-            t0 = time.perf_counter()
-            with open(mnt / "disk-drive-scsi0.raw", "rb", buffering=0) as f:
-                while f.read(MiB):
-                    pass
-            seqs.append(time.perf_counter() - t0)
-        finally:
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-    t_get, t_seq = statistics.median(gets), statistics.median(seqs)
-    report(f"  mount sequential read {size / MiB / t_seq:7.1f} MiB/s of disk "
-           f"({stored / MiB / t_seq:7.1f} MiB/s of archive) | full GET "
-           f"{stored / MiB / t_get:7.1f} MiB/s | ratio {t_get / t_seq:.2f} (>= 0.5)")
+        for label, tree in trees:
+            vmafs("mount", f"s3://{bucket}/{key}", str(mnt), tree=tree)
+            try:
+                pid = _mount_pid(mnt)
+                t0 = time.perf_counter()
+                with open(mnt / "disk-drive-scsi0.raw", "rb", buffering=0) as f:
+                    while f.read(MiB):
+                        pass
+                seqs[label].append(time.perf_counter() - t0)
+                daemon_cpu[label].append(_cpu_of(pid))
+            finally:
+                subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    t_get = statistics.median(gets)
+    for label, _ in trees:
+        t_seq = statistics.median(seqs[label])
+        report(f"  mount ({label}) sequential read {size / MiB / t_seq:7.1f} MiB/s of disk "
+               f"({stored / MiB / t_seq:7.1f} MiB/s of archive) | full GET "
+               f"{stored / MiB / t_get:7.1f} MiB/s | ratio {t_get / t_seq:.2f} (>= 0.5) | "
+               f"daemon CPU {statistics.median(daemon_cpu[label]):.2f} s | load "
+               f"{os.getloadavg()[0]:.1f}")
     vmafs("mount", f"s3://{bucket}/{key}", str(mnt))
     try:
         times = []
@@ -262,6 +287,23 @@ def bench_mount(client: object, bucket: str, key: str, stored: int, size: int, s
                f"GET {base * 1e3:.2f} ms | ratio {ours / base:.2f} (<= 2)")
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def _mount_pid(mnt: Path) -> int:
+    """The mount daemon's pid (the process whose fuse device serves mnt)."""
+    out = subprocess.run(["pgrep", "-f", f"vmafs mount .* {mnt}$"], capture_output=True,
+                         text=True, check=False).stdout.split()
+    return int(out[0]) if out else 0
+
+
+def _cpu_of(pid: int) -> float:
+    """A running process's CPU seconds so far (user + system)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_ready(bucket: str, scratch: Path, report: Callable[[str], None]) -> None:

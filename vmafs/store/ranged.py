@@ -34,6 +34,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+import numpy as np
+
 from vmafs.errors import IncompleteError
 
 CHUNK = 8 << 20  # 4 MiB ranges went at two thirds of the speed here (per-request cost)
@@ -58,7 +60,7 @@ RUNS = 4  # runs told apart at once, each its own sequential reader once RUN lon
 
 BODY_ATTEMPTS = 5  # a streamed body that breaks off is asked for again this often in a row
 
-_Chunk = concurrent.futures.Future[bytes | bytearray]  # a chunk fetched or on its way
+_Chunk = concurrent.futures.Future[bytes | memoryview]  # a chunk fetched or on its way
 
 Fetch = Callable[[int, int], bytes]
 """The store's one primitive: bytes [start, end) of the object's version, retried as needed."""
@@ -416,7 +418,9 @@ class _Streamer:
                     self._stopped = True  # a cancelled chunk: the reader went (close)
                     return
                 try:
-                    data = bytearray(end - start)
+                    # filled whole: not zeroed first (bytearray's memset of every chunk cost
+                    # ~3 % of a mount's CPU)
+                    data = np.empty(end - start, np.uint8).data
                     if not self._reader.fill(memoryview(data), lambda: self._stopped):
                         future.cancel()
                         return
