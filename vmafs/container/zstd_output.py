@@ -25,25 +25,27 @@ DEFAULT_FRAME_SIZE = 3 << 19
 
 Chosen from tools/bench_size.py's curve against vzdump's ``vma create | zstd -3`` (= 1.000;
 ``zstd -T2 -3`` writes the same bytes) of a 1.5 GiB ext4 image of /usr, the harder of its two
-images (a SQLite image: 0.993-0.999 at every point); create's CPU against the pipeline's, and
-cold 4 KiB reads through a mount, all in one run (2 rounds, load 10-13: the latencies are
-inflated, their order is not):
+images (a SQLite image: 0.989-0.999 at every point); create's CPU against the pipeline's, and
+cold 4 KiB reads through a mount, all in one run (two sessions' runs, 2-3 rounds at load 9-13:
+the latencies are inflated, their order is not):
 
-    frames  level  size    CPU-speed  cold 4 KiB p50
-    1 MiB     3    1.033   1.06x      2.9 ms
-    1.5 MiB   3    1.016
-    1.5 MiB   4    1.007   0.93x      3.8 ms   <- the default
-    2 MiB     3    1.007   1.09x      4.6 ms   (the default before)
-    3 MiB     3    0.998   1.12x      8.0 ms
-    1 MiB     5    0.997   0.62x      3.0 ms
+    frames    level  size    CPU-speed    cold 4 KiB p50
+    1 MiB       3    1.033   1.06x        2.9 ms
+    1.25 MiB    4    1.017   0.99x        2.5 ms
+    1.5 MiB     3    1.016   1.18x
+    1.5 MiB     4    1.007   0.93-1.00x   2.6-2.9 ms   <- the default
+    2 MiB       3    1.007   1.09-1.17x   3.1-3.2 ms   (the default before)
+    3 MiB       3    0.998   1.12x        8.0 ms       (before that)
+    1 MiB       5    0.997   0.62x        3.0 ms
 
 A cold read's time is mostly decoding (~1 GB/s here) from the frame's start to the read: half
-a frame on average. Level 4 is level 3's strategy (dfast) with larger match tables (2**18
-entries): 1.5 MiB frames as small as level 3's 2 MiB ones (/usr image: 446.51 vs 446.43 MB)
-for ~5% more compression CPU, and a cold 4 KiB read 0.78x as long (in-process, 200 reads
-interleaved, load 6).  Greedy search (level 5, or searchLog 1 at any table size) halves the
-compression speed (~160 vs ~280 MB/s a core); minMatch 4 or 6 and larger tables do not pay;
-long-distance matching and a window past the frame buy nothing within a frame."""
+a frame on average (0.83x the time of 2 MiB frames through the mount, 3 rounds of 100, 0.78x
+in-process).  Level 4 is level 3's strategy (dfast) with larger match tables (2**18 entries):
+1.5 MiB frames as small as level 3's 2 MiB ones (/usr image: 446.51 vs 446.43 MB) for 12-17%
+more CPU in create (8.1-8.3 vs 7.0-7.1 s for the /usr image, 2 threads).  Greedy search
+(level 5, or searchLog 1 at any table size) halves compression speed (~160 vs ~280 MB/s a
+core); minMatch 4 or 6 and larger tables do not pay; long-distance matching and a window past
+the frame buy nothing within a frame."""
 DEFAULT_LEVEL = 4
 DEFAULT_THREADS = 2
 MAX_WINDOW_LOG = 27
