@@ -397,6 +397,32 @@ def test_prefix_read_of_a_local_frame(tmp_path: Path) -> None:
             src.pread(start + 4096, 4096)
 
 
+def test_trusted_layout_checks_a_frame_header_only(tmp_path: Path) -> None:
+    """Once the archive model says the layout was proven before (trust_layout), a frame's
+    first small read checks its header only: no block header past the prefix is read."""
+    import vmafs.container.zstd_source as zs
+
+    chunks = _extents(41, 400)
+    stream = b"".join(chunks)
+    path = tmp_path / "p.zst"
+    _write_seekable(path, chunks, frame_size=1 << 20)
+    with SeekableZstdSource(path, cache_bytes=0) as src:
+        src.checked_by_reader = True
+        src.trust_layout()
+        small: list[int] = []
+        raw_read = src._raw.read
+
+        def counting(offset: int, length: int) -> bytes:
+            small.append(length)
+            return raw_read(offset, length)
+
+        src._raw.read = counting  # type: ignore[method-assign]
+        start, _ = src.frame_bounds(1)
+        assert src.pread(start + 4096, 4096) == stream[start + 4096 : start + 8192]
+        assert not small
+        assert src._state[1] == zs._SIZED
+
+
 def _seekable_bytes(tmp_path: Path) -> tuple[bytes, list[bytes]]:
     chunks = _extents(31, 30)
     path = tmp_path / "s.zst"

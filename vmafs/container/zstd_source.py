@@ -225,6 +225,7 @@ class SeekableZstdSource:
         self.checked_by_reader = False
         self.remote = not isinstance(self._raw, LocalObject)
         """True when reads may wait on the network (a store's object): never on a trio loop."""
+        self._layout_trusted = False  # trust_layout
         self._next_frame = 0  # the frame a reader going through the file in order reads next
         self._ahead = 0  # end of the compressed bytes already requested ahead
 
@@ -350,6 +351,14 @@ class SeekableZstdSource:
     def check_layout(self) -> None:
         """The ByteSource check: every frame is its seek-table entry (check_frames)."""
         self.check_frames()
+
+    def trust_layout(self) -> None:
+        """Every frame was proven to be its entry before (check_layout passed for this file
+        unchanged, which the archive model remembers by its identity), so a small first read
+        of a frame checks its header, not its block headers to its end: that waited for the
+        whole frame from the disk (cold 4 KiB reads of the /usr image's default .vma.zst,
+        in-process, 3 runs of 300-400 interleaved at load 5-8: p50 0.92-0.94x)."""
+        self._layout_trusted = True
 
     def check_frames(self) -> None:
         """Check every entry now (a small pread per block of the whole file; once).
@@ -644,7 +653,9 @@ class SeekableZstdSource:
             return None
         if len(out) < need:
             return None
-        if unchecked:
+        if unchecked and self._layout_trusted:
+            self._state[index] = _SIZED  # its header gives the entry's size (_header_fits)
+        elif unchecked:
             feed.ask(len(feed.buf))
             if self._checked(index, feed.buf[:feed.pos]) != _SIZED:
                 return None
