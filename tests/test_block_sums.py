@@ -494,3 +494,77 @@ def test_checks_as_the_format_says(name: str) -> None:
         impl.checks(data, 5)
     assert index.summed_check(data) == _low32(_sums(data))
     assert index.checksum(data) == _low32(data)
+
+
+def _read_pieces(name: str) -> Any:
+    """walk's read_pieces in Python, or the accelerator's (skipped if it is not built)."""
+    from vmafs.archive import walk
+
+    return walk._read_pieces if name == "python" else _implementation("accelerator").read_pieces
+
+
+@pytest.mark.parametrize("name", ["python", "accelerator"])
+def test_read_pieces_as_the_format_says(name: str, tmp_path: Path) -> None:
+    """An extent's data read by pieces, each piece's clusters hashed as `checks` says; two
+    threads at once take each piece once; a file that ends early leaves the pieces past its
+    end short and unhashed (the caller reports the first, in file order)."""
+    import threading
+
+    import numpy as np
+
+    read_pieces = _read_pieces(name)
+    rnd = random.Random(1719)
+    path = tmp_path / "data"
+    blocks = [rnd.randrange(1, 17) for _ in range(59)]  # a full extent of partial clusters
+    ends = np.cumsum(np.array(blocks, np.int64)) * BLOCK
+    data = rnd.randbytes(int(ends[-1]))
+    path.write_bytes(b"x" * 777 + data)
+    bounds = np.array([0, 1, 20, 21, 58, 59], np.int64)
+    pieces = len(bounds) - 1
+
+    def want(summed: bool, upto: int = len(ends)) -> np.ndarray:
+        out = np.frombuffer(index.checks(data, ends, summed=summed), "<u4").copy()
+        out[upto:] = 0
+        return out
+
+    with open(path, "rb") as f:
+        for threads in (1, 2):
+            buffer = bytearray(len(data) + 5)
+            state = np.zeros(1 + 2 * pieces, np.int64)
+            outs = [np.zeros(len(ends), "<u4"), np.zeros(len(ends), "<u4")]
+            did: list[int] = []
+            call = (f.fileno(), buffer, 777, ends, bounds, state, *outs)
+            work = [threading.Thread(target=lambda c=call, d=did: d.append(read_pieces(*c)))
+                    for _ in range(threads)]
+            for t in work:
+                t.start()
+            for t in work:
+                t.join()
+            assert sum(did) == pieces
+            assert bytes(buffer[:len(data)]) == data
+            assert state[1::2].tolist() == np.diff(np.concatenate(([0], ends[bounds[1:] - 1]))
+                                                   ).tolist()
+            assert not state[2::2].any()
+            assert np.array_equal(outs[0], want(False)) and np.array_equal(outs[1], want(True))
+        # only the summed checks wanted; the data's wanted alone
+        state = np.zeros(1 + 2 * pieces, np.int64)
+        summed = np.zeros(len(ends), "<u4")
+        assert read_pieces(f.fileno(), bytearray(len(data)), 777, ends, bounds, state, None,
+                           summed) == pieces
+        assert np.array_equal(summed, want(True))
+    cut = 777 + int(ends[30]) + 100  # inside the fourth piece (clusters 21 to 57)
+    path.write_bytes((b"x" * 777 + data)[:cut])
+    with open(path, "rb") as f:
+        state = np.zeros(1 + 2 * pieces, np.int64)
+        outs = [np.zeros(len(ends), "<u4"), np.zeros(len(ends), "<u4")]
+        assert read_pieces(f.fileno(), bytearray(len(data)), 777, ends, bounds, state,
+                           *outs) == pieces
+        got = state[1::2].tolist()
+        assert got[:3] == [int(ends[0]), int(ends[19] - ends[0]), int(ends[20] - ends[19])]
+        assert got[3] == cut - 777 - int(ends[20]) and got[4] == 0
+        assert np.array_equal(outs[0], want(False, 21)) and np.array_equal(outs[1], want(True, 21))
+        for bad_ends, bad_bounds in ((ends + 1, bounds), (ends, np.array([0, 5, 5, 59])),
+                                     (ends, np.array([0, 58]))):
+            with pytest.raises(ValueError):
+                read_pieces(f.fileno(), bytearray(len(data)), 777, bad_ends, bad_bounds,
+                            np.zeros(1 + 2 * pieces, np.int64), None, None)

@@ -202,3 +202,38 @@ def test_verify_reads_standard_input(archives: dict[str, Path]) -> None:
     rc, _, err = run_vmafs("verify", "-", input=whole[:len(whole) // 2 + 1000])
     assert rc == 3 and "archive is truncated" in err, err
 
+
+
+def test_pieces_in_python_report_alike(archives: dict[str, Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pieces of a file's extents read and hashed by the Python read_pieces (no C
+    accelerator) or by whichever walk uses: the same problems, the same bad clusters, for the
+    whole archive, a damaged one and a cut one."""
+    whole = archives["a.vma"].read_bytes()
+    with open(archives["a.vma"], "rb") as f:
+        items, _ = summary(f, 0)
+    data_at = [item[0] for item in items if item[0] != "run"]
+    damaged = bytearray(whole)
+    for at in data_at[1::2]:
+        assert isinstance(at, int)
+        damaged[at + 512 + 5000] ^= 0xFF
+    variants = {"whole": whole, "damaged": bytes(damaged), "cut": whole[:len(whole) * 2 // 3]}
+    seen = {}
+    for impl in ("now", "python"):
+        if impl == "python":
+            monkeypatch.setattr(walk, "_read_pieces_now", walk._read_pieces)
+        for name, content in variants.items():
+            path = tmp_path / f"{name}.vma"
+            path.write_bytes(content)
+            with open(path, "rb") as f:
+                try:
+                    result = scan_stream(f)
+                    bad = result.bad_data
+                    seen[impl, name] = ([str(p) for p in result.problems],
+                                        None if bad is None else bad.clusters.tolist())
+                except FormatError as exc:
+                    seen[impl, name] = ([str(exc)], None)
+    for name in variants:
+        assert seen["now", name] == seen["python", name], name
+    assert not seen["now", "whole"][0] and seen["now", "damaged"][1]
+    assert "truncated" in seen["now", "cut"][0][0]

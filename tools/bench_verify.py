@@ -7,8 +7,12 @@ of the half-random image; each read into the page cache (`cat archive > /dev/nul
 I/O floor) right before it is verified. Each round runs `vmafs verify -q` of every archive
 pinned to one core (`taskset -c 0`) and unpinned, in alternating order; medians over the
 rounds. A verify of a one-cluster archive, measured the same way, is the fixed cost (start-up,
-imports), so the ratio on stored data is printed beside the whole command's. --baseline REV
-also runs the vmafs of an older commit (git archive) the same way, in the same rounds.
+imports), so the ratio on stored data is printed beside the whole command's; and each round
+also scans each archive in one process on one core and on both (alternating which first):
+the stored data's ratio without start-up. The load average is printed: above 1, other
+processes had part of the second core. --baseline REV
+also runs the vmafs of an older commit (git archive, its C accelerator built) the same way,
+in the same rounds.
 
 Usage: tools/bench_verify.py [--size 2G] [--rounds 7] [--dir D] [--keep] [--baseline REV]
                              [--baseline-tree DIR]
@@ -54,6 +58,7 @@ import os, sys, threading, time
 from vmafs.archive.scan import read_header, scan_stream
 from vmafs.container.streams import open_stream
 tick = os.sysconf("SC_CLK_TCK")
+cores = os.sched_getaffinity(0)
 def workers():  # CPU of the frame decoders, still alive until the stream closes
     total = 0.0
     for t in threading.enumerate():
@@ -62,22 +67,45 @@ def workers():  # CPU of the frame decoders, still alive until the stream closes
                 fields = f.read().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
-cpu, main = time.process_time(), time.thread_time()
-with open_stream(sys.argv[1]) as s:
-    scan_stream(s, header=read_header(s))
-    decoders = workers()
-print(time.process_time() - cpu, time.thread_time() - main, decoders)
+walls = {}
+for pinned in (sys.argv[2] == "pinned first", sys.argv[2] != "pinned first"):
+    os.sched_setaffinity(0, {min(cores)} if pinned else cores)
+    wall, cpu, main = time.perf_counter(), time.process_time(), time.thread_time()
+    with open_stream(sys.argv[1]) as s:
+        scan_stream(s, header=read_header(s))
+        decoders = workers()
+    walls[pinned] = time.perf_counter() - wall
+    if not pinned:
+        split = (time.process_time() - cpu, time.thread_time() - main, decoders)
+print(*split, walls[True], walls[False])
 """
 
 
-def cpu_split(path: str, tree: str = ROOT) -> tuple[float, float, float]:
+def cpu_split(path: str, tree: str = ROOT, pinned_first: bool = True
+              ) -> tuple[float, float, float, float, float]:
     """(CPU seconds of one in-process scan on both cores, of them in the main thread, in the
-    frame decoders of a .vma.zst): the rest is the reader thread's; contention on a busy
-    machine stretches wall times, hardly these."""
-    out = subprocess.run([sys.executable, "-c", SPLIT, path], cwd=tree,
+    frame decoders of a .vma.zst; the wall seconds of a scan on one core and of one on both,
+    in the same process, in the order asked): the CPU not in those threads is the reader
+    thread's; contention on a busy machine stretches wall times, hardly the CPU. The walls
+    are the stored data's alone: no start-up, no imports."""
+    out = subprocess.run([sys.executable, "-c", SPLIT, path,
+                          "pinned first" if pinned_first else "both first"], cwd=tree,
                          env={**os.environ, "PYTHONPATH": tree}, check=True,
                          capture_output=True, text=True).stdout.split()
-    return float(out[0]), float(out[1]), float(out[2])
+    return float(out[0]), float(out[1]), float(out[2]), float(out[3]), float(out[4])
+
+
+def build_accelerator(rev: str, tree: str) -> None:
+    """The C accelerator of an older commit, built in its tree as setup.sh builds this one's:
+    without it the baseline would hash in Python, a baseline no user runs."""
+    if subprocess.run(["git", "-C", ROOT, "cat-file", "-e", f"{rev}:setup.py"],
+                      capture_output=True).returncode:
+        return  # from before the accelerator
+    subprocess.run(f"git -C {ROOT} archive {rev} setup.py | tar -x -C {tree}", shell=True,
+                   check=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace",
+                    "--build-temp", os.path.join(tree, "build")], cwd=tree, check=True,
+                   capture_output=True)
 
 
 def warm(path: str) -> float:
@@ -124,12 +152,14 @@ def main() -> None:
             os.makedirs(base)
             subprocess.run(f"git -C {ROOT} archive {args.baseline} vmafs | tar -x -C {base}",
                            shell=True, check=True)
+            build_accelerator(args.baseline, base)
             trees[f"{args.baseline}: "] = base
         if args.baseline_tree:
             trees[f"{args.baseline_tree}: "] = os.path.abspath(args.baseline_tree)
         subprocess.run(["sync"], check=True)
         times: dict[tuple[str, str], list[tuple[float, float]]] = {}
-        split: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        split: dict[tuple[str, str], list[tuple[float, float, float, float, float]]] = {}
+        load = os.getloadavg()[0]
         floor: dict[str, list[float]] = {}
         for r in range(args.rounds):
             for name, (_, archive, _) in archives.items():
@@ -142,12 +172,14 @@ def main() -> None:
                     times.setdefault((name, mode), []).append(
                         run([*prefix, *vmafs, "verify", "-q", path], tree))
                 for tag, tree in trees.items():
-                    split.setdefault((name, tag), []).append(cpu_split(path, tree))
+                    split.setdefault((name, tag), []).append(cpu_split(path, tree, r % 2 == 0))
         med = {key: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
                for key, v in times.items()}
         fixed1, fixed2 = med["fixed cost", "one core"][0], med["fixed cost", "both cores"][0]
         print(f"vmafs verify, medians of {args.rounds} interleaved rounds, archives in the page "
-              f"cache ({os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the end)")
+              f"cache ({os.cpu_count()} cores; load average {load:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end: above 1, the second core was not all "
+              "ours and the ratios understate)")
         print(f"{'archive':18} {'MiB':>6} {'cat':>7} {'1 core':>7} {'2 cores':>7} "
               f"{'cpu 1c':>7} {'cpu 2c':>7} {'ratio':>6} {'data only':>9}")
         for name, (_, archive, _) in archives.items():
@@ -177,14 +209,24 @@ def main() -> None:
               "bounds what two cores can give")
         for tag in trees:
             for name in list(archives)[:3]:
-                total = statistics.median(t for t, _, _ in split[name, tag])
-                main_cpu = statistics.median(m for _, m, _ in split[name, tag])
-                dec = statistics.median(d for _, _, d in split[name, tag])
+                total = statistics.median(t[0] for t in split[name, tag])
+                main_cpu = statistics.median(t[1] for t in split[name, tag])
+                dec = statistics.median(t[2] for t in split[name, tag])
                 reader = total - main_cpu - dec
                 busiest = max(main_cpu, reader, dec / DECODERS)
                 print(f"{tag or 'this tree: '}{name:18} total {total:6.3f}s main "
                       f"{main_cpu:6.3f}s reader {reader:6.3f}s decoders {dec:6.3f}s bound "
                       f"{min(2.0, total / busiest):5.2f}x")
+        print("\nthe stored data alone: one in-process scan on one core and one on both, in the "
+              "same process, alternating\nwhich goes first; wall seconds, medians (best)")
+        for tag in trees:
+            for name in list(archives)[:3]:
+                one = [t[3] for t in split[name, tag]]
+                two = [t[4] for t in split[name, tag]]
+                m1, m2 = statistics.median(one), statistics.median(two)
+                print(f"{tag or 'this tree: '}{name:18} 1 core {m1:6.3f}s ({min(one):5.3f}) "
+                      f"2 cores {m2:6.3f}s ({min(two):5.3f}) ratio {m1 / m2:5.2f}x "
+                      f"({min(one) / min(two):4.2f}x)")
         for tag in list(trees)[1:]:
             print(f"\nthe same, vmafs of {tag[:-2]} (same rounds): seconds, and this tree's "
                   "speed-up over it")

@@ -10,6 +10,8 @@ order is the one reported, with Proxmox's message.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from vmafs.archive import problems
@@ -87,19 +89,23 @@ class ClusterRules:
         kept); anything else (including every broken rule but a duplicate) takes the general
         check, which reports it."""
         dev_id = int(dev_ids[0])
-        last = int(clusters[-1])
+        first, last, n = int(clusters[0]), int(clusters[-1]), len(clusters)
         limit = int(self._clusters[dev_id])
         if (not self._known[dev_id] or last >= limit
                 or (last == limit - 1 and int(masks[-1]) & ~int(self._last_mask[dev_id]))
-                or int(dev_ids.min()) != int(dev_ids.max())):
+                or dev_ids.tobytes() != bytes((dev_id,)) * n):
             return False
-        steps = np.diff(clusters.astype(np.int64))
-        breaks = np.flatnonzero(steps != 1)
-        if len(breaks) > 4096 or (steps[breaks] <= 0).any():
-            return False  # not ascending, or too scattered for ranges: the general check
+        if (last - first == n - 1 and clusters.dtype == np.uint32
+                and (clusters - np.uint32(first)).tobytes() == _counting(n)):
+            starts, ends = [0], [n]  # one run (a data extent): no numpy step by step
+        else:
+            steps = np.diff(clusters.astype(np.int64))
+            breaks = np.flatnonzero(steps != 1)
+            if len(breaks) > 4096 or (steps[breaks] <= 0).any():
+                return False  # not ascending, or too scattered for ranges: the general check
+            starts = np.concatenate(([0], breaks + 1)).tolist()
+            ends = np.concatenate((breaks + 1, [n])).tolist()
         seen = self.seen[dev_id]
-        starts = np.concatenate(([0], breaks + 1)).tolist()
-        ends = np.concatenate((breaks + 1, [len(clusters)])).tolist()
         for lo, hi in zip(starts, ends, strict=True):
             first = int(clusters[lo])
             again = seen.first_present(first, first + hi - lo)
@@ -150,6 +156,12 @@ class ClusterRules:
                 + (f" ({count} clusters missing)" if count > 1 else ""),
                 device=name, cluster=first))
         return found
+
+
+@functools.lru_cache(maxsize=16)
+def _counting(n: int) -> bytes:
+    """0, 1, ... n - 1 as native u32: a run of consecutive clusters, less its first."""
+    return np.arange(n, dtype=np.uint32).tobytes()
 
 
 def _duplicates(seen: ClusterSet, clusters: np.ndarray) -> np.ndarray:

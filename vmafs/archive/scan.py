@@ -4,9 +4,11 @@ Works on any input (a pipe, gzip, lzo, one-frame zstd): it only ever reads forwa
 those of every reader: walk.py accepts each extent, rules.ClusterRules each slot, and the
 trailing index (if any) must describe exactly what the stream holds, checksums included,
 and in a block-summed archive every data extent is followed by exactly its blocks' sums.
-A reader thread reads ahead (walk.READ_AHEAD extents) while this thread checks and hashes
-(index.checks: in C without the GIL when built): verify uses both cores. (A third thread that
-hashed while this one checked was slower on two cores: 1 GiB dense, 0.206 s vs 0.176 s.)
+A reader thread reads ahead (walk.READ_AHEAD extents) while this thread checks: verify uses
+both cores. Reading a file, both threads read and hash an extent's data piece by piece
+(walk.Hashing: each piece hashed right after its read, in C without the GIL when built); a
+stream (a decoder, a pipe) is hashed here. (A third thread that hashed while this one
+checked was slower on two cores: 1 GiB dense, 0.206 s vs 0.176 s.)
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from vmafs.archive.rules import ClusterRules
 from vmafs.archive.walk import (
     READ_AHEAD,
     Extent,
+    ExtentChecks,
+    Hashing,
     HeaderBatch,
     decode_extent,
-    iter_stream_runs,
+    iter_stream_checked,
     read_header,
     slot_offsets,
 )
@@ -88,11 +92,12 @@ class TrailerCheck:
         self.carried = array("I")  # per stored cluster: checksum of the sums carried for it
         self.sums_problem: Problem | None = None  # the first data extent without its sums
         self.block_sums = False  # the footer says the checks are over block sums
+        # what the walk hashes as it reads (the data's checks: until the sums are seen)
+        self.hashing = Hashing(data=self.data_checks is not None, summed=self.hint is not False)
 
-    def add_extent(self, ext: Extent, data: memoryview) -> None:
-        """The next extent of the stream, with its data (hashed here: index.checks, one call
-        an extent, without the GIL when its accelerator is built, so the reader thread runs
-        meanwhile)."""
+    def add_extent(self, ext: Extent, data: memoryview, checks: ExtentChecks) -> None:
+        """The next extent of the stream, with its data and the checks the walk hashed of its
+        stored clusters (as self.hashing asked)."""
         if ext.is_null:
             raw = np.frombuffer(ext.raw, np.uint8).reshape(1, vma.EXTENT_HEADER_SIZE)
             self._sums_follow(raw)
@@ -109,17 +114,22 @@ class TrailerCheck:
         built = self.index
         built.ext_offsets.append(ext.offset)
         built.ext_counts.append(len(stored))
-        built.dev_ids.frombytes(ext.dev_ids[stored].astype(np.uint8).tobytes())
-        built.clusters.frombytes(ext.clusters[stored].astype(np.uint32).tobytes())
-        built.masks.frombytes(ext.masks[stored].astype(np.uint16).tobytes())
-        blocks = vma.POPCOUNT16[ext.masks[stored]].astype(np.int64)
-        ends = np.cumsum(blocks) * vma.BLOCK_SIZE  # the stored clusters lie back to back
+        if len(stored) == len(ext.masks):  # every slot stores data (Extent's dtypes are these)
+            built.dev_ids.frombytes(ext.dev_ids.tobytes())
+            built.clusters.frombytes(ext.clusters.tobytes())
+            built.masks.frombytes(ext.masks.tobytes())
+        else:
+            built.dev_ids.frombytes(ext.dev_ids[stored].astype(np.uint8).tobytes())
+            built.clusters.frombytes(ext.clusters[stored].astype(np.uint32).tobytes())
+            built.masks.frombytes(ext.masks[stored].astype(np.uint16).tobytes())
+        ends = checks.ends  # the stored clusters lie back to back
         if self.data_checks is not None:
-            self.data_checks.extend(_u32(index.checks(data, ends)))
-        if self.hint is False:  # data checksums only: these are never compared
+            assert checks.data is not None  # asked for until data_checks is dropped
+            self.data_checks.extend(_u32(checks.data.tobytes()))
+        if checks.summed is None:  # data checksums only: these are never compared
             built.checksums.extend(array("I", bytes(4 * len(ends))))
         else:
-            built.checksums.extend(_u32(index.checks(data, ends, summed=True)))
+            built.checksums.extend(_u32(checks.summed.tobytes()))
         if self.summed is not False:
             self.pending = (ext.offset + ext.size, len(data) // vma.BLOCK_SIZE, ends)
 
@@ -135,13 +145,14 @@ class TrailerCheck:
         n = index.sums_extents(blocks)
         carried = _payloads(nulls[:n]) if nulls is not None and len(nulls) >= n else b""
         size = blocks * index.SUM_SIZE
-        found = (len(carried) >= size and not any(carried[size:])
+        found = (len(carried) >= size and carried[size:] == bytes(len(carried) - size)
                  and not carried.startswith((index.INDEX_MAGIC, index.FOOTER_MAGIC)))
         if self.summed is None:
             self.summed = found
             if not found:
                 return
             self.data_checks = None  # carried sums: the index's checks are over them
+            self.hashing.data = False
         if not found:
             if self.sums_problem is None:
                 self.sums_problem = Problem(problems.INDEX, "the block sums after the data "
@@ -344,7 +355,8 @@ def scan_stream(
     for dev in header.devices:
         sizes[dev.dev_id] = dev.size
     end = header.header_size
-    with contextlib.closing(iter_stream_runs(stream, header, ahead=READ_AHEAD)) as items:
+    with contextlib.closing(iter_stream_checked(stream, header, trailer.hashing,
+                                                ahead=READ_AHEAD)) as items:
         for item in items:
             if isinstance(item, HeaderBatch):
                 used = item.dev_ids != 0
@@ -361,7 +373,7 @@ def scan_stream(
                 result.extents += len(item.offsets)
                 end = int(item.offsets[-1]) + vma.EXTENT_HEADER_SIZE
                 continue
-            ext, data = item
+            ext, data, checks = item
             rules.check(ext.dev_ids, ext.clusters, ext.masks,
                         np.full(len(ext.dev_ids), ext.offset, np.int64))
             if on_extent is not None:
@@ -370,7 +382,7 @@ def scan_stream(
                 done = _covered(sizes, ext.dev_ids, ext.clusters)
                 if done:
                     progress(done)
-            trailer.add_extent(ext, data)
+            trailer.add_extent(ext, data, checks)
             result.extents += 1
             result.stored_bytes += len(data)
             end = ext.offset + ext.size

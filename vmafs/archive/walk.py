@@ -7,11 +7,15 @@ batches (HeaderBatch): a sparse disk has millions of extents, too many to decode
 
 Forward, a reader thread may read ahead of the checks (two cores: reads and decompression
 release the GIL); a regular file is then read by offset, an extent's data in pieces that the
-reader and the caller waiting for that extent share.
+reader and the caller waiting for that extent share, each piece hashed (its clusters' index
+checks) by the thread that read it, in the same call without the GIL, while it is in that
+core's cache.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import os
 import queue
@@ -149,8 +153,28 @@ data is hashed after more other data was copied, out of cache (1 GiB verified on
 0.25 s with 2, 0.30 s with 4; on two cores no faster)."""
 
 
+@dataclass
+class Hashing:
+    """Which index checks (index.checks) of each data extent's stored clusters a forward walk
+    computes as it reads: of the data, and over its block sums. The caller may turn one off
+    once it knows it is not needed (extents already read may still carry it)."""
+
+    data: bool = False
+    summed: bool = False
+
+
+@dataclass(frozen=True)
+class ExtentChecks:
+    """A data extent's stored clusters (nonzero masks, in slot order): where each one's data
+    ends in the extent's data, and its index checks (LE u32) as Hashing asked, else None."""
+
+    ends: np.ndarray  # int64
+    data: np.ndarray | None
+    summed: np.ndarray | None
+
+
 def iter_stream_runs(stream: BinaryIO, header: vma.Header, *, ahead: int = 0
-                     ) -> Generator[_Item, None, None]:
+                     ) -> Iterator[_Item]:
     """Like iter_stream, but runs of extents without data come as HeaderBatch: a 16 TiB sparse
     disk is 4.5 million of them, too many to handle one by one in Python.
 
@@ -160,21 +184,31 @@ def iter_stream_runs(stream: BinaryIO, header: vma.Header, *, ahead: int = 0
     way an extent's data view stays valid until the next item is asked for. Close the
     iterator to stop the thread early.
     """
+    with contextlib.closing(iter_stream_checked(stream, header, Hashing(), ahead=ahead)) as items:
+        for item in items:
+            yield item if isinstance(item, HeaderBatch) else item[:2]
+
+
+def iter_stream_checked(stream: BinaryIO, header: vma.Header, hashing: Hashing, *,
+                        ahead: int = 0) -> Generator[_CheckedItem, None, None]:
+    """iter_stream_runs, each data extent with its ExtentChecks: computed while its data is
+    read (by the reader thread and the caller, piece by piece, when reading a file by offset;
+    by the caller from its whole data otherwise)."""
     source: _Source = (_FileSource(stream, header) if read_by_offset(stream)
                        else _StreamSource(stream))
     if ahead > 0:
-        yield from _read_ahead(source, header, ahead)
+        yield from _read_ahead(source, header, ahead, hashing)
         return
     buffer = bytearray(vma.MAX_EXTENT_SIZE)
-    for item in _runs(source, header, lambda: buffer):
+    for item in _runs(source, header, lambda: buffer, hashing):
         if isinstance(item, HeaderBatch):
             yield item
         else:
             ext, data = item
-            yield ext, data.finish()
+            yield ext, data.finish(), data.checks()
 
 
-def _runs(source: _Source, header: vma.Header, take: Callable[[], bytearray]
+def _runs(source: _Source, header: vma.Header, take: Callable[[], bytearray], hashing: Hashing
           ) -> Iterator[HeaderBatch | tuple[Extent, _Data]]:
     """The forward walk; take() gives the buffer for the next extent's data, which the caller
     finishes reading (_Data.finish) before it looks at it."""
@@ -204,9 +238,9 @@ def _runs(source: _Source, header: vma.Header, take: Callable[[], bytearray]
                 yield _batch(offsets, [0] * len(heads), heads)
                 offsets, heads = [], []
             ext = _extent(raw, block_count, offset)
-            data = source.data(take(), offset, ext.block_count * vma.BLOCK_SIZE)
+            data = source.data(take(), offset, ext.block_count * vma.BLOCK_SIZE,
+                               _Wanted(ext.masks, hashing))
             yield ext, data
-            data.work()
             offset += ext.size
             raw = source.header(offset, False)
     except FormatError:
@@ -231,14 +265,39 @@ def _truncated(offset: int, got: int, need: int) -> problems.ArchiveError:
         f"at offset {offset}: archive is truncated", offset=offset)
 
 
-class _Data:
-    """An extent's data, read into its buffer by the time finish() returns it."""
+class _Wanted:
+    """An extent's stored clusters (where each one's data ends) and the checks wanted of them
+    (the Hashing at the time it was read), with room for them."""
 
-    def __init__(self, buffer: bytearray, offset: int, need: int, got: int) -> None:
+    def __init__(self, masks: np.ndarray, hashing: Hashing) -> None:
+        blocks = vma.POPCOUNT16[masks[masks != 0]]
+        self.ends = np.cumsum(blocks, dtype=np.int64) * vma.BLOCK_SIZE
+        n = len(self.ends)
+        self.data = np.zeros(n, "<u4") if hashing.data else None
+        self.summed = np.zeros(n, "<u4") if hashing.summed else None
+
+    def compute(self, data: memoryview) -> None:
+        """The checks of the whole data, at once."""
+        if self.data is not None:
+            self.data[:] = np.frombuffer(index.checks(data, self.ends), "<u4")
+        if self.summed is not None:
+            self.summed[:] = np.frombuffer(index.checks(data, self.ends, summed=True), "<u4")
+
+    def result(self) -> ExtentChecks:
+        return ExtentChecks(self.ends, self.data, self.summed)
+
+
+class _Data:
+    """An extent's data, read into its buffer by the time finish() returns it, and its checks
+    by the time checks() returns them."""
+
+    def __init__(self, buffer: bytearray, offset: int, need: int, got: int,
+                 wanted: _Wanted) -> None:
         self.view = memoryview(buffer)[:need]
         self.offset = offset
         self.need = need
         self.got = got
+        self.wanted = wanted
 
     def work(self) -> None:
         """Read what is left of it (nothing: a stream is read in order)."""
@@ -249,6 +308,11 @@ class _Data:
             raise _truncated(self.offset, self.got, self.need)
         return self.view
 
+    def checks(self) -> ExtentChecks:
+        """Its clusters' checks (after finish): hashed here, by the caller."""
+        self.wanted.compute(self.view)
+        return self.wanted.result()
+
 
 class _Source:
     """Where a forward walk reads: headers by stream offset (the walk asks in order), and
@@ -258,7 +322,7 @@ class _Source:
         """The 512 bytes at offset (fewer at the end); in_run: after a header without data."""
         raise NotImplementedError
 
-    def data(self, buffer: bytearray, offset: int, need: int) -> _Data:
+    def data(self, buffer: bytearray, offset: int, need: int, wanted: _Wanted) -> _Data:
         """The data of the extent at offset, need bytes."""
         raise NotImplementedError
 
@@ -272,14 +336,16 @@ class _StreamSource(_Source):
     def header(self, offset: int, in_run: bool) -> bytes:
         return read_exact(self.stream, vma.EXTENT_HEADER_SIZE)
 
-    def data(self, buffer: bytearray, offset: int, need: int) -> _Data:
+    def data(self, buffer: bytearray, offset: int, need: int, wanted: _Wanted) -> _Data:
         got = _read_into(self.stream, memoryview(buffer)[:need])
-        return _Data(buffer, offset, need, got)
+        return _Data(buffer, offset, need, got, wanted)
 
 
-PIECE = 1 << 20
-"""An extent's data is read in pieces: the reader thread and the caller waiting for the
-extent each take the next piece not taken (two cores copy from the page cache)."""
+PIECE_CLUSTERS = 16
+"""An extent's data is read in pieces of this many stored clusters (at most 1 MiB: it stays
+in a core's 2 MiB L2 cache from its read to its hash): the reader thread and the caller
+waiting for the extent each take the next piece not taken (two cores copy from the page
+cache and hash)."""
 HEADER_CHUNK = 64 << 10  # read at a time in a run of headers without data
 
 
@@ -301,46 +367,85 @@ class _FileSource(_Source):
             self.chunk_at, rel = at, 0
         return self.chunk[rel:rel + vma.EXTENT_HEADER_SIZE]
 
-    def data(self, buffer: bytearray, offset: int, need: int) -> _Data:
+    def data(self, buffer: bytearray, offset: int, need: int, wanted: _Wanted) -> _Data:
         return _Pieces(self.fd, buffer, offset, need,
-                       offset + vma.EXTENT_HEADER_SIZE + self.delta)
+                       offset + vma.EXTENT_HEADER_SIZE + self.delta, wanted)
+
+
+_claims = threading.Lock()  # the Python read_pieces' claims of pieces
+
+
+def _read_pieces(fd: int, buffer: bytearray | memoryview, offset: int, ends: np.ndarray,
+                 bounds: np.ndarray, state: np.ndarray, data_out: np.ndarray | None,
+                 summed_out: np.ndarray | None) -> int:
+    """_blocksums.read_pieces without the accelerator (the same results): each piece read,
+    then its clusters hashed if it was read whole."""
+    view = memoryview(buffer)
+    if len(ends) and (ends[0] < 0 or ends[-1] > len(view) or (np.diff(ends) < 0).any()):
+        raise ValueError("ends must be non-decreasing and within the data")
+    if (len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != len(ends)
+            or (np.diff(bounds) <= 0).any() or len(state) < 2 * len(bounds) - 1):
+        raise ValueError("bounds must go from 0 to len(ends), increasing; state must have "
+                         "room for every piece")
+    done = 0
+    while True:
+        with _claims:
+            k = int(state[0])
+            state[0] = k + 1
+        if k >= len(bounds) - 1:
+            return done
+        first, stop = int(bounds[k]), int(bounds[k + 1])
+        lo, hi = (int(ends[first - 1]) if first else 0), int(ends[stop - 1])
+        got, err = 0, 0
+        try:
+            while got < hi - lo:
+                n = os.preadv(fd, [view[lo + got:hi]], offset + lo + got)
+                if not n:
+                    break
+                got += n
+        except OSError as exc:
+            err = exc.errno or 0
+        if got == hi - lo:
+            for out, summed in ((data_out, False), (summed_out, True)):
+                if out is not None:
+                    out[first:stop] = np.frombuffer(
+                        index.checks(view[lo:hi], ends[first:stop] - lo, summed=summed), "<u4")
+        state[1 + 2 * k], state[2 + 2 * k] = got, err
+        done += 1
+
+
+try:  # the C accelerator's read_pieces (format/_blocksums.c), without the GIL
+    from vmafs.format._blocksums import read_pieces as _read_pieces_now
+except ImportError:
+    _read_pieces_now = _read_pieces
 
 
 class _Pieces(_Data):
-    """Data read piece by piece by whichever thread takes the next piece; finish() waits for
-    the pieces the other thread has taken. What it reports is what one read in order would:
-    the first short read (the end of the file) or error, in file order."""
+    """Data read, and hashed, piece by piece by whichever thread takes the next piece (each
+    call of read_pieces, one an extent and thread, takes pieces until none is left); finish()
+    waits for the pieces the other thread has taken. What it reports is what one read in order
+    would: the first short read (the end of the file) or error, in file order."""
 
-    def __init__(self, fd: int, buffer: bytearray, offset: int, need: int, at: int) -> None:
-        super().__init__(buffer, offset, need, need)
+    def __init__(self, fd: int, buffer: bytearray, offset: int, need: int, at: int,
+                 wanted: _Wanted) -> None:
+        super().__init__(buffer, offset, need, need, wanted)
         self.fd = fd
         self.at = at
-        starts = range(0, need, PIECE)
-        self.claims = iter(starts)  # next() on it is atomic under the GIL: each piece once
-        self.left = len(starts)
+        n = len(wanted.ends)
+        self.bounds = np.minimum(np.arange(0, n + PIECE_CLUSTERS, PIECE_CLUSTERS), n)
+        self.left = len(self.bounds) - 1
+        self.state = np.zeros(1 + 2 * self.left, np.int64)  # see read_pieces
         self.lock = threading.Lock()
         self.done = threading.Lock()
         self.done.acquire()  # released by whoever reads the last piece
-        self.error: tuple[int, Exception] | None = None
 
     def work(self) -> None:
-        for start in self.claims:
-            piece = self.view[start:start + PIECE]
-            got, error = 0, None
-            try:
-                while got < len(piece):
-                    n = os.preadv(self.fd, [piece[got:]], self.at + start + got)
-                    if not n:
-                        break
-                    got += n
-            except Exception as exc:  # noqa: BLE001 - the caller raises it, in file order
-                error = exc
+        wanted = self.wanted
+        did = _read_pieces_now(self.fd, self.view, self.at, wanted.ends, self.bounds,
+                               self.state, wanted.data, wanted.summed)
+        if did:
             with self.lock:
-                if error is not None and (self.error is None or start < self.error[0]):
-                    self.error = (start + got, error)
-                elif got < len(piece):
-                    self.got = min(self.got, start + got)
-                self.left -= 1
+                self.left -= did
                 if not self.left:
                     self.done.release()
 
@@ -348,9 +453,22 @@ class _Pieces(_Data):
         self.work()
         with self.done:
             pass
-        if self.error is not None and self.error[0] < self.got:
-            raise self.error[1]
+        got, errors = self.state[1::2], self.state[2::2]
+        if int(got.sum()) == self.need and not errors.any():
+            return self.view
+        starts = np.concatenate(([0], self.wanted.ends[self.bounds[1:-1] - 1]))
+        sizes = self.wanted.ends[self.bounds[1:] - 1] - starts
+        bad = np.flatnonzero((errors != 0) | (got < sizes))
+        if len(bad):  # the first in file order: an error, or the end of the file
+            k = int(bad[0])
+            if errors[k]:
+                raise OSError(int(errors[k]), os.strerror(int(errors[k])))
+            self.got = int(starts[k] + got[k])
         return super().finish()
+
+    def checks(self) -> ExtentChecks:
+        """Its clusters' checks, hashed with the pieces."""
+        return self.wanted.result()
 
 
 class _Stopped(Exception):
@@ -365,32 +483,58 @@ _FRESH = object()  # a buffer not allocated yet (a short archive needs few)
 class _Ring:
     """Between the reader thread and its caller: the items read, in order, and what bounds
     them: the free extent buffers, and room for runs of headers (queues in C: a handoff
-    costs a few microseconds, not a Python condition's churn)."""
+    costs a few microseconds, not a Python condition's churn).
+
+    The reader walks ahead first (headers, in Python) and reads an extent's data pieces
+    (without the GIL) only while it waits for a buffer or for room, oldest extent first; the
+    caller reads the pieces left when it comes to that extent. So one thread's Python runs
+    while the other reads and hashes, rather than both reading one extent's last pieces and
+    then queueing for the GIL together."""
 
     def __init__(self, count: int) -> None:
         self.items: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.buffers: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.room: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.unread: collections.deque[_Data] = collections.deque()  # pieces maybe left
         self.stopped = False
         for _ in range(count):
             self.buffers.put(_FRESH)
             self.room.put(True)
 
+    def _wait(self, tokens: queue.SimpleQueue[object]) -> object:
+        """The next token (a buffer, room), reading the unread extents' pieces meanwhile."""
+        while self.unread:
+            try:
+                token = tokens.get_nowait()
+                break
+            except queue.Empty:
+                self.unread.popleft().work()
+        else:
+            token = tokens.get()
+        if token is _STOP or self.stopped:
+            raise _Stopped
+        return token
+
     def take(self) -> bytearray:
         """A free buffer for the reader (it waits for one)."""
-        buffer = self.buffers.get()
-        if buffer is _STOP or self.stopped:
-            raise _Stopped
+        buffer = self._wait(self.buffers)
         return bytearray(vma.MAX_EXTENT_SIZE) if buffer is _FRESH else cast(bytearray, buffer)
 
     def put(self, item: HeaderBatch | tuple[Extent, _Data]) -> None:
         """An item for the caller; a run of headers waits for room (the data waited for its
         buffer)."""
-        if isinstance(item, HeaderBatch) and self.room.get() is _STOP:
-            raise _Stopped
+        if isinstance(item, HeaderBatch):
+            self._wait(self.room)
         if self.stopped:
             raise _Stopped
         self.items.put(item)
+        if not isinstance(item, HeaderBatch):
+            self.unread.append(item[1])
+
+    def drain(self) -> None:
+        """At the end of the stream: read what is left (the caller reads along)."""
+        while self.unread and not self.stopped:
+            self.unread.popleft().work()
 
     def stop(self) -> None:
         self.stopped = True
@@ -398,14 +542,16 @@ class _Ring:
         self.room.put(_STOP)
 
 
-def _read_ahead(source: _Source, header: vma.Header, count: int) -> Iterator[_Item]:
+def _read_ahead(source: _Source, header: vma.Header, count: int, hashing: Hashing
+                ) -> Iterator[_CheckedItem]:
     ring = _Ring(count)
 
     def read() -> None:
         try:
-            for item in _runs(source, header, ring.take):
+            for item in _runs(source, header, ring.take, hashing):
                 ring.put(item)
             ring.items.put(_END)
+            ring.drain()
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, in order
@@ -425,7 +571,7 @@ def _read_ahead(source: _Source, header: vma.Header, count: int) -> Iterator[_It
                 ring.room.put(True)
                 continue
             ext, data = cast(tuple[Extent, _Data], item)
-            yield ext, data.finish()
+            yield ext, data.finish(), data.checks()
             ring.buffers.put(data.view.obj)
     finally:
         ring.stop()
@@ -475,6 +621,7 @@ class HeaderBatch:
 
 
 _Item = tuple[Extent, memoryview] | HeaderBatch  # what a forward walk yields
+_CheckedItem = tuple[Extent, memoryview, ExtentChecks] | HeaderBatch
 
 
 def _batch(offsets: list[int], counts: list[int], heads: list[bytes]) -> HeaderBatch:
