@@ -115,66 +115,72 @@ def run(args: argparse.Namespace) -> int:
     drives = [parse_drive(a) for a in args.drive]
     if args.full_if_needed and not args.incremental:
         raise UsageError("--full-if-needed goes with --incremental")
-    from vmafs.cli import importing
-    with importing():
-        prev = None
-        if args.incremental:  # read while the rest is imported (prev.py)
-            from vmafs.backup.prev import PrevReader
-            prev = PrevReader(args.incremental, args.base)
-        import trio
+    import gc
 
-        from vmafs.archive import naming
-        from vmafs.archive.configs import read_configs
-        from vmafs.archive.protection import protect
-        from vmafs.backup.live import Backup, BackupOptions, run_backup
-        from vmafs.format.names import display
-        from vmafs.progress import print_json
-    configs = read_configs(args.config)
-    opts = BackupOptions(
-        qmp_socket=args.qmp, output=args.output, drives=drives,
-        configs=configs.files, qga_socket=args.qga,
-        zstd=True if args.zstd else None, level=args.level, threads=args.threads,
-        frame_size=frame_bytes(args),
-        stall_timeout=args.stall_timeout,
-        max_workers=_workers(args.max_workers, BackupOptions.max_workers),
-        incremental_workers=_workers(args.max_workers, BackupOptions.incremental_workers),
-        progress=False if args.quiet else None, handle_signals=True,
-        incremental=args.incremental, bitmap=not args.no_bitmap,
-        full_if_needed=args.full_if_needed,
-        speed=args.bwlimit * 1024 if args.bwlimit else None,
-        drop_old_bitmaps=args.drop_old_bitmaps,
-        vmid=naming.check_vmid(args.vmid) if args.vmid else configs.vmid,
-        inherit=not args.config and not args.vmid, bases=args.base,
-    )
-    if args.protected and args.output == "-":
-        raise UsageError("--protected marks an archive file; stdout has none")
-    job = Backup(opts, prev)
-    log = None
+    from vmafs.cli import importing
     try:
-        result = trio.run(run_backup, job)
-        if naming.is_directory_output(args.output):
-            log = _write_log(job, result)
-        if args.protected and result.archive != "-":
-            protect(result.archive)
-        for note in result.notes:
-            print(f"vmafs backup: {note}", file=sys.stderr)
-        if result.archive != args.output and not args.json:  # -o DIR/: say which file
-            print(f"vmafs backup: wrote {display(result.archive)}", file=sys.stderr)
-    except VmafsError as exc:
-        if job.signalled is not None:  # as every command ends on a signal: 128+N
-            exc.exit_code = 128 + job.signalled
-        if job.writer_stuck:
-            # The writer thread is blocked in a write that will never return (a stalled
-            # pipe or file system); exiting normally would wait for it forever.
-            print(f"vmafs backup: error: {exc}", file=sys.stderr, flush=True)
-            os._exit(exc.exit_code)
-        raise
-    if args.json:
-        summary = result.summary()
-        summary["archive_bytes"] = job.writer.bytes_out if job.writer else None
-        summary["log"] = log
-        print_json(summary, sys.stderr if args.output == "-" else sys.stdout)
-    return 0
+        with importing():
+            prev = None
+            if args.incremental:  # read while the rest is imported (prev.py)
+                from vmafs.backup.prev import PrevReader
+                prev = PrevReader(args.incremental, args.base)
+            import trio
+
+            from vmafs.archive import naming
+            from vmafs.archive.configs import read_configs
+            from vmafs.archive.protection import protect
+            from vmafs.backup.live import Backup, BackupOptions, run_backup
+            from vmafs.format.names import display
+            from vmafs.progress import print_json
+        configs = read_configs(args.config)
+        opts = BackupOptions(
+            qmp_socket=args.qmp, output=args.output, drives=drives,
+            configs=configs.files, qga_socket=args.qga,
+            zstd=True if args.zstd else None, level=args.level, threads=args.threads,
+            frame_size=frame_bytes(args),
+            stall_timeout=args.stall_timeout,
+            max_workers=_workers(args.max_workers, BackupOptions.max_workers),
+            incremental_workers=_workers(args.max_workers, BackupOptions.incremental_workers),
+            progress=False if args.quiet else None, handle_signals=True,
+            incremental=args.incremental, bitmap=not args.no_bitmap,
+            full_if_needed=args.full_if_needed,
+            speed=args.bwlimit * 1024 if args.bwlimit else None,
+            drop_old_bitmaps=args.drop_old_bitmaps,
+            vmid=naming.check_vmid(args.vmid) if args.vmid else configs.vmid,
+            inherit=not args.config and not args.vmid, bases=args.base,
+        )
+        if args.protected and args.output == "-":
+            raise UsageError("--protected marks an archive file; stdout has none")
+        job = Backup(opts, prev)
+        log = None
+        try:
+            result = trio.run(run_backup, job)
+            if naming.is_directory_output(args.output):
+                log = _write_log(job, result)
+            if args.protected and result.archive != "-":
+                protect(result.archive)
+            for note in result.notes:
+                print(f"vmafs backup: {note}", file=sys.stderr)
+            if result.archive != args.output and not args.json:  # -o DIR/: say which file
+                print(f"vmafs backup: wrote {display(result.archive)}", file=sys.stderr)
+        except VmafsError as exc:
+            if job.signalled is not None:  # as every command ends on a signal: 128+N
+                exc.exit_code = 128 + job.signalled
+            if job.writer_stuck:
+                # The writer thread is blocked in a write that will never return (a stalled
+                # pipe or file system); exiting normally would wait for it forever.
+                print(f"vmafs backup: error: {exc}", file=sys.stderr, flush=True)
+                os._exit(exc.exit_code)
+            raise
+        if args.json:
+            summary = result.summary()
+            summary["archive_bytes"] = job.writer.bytes_out if job.writer else None
+            summary["log"] = log
+            print_json(summary, sys.stderr if args.output == "-" else sys.stdout)
+        return 0
+    finally:
+        gc.unfreeze()  # what the imports made (importing()): collected again in a process
+        # that goes on (the tests)
 
 
 def _write_log(job: Backup, result: BackupResult) -> str | None:
