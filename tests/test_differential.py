@@ -1,11 +1,13 @@
 """Differential mutation test (issue 8): seeded mutants of archives of every kind through every
 reading path — verify, extract, list, config, the Archive model, VmaFS without a kernel, the real
-command, a real FUSE mount, the NBD export, restore (raw and qcow2) and S3 — must agree: the same bytes, or an error; never other bytes, never
-a traceback, a hang or unbounded memory. The mutations and the oracle are in tests/mutations.py;
+command, a real FUSE mount, the NBD export, restore (raw and qcow2) and S3 — must agree: the same
+bytes, or an error; never other bytes, never a traceback, a hang or unbounded memory. The
+mutations and the oracle are in tests/mutations.py (restore and S3: tests/mutations_paths.py);
 `tools/mutate_archives.py` runs many more and prints a reproducer for each failure."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -210,11 +212,10 @@ NBD_KINDS = {"none": ["vmafs.vma", "vmafs.vma.zst", "spec-two-disks.vma"],
              "reseal": ["spec-two-disks.vma"], "forge": ["vmafs.vma"],
              "seektable": ["vmafs.vma.zst"], "combo": ["vmafs.vma", "vmafs.vma.zst"],
              "header": ["vmafs.vma"]}
-NBD_SEEDS = 1  # CI time: about 2 s a mutant (a server started for each)
 
 
 def _nbd_picks(infos: dict[str, mu.BaseInfo]) -> list[tuple[str, str, dict[str, Any]]]:
-    """The first NBD_SEEDS mutants of each kind on its bases ({} matches any params)."""
+    """Each kind on its bases ({} matches any params)."""
     return [(base, kind, {}) for kind, bases in NBD_KINDS.items() if kind in mu.KINDS
             for base in bases if base in infos]
 
@@ -223,41 +224,27 @@ def test_real_nbd_export(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base
                          tmp_path: Path) -> None:
     """A few mutants of every kind served by `vmafs serve`, read over NBD, judged like the
     mount: the same bytes as extract, or an error; never a refusal of a verified archive."""
-    outcomes = []
-    for base, kind, _ in _nbd_picks(infos):
-        for seed in range(NBD_SEEDS if kind != "none" else 1):
-            m = mu.make_mutant(infos[base], kind, seed)
-            if m is None:
-                continue
-            out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
-            out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
-            out.failures += mutations_nbd.check_nbd(m, bases[m.base], tmp_path, out)
-            outcomes.append(out)
+    outcomes = _through(_kind_mutants(infos), bases, tmp_path, mutations_nbd.check_nbd)
     assert len(outcomes) >= 12
     assert not any(o.failures for o in outcomes), _report(outcomes)
 
 
-def _nbd_kind_mutants(infos: dict[str, mu.BaseInfo]) -> list[mu.Mutant]:
-    """The first mutant of each kind on NBD_KINDS's bases (and on the legacy containers)."""
-    chosen = []
-    for base, kind, _ in _nbd_picks(infos) + [(b, "flip", {}) for b in GROUPS["legacy"][0]
-                                              if b in infos]:
-        m = mu.make_mutant(infos[base], kind, 0)
-        if m is not None:
-            chosen.append(m)
-    return chosen
+def _kind_mutants(infos: dict[str, mu.BaseInfo], *, legacy: bool = False) -> list[mu.Mutant]:
+    """The first mutant of each kind on NBD_KINDS's bases (and a flip of each legacy
+    container's)."""
+    picks = _nbd_picks(infos)
+    if legacy:
+        picks += [(b, "flip", {}) for b in GROUPS["legacy"][0] if b in infos]
+    return [m for m in (mu.make_mutant(infos[base], kind, 0) for base, kind, _ in picks)
+            if m is not None]
 
 
 def test_restore_path(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base],
                       tmp_path: Path) -> None:
     """A few mutants of every kind restored as raw and qcow2 images: each disk whole and the
     bytes extract gives (or the reference decides), or an error that leaves no image."""
-    outcomes = []
-    for m in _nbd_kind_mutants(infos):
-        out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
-        out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
-        out.failures += mutations_paths.check_restore(m, bases[m.base], tmp_path, out)
-        outcomes.append(out)
+    outcomes = _through(_kind_mutants(infos, legacy=True), bases, tmp_path,
+                        mutations_paths.check_restore)
     assert len(outcomes) >= 12
     assert not any(o.failures for o in outcomes), _report(outcomes)
 
@@ -275,31 +262,39 @@ S3_PICKS = [
 
 def test_s3_path(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base], tmp_path: Path,
                  s3: S3Env) -> None:
-    """The same mutants read from the Ceph gateway: verify and extract get the local verdicts
-    and bytes, and the model's ranged reads are judged as the local model's."""
+    """The same mutants, and forged indexes, read from the Ceph gateway: verify and extract
+    get the local verdicts and bytes, and the model's ranged reads are judged as the local
+    model's."""
+    def through_s3(m: mu.Mutant, base: mu.Base, work: Path, out: mu.Outcome
+                   ) -> list[mu.Failure]:
+        suffix = base.name[base.name.index("."):]
+        key = f"m/{hashlib.sha256(m.id.encode()).hexdigest()[:16]}{suffix}"
+        return mutations_paths.check_s3(m, base, work, out, s3.url(key),
+                                        lambda data: s3.put(key, data))
+
+    mutants = _kind_mutants(infos, legacy=True) + _pick(infos, S3_PICKS)
+    outcomes = _through(mutants, bases, tmp_path, through_s3)
+    assert len(outcomes) >= 18
+    assert not any(o.failures for o in outcomes), _report(outcomes)
+
+
+def _through(mutants: list[mu.Mutant], bases: dict[str, mu.Base], tmp_path: Path,
+             check: Callable[..., list[Any]]) -> list[mu.Outcome]:
+    """The in-process verdicts of each mutant, then `check` through one more reading path."""
     outcomes = []
-    for k, m in enumerate(_nbd_kind_mutants(infos) + _pick(infos, S3_PICKS)):
-        key = f"m/{k}{bases[m.base].name[bases[m.base].name.index('.'):]}"
+    for m in mutants:
         out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
         out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
-        out.failures += mutations_paths.check_s3(
-            m, bases[m.base], tmp_path, out, s3.url(key),
-            lambda data, key=key: s3.put(key, data))
+        out.failures += check(m, bases[m.base], tmp_path, out)
         outcomes.append(out)
-    assert len(outcomes) >= 12
-    assert not any(o.failures for o in outcomes), _report(outcomes)
+    return outcomes
 
 
 def _for_real(infos: dict[str, mu.BaseInfo], bases: dict[str, mu.Base], tmp_path: Path,
               picks: list[tuple[str, str, dict[str, Any]]],
               check: Callable[..., list[Any]]) -> None:
     """The in-process verdicts of the picked mutants, then `check` through the real thing."""
-    outcomes = []
-    for m in _pick(infos, picks):
-        out = mu.check_mutant(m, bases[m.base], tmp_path, fs=False)
-        out.failures = [f for f in out.failures if f.path not in ("model", "fs")]
-        out.failures += check(m, bases[m.base], tmp_path, out)
-        outcomes.append(out)
+    outcomes = _through(_pick(infos, picks), bases, tmp_path, check)
     assert not any(o.failures for o in outcomes), _report(outcomes)
 
 
