@@ -3,8 +3,9 @@
 It never seeks and holds at most one extent plus the partially written clusters, so it can feed a
 pipe or a compressor. Every cluster is emitted exactly once; clusters never written (or zeroed)
 become zero slots at the end, then the index and the footer follow as null extents. Checks are
-over block sums (format/index.py), hashed a whole extent at a time; a plain archive carries
-each extent's sums in null extents right after it, so memory stays one extent's worth.
+over block sums (format/index.py), hashed a whole write at a time as it comes (which blocks are
+zero is read from them too); a plain archive carries each extent's sums in null extents right
+after it, so memory stays one extent's worth.
 
 Which clusters were seen is kept in ClusterSets, not in arrays over whole devices: a 16 TiB sparse
 disk (2^28 clusters) costs memory for what was written, and finish() walks the zero slots in
