@@ -357,3 +357,106 @@ def test_place_helpers_for_paths_and_objects(s3: S3Env, tmp_path: Path) -> None:
     assert st is not None and st.st_size == 4 and (st.st_dev, st.st_ino) == remote_key(
         s3.url("h/a.vma"))
     assert lstat(s3.url("h/none.vma")) is None
+
+
+def test_several_readers_in_order_and_a_long_advise_read_whole_chunks() -> None:
+    """Readers each going through their own span of the object (a zstd layout check's
+    threads, a small read every 128 KiB after an advise of the span) are each a sequential
+    reader: whole chunks, no run of small requests first, memory bounded; a short advise on
+    a fresh object (one frame) starts nothing."""
+    fake = _Fake(64 * MiB, delay=0.002)
+    obj = fake.open()
+    obj.advise(8 * MiB, 4 * MiB)
+    assert fake.asked == []
+    errors: list[BaseException] = []
+    most = [0]
+
+    def walk(start: int) -> None:
+        try:
+            obj.advise(start, 16 * MiB)
+            for at in range(start, start + 16 * MiB, 128 << 10):
+                assert obj.read(at, 3) == fake.data[at:at + 3]
+                most[0] = max(most[0], len(obj._chunks))
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=walk, args=(start,))
+               for start in (8 * MiB, 24 * MiB, 40 * MiB)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    chunk = ranged_mod.CHUNK
+    assert all(s % chunk == 0 and e - s == chunk for s, e in fake.asked), fake.asked
+    assert len(fake.asked) == len(set(fake.asked))  # each chunk once (and some read ahead)
+    assert most[0] <= ranged_mod.RUNS * (ranged_mod.AHEAD + ranged_mod.KEEP + 1)
+    obj.close()
+
+
+class _Counting:
+    """A plain archive file as a store's object would be read: `remote`, each pread counted."""
+
+    remote = True
+    checked_by_reader = False
+
+    def __init__(self, source: object) -> None:
+        self.source = source
+        self.reads: list[tuple[int, int]] = []
+
+    @property
+    def size(self) -> int:
+        return self.source.size  # type: ignore[attr-defined, no-any-return]
+
+    def pread(self, offset: int, length: int) -> bytes | memoryview:
+        self.reads.append((offset, length))
+        return self.source.pread(offset, length)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_confirming_an_increment_reads_each_header_with_the_runs_beside_it(
+        tmp_path: Path) -> None:
+    """Opening an increment in a store confirms its index against the extent headers: each
+    header is read with the data-less extents before it (its block sums) in one request,
+    one more for the last run (up to the index), and the clusters it holds are what a local
+    open finds."""
+    import random
+
+    import numpy as np
+    from prune_fuzz import write
+
+    from vmafs.archive import locate
+    from vmafs.archive.chain import link_to
+    from vmafs.archive.reader import Archive, read_source_header
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.output import open_output
+    from vmafs.container.plain import PlainSource
+    from vmafs.container.source import open_file
+    from vmafs.format import chain
+
+    rng = random.Random(3)
+    write(tmp_path / "base.vma", {})
+    with Archive.open(str(tmp_path / "base.vma"), layer=True) as base:
+        link = chain.encode(chain.ChainRecord(parent=link_to(base)))
+    with open_output(str(tmp_path / "inc.vma")) as out:  # 3 extents of 59 clusters at most
+        writer = ArchiveWriter(out, [DeviceSpec("drive-scsi0", 256 * 65536)],
+                               [(chain.CONFIG_NAME, link)], incremental=[1])
+        for c in sorted(rng.sample(range(256), 150)):
+            writer.write(1, c * 65536, rng.randbytes(65536))
+        writer.finish()
+    seen = []
+    for remote in (False, True):
+        source = PlainSource(open_file(str(tmp_path / "inc.vma")))
+        header, _ = read_source_header(source)
+        footer = locate.find_footer(source, header)
+        assert footer is not None
+        table = locate.load_index(source, header, footer)
+        counted = _Counting(source)
+        counted.remote = remote
+        _, rules = locate.confirm_index(counted, header, table,  # type: ignore[arg-type]
+                                        footer.index_offset, complete=False)
+        seen.append({dev: np.concatenate(list(held.iter_present())).tolist()
+                     for dev, held in rules.seen.items()})
+        assert len(table.ext_offsets) == 3
+        assert len(counted.reads) <= len(table.ext_offsets) + 1  # the last run: its own
+        source.close()
+    assert seen[0] == seen[1] and len(seen[0][1]) == 150

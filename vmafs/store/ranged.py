@@ -13,7 +13,8 @@ read near the start fetches HEAD bytes once (the VMA header and its configs). Af
   against the RADOS gateway here, 16 MiB ranges 3 at a time took 1.3-1.5x the time of one
   GET), asked for again from where it broke off if it does; a store that cannot stream a body
   gets STREAM_CHUNK-sized ranges, STREAM_AHEAD in flight;
-- memory stays bounded: at most (AHEAD + KEEP) chunks, whatever the object's size;
+- memory stays bounded: at most (AHEAD + KEEP + 1) chunks for each of at most RUNS sequential
+  readers at once, whatever the object's size;
 - a read is copied once, from the fetched buffers into the reader's (readinto) or into the
   bytes it returns.
 
@@ -281,15 +282,25 @@ class RangedObject:
         return streamer.queue(start, end)
 
     def advise(self, offset: int, length: int) -> None:
-        """Honoured for a sequential reader only: a reader's first reads (a header, a seek
-        table, one frame) must not start whole chunks of an object they will not read."""
-        with self._lock:
-            if not (self.sequential or any(abs(offset - r[2]) <= NEAR and r[1] - r[0] >= RUN
-                                           for r in self._runs)):
-                return
+        """Honoured for a sequential reader, and for a span longer than a chunk: its reader
+        goes through it (a zstd layout check walks each frame's block headers, a small read
+        every <= 128 KiB), so it is a sequential run from here on, not first a run of small
+        requests. A reader's first reads (a header, a seek table, one frame and the next
+        ones) must not start whole chunks of an object they will not read."""
         end = min(offset + length, self._size, self._tail_at)
         if offset >= end:
             return
+        with self._lock:
+            if end - offset > self._chunk:
+                run = next((r for r in self._runs if abs(offset - r[2]) <= NEAR), None)
+                if run is None:
+                    run = [offset, offset, offset]
+                    self._runs.insert(0, run)
+                    del self._runs[RUNS:]
+                run[0] = min(run[0], run[1] - RUN)  # sequential already
+            elif not (self.sequential or any(abs(offset - r[2]) <= NEAR and r[1] - r[0] >= RUN
+                                             for r in self._runs)):
+                return
         first = offset // self._chunk
         self._schedule(first, min((end - 1) // self._chunk, first + self._ahead - 1))
 
