@@ -336,6 +336,11 @@ class Archive:
                 walk_cache.remember_held(key, held, worth)
             elif key is not None:
                 walk_cache.remember_confirmed(key, worth)
+        elif not remote_full:
+            # proven before for this file unchanged: a frame's first read need not prove it
+            trust = getattr(source, "trust_layout", None)
+            if trust is not None:
+                trust()
         return cls(source, header, table, mode=INDEXED, compressed=compressed, held=held,
                    block_sums=footer.block_sums, sums_carried=footer.sums_carried, lazy=lazy)
 

@@ -52,15 +52,15 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 def add_compression(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--level", type=int_in(1, 22), default=3, metavar="N",
-                        help="zstd level for .vma.zst output, 1 to 22 (default 3)")
+    parser.add_argument("--level", type=int_in(1, 22), default=None, metavar="N",
+                        help="zstd level for .vma.zst output, 1 to 22 (default 4)")
     parser.add_argument("--threads", type=int_in(1, 64), default=2, metavar="N",
                         help="zstd compression threads, 1 to 64 (default 2)")
     parser.add_argument("--frame-size", type=int_in(64, 8192), metavar="KIB",
-                        help="seekable zstd frame size in KiB, 64 to 8192 (default 2048: within "
-                             "1%% of vzdump's zstd -3 size on an ext4 image of /usr; smaller "
-                             "frames read a random 4 KiB faster through a mount, for more "
-                             "size: 1024 is 3%% bigger)")
+                        help="seekable zstd frame size in KiB, 64 to 8192 (default 1536: within "
+                             "1%% of vzdump's zstd -3 size on an ext4 image of /usr at the "
+                             "default level; smaller frames read a random 4 KiB faster "
+                             "through a mount, for more size: 1024 is about 3%% bigger)")
     parser.add_argument("--zstd", action="store_true",
                         help="compress (seekable zstd) even when writing to stdout")
 
