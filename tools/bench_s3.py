@@ -162,6 +162,10 @@ def main() -> int:
     else:
         GATEWAY_PIDS.extend(int(p) for p in os.environ.get("GATEWAY_PIDS", "").split())
     trees = [("vmafs", ROOT)] + ([("tree", args.tree.resolve())] if args.tree else [])
+    for _, tree in trees:  # bytecode as an install has it: with PYTHONDONTWRITEBYTECODE set,
+        # a module changed since (or a fresh checkout) was compiled again by every run
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "vmafs")],
+                       stdout=subprocess.DEVNULL, check=True)
     scratch = Path(tempfile.mkdtemp(prefix="vmafs-bench-s3-", dir=args.dir))
     results: list[str] = []
 
