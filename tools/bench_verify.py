@@ -4,15 +4,16 @@
 Archives (made once by `vmafs create`): a plain .vma of a SIZE raw image that is half random
 data, half holes (64 MiB stripes), a plain .vma of a fully random SIZE image, and a .vma.zst
 of the half-random image; each read into the page cache (`cat archive > /dev/null`, timed: the
-I/O floor) right before it is verified. Each round runs `vmafs verify -q` of every archive
-pinned to one core (`taskset -c 0`) and unpinned, in alternating order; medians over the
-rounds. A verify of a one-cluster archive, measured the same way, is the fixed cost (start-up,
-imports), so the ratio on stored data is printed beside the whole command's; and each round
-also scans each archive in one process on one core and on both (alternating which first):
-the stored data's ratio without start-up. The load average is printed: above 1, other
-processes had part of the second core. --baseline REV
-also runs the vmafs of an older commit (git archive, its C accelerator built) the same way,
-in the same rounds.
+I/O floor) right before it is verified, and again before the in-process scans (the share still
+cached after them is checked with fincore: a busy machine's memory use evicts files). Each
+round runs `vmafs verify -q` of every archive pinned to one core (`taskset -c 0`) and
+unpinned, in alternating order; medians over the rounds. A verify of a one-cluster archive,
+measured the same way, is the fixed cost (start-up, imports), so the ratio on stored data is
+printed beside the whole command's; and each round also scans each archive in one process on
+one core and on both (alternating which first): the stored data's ratio without start-up.
+The load average is printed: above 1, other processes had part of the second core.
+--baseline REV also runs the vmafs of an older commit (git archive, its C accelerator built)
+the same way, in the same rounds.
 
 Usage: tools/bench_verify.py [--size 2G] [--rounds 7] [--dir D] [--keep] [--baseline REV]
                              [--baseline-tree DIR]
@@ -108,6 +109,16 @@ def build_accelerator(rev: str, tree: str) -> None:
                    capture_output=True)
 
 
+def resident(path: str) -> float:
+    """The share of the file in the page cache (util-linux fincore; 1.0 without it)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", path],
+                         capture_output=True, text=True)
+    if out.returncode or not out.stdout.split():
+        return 1.0
+    res, size = (int(x) for x in out.stdout.split()[:2])
+    return res / size if size else 1.0
+
+
 def warm(path: str) -> float:
     """Read the whole file into the page cache; the wall time of `cat` (the I/O floor)."""
     return run(["cat", path])[0]
@@ -161,6 +172,7 @@ def main() -> None:
         split: dict[tuple[str, str], list[tuple[float, float, float, float, float]]] = {}
         load = os.getloadavg()[0]
         floor: dict[str, list[float]] = {}
+        cached: dict[str, list[float]] = {}  # the share in the page cache after its runs
         for r in range(args.rounds):
             for name, (_, archive, _) in archives.items():
                 path = os.path.join(work, archive)
@@ -171,8 +183,11 @@ def main() -> None:
                 for mode, prefix, tree in modes if r % 2 == 0 else modes[::-1]:
                     times.setdefault((name, mode), []).append(
                         run([*prefix, *vmafs, "verify", "-q", path], tree))
+                cached.setdefault(name, []).append(resident(path))
+                warm(path)
                 for tag, tree in trees.items():
                     split.setdefault((name, tag), []).append(cpu_split(path, tree, r % 2 == 0))
+                cached[name].append(resident(path))
         med = {key: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
                for key, v in times.items()}
         fixed1, fixed2 = med["fixed cost", "one core"][0], med["fixed cost", "both cores"][0]
@@ -190,6 +205,10 @@ def main() -> None:
                     else float("nan"))
             print(f"{name:18} {mib:6.0f} {statistics.median(floor[name]):6.3f}s {one:6.3f}s "
                   f"{two:6.3f}s {cpu1:6.3f}s {cpu2:6.3f}s {ratio:5.2f}x {data:8.2f}x")
+        low = {name: min(v) for name, v in cached.items() if min(v) < 0.999}
+        if low:  # others' memory use evicted part of an archive: some reads went to the disk
+            print("NOT all in the page cache after its runs (lowest share seen): "
+                  + ", ".join(f"{name} {share:.1%}" for name, share in low.items()))
         one, two = med["plain, half data", "one core"][0], med["plain, half data", "both cores"][0]
         verdict = "PASS" if one / two >= TARGET else "MISS"
         data = (one - fixed1) / (two - fixed2)
@@ -221,12 +240,12 @@ def main() -> None:
               "same process, alternating\nwhich goes first; wall seconds, medians (best)")
         for tag in trees:
             for name in list(archives)[:3]:
-                one = [t[3] for t in split[name, tag]]
-                two = [t[4] for t in split[name, tag]]
-                m1, m2 = statistics.median(one), statistics.median(two)
-                print(f"{tag or 'this tree: '}{name:18} 1 core {m1:6.3f}s ({min(one):5.3f}) "
-                      f"2 cores {m2:6.3f}s ({min(two):5.3f}) ratio {m1 / m2:5.2f}x "
-                      f"({min(one) / min(two):4.2f}x)")
+                ones = [t[3] for t in split[name, tag]]
+                twos = [t[4] for t in split[name, tag]]
+                m1, m2 = statistics.median(ones), statistics.median(twos)
+                print(f"{tag or 'this tree: '}{name:18} 1 core {m1:6.3f}s ({min(ones):5.3f}) "
+                      f"2 cores {m2:6.3f}s ({min(twos):5.3f}) ratio {m1 / m2:5.2f}x "
+                      f"({min(ones) / min(twos):4.2f}x)")
         for tag in list(trees)[1:]:
             print(f"\nthe same, vmafs of {tag[:-2]} (same rounds): seconds, and this tree's "
                   "speed-up over it")

@@ -216,7 +216,7 @@ def _runs(source: _Source, header: vma.Header, take: Callable[[], bytearray], ha
     offsets: list[int] = []
     heads: list[bytes] = []
     try:
-        raw = source.header(offset, False)
+        raw = source.header(offset, vma.EXTENT_HEADER_SIZE)
         while raw:
             if len(raw) < vma.EXTENT_HEADER_SIZE:
                 raise problems.error(problems.TRUNCATED, f"read short extent ({len(raw)} bytes) "
@@ -232,7 +232,7 @@ def _runs(source: _Source, header: vma.Header, take: Callable[[], bytearray], ha
                     yield _batch(offsets, [0] * len(heads), heads)
                     offsets, heads = [], []
                 offset += vma.EXTENT_HEADER_SIZE
-                raw = source.header(offset, True)
+                raw = source.header(offset, HEADER_CHUNK)
                 continue
             if heads:
                 yield _batch(offsets, [0] * len(heads), heads)
@@ -242,7 +242,9 @@ def _runs(source: _Source, header: vma.Header, take: Callable[[], bytearray], ha
                                _Wanted(ext.masks, hashing))
             yield ext, data
             offset += ext.size
-            raw = source.header(offset, False)
+            # its block sums' null extents, if the archive carries them, and the next header
+            raw = source.header(offset, (index.sums_extents(block_count) + 1)
+                                * vma.EXTENT_HEADER_SIZE)
     except FormatError:
         if heads:
             yield _batch(offsets, [0] * len(heads), heads)
@@ -318,8 +320,9 @@ class _Source:
     """Where a forward walk reads: headers by stream offset (the walk asks in order), and
     extent data."""
 
-    def header(self, offset: int, in_run: bool) -> bytes:
-        """The 512 bytes at offset (fewer at the end); in_run: after a header without data."""
+    def header(self, offset: int, ahead: int) -> bytes:
+        """The 512 bytes at offset (fewer at the end); ahead: how many bytes from offset are
+        likely headers too (a file reads them at once)."""
         raise NotImplementedError
 
     def data(self, buffer: bytearray, offset: int, need: int, wanted: _Wanted) -> _Data:
@@ -333,7 +336,7 @@ class _StreamSource(_Source):
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
 
-    def header(self, offset: int, in_run: bool) -> bytes:
+    def header(self, offset: int, ahead: int) -> bytes:
         return read_exact(self.stream, vma.EXTENT_HEADER_SIZE)
 
     def data(self, buffer: bytearray, offset: int, need: int, wanted: _Wanted) -> _Data:
@@ -358,12 +361,11 @@ class _FileSource(_Source):
         self.chunk = b""
         self.chunk_at = 0
 
-    def header(self, offset: int, in_run: bool) -> bytes:
+    def header(self, offset: int, ahead: int) -> bytes:
         at = offset + self.delta
         rel = at - self.chunk_at
         if rel < 0 or rel + vma.EXTENT_HEADER_SIZE > len(self.chunk):
-            self.chunk = os.pread(self.fd, HEADER_CHUNK if in_run else vma.EXTENT_HEADER_SIZE,
-                                  at)
+            self.chunk = os.pread(self.fd, ahead, at)
             self.chunk_at, rel = at, 0
         return self.chunk[rel:rel + vma.EXTENT_HEADER_SIZE]
 

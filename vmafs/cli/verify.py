@@ -57,7 +57,9 @@ def scan_file(path: str, quiet: bool) -> ScanResult:
         progress = progress_for(argparse.Namespace(quiet=quiet), "verify",
                                 sum(d.size for d in header.devices))
         try:
-            return scan_stream(stream, progress=progress.update, header=header,
+            # no bar (quiet, or not a terminal): no progress counted per extent
+            return scan_stream(stream, progress=progress.update if progress.enabled else None,
+                               header=header,
                                block_sums=locate.footer_block_sums(path, header))
         finally:
             progress.finish()
