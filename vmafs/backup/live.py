@@ -87,7 +87,7 @@ class BackupOptions:
     configs: Sequence[tuple[str, bytes]] = ()
     qga_socket: str | None = None
     zstd: bool | None = None                          # None: from the name
-    level: int = 3
+    level: int | None = None                          # zstd level; None: the container's default
     threads: int = 2
     frame_size: int | None = None                     # seekable zstd frame; None: default
     queue_bytes: int = 64 * MiB                       # sink -> writer buffer (back-pressure)
