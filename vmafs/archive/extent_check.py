@@ -20,6 +20,7 @@ are unkeyed). verify checks everything, from any store.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -124,12 +125,15 @@ class LazyExtents:
         ClusterRules(header).check(table.dev_ids, table.clusters, table.masks,
                                    np.zeros(len(table.dev_ids), np.int64))
         self.done = bytearray(len(self.chain.starts))
+        # a seekable zstd file's frame of a stream offset (None: a plain object)
+        self.frame_of: Callable[[int], int] | None = getattr(source, "frame_of", None)
 
     def read(self, offset: int, length: int) -> memoryview:
         """Stream bytes [offset, offset+length) of one extent's data, once that extent is
         confirmed. A read that starts where the extent's data does (a reader in order) takes
-        the header in the same request; any other asks for it beside the data, so it waits
-        for one round trip, not two."""
+        the header in the same request; one whose header is in the same zstd frame reads it
+        after the data, from the frame's prefix the data's read decoded; any other asks for
+        it beside the data, so it waits for one round trip, not two."""
         i = int(self.chain.starts.searchsorted(offset, side="right")) - 1
         if i < 0 or self.done[i]:
             return memoryview(self.source.pread(offset, length))
@@ -138,6 +142,10 @@ class LazyExtents:
             both = memoryview(self.source.pread(at, HEAD + length))
             self._check(i, both[:HEAD])
             return both[HEAD:]
+        if self.frame_of is not None and self.frame_of(at) == self.frame_of(offset):
+            data = memoryview(self.source.pread(offset, length))
+            self._confirm(i)  # from the prefix of the frame just decoded for the data
+            return data
         confirming = _pool().submit(self._confirm, i)
         data = memoryview(self.source.pread(offset, length))
         confirming.result()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from vmafs.container.source import file_identity
 from vmafs.store import StoredObject
 
@@ -93,8 +95,9 @@ class StoredPlainSource:
 
     def pread(self, offset: int, length: int) -> memoryview:
         size = max(0, min(length, self.obj.size - offset))
-        buf = bytearray(size)  # filled straight from the fetched ranges: one copy
-        return memoryview(buf)[:self.obj.readinto(offset, memoryview(buf))]
+        # filled straight from the fetched ranges (one copy), so never zeroed first
+        buf = np.empty(size, np.uint8).data
+        return buf[:self.obj.readinto(offset, buf)]
 
     def check_layout(self) -> None:
         """A plain object is the stream itself."""

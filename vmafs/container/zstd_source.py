@@ -215,6 +215,7 @@ class SeekableZstdSource:
             if isinstance(self._raw, LocalObject):
                 self._raw.own = True
         self._cache: ByteLRU[int] = ByteLRU(cache_bytes)
+        self._last_prefix: tuple[int, bytes] | None = None  # (frame, its first bytes)
         self._lock = threading.Lock()
         # pread_stream's frames, apart from the cache: a merge streams every layer of a chain at
         # once, so it holds STREAM_FRAMES frames a layer, not a cache (16 MiB) a layer
@@ -714,7 +715,14 @@ class SeekableZstdSource:
         if end <= f_end:
             if (self.checked_by_reader and end - offset <= PREFIX_READ_MAX and end < f_end
                     and self._state[first] != _UNSIZED and not self.cached(first)):
-                return self.read_prefix(first, end - f_start)[offset - f_start : end - f_start]
+                # the last prefix decoded is kept (unless caching is off): a read's extent
+                # header is in it, mostly (extent_check.py reads it right after the data)
+                last = self._last_prefix
+                if last is None or last[0] != first or len(last[1]) < end - f_start:
+                    last = (first, self.read_prefix(first, end - f_start))
+                    if self._cache.limit:
+                        self._last_prefix = last
+                return last[1][offset - f_start : end - f_start]
             return self.frame(first)[offset - f_start : end - f_start]
         return b"".join(self._parts(first, offset, end))  # views: the join is the only copy
 
