@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from vmafs.archive import problems
+from vmafs.archive.extent_check import ExtentChain, check_extent, extent_chain, unusable
 from vmafs.archive.rules import ClusterRules
 from vmafs.archive.walk import Extent, decode_extent
 from vmafs.container.source import ByteSource, open_source
@@ -63,7 +64,7 @@ def find_footer(source: ByteSource, header: vma.Header) -> index.Footer | None:
     try:
         footer = index.decode_footer(ext.payload())
     except FormatError as exc:
-        raise _bad(f"its footer is damaged: {exc}", footer_offset) from None
+        raise unusable(f"its footer is damaged: {exc}", footer_offset) from None
     if footer is not None:
         check_header(footer, header)
     return footer
@@ -122,27 +123,27 @@ def load_index(source: ByteSource, header: vma.Header, footer: index.Footer) -> 
     try:
         span = index.index_extent_span(footer, footer_offset)
     except FormatError as exc:
-        raise _bad(str(exc), footer_offset) from None
+        raise unusable(str(exc), footer_offset) from None
     if footer.index_offset < header.header_size:
-        raise _bad("the index starts inside the archive header", footer_offset)
+        raise unusable("the index starts inside the archive header", footer_offset)
     raw = source.pread(footer.index_offset, span)
     payloads = []
     for pos in range(0, span, HEAD):
         try:
             ext = decode_extent(raw[pos:pos + HEAD], header.uuid, footer.index_offset + pos)
         except FormatError as exc:
-            raise _bad(f"index extent damaged ({exc})", footer.index_offset + pos) from None
+            raise unusable(f"index extent damaged ({exc})", footer.index_offset + pos) from None
         if not ext.is_null:
-            raise _bad("an index extent holds data", footer.index_offset + pos)
+            raise unusable("an index extent holds data", footer.index_offset + pos)
         payloads.append(ext.payload())
     try:
         table = index.decode_index(index.check_index_blob(b"".join(payloads), footer))
     except ChecksumError as exc:
-        raise _bad(str(exc), footer.index_offset, problems.CHECKSUM) from None
+        raise unusable(str(exc), footer.index_offset, problems.CHECKSUM) from None
     except FormatError as exc:
-        raise _bad(str(exc), footer.index_offset) from None
+        raise unusable(str(exc), footer.index_offset) from None
     if header.vmstate is not None and (table.dev_ids == header.vmstate.dev_id).any():
-        raise _bad("the index lists vmstate data", footer.index_offset)
+        raise unusable("the index lists vmstate data", footer.index_offset)
     return table
 
 
@@ -152,40 +153,26 @@ def confirm_index(source: ByteSource, header: vma.Header, table: index.IndexTabl
     that the slots of all its extents keep every rule: each cluster at most once, and (unless
     an incremental archive, `complete=False`) exactly once. Returns how many extents that
     took and the rules, whose `seen` sets are the clusters the archive holds."""
-    starts = table.ext_offsets.astype(np.int64)
-    counts = table.ext_counts.astype(np.int64)
-    first_row = np.cumsum(counts) - counts
-    popcounts = vma.POPCOUNT16[table.masks].astype(np.int64)
-    blocks = (np.add.reduceat(popcounts, first_row) if len(first_row)
-              else np.zeros(0, np.int64))
-    ends = starts + HEAD + blocks * vma.BLOCK_SIZE
-    gap_starts = np.concatenate(([header.header_size], ends))
-    gap_ends = np.concatenate((starts, [index_offset]))
-    bad = (gap_ends < gap_starts) | ((gap_ends - gap_starts) % HEAD != 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise _bad("the index's extents do not form the archive's extent chain",
-                   int(gap_starts[i]))
+    chain = extent_chain(header, table, index_offset)
     rules = ClusterRules(header)
     try:
-        _confirm_extents(source, header, table, starts, blocks, first_row,
-                         gap_starts, gap_ends, rules)
+        _confirm_extents(source, header, table, chain, rules)
     except problems.ArchiveError as exc:
         if exc.problem.kind == problems.INDEX:
             raise
-        raise _bad(exc.problem.message, exc.problem.offset or index_offset) from None
+        raise unusable(exc.problem.message, exc.problem.offset or index_offset) from None
     missing = rules.missing() if complete else []
     if missing:
-        raise _bad(missing[0].message, index_offset)
-    return len(starts) + int((gap_ends - gap_starts).sum()) // HEAD, rules
+        raise unusable(missing[0].message, index_offset)
+    return (len(chain.starts) + int((chain.gap_ends - chain.gap_starts).sum()) // HEAD,
+            rules)
 
 
 Slots = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # dev_ids, clusters, masks, at
 
 
 def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexTable,
-                     starts: np.ndarray, blocks: np.ndarray, first_row: np.ndarray,
-                     gap_starts: np.ndarray, gap_ends: np.ndarray, rules: ClusterRules) -> None:
+                     chain: ExtentChain, rules: ClusterRules) -> None:
     """Each data extent's header and the short run of data-less extents before it (the last
     run up to the index) are one span; neighbouring spans are read together (_reads), the
     reads in a pool: a cold disk answers several at once, a store a request each. The short
@@ -194,6 +181,7 @@ def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexT
     stays bounded. All slots go through the rules in stream order: a duplicate is reported
     where a stream walk would meet it."""
     uuid = header.uuid
+    starts, gap_starts, gap_ends = chain.starts, chain.gap_starts, chain.gap_ends
     n = len(starts)
     # a plain object in a store: a request costs what ~1 MiB of its bytes does, so spans that
     # far apart are read as one (a compressed source decodes whatever frames a read spans)
@@ -208,22 +196,6 @@ def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexT
     hi = np.append(starts + HEAD, gap_ends[n] if short[n] else last_hi)
     bounds = _reads(lo, hi, slack)
 
-    def check(raw: bytes | memoryview, i: int) -> Extent:
-        offset = int(starts[i])
-        try:
-            ext = decode_extent(raw, uuid, offset)
-        except FormatError as exc:
-            raise _bad(f"the extent it lists at offset {offset} is not valid ({exc})",
-                       offset) from None
-        stored = ext.masks != 0
-        a, b = int(first_row[i]), int(first_row[i]) + int(table.ext_counts[i])
-        if (ext.block_count != int(blocks[i])
-                or not np.array_equal(ext.dev_ids[stored], table.dev_ids[a:b])
-                or not np.array_equal(ext.clusters[stored], table.clusters[a:b])
-                or not np.array_equal(ext.masks[stored], table.masks[a:b])):
-            raise _bad(f"it does not match the extent header at offset {offset}", offset)
-        return ext
-
     def read(k: int) -> list[tuple[bytes | memoryview | None, Extent | None]]:
         """The runs of read k: each one's short gap (None: a long one) and extent."""
         first, last = int(bounds[k]), int(bounds[k + 1])
@@ -236,10 +208,11 @@ def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexT
                 a, b = int(gap_starts[i]) - start, int(gap_ends[i]) - start
                 gap = data[a:b]
                 if len(gap) != b - a:
-                    raise _bad("the archive ends inside the extents the index describes",
+                    raise unusable("the archive ends inside the extents the index describes",
                                int(gap_starts[i]))
             b = int(hi[i]) - start
-            out.append((gap, check(data[b - HEAD:b], i) if i < n else None))
+            ext = check_extent(data[b - HEAD:b], uuid, table, chain, i) if i < n else None
+            out.append((gap, ext))
         return out
 
     def feed(lo: int, found: list[tuple[bytes | memoryview | None, Extent | None]]) -> None:
@@ -329,7 +302,7 @@ def _check_null_headers(heads: bytes | memoryview, at: np.ndarray, uuid: bytes) 
     ok &= ~(used & (masks != 0)).any(axis=1)
     if not ok.all():
         offset = int(at[np.flatnonzero(~ok)[0]])
-        raise _bad(f"where it says the stream has no data, offset {offset} holds an "
+        raise unusable(f"where it says the stream has no data, offset {offset} holds an "
                    "extent with data or none at all", offset)
     copy = np.frombuffer(heads, np.uint8).reshape(-1, HEAD).copy()
     want = copy[:, 24:40].tobytes()
@@ -353,10 +326,6 @@ def _chunks(source: ByteSource, start: int, end: int
         n = min(GAP_CHUNK, end - pos)
         data = source.pread(pos, n)
         if len(data) != n:
-            raise _bad("the archive ends inside the extents the index describes", pos)
+            raise unusable("the archive ends inside the extents the index describes", pos)
         yield pos, data
         pos += n
-
-
-def _bad(why: str, offset: int, kind: str = problems.INDEX) -> problems.ArchiveError:
-    return problems.error(kind, f"vmafs index not usable: {why}", offset=offset)
