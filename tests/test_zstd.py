@@ -314,13 +314,18 @@ def test_concurrent_reads(tmp_path: Path) -> None:
     assert not errors
 
 
+def _one_mib_frames(tmp_path: Path) -> tuple[Path, list[bytes], bytes]:
+    """A seekable file of 1 MiB frames over 400 seeded extents: its path, chunks, stream."""
+    chunks = _extents(41, 400)
+    path = tmp_path / "p.zst"
+    _write_seekable(path, chunks, frame_size=1 << 20)
+    return path, chunks, b"".join(chunks)
+
+
 def test_prefix_reads(tmp_path: Path) -> None:
     """Once the reader checks every read, a small read decompresses its frame only up to the
     read's end (and reads about that much of the frame), compressible frames or not."""
-    chunks = _extents(41, 400)
-    stream = b"".join(chunks)
-    path = tmp_path / "p.zst"
-    _write_seekable(path, chunks, frame_size=1 << 20)
+    path, chunks, stream = _one_mib_frames(tmp_path)
     rng = random.Random(5)
     with SeekableZstdSource(path, cache_bytes=0) as src:
         src.checked_by_reader = True
@@ -357,10 +362,7 @@ def test_prefix_read_of_a_local_frame(tmp_path: Path) -> None:
     error."""
     import vmafs.container.zstd_source as zs
 
-    chunks = _extents(41, 400)
-    stream = b"".join(chunks)
-    path = tmp_path / "p.zst"
-    _write_seekable(path, chunks, frame_size=1 << 20)
+    path, chunks, stream = _one_mib_frames(tmp_path)
     with SeekableZstdSource(path, cache_bytes=0) as src:
         src.checked_by_reader = True
         pieces: list[int] = []
@@ -402,10 +404,7 @@ def test_trusted_layout_checks_a_frame_header_only(tmp_path: Path) -> None:
     first small read checks its header only: no block header past the prefix is read."""
     import vmafs.container.zstd_source as zs
 
-    chunks = _extents(41, 400)
-    stream = b"".join(chunks)
-    path = tmp_path / "p.zst"
-    _write_seekable(path, chunks, frame_size=1 << 20)
+    path, chunks, stream = _one_mib_frames(tmp_path)
     with SeekableZstdSource(path, cache_bytes=0) as src:
         src.checked_by_reader = True
         src.trust_layout()
