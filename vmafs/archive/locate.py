@@ -127,17 +127,22 @@ def load_index(source: ByteSource, header: vma.Header, footer: index.Footer) -> 
     if footer.index_offset < header.header_size:
         raise unusable("the index starts inside the archive header", footer_offset)
     raw = source.pread(footer.index_offset, span)
-    payloads = []
-    for pos in range(0, span, HEAD):
-        try:
-            ext = decode_extent(raw[pos:pos + HEAD], header.uuid, footer.index_offset + pos)
-        except FormatError as exc:
-            raise unusable(f"index extent damaged ({exc})", footer.index_offset + pos) from None
-        if not ext.is_null:
-            raise unusable("an index extent holds data", footer.index_offset + pos)
-        payloads.append(ext.payload())
+    if len(raw) != span:
+        raise unusable("the archive ends inside its index", footer.index_offset + len(raw))
+    # all its extents checked at once (an incremental backup waits for its PREV's: 888
+    # extents for a 4 GiB disk, ~20 ms one by one)
+    at = footer.index_offset + HEAD * np.arange(span // HEAD)
     try:
-        table = index.decode_index(index.check_index_blob(b"".join(payloads), footer))
+        used = _check_null_headers(raw, at, header.uuid)[0]
+    except problems.ArchiveError as exc:
+        if exc.problem.kind == problems.INDEX:
+            raise
+        raise unusable(f"index extent damaged ({exc.problem.message})",
+                       exc.problem.offset or footer.index_offset) from None
+    if len(used):
+        raise unusable("an index extent holds data", footer.index_offset)
+    try:
+        table = index.decode_index(index.check_index_blob(vma.null_payloads(raw), footer))
     except ChecksumError as exc:
         raise unusable(str(exc), footer.index_offset, problems.CHECKSUM) from None
     except FormatError as exc:
