@@ -28,10 +28,10 @@ import stat
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vmafs.archive import walk, walk_cache
 from vmafs.archive.reader import MAX_LAYERS, Archive, read_source_header
-from vmafs.archive.retention import Needs
 from vmafs.container.source import open_source
 from vmafs.container.streams import open_stream
 from vmafs.errors import EXIT_DAMAGED, NotSeekableError, VmafsError
@@ -39,6 +39,9 @@ from vmafs.format import chain, vma
 from vmafs.format.names import display, format_ctime
 from vmafs.store import absolute, is_remote, remote_key
 from vmafs.store import names as place_names
+
+if TYPE_CHECKING:
+    from vmafs.archive.retention import Needs
 
 ARCHIVE_SUFFIXES = (".vma", ".vma.zst")
 # Archives in one chain: each is held open (one file each, far below the usual 1024 fds), and
@@ -504,6 +507,8 @@ class Prune:
     def needs(self, path: str, stays: Callable[[str], bool]) -> Needs:
         """What the archive at path needs; `stays` says which files stay anyway (they are
         preferred, so that nothing else is kept for them)."""
+        from vmafs.archive.retention import Needs  # prune's: not imported by every reader
+
         child = self.by_path.get(path)
         if child is None:
             return Needs()
@@ -513,6 +518,8 @@ class Prune:
         return Needs(own + needs.paths, needs.missing, needs.note)
 
     def _parent_needs(self, path: str, child: Peek, stays: Callable[[str], bool]) -> Needs:
+        from vmafs.archive.retention import Needs
+
         if child.parent is None:
             return Needs()
         link = child.parent
