@@ -180,11 +180,7 @@ async def _run(
         if view is not None:
             with view:
                 n = await sock.recv_into(view)
-            eof = not n
-            if n:
-                conn.payload_received(n)
-            else:
-                conn.receive_data(b"")
+            eof = _payload_received(conn, n)
         else:
             data = await sock.recv(RECV_SIZE)
             eof = not data
@@ -313,11 +309,7 @@ def _serve_blocking(sock: stdsocket.socket, conn: nbd.NBDServer, handler: Blocki
         if view is not None:
             with view:
                 n = sock.recv_into(view, 0, waitall)  # the whole payload, one call
-            eof = not n
-            if n:
-                conn.payload_received(n)
-            else:
-                conn.receive_data(b"")
+            eof = _payload_received(conn, n)
         else:
             if conn.state is nbd.State.TRANSMISSION:  # a header alone: payloads go straight
                 data = sock.recv(nbd.REQUEST_SIZE, waitall)  # to their buffers, never via ours
@@ -349,6 +341,15 @@ _REQUESTS = (nbd.Write, nbd.WriteZeroes, nbd.Flush)
 
 
 _Request = nbd.Write | nbd.WriteZeroes | nbd.Flush
+
+
+def _payload_received(conn: nbd.NBDServer, n: int) -> bool:
+    """N bytes of a payload landed in the connection's buffer; 0 is the peer's end: True."""
+    if n:
+        conn.payload_received(n)
+    else:
+        conn.receive_data(b"")
+    return not n
 
 
 def _answer(conn: nbd.NBDServer, eof: bool, stats: NBDStats, now: Callable[[], float]
