@@ -1,5 +1,5 @@
 """SIGKILL at seeded random moments of every long command that writes a file: create (plain
-and zstd), convert, merge, extract and restore (raw and qcow2).
+and zstd), convert, merge, extract and restore (raw and qcow2), and create into S3.
 
 Nothing can clean up after SIGKILL, so what must hold is what the writing discipline gives:
 the final name is either absent or the complete, correct output (when the command had
@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -27,6 +28,10 @@ from vmafs.archive.reader import Archive
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.container.output import open_output
 from vmafs.format import chain
+
+pytest_plugins = ["rgw"]  # the session's Ceph gateway, for the S3 case
+if TYPE_CHECKING:
+    from rgw import S3Env
 
 MiB = 1 << 20
 SIZE = 128 * MiB
@@ -170,3 +175,41 @@ def test_sigkill_at_random_moments(inputs: dict[str, Path], tmp_path: Path, name
         assert again.returncode == 0, (moment, again.stderr)
         job.check(final)
     assert input_state(inputs) == before
+
+
+def test_sigkill_during_s3_upload(inputs: dict[str, Path], s3: S3Env) -> None:
+    """An upload killed at any moment never shows an object under its key (only the multipart
+    upload's parts, which a lifecycle rule or `aws s3api abort-multipart-upload` removes), and
+    the same command again writes the whole archive."""
+    image = inputs["image"]
+    key = "kill/out.vma.zst"
+    args = vmafs_cmd("create", "-q", "-o", s3.url(key), f"{DEV}={image}")
+    env = s3.env()
+    took = []
+    for _ in range(2):  # the faster of two runs sets the moments: the first may compile
+        start = time.monotonic()
+        subprocess.run(args, check=True, stdin=subprocess.DEVNULL, env=env)
+        took.append(time.monotonic() - start)
+        s3.client.delete_object(Bucket=s3.bucket, Key=key)  # type: ignore[attr-defined]
+
+    expected = image.read_bytes()
+    rng = random.Random(f"{SEED}-s3")
+    for _ in range(KILLS):
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=env)
+        time.sleep(rng.uniform(0.3, 1.0) * min(took))
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), err
+        if proc.returncode == 0:
+            assert s3.keys() == [key]
+        else:
+            assert s3.keys() == [], "a killed upload left an object"
+            assert set(s3.uploads()) == {key}  # its parts, under no name a reader lists
+            again = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True,
+                                   text=True, timeout=120, env=env)
+            assert again.returncode == 0, again.stderr
+        with Archive.open(s3.url(key)) as a:
+            (dev,) = a.devices
+            assert bytes(a.read(dev.dev_id, 0, dev.size)) == expected
+        s3.client.delete_object(Bucket=s3.bucket, Key=key)  # type: ignore[attr-defined]
