@@ -10,7 +10,7 @@ import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 import pytest
@@ -237,3 +237,86 @@ def test_pieces_in_python_report_alike(archives: dict[str, Path], tmp_path: Path
         assert seen["now", name] == seen["python", name], name
     assert not seen["now", "whole"][0] and seen["now", "damaged"][1]
     assert "truncated" in seen["now", "cut"][0][0]
+
+
+def _resealed(head: bytearray) -> bytes:
+    """An extent header with its md5 made right again for what it now says."""
+    head[24:40] = bytes(16)
+    head[24:40] = hashlib.md5(head).digest()
+    return bytes(head)
+
+
+def _header_damage(head: bytes) -> Iterator[tuple[str, bytes]]:
+    """A data-less extent header broken in each way the checks tell apart (md5, uuid, magic,
+    reserved, block count, a slot), alone and with its md5 resealed."""
+    for what, at in (("md5", 24), ("uuid", 8), ("magic", 0), ("reserved", 5),
+                     ("block count", 7), ("a slot's mask", 40), ("a slot's dev_id", 43)):
+        broken = bytearray(head)
+        broken[at] ^= 0x01
+        yield what, bytes(broken)
+        if what != "md5":
+            yield f"{what}, resealed", _resealed(broken)
+
+
+def test_runs_of_headers_checked_at_once_report_alike(archives: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """The data-less headers read with the one before them (a data extent's block sums, zero
+    slots, the trailing index) are checked together: any of them broken in any way, the
+    threaded walk of the file yields what the one-thread walk of a stream, which checks each
+    header alone, yields, and scan_stream reports the same."""
+    whole = archives["a.vma"].read_bytes()
+    with open(archives["a.vma"], "rb") as f:
+        items, _ = summary(f, 0)
+    runs = [cast(list[int], item[1]) for item in items if item[0] == "run"]
+    assert len(runs) > 5
+    chosen = {at for offsets in runs[:3] + runs[-2:]
+              for at in (offsets[0], offsets[min(1, len(offsets) - 1)], offsets[-1])}
+    chosen |= {offsets[1] for offsets in runs if len(offsets) > 1}
+    path = tmp_path / "broken.vma"
+    tried = 0
+    for at in sorted(chosen):
+        for what, head in _header_damage(whole[at:at + vma.EXTENT_HEADER_SIZE]):
+            content = whole[:at] + head + whole[at + vma.EXTENT_HEADER_SIZE:]
+            path.write_bytes(content)
+            exact = summary(io.BufferedReader(io.BytesIO(content)), 0)  # type: ignore[arg-type]
+            assert exact[1] is not None or what.endswith("resealed"), (at, what)
+            with open(path, "rb") as f:
+                assert summary(f, walk.READ_AHEAD) == exact, (at, what)
+            with open(path, "rb") as f:
+                assert reported(f) == reported(
+                    io.BufferedReader(io.BytesIO(content))), (at, what)  # type: ignore[arg-type]
+            tried += 1
+    assert tried > 100
+    assert not reader_threads()
+
+
+def test_rules_batched_report_the_first_broken_rule(archives: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data extents' slots go to the rules several at a time: a slot that breaks a rule (a
+    cluster again) is still reported before a broken header, a cut or damaged data after it,
+    as when each extent is checked alone."""
+    whole = archives["a.vma"].read_bytes()
+    with open(archives["a.vma"], "rb") as f:
+        items, _ = summary(f, 0)
+    data_at = [cast(int, item[0]) for item in items if item[0] != "run"]
+    first, second = data_at[3], data_at[4]
+    # the first slot of the 4th data extent names the cluster of the 1st's first slot again
+    twice = bytearray(whole[first:first + vma.EXTENT_HEADER_SIZE])
+    twice[44:48] = whole[data_at[0] + 44:data_at[0] + 48]
+    twice[43] = whole[data_at[0] + 43]
+    base = whole[:first] + _resealed(twice) + whole[first + vma.EXTENT_HEADER_SIZE:]
+    broken_next = bytearray(base)
+    broken_next[second + 24] ^= 0xFF
+    variants = {"duplicate": base, "then a broken header": bytes(broken_next),
+                "then cut": base[:second + 1000]}
+    path = tmp_path / "rules.vma"
+    seen: dict[tuple[int, str], list[str]] = {}
+    for batch in (1, 16):
+        monkeypatch.setattr("vmafs.archive.scan.RULES_BATCH", batch)
+        for name, content in variants.items():
+            path.write_bytes(content)
+            with open(path, "rb") as f:
+                seen[batch, name] = reported(f)
+            assert "duplicated cluster" in seen[batch, name][0], (batch, name)
+    for name in variants:
+        assert seen[1, name] == seen[16, name], name

@@ -128,10 +128,40 @@ done:
     return out;
 }
 
+static Py_ssize_t *ends_checked(Py_ssize_t *ends, Py_ssize_t n, Py_ssize_t len,
+                                Py_ssize_t *longest);
+
 /* ends (a sequence of ints, non-decreasing, each at most len) into a new C array; *longest:
- * the longest piece. NULL with an exception set on bad input. */
+ * the longest piece. NULL with an exception set on bad input. A C-contiguous buffer of int64
+ * (a numpy array, as the walk passes) is copied as it is, not item by item as objects. */
 static Py_ssize_t *ends_get(PyObject *obj, Py_ssize_t len, Py_ssize_t *count, Py_ssize_t *longest)
 {
+    if (PyObject_CheckBuffer(obj)) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+            const char *f = view.format;
+            if (view.itemsize == 8 && f != NULL && (f[0] == '=' || f[0] == '@'
+                                                    || (PY_LITTLE_ENDIAN && f[0] == '<'))
+                    && f[1] != '\0')
+                f++;
+            if (view.itemsize == 8 && f != NULL && (f[0] == 'q' || f[0] == 'l') && f[1] == '\0') {
+                Py_ssize_t n = view.len / 8;
+                Py_ssize_t *ends = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Py_ssize_t));
+                if (ends == NULL) {
+                    PyBuffer_Release(&view);
+                    PyErr_NoMemory();
+                    return NULL;
+                }
+                memcpy(ends, view.buf, (size_t)n * sizeof(Py_ssize_t));
+                PyBuffer_Release(&view);
+                *count = n;
+                return ends_checked(ends, n, len, longest);
+            }
+            PyBuffer_Release(&view);
+        } else {
+            PyErr_Clear();  /* not such a buffer: a sequence, item by item */
+        }
+    }
     PyObject *seq = PySequence_Fast(obj, "ends must be a sequence of integers");
     if (seq == NULL)
         return NULL;
@@ -182,6 +212,25 @@ static void checks_into(const unsigned char *data, const Py_ssize_t *ends, Py_ss
         }
         start = ends[i];
     }
+}
+
+/* ends (n of them), checked as ends_get checks them; freed (NULL, exception set) if bad. */
+static Py_ssize_t *ends_checked(Py_ssize_t *ends, Py_ssize_t n, Py_ssize_t len,
+                                Py_ssize_t *longest)
+{
+    Py_ssize_t start = 0;
+    *longest = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (ends[i] < start || ends[i] > len) {
+            PyMem_Free(ends);
+            PyErr_SetString(PyExc_ValueError, "ends must be non-decreasing and within the data");
+            return NULL;
+        }
+        if (ends[i] - start > *longest)
+            *longest = ends[i] - start;
+        start = ends[i];
+    }
+    return ends;
 }
 
 static unsigned char *scratch_for(Py_ssize_t longest)
