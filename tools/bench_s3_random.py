@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Cold random 4 KiB reads of a .vma.zst through `vmafs mount` from S3, against one ranged GET
-of 64 KiB, in the same rounds against the same gateway (issue 16: median <= 2x).
+"""Cold random 4 KiB reads of a .vma.zst (or, with --plain, a .vma too) through `vmafs mount`
+from S3, against one ranged GET of 64 KiB, in the same rounds against the same gateway (issue
+16: median <= 2x).
 
-    python3 tools/bench_s3_random.py [--size 1G] [--reads 60] [--rounds 3]
+    python3 tools/bench_s3_random.py [--size 1G] [--reads 60] [--rounds 3] [--plain]
                                      [--frame-size KIB]... [--before TREE]
 
 Starts its own Ceph RADOS Gateway (tests/rgw.py) unless AWS_ENDPOINT_URL is set. A disk of
@@ -72,7 +73,7 @@ def in_process_requests(location: str, at: list[int]) -> tuple[float, float, flo
         for off in at:
             with open_chain(location) as archive:
                 dev = archive.devices[0]
-                objs = [getattr(s, "_raw", None) for s in archive.sources]
+                objs = [getattr(s, "_raw", s) for s in archive.sources]
                 counted["bytes"] = 0
                 before = sum(o.requests for o in objs if hasattr(o, "requests"))
                 t0 = time.perf_counter()
@@ -91,6 +92,8 @@ def main() -> int:
     ap.add_argument("--reads", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--frame-size", action="append", default=[], metavar="KIB")
+    ap.add_argument("--plain", action="store_true", help="a plain .vma too (its first read "
+                    "in an extent checks the extent's header: a request beside the data's)")
     ap.add_argument("--before", type=Path, metavar="TREE",
                     help="also mount with this vmafs tree (git archive REV vmafs | tar -x)")
     ap.add_argument("--dir", default="/var/tmp")
@@ -105,11 +108,11 @@ def main() -> int:
         make_half_data_image(disk, size, MiB)  # random: nothing compresses
         frames = args.frame_size or [""]
         keys = {}
-        for fs in frames:
-            key = f"a{fs or 'default'}.vma.zst"
+        for fs in ["plain"] * args.plain + frames:
+            key = "a.vma" if fs == "plain" else f"a{fs or 'default'}.vma.zst"
             local = scratch / key
-            vmafs(ROOT, "create", *(["--frame-size", fs] if fs else []), "-o", str(local),
-                  f"drive-scsi0={disk}")
+            vmafs(ROOT, "create", *(["--frame-size", fs] if fs not in ("", "plain") else []),
+                  "-o", str(local), f"drive-scsi0={disk}")
             client.upload_file(str(local), bucket, key)
             keys[fs or "default"] = (key, local.stat().st_size)
             local.unlink()
@@ -149,7 +152,7 @@ def main() -> int:
                 base[name].append(statistics.median(theirs))
                 print(f"round {r + 1} {name or 'this tree'}: read {ours[name][-1] * 1e3:.2f} ms,"
                       f" 64 KiB GET {base[name][-1] * 1e3:.2f} ms", flush=True)
-        print(f"\ncold random 4 KiB reads through the mount from S3 (.vma.zst, {size / MiB:.0f} "
+        print(f"\ncold random 4 KiB reads through the mount from S3 ({size / MiB:.0f} "
               f"MiB disk, {args.reads} reads x {args.rounds} rounds; load average "
               f"{os.getloadavg()[0]:.1f})")
         print(f"{'variant':24} {'read ms':>8} {'GET64K ms':>9} {'ratio':>6}  target <= 2")
@@ -161,7 +164,8 @@ def main() -> int:
         for fs, (key, _) in keys.items():
             reqs, mib, secs = in_process_requests(f"s3://{bucket}/{key}",
                                                   offsets(size, 10, 4242))
-            print(f"in process, frame size {fs}: {reqs} GETs a read (median), "
+            what = fs if fs == "plain" else f"frame size {fs}"
+            print(f"in process, {what}: {reqs} GETs a read (median), "
                   f"{mib:.2f} MiB fetched a read (mean), {secs * 1e3:.2f} ms (median)")
     finally:
         for mnt in mounts:
