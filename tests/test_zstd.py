@@ -422,6 +422,40 @@ def test_trusted_layout_checks_a_frame_header_only(tmp_path: Path) -> None:
         assert src._state[1] == zs._SIZED
 
 
+def test_will_need_asks_for_the_compressed_prefix_a_read_decodes(tmp_path: Path) -> None:
+    """will_need (a mount calls it before it hands a read to a thread) asks the disk for the
+    compressed bytes the read's frame is decoded from: its first piece alone, then the rest
+    of the guess; the feed asks at least as far after its first piece; a cached frame or an
+    offset past the end asks nothing."""
+    import vmafs.container.zstd_source as zs
+
+    path, chunks, stream = _one_mib_frames(tmp_path)
+    with SeekableZstdSource(path) as src:
+        src.checked_by_reader = True
+        src.trust_layout()
+        asked: list[tuple[int, int]] = []
+        advise = src._raw.advise
+
+        def counting(offset: int, length: int) -> None:
+            asked.append((offset, length))
+            advise(offset, length)
+
+        src._raw.advise = counting  # type: ignore[method-assign]
+        start, _ = src.frame_bounds(1)
+        c_start, _ = src.table.compressed_range(1)
+        want = src._prefix_guess(1, 8192)
+        assert want > zs.FEED_PIECE
+        src.will_need([start + 4096, src.size + 1], 4096)
+        assert asked == [(c_start, zs.FEED_PIECE), (c_start + zs.FEED_PIECE, want - zs.FEED_PIECE)]
+        asked.clear()
+        assert src.pread(start + 4096, 4096) == stream[start + 4096 : start + 8192]
+        assert max(o + n for o, n in asked) - c_start >= want
+        src.frame(1)
+        asked.clear()
+        src.will_need([start], 4096)
+        assert not asked
+
+
 def _seekable_bytes(tmp_path: Path) -> tuple[bytes, list[bytes]]:
     chunks = _extents(31, 30)
     path = tmp_path / "s.zst"

@@ -86,6 +86,9 @@ class Session:
         self._remote = any(getattr(s, "remote", False) for s in archive.sources)
         self._ahead = REMOTE_AHEAD if self._remote else AHEAD
         self._cached = max(CACHED_CHUNKS, self._ahead + 8)
+        # one local compressed archive: a random read's first disk request is made before
+        # its thread hop (Source.will_need), not after
+        self._advise = archive.compressed and not self._remote and len(archive.layers) == 1
 
     # -- what is served --------------------------------------------------------------------
 
@@ -162,6 +165,11 @@ class Session:
             data = await self._read_chunked(dev_id, offset, size)
             if data is not None:
                 return data
+        if self._advise:
+            # the disk starts on the read's first compressed bytes while its thread wakes
+            at = archive.stream_offset(dev_id, offset)
+            if at is not None:
+                archive.source.will_need([at], size)
         return await trio.to_thread.run_sync(archive.read, dev_id, offset, size,
                                              limiter=self._limiter)
 

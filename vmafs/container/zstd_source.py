@@ -129,7 +129,8 @@ class _FrameFeed:
     been read, ``pos`` bytes of it.
     """
 
-    def __init__(self, raw: StoredObject, start: int, size: int, name: str) -> None:
+    def __init__(self, raw: StoredObject, start: int, size: int, name: str, want: int = 0
+                 ) -> None:
         self._raw = raw
         self._start = start
         self._name = name
@@ -137,6 +138,7 @@ class _FrameFeed:
         self.pos = 0
         self._given = 0
         self._asked = 0
+        self._want = want  # compressed bytes the read is expected to take (asked after the first)
 
     def ask(self, end: int) -> None:
         """Have the disk read the frame's bytes up to ``end`` (relative) in the background."""
@@ -159,7 +161,7 @@ class _FrameFeed:
                 "(file changed while open?)"
             )
         self.pos = end
-        self.ask(2 * end + FEED_PIECE)
+        self.ask(max(2 * end + FEED_PIECE, self._want))
         return self.buf[pos:end]
 
     def read(self, n: int = -1) -> memoryview:
@@ -597,7 +599,7 @@ class SeekableZstdSource:
                 return out
         c_start, c_end = self.table.compressed_range(index)
         c_size = c_end - c_start
-        guess = min(c_size, need * c_size // max(end - start, 1) + PREFIX_SLACK)
+        guess = self._prefix_guess(index, need)
         unchecked = self._state[index] == _UNCHECKED
         # In a store, a frame's first small read checks its header only and fetches the
         # prefix, not the whole frame (a cold random 4 KiB read through the mount from S3:
@@ -639,7 +641,8 @@ class SeekableZstdSource:
         None if anything is off: read_prefix then does it the slow way, which says what is
         wrong."""
         c_start, c_end = self.table.compressed_range(index)
-        feed = _FrameFeed(self._raw, c_start, c_end - c_start, self.name)
+        feed = _FrameFeed(self._raw, c_start, c_end - c_start, self.name,
+                          self._prefix_guess(index, need))
         unchecked = self._state[index] == _UNCHECKED
         if unchecked and not self._header_fits(index, feed.fill(FEED_PIECE)):
             return None
@@ -661,6 +664,14 @@ class SeekableZstdSource:
             if self._checked(index, feed.buf[:feed.pos]) != _SIZED:
                 return None
         return out
+
+    def _prefix_guess(self, index: int, need: int) -> int:
+        """Compressed bytes that the first ``need`` decompressed bytes of frame ``index`` take,
+        guessed in proportion, plus a block's worth (PREFIX_SLACK)."""
+        start, end = self.table.decompressed_range(index)
+        c_start, c_end = self.table.compressed_range(index)
+        c_size = c_end - c_start
+        return min(c_size, need * c_size // max(end - start, 1) + PREFIX_SLACK)
 
     def _header_fits(self, index: int, head: memoryview) -> bool:
         """True if ``head`` starts with a frame header that decodes entry ``index`` as a
@@ -804,7 +815,26 @@ class SeekableZstdSource:
         return parts
 
     def will_need(self, offsets: list[int], length: int) -> None:
-        """A hint of the ByteSource protocol; frames are read whole, so nothing to do."""
+        """A hint of the ByteSource protocol: reads at these decompressed offsets come soon.
+        A local file's disk is asked now for the compressed bytes each one's frame (unless
+        cached) is decoded from up to the read's end, as _FrameFeed asks: its first piece
+        alone, then the rest; so it reads them while the read waits for its thread (a mount
+        hands each read to a worker)."""
+        if self.remote:
+            return
+        for offset in offsets:
+            if not 0 <= offset < self.size:
+                continue
+            index = self.frame_of(offset)
+            if self.cached(index):
+                continue
+            c_start = int(self.table.c_offsets[index])
+            f_start = int(self.table.d_offsets[index])
+            want = self._prefix_guess(index, offset + length - f_start)
+            first = min(FEED_PIECE, want)
+            self._raw.advise(c_start, first)
+            if first < want:
+                self._raw.advise(c_start + first, want - first)
 
     def identity(self) -> bytes:
         return self._raw.identity()
