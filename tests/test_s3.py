@@ -221,6 +221,36 @@ def test_reads_that_break_off_are_retried(s3: S3Env, tmp_path: Path) -> None:
     assert_one_line_error(rc, err, "cannot reach the S3 endpoint")
 
 
+def test_ranged_reads_stay_exact_through_refusals_and_cuts(s3: S3Env,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """An object's ranged reads (a mount's random reads: presigned GETs, the full request when
+    one is not answered whole) through a proxy that refuses every third request and cuts
+    every second large body: the bytes stay exact; the object replaced meanwhile is an error,
+    never the new bytes."""
+    from vmafs.errors import ContainerError
+    from vmafs.store.s3 import open_object
+
+    data = os.urandom(6 * MiB)
+    s3.put("r/obj", data)
+    proxy = FaultProxy(s3.gw.port, every=3, cut=2)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        obj = open_object(s3.url("r/obj"))
+        try:
+            for at, n in [(2 * MiB + 5, 4096), (3 * MiB, 200 * 1024), (1 * MiB, 65536),
+                          (4 * MiB + 1, 300 * 1024), (2 * MiB - 7, 9)] * 2:
+                assert obj.read(at, n) == data[at:at + n]
+            assert proxy.refused >= 1 and proxy.cuts >= 1, proxy.requests
+            s3.put("r/obj", data[::-1])
+            with pytest.raises(ContainerError, match="changed while it was read"):
+                obj.read(3 * MiB + 11, 4096)
+        finally:
+            obj.close()
+    finally:
+        proxy.close()
+
+
 # -- failures during an upload: nothing is left behind -------------------------------------
 
 
