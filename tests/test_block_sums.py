@@ -488,12 +488,39 @@ def test_checks_as_the_format_says(name: str) -> None:
     data = rnd.randbytes(3 * CLUSTER)
     for ends in ([CLUSTER, 0], [3 * CLUSTER + 1], [-1]):
         for summed in (False, True):
-            with pytest.raises(ValueError, match="non-decreasing"):
-                impl.checks(data, ends, summed=summed)
+            for given in (ends, np.array(ends, np.int64)):
+                with pytest.raises(ValueError, match="non-decreasing"):
+                    impl.checks(data, given, summed=summed)
     with pytest.raises(TypeError):
         impl.checks(data, 5)
     assert index.summed_check(data) == _low32(_sums(data))
     assert index.checksum(data) == _low32(data)
+
+
+@pytest.mark.parametrize("name", ["python", "accelerator"])
+def test_null_payloads_as_the_format_says(name: str) -> None:
+    """The payloads of null extent headers (what the forward scan takes a data extent's
+    block sums from), in C as vma.null_payloads gives them, from any buffer: each slot's
+    bytes but its dev_id; a short last header left out."""
+    import numpy as np
+
+    payloads = (vma.null_payloads if name == "python"
+                else _implementation("accelerator").null_payloads)
+    rnd = random.Random(1720)
+    sums = rnd.randbytes(3776)
+    raw = vma.encode_null_extents(b"u" * 16, sums)
+    assert payloads(raw)[:len(sums)] == sums
+    for n in (0, 1, 2, 11):
+        heads = rnd.randbytes(512 * n + rnd.randrange(512))
+        want = b"".join(
+            b"".join(heads[at:at + 3] + heads[at + 4:at + 8]
+                     for at in range(k + 40, k + 512, 8))
+            for k in range(0, len(heads) // 512 * 512, 512))
+        rows = np.frombuffer(heads[:512 * n], np.uint8).reshape(n, 512)
+        for given in (heads, bytearray(heads), memoryview(heads), memoryview(rows.reshape(-1))):
+            assert payloads(given) == want
+    with pytest.raises(TypeError):
+        payloads("text")
 
 
 def _read_pieces(name: str) -> Any:

@@ -691,11 +691,12 @@ def _batch(offsets: list[int], counts: list[int], heads: list[bytes]) -> HeaderB
     # native and contiguous: every consumer selects the used slots, which is slow on views
     dev_ids, clusters, masks = dev_ids.copy(), clusters.astype(np.uint32), masks.astype(np.uint16)
     block_counts = np.array(counts, np.int64)
-    blocks = (vma.POPCOUNT16[masks].astype(np.int64) * (dev_ids != 0)).sum(axis=1)
-    bad = np.flatnonzero(blocks != block_counts)
-    if len(bad):
-        i = int(bad[0])
-        _check_blocks(int(blocks[i]), int(block_counts[i]), offsets[i])
+    if dev_ids.any() or block_counts.any():  # not only null extents (a data extent's sums)
+        blocks = (vma.POPCOUNT16[masks].astype(np.int64) * (dev_ids != 0)).sum(axis=1)
+        bad = np.flatnonzero(blocks != block_counts)
+        if len(bad):
+            i = int(bad[0])
+            _check_blocks(int(blocks[i]), int(block_counts[i]), offsets[i])
     return HeaderBatch(np.array(offsets, np.int64), block_counts, raw, dev_ids, clusters, masks)
 
 

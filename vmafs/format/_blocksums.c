@@ -436,7 +436,40 @@ done:
     return out;
 }
 
+#define HEADER 512
+#define SLOTS_AT 40
+#define SLOTS 59
+#define PAYLOAD (SLOTS * 7)
+
+PyDoc_STRVAR(null_payloads_doc,
+"null_payloads(headers) -> bytes\n\n"
+"vma.null_payloads: the payloads of consecutive 512-byte null extent headers, joined (of\n"
+"each 8-byte slot all bytes but the dev_id, its 4th); a short last header is left out.");
+
+static PyObject *null_payloads(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Bytes in;
+    if (bytes_get(arg, &in) < 0)
+        return NULL;
+    Py_ssize_t n = in.len / HEADER;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * PAYLOAD);
+    if (out != NULL) {
+        unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const unsigned char *slot = in.buf + i * HEADER + SLOTS_AT;
+            for (int k = 0; k < SLOTS; k++, slot += 8, dst += 7) {
+                memcpy(dst, slot, 3);
+                memcpy(dst + 3, slot + 4, 4);
+            }
+        }
+    }
+    bytes_release(&in);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"null_payloads", null_payloads, METH_O, null_payloads_doc},
     {"block_sums", (PyCFunction)(void (*)(void))block_sums, METH_FASTCALL, block_sums_doc},
     {"checks", (PyCFunction)(void (*)(void))checks, METH_VARARGS | METH_KEYWORDS, checks_doc},
     {"read_pieces", read_pieces, METH_VARARGS, read_pieces_doc},
