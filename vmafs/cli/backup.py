@@ -128,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
 
             from vmafs.archive import naming
             from vmafs.archive.configs import read_configs
-            from vmafs.archive.protection import protect
             from vmafs.backup.live import Backup, BackupOptions, run_backup
             from vmafs.format.names import display
             from vmafs.progress import print_json
@@ -158,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             if naming.is_directory_output(args.output):
                 log = _write_log(job, result)
             if args.protected and result.archive != "-":
+                from vmafs.archive.protection import protect
                 protect(result.archive)
             for note in result.notes:
                 print(f"vmafs backup: {note}", file=sys.stderr)

@@ -10,15 +10,19 @@ may come from any one thread at a time (plain threads, or trio worker threads).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, Self
-
-import zstandard
+from typing import TYPE_CHECKING, Protocol, Self
 
 from vmafs.format import vma
-from vmafs.format.seektable import MAX_FRAME_DECOMPRESSED_SIZE, SeekTableBuilder
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+    import zstandard
+
+# zstandard, its thread pool (concurrent.futures) and the seek table are imported by the
+# seekable output alone: a plain archive (a live backup's .vma, create's) needs none of them.
 
 DEFAULT_FRAME_SIZE = 3 << 19
 """Sets size against random-read latency: a cold read decodes its frame up to the read.
@@ -103,6 +107,8 @@ def compression_params(
     ``overrides`` are ZstdCompressionParameters keywords (``strategy``, ``hash_log``,
     ``enable_ldm``, ...) laid over the level's own, for benchmarks (tools/bench_size.py).
     """
+    import zstandard
+
     base = zstandard.ZstdCompressionParameters.from_level(level, source_size=frame_size)
     extra = dict(overrides or {})
     window_log = min(MAX_WINDOW_LOG, extra.pop("window_log", base.window_log))
@@ -154,6 +160,12 @@ class SeekableZstdOutput(_Output):
         max_in_flight: int | None = None,
         params: Mapping[str, int] | None = None,
     ) -> None:
+        import concurrent.futures
+
+        import zstandard
+
+        from vmafs.format.seektable import MAX_FRAME_DECOMPRESSED_SIZE, SeekTableBuilder
+
         if not 0 < frame_size <= MAX_FRAME_DECOMPRESSED_SIZE:
             raise ValueError(f"frame_size {frame_size} out of range")
         if not zstandard.MAX_COMPRESSION_LEVEL >= level >= -(1 << 17):
@@ -162,6 +174,8 @@ class SeekableZstdOutput(_Output):
             raise ValueError("threads must be >= 0")
         self._target = target
         self._frame_size = frame_size
+        self._max_frame = MAX_FRAME_DECOMPRESSED_SIZE
+        self._compressor = zstandard.ZstdCompressor
         self.extent_bytes = frame_size
         self._params = compression_params(level, frame_size, params)
         self._local = threading.local()
@@ -190,7 +204,7 @@ class SeekableZstdOutput(_Output):
     def _compress(self, data: bytearray) -> tuple[bytes, int]:
         compressor = getattr(self._local, "compressor", None)
         if compressor is None:
-            compressor = zstandard.ZstdCompressor(compression_params=self._params)
+            compressor = self._compressor(compression_params=self._params)
             self._local.compressor = compressor
         return compressor.compress(data), len(data)
 
@@ -223,9 +237,9 @@ class SeekableZstdOutput(_Output):
         """Append whole extents; the data is copied, so the caller may reuse its buffer."""
         self._check_open()
         n = memoryview(data).nbytes
-        if n > MAX_FRAME_DECOMPRESSED_SIZE:
+        if n > self._max_frame:
             raise ValueError(f"a {n}-byte write cannot fit in one seekable frame")
-        if len(self._buf) + n > MAX_FRAME_DECOMPRESSED_SIZE:
+        if len(self._buf) + n > self._max_frame:
             self._cut()
         self._buf += data
         self.bytes_in += n
@@ -237,9 +251,9 @@ class SeekableZstdOutput(_Output):
         """write() of the pieces joined, without joining them first."""
         self._check_open()
         n = sum(memoryview(p).nbytes for p in parts)
-        if n > MAX_FRAME_DECOMPRESSED_SIZE:
+        if n > self._max_frame:
             raise ValueError(f"a {n}-byte write cannot fit in one seekable frame")
-        if len(self._buf) + n > MAX_FRAME_DECOMPRESSED_SIZE:
+        if len(self._buf) + n > self._max_frame:
             self._cut()
         for part in parts:
             self._buf += part
