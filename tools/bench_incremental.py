@@ -14,8 +14,9 @@ clusters (1311), picked at random over the whole disk (holes included, as a gues
    page cache (never drop_caches: others measure on the same machine, and a backup started a
    day after its PREV finds the Python modules it runs in the cache, not PREV).  Times are the
    wall time of the command; shown too: the time the command reports itself ("seconds" of
-   --json), and the `vmafs backup --help` time (the interpreter and the imports every backup
-   pays first).
+   --json), the `vmafs backup --help` time (the interpreter and the imports every backup
+   pays first), and the CPU time (user + system) of each backup's process, steadier than its
+   wall time on a machine others load.
 2. a 30-deep chain (the full of `vmafs create` + 29 incrementals written with ArchiveWriter, each
    2 % random clusters of fresh random data): mount ready (from starting `vmafs mount` until it
    returned and the disk file could be stat'ed) < 1 s, cold (the archives evicted) and warm;
@@ -51,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -100,12 +102,23 @@ def vmafs(*args: str) -> list[str]:
 
 def run_vmafs(*args: str, tree: Path = ROOT) -> tuple[float, str]:
     """Wall seconds of one vmafs command (of `tree`'s vmafs), and its stdout."""
+    elapsed, _, stdout = run_vmafs_cpu(*args, tree=tree)
+    return elapsed, stdout
+
+
+def run_vmafs_cpu(*args: str, tree: Path = ROOT) -> tuple[float, float, str]:
+    """Wall seconds of one vmafs command, the CPU seconds (user + system) of its process and
+    the children it waited for, and its stdout. On a machine others load, the CPU time is the
+    steadier figure: the wall time of a command that needs the CPU follows the load."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     res = subprocess.run(vmafs(*args), cwd=tree, env=env(tree), capture_output=True, text=True)
     elapsed = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode:
         raise RuntimeError(f"vmafs {' '.join(args)} failed ({res.returncode}): {res.stderr}")
-    return elapsed, res.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu, res.stdout
 
 
 def say(msg: str) -> None:
@@ -169,10 +182,11 @@ def live_backup(vm: gi.QemuVM, out: Path, evicted: list[Path], *extra: str,
     a sync (so no earlier write-out is in its time)."""
     evict(*evicted)
     os.sync()
-    wall, stdout = run_vmafs("backup", "--qmp", str(vm.qmp_path), "-o", str(out), "-q",
-                             "--json", *extra, tree=tree)
+    wall, cpu, stdout = run_vmafs_cpu("backup", "--qmp", str(vm.qmp_path), "-o", str(out),
+                                      "-q", "--json", *extra, tree=tree)
     summary = json.loads(stdout)
-    return {"wall_s": wall, "inner_s": summary["seconds"], "file_bytes": out.stat().st_size,
+    return {"wall_s": wall, "cpu_s": cpu, "inner_s": summary["seconds"],
+            "file_bytes": out.stat().st_size,
             "bytes_out": summary.get("archive_bytes"), "data_bytes": summary.get("copied_bytes"),
             "incremental": summary["incremental"]}
 
@@ -208,9 +222,10 @@ def part_live(guest: gi.Guest, img: Path, work: Path, size: int, runs: int,
                                      "qemu_io_s": w, "startup_s": startup,
                                      "load": os.getloadavg()[0]})
                 say(f"  run {r + 1} {name}: full {f['wall_s']:.2f} s ({f['inner_s']:.2f} s "
-                    f"inside), {f['file_bytes'] / MiB:.0f} MiB; {len(clusters)} clusters "
-                    f"written by qemu-io in {w:.1f} s; incremental {i['wall_s']:.2f} s "
-                    f"({i['inner_s']:.2f} s inside), {i['file_bytes'] / MiB:.1f} MiB; "
+                    f"inside, CPU {f['cpu_s']:.2f} s), {f['file_bytes'] / MiB:.0f} MiB; "
+                    f"{len(clusters)} clusters written by qemu-io in {w:.1f} s; incremental "
+                    f"{i['wall_s']:.2f} s ({i['inner_s']:.2f} s inside, CPU {i['cpu_s']:.2f} s), "
+                    f"{i['file_bytes'] / MiB:.1f} MiB; "
                     f"= {i['wall_s'] / f['wall_s']:.3f} of the full; load "
                     f"{os.getloadavg()[0]:.1f}")
                 full.unlink()
@@ -603,6 +618,10 @@ def report_live(live: dict[str, Any], size: int) -> None:
         print(f"  {name:6s} median full {med(fw):.3f} s, incremental {med(iw):.3f} s, "
               f"incremental / full (per round, median) {ratio:.3f} (<= 0.100: "
               f"{'PASS' if ratio <= 0.1 else 'MISS'})")
+        fc = [r["full"]["cpu_s"] for r in rounds]
+        ic = [r["inc"]["cpu_s"] for r in rounds]
+        print(f"  {name:6s} CPU (user + system), median: full {med(fc):.3f} s, incremental "
+              f"{med(ic):.3f} s {runs_str(ic, '{:.3f}')}")
     if "before" in trees:
         this, before = trees["this"], trees["before"]
         inc = med([b["inc"]["wall_s"] / t["inc"]["wall_s"] for t, b in zip(this, before,
@@ -610,6 +629,12 @@ def report_live(live: dict[str, Any], size: int) -> None:
         full = med([b["full"]["wall_s"] / t["full"]["wall_s"] for t, b in zip(this, before,
                                                                             strict=True)])
         print(f"  before / this, per round, median: incremental {inc:.3f}, full {full:.3f}")
+        inc_cpu = med([b["inc"]["cpu_s"] / t["inc"]["cpu_s"] for t, b in zip(this, before,
+                                                                            strict=True)])
+        full_cpu = med([b["full"]["cpu_s"] / t["full"]["cpu_s"] for t, b in zip(this, before,
+                                                                               strict=True)])
+        print(f"  before / this, CPU, per round, median: incremental {inc_cpu:.3f}, full "
+              f"{full_cpu:.3f}")
     loads = [r["load"] for rounds in trees.values() for r in rounds]
     print(f"  load average during the runs: {min(loads):.1f} .. {max(loads):.1f} "
           f"(median {med(loads):.1f})")
