@@ -96,6 +96,46 @@ def cpu_split(path: str, tree: str = ROOT, pinned_first: bool = True
     return float(out[0]), float(out[1]), float(out[2]), float(out[3]), float(out[4])
 
 
+PYTHON_ONLY = """
+import os, sys, time
+import vmafs.archive.walk as walk
+from vmafs.archive.scan import read_header, scan_stream
+from vmafs.container.streams import open_stream
+def marked(fd, buf, offset, ends, bounds, state, data_out, summed_out):
+    # every piece taken and marked whole, nothing read or hashed (the checks stay 0)
+    pieces = len(bounds) - 1
+    done = 0
+    while int(state[0]) < pieces:
+        k = int(state[0])
+        state[0] = k + 1
+        first, stop = int(bounds[k]), int(bounds[k + 1])
+        state[1 + 2 * k] = int(ends[stop - 1]) - (int(ends[first - 1]) if first else 0)
+        done += 1
+    return done
+if hasattr(walk, "_read_pieces_now"):
+    walk._read_pieces_now = marked
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+best = float("inf")
+for _ in range(int(sys.argv[2])):
+    wall = time.perf_counter()
+    with open_stream(sys.argv[1]) as s:
+        scan_stream(s, header=read_header(s))
+    best = min(best, time.perf_counter() - wall)
+print(best)
+"""
+
+
+def python_only(path: str, tree: str = ROOT, reps: int = 5) -> float:
+    """Best wall seconds of in-process scans on one core with nothing read or hashed (the C
+    read_pieces replaced by one that marks each piece read): the Python both threads run
+    with the GIL held, which two cores cannot share; less sensitive to others' load than
+    the ratios. NaN for a tree without read_pieces."""
+    out = subprocess.run([sys.executable, "-c", PYTHON_ONLY, path, str(reps)], cwd=tree,
+                         env={**os.environ, "PYTHONPATH": tree}, capture_output=True,
+                         text=True)
+    return float(out.stdout) if out.returncode == 0 and out.stdout.strip() else float("nan")
+
+
 def build_accelerator(rev: str, tree: str) -> None:
     """The C accelerator of an older commit, built in its tree as setup.sh builds this one's:
     without it the baseline would hash in Python, a baseline no user runs."""
@@ -173,6 +213,7 @@ def main() -> None:
         load = os.getloadavg()[0]
         floor: dict[str, list[float]] = {}
         cached: dict[str, list[float]] = {}  # the share in the page cache after its runs
+        serial: dict[tuple[str, str], list[float]] = {}  # python_only, per round
         for r in range(args.rounds):
             for name, (_, archive, _) in archives.items():
                 path = os.path.join(work, archive)
@@ -187,6 +228,8 @@ def main() -> None:
                 warm(path)
                 for tag, tree in trees.items():
                     split.setdefault((name, tag), []).append(cpu_split(path, tree, r % 2 == 0))
+                    if name.startswith("plain"):
+                        serial.setdefault((name, tag), []).append(python_only(path, tree))
                 cached[name].append(resident(path))
         med = {key: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
                for key, v in times.items()}
@@ -246,6 +289,15 @@ def main() -> None:
                 print(f"{tag or 'this tree: '}{name:18} 1 core {m1:6.3f}s ({min(ones):5.3f}) "
                       f"2 cores {m2:6.3f}s ({min(twos):5.3f}) ratio {m1 / m2:5.2f}x "
                       f"({min(ones) / min(twos):4.2f}x)")
+        print("\nthe Python alone (GIL held; nothing read or hashed): one in-process scan on "
+              "one core, best of 5 a round;\nmedian over the rounds (best), milliseconds and "
+              "per data extent of 3.7 MiB")
+        for tag in trees:
+            for name in [n for n in archives if n.startswith("plain")]:
+                runs = serial[name, tag]
+                per = os.path.getsize(os.path.join(work, archives[name][1])) / (59 << 16)
+                print(f"{tag or 'this tree: '}{name:18} {statistics.median(runs) * 1e3:7.1f} ms "
+                      f"({min(runs) * 1e3:5.1f}), {min(runs) / per * 1e6:5.0f} us an extent")
         for tag in list(trees)[1:]:
             print(f"\nthe same, vmafs of {tag[:-2]} (same rounds): seconds, and this tree's "
                   "speed-up over it")

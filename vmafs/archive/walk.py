@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -480,6 +481,15 @@ except ImportError:
     _read_pieces_now = _read_pieces
 
 
+@functools.cache
+def _bounds(n: int, per: int) -> np.ndarray:
+    """The pieces (of per clusters) of an extent of n stored clusters, as read_pieces takes
+    them (read-only: shared by every extent of n clusters)."""
+    bounds = np.minimum(np.arange(0, n + per, per), n)
+    bounds.flags.writeable = False
+    return bounds
+
+
 class _Pieces(_Data):
     """Data read, and hashed, piece by piece by whichever thread takes the next piece (each
     call of read_pieces, one an extent and thread, takes pieces until none is left); finish()
@@ -491,8 +501,7 @@ class _Pieces(_Data):
         super().__init__(buffer, offset, need, need, wanted)
         self.fd = fd
         self.at = at
-        n = len(wanted.ends)
-        self.bounds = np.minimum(np.arange(0, n + PIECE_CLUSTERS, PIECE_CLUSTERS), n)
+        self.bounds = _bounds(len(wanted.ends), PIECE_CLUSTERS)
         self.left = len(self.bounds) - 1
         self.state = np.zeros(1 + 2 * self.left, np.int64)  # see read_pieces
         self.lock = threading.Lock()

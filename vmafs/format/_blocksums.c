@@ -387,6 +387,11 @@ static PyObject *read_pieces(PyObject *self, PyObject *args)
         goto done;
     if (summed_out.buf != NULL && (scratch = scratch_for(longest)) == NULL)
         goto done;
+    if (__atomic_load_n(&state[0], __ATOMIC_ACQUIRE) >= pieces) {
+        /* every piece taken (by the other thread): no GIL hand-off for nothing */
+        out = PyLong_FromSsize_t(0);
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
         Py_ssize_t k = __atomic_fetch_add(&state[0], 1, __ATOMIC_ACQ_REL);
