@@ -73,7 +73,7 @@ def in_process_requests(location: str, at: list[int]) -> tuple[float, float, flo
         for off in at:
             with open_chain(location) as archive:
                 dev = archive.devices[0]
-                objs = [getattr(s, "_raw", s) for s in archive.sources]
+                objs = [getattr(s, "_raw", None) or getattr(s, "obj", s) for s in archive.sources]
                 counted["bytes"] = 0
                 before = sum(o.requests for o in objs if hasattr(o, "requests"))
                 t0 = time.perf_counter()

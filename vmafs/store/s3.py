@@ -8,7 +8,9 @@ backoff and jitter (`standard` mode, AWS_MAX_ATTEMPTS / AWS_RETRY_MODE honoured)
 shared by every thread (botocore clients are thread-safe) with a connection pool sized for the
 requests vmafs keeps in flight. A body that breaks off mid-transfer is retried here.
 
-Reading: RangedObject (one suffix-range GET opens an object; ranged GETs from threads).
+Reading: RangedObject (one suffix-range GET opens an object; ranged GETs from threads, each
+sent presigned through the client's own connection pool: a third to a half of a whole botocore
+request's CPU, what a mount's random read waits for twice).
 Writing: a multipart upload streamed from the archive writer, parts uploaded by a few threads,
 the object appearing only when the upload is completed at commit; any failure, Ctrl-C or
 SIGTERM aborts the upload (no object, no parts left behind).
