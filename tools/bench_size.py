@@ -22,7 +22,9 @@ checksums, index) and reported as
 * rand4k: cold 4 KiB reads at random offsets of the image's data (non-zero blocks) through
   ``vmafs mount``, every variant mounted at once and read at the same offsets in turn, the
   archive's and the mounted disk's pages evicted before each read (posix_fadvise, never
-  drop_caches: the machine is shared): median and p90 ms (goal <= 1.5 ms) — with --mount.
+  drop_caches: the machine is shared): median and p90 ms (goal <= 1.5 ms) — with --mount;
+  ``--tree DIR`` mounts the first variant's archive by another checkout too (e.g. ``git
+  archive`` of an older commit), read in the same turns: the per-read ratio is printed.
 
 Wall times swing on a shared 2-core machine, so runs are interleaved for --rounds rounds and
 the median of the per-round ratios is shown; --nice -10 keeps other users' jobs from dominating
@@ -30,7 +32,7 @@ the latencies.  The last lines are the curve (size vs read latency vs speed) per
 default's verdict against the goals.
 
     python3 tools/bench_size.py [--images usr,db] [--rounds 2] [--mount] [--reads 300] [--nice -10]
-                                [--variants default,F:L[:opts],...] [--workdir DIR]
+                                [--variants default,F:L[:opts],...] [--workdir DIR] [--tree DIR]
 
 A variant is ``default`` or ``FRAME_KIB:LEVEL`` plus options joined by ``:``: ``tN`` threads,
 ``ldm``, ``wN`` window log, ``sN`` strategy, ``hN``/``cN``/``mN`` hash/chain/search logs,
@@ -85,8 +87,8 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+def env(tree: Path = ROOT) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, PYTHONPATH=path)
 
 
@@ -257,9 +259,10 @@ def data_offsets(img: Path, n: int, seed: int) -> list[int]:
 
 
 @contextmanager
-def mounted(archive: Path, mnt: Path) -> Iterator[Path]:
+def mounted(archive: Path, mnt: Path, tree: Path = ROOT) -> Iterator[Path]:
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env())
+    proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env(tree),
+                            cwd="/")  # not this checkout's vmafs when tree is another
     try:
         deadline = time.monotonic() + 60
         while not (mnt / DISK).exists():
@@ -272,16 +275,18 @@ def mounted(archive: Path, mnt: Path) -> Iterator[Path]:
         proc.wait(timeout=60)
 
 
-def cold_reads(archives: dict[str, Path], work: Path, offsets: list[int]
-               ) -> dict[str, list[float]]:
+def cold_reads(archives: dict[str, Path], work: Path, offsets: list[int],
+               trees: dict[str, Path] | None = None) -> dict[str, list[float]]:
     """Latency of 4 KiB preads through a mount of each archive, all mounted at once and read
     in turn at the same offsets (rotating who goes first), the archive's and the disk's pages
-    evicted before each."""
+    evicted before each; ``trees``: the checkout that mounts an archive, by name (this one's
+    by default)."""
     times: dict[str, list[float]] = {name: [] for name in archives}
     with ExitStack() as stack:
         fds, disks = {}, {}
         for i, (name, archive) in enumerate(archives.items()):
-            disks[name] = stack.enter_context(mounted(archive, work / f"mnt{i}"))
+            tree = (trees or {}).get(name, ROOT)
+            disks[name] = stack.enter_context(mounted(archive, work / f"mnt{i}", tree))
             fds[name] = os.open(disks[name], os.O_RDONLY)
             stack.callback(os.close, fds[name])
             os.posix_fadvise(fds[name], 0, 0, os.POSIX_FADV_RANDOM)
@@ -302,8 +307,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def bench_image(work: Path, name: str, variants: list[dict[str, object]], rounds: int,
-                reads: int, mount: bool) -> list[dict[str, object]]:
-    """Every variant between a `zstd -3` and a `zstd -T2 -3` pipeline run, round by round."""
+                reads: int, mount: bool, tree: Path | None = None) -> list[dict[str, object]]:
+    """Every variant between a `zstd -3` and a `zstd -T2 -3` pipeline run, round by round;
+    with ``tree``, the first variant's archive is also mounted by that checkout and read in
+    the same turns."""
     img = image(work, name)
     refs = {t: work / f"{name}.vzdump-T{t}.vma.zst" for t in (1, 2)}
     # the stored stream alone in one zstd -3 stream (no pipe): what frames cost
@@ -323,6 +330,8 @@ def bench_image(work: Path, name: str, variants: list[dict[str, object]], rounds
     base: dict[str, list[float]] = {k: [] for k in ("wall1", "wall2", "cpu1", "cpu2", "bytes1",
                                                      "bytes2")}
     archives = {n: work / f"{name}.{i}.vma.zst" for i, n in enumerate(names)}
+    other = f"{names[0]}@tree"
+    other_lat: list[float] = []
     for r in range(rounds):
         for spec in variants:
             # flanked by both pipelines: wall times drift within a minute
@@ -349,9 +358,13 @@ def bench_image(work: Path, name: str, variants: list[dict[str, object]], rounds
                   f"{got[2][1]:.1f} s)", flush=True)
         if mount:
             per = len(offsets) // rounds
-            lat = cold_reads(archives, work, offsets[r * per:(r + 1) * per])
+            reading = dict(archives)
+            if tree is not None:
+                reading[other] = archives[names[0]]
+            lat = cold_reads(reading, work, offsets[r * per:(r + 1) * per],
+                             {other: tree} if tree is not None else None)
             for n, values in lat.items():
-                rows[n]["lat"].extend(values)
+                (other_lat if n == other else rows[n]["lat"]).extend(values)
             print(f"round {r + 1} {name} rand4k p50 ms: " + ", ".join(
                 f"{n} {statistics.median(v) * 1e3:.2f}" for n, v in lat.items()), flush=True)
     for path in (*refs.values(), *archives.values()):
@@ -375,10 +388,20 @@ def bench_image(work: Path, name: str, variants: list[dict[str, object]], rounds
             entry["rand4k_p90_ms"] = pct(row["lat"], 0.9) * 1e3
             shown = f"{entry['rand4k_p50_ms']:>9.2f} {entry['rand4k_p90_ms']:>6.2f}"
         entry.pop("lat", None)
+        if n == names[0] and other_lat:
+            entry["tree_rand4k_p50_ms"] = statistics.median(other_lat) * 1e3
+            entry["tree_rand4k_p90_ms"] = pct(other_lat, 0.9) * 1e3
+            entry["tree_read_ratio"] = statistics.median(
+                a / b for a, b in zip(row["lat"], other_lat, strict=True))
         print(f"{n:>16} {entry['size']:>7.4f} {entry['size2']:>7.4f} {entry['speed1']:>5.2f}x "
               f"{entry['speed2']:>5.2f}x {entry['cpu1']:>8.2f}x {entry['wall']:>7.1f} "
               f"{entry['cpu']:>6.1f} {shown}", flush=True)
         table.append(entry)
+    if other_lat:
+        first = table[0]
+        print(f"{names[0]} mounted by {tree}: 4K p50 {first['tree_rand4k_p50_ms']:.2f} ms, p90 "
+              f"{first['tree_rand4k_p90_ms']:.2f}; this checkout's time / its, per read (same "
+              f"offsets, same turns), median {first['tree_read_ratio']:.3f}", flush=True)
     return table
 
 
@@ -407,6 +430,9 @@ def main() -> int:
     ap.add_argument("--nice", type=int, default=0,
                     help="niceness of this run and its children (e.g. -10 on a busy machine)")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--tree", type=Path, metavar="DIR",
+                    help="with --mount, also read the first variant's archive through a mount "
+                         "by this checkout (e.g. a git archive of the last release), same turns")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_size: needs root (mkfs -d ownership, FUSE)", file=sys.stderr)
@@ -425,7 +451,8 @@ def main() -> int:
           f"each variant between a zstd -3 and a zstd -T2 -3 pipeline run", flush=True)
     results = []
     for name in names:
-        results += bench_image(work, name, variants, args.rounds, args.reads, args.mount)
+        results += bench_image(work, name, variants, args.rounds, args.reads, args.mount,
+                               args.tree.resolve() if args.tree else None)
     print("\nagainst issue 17's goals (medians of the rounds, baselines in the same rounds):")
     for entry in results:
         print(f"  {entry['image']:>4} {entry['variant']:>16}: {verdict(entry)}")
