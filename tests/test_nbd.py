@@ -9,6 +9,8 @@ import shutil
 import socket as stdsocket
 import struct
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -20,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmafs.backup.nbd_server import NBDStats, serve_nbd
+from vmafs.backup.pipe import SMALL_RESERVE, SMALL_WRITE, WRITE, Pipe
 from vmafs.format import nbd
 
 MiB = 1024 * 1024
@@ -949,3 +952,28 @@ def test_cancelling_the_server_fails_the_job_without_hanging_qemu(tmp_path: Path
     done, status = trio.run(main)
     assert "error" in done["data"], done
     assert status["status"] in ("running", "prelaunch", "paused")
+
+
+def test_a_full_pipe_still_takes_copy_before_writes_up_to_its_reserve() -> None:
+    # The sink's queue is full of background copy: a guest write's copy-before-write (a
+    # cluster) is still taken at once, up to SMALL_RESERVE beyond the bound, while another
+    # background piece waits for the writer to make room.
+    pipe = Pipe(1 << 20)
+    pipe.put((WRITE, 1, 0, b"b" * (1 << 20)), 1 << 20)  # full
+    for i in range(SMALL_RESERVE // SMALL_WRITE):
+        pipe.put((WRITE, 1, (1 << 20) + i * SMALL_WRITE, b"c" * SMALL_WRITE), SMALL_WRITE)
+    big = threading.Thread(target=pipe.put, args=((WRITE, 1, 1 << 30, b"d" * (512 << 10)),
+                                                  512 << 10))
+    big.start()
+    while not pipe._waiting:  # the background piece waits for room
+        time.sleep(0.001)
+    assert big.is_alive()
+    taken = []
+    for _ in range(1 + SMALL_RESERVE // SMALL_WRITE):  # the writer stores what was taken
+        taken.append(pipe.get())
+        pipe.done(len(taken[-1][3]))
+    big.join()  # room again: the background piece goes in
+    taken.append(pipe.get())
+    pipe.done(len(taken[-1][3]))
+    assert [t[2] for t in taken] == [0, *range(1 << 20, (1 << 20) + SMALL_RESERVE, SMALL_WRITE),
+                                     1 << 30]

@@ -1,8 +1,9 @@
 """Paced writeback of a live backup's archive (container/output.py: WritebackFile, Pacer).
 
 The pacer changes when the archive reaches the disk, never what is written: a paced archive is
-byte for byte the unpaced one, the writer is never more than PACE_AHEAD ahead of the disk, and
-no writeback thread outlives its output.
+byte for byte the unpaced one, the writer is never more than PACE_AHEAD ahead of the disk, all
+of it is written out by the pacer before the commit, and no writeback thread outlives its
+output.
 """
 
 from __future__ import annotations
@@ -120,3 +121,22 @@ def test_a_write_error_met_by_the_pacer_fails_the_output(failing_fs: Path,
             out.write(os.urandom(MiB))
     assert not _pacers()
     assert not (failing_fs / "a.vma").exists()
+
+
+def test_finish_writes_the_rest_out_paced(tmp_path: Path) -> None:
+    # close() hands the pacer the final size: everything, the short last step too, is written
+    # and dropped from the cache by the pacer, so the commit's fsync has no data left to send
+    step = 256 << 10
+    chunk = os.urandom(100_000)
+    with open(tmp_path / "f", "wb", buffering=0) as f:
+        pacer = Pacer(f.fileno(), step=4 * step, window=2, ahead=8 * step, min_step=step)
+        written = 0
+        for _ in range(50):
+            written += f.write(chunk) or 0
+            pacer.advance(written)
+        pacer.finish(written)
+        pacer.check()
+    assert written % step and pacer.flushed == written
+    assert pacer.rate is not None and step <= pacer.step() <= 4 * step  # whole grains
+    assert pacer.step() % step == 0
+    assert not _pacers()

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import make_front_half_image
+from benchlib import evict, make_front_half_image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -139,10 +139,13 @@ elif wb == "none":
             pass
         stop = close
     out.WritebackFile = PlainFile
-if "pace" in knobs:
+if "pace" in knobs:  # fixed steps: [STEP, WINDOW] or [STEP, WINDOW, AHEAD]
     out.PACE_STEP, out.PACE_WINDOW, *ahead = knobs["pace"]
+    out.PACE_MIN_STEP = out.PACE_STEP
     if ahead:
         out.PACE_AHEAD = ahead[0]
+if "pace_latency" in knobs:  # adaptive steps: the device time the archive may keep queued
+    out.PACE_LATENCY = knobs["pace_latency"]
 if "wake_room" in knobs:
     import vmafs.backup.pipe as pipe
     pipe.WAKE_ROOM = knobs["wake_room"]
@@ -191,6 +194,18 @@ if trace:  # how long the sink waited for room in the pipe
         d = time.monotonic() - t
         if d > 0.002:
             waits.append(d)
+            event(f"putwait:{d:.4f}")
+    advance = getattr(out, "Pacer", None) and out.Pacer.advance
+    if advance:
+        def timed_advance(self, written):
+            t = time.monotonic()
+            try:
+                return advance(self, written)
+            finally:
+                d = time.monotonic() - t
+                if d > 0.002:
+                    event(f"pacewait:{d:.4f}")
+        out.Pacer.advance = timed_advance
     if inspect.iscoroutinefunction(put):  # a tree from before the sinks' threads
         async def timed_put(self, item, nbytes):
             t = time.monotonic()
@@ -244,6 +259,10 @@ def stats(lat: list[float]) -> dict[str, float]:
             "n": len(lat)}
 
 
+SYS_PREFIXES = ("pgscan_direct", "pgscan_kswapd", "allocstall_", "compact_stall",
+                "pgsteal_direct")
+
+
 class Recorder:
     """Stamps the guest's latency lines and the disk's in-flight requests with host time."""
 
@@ -252,17 +271,34 @@ class Recorder:
         self.disk = disk
         self.lines: list[tuple[float, float]] = []  # (host time, latency ms)
         self.disk_samples: list[tuple[float, int, int]] = []  # (time, in flight, sectors written)
+        self.sys_samples: list[tuple[float, dict[str, int]]] = []  # (time, SYS_KEYS' values)
         self._stop = threading.Event()
         self._pos = len(serial.read_bytes())
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _diskstat(self) -> tuple[int, int]:
+    def _diskstat(self) -> tuple[int, int, int]:
         for line in Path("/proc/diskstats").read_text().splitlines():
             f = line.split()
             if f[2] == self.disk:
-                return int(f[11]), int(f[9])
-        return 0, 0
+                return int(f[11]), int(f[9]), int(f[16]) if len(f) > 16 else 0
+        return 0, 0, 0
+
+    def _sample(self, now: float) -> None:
+        """The disk's in-flight requests, the page cache's dirty and writeback pages and the
+        kernel's reclaim counters, every ~5 ms (0.1 ms of reading /proc)."""
+        inflight, written, discarded = self._diskstat()
+        self.disk_samples.append((now, inflight, written))
+        vals = {"discard_sectors": discarded}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Dirty", "Writeback", "MemFree"):
+                vals[key] = int(rest.split()[0])
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            key, _, val = line.partition(" ")
+            if key.startswith(SYS_PREFIXES):
+                vals[key] = int(val)
+        self.sys_samples.append((now, vals))
 
     def _run(self) -> None:
         buf = b""
@@ -278,7 +314,7 @@ class Recorder:
                         m = re.match(rb"VMAFS-LAT (\d+)", line)
                         if m:
                             self.lines.append((now, int(m.group(1)) / 1000))
-                self.disk_samples.append((now, *self._diskstat()))
+                self._sample(now)
                 time.sleep(0.005)
 
     def between(self, t0: float, t1: float) -> list[float]:
@@ -287,6 +323,29 @@ class Recorder:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def settle(disk: str, limit: float = 15.0) -> float:
+    """Wait until the disk has no discards going on (the file system's online discard of the
+    last round's deleted archive runs after its journal commit, in the background, and
+    competes with the next round: GBs of it were seen in the idle window and in the first
+    second of a backup); seconds waited. Others' discards are waited for too, up to limit."""
+    def discarded() -> int:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if f[2] == disk and len(f) > 16:
+                return int(f[16])
+        return 0
+    t0 = time.monotonic()
+    last, quiet_since = discarded(), t0
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.05)
+        now, cur = time.monotonic(), discarded()
+        if cur != last:
+            last, quiet_since = cur, now
+        elif now - quiet_since >= 0.5:
+            break
+    return time.monotonic() - t0
 
 
 def root_disk(path: Path) -> str:
@@ -336,22 +395,57 @@ def run_backup(vm: gi.QemuVM, work: Path, knobs: dict[str, Any], trace: Path | N
 
 
 def show_trace(rec: Recorder, b: dict[str, Any], trace: Path) -> None:
+    """The backup's events, then per 0.25 s from its start: the guest's slowest write, the
+    disk's peak in-flight requests and MiB written, the page cache's peak Dirty and Writeback,
+    and what the kernel's reclaim and the file system's discards did in that quarter second."""
+    t0 = b["t0"]
     events = []
     if trace.exists():
         for line in trace.read_text().splitlines():
             t, name = line.split()
-            events.append((float(t) - b["t0"], name))
-    slow = [(t - b["t0"], ms) for t, ms in rec.lines if b["t0"] <= t < b["t1"] and ms > 20]
-    disk = [(t - b["t0"], q, s) for t, q, s in rec.disk_samples if b["t0"] <= t < b["t1"]]
-    print("    events: " + ", ".join(f"{n}@{t:.2f}" for t, n in events))
-    print("    slow writes (t s: ms): " + ", ".join(f"{t:.2f}:{ms:.0f}" for t, ms in slow))
-    if disk:
-        peak = max(disk, key=lambda x: x[1])
-        mb = (disk[-1][2] - disk[0][2]) * 512 / MiB
-        print(f"    disk: peak in flight {peak[1]} at {peak[0]:.2f} s, written {mb:.0f} MiB; "
-              "in flight per 0.25 s: " + " ".join(
-                  str(max((q for t, q, _ in disk if i * 0.25 <= t < (i + 1) * 0.25), default=0))
-                  for i in range(int(disk[-1][0] / 0.25) + 1)))
+            events.append((float(t) - t0, name))
+    marks = [(t, n) for t, n in events if not n.startswith(("putwait", "pacewait"))]
+    print("    events: " + ", ".join(f"{n}@{t:.2f}" for t, n in marks))
+    for kind in ("putwait", "pacewait"):
+        waits = [(t, float(n.split(":")[1])) for t, n in events if n.startswith(kind)]
+        if waits:
+            print(f"    {kind} > 5 ms (end s: ms): " + ", ".join(
+                f"{t:.2f}:{d * 1000:.0f}" for t, d in waits if d > 0.005))
+    pre = [v for t, v in rec.sys_samples if t0 - 2.5 <= t < t0]
+    span = [v for t, v in rec.sys_samples if t0 <= t < b["t1"]]
+    if pre and span:
+        def delta(vals: list[dict[str, int]], pre_key: str) -> int:
+            return sum(vals[-1].get(k, 0) - vals[0].get(k, 0) for k in vals[0]
+                       if k.startswith(pre_key))
+        for label, vals in (("idle 2.5 s before", pre), ("backup", span)):
+            print(f"    {label}: pgscan_direct {delta(vals, 'pgscan_direct')}, pgscan_kswapd "
+                  f"{delta(vals, 'pgscan_kswapd')}, allocstall {delta(vals, 'allocstall_')}, "
+                  f"compact_stall {delta(vals, 'compact_stall')}, discarded "
+                  f"{delta(vals, 'discard_sectors') * 512 / MiB:.0f} MiB, Dirty at start "
+                  f"{vals[0].get('Dirty', 0) >> 10} MiB, MemFree min "
+                  f"{min(v.get('MemFree', 0) for v in vals) >> 10} MiB")
+    quarter = 0.25
+    rows = int((b["t1"] - t0) / quarter) + 1
+    print("      t s | guest max ms (>20) | in flight | wr MiB | Dirty / Wb MiB | "
+          "pgscan dir/ksw | allocst | discard MiB")
+    for i in range(rows):
+        a, z = t0 + i * quarter, t0 + (i + 1) * quarter
+        lat = [ms for t, ms in rec.lines if a <= t < z]
+        dsk = [(q, w) for t, q, w in rec.disk_samples if a <= t < z]
+        sysv = [v for t, v in rec.sys_samples if a <= t < z]
+        if not dsk or not sysv:
+            continue
+
+        def d(key: str, vals: list[dict[str, int]] = sysv) -> int:
+            return sum(vals[-1].get(k, 0) - vals[0].get(k, 0) for k in vals[0]
+                       if k.startswith(key))
+        print(f"    {i * quarter:5.2f} | {max(lat, default=0):6.1f} ({sum(x > 20 for x in lat)})"
+              f"         | {max(q for q, _ in dsk):9d} | "
+              f"{(dsk[-1][1] - dsk[0][1]) * 512 / MiB:6.0f}"
+              f" | {max(v.get('Dirty', 0) for v in sysv) >> 10:5d} / "
+              f"{max(v.get('Writeback', 0) for v in sysv) >> 10:4d}   | "
+              f"{d('pgscan_direct'):6d} / {d('pgscan_kswapd'):6d} | {d('allocstall_'):7d} | "
+              f"{d('discard_sectors') * 512 / MiB:5.0f}")
 
 
 def _split_top(text: str) -> list[str]:
@@ -375,12 +469,17 @@ def main() -> int:
     ap.add_argument("--variants", default="legacy,current",
                     help=f"comma-separated, the first is the baseline; from {', '.join(VARIANTS)}"
                     "; or NAME=JSON for knobs given inline")
+    ap.add_argument("--old", type=Path, default=None,
+                    help="also run the vmafs of this tree (a `git worktree add` of the commit "
+                    "before, its C extension built), as the first variant 'old'")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--idle-s", type=float, default=2.0, help="idle window before each backup")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--trace", action="store_true")
     args = ap.parse_args()
     variants: dict[str, dict[str, Any]] = {}
+    if args.old is not None:
+        variants["old"] = {"tree": str(args.old.resolve())}
     for spec in _split_top(args.variants):
         name, sep, js = spec.partition("=")
         variants[name] = json.loads(js) if sep else VARIANTS[name]
@@ -405,7 +504,12 @@ def main() -> int:
                 for r in range(args.rounds):
                     order = names[r % len(names):] + names[:r % len(names)]
                     for name in order:
+                        # the same start for every round: nothing of ours dirty, the last
+                        # archive's discards done, the image's page cache dropped (QEMU
+                        # reads it O_DIRECT; it was written through the cache)
                         subprocess.run(["sync"], check=True)
+                        settle(disk)
+                        evict(img)
                         t = time.monotonic()
                         time.sleep(args.idle_s)
                         idle += rec.between(t, time.monotonic())
@@ -438,6 +542,8 @@ def main() -> int:
             "knobs": variants[name], "pooled": pooled,
             "median_of_rounds": {k: statistics.median(p[k] for p in per)
                                  for k in ("median", "p99", "max")},
+            "rounds": [{"median": p["median"], "p99": p["p99"], "max": p["max"],
+                        "seconds": b["seconds"]} for p, b in zip(per, runs, strict=True)],
             "rate_mib_s": rate / MiB,
             "seconds": statistics.median(b["seconds"] for b in runs),
         }
@@ -460,6 +566,10 @@ def main() -> int:
         print(f"{name:>10} | {p['median']:5.1f} / {p['p99']:6.1f} / {p['max']:6.1f}     |"
               f" {m['p99']:6.1f}           | {v['rate_mib_s']:6.0f} ({v['rate_ratio']:.2f})"
               f"       | {v['p99_ratio']:.2f}      | {ok}")
+    print("per round, p99 ms (backup s):")
+    for name, v in report["variants"].items():
+        print(f"{name:>10} | " + "  ".join(f"{r['p99']:5.1f} ({r['seconds']:.2f})"
+                                           for r in v["rounds"]))
     return 0
 
 

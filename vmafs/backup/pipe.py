@@ -23,11 +23,20 @@ writer to store half the queue (32 MiB, 80 ms and more at the disk) before a byt
 (issue 17: guest write latency)."""
 
 
+SMALL_WRITE = 64 << 10
+"""A write this small is, in a full backup, a guest write's copy-before-write (a cluster;
+the background copy sends max-chunk pieces): it may go over the bound, ..."""
+SMALL_RESERVE = 4 << 20
+"""... by at most this much in all, so that a guest write waits for the archive's disk only
+when copy-before-writes alone have filled this reserve too."""
+
+
 class Pipe:
     """Queue from the NBD sinks' threads to the writer thread, bounded in bytes.
 
-    `put` blocks while the queue is full; after `discard()` it drops everything and returns at
-    once, which is what frees QEMU when the backup is void.
+    `put` blocks while the queue is full (a small write, SMALL_WRITE, only once the reserve
+    beyond the bound is full too); after `discard()` it drops everything and returns at once,
+    which is what frees QEMU when the backup is void.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -45,8 +54,8 @@ class Pipe:
 
     def put(self, item: tuple[Any, ...], nbytes: int) -> None:
         with self._ready:
-            while not (self.discarding or self._bytes == 0
-                       or self._bytes + nbytes <= self._capacity):
+            bound = self._capacity + (SMALL_RESERVE if nbytes <= SMALL_WRITE else 0)
+            while not (self.discarding or self._bytes == 0 or self._bytes + nbytes <= bound):
                 self._waiting += 1
                 try:
                     self._room.wait()

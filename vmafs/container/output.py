@@ -14,6 +14,7 @@ import queue
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 from vmafs.container.zstd_output import (
@@ -45,9 +46,14 @@ _SYNC_FILE_RANGE_WRITE_AND_WAIT = 7  # WAIT_BEFORE | WRITE | WAIT_AFTER
 _UNSUPPORTED = (errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP)
 WRITEBACK_STEP = 64 << 20
 PACE_STEP = 8 << 20
-"""Paced writeback (a live backup): the archive goes to disk in steps of this size, ..."""
+"""Paced writeback (a live backup): the archive goes to disk in steps of at most this size, ..."""
+PACE_MIN_STEP = 1 << 20
+"""... and of at least this size (the first steps: the device's rate is not known yet), ..."""
 PACE_WINDOW = 2
 """... at most this many steps of it at the device at a time, ..."""
+PACE_LATENCY = 0.008
+"""... sized so that what is at the device takes about this long to write at the rate the
+device has been writing the archive (a guest write queued behind it waits that long), ..."""
 PACE_AHEAD = 64 << 20
 """... and the writer at most this far ahead of what is on disk (it waits beyond)."""
 
@@ -105,7 +111,7 @@ class WritebackFile:
         self.raw = raw
         self.written = 0
         self._pacer = Pacer(raw.fileno()) if paced and _SYNC_FILE_RANGE is not None else None
-        self._next = PACE_STEP if self._pacer is not None else WRITEBACK_STEP
+        self._next = self._pacer.grain if self._pacer is not None else WRITEBACK_STEP
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         n = self.raw.write(data) or 0
@@ -136,9 +142,12 @@ class WritebackFile:
         pass
 
     def close(self) -> None:
-        """Stop the pacer; raise the write error it met (the final fsync may not see it)."""
+        """Write the rest out paced and stop the pacer; raise the write error it met (the final
+        fsync may not see it). The commit's fsync then finds only metadata to write, not what
+        the disk was behind at the end (up to PACE_AHEAD), sent to the device at once in front
+        of the guest's writes."""
         if self._pacer is not None:
-            self._pacer.stop()
+            self._pacer.finish(self.written)
             self._pacer.check()
 
     def stop(self) -> None:
@@ -148,29 +157,38 @@ class WritebackFile:
 
 
 class Pacer:
-    """Writes a growing file out in PACE_STEP steps, PACE_WINDOW at the device at a time,
-    from its own thread (sync_file_range), and drops what is on disk from the page cache.
+    """Writes a growing file out in steps, PACE_WINDOW at the device at a time, from its own
+    thread (sync_file_range), and drops what is on disk from the page cache.
 
     Why (issue 17, tools/bench_guest_latency.py): a live backup's guest shares the disk with
-    the archive. Unpaced, 64 MiB of the archive at once is well over 100 requests queued at
-    the device in front of the guest's writes and its copy-before-write reads; paced, the
-    archive keeps a few MiB there. The writer runs up to PACE_AHEAD ahead of the disk without
-    waiting, so a device that stalls for a moment is absorbed in the page cache rather than
-    by QEMU's copy-before-write requests (the sink's queue behind the writer stays free).
-    A write error found by a wait here is consumed for the file (an fsync after it would
-    succeed), so it is kept and raised to the writer: ``check``.
+    the archive, and a guest write queued at the device behind the archive's waits until they
+    are written. Unpaced, 64 MiB of the archive at once is well over 100 requests queued in
+    front of the guest's writes and its copy-before-write reads; paced, the archive keeps
+    about PACE_LATENCY of the device's time there: each step is the bytes the device wrote of
+    the archive in PACE_LATENCY / PACE_WINDOW at its recent rate (PACE_MIN_STEP from the first
+    byte, up to PACE_STEP), so a device that slows down (others' I/O) gets smaller steps.
+    The writer runs up to PACE_AHEAD ahead of the disk without waiting, so a device that
+    stalls for a moment is absorbed in the page cache rather than by QEMU's copy-before-write
+    requests (the sink's queue behind the writer stays free). A write error found by a wait
+    here is consumed for the file (an fsync after it would succeed), so it is kept and raised
+    to the writer: ``check``.
     """
 
     def __init__(self, fd: int, *, step: int | None = None, window: int | None = None,
-                 ahead: int | None = None) -> None:
+                 ahead: int | None = None, min_step: int | None = None,
+                 latency: float | None = None) -> None:
         self._fd = fd
-        self._step = step or PACE_STEP
+        self._max_step = step or PACE_STEP
+        self.grain = max(4096, min(min_step or PACE_MIN_STEP, self._max_step))
         self._window = max(1, window or PACE_WINDOW)
-        self._ahead = max(ahead or PACE_AHEAD, self._step * (self._window + 1))
+        self._latency = PACE_LATENCY if latency is None else latency
+        self._ahead = max(ahead or PACE_AHEAD, self._max_step * (self._window + 1))
         self._cond = threading.Condition()
         self._limit = 0     # bytes written so far (what the writer reported)
         self.flushed = 0    # bytes on disk and dropped from the cache
+        self.rate: float | None = None  # the device's recent rate for this file, bytes/s
         self._stopping = False
+        self._draining = False  # finish(): write out everything up to _limit, then end
         self._off = False   # the thread has ended: nothing to wait for
         self.error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="vmafs-writeback", daemon=True)
@@ -186,14 +204,23 @@ class Pacer:
                    and not self._off):
                 self._cond.wait()
         self.check()
-        return written - written % self._step + self._step
+        return written - written % self.grain + self.grain
 
     def check(self) -> None:
         if self.error is not None:
             raise self.error
 
+    def finish(self, written: int) -> None:
+        """The file is complete at `written` bytes: write the rest out in paced steps, then
+        end (an error: ``check``)."""
+        with self._cond:
+            self._limit = max(self._limit, written)
+            self._draining = True
+            self._cond.notify_all()
+        self._thread.join()
+
     def stop(self) -> None:
-        """Stop after the step being waited for (the commit's fsync writes the rest)."""
+        """Stop after the step being waited for (after a failure: the rest is not wanted)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -216,30 +243,51 @@ class Pacer:
             self._off = True
             self._cond.notify_all()
 
+    def step(self) -> int:
+        """The next step's size: PACE_LATENCY / window of the device's time at its recent
+        rate, in whole grains, between the grain and the largest step."""
+        if self.rate is None:
+            return self.grain
+        want = int(self.rate * self._latency / self._window)
+        return max(self.grain, min(self._max_step, want - want % self.grain))
+
     def _pace(self) -> None:
         assert _SYNC_FILE_RANGE is not None
-        fd, step = self._fd, self._step
-        in_flight: collections.deque[int] = collections.deque()
+        fd = self._fd
+        in_flight: collections.deque[tuple[int, int, float]] = collections.deque()
         submitted = 0
+        last_done = 0.0
         while True:
+            step = self.step()
             with self._cond:
                 while (self._limit - submitted < step and not in_flight
-                       and not self._stopping):
+                       and not self._stopping
+                       and not (self._draining and self._limit > submitted)):
+                    if self._draining:
+                        return  # all of it on disk
                     self._cond.wait()
                 if self._stopping:
                     return
-                limit = self._limit
-            while limit - submitted >= step and len(in_flight) < self._window:
-                _SYNC_FILE_RANGE(fd, submitted, step, _SYNC_FILE_RANGE_WRITE)
-                in_flight.append(submitted)
-                submitted += step
-            old = in_flight.popleft()
-            if _SYNC_FILE_RANGE(fd, old, step, _SYNC_FILE_RANGE_WRITE_AND_WAIT) != 0:
+                limit, draining = self._limit, self._draining
+            while len(in_flight) < self._window and (
+                    limit - submitted >= step or (draining and limit > submitted)):
+                n = min(step, limit - submitted)
+                _SYNC_FILE_RANGE(fd, submitted, n, _SYNC_FILE_RANGE_WRITE)
+                in_flight.append((submitted, n, time.monotonic()))
+                submitted += n
+            old, n, sent = in_flight.popleft()
+            if _SYNC_FILE_RANGE(fd, old, n, _SYNC_FILE_RANGE_WRITE_AND_WAIT) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
-            os.posix_fadvise(fd, old, step, os.POSIX_FADV_DONTNEED)
+            now = time.monotonic()
+            busy = now - max(sent, last_done)  # the device's time on this step alone
+            last_done = now
+            if busy > 0 and n >= self.grain:
+                sample = n / busy
+                self.rate = sample if self.rate is None else 0.75 * self.rate + 0.25 * sample
+            os.posix_fadvise(fd, old, n, os.POSIX_FADV_DONTNEED)
             with self._cond:
-                self.flushed = old + step
+                self.flushed = old + n
                 self._cond.notify_all()
 
 
