@@ -16,8 +16,12 @@ e.g. `git archive REV | tar -x -C DIR`, to measure a change against what it chan
 `--trace` also prints, per backup, when the slow writes happened next to the device's
 in-flight requests and the writer's fsync.
 
+Every round starts from the same state: nothing dirty (sync), the file system's online discard
+of the last archive done (the disk's discard counter still for 0.5 s), the image's page cache
+dropped. The machine's other I/O is not ours to stop: compare the no-backup figures.
+
 Usage: python tools/bench_guest_latency.py [--size-gib 2] [--rounds 4] [--variants a,b,...]
-       [--workdir DIR] [--json] [--trace]
+       [--old TREE] [--workdir DIR] [--json] [--trace]
 """
 
 from __future__ import annotations
