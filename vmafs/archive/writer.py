@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import struct
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -34,6 +35,7 @@ CLUSTER = vma.CLUSTER_SIZE
 SLOTS = vma.SLOTS_PER_EXTENT
 ZERO_CHUNK = 1 << 18  # zero slots per numpy step in finish(): ~10 MB of temporaries
 _ZERO_SUM = index.checksum(bytes(vma.BLOCK_SIZE))  # a zero block's sum
+_CLUSTER_SUMS = struct.Struct(f"<{vma.BLOCKS_PER_CLUSTER}I")  # one cluster's block sums
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,14 @@ class ArchiveWriter:
             padded = bytearray(count * CLUSTER)
             padded[:len(view)] = view
             view = memoryview(padded)
-        masks, sums, starts = _masks_and_sums(view)
-        if count == 1:  # an incremental's scattered copies: no arrays to slice
+        block_sums = index.block_sums(view)
+        if count == 1 and _ZERO_SUM not in _CLUSTER_SUMS.unpack(block_sums):
+            # an incremental's scattered copies, mostly without a zero block: no arrays at all
+            self._add_stored(dev_id, first, self._mask(dev_id, first, vma.FULL_MASK), view,
+                             min(CLUSTER, size - first * CLUSTER), sums=memoryview(block_sums))
+            return
+        masks, sums, starts = _masks_and_sums(view, block_sums)
+        if count == 1:  # no arrays to slice
             mask = self._mask(dev_id, first, int(masks[0]))
             blocks = view if mask == vma.FULL_MASK else vma.stored_blocks(view, mask)
             self._add_stored(dev_id, first, mask, blocks, min(CLUSTER, size - first * CLUSTER),
@@ -426,12 +434,13 @@ class ArchiveWriter:
 _MD5_AT, _SLOTS_AT = 24, 40  # where an extent header's md5 and slots begin
 
 
-def _masks_and_sums(view: memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _masks_and_sums(view: memoryview, block_sums: bytes
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Whole clusters' block masks (vma.cluster_masks's), the sums of their non-zero blocks in
-    order, and where each cluster's sums start (one more entry: the end), from one block_sums
-    call: a block is zero if its sum is a zero block's and its bytes are all zero (looked at
+    order, and where each cluster's sums start (one more entry: the end), from the block sums
+    of VIEW: a block is zero if its sum is a zero block's and its bytes are all zero (looked at
     for those blocks alone, so a sum that collides never drops data)."""
-    sums = np.frombuffer(index.block_sums(view), "<u4").reshape(-1, vma.BLOCKS_PER_CLUSTER)
+    sums = np.frombuffer(block_sums, "<u4").reshape(-1, vma.BLOCKS_PER_CLUSTER)
     zero = sums == _ZERO_SUM
     if zero.any():
         at = np.flatnonzero(zero)
