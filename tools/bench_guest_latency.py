@@ -210,6 +210,14 @@ if trace:  # how long the sink waited for room in the pipe
                 if d > 0.002:
                     event(f"pacewait:{d:.4f}")
         out.Pacer.advance = timed_advance
+    steps = {}
+    if hasattr(out.Pacer, "step"):  # the adaptive pacer's step sizes
+        pstep = out.Pacer.step
+        def counted_step(self):
+            n = pstep(self)
+            steps[n] = steps.get(n, 0) + 1
+            return n
+        out.Pacer.step = counted_step
     if inspect.iscoroutinefunction(put):  # a tree from before the sinks' threads
         async def timed_put(self, item, nbytes):
             t = time.monotonic()
@@ -241,6 +249,8 @@ finally:
         event(f"put-waits:{len(waits)}:{sum(waits):.3f}s:max{max(waits, default=0):.3f}s")
         top = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
         event("writes:" + "/".join(f"{n}x{k >> 10}K" for k, n in top))
+        if steps:
+            event("pace-steps:" + "/".join(f"{n}x{k >> 10}K" for k, n in sorted(steps.items())))
     t = os.times()
     event(f"cpu:{t.user + t.system:.2f}s")
     event("end")

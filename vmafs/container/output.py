@@ -257,6 +257,7 @@ class Pacer:
         in_flight: collections.deque[tuple[int, int, float]] = collections.deque()
         submitted = 0
         last_done = 0.0
+        moved = took = 0.0  # decaying sums: bytes written, the device's seconds on them
         while True:
             step = self.step()
             with self._cond:
@@ -280,11 +281,15 @@ class Pacer:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
             now = time.monotonic()
-            busy = now - max(sent, last_done)  # the device's time on this step alone
+            # the device's time on this step alone; bytes and times are summed (decaying), not
+            # rates averaged: steps at the device together complete in bursts, and a burst's
+            # tiny interval as a rate of its own made every step the largest
+            busy = now - max(sent, last_done)
             last_done = now
-            if busy > 0 and n >= self.grain:
-                sample = n / busy
-                self.rate = sample if self.rate is None else 0.75 * self.rate + 0.25 * sample
+            if n >= self.grain:
+                moved = 0.75 * moved + n
+                took = 0.75 * took + busy
+                self.rate = moved / took if took > 0 else None
             os.posix_fadvise(fd, old, n, os.POSIX_FADV_DONTNEED)
             with self._cond:
                 self.flushed = old + n
