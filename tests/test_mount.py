@@ -189,41 +189,6 @@ def archive(request: pytest.FixtureRequest, source: Source) -> Path:
 
 # -- pure parts --------------------------------------------------------------------------------
 
-def test_session_decompresses_an_idle_read_in_the_loop_thread(source: Source) -> None:
-    """A read of a compressed archive that finds the session idle (no read in flight or just
-    ended) is decompressed in the loop's thread, spared two thread wake-ups; one that comes
-    right after another goes to a worker, so the loop stays free for concurrent readers; both
-    answer the disk's bytes."""
-    import threading
-
-    import trio
-
-    from vmafs.archive.serving import open_archive, session_of
-
-    disk = source.disk0.read_bytes()
-    where: list[bool] = []
-
-    async def main() -> list[bytes]:
-        loop = threading.get_ident()
-        with open_archive(str(source.zstd)) as archive:
-            read = archive.read
-
-            def reading(dev_id: int, offset: int, length: int) -> bytes | memoryview:
-                where.append(threading.get_ident() == loop)
-                return read(dev_id, offset, length)
-
-            archive.read = reading  # type: ignore[method-assign]
-            dev_id = next(d.dev_id for d in archive.devices if d.name == "drive-scsi0")
-            async with session_of(archive) as session:
-                first = await session.read_range(dev_id, 4096, 4096, streaming=False)
-                session._last_end = trio.current_time()  # as if a read had just ended
-                second = await session.read_range(dev_id, 2 * MiB, 4096, streaming=False)
-        return [bytes(first), bytes(second)]
-
-    assert trio.run(main) == [disk[4096:8192], disk[2 * MiB:2 * MiB + 4096]]
-    assert where == [True, False]
-
-
 def test_names_are_sanitised_and_unique() -> None:
     from vmafs.archive.reader import Device
     from vmafs.mount.fs import layout

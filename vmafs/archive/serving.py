@@ -8,8 +8,7 @@ undo), so a server is `async with open_session(path) as session:` and nothing ou
 
 Reads are as cheap as they can be. Plain archives are read inline in the trio task: an index
 lookup and preads cost less than a thread hop (measured: a hop is ~140 µs here). Holes are
-slices of the model's zero buffer. Reads that decompress run in worker threads (one that
-finds the session idle, in the loop's: a sparse reader waits for no wake-ups), and a
+slices of the model's zero buffer. Reads that decompress run in worker threads, and a
 streaming reader gets whole chunks, the next ones decompressed ahead in the session's nursery,
 shared by every reader of the archive. Whether a reader streams is decided here only
 (`Reader`). Errors are raised as they come from the model (every byte checked against its
@@ -40,7 +39,6 @@ CACHED_CHUNKS = 12         # chunks kept, all readers together (at least the rea
 WORKERS = 2                # decompressing threads at once (one per core here)
 MAX_RUNS = 1024            # allocation runs answered at once (NBD caps descriptors too)
 GROUP = 4096               # chunks whose "holds data" bits are found at once (4 GiB of disk)
-IDLE_GAP = 0.001           # s without a read before one is decompressed in the loop's thread
 
 
 class _Fetch:
@@ -91,7 +89,6 @@ class Session:
         # one local compressed archive: a random read's first disk request is made before
         # its thread hop (Source.will_need), not after
         self._advise = archive.compressed and not self._remote and len(archive.layers) == 1
-        self._last_end = -IDLE_GAP  # trio time a read last ended (read_range)
 
     # -- what is served --------------------------------------------------------------------
 
@@ -168,24 +165,13 @@ class Session:
             data = await self._read_chunked(dev_id, offset, size)
             if data is not None:
                 return data
-        if (not self._remote and not self._limiter.borrowed_tokens
-                and trio.current_time() - self._last_end > IDLE_GAP):
-            # nothing in flight, nothing done lately: no other reader waits on the loop,
-            # so this read is not worth two thread wake-ups (under load, each waits for a core)
-            try:
-                return archive.read(dev_id, offset, size)
-            finally:
-                self._last_end = trio.current_time()
         if self._advise:
             # the disk starts on the read's first compressed bytes while its thread wakes
             at = archive.stream_offset(dev_id, offset)
             if at is not None:
                 archive.source.will_need([at], size)
-        try:
-            return await trio.to_thread.run_sync(archive.read, dev_id, offset, size,
-                                                 limiter=self._limiter)
-        finally:
-            self._last_end = trio.current_time()
+        return await trio.to_thread.run_sync(archive.read, dev_id, offset, size,
+                                             limiter=self._limiter)
 
     def allocation(self, dev_id: int, offset: int, length: int) -> list[tuple[int, bool]]:
         """(length, is_hole) runs from offset, covering at most `length` bytes (fewer when
@@ -289,7 +275,6 @@ class Session:
             fetch.failed = True
             self._chunks.pop((dev_id, idx), None)
         finally:
-            self._last_end = trio.current_time()
             fetch.done.set()
 
 
