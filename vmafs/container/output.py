@@ -51,9 +51,12 @@ PACE_MIN_STEP = 1 << 20
 """... and of at least this size (the first steps: the device's rate is not known yet), ..."""
 PACE_WINDOW = 2
 """... at most this many steps of it at the device at a time, ..."""
-PACE_LATENCY = 0.008
+PACE_LATENCY = 0.016
 """... sized so that what is at the device takes about this long to write at the rate the
-device has been writing the archive (a guest write queued behind it waits that long), ..."""
+device has been writing the archive (a guest write queued behind it waits that long). 16 ms
+(tools/bench_guest_latency.py, 6 interleaved rounds: guest p99 26 ms, 8 ms: 34, the fixed
+8 MiB steps before: 52; backup rate 1.23x and 1.12x theirs; 8 ms was 0.89x in a quiet run,
+4 ms no better than 8). A fast device still gets PACE_STEP steps, ..."""
 PACE_AHEAD = 64 << 20
 """... and the writer at most this far ahead of what is on disk (it waits beyond)."""
 
