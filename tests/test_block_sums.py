@@ -504,7 +504,7 @@ def test_null_payloads_as_the_format_says(name: str) -> None:
     bytes but its dev_id; a short last header left out."""
     import numpy as np
 
-    payloads = (vma.null_payloads if name == "python"
+    payloads = (vma.gather_null_payloads if name == "python"
                 else _implementation("accelerator").null_payloads)
     rnd = random.Random(1720)
     sums = rnd.randbytes(3776)
