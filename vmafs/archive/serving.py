@@ -89,6 +89,7 @@ class Session:
         # chunks one worker call reads: a remote archive's come in order from one stream, so
         # a batch costs one hop; a local one's decompress side by side, one chunk a thread
         self._batch = REMOTE_BATCH if self._remote else 1
+        self._closing = False  # set when the session is left: a batch stops between chunks
         self._cached = max(CACHED_CHUNKS, self._ahead + 8)
         # one local compressed archive: a random read's first disk request is made before
         # its thread hop (Source.will_need), not after
@@ -293,6 +294,8 @@ class Session:
 
         def work() -> None:
             for idx, fetch in batch:
+                if self._closing:  # the session is being left: the rest is never wanted
+                    return
                 try:
                     fetch.data = archive.read(dev_id, idx * CHUNK,
                                               min(CHUNK, size - idx * CHUNK))
@@ -352,9 +355,11 @@ async def session_of(archive: Archive) -> AsyncIterator[Session]:
     preload.start()
     try:
         async with trio.open_nursery() as nursery:
+            session = Session(archive, nursery)
             try:
-                yield Session(archive, nursery)
+                yield session
             finally:
+                session._closing = True
                 nursery.cancel_scope.cancel()
     finally:
         stop.set()
