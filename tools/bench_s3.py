@@ -158,6 +158,8 @@ def main() -> int:
     size = parse_size(args.size)
     only = set(args.only.split(","))
 
+    # before the gateway starts: a bad --dir must not leave one running
+    scratch = Path(tempfile.mkdtemp(prefix="vmafs-bench-s3-", dir=args.dir))
     gw, client, bucket = s3_bench_bucket("bench", max(8 << 30, 6 * size))
     if gw is not None:
         GATEWAY_PIDS.extend(p.pid for p in gw.procs.values())  # type: ignore[attr-defined]
@@ -168,7 +170,6 @@ def main() -> int:
         # a module changed since (or a fresh checkout) was compiled again by every run
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "vmafs")],
                        stdout=subprocess.DEVNULL, check=True)
-    scratch = Path(tempfile.mkdtemp(prefix="vmafs-bench-s3-", dir=args.dir))
     results: list[str] = []
 
     def report(line: str) -> None:
