@@ -249,18 +249,18 @@ class ArchiveWriter:
             padded[:len(view)] = view
             view = memoryview(padded)
         block_sums = index.block_sums(view)
-        if count == 1 and _ZERO_SUM not in _CLUSTER_SUMS.unpack(block_sums):
-            # an incremental's scattered copies, mostly without a zero block: no arrays at all
-            self._add_stored(dev_id, first, self._mask(dev_id, first, vma.FULL_MASK), view,
-                             min(CLUSTER, size - first * CLUSTER), sums=memoryview(block_sums))
-            return
-        masks, sums, starts = _masks_and_sums(view, block_sums)
-        if count == 1:  # no arrays to slice
-            mask = self._mask(dev_id, first, int(masks[0]))
+        if count == 1:  # an incremental's scattered copies: no arrays to slice
+            if _ZERO_SUM not in _CLUSTER_SUMS.unpack(block_sums):  # no block can be zero
+                mask, one_sums = vma.FULL_MASK, memoryview(block_sums)
+            else:
+                masks, kept, _ = _masks_and_sums(view, block_sums)
+                mask, one_sums = int(masks[0]), kept.data
+            mask = self._mask(dev_id, first, mask)
             blocks = view if mask == vma.FULL_MASK else vma.stored_blocks(view, mask)
             self._add_stored(dev_id, first, mask, blocks, min(CLUSTER, size - first * CLUSTER),
-                             sums=sums.data)
+                             sums=one_sums)
             return
+        masks, sums, starts = _masks_and_sums(view, block_sums)
         compact: np.ndarray | None = None
         if not (masks == vma.FULL_MASK).all():
             bits = (masks[:, None] >> np.arange(16, dtype=np.uint16)) & 1
