@@ -75,9 +75,13 @@ MAX_FRAME_COMPRESSED = MAX_FRAME_SIZE + 3 * (MAX_FRAME_SIZE // BLOCK_SIZE_MAX) +
 COLD_READ_MAX = 64 << 10
 """Local reads of more compressed bytes than this are announced first (POSIX_FADV_WILLNEED)."""
 FEED_PIECE = 64 << 10
-"""Compressed bytes a local prefix read hands the decoder at a time (the first one alone: 64 KiB
-cold in 0.12 ms on this VM's disk, where a whole 700 KB frame asked for at once took 0.6 ms to
-its first byte). 64 and 128 KiB measured alike, 256 KiB slower."""
+"""Compressed bytes a local prefix read hands the decoder at a time, and asks the disk for in
+one request (POSIX_FADV_WILLNEED): a request's pages arrive together, so piece by piece the
+decoder starts on the first after 0.12 ms cold on this VM's disk, where a whole 700 KB frame
+asked for at once took 0.6 ms to its first byte. 64 and 128 KiB measured alike, 256 KiB
+slower."""
+FEED_AHEAD = 2 * FEED_PIECE
+"""A prefix read that goes past its guess keeps the disk this far ahead of the decoder."""
 _REUSE_MAX = 8 << 20
 """Compressed frames up to this size are read into a per-thread buffer kept for the next."""
 _UNCHECKED, _SIZED, _UNSIZED, _SKIPPABLE = range(4)
@@ -106,6 +110,17 @@ def _max_blocks(d_size: int) -> int:
     return 16 + d_size // 1024
 
 
+def _prefix_buffer(length: int) -> memoryview:
+    """``length`` bytes of this thread's reused buffer for decoded prefixes (see _frame_buffer):
+    a fresh bytes object per cold read cost a page fault per 4 KiB of it."""
+    buf: bytearray | None = getattr(_THREAD, "out", None)
+    if buf is None or len(buf) < length:
+        buf = bytearray(-(-length // (256 << 10)) * (256 << 10))
+        _THREAD.out = buf
+        _THREAD.out_holds = None
+    return memoryview(buf)[:length]
+
+
 def _frame_buffer(length: int) -> memoryview:
     """``length`` bytes of this thread's reused frame buffer (a buffer of their own past
     _REUSE_MAX): valid until the thread's next call, on any file."""
@@ -122,30 +137,34 @@ class _FrameFeed:
     """A local frame's compressed bytes handed to a zstd stream reader piece by piece as the
     disk delivers them, so that decoding starts after the first piece, not the whole prefix.
 
-    The first piece is asked for (POSIX_FADV_WILLNEED) alone, so it does not wait behind the
-    rest; once a piece is in, the disk is asked for the frame up to twice what has been read:
-    it reads ~3x faster than zstd consumes compressed bytes, so the decoder seldom waits, and
-    the frame's tail is mostly in by the time the frame is checked.  ``buf`` holds what has
-    been read, ``pos`` bytes of it.
+    Before the first piece is waited for, the disk is asked (POSIX_FADV_WILLNEED) for the
+    bytes the read is expected to take (``want``), one request per FEED_PIECE, so each piece
+    arrives on its own; a read that goes past them keeps FEED_AHEAD bytes asked ahead.  The
+    disk reads ~3x faster than zstd consumes compressed bytes, so the decoder seldom waits,
+    and no more of the frame is read than the read decodes (the tail, which a frame not yet
+    checked needs, is asked for by the caller).  ``asked``: bytes already asked (will_need).
+    ``buf`` holds what has been read, ``pos`` bytes of it.
     """
 
-    def __init__(self, raw: StoredObject, start: int, size: int, name: str, want: int = 0
-                 ) -> None:
+    def __init__(self, raw: StoredObject, start: int, size: int, name: str, want: int = 0,
+                 asked: int = 0) -> None:
         self._raw = raw
         self._start = start
         self._name = name
         self.buf = _frame_buffer(size)
         self.pos = 0
         self._given = 0
-        self._asked = 0
-        self._want = want  # compressed bytes the read is expected to take (asked after the first)
+        self._asked = asked
+        self._want = want  # compressed bytes the read is expected to take
 
-    def ask(self, end: int) -> None:
-        """Have the disk read the frame's bytes up to ``end`` (relative) in the background."""
+    def ask(self, end: int, piece: int = FEED_PIECE) -> None:
+        """Have the disk read the frame's bytes up to ``end`` (relative) in the background, in
+        requests of ``piece`` bytes."""
         end = min(end, len(self.buf))
-        if end > self._asked:
-            self._raw.advise(self._start + self._asked, end - self._asked)
-            self._asked = end
+        while self._asked < end:
+            n = min(piece, end - self._asked)
+            self._raw.advise(self._start + self._asked, n)
+            self._asked += n
 
     def fill(self, n: int) -> memoryview:
         """Read the next ``n`` bytes of the frame from the disk (fewer at its end)."""
@@ -153,7 +172,7 @@ class _FrameFeed:
         end = min(len(self.buf), pos + n)
         if end <= pos:
             return self.buf[:0]
-        self.ask(end)
+        self.ask(max(end, self._want, pos + FEED_AHEAD) if pos else max(end, self._want))
         got = self._raw.readinto(self._start + pos, self.buf[pos:end])
         if got != end - pos:
             raise ContainerError(
@@ -161,7 +180,6 @@ class _FrameFeed:
                 "(file changed while open?)"
             )
         self.pos = end
-        self.ask(max(2 * end + FEED_PIECE, self._want))
         return self.buf[pos:end]
 
     def read(self, n: int = -1) -> memoryview:
@@ -231,6 +249,8 @@ class SeekableZstdSource:
         self._layout_trusted = False  # trust_layout
         self._next_frame = 0  # the frame a reader going through the file in order reads next
         self._ahead = 0  # end of the compressed bytes already requested ahead
+        self._token = object()  # this source in a thread's note of its last prefix
+        self._told: dict[int, int] = {}  # frame -> its first bytes will_need asked for
 
     # -- opening --------------------------------------------------------------
 
@@ -594,9 +614,16 @@ class SeekableZstdSource:
         start, end = self.frame_bounds(index)
         need = min(need, end - start)
         if not self.remote and need < end - start:
-            out = self._stream_prefix(index, need)
-            if out is not None:
-                return out
+            fed = self._stream_prefix(index, need)
+            if fed is not None:
+                return bytes(fed)
+        return self._read_prefix(index, need)
+
+    def _read_prefix(self, index: int, need: int) -> bytes:
+        """read_prefix by reading the compressed bytes first (a store's frame; a local one
+        that _stream_prefix declined)."""
+        start, end = self.frame_bounds(index)
+        need = min(need, end - start)
         c_start, c_end = self.table.compressed_range(index)
         c_size = c_end - c_start
         guess = self._prefix_guess(index, need)
@@ -631,39 +658,56 @@ class SeekableZstdSource:
             )
         return out
 
-    def _stream_prefix(self, index: int, need: int) -> bytes | None:
-        """read_prefix of a local frame: its compressed bytes fed to the decoder as the disk
-        delivers them (_FrameFeed), so reading and decoding overlap; a frame not yet checked
-        is checked (its block headers walked to its end, which the feed has asked the disk
-        for meanwhile) before any of it is returned.  Cold 4 KiB reads of a /usr image's
-        .vma.zst (1.5 MiB frames, in-process, 400 interleaved, 3 runs at load 8): p50 0.91-0.97x
-        the time of reading the prefix whole first (0.40-0.45 ms of 1.45), then decoding it.
-        None if anything is off: read_prefix then does it the slow way, which says what is
-        wrong."""
+    def _stream_prefix(self, index: int, need: int) -> memoryview | None:
+        """read_prefix of a local frame, into this thread's prefix buffer (valid until the
+        thread's next one): its compressed bytes fed to the decoder as the disk delivers them
+        (_FrameFeed), so reading and decoding overlap; a frame not yet checked is checked (its
+        block headers walked to its end, asked for meanwhile) before any of it is returned.
+        Cold 4 KiB reads of a /usr image's .vma.zst (1.5 MiB frames, in-process, 400
+        interleaved, 3 runs at load 8): p50 0.91-0.97x the time of reading the prefix whole
+        first (0.40-0.45 ms of 1.45), then decoding it.  None if anything is off: read_prefix
+        then does it the slow way, which says what is wrong."""
         c_start, c_end = self.table.compressed_range(index)
         feed = _FrameFeed(self._raw, c_start, c_end - c_start, self.name,
-                          self._prefix_guess(index, need))
+                          self._prefix_guess(index, need), self._told.pop(index, 0))
         unchecked = self._state[index] == _UNCHECKED
         if unchecked and not self._header_fits(index, feed.fill(FEED_PIECE)):
             return None
         if not unchecked and self._state[index] != _SIZED:
             return None
+        out = _prefix_buffer(need)
+        _THREAD.out_holds = None
+        got = 0
         try:
             # zstd's reader calls only read(): the feed is a file to it
             with self._dctx().stream_reader(cast("IO[bytes]", feed), read_size=FEED_PIECE,
                                             read_across_frames=False) as reader:
-                out = _read_up_to(reader, need)
+                while got < need and (n := reader.readinto(out[got:])):
+                    got += n
         except zstandard.ZstdError:
             return None
-        if len(out) < need:
+        if got < need:
             return None
         if unchecked and self._layout_trusted:
             self._state[index] = _SIZED  # its header gives the entry's size (_header_fits)
         elif unchecked:
-            feed.ask(len(feed.buf))
+            feed.ask(len(feed.buf), len(feed.buf))  # the tail's block headers: one request
             if self._checked(index, feed.buf[:feed.pos]) != _SIZED:
                 return None
+        _THREAD.out_holds = (self._token, index, got)
         return out
+
+    def _local_prefix(self, index: int, need: int) -> memoryview:
+        """At least the first ``need`` bytes of local frame ``index``, in this thread's prefix
+        buffer: the thread's last prefix if it is this frame's and long enough (a read near
+        the one before; not with caching off), else decoded (_stream_prefix, or read_prefix's
+        way if that declines)."""
+        held = getattr(_THREAD, "out_holds", None)
+        if (held is not None and held[0] is self._token and held[1] == index
+                and held[2] >= need and self._cache.limit):
+            return memoryview(_THREAD.out)[:need]
+        out = self._stream_prefix(index, need)
+        return memoryview(self._read_prefix(index, need)) if out is None else out
 
     def _prefix_guess(self, index: int, need: int) -> int:
         """Compressed bytes that the first ``need`` decompressed bytes of frame ``index`` take,
@@ -726,6 +770,9 @@ class SeekableZstdSource:
         if end <= f_end:
             if (self.checked_by_reader and end - offset <= PREFIX_READ_MAX and end < f_end
                     and self._state[first] != _UNSIZED and not self.cached(first)):
+                if not self.remote:  # decoded into a buffer the thread reuses: out, a copy
+                    prefix = self._local_prefix(first, end - f_start)
+                    return bytes(prefix[offset - f_start:end - f_start])
                 # the last prefix decoded is kept (unless caching is off): a read's extent
                 # header is in it, mostly (extent_check.py reads it right after the data)
                 last = self._last_prefix
@@ -816,10 +863,11 @@ class SeekableZstdSource:
 
     def will_need(self, offsets: list[int], length: int) -> None:
         """A hint of the ByteSource protocol: reads at these decompressed offsets come soon.
-        A local file's disk is asked now for the compressed bytes each one's frame (unless
-        cached) is decoded from up to the read's end, as _FrameFeed asks: its first piece
-        alone, then the rest; so it reads them while the read waits for its thread (a mount
-        hands each read to a worker)."""
+        A local file's disk is asked now for the first compressed piece (FEED_PIECE) of each
+        one's frame (unless cached), so it reads it while the read waits for its thread (a
+        mount hands each read to a worker); the read asks for the rest itself (_FrameFeed)
+        before it waits for that piece.  One small request each: the caller (a mount's event
+        loop) does not wait while the kernel sets up the pages of a whole prefix."""
         if self.remote:
             return
         for offset in offsets:
@@ -828,13 +876,12 @@ class SeekableZstdSource:
             index = self.frame_of(offset)
             if self.cached(index):
                 continue
-            c_start = int(self.table.c_offsets[index])
-            f_start = int(self.table.d_offsets[index])
-            want = self._prefix_guess(index, offset + length - f_start)
-            first = min(FEED_PIECE, want)
+            c_start, c_end = self.table.compressed_range(index)
+            first = min(FEED_PIECE, c_end - c_start)
             self._raw.advise(c_start, first)
-            if first < want:
-                self._raw.advise(c_start + first, want - first)
+            if len(self._told) >= 64:
+                self._told.clear()
+            self._told[index] = first
 
     def identity(self) -> bytes:
         return self._raw.identity()
