@@ -180,10 +180,12 @@ class _Cut:
         self.closed = True
 
 
-def test_a_stream_is_one_request_resumed_where_it_broke_off() -> None:
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_stream_is_one_request_resumed_where_it_broke_off(direct: bool) -> None:
     """stream() of a store that streams bodies: one request for the whole object, read ahead
-    in bounded pieces; a body that ends early or breaks off is asked for again from where it
-    stopped, and the bytes are exact."""
+    in bounded pieces (or, direct, read by the reader's own calls straight into its buffers);
+    a body that ends early or breaks off is asked for again from where it stopped, and the
+    bytes are exact."""
     fake = _Fake(40 * MiB + 12345, delay=0)
     opened: list[tuple[int, int]] = []
     bodies: list[_Cut] = []
@@ -197,10 +199,11 @@ def test_a_stream_is_one_request_resumed_where_it_broke_off() -> None:
     tail = ranged_mod.TAIL
     obj = RangedObject("fake", len(fake.data), b"v1", fake.fetch,
                        (len(fake.data) - tail, fake.data[-tail:]), open_body)
-    stream = obj.stream()
+    stream = obj.stream(direct=direct)
     got = bytearray()
     buf = bytearray(3 * MiB + 5)
     while n := stream.readinto(buf):
+        assert direct is False or n == min(len(buf), len(fake.data) - len(got))  # filled
         got += buf[:n]
     assert bytes(got) == fake.data
     assert [s for s, _ in opened] == [0, 9 * MiB + 7, 18 * MiB + 14, 27 * MiB + 21]
@@ -239,7 +242,8 @@ def test_a_sequential_reader_gets_its_chunks_from_one_streamed_request() -> None
     obj.close()
 
 
-def test_a_stream_that_keeps_breaking_is_one_error() -> None:
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_stream_that_keeps_breaking_is_one_error(direct: bool) -> None:
     fake = _Fake(8 * MiB, delay=0)
 
     def open_body(start: int, end: int) -> _Cut:
@@ -248,7 +252,7 @@ def test_a_stream_that_keeps_breaking_is_one_error() -> None:
     tail = ranged_mod.TAIL
     obj = RangedObject("fake", len(fake.data), b"v1", fake.fetch,
                        (len(fake.data) - tail, fake.data[-tail:]), open_body)
-    stream = obj.stream()
+    stream = obj.stream(direct=direct)
     with pytest.raises(VmafsError, match="broke off"):
         stream.readinto(bytearray(MiB))
     stream.close()

@@ -275,6 +275,7 @@ class _Fenced(io.RawIOBase):
     def __init__(self, stream: BinaryIO, behind: WriteBehind) -> None:
         self._stream = stream
         self._behind = behind
+        self.read_ahead_bytes = getattr(stream, "read_ahead_bytes", 0)  # (walk.py)
 
     def readable(self) -> bool:
         return True

@@ -199,6 +199,10 @@ def iter_stream_checked(stream: BinaryIO, header: vma.Header, hashing: Hashing, 
     source: _Source = (_FileSource(stream, header) if read_by_offset(stream)
                        else _StreamSource(stream))
     if ahead > 0:
+        # a stream nothing reads ahead under (a remote body read straight into these
+        # buffers) says how much it wants kept ahead
+        hint = int(getattr(stream, "read_ahead_bytes", 0) or 0)
+        ahead = max(ahead, -(-hint // vma.MAX_EXTENT_SIZE))
         yield from _read_ahead(source, header, ahead, hashing)
         return
     buffer = _new_buffer()

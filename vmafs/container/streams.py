@@ -233,9 +233,16 @@ class _CheckedSource:
         self.table = table
         self.checker = ZstdFrameParser(table.frame if table is not None else None)
         self.at_eof = False
+        # read into two buffers in turn, not new bytes each time (a copy and an allocation
+        # a MiB): the decoder is done with the last read before it asks for the next
+        self._buffers = [bytearray(), bytearray()]
 
-    def read(self, size: int = CHUNK) -> bytes:
-        data = self._raw.read(size) or b""
+    def read(self, size: int = CHUNK) -> bytes | memoryview:
+        buffer = self._buffers.pop(0)
+        self._buffers.append(buffer)
+        if len(buffer) < size:
+            buffer[:] = bytes(size)
+        data = memoryview(buffer)[:self._raw.readinto(memoryview(buffer)[:size]) or 0]
         if data:
             self.checker.feed(data)
         else:
@@ -631,6 +638,19 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
     return io.BufferedReader(decoded, buffer_size=CHUNK)
 
 
+HEADERS_BUFFER = 64 << 10
+"""A remote stream's buffer: the extent headers (with a data extent's block sums, ~11 of 512
+bytes) come through it, the data straight into the reader's buffers (a buffer of CHUNK
+copied each extent's first MiB once more)."""
+
+
+class _AheadReader(io.BufferedReader):
+    """A buffered stream that says how far ahead its reader should keep buffers of its own
+    (read_ahead_bytes; 0: no need, something under it reads ahead)."""
+
+    read_ahead_bytes = 0
+
+
 def _open_remote_stream(location: str) -> BinaryIO:
     """A stored archive (s3://, https://) from start to end: ranged requests kept in flight
     ahead of the reader; a seekable zstd file's table is read from the tail and compared."""
@@ -644,7 +664,11 @@ def _open_remote_stream(location: str) -> BinaryIO:
             kind = detect_container(head)
         except FormatError as e:
             raise FormatError(f"{obj.name}: {e}") from None
-        raw = obj.stream() if isinstance(obj, RangedObject) else ObjectStream(obj)
+        # plain or zstd: read (and decoded) by the walk's reader thread, straight into its
+        # buffers, which it keeps ahead; no thread of the stream's own
+        direct = isinstance(obj, RangedObject) and kind in ("vma", "zstd")
+        raw = (obj.stream(direct=direct) if isinstance(obj, RangedObject)
+               else ObjectStream(obj))
         decoded: io.RawIOBase
         if kind == "vma":
             decoded = raw
@@ -659,4 +683,6 @@ def _open_remote_stream(location: str) -> BinaryIO:
     except BaseException:
         obj.close()
         raise
-    return io.BufferedReader(decoded, buffer_size=CHUNK)
+    reader = _AheadReader(decoded, buffer_size=HEADERS_BUFFER if direct else CHUNK)
+    reader.read_ahead_bytes = getattr(raw, "READ_AHEAD_BYTES", 0)
+    return reader

@@ -304,11 +304,15 @@ class RangedObject:
         first = offset // self._chunk
         self._schedule(first, min((end - 1) // self._chunk, first + self._ahead - 1))
 
-    def stream(self) -> io.RawIOBase:
-        """The object start to end: one streamed request, or ranges read ahead."""
+    def stream(self, *, direct: bool = False) -> io.RawIOBase:
+        """The object start to end: one streamed request, or ranges read ahead. `direct`:
+        the request's body read by the reader's own readinto calls, straight into its
+        buffers (DirectStream), for a reader that keeps buffers of its own ahead."""
         from vmafs.store import ObjectStream  # the package imports this module
 
         if self._open_body is not None:
+            if direct:
+                return DirectStream(self, self._open_body)
             return _BodyStream(self, self._open_body)
         with self._lock:
             self.sequential = True
@@ -454,6 +458,41 @@ class _Streamer:
                     break
                 if left is not None:
                     left[2].cancel()
+
+
+class DirectStream(io.RawIOBase):
+    """A RangedObject from start to end by one streamed request, read by the reader's own
+    calls: readinto fills the reader's buffer straight from the connection (no thread, no
+    copy: what a full GET's client costs). For a reader that reads ahead into buffers of its
+    own (the forward walk of a plain archive keeps READ_AHEAD_BYTES of extents; the kernel's
+    socket buffer holds what arrives while it checks one): with no one reading, the
+    transfer stops. Breaks are resumed as _BodyStream's are; an error reaches the reader at
+    the read it happened in. Every read is filled whole (fewer bytes only at the end)."""
+
+    READ_AHEAD_BYTES = BODY_AHEAD * STREAM_PIECE
+    """What its reader should keep read ahead (the walk's ring of extent buffers)."""
+
+    def __init__(self, obj: RangedObject, open_body: OpenBody) -> None:
+        self._obj = obj
+        self._reader = _Resuming(obj, open_body, 0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview | bytearray) -> int:  # type: ignore[override]
+        view = memoryview(b).cast("B")
+        n = min(len(view), self._obj.size - self._reader.pos)
+        if n <= 0:
+            return 0
+        if not self._reader.fill(view[:n], lambda: self.closed):
+            raise ValueError("read of a closed stream")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._reader.close()
+            self._obj.close()
 
 
 class _BodyStream(io.RawIOBase):
