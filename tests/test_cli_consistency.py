@@ -158,6 +158,47 @@ def test_signals_end_a_command_cleanly(tmp_path: Path, signum: int) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.raw"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_a_command_whose_input_pipe_is_idle(tmp_path: Path, signum: int) -> None:
+    """`convert -` fed by a producer that stalls with its end of the pipe open (a network
+    stream, a `zstd -d` waiting on its own input): a stop signal ends the command at once, as
+    it does any other, without waiting for input that may never come; nothing is left."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(16 * MiB))
+    source = tmp_path / "in.vma"
+    rc, _, err = run_vmafs("create", "-q", "-o", source, f"drive-scsi0={image}")
+    assert rc == 0, err
+    data = source.read_bytes()
+    out = tmp_path / "out.vma.zst"
+    proc = subprocess.Popen(vmafs_cmd("convert", "-q", "-", out), env=env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data[:len(data) // 2])  # then the producer stalls: the pipe stays open
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out.vma.zst.*.part")):  # under way, handlers set
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "convert never started its output"  # a hang guard
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout=30)  # a hang guard, not a speed check
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{signal.Signals(signum).name} held until the input pipe ends")
+        err_text = proc.stderr.read().decode()
+    finally:
+        proc.stdin.close()  # (only now: an end of input before the signal is another case)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signum, err_text
+    assert_one_line_error(proc.returncode, err_text, "interrupted by",
+                          signal.Signals(signum).name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "in.vma"]
+
+
 # -- never an archive on a terminal --------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [
