@@ -16,7 +16,6 @@ after which the connection must be dropped.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Final
 
@@ -142,45 +141,95 @@ NEED_DATA: Final = _NeedData()
 """`next_event` result: feed more bytes with `receive_data`."""
 
 
-@dataclass(frozen=True, slots=True)
-class TransmissionStarted:
+class _Event:
+    """An event: immutable, equal to an event of its class with equal fields, hashable.
+
+    Plain classes with __slots__ rather than frozen dataclasses, which compile their methods
+    when defined: the nine cost ~5 ms of every live backup's start."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self, *values: object) -> None:
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class TransmissionStarted(_Event):
     """Option haggling is over; requests follow."""
 
+    __slots__ = ("export_name", "via")
     export_name: str
     via: str  # "GO" or "EXPORT_NAME"
 
+    def __init__(self, export_name: str, via: str) -> None:
+        super().__init__(export_name, via)
 
-@dataclass(frozen=True, slots=True)
-class Write:
+
+class Write(_Event):
     """NBD_CMD_WRITE. `data` is a fresh buffer nobody else references."""
 
+    __slots__ = ("handle", "offset", "data", "flags")
     handle: int
     offset: int
     data: bytes | bytearray
     flags: int
 
+    def __init__(self, handle: int, offset: int, data: bytes | bytearray, flags: int) -> None:
+        setattr_ = object.__setattr__  # one a request: not through the generic loop
+        setattr_(self, "handle", handle)
+        setattr_(self, "offset", offset)
+        setattr_(self, "data", data)
+        setattr_(self, "flags", flags)
 
-@dataclass(frozen=True, slots=True)
-class WriteZeroes:
+
+class WriteZeroes(_Event):
     """NBD_CMD_WRITE_ZEROES (NO_HOLE is allowed and irrelevant to us)."""
 
+    __slots__ = ("handle", "offset", "length", "flags")
     handle: int
     offset: int
     length: int
     flags: int
 
+    def __init__(self, handle: int, offset: int, length: int, flags: int) -> None:
+        super().__init__(handle, offset, length, flags)
 
-@dataclass(frozen=True, slots=True)
-class Flush:
+
+class Flush(_Event):
     """NBD_CMD_FLUSH."""
 
+    __slots__ = ("handle",)
     handle: int
 
+    def __init__(self, handle: int) -> None:
+        super().__init__(handle)
 
-@dataclass(frozen=True, slots=True)
-class BadRequest:
+
+class BadRequest(_Event):
     """A well-framed request we refuse; answer it with `reply(handle, error)`."""
 
+    __slots__ = ("handle", "command", "offset", "length", "error", "reason")
     handle: int
     command: int
     offset: int
@@ -188,41 +237,61 @@ class BadRequest:
     error: int
     reason: str
 
+    def __init__(self, handle: int, command: int, offset: int, length: int, error: int,
+                 reason: str) -> None:
+        super().__init__(handle, command, offset, length, error, reason)
 
-@dataclass(frozen=True, slots=True)
-class Disconnect:
+
+class Disconnect(_Event):
     """The client ended the session (NBD_CMD_DISC, NBD_OPT_ABORT, EOF, …)."""
 
+    __slots__ = ("reason",)
     reason: str
 
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
 
-@dataclass(frozen=True, slots=True)
-class Read:
+
+class Read(_Event):
     """NBD_CMD_READ of [offset, offset+length), inside the export."""
 
+    __slots__ = ("handle", "offset", "length", "flags")
     handle: int
     offset: int
     length: int
     flags: int
 
+    def __init__(self, handle: int, offset: int, length: int, flags: int) -> None:
+        setattr_ = object.__setattr__  # one a request: not through the generic loop
+        setattr_(self, "handle", handle)
+        setattr_(self, "offset", offset)
+        setattr_(self, "length", length)
+        setattr_(self, "flags", flags)
 
-@dataclass(frozen=True, slots=True)
-class BlockStatus:
+
+class BlockStatus(_Event):
     """NBD_CMD_BLOCK_STATUS for base:allocation; `one`: the client wants one descriptor."""
 
+    __slots__ = ("handle", "offset", "length", "one")
     handle: int
     offset: int
     length: int
     one: bool
 
+    def __init__(self, handle: int, offset: int, length: int, one: bool) -> None:
+        super().__init__(handle, offset, length, one)
 
-@dataclass(frozen=True, slots=True)
-class Cache:
+
+class Cache(_Event):
     """NBD_CMD_CACHE: a hint that [offset, offset+length) will be read soon."""
 
+    __slots__ = ("handle", "offset", "length")
     handle: int
     offset: int
     length: int
+
+    def __init__(self, handle: int, offset: int, length: int) -> None:
+        super().__init__(handle, offset, length)
 
 
 Event = (TransmissionStarted | Write | WriteZeroes | Flush | Read | BlockStatus | Cache
