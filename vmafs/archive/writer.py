@@ -40,6 +40,8 @@ _CLUSTER_SUMS = struct.Struct(f"<{vma.BLOCKS_PER_CLUSTER}I")  # one cluster's bl
 
 @dataclass(frozen=True)
 class DeviceSpec:
+    """A device of the archive: its name and size in bytes."""
+
     name: str
     size: int
 

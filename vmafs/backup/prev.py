@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PrevFacts:
+    """What the new archive takes from PREV."""
+
     link: Link                          # PREV as the new archive's chain record names it
     depth: int                          # archives in the new archive's chain
     configs: list[tuple[str, bytes]]    # PREV's config files (but its chain record)
