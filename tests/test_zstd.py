@@ -143,6 +143,28 @@ def test_window_log_is_capped(level: int, frame_size: int) -> None:
 
 
 @needs_zstd
+def test_frames_without_content_checksums_for_benchmarks(tmp_path: Path) -> None:
+    """tools/bench_size.py's ``nocheck`` variant (write_checksum=0 laid over the level's
+    parameters): frames without zstd's content checksum, read alike by zstd -d and the
+    random-access reader, small reads and whole frames."""
+    assert not compression_params(4, 1 << 20, {"write_checksum": 0}).write_checksum
+    chunks = _extents(5, 40)
+    stream = b"".join(chunks)
+    path = tmp_path / "n.zst"
+    _write_seekable(path, chunks, frame_size=200000, params={"write_checksum": 0})
+    assert _zstd_d(path) == stream
+    data = path.read_bytes()
+    with SeekableZstdSource(path, cache_bytes=0) as src:
+        src.checked_by_reader = True
+        assert src.num_frames > 2
+        c0, c1 = src.table.compressed_range(1)
+        assert not zstandard.get_frame_parameters(data[c0:c1]).has_checksum
+        d0, d1 = src.frame_bounds(1)
+        assert src.pread(d0 + 4096, 4096) == stream[d0 + 4096 : d0 + 8192]
+        assert src.read_frame(1) == stream[d0:d1]
+
+
+@needs_zstd
 def test_output_into_a_pipe_never_seeks() -> None:
     chunks = _extents(11, 50)
     proc = subprocess.Popen(

@@ -22,7 +22,9 @@ checksums, index) and reported as
 * rand4k: cold 4 KiB reads at random offsets of the image's data (non-zero blocks) through
   ``vmafs mount``, every variant mounted at once and read at the same offsets in turn, the
   archive's and the mounted disk's pages evicted before each read (posix_fadvise, never
-  drop_caches: the machine is shared): median and p90 ms (goal <= 1.5 ms) — with --mount;
+  drop_caches: the machine is shared): median and p90 ms (goal <= 1.5 ms), and the mount
+  daemon's CPU time per read (all its threads, from /proc: it grows far less with the
+  machine's load than the latency does) — with --mount;
   ``--tree DIR`` mounts the first variant's archive by another checkout too (e.g. ``git
   archive`` of an older commit), read in the same turns: the per-read ratio is printed.
 
@@ -35,7 +37,8 @@ default's verdict against the goals.
                                 [--variants default,F:L[:opts],...] [--workdir DIR] [--tree DIR]
 
 A variant is ``default`` or ``FRAME_KIB:LEVEL`` plus options joined by ``:``: ``tN`` threads,
-``ldm``, ``wN`` window log, ``sN`` strategy, ``hN``/``cN``/``mN`` hash/chain/search logs,
+``ldm``, ``nocheck`` (frames without content checksums, as ``zstd --no-check``), ``wN`` window
+log, ``sN`` strategy, ``hN``/``cN``/``mN`` hash/chain/search logs,
 ``nN`` min match.
 """
 
@@ -211,6 +214,8 @@ def parse_variant(text: str) -> dict[str, object]:
     for opt in opts:
         if opt == "ldm":
             params["enable_ldm"] = 1
+        elif opt == "nocheck":  # frames without zstd's content checksum (zstd --no-check)
+            params["write_checksum"] = 0
         elif opt[0] == "t":
             spec["threads"] = int(opt[1:])
         elif opt[0] in OPTIONS:
@@ -258,8 +263,23 @@ def data_offsets(img: Path, n: int, seed: int) -> list[int]:
     return found
 
 
+def daemon_cpu(pid: int) -> float:
+    """CPU seconds the threads of process ``pid`` have run (schedstat, ns resolution; a
+    thread that ended takes its share along: a mount's threads live as long as it reads)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
 @contextmanager
-def mounted(archive: Path, mnt: Path, tree: Path = ROOT) -> Iterator[Path]:
+def mounted(archive: Path, mnt: Path, tree: Path = ROOT,
+            pids: dict[Path, int] | None = None) -> Iterator[Path]:
+    """The mounted disk of ``archive``; ``pids`` gets the mount daemon's pid by mountpoint."""
     mnt.mkdir(exist_ok=True)
     proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env(tree),
                             cwd="/")  # not this checkout's vmafs when tree is another
@@ -269,6 +289,8 @@ def mounted(archive: Path, mnt: Path, tree: Path = ROOT) -> Iterator[Path]:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"{archive} did not get mounted")
             time.sleep(0.02)
+        if pids is not None:
+            pids[mnt] = proc.pid
         yield mnt / DISK
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
@@ -276,21 +298,25 @@ def mounted(archive: Path, mnt: Path, tree: Path = ROOT) -> Iterator[Path]:
 
 
 def cold_reads(archives: dict[str, Path], work: Path, offsets: list[int],
-               trees: dict[str, Path] | None = None) -> dict[str, list[float]]:
+               trees: dict[str, Path] | None = None
+               ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Latency of 4 KiB preads through a mount of each archive, all mounted at once and read
     in turn at the same offsets (rotating who goes first), the archive's and the disk's pages
     evicted before each; ``trees``: the checkout that mounts an archive, by name (this one's
-    by default)."""
+    by default). Also each mount daemon's CPU seconds per read."""
     times: dict[str, list[float]] = {name: [] for name in archives}
+    pids: dict[Path, int] = {}
     with ExitStack() as stack:
         fds, disks = {}, {}
         for i, (name, archive) in enumerate(archives.items()):
             tree = (trees or {}).get(name, ROOT)
-            disks[name] = stack.enter_context(mounted(archive, work / f"mnt{i}", tree))
+            disks[name] = stack.enter_context(mounted(archive, work / f"mnt{i}", tree, pids))
             fds[name] = os.open(disks[name], os.O_RDONLY)
             stack.callback(os.close, fds[name])
             os.posix_fadvise(fds[name], 0, 0, os.POSIX_FADV_RANDOM)
         names = list(archives)
+        pid = {name: pids[disks[name].parent] for name in names}
+        cpu0 = {name: daemon_cpu(pid[name]) for name in names}
         for k, off in enumerate(offsets):
             for name in names[k % len(names):] + names[:k % len(names)]:
                 evict(archives[name])
@@ -298,7 +324,9 @@ def cold_reads(archives: dict[str, Path], work: Path, offsets: list[int],
                 t = time.perf_counter()
                 os.pread(fds[name], 4096, off)
                 times[name].append(time.perf_counter() - t)
-    return times
+        cpu = {name: (daemon_cpu(pid[name]) - cpu0[name]) / max(1, len(offsets))
+               for name in names}
+    return times, cpu
 
 
 def pct(values: list[float], q: float) -> float:
@@ -325,13 +353,15 @@ def bench_image(work: Path, name: str, variants: list[dict[str, object]], rounds
           flush=True)
     offsets = data_offsets(img, reads, seed=11) if mount else []
     names = [str(v["name"]) for v in variants]
-    keys = ("size", "size2", "speed1", "speed2", "cpu1", "cpu2", "wall", "cpu", "lat")
+    keys = ("size", "size2", "speed1", "speed2", "cpu1", "cpu2", "wall", "cpu", "lat",
+            "read_cpu")
     rows: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in names}
     base: dict[str, list[float]] = {k: [] for k in ("wall1", "wall2", "cpu1", "cpu2", "bytes1",
                                                      "bytes2")}
     archives = {n: work / f"{name}.{i}.vma.zst" for i, n in enumerate(names)}
     other = f"{names[0]}@tree"
     other_lat: list[float] = []
+    other_cpu: list[float] = []
     for r in range(rounds):
         for spec in variants:
             # flanked by both pipelines: wall times drift within a minute
@@ -361,12 +391,14 @@ def bench_image(work: Path, name: str, variants: list[dict[str, object]], rounds
             reading = dict(archives)
             if tree is not None:
                 reading[other] = archives[names[0]]
-            lat = cold_reads(reading, work, offsets[r * per:(r + 1) * per],
-                             {other: tree} if tree is not None else None)
+            lat, read_cpu = cold_reads(reading, work, offsets[r * per:(r + 1) * per],
+                                       {other: tree} if tree is not None else None)
             for n, values in lat.items():
                 (other_lat if n == other else rows[n]["lat"]).extend(values)
-            print(f"round {r + 1} {name} rand4k p50 ms: " + ", ".join(
-                f"{n} {statistics.median(v) * 1e3:.2f}" for n, v in lat.items()), flush=True)
+                (other_cpu if n == other else rows[n]["read_cpu"]).append(read_cpu[n])
+            print(f"round {r + 1} {name} rand4k p50 ms (daemon CPU ms a read): " + ", ".join(
+                f"{n} {statistics.median(v) * 1e3:.2f} ({read_cpu[n] * 1e3:.2f})"
+                for n, v in lat.items()) + f"; load {os.getloadavg()[0]:.1f}", flush=True)
     for path in (*refs.values(), *archives.values()):
         path.unlink(missing_ok=True)
     med = {k: statistics.median(v) for k, v in base.items()}
@@ -376,21 +408,25 @@ def bench_image(work: Path, name: str, variants: list[dict[str, object]], rounds
           f"{med['cpu2']:.1f} s CPU; one-stream zstd -3 of the stored stream alone "
           f"{one / med['bytes1']:.4f}; load average {os.getloadavg()[0]:.1f}")
     print(f"{'variant':>16} {'size':>7} {'vs -T2':>7} {'speed':>6} {'vs -T2':>6} {'CPU-speed':>9}"
-          f" {'wall s':>7} {'CPU s':>6} {'4K p50 ms':>9} {'p90':>6}")
+          f" {'wall s':>7} {'CPU s':>6} {'4K p50 ms':>9} {'p90':>6} {'CPU ms':>6}")
     table = []
     for n in names:
         row = rows[n]
         entry: dict[str, object] = {"image": name, "variant": n, "rounds": rounds}
         entry.update({k: statistics.median(row[k]) for k in keys if row[k]})
-        shown = f"{'-':>9} {'-':>6}"
+        shown = f"{'-':>9} {'-':>6} {'-':>6}"
         if row["lat"]:
             entry["rand4k_p50_ms"] = statistics.median(row["lat"]) * 1e3
             entry["rand4k_p90_ms"] = pct(row["lat"], 0.9) * 1e3
-            shown = f"{entry['rand4k_p50_ms']:>9.2f} {entry['rand4k_p90_ms']:>6.2f}"
+            entry["rand4k_cpu_ms"] = statistics.median(row["read_cpu"]) * 1e3
+            shown = (f"{entry['rand4k_p50_ms']:>9.2f} {entry['rand4k_p90_ms']:>6.2f} "
+                     f"{entry['rand4k_cpu_ms']:>6.2f}")
         entry.pop("lat", None)
+        entry.pop("read_cpu", None)
         if n == names[0] and other_lat:
             entry["tree_rand4k_p50_ms"] = statistics.median(other_lat) * 1e3
             entry["tree_rand4k_p90_ms"] = pct(other_lat, 0.9) * 1e3
+            entry["tree_rand4k_cpu_ms"] = statistics.median(other_cpu) * 1e3
             entry["tree_read_ratio"] = statistics.median(
                 a / b for a, b in zip(row["lat"], other_lat, strict=True))
         print(f"{n:>16} {entry['size']:>7.4f} {entry['size2']:>7.4f} {entry['speed1']:>5.2f}x "
@@ -398,10 +434,11 @@ def bench_image(work: Path, name: str, variants: list[dict[str, object]], rounds
               f"{entry['cpu']:>6.1f} {shown}", flush=True)
         table.append(entry)
     if other_lat:
-        first = table[0]
-        print(f"{names[0]} mounted by {tree}: 4K p50 {first['tree_rand4k_p50_ms']:.2f} ms, p90 "
-              f"{first['tree_rand4k_p90_ms']:.2f}; this checkout's time / its, per read (same "
-              f"offsets, same turns), median {first['tree_read_ratio']:.3f}", flush=True)
+        head = table[0]
+        print(f"{names[0]} mounted by {tree}: 4K p50 {head['tree_rand4k_p50_ms']:.2f} ms, p90 "
+              f"{head['tree_rand4k_p90_ms']:.2f}, daemon CPU {head['tree_rand4k_cpu_ms']:.2f} "
+              f"ms a read; this checkout's time / its, per read (same offsets, same turns), "
+              f"median {head['tree_read_ratio']:.3f}", flush=True)
     return table
 
 

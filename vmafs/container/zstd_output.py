@@ -117,7 +117,7 @@ def compression_params(
         source_size=frame_size,
         window_log=window_log,
         write_content_size=1,
-        write_checksum=1,
+        write_checksum=extra.pop("write_checksum", 1),
         **extra,
     )
 
