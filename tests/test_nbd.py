@@ -99,6 +99,25 @@ def simple_reply(data: bytes) -> tuple[int, int]:
 # --- handshake ------------------------------------------------------------------
 
 
+
+def test_events_are_values() -> None:
+    """Events compare by class and fields (never equal to another class's with the same
+    fields), hash alike when equal, cannot be changed, and show their fields."""
+    assert nbd.Write(1, 4096, b"x", 0) == nbd.Write(1, 4096, b"x", 0)
+    assert nbd.Write(1, 4096, b"x", 0) != nbd.Write(1, 4096, b"y", 0)
+    assert nbd.Read(1, 0, 512, 0) != nbd.WriteZeroes(1, 0, 512, 0)
+    assert len({nbd.Flush(3), nbd.Flush(3), nbd.Cache(3, 0, 1)}) == 2
+    ev = nbd.BlockStatus(2, 0, 10, True)
+    assert (ev.handle, ev.offset, ev.length, ev.one) == (2, 0, 10, True)
+    with pytest.raises(AttributeError):
+        setattr(ev, "handle", 5)  # noqa: B010 - the point: it refuses
+    with pytest.raises(AttributeError):
+        del ev.handle
+    with pytest.raises(AttributeError):
+        setattr(ev, "other", 1)  # noqa: B010
+    assert repr(nbd.Disconnect("EOF")) == "Disconnect(reason='EOF')"
+    assert repr(nbd.Write(1, 2, b"", 0)) == "Write(handle=1, offset=2, data=b'', flags=0)"
+
 def test_go_with_block_size() -> None:
     conn = greeted(5 * MiB + 512)
     conn.receive_data(
