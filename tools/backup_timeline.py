@@ -5,8 +5,9 @@ of the image as the baseline (ratio = convert / backup, the issue's >= 0.8 at 2 
 
 Each backup runs as its own process (as a user runs it) through a small wrapper that wraps, by
 patching attributes only, the QMP round trips, the backup's phases, the guard's start, PREV's
-read (in its thread), the first and last NBD write QEMU sent, and the archive's fsync and
-rename; nothing of vmafs is changed.  The hooks are installed when the command itself has
+read (in its thread), the first and last NBD write QEMU sent, the first and last write the
+archive writer stored, its finish(), the paced writeback's last steps and the archive's fsync
+and rename; nothing of vmafs is changed.  The hooks are installed when the command itself has
 imported vmafs.backup.live (a post-import hook), so the imports happen where they do in a
 plain run and overlap what they overlap there; they cost a few microseconds per QMP command
 and per NBD write.  Rounds alternate backup and convert (other work on the machine shifts
@@ -136,6 +137,22 @@ def hook_imports():
         qmp.Qmp.execute_all = execute_all
     live.Guard.__init__ = sspan("spawn guard", live.Guard.__init__)
     out.TempFile.commit = sspan("fsync+rename", out.TempFile.commit)
+    import vmafs.archive.writer as aw
+    aw.ArchiveWriter.finish = sspan("writer finish()", aw.ArchiveWriter.finish)
+    if hasattr(out, "Pacer"):
+        out.Pacer.finish = sspan("pacer finish (the rest to disk)", out.Pacer.finish)
+    stored = []
+    aw_write = aw.ArchiveWriter.write
+    def writer_write(self, *a, **k):
+        try:
+            return aw_write(self, *a, **k)
+        finally:
+            if not stored:
+                stored.append(0.0)
+                mark("writer: first write stored")
+            stored[0] = time.monotonic()
+    aw.ArchiveWriter.write = writer_write
+    atexit.register(lambda: stored and mark("writer: last write stored", stored[0]))
     sink_write = pipe.DiskSink.write
     seen = []
     def note():
