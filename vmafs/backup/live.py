@@ -711,7 +711,12 @@ class Backup:
             return
         with trio.move_on_after(self.opts.cleanup_timeout):
             try:
-                nodes = await qmp.execute("query-named-block-nodes", {"flat": True}, timeout=10)
+                # Committed, what goes is bitmaps the preflight saw (PREV's, or with
+                # --drop-old-bitmaps every other one): no other client changed them since
+                # (QEMU serves one QMP client at a time), so its answer is still right and
+                # the round trip is saved. Failed, ours go, which only QEMU can list.
+                nodes = (self._nodes if self.failure is None else await qmp.execute(
+                    "query-named-block-nodes", {"flat": True}, timeout=10))
                 for disk in self.disks:
                     for name in bitmaps.to_remove(
                             disk, nodes, self.uuid, started=self._bitmaps_maybe,
