@@ -253,8 +253,10 @@ class Guard:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         # -S: no site-packages (and their .pth files) at start, ~40 ms less of the guard's
-        # interpreter start on the backup's two cores; main() adds them if it takes over
-        args = [sys.executable, "-S", "-m", "vmafs.backup.guard", "--qmp", qmp,
+        # interpreter start on the backup's two cores; they are added if it takes over. -c,
+        # not -m: no runpy (guard_start.py)
+        args = [sys.executable, "-S", "-c",
+                "from vmafs.backup.guard_start import main; main()", "--qmp", qmp,
                 "--pipe", str(read),
                 "--lock", str(lock.fd), "--lock-path", lock.path, "--sockdir", sockdir]
         for fd, size in exports:
@@ -277,22 +279,6 @@ class Guard:
                 os.write(self._write, b"d")
         os.close(self._write)
         self._write = -1
-
-
-def _wait_for_parent(fd: int) -> bool:
-    """True when vmafs said it is done; False when it died (the pipe ended without a word).
-    A plain blocking read, before trio is even imported: the guard costs the backup nothing
-    but its interpreter's start."""
-    said = b""
-    while True:
-        try:
-            data = os.read(fd, 64)
-        except InterruptedError:
-            continue
-        if not data:
-            os.close(fd)
-            return b"d" in said
-        said += data
 
 
 async def _take_over(qmp_path: str, lock_fd: int) -> bool:
@@ -380,6 +366,7 @@ async def _guard(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """vmafs died (guard_start.py saw its pipe end without a word): take over."""
     import argparse
     parser = argparse.ArgumentParser(prog="vmafs-guard")
     parser.add_argument("--qmp", required=True)
@@ -389,20 +376,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sockdir", required=True)
     parser.add_argument("--export", action="append", default=[])
     args = parser.parse_args(argv)
-    log = os.environ.get("VMAFS_GUARD_LOG")
-    if log:  # debugging: the guard's own errors (it has no terminal)
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.dup2(fd, 2)
-        os.close(fd)
-    _log("started")
-    if _wait_for_parent(args.pipe):
-        return
-    if sys.flags.no_site:  # started with -S (Guard): trio is in site-packages
-        import site
-        site.main()
     import trio
     trio.run(_guard, args)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the guard's entry is guard_start.py (what Guard starts)
+    from vmafs.backup.guard_start import main as start
+    start()
