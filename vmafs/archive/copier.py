@@ -26,6 +26,7 @@ import numpy as np
 
 from vmafs.archive.reader import ZEROS, Archive
 from vmafs.archive.scan import StoredCluster
+from vmafs.archive.walk import Extent
 from vmafs.container.output import WRITEBACK_STEP, start_writeback
 from vmafs.errors import VmafsError
 from vmafs.format import vma
@@ -184,6 +185,43 @@ def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[in
     return written
 
 
+def extent_runs(fds: dict[int, int], sizes: dict[int, int], ext: Extent, data: memoryview
+                ) -> tuple[list[tuple[int, int, memoryview]], list[StoredCluster], int]:
+    """What write_extent writes of an extent, from its columns (no object a slot: ~0.25 ms
+    of Python an extent less): runs of whole adjacent clusters of one device as (fd, offset,
+    bytes), clipped at the device's end; its clusters stored in part; the stored bytes of
+    the devices in fds."""
+    runs: list[tuple[int, int, memoryview]] = []
+    partial: list[StoredCluster] = []
+    written = pos = 0
+    run_fd = run_dev = -1
+    run_start = run_end = run_pos = 0
+    counts, full = vma.POPCOUNT16_LIST, vma.FULL_MASK
+    for dev_id, cluster, mask in zip(ext.dev_ids.tolist(), ext.clusters.tolist(),
+                                     ext.masks.tolist(), strict=True):
+        if not mask:
+            continue
+        n = counts[mask] * vma.BLOCK_SIZE
+        fd = fds.get(dev_id)
+        if fd is not None:
+            written += n
+            start = cluster * vma.CLUSTER_SIZE
+            if mask != full:
+                partial.append(StoredCluster(dev_id, cluster, mask, 0, data[pos:pos + n]))
+            elif fd == run_fd and start == run_end and pos == run_pos + run_end - run_start:
+                run_end += n
+            else:
+                if run_fd >= 0:
+                    end = min(run_end, sizes[run_dev])
+                    runs.append((run_fd, run_start, data[run_pos:run_pos + end - run_start]))
+                run_fd, run_dev, run_start, run_end, run_pos = fd, dev_id, start, start + n, pos
+        pos += n
+    if run_fd >= 0:
+        end = min(run_end, sizes[run_dev])
+        runs.append((run_fd, run_start, data[run_pos:run_pos + end - run_start]))
+    return runs, partial, written
+
+
 class WriteBehind:
     """Extents written by a thread of their own, at most `depth` queued: the caller goes on
     (checks the extent, the next one's header) while one is written, instead of waiting for
@@ -198,7 +236,9 @@ class WriteBehind:
         self._sizes = sizes
         self._depth = depth
         self._kick = kick  # told the bytes written so far after each write (writeback)
-        self._jobs: queue.SimpleQueue[list[StoredCluster] | None] = queue.SimpleQueue()
+        # an extent's slots, or the extent and its data; the ids of the buffers they read
+        self._jobs: queue.SimpleQueue[tuple[list[StoredCluster] | tuple[Extent, memoryview],
+                                            list[int]] | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._busy: collections.Counter[int] = collections.Counter()  # id(buffer): writes
         self._queued = 0
@@ -209,14 +249,22 @@ class WriteBehind:
 
     def put(self, slots: list[StoredCluster]) -> None:
         """Queue an extent's stored clusters (waits while `depth` are queued)."""
+        self._queue(slots, [id(slot.data.obj) for slot in slots])
+
+    def put_extent(self, ext: Extent, data: memoryview) -> None:
+        """Queue an extent's data, all of one buffer (waits while `depth` are queued)."""
+        self._queue((ext, data), [id(data.obj)])
+
+    def _queue(self, job: list[StoredCluster] | tuple[Extent, memoryview],
+               buffers: list[int]) -> None:
         with self._cond:
             self._cond.wait_for(lambda: self._queued < self._depth or self._error is not None)
             if self._error is not None:
                 raise self._error
             self._queued += 1
-            for slot in slots:
-                self._busy[id(slot.data.obj)] += 1
-        self._jobs.put(slots)
+            for key in buffers:
+                self._busy[key] += 1
+        self._jobs.put((job, buffers))
 
     def fence(self, buffer: object) -> None:
         """Wait until no queued write reads buffer (its producer is about to refill it)."""
@@ -246,25 +294,34 @@ class WriteBehind:
 
     def _run(self) -> None:
         while True:
-            slots = self._jobs.get()
-            if slots is None:
+            item = self._jobs.get()
+            if item is None:
                 return
+            job, buffers = item
             try:
                 if self._error is None:
-                    self._written += write_extent(self._fds, slots, self._sizes, threads=1)
+                    self._written += self._write(job)
                     if self._kick is not None:
                         self._kick(self._written)
             except BaseException as exc:  # noqa: BLE001 - raised to the caller
                 self._error = exc
+            del item, job
             with self._cond:
-                for slot in slots:
-                    key = id(slot.data.obj)
+                for key in buffers:
                     self._busy[key] -= 1
                     if not self._busy[key]:
                         del self._busy[key]
                 self._queued -= 1
                 self._cond.notify_all()
-            del slots
+
+    def _write(self, job: list[StoredCluster] | tuple[Extent, memoryview]) -> int:
+        if isinstance(job, list):
+            return write_extent(self._fds, job, self._sizes, threads=1)
+        runs, partial, written = extent_runs(self._fds, self._sizes, *job)
+        _write_pieces(runs)
+        for slot in partial:
+            write_cluster(self._fds[slot.dev_id], slot, self._sizes[slot.dev_id])
+        return written
 
 
 class _Fenced(io.RawIOBase):

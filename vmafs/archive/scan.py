@@ -384,6 +384,7 @@ def scan_stream(
     header: vma.Header | None = None,
     on_zeros: Callable[[np.ndarray, np.ndarray], None] | None = None,
     block_sums: bool | None = None,
+    on_data: Callable[[Extent, memoryview], None] | None = None,
 ) -> ScanResult:
     """Read a whole archive, checking every rule; on_extent sees each extent's checked slots,
     on_zeros (dev_ids, clusters) the zero slots of the extents without data, as arrays (an
@@ -393,7 +394,9 @@ def scan_stream(
     clusters and a trailing index that disagrees with the data are collected in
     ScanResult.problems. Pass the header if it was already read from this stream (stdin cannot
     be opened twice), and `block_sums` if the footer was read first (a file): a stream without
-    carried sums is then hashed only the way its index checks, not both ways.
+    carried sums is then hashed only the way its index checks, not both ways. on_data sees
+    each data extent (its slots checked) and a view of its data: on_extent's without an
+    object a slot.
     """
     if header is None:
         header = read_header(stream)
@@ -407,7 +410,8 @@ def scan_stream(
     # a data extent's slots are checked with the next ones' (one rules call for several):
     # before anything later in the stream is (zero slots, an error of the walk, the end), so
     # the first broken rule in stream order is still the one reported; at once for on_extent
-    pending = _PendingSlots(rules, 1 if on_extent is not None else RULES_BATCH)
+    pending = _PendingSlots(rules, 1 if on_extent is not None or on_data is not None
+                            else RULES_BATCH)
     with contextlib.closing(iter_stream_checked(stream, header, trailer.hashing,
                                                 ahead=READ_AHEAD)) as items:
         for item in pending.first(items):
@@ -432,6 +436,8 @@ def scan_stream(
             pending.add(ext)
             if on_extent is not None:
                 on_extent(list(stored_clusters(ext, data)))
+            if on_data is not None:
+                on_data(ext, data)
             if progress is not None:
                 done = _covered(sizes, ext.dev_ids, ext.clusters)
                 if done:

@@ -18,7 +18,7 @@ from vmafs.archive.locate import footer_block_sums
 from vmafs.archive.problems import MISSING
 from vmafs.archive.reader import Archive
 from vmafs.archive.scan import StoredCluster, read_header, scan_stream
-from vmafs.archive.walk import read_by_offset
+from vmafs.archive.walk import Extent, read_by_offset
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
 from vmafs.container.output import WRITEBACK_STEP, TempFile, open_dir, start_writeback
@@ -122,8 +122,9 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
                     behind = WriteBehind(fds, sizes, kick=kick)
                     try:
                         indexed = _scan(behind.fenced(source), header,
-                                        behind.put, progress.update, extracted,
-                                        footer_block_sums(args.archive, header))
+                                        None, progress.update, extracted,
+                                        footer_block_sums(args.archive, header),
+                                        on_data=behind.put_extent)
                         behind.finish()
                     finally:
                         behind.close()
@@ -149,13 +150,16 @@ def _run(args: argparse.Namespace, header: vma.Header, source: BinaryIO | Archiv
     return 0
 
 
-def _scan(stream: BinaryIO, header: vma.Header, on_extent: Callable[[list[StoredCluster]], None],
+def _scan(stream: BinaryIO, header: vma.Header,
+          on_extent: Callable[[list[StoredCluster]], None] | None,
           progress: Callable[[int], None], extracted: list[str],
-          block_sums: bool | None) -> bool:
+          block_sums: bool | None,
+          on_data: Callable[[Extent, memoryview], None] | None = None) -> bool:
     """Every rule checked as the stream's extents are written; whether it has an index.
     `block_sums`: what the footer, read first, says (a .vma.zst's data is then hashed the one
     way its index checks, not both ways: 0.1 s of CPU a GiB)."""
-    result = scan_stream(stream, on_extent, progress, header=header, block_sums=block_sums)
+    result = scan_stream(stream, on_extent, progress, header=header, block_sums=block_sums,
+                         on_data=on_data)
     problems = [p for p in result.problems if _concerns(p, extracted)]
     if problems:
         raise FormatError(str(problems[0]))
