@@ -8,13 +8,16 @@ read near the start fetches HEAD bytes once (the VMA header and its configs). Af
 - a sequential reader (reads that follow each other, or an `advise`) is served from
   CHUNK-sized pieces with AHEAD of them in flight at once, each its own ranged request from a
   small thread pool, so the network stays busy while the reader works;
-- a `stream()`, one reader from start to end, is one request for the rest of the object, its
-  body read as it arrives straight into the reader's buffers (what a full GET costs: measured
-  against the RADOS gateway here, 16 MiB ranges 3 at a time took 1.3-1.5x the time of one
-  GET), asked for again from where it broke off if it does; a store that cannot stream a body
-  gets STREAM_CHUNK-sized ranges, STREAM_AHEAD in flight;
+- a `stream()`, one reader from start to end, is one request for the rest of the object
+  (what a full GET costs: measured against the RADOS gateway here, 16 MiB ranges 3 at a time
+  took 1.3-1.5x the time of one GET), asked for again from where it broke off if it does; its
+  body read ahead by a thread of its own, or (`direct`, for a reader that keeps buffers of its
+  own ahead: the forward walk of extract, verify, convert) by the reader's own readinto calls
+  straight into its buffers; a store that cannot stream a body gets STREAM_CHUNK-sized
+  ranges, STREAM_AHEAD in flight;
 - memory stays bounded: at most (AHEAD + KEEP + 1) chunks for each of at most RUNS sequential
-  readers at once, whatever the object's size;
+  readers at once (and RETIRED buffers of chunks left behind, filled again), whatever the
+  object's size;
 - a read is copied once, from the fetched buffers into the reader's (readinto) or into the
   bytes it returns.
 
