@@ -421,6 +421,42 @@ def test_prefix_read_of_a_local_frame(tmp_path: Path) -> None:
             src.pread(start + 4096, 4096)
 
 
+def test_a_threads_last_prefix_serves_a_read_before_its_end(tmp_path: Path) -> None:
+    """A local prefix read decodes into a buffer its thread reuses; a later small read of the
+    same frame, before where that one stopped, is served from it (no disk read), but never
+    another file's read of its frame of the same number, nor a read past the prefix's end."""
+    path, chunks, stream = _one_mib_frames(tmp_path)
+    other = tmp_path / "other.zst"
+    other_chunks = [bytes(reversed(c)) for c in chunks]
+    _write_seekable(other, other_chunks, frame_size=1 << 20)
+    other_stream = b"".join(other_chunks)
+    with SeekableZstdSource(path) as src, SeekableZstdSource(other) as src2:
+        for s in (src, src2):
+            s.checked_by_reader = True
+            s.trust_layout()
+        assert src.table.d_offsets.tolist() == src2.table.d_offsets.tolist()
+        reads: list[int] = []
+        readinto = src._raw.readinto
+
+        def counting(offset: int, view: memoryview) -> int:
+            reads.append(len(view))
+            return readinto(offset, view)
+
+        src._raw.readinto = counting  # type: ignore[method-assign]
+        start, _ = src.frame_bounds(1)
+        assert src.pread(start + 100_000, 4096) == stream[start + 100_000 : start + 104_096]
+        assert reads
+        assert src2.pread(start + 8192, 4096) == other_stream[start + 8192 : start + 12288]
+        reads.clear()
+        assert src.pread(start + 8192, 4096) == stream[start + 8192 : start + 12288]
+        assert reads  # src2's prefix took the thread's buffer
+        reads.clear()
+        assert src.pread(start + 4096, 4096) == stream[start + 4096 : start + 8192]
+        assert not reads  # within the prefix just decoded
+        assert src.pread(start + 200_000, 4096) == stream[start + 200_000 : start + 204_096]
+        assert reads
+
+
 def test_trusted_layout_checks_a_frame_header_only(tmp_path: Path) -> None:
     """Once the archive model says the layout was proven before (trust_layout), a frame's
     first small read checks its header only: no block header past the prefix is read."""

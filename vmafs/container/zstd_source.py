@@ -111,8 +111,11 @@ def _max_blocks(d_size: int) -> int:
 
 
 def _prefix_buffer(length: int) -> memoryview:
-    """``length`` bytes of this thread's reused buffer for decoded prefixes (see _frame_buffer):
-    a fresh bytes object per cold read cost a page fault per 4 KiB of it."""
+    """``length`` bytes of this thread's reused buffer for decoded prefixes (a buffer of their
+    own past _REUSE_MAX, as _frame_buffer's): a fresh bytes object per cold read cost a page
+    fault per 4 KiB of it."""
+    if length > _REUSE_MAX:
+        return memoryview(bytearray(length))
     buf: bytearray | None = getattr(_THREAD, "out", None)
     if buf is None or len(buf) < length:
         buf = bytearray(-(-length // (256 << 10)) * (256 << 10))
@@ -694,7 +697,8 @@ class SeekableZstdSource:
             feed.ask(len(feed.buf), len(feed.buf))  # the tail's block headers: one request
             if self._checked(index, feed.buf[:feed.pos]) != _SIZED:
                 return None
-        _THREAD.out_holds = (self._token, index, got)
+        if out.obj is getattr(_THREAD, "out", None):
+            _THREAD.out_holds = (self._token, index, got)
         return out
 
     def _local_prefix(self, index: int, need: int) -> memoryview:
