@@ -345,6 +345,7 @@ class Backup:
         # PREV's thread still reads (QEMU answers meanwhile), and changes nothing in QEMU
         # before PREV has passed.
         jobs, nodes, blocks, status = await self._query(qmp)
+        types = await query_types(qmp, blocks)  # still while PREV's thread reads
         if self.opts.incremental is not None:
             await self._read_prev()
         if naming.is_directory_output(self.opts.output):
@@ -370,9 +371,9 @@ class Backup:
                 self.opts = replace(self.opts, incremental=None)
         if await self._clean_leftovers(qmp, jobs, nodes):
             jobs, nodes, blocks, status = await self._query(qmp)
+            types = await query_types(qmp, blocks)
         if status.get("status") in ("shutdown", "guest-panicked", "internal-error"):
             raise BackupError(f"the VM is in state {status.get('status')!r}")
-        types = await query_types(qmp, blocks)
         self.disks = blockgraph.select_disks(blocks, nodes, types, self.opts.drives)
         self._nodes = nodes
         if self.opts.incremental is not None:
