@@ -170,6 +170,17 @@ def hook_imports():
             return sink_write(self, offset, data)
     pipe.DiskSink.write = write
     atexit.register(lambda: seen and mark("last NBD write", seen[0]))
+    zeroes_seen = []
+    sink_zeroes = pipe.DiskSink.write_zeroes
+    if not inspect.iscoroutinefunction(sink_zeroes):  # QEMU's zero requests, apart
+        def write_zeroes(self, offset, length):
+            if not zeroes_seen:
+                zeroes_seen.append(0.0)
+                mark("first NBD write-zeroes")
+            zeroes_seen[0] = time.monotonic()
+            return sink_zeroes(self, offset, length)
+        pipe.DiskSink.write_zeroes = write_zeroes
+        atexit.register(lambda: zeroes_seen and mark("last NBD write-zeroes", zeroes_seen[0]))
     orun = live.run_backup
     async def run_backup(job):
         mark("trio.run started")
