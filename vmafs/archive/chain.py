@@ -179,6 +179,8 @@ def _merged(first: Pool, second: Pool) -> Pool:
 
 @dataclass
 class _Tried:
+    """A candidate parent as far as it was tried: open while it may be chosen, else why not."""
+
     peek: Peek
     archive: Archive | None = None  # open (readers) while it may be chosen
     why: str | None = None           # why it cannot serve

@@ -34,6 +34,8 @@ NOT_SEEKABLE = "not seekable: convert it to mount (vmafs convert ARCHIVE OUT.vma
 
 @dataclass(frozen=True)
 class DeviceFacts:
+    """One disk as `info` and `list` show it."""
+
     dev_id: int
     name: str
     size: int
@@ -42,6 +44,8 @@ class DeviceFacts:
 
 @dataclass(frozen=True)
 class ChainLink:
+    """One archive of a chain as `info` shows it."""
+
     path: str
     uuid: uuidlib.UUID
     ctime: int
@@ -194,6 +198,8 @@ def describe(path: str, bases: Sequence[str] = ()) -> Info:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """One archive of a place as `snapshots` lists it."""
+
     path: str
     vmid: str | None
     uuid: uuidlib.UUID
@@ -212,6 +218,8 @@ class Snapshot:
 
 @dataclass
 class Listing:
+    """What `snapshots` found under a place, and what it could not read or passed over."""
+
     snapshots: list[Snapshot]            # by VMID (unknown last), then oldest first
     unreadable: list[tuple[str, str]]    # (path, why)
     skipped: list[tuple[str, str]]       # (path, why): not regular files

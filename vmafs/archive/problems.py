@@ -27,6 +27,8 @@ CHAIN = "chain"  # a link of an incremental chain is broken (parent missing or n
 
 @dataclass(frozen=True)
 class Problem:
+    """One thing verify found wrong, with where it was found when that is known."""
+
     kind: str
     message: str
     device: str | None = None

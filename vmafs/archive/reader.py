@@ -48,6 +48,8 @@ NEAR = CLUSTER  # block sums this close after the blocks come in the same read (
 
 @dataclass(frozen=True)
 class Device:
+    """A disk of an opened archive: its id in the stream, its name and size in bytes."""
+
     dev_id: int
     name: str
     size: int

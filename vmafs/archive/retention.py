@@ -105,6 +105,8 @@ Parents = Callable[[str, Callable[[str], bool]], Needs]
 
 @dataclass
 class Decision:
+    """Whether one archive stays, why, and which kept archives need it as their parent."""
+
     entry: Entry
     keep: bool
     reasons: list[str]
@@ -113,6 +115,8 @@ class Decision:
 
 @dataclass
 class Plan:
+    """What prune decided for every archive of a place."""
+
     decisions: list[Decision]  # grouped by VMID (sorted), newest first within a VMID
     orphans: list[str] = field(default_factory=list)  # paths: they stay, their parent is gone
     notes: list[tuple[str, str]] = field(default_factory=list)  # (path, what to say about it)

@@ -18,6 +18,8 @@ READ_CHUNK = 4 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ImageSpec:
+    """A disk image given to `create`: its drive name, path, format and virtual size."""
+
     devname: str
     path: str
     format: str

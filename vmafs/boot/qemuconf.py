@@ -53,6 +53,8 @@ class BootDisk:
 
 @dataclass
 class Plan:
+    """The QEMU command line made from an archive's config, and what it could not carry over."""
+
     argv: list[str]
     notes: list[str]
 

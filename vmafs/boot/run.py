@@ -30,6 +30,8 @@ DEFAULT_EXPECT = r"login: "
 
 @dataclass
 class Options:
+    """What `boot` was asked to do."""
+
     archive: str
     bases: list[str] = field(default_factory=list)
     check: bool = False
@@ -43,6 +45,8 @@ class Options:
 
 @dataclass
 class Result:
+    """How a boot went: whether the guest came up, how it was seen, and when."""
+
     up: bool = False
     by: str = ""                       # guest-agent | serial
     first_read: float | None = None    # seconds from QEMU's start

@@ -58,6 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @dataclass
 class _Scan:
+    """The archives of a place as prune reads them, and what it leaves alone and why."""
+
     entries: list[retention.Entry] = field(default_factory=list)
     staying: list[retention.Staying] = field(default_factory=list)
     left_alone: list[tuple[str, str]] = field(default_factory=list)  # (name, why)

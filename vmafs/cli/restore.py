@@ -104,6 +104,8 @@ def _rate(text: str) -> int:
 
 @dataclass
 class _Target:
+    """Where one disk is restored to, and how much of it is written so far."""
+
     device: Device
     fd: int
     path: str                    # what the user sees: the file in DIR or the device

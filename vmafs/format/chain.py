@@ -54,6 +54,8 @@ class Link:
 
 @dataclass(frozen=True)
 class ChainRecord:
+    """An archive's chain config: its parent's link, or the archive a merge replaces."""
+
     parent: Link | None = None
     stands_for: str | None = None  # digest of the archive a merged archive replaces
 

@@ -156,6 +156,8 @@ def extent_ends(ext_counts: np.ndarray, masks: np.ndarray, offsets: np.ndarray) 
 
 @dataclass(frozen=True)
 class Footer:
+    """The index footer: where the extent index lies in the stream and how it is checked."""
+
     index_offset: int  # stream offset of the first index null extent
     index_length: int  # bytes of index payload
     index_checksum: int

@@ -73,6 +73,8 @@ class Device:
 
 @dataclass(frozen=True)
 class Header:
+    """A VMA header's parsed fields."""
+
     uuid: bytes
     ctime: int
     header_size: int
@@ -91,6 +93,8 @@ class Header:
 
 @dataclass(frozen=True)
 class ExtentHeader:
+    """An extent header's used slots and how many blocks of data follow it."""
+
     block_count: int
     # (dev_id, cluster, mask) of every used slot (dev_id != 0), in slot order.
     slots: tuple[tuple[int, int, int], ...]

@@ -49,6 +49,8 @@ def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
 
 @dataclass
 class MountRequest:
+    """What `mount` was asked to do."""
+
     archive: str
     mountpoint: str
     options: Sequence[str] = ()

@@ -56,6 +56,8 @@ def layout(devices: Sequence[Device],
 
 @dataclass
 class _Handle:
+    """An open file of the mount: a disk with its reader, or a config blob."""
+
     entry: Entry
     reader: Reader | None = None          # a disk's reader (None: a config blob)
 

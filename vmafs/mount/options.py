@@ -69,6 +69,8 @@ def parse_options(values: Iterable[str], source: str = FSNAME) -> MountOptions:
 
 @dataclass(frozen=True)
 class MountInfo:
+    """One line of /proc/self/mountinfo, the fields unmount and mount checks need."""
+
     mountpoint: str
     device: str             # "major:minor"
     fstype: str

@@ -44,6 +44,8 @@ TARGET_SUBCLUSTER = 65536
 
 @dataclass
 class Options:
+    """What `restore --live` was asked to do."""
+
     archive: str
     to: str
     qmp: str
@@ -73,6 +75,8 @@ class Target:
 
 @dataclass
 class Result:
+    """What a live restore did: its targets, the configs written, and how it ended."""
+
     targets: list[Target]
     configs: list[tuple[bytes, str, int]]
     resumed: bool
