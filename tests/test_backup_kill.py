@@ -33,7 +33,7 @@ from test_backup import (
     env,
     one_line_error,
     run_vmafs,
-    temp_files,
+    temp_sizes,
     vmafs_cmd,
 )
 from test_incremental import assert_point_in_time, images, more_writes
@@ -137,8 +137,7 @@ def kill_at_random(lab: Lab, out: Path, rnd: random.Random, *extra: str) -> bool
         else:
             want = rnd.randrange(64 * 1024, 4 * MiB)
             deadline = time.monotonic() + 60
-            while proc.poll() is None and not any(p.stat().st_size > want
-                                                  for p in temp_files(out)):
+            while proc.poll() is None and not any(size > want for size in temp_sizes(out)):
                 if time.monotonic() > deadline:  # a hang guard, not a speed check
                     pytest.fail("the backup wrote no data")
                 time.sleep(0.01)
@@ -339,7 +338,7 @@ def test_guard_killed_too(lab: KillLab, tmp_path: Path) -> None:
                                       "--bwlimit", "1024", "--incremental", str(full)),
                             stderr=subprocess.DEVNULL, cwd=ROOT, env=env())
     deadline = time.monotonic() + 60
-    while not any(p.stat().st_size > 64 * 1024 for p in temp_files(out)):
+    while not any(size > 64 * 1024 for size in temp_sizes(out)):
         assert proc.poll() is None
         if time.monotonic() > deadline:  # a hang guard, not a speed check
             pytest.fail("the backup wrote no data")

@@ -29,7 +29,7 @@ from test_backup import (
     env,
     one_line_error,
     run_vmafs,
-    temp_files,
+    temp_sizes,
     vmafs_cmd,
 )
 
@@ -192,7 +192,7 @@ def dirty_disk_a(lab: Lab, bases: list[bytes], byte: int) -> list[bytes]:
 
 def wait_for_data(out: Path, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 60
-    while not any(p.stat().st_size > 256 * 1024 for p in temp_files(out)):
+    while not any(size > 256 * 1024 for size in temp_sizes(out)):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         if time.monotonic() > deadline:  # a hang guard, not a speed check
             pytest.fail("the backup wrote no data")
