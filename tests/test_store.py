@@ -242,45 +242,6 @@ def test_a_sequential_reader_gets_its_chunks_from_one_streamed_request() -> None
     obj.close()
 
 
-def test_a_sequential_reader_fills_the_buffers_of_chunks_it_left_again() -> None:
-    """The chunks of one streamed request go into the buffers of chunks evicted behind the
-    reader (once nothing refers to them): a few buffers for the whole object, bytes exact
-    even while a reader still holds a view of an evicted chunk."""
-    fake = _Fake(120 * MiB, delay=0)
-
-    def open_body(start: int, end: int) -> _Cut:
-        return _Cut(fake.data, start, end, end - start, raises=False)
-
-    tail = ranged_mod.TAIL
-    obj = RangedObject("fake", len(fake.data), b"v1", fake.fetch,
-                       (len(fake.data) - tail, fake.data[-tail:]), open_body)
-    buffers: set[int] = set()
-    given = ranged_mod._Streamer._buffer
-
-    def buffer(self: object, size: int) -> memoryview:
-        view = given(self, size)  # type: ignore[arg-type]
-        buffers.add(id(view.obj))
-        return view
-
-    ranged_mod._Streamer._buffer = buffer  # type: ignore[method-assign]
-    try:
-        held = obj.read(2 * MiB, 64 << 10)  # bytes: a copy, whatever happens to its chunk
-        chunks = [obj._slices(2 * MiB, 2 * MiB + 4096)]  # a view kept of the first chunk
-        got = bytearray()
-        view = memoryview(bytearray(MiB))
-        for at in range(2 * MiB, 110 * MiB, MiB):
-            n = obj.readinto(at, view)
-            got += view[:n]
-        assert bytes(got) == fake.data[2 * MiB:110 * MiB]
-        assert bytes(chunks[0][0]) == fake.data[2 * MiB:2 * MiB + 4096]  # never refilled
-        assert held == fake.data[2 * MiB:2 * MiB + (64 << 10)]
-        chunk = ranged_mod.CHUNK
-        assert len(buffers) <= ranged_mod.AHEAD + ranged_mod.KEEP + 3 < 108 * MiB // chunk
-    finally:
-        ranged_mod._Streamer._buffer = given  # type: ignore[method-assign]
-        obj.close()
-
-
 @pytest.mark.parametrize("direct", [False, True])
 def test_a_stream_that_keeps_breaking_is_one_error(direct: bool) -> None:
     fake = _Fake(8 * MiB, delay=0)

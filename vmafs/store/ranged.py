@@ -16,8 +16,7 @@ read near the start fetches HEAD bytes once (the VMA header and its configs). Af
   straight into its buffers; a store that cannot stream a body gets STREAM_CHUNK-sized
   ranges, STREAM_AHEAD in flight;
 - memory stays bounded: at most (AHEAD + KEEP + 1) chunks for each of at most RUNS sequential
-  readers at once (and RETIRED buffers of chunks left behind, filled again), whatever the
-  object's size;
+  readers at once, whatever the object's size;
 - a read is copied once, from the fetched buffers into the reader's (readinto) or into the
   bytes it returns.
 
@@ -27,13 +26,11 @@ while open is an error, never a mix of two archives.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import io
 import queue
 import random
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -65,7 +62,6 @@ RUNS = 4  # runs told apart at once, each its own sequential reader once RUN lon
 # chunks for each, so at most RUNS x (AHEAD + KEEP + a read's) chunks)
 
 BODY_ATTEMPTS = 5  # a streamed body that breaks off is asked for again this often in a row
-RETIRED = AHEAD  # evicted chunks' buffers a stream keeps to fill again (memory: these more)
 
 _Chunk = concurrent.futures.Future[bytes | memoryview]  # a chunk fetched or on its way
 
@@ -255,24 +251,18 @@ class RangedObject:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     max(AHEAD, STREAM_AHEAD), thread_name_prefix="vmafs-get")
-            wanted = range(first, last + 1)
-            missing = [idx for idx in wanted if idx not in self._chunks]
-            for idx in wanted:
-                if idx in self._chunks:
+            for idx in range(first, last + 1):
+                future = self._chunks.get(idx)
+                if future is None:
+                    start = idx * self._chunk
+                    future = self._request(start, min(start + self._chunk, self._size))
+                    self._chunks[idx] = future
+                else:
                     self._chunks.move_to_end(idx)
-            # the read, ahead, behind: for each sequential reader at once; evicted before
-            # the new ones are requested, so their buffers can take them
-            while (len(self._chunks) + len(missing)
-                   > (last - first + 1 + self._keep) * self._streams()):
-                _, evicted = self._chunks.popitem(last=False)
-                if self._streamer is not None:
-                    self._streamer.retire(evicted)
-            for idx in missing:
-                start = idx * self._chunk
-                self._chunks[idx] = self._request(start, min(start + self._chunk, self._size))
-            for idx in wanted:
-                self._chunks.move_to_end(idx)  # in order: the first ones are evicted first
-                out.append(self._chunks[idx])
+                out.append(future)
+            # the read, ahead, behind: for each sequential reader at once
+            while len(self._chunks) > (last - first + 1 + self._keep) * self._streams():
+                self._chunks.popitem(last=False)
         return out
 
     def _fetch_chunk(self, start: int, end: int) -> bytes:
@@ -406,35 +396,7 @@ class _Streamer:
         self._waiting = 0  # jobs queued, not yet read (under the object's lock)
         self._ended = False
         self._stopped = False
-        # the buffers of chunks evicted, filled again once no one reads them: a fresh
-        # buffer a chunk cost its pages' faults and the kernel's zeroing of them (6 % of a
-        # mount's CPU in a sequential read of a .vma.zst from the RADOS gateway)
-        self._retired: collections.deque[np.ndarray] = collections.deque(maxlen=RETIRED)
         threading.Thread(target=self._run, name="vmafs-stream", daemon=True).start()
-
-    def retire(self, chunk: _Chunk) -> None:
-        """A chunk evicted: its buffer may be filled again once no one holds it."""
-        if chunk.done() and not chunk.cancelled() and chunk.exception() is None:
-            data = chunk.result()
-            if isinstance(data, memoryview) and isinstance(data.obj, np.ndarray):
-                self._retired.append(data.obj)
-
-    def _buffer(self, size: int) -> memoryview:
-        """A buffer of size bytes for the next chunk: a retired one that nothing refers to
-        any more (no future, no view of a reader's), else a new one (not zeroed first:
-        filled whole; bytearray's memset of every chunk cost ~3 % of a mount's CPU)."""
-        for _ in range(len(self._retired)):
-            try:
-                array = self._retired.popleft()
-            except IndexError:
-                break
-            # this name and getrefcount's argument: any other holder (its chunk's future,
-            # a view a reader is copying from) keeps it out of reuse
-            if array.nbytes == size and sys.getrefcount(array) <= 2:
-                return array.data
-            self._retired.append(array)  # still read: tried again at the next chunk
-            del array
-        return np.empty(size, np.uint8).data
 
     def take(self, start: int) -> bool:
         """True if a chunk at start continues this stream (the object's lock held)."""
@@ -473,7 +435,9 @@ class _Streamer:
                     self._stopped = True  # a cancelled chunk: the reader went (close)
                     return
                 try:
-                    data = self._buffer(end - start)
+                    # filled whole: not zeroed first (bytearray's memset of every chunk cost
+                    # ~3 % of a mount's CPU)
+                    data = np.empty(end - start, np.uint8).data
                     if not self._reader.fill(memoryview(data), lambda: self._stopped):
                         future.cancel()
                         return
