@@ -284,11 +284,37 @@ def _start_slow_upload(s3: S3Env, key: str, tmp_path: Path, **env: str
     return proc, proc.stdin, full[cut:]
 
 
+def _wait_for_request(port: int, method: bytes, timeout: float = 60) -> None:
+    """Stand in for a stopped gateway on its port, closing every connection unanswered (the
+    client retries as it does a refused one), until a METHOD request comes."""
+    import socket
+
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", port))
+        srv.listen(16)
+        srv.settimeout(timeout)  # a hang guard
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(10)
+                head = conn.recv(65536)
+            if head.startswith(method + b" "):
+                return
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_upload_aborts_it(s3: S3Env, tmp_path: Path, signum: int) -> None:
-    proc, _, _ = _start_slow_upload(s3, "sig.vma.zst", tmp_path)
+    proc, stdin, _ = _start_slow_upload(s3, "sig.vma.zst", tmp_path)
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    # Its input stays open: the signal ends the command, not the input's end (closing stdin
+    # here, as communicate() does, raced the signal: "archive is truncated", exit 3).
+    try:
+        proc.wait(timeout=60)  # a hang guard
+    finally:
+        stdin.close()  # type: ignore[attr-defined]
+    assert proc.stderr is not None
+    err = proc.stderr.read()
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err.decode()
     assert s3.keys() == [] and s3.uploads() == []
@@ -306,7 +332,10 @@ def test_gateway_gone_mid_upload_fails_cleanly(s3: S3Env, tmp_path: Path) -> Non
         stdin.close()  # type: ignore[attr-defined]
     except BrokenPipeError:
         pass
-    time.sleep(2)  # the command gives up on its parts and tries to abort the upload
+    # Back only once the command has given up on its parts and tries to abort the upload
+    # (a fixed 2 s was a guess: back within 0.0 s, the retried part went through and the
+    # upload completed, 2 of 4 runs on a loaded core)
+    _wait_for_request(s3.gw.port, b"DELETE")
     s3.gw.start_gateway()
     proc.wait(timeout=120)
     assert proc.stderr is not None

@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -656,7 +657,12 @@ def _read_ahead(source: _Source, header: vma.Header, count: int, hashing: Hashin
             ring.buffers.put(data.view.obj)
     finally:
         ring.stop()
-        thread.join()
+        # A reader in a read of an idle pipe (`convert -` fed by a stalled producer) may wait
+        # there for good: leaving early (Ctrl-C, SIGTERM, an error) does not wait for it, or
+        # a stop signal would be held until the input ends; it stops at its next item.
+        if sys.exc_info()[0] is None or not (isinstance(source, _StreamSource)
+                                             and getattr(source.stream, "idle_may_block", False)):
+            thread.join()
 
 
 def iter_stream(stream: BinaryIO, header: vma.Header) -> Iterator[tuple[Extent, memoryview]]:

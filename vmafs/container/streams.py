@@ -610,12 +610,14 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
             sys.stdin.fileno(), "rb", buffering=0, closefd=False
         )
         name = "standard input"
+        stdin = True
     else:
         try:
             raw = _open_file(path)
         except OSError as e:
             raise VmafsError(f"cannot open {os.fspath(path)}: {e.strerror}") from None
         name = os.fspath(path)
+        stdin = False
     try:
         head = _peek(raw)
         try:
@@ -623,12 +625,14 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
         except FormatError as e:
             raise FormatError(f"{name}: {e}") from None
         direct_fd: int | None = None
+        stdin_pipe = False
         if raw.seekable():
             raw.seek(0)
             source: io.RawIOBase = raw
             direct_fd = raw.fileno()
         else:
             source = _PrefixedRaw(head, raw)
+            stdin_pipe = stdin
         decoded: io.RawIOBase
         if kind == "vma":
             decoded = source
@@ -644,7 +648,18 @@ def open_stream(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         raw.close()
         raise
-    return io.BufferedReader(decoded, buffer_size=CHUNK)
+    return (_StdinPipe if stdin_pipe else io.BufferedReader)(decoded, buffer_size=CHUNK)
+
+
+class _StdinPipe(io.BufferedReader):
+    """Standard input from a pipe: a read may wait for good on an idle producer, so a reader
+    thread in one is not waited for when a command leaves early (walk._read_ahead), and
+    closing releases nothing (the descriptor stays open) rather than wait for that read."""
+
+    idle_may_block = True
+
+    def close(self) -> None:
+        pass
 
 
 HEADERS_BUFFER = 64 << 10
