@@ -333,6 +333,9 @@ def test_guard_killed_too(lab: KillLab, tmp_path: Path) -> None:
     full = tmp_path / "full.vma"
     backup(lab, full)
     before = vm_bitmaps(lab)
+    # megabytes to copy at 1 MiB/s, so the kill lands mid-copy: an incremental of what the
+    # guest wrote in the moment since the full, ~100 KiB, had committed by then in one CI run
+    more_writes(lab)
     out = tmp_path / "killed.vma"
     proc = subprocess.Popen(vmafs_cmd("backup", "--qmp", lab.qmp, "-o", str(out), "-q",
                                       "--bwlimit", "1024", "--incremental", str(full)),
@@ -350,6 +353,7 @@ def test_guard_killed_too(lab: KillLab, tmp_path: Path) -> None:
         os.kill(pid, signal.SIGKILL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert not out.exists(), "the run committed before the kill: the test needs more to copy"
     assert leftovers(lab)       # jobs or nodes, and the lock file
     more = backup(lab, tmp_path / "next.vma", "--incremental", str(full))
     assert "cleaned up after a killed backup" in more["stderr"]
