@@ -12,8 +12,9 @@ cache mode, unsafe, does not), and vmafs fsyncs its files before renaming them i
 Every run starts after a `sync` with the archive and the image in the page cache (read once
 before), so the disk's write speed and the copy are what is compared. The order of the kinds
 rotates each round (the first write after the previous files' deletion pays for their
-discards). Each run's CPU time (user + system) is shown too: on a machine others load, it
-says what a run costs more steadily than its wall time. --before PATH: also time the vmafs
+discards), and the trees' turns swap every other round. Each run's CPU time (user + system)
+is shown too: on a machine others load, it says what a run costs more steadily than its wall
+time. --before PATH: also time the vmafs
 tree at PATH (e.g. a `git archive` of an older commit), as "before" figures from the same
 rounds. Prints each round, the medians, the ratios (qemu-img's time / vmafs's: higher is
 better, the goal is >= 1.2) and the load average.
@@ -75,7 +76,11 @@ def main() -> int:
     try:
         for r in range(args.rounds):
             row: dict[str, float] = {}
-            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            # the trees' turns swap every other round: whichever runs right after the other
+            # kind's big write pays for it (a qcow2 restore after a raw one: 3x the CPU)
+            tags = list(trees) if r % 2 == 0 else list(reversed(trees))
+            order = ["qemu-img"] + [f"{tag}{k}" for k in args.kinds.split(",") for tag in tags]
+            for kind in order[r % len(order):] + order[:r % len(order)]:
                 shutil.rmtree(out, ignore_errors=True)
                 subprocess.run(["sync"], check=True)
                 if kind == "qemu-img":
