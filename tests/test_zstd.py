@@ -336,6 +336,19 @@ def test_concurrent_reads(tmp_path: Path) -> None:
     assert not errors
 
 
+def _count_reads(src: SeekableZstdSource) -> list[int]:
+    """The lengths of the disk reads (readinto) src makes from now on, appended as they come."""
+    lengths: list[int] = []
+    readinto = src._raw.readinto
+
+    def counting(offset: int, view: memoryview) -> int:
+        lengths.append(len(view))
+        return readinto(offset, view)
+
+    src._raw.readinto = counting  # type: ignore[method-assign]
+    return lengths
+
+
 def _one_mib_frames(tmp_path: Path) -> tuple[Path, list[bytes], bytes]:
     """A seekable file of 1 MiB frames over 400 seeded extents: its path, chunks, stream."""
     chunks = _extents(41, 400)
@@ -387,14 +400,7 @@ def test_prefix_read_of_a_local_frame(tmp_path: Path) -> None:
     path, chunks, stream = _one_mib_frames(tmp_path)
     with SeekableZstdSource(path, cache_bytes=0) as src:
         src.checked_by_reader = True
-        pieces: list[int] = []
-        readinto = src._raw.readinto
-
-        def counting(offset: int, view: memoryview) -> int:
-            pieces.append(len(view))
-            return readinto(offset, view)
-
-        src._raw.readinto = counting  # type: ignore[method-assign]
+        pieces = _count_reads(src)
         start, _ = src.frame_bounds(1)
         c_start, c_end = src.table.compressed_range(1)
         for again in (False, True):  # the first read checks the frame, the next does not
@@ -435,14 +441,7 @@ def test_a_threads_last_prefix_serves_a_read_before_its_end(tmp_path: Path) -> N
             s.checked_by_reader = True
             s.trust_layout()
         assert src.table.d_offsets.tolist() == src2.table.d_offsets.tolist()
-        reads: list[int] = []
-        readinto = src._raw.readinto
-
-        def counting(offset: int, view: memoryview) -> int:
-            reads.append(len(view))
-            return readinto(offset, view)
-
-        src._raw.readinto = counting  # type: ignore[method-assign]
+        reads = _count_reads(src)
         start, _ = src.frame_bounds(1)
         assert src.pread(start + 100_000, 4096) == stream[start + 100_000 : start + 104_096]
         assert reads
