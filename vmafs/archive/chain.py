@@ -50,6 +50,7 @@ ARCHIVE_SUFFIXES = (".vma", ".vma.zst")
 MAX_DEPTH = MAX_LAYERS
 
 Key = tuple[int, int]  # (st_dev, st_ino): a symlink and its target are one archive
+_UNREADABLE = "is unreadable: "
 log = logging.getLogger("vmafs.chain")
 
 
@@ -475,6 +476,7 @@ class Prune:
             for name in self.pool.names.get(p.key, [p.path]):
                 self.by_path[name] = p
         self._opened: dict[Key, _Facts | str] = {}
+        self._streams: set[Key] = set()  # not seekable (vzdump's one-frame .vma.zst)
         self._data: dict[Key, str | None] = {}
 
     def _open(self, p: Peek) -> _Facts | str:
@@ -485,8 +487,22 @@ class Prune:
                 with Archive.open(p.path, layer=True) as archive:
                     self._opened[p.key] = _Facts.of(archive)
             except (VmafsError, OSError) as exc:
-                self._opened[p.key] = f"is unreadable: {exc}"
+                if isinstance(exc, NotSeekableError):
+                    self._streams.add(p.key)
+                self._opened[p.key] = f"{_UNREADABLE}{exc}"
         return self._opened[p.key]
+
+    def unreadable(self, path: str) -> str | None:
+        """Why the archive file at path does not open through the model (truncated: a copy
+        killed half-way, damaged structure or index), None when it opens or cannot be told
+        without reading it whole (a stream, not among the candidates, a symlink)."""
+        p = self.by_path.get(path)
+        if p is None or os.path.islink(path):
+            return None
+        facts = self._open(p)
+        if isinstance(facts, str) and p.key not in self._streams:
+            return facts.removeprefix(_UNREADABLE)
+        return None
 
     def _check(self, devices: Sequence[tuple[str, int]], link: chain.Link) -> Callable[
             [Peek], _Tried]:

@@ -34,6 +34,7 @@ from datetime import datetime
 from vmafs.errors import UsageError, VmafsError
 
 OPTIONS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+NEEDED_BY = "needed by "  # the reason of an archive kept for a kept archive's chain
 
 
 @dataclass(frozen=True)
@@ -253,5 +254,5 @@ def _protect_chains(result: Plan, staying: Sequence[Staying], parents: Parents) 
         if d.needed_by:
             d.needed_by.sort()
             d.reasons = [] if d.entry.path in rescued else d.reasons
-            d.reasons += [f"needed by {os.path.basename(p)}" for p in d.needed_by]
+            d.reasons += [f"{NEEDED_BY}{os.path.basename(p)}" for p in d.needed_by]
     result.orphans.sort()

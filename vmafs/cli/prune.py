@@ -106,6 +106,32 @@ def _scan(directory: str, place: Place, vmid: str | None) -> _Scan:
     return found
 
 
+def _plan(found: _Scan, options: retention.KeepOptions, resolver: chain.Prune
+          ) -> retention.Plan:
+    """The plan, in which no archive that does not open (a copy killed half-way under a
+    vzdump name) counts as a kept backup: each is left alone (it stays, and so does what it
+    needs), and the options are applied again without it, until every archive they keep
+    opens."""
+    while True:
+        plan = retention.plan(found.entries, options, found.staying, resolver.needs)
+        broken = [(d.entry, why) for d in plan.kept if _counted(d)
+                  and (why := resolver.unreadable(d.entry.path)) is not None]
+        if not broken:
+            return plan
+        for e, why in broken:
+            found.entries.remove(e)
+            found.staying.append(retention.Staying(e.path, e.uuid, e.parent))
+            found.left_alone.append((e.name, f"it does not open ({why}); counted by no "
+                                     "keep option"))
+
+
+def _counted(d: retention.Decision) -> bool:
+    """Whether a kept archive counts for a keep option (not protected, nor kept only because
+    a kept archive needs it)."""
+    return not d.entry.protected and not all(r.startswith(retention.NEEDED_BY)
+                                             for r in d.reasons)
+
+
 def _sidecars(place: Place, name: str, remaining_stems: set[str]) -> list[str]:
     """vzdump's files beside an archive, removed with it: NAME.notes, and STEM.log unless an
     archive that stays has the same stem (NAME.vma beside NAME.vma.zst)."""
@@ -131,7 +157,7 @@ def _run(args: argparse.Namespace, place: Place, options: retention.KeepOptions,
          vmid: str | None) -> int:
     found = _scan(args.dir, place, vmid)
     resolver = chain.Prune(args.dir)  # every file a kept chain relies on is checked there
-    plan = retention.plan(found.entries, options, found.staying, resolver.needs)
+    plan = _plan(found, options, resolver)
     removing = {d.entry.name for d in plan.removed}
     remaining_stems = {naming.strip_suffix(n) for n in found.names
                        if naming.parse_vzdump_name(n) is not None and n not in removing}

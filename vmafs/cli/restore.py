@@ -32,7 +32,10 @@ from vmafs.format.names import FileNames, display, file_names, json_name, raw
 from vmafs.progress import Progress, print_json
 from vmafs.restore import RECONNECT_DELAY, SOCKET_NAME, qcow2
 
-PROBE = 4096   # bytes at the start of a device that must be zero unless --force
+PROBE = 1 << 20  # bytes at each end of a device that must be zero unless --force: what
+# lies past the first 4 KiB counts too (btrfs's superblock at 64 KiB with zeros before it,
+# bcache's at 4 KiB, a ZFS label's blank first 8 KiB; md 0.90/1.0 superblocks, ZFS's last
+# labels and a GPT's backup at the end)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "must be at least as large as the disk and not in use")
     p.add_argument("--force", action="store_true",
                    help="replace files that exist in DIR, and write onto a device whose "
-                        "first 4 KiB are not zero (it holds something)")
+                        "first or last MiB is not zero (it holds something)")
     live = p.add_argument_group(
         "live restore", "--live: the VM runs on qcow2 targets in DIR, backed by the archive's "
         "NBD export, while QEMU streams every cluster into them (block-stream); vmafs exits "
@@ -284,13 +287,21 @@ def _open_device(path: str, dev: Device, force: bool) -> int:
         if size < dev.size:
             raise VmafsError(f"{display(path)} has {size} bytes, disk {display(dev.name)} "
                              f"needs {dev.size}")
-        if not force and any(os.pread(fd, PROBE, 0)):
-            raise VmafsError(f"{display(path)} holds data (its first 4 KiB are not zero); "
-                             "use --force to write over it")
+        if not force and _holds_data(fd, size):
+            raise VmafsError(f"{display(path)} holds data (its first or last MiB is not "
+                             "zero); use --force to write over it")
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _holds_data(fd: int, size: int) -> bool:
+    """Whether the first or last PROBE bytes of the device are not all zero."""
+    for at in sorted({0, max(0, size - PROBE)}):
+        if os.pread(fd, min(PROBE, size - at), at).strip(b"\0"):
+            return True
+    return False
 
 
 def _write_qcow2(archive: Archive, device: Device, fd: int, progress: Progress) -> int:

@@ -1,0 +1,82 @@
+"""Red-team findings, each a test that failed before its fix: what a careless user or an
+attacker leaves in a backup directory or points a command at must never cost a backup, nor
+write over what a device holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_vmafs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import prune_fuzz as pf  # noqa: E402
+
+
+def _chain(d: Path) -> list[Path]:
+    d.mkdir()
+    return pf.build_chain(d, [pf.vzname(day) for day in (1, 2, 3)], random.Random(5))
+
+
+@pytest.mark.parametrize("of", ["full", "newest"])
+def test_prune_counts_no_truncated_copy_as_a_kept_backup(tmp_path: Path, of: str) -> None:
+    """A `cp` killed half-way under a newer vzdump name (an archive copied back from
+    elsewhere) is no backup: keep-last 1 kept it and removed the whole readable chain. It is
+    left alone now (kept, counted by no option), and the newest readable backup is kept."""
+    d = tmp_path / "dump"
+    full, inc1, inc2 = _chain(d)
+    want = pf.contents(inc2)
+    broken = d / pf.vzname(9)
+    shutil.copyfile(full if of == "full" else inc2, broken)
+    pf.truncate(broken, 0.6)
+    for dry in (True, False):
+        rc, out, err = run_vmafs("prune", d, "--keep-last", "1", "--json",
+                                 *(["-n"] if dry else []))
+        assert rc == 0 and "Traceback" not in err, err
+        doc = json.loads(out)
+        keep = {a["name"]: a["keep"] for a in doc["archives"]}
+        assert keep == {inc2.name: True, inc1.name: True, full.name: True}, keep
+        assert [a["name"] for a in doc["left_alone"]] == [broken.name]
+        assert "keep option" in doc["left_alone"][0]["reason"]
+    assert broken.exists() and pf.contents(inc2) == want
+
+
+def _loop(backing: Path) -> str:
+    return subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.parametrize("at", [64 << 10, "end"])
+def test_restore_onto_a_device_looks_past_its_first_4k(tmp_path: Path, at: int | str) -> None:
+    """A device whose first 4 KiB are zero can still hold a file system or a pool: btrfs's
+    superblock is at 64 KiB (mkfs zeroes the MiB before it), bcache's at 4 KiB, a ZFS label's
+    first 8 KiB are blank, md's 0.90/1.0 superblock and ZFS's last labels are at the end.
+    restore wrote over them without --force; it looks at the first and last MiB now."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup")
+    d = tmp_path / "dump"
+    full, _, _ = _chain(d)
+    backing = tmp_path / "old-disk.img"
+    size = 8 << 20
+    with open(backing, "wb") as f:
+        f.truncate(size)
+        f.seek(size - 8192 if at == "end" else int(at))
+        f.write(b"_BHRfS_M" * 8)  # a signature, and nothing else on the device
+    before = backing.read_bytes()
+    dev = _loop(backing)
+    try:
+        rc, _, err = run_vmafs("restore", full, "--to-device", f"{pf.DEV}={dev}")
+        assert rc == 1 and "holds data" in err and "--force" in err, err
+        assert backing.read_bytes() == before
+        rc, _, err = run_vmafs("restore", full, "--to-device", f"{pf.DEV}={dev}", "--force")
+        assert rc == 0, err
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+    assert backing.read_bytes()[:pf.SIZE] != before[:pf.SIZE]
