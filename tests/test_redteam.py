@@ -48,6 +48,30 @@ def test_prune_counts_no_truncated_copy_as_a_kept_backup(tmp_path: Path, of: str
     assert broken.exists() and pf.contents(inc2) == want
 
 
+def test_prune_counts_no_zst_copy_cut_at_a_frame_boundary(tmp_path: Path) -> None:
+    """A .vma.zst cut short at a frame boundary has no seek table, so it looked like vzdump's
+    one-frame .vma.zst (readable only start to end, not checked): keep-last 1 kept it and
+    removed the readable archive. vmafs's first frame is the header alone, so a file that
+    goes on after it without a seek table is an archive cut short; left alone now."""
+    from mutations import parse_seek_table
+
+    d = tmp_path / "dump"
+    d.mkdir()
+    good = d / pf.vzname(1, zstd=True)
+    pf.write(good, {c: random.Random(c).randbytes(pf.C) for c in range(4)})
+    data = good.read_bytes()
+    frames = parse_seek_table(data)
+    assert frames is not None and len(frames) >= 3
+    cut = d / pf.vzname(9, zstd=True)
+    cut.write_bytes(data[:frames[0][0] + frames[1][0]])  # the header frame and one more
+    rc, out, err = run_vmafs("prune", d, "--keep-last", "1", "--json")
+    assert rc == 0 and "Traceback" not in err, err
+    doc = json.loads(out)
+    assert {a["name"]: a["keep"] for a in doc["archives"]} == {good.name: True}, doc
+    assert [a["name"] for a in doc["left_alone"]] == [cut.name]
+    assert good.exists() and cut.exists()
+
+
 def _loop(backing: Path) -> str:
     return subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
                           capture_output=True, text=True).stdout.strip()

@@ -34,6 +34,7 @@ from vmafs.archive import walk, walk_cache
 from vmafs.archive.reader import MAX_LAYERS, Archive, read_source_header
 from vmafs.container.source import open_source
 from vmafs.container.streams import open_stream
+from vmafs.container.zstd_frames import walk_frame
 from vmafs.errors import EXIT_DAMAGED, NotSeekableError, VmafsError
 from vmafs.format import chain, vma
 from vmafs.format.names import display, format_ctime
@@ -500,9 +501,11 @@ class Prune:
         if p is None or os.path.islink(path):
             return None
         facts = self._open(p)
-        if isinstance(facts, str) and p.key not in self._streams:
-            return facts.removeprefix(_UNREADABLE)
-        return None
+        if not isinstance(facts, str):
+            return None
+        if p.key in self._streams:
+            return lost_seek_table(path)
+        return facts.removeprefix(_UNREADABLE)
 
     def _check(self, devices: Sequence[tuple[str, int]], link: chain.Link) -> Callable[
             [Peek], _Tried]:
@@ -566,3 +569,36 @@ class Prune:
         for p in self.pool.peeks:
             if p.key in self._opened:
                 yield p.path
+
+
+FIRST_FRAME_BLOCKS = 64  # vmafs's first frame is the VMA header alone: a few blocks
+
+
+def lost_seek_table(path: str) -> str | None:
+    """Why a .vma.zst that is not seekable is a vmafs archive cut short (None: it may be
+    vzdump's one-frame .vma.zst, which only a whole read can check): vmafs writes the VMA
+    header as a frame of its own and ends the stream with a seek table, so a file whose first
+    frame is exactly the header and is followed by more, but has no seek table, lost its
+    end (a copy killed half-way). Reads the first frame's headers only."""
+    if is_remote(path) or not path.endswith(".vma.zst"):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        info, _ = walk_frame(lambda at, n: os.pread(fd, n, at), 0, st.st_size,
+                             max_blocks=FIRST_FRAME_BLOCKS)
+        if info is None or info.skippable or info.end >= st.st_size:
+            return None
+        if info.content_size != read_header(f"/proc/self/fd/{fd}").header_size:
+            return None
+    except (VmafsError, OSError):
+        return None
+    finally:
+        os.close(fd)
+    return ("zstd frames without the seek table vmafs ends a .vma.zst with: the archive is "
+            "cut short")
