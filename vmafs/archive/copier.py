@@ -6,19 +6,27 @@ file that already has content), what the archive holds as holes must read as zer
 the gaps are discarded where the device guarantees zeros (fallocate PUNCH_HOLE, what
 `qemu-img convert` does), zeroed by the kernel otherwise (ZERO_RANGE), written as zeros last;
 clusters stored in part are written whole.
+
+The writes go around the page cache (O_DIRECT, a second descriptor of the same file) where the
+file system allows it: the file is fsynced before it is renamed into place, so the disk takes
+the data anyway, and a buffered write cost the CPU of allocating, charging and filling a page
+of cache for each 4 KiB of it (extract: ~0.5 CPU-s a GiB written, an O_DIRECT write ~0.05).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import io
+import mmap
 import os
 import queue
+import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, cast
 
@@ -36,6 +44,11 @@ COPY_BATCH = 256  # clusters written at once (whole adjacent ones by one pwritev
 # the copy): a large batch is split among this many threads, as qemu-img's parallel requests do.
 WRITERS = 2
 PARALLEL_MIN = 1 << 20   # smaller batches are written by the caller alone
+
+DIRECT_ALIGN = 4096  # O_DIRECT: offsets, lengths and memory aligned to this (a page: any
+# logical block size up to 4 KiB)
+BOUNCE_SIZE = 4 << 20  # an aligned buffer a writer thread copies unaligned data through
+_TMPFS_MAGIC = 0x01021994  # tmpfs keeps its data in the page cache: nothing to go around
 
 _KEEP_SIZE = 0x01
 _PUNCH_HOLE = 0x02
@@ -137,21 +150,141 @@ class _Zeroer:
 
 
 def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    return _libc_fn("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+
+
+def _libc_fn(name: str, argtypes: list[type]) -> Callable[..., int] | None:
+    """A libc function returning an int (errno kept for ctypes.get_errno), None if absent."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.fallocate
+        fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
-    return fn
+    return cast(Callable[..., int], fn)
+
+
+class DirectFds:
+    """For each output fd, a second descriptor of its file opened with O_DIRECT, where that
+    helps: a regular file or a block device, not on tmpfs. Close it when the writes are done
+    (before the fsync of the files)."""
+
+    def __init__(self, fds: Iterable[int]) -> None:
+        self.direct: dict[int, int] = {}
+        for fd in fds:
+            if fd not in self.direct and _direct_helps(fd):
+                with contextlib.suppress(OSError):  # none (no O_DIRECT, no /proc): buffered
+                    self.direct[fd] = os.open(f"/proc/self/fd/{fd}",
+                                              os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        direct, self.direct = self.direct, {}
+        for dfd in direct.values():
+            os.close(dfd)
+
+    def __enter__(self) -> DirectFds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def pwritev(self, fd: int, views: list[memoryview], offset: int) -> None:
+        """Write views at offset of fd: their aligned part through fd's O_DIRECT descriptor
+        (memory not aligned copied through a buffer that is), the rest buffered. A file
+        system that refuses (EINVAL) gets buffered writes from then on."""
+        dfd = self.direct.get(fd, -1)
+        total = sum(len(v) for v in views)
+        aligned = total - total % DIRECT_ALIGN
+        if dfd < 0 or offset % DIRECT_ALIGN or not aligned:
+            _pwritev_all(fd, views, offset)
+            return
+        try:
+            done = _direct_write(dfd, views, offset, aligned)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            del self.direct[fd]
+            os.close(dfd)
+            _pwritev_all(fd, views, offset)
+            return
+        if done < total:  # an unaligned tail (a disk's size need not be a page multiple)
+            _pwritev_all(fd, _after(views, done), offset + done)
+
+
+def _direct_helps(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISBLK(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        return False
+    fstatfs = _libc_fn("fstatfs", [ctypes.c_int, ctypes.c_void_p])
+    if fstatfs is None:
+        return False
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type first (a long)
+    if fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value != _TMPFS_MAGIC
+
+
+_BOUNCE = threading.local()
+
+
+def _direct_write(dfd: int, views: list[memoryview], offset: int, length: int) -> int:
+    """Of the first `length` bytes of views, written at offset through dfd, as many as can be
+    (whole pages up to the first view that ends within one); returns how many. Views whose
+    memory is aligned go as they are; the others through this thread's bounce buffer."""
+    done = 0
+    for view in views:
+        n = min(len(view), length - done)
+        if n <= 0:
+            break
+        whole = n - n % DIRECT_ALIGN
+        if _address(view) % DIRECT_ALIGN == 0:
+            if whole:
+                _pwrite_all(dfd, view[:whole], offset + done)
+                done += whole
+        else:
+            bounce = getattr(_BOUNCE, "buffer", None)
+            if bounce is None:
+                bounce = _BOUNCE.buffer = memoryview(mmap.mmap(-1, BOUNCE_SIZE))
+            for pos in range(0, whole, BOUNCE_SIZE):
+                step = min(BOUNCE_SIZE, whole - pos)
+                bounce[:step] = view[pos:pos + step]
+                _pwrite_all(dfd, bounce[:step], offset + done)
+                done += step
+        if whole < n:
+            break  # what follows starts within a page: buffered
+    return done
+
+
+def _after(views: list[memoryview], skip: int) -> list[memoryview]:
+    """views without their first `skip` bytes."""
+    rest = []
+    for view in views:
+        if skip >= len(view):
+            skip -= len(view)
+            continue
+        rest.append(view[skip:])
+        skip = 0
+    return rest
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, np.uint8).ctypes.data)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[int, int],
-                 *, threads: int = WRITERS) -> int:
+                 *, threads: int = WRITERS, direct: DirectFds | None = None) -> int:
     """Write an extent's stored data, runs of whole adjacent clusters in one pwritev (a large
-    extent by `threads` threads at once); returns the bytes written. The slots' data is not
-    used after it returns."""
+    extent by `threads` threads at once; through `direct` where it has the fd); returns the
+    bytes written. The slots' data is not used after it returns."""
     written = sum(len(s.data) for s in slots if s.dev_id in fds)
     pieces: list[tuple[int, int, memoryview]] = []   # (fd, offset, whole clusters' bytes)
     for slot in slots:
@@ -165,7 +298,7 @@ def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[in
         pieces.append((fd, start, slot.data[:sizes[slot.dev_id] - start]))
     total = sum(len(p[2]) for p in pieces)
     if total < PARALLEL_MIN or threads < 2:
-        _write_pieces(pieces)
+        _write_pieces(pieces, direct)
         return written
     cuts = [0]
     done = 0
@@ -175,10 +308,10 @@ def write_extent(fds: dict[int, int], slots: list[StoredCluster], sizes: dict[in
             cuts.append(i + 1)
     cuts.append(len(pieces))
     pool = _writer_pool()
-    others: list[Future[None]] = [pool.submit(_write_pieces, pieces[a:b])
+    others: list[Future[None]] = [pool.submit(_write_pieces, pieces[a:b], direct)
                                   for a, b in zip(cuts[1:-1], cuts[2:], strict=True)]
     try:
-        _write_pieces(pieces[cuts[0]:cuts[1]])
+        _write_pieces(pieces[cuts[0]:cuts[1]], direct)
     finally:
         for f in others:
             f.result()  # wait for every write, then raise the first failure
@@ -244,6 +377,7 @@ class WriteBehind:
         self._queued = 0
         self._written = 0
         self._error: BaseException | None = None
+        self._direct = DirectFds(fds.values())
         self._thread = threading.Thread(target=self._run, name="vmafs-write", daemon=True)
         self._thread.start()
 
@@ -291,6 +425,7 @@ class WriteBehind:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
+        self._direct.close()
 
     def _run(self) -> None:
         while True:
@@ -316,9 +451,9 @@ class WriteBehind:
 
     def _write(self, job: list[StoredCluster] | tuple[Extent, memoryview]) -> int:
         if isinstance(job, list):
-            return write_extent(self._fds, job, self._sizes, threads=1)
+            return write_extent(self._fds, job, self._sizes, threads=1, direct=self._direct)
         runs, partial, written = extent_runs(self._fds, self._sizes, *job)
-        _write_pieces(runs)
+        _write_pieces(runs, self._direct)
         for slot in partial:
             write_cluster(self._fds[slot.dev_id], slot, self._sizes[slot.dev_id])
         return written
@@ -345,20 +480,22 @@ class _Fenced(io.RawIOBase):
         return self._stream.read(size)  # new bytes (the extent headers): nothing to wait for
 
 
-def _write_pieces(pieces: list[tuple[int, int, memoryview]]) -> None:
-    """Each run of adjacent pieces of one fd by one pwritev."""
+def _write_pieces(pieces: list[tuple[int, int, memoryview]],
+                  direct: DirectFds | None = None) -> None:
+    """Each run of adjacent pieces of one fd by one pwritev (through `direct` if given)."""
+    write = _pwritev_all if direct is None else direct.pwritev
     run: list[memoryview] = []
     run_fd, run_start, run_end = -1, 0, 0
     for fd, start, data in pieces:
         if run and (fd != run_fd or start != run_end):
-            _pwritev_all(run_fd, run, run_start)
+            write(run_fd, run, run_start)
             run = []
         if not run:
             run_fd, run_start = fd, start
         run.append(data)
         run_end = start + len(data)
     if run:
-        _pwritev_all(run_fd, run, run_start)
+        write(run_fd, run, run_start)
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -148,6 +148,7 @@ def read_header(stream: BinaryIO) -> vma.Header:
     return vma.decode_header(prefix + rest)
 
 
+PAGE = 4096
 ZERO_RUN_BATCH = 4096  # data-less extents in a row checked together: a sparse disk has millions
 READ_AHEAD = 2
 """Extent buffers (3.8 MiB each) of a threaded forward read: the reader thread fills one while
@@ -219,8 +220,11 @@ def _new_buffer() -> np.ndarray:
     """An extent's buffer, not zeroed: its pages are touched first by the read into it,
     without the GIL (a zeroed bytearray's 3.8 MiB were faulted in and cleared with it held,
     ~1-3 ms a buffer at the start of every walk); a view of it is handed out only once read
-    whole."""
-    return np.empty(vma.MAX_EXTENT_SIZE, np.uint8)
+    whole. Page-aligned, so its clusters can be written with O_DIRECT (copier.DirectFds)
+    without a copy."""
+    raw = np.empty(vma.MAX_EXTENT_SIZE + PAGE, np.uint8)
+    skip = -raw.ctypes.data % PAGE
+    return raw[skip:skip + vma.MAX_EXTENT_SIZE]
 
 
 def _runs(source: _Source, header: vma.Header, take: Callable[[], np.ndarray], hashing: Hashing
