@@ -269,7 +269,7 @@ def _summary(args: argparse.Namespace, targets: list[_Target],
 
 def _open_device(path: str, dev: Device, force: bool) -> int:
     """The block device to restore a disk onto, opened exclusively (not mounted, not in use
-    by the kernel), large enough, and empty at its start unless --force."""
+    by the kernel), large enough, and empty at both ends unless --force."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -283,6 +283,8 @@ def _open_device(path: str, dev: Device, force: bool) -> int:
         raise VmafsError(f"{display(path)}: {exc.strerror}"
                          + (" (mounted or in use)" if exc.errno == errno.EBUSY else "")) from None
     try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):  # the path was replaced since the stat
+            raise VmafsError(f"{display(path)} is not a block device")
         size = os.lseek(fd, 0, os.SEEK_END)
         if size < dev.size:
             raise VmafsError(f"{display(path)} has {size} bytes, disk {display(dev.name)} "
