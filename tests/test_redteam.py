@@ -72,6 +72,56 @@ def test_prune_counts_no_zst_copy_cut_at_a_frame_boundary(tmp_path: Path) -> Non
     assert good.exists() and cut.exists()
 
 
+KILLED_WRITER = """import os, signal, sys
+from vmafs.container.output import TempFile
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+tmp = TempFile(fd, sys.argv[2].encode())
+os.write(tmp.fd, b"half an archive" * 1000)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_prune_sweeps_what_killed_runs_left_never_a_live_one(tmp_path: Path) -> None:
+    """A command killed outright leaves .NAME.XXXXXX.part, and nothing ever removed one: a
+    nightly backup killed now and then filled the disk. prune removes those unchanged for an
+    hour that no running command holds (a TempFile is locked until renamed); never a live
+    one, a recent one, a symlink, nor another program's."""
+    from vmafs.container.output import TempFile, open_dir
+
+    d = tmp_path / "dump"
+    full, _, inc2 = _chain(d)
+    want = pf.contents(inc2)
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(d), pf.vzname(9)],
+                          capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    (killed,) = [p for p in d.iterdir() if p.name.endswith(".part")]
+    recent = d / f".{pf.vzname(8)}.0a1b2c.part"
+    recent.write_bytes(b"x")
+    other = d / ".notes.txt.0a1b2c.part"
+    other.write_bytes(b"x")
+    link = d / f".{pf.vzname(7)}.abcdef.part"
+    link.symlink_to(full.name)
+    hour_ago = os.stat(full).st_mtime - 7200
+    with open_dir(str(d)) as dir_fd:
+        live = TempFile(dir_fd, pf.vzname(6).encode())  # a run writing right now
+        try:
+            for p in (killed, other, d / live.name.decode()):
+                os.utime(p, (hour_ago, hour_ago))
+            os.utime(link, (hour_ago, hour_ago), follow_symlinks=False)
+            before = sorted(p.name for p in d.iterdir())
+            rc, _, err = run_vmafs("prune", d, "--keep-last", "5", "-n")
+            assert rc == 0 and f"{killed.name}: the temporary file" in err, err
+            assert sorted(p.name for p in d.iterdir()) == before
+            rc, _, err = run_vmafs("prune", d, "--keep-last", "5")
+            assert rc == 0 and err.count("temporary file") == 1, err
+            assert sorted(p.name for p in d.iterdir()) == [n for n in before
+                                                           if n != killed.name]
+            live.commit()  # the live run goes on to its end
+        finally:
+            live.discard()
+    assert (d / pf.vzname(6)).exists() and pf.contents(inc2) == want
+
+
 def _loop(backing: Path) -> str:
     return subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
                           capture_output=True, text=True).stdout.strip()

@@ -178,6 +178,10 @@ def _run(args: argparse.Namespace, place: Place, options: retention.KeepOptions,
     removed: dict[str, list[str]] = {}
     if not args.dry_run:
         removed = _remove(args, place, plan, found, sidecars, resolver)
+    for name in place.remove_stale_temps(lambda final: final.endswith(chain.ARCHIVE_SUFFIXES),
+                                         dry_run=args.dry_run):
+        _warn(f"{display(name)}: the temporary file of a run that was killed; "
+              + ("would be removed" if args.dry_run else "removed"))
     if args.json:
         _print_json(args, plan, found, orphans, sidecars, removed)
     elif args.dry_run:

@@ -8,10 +8,12 @@ import collections
 import contextlib
 import ctypes
 import errno
+import fcntl
 import io
 import os
 import queue
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -414,7 +416,9 @@ class TempFile:
     """A new file under a fresh name in a directory, later committed under its final name or
     discarded. Created with O_CREAT|O_EXCL|O_NOFOLLOW, so it is never a file that was there and
     never reached through a symlink; discard removes only this file, commit never replaces a
-    file the user had (unless asked to, and then it replaces a symlink, never follows it)."""
+    file the user had (unless asked to, and then it replaces a symlink, never follows it).
+    It is flock()ed while written, up to and through the rename, so a temporary file of a
+    command still running is never taken for one a killed command left (stale_temp)."""
 
     def __init__(self, dir_fd: int, final: bytes, *, label: str | None = None) -> None:
         self.dir_fd = dir_fd
@@ -433,6 +437,8 @@ class TempFile:
         else:
             raise VmafsError(f"{self.label}: cannot create a temporary file beside it")
         self.name = name
+        with contextlib.suppress(OSError):  # a file system without flock: no sweep finds it
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         st = os.fstat(self.fd)
         self._id = (st.st_dev, st.st_ino)
         self._open = True
@@ -443,16 +449,19 @@ class TempFile:
         replace); fails with "NAME exists" rather than replace a file without replace."""
         os.fsync(self.fd)
         os.fchmod(self.fd, 0o644 & ~current_umask())
-        self._close()
-        if replace:
-            os.rename(self.name, self.final, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        else:
-            try:
-                rename_noreplace(self.dir_fd, self.name, self.final)
-            except FileExistsError:
-                raise VmafsError(f"{self.label} exists (vmafs does not replace existing "
-                                 "files)") from None
-        self._done = True
+        try:  # renamed while still open and locked: never unlocked under its temporary name
+            if replace:
+                os.rename(self.name, self.final, src_dir_fd=self.dir_fd,
+                          dst_dir_fd=self.dir_fd)
+            else:
+                try:
+                    rename_noreplace(self.dir_fd, self.name, self.final)
+                except FileExistsError:
+                    raise VmafsError(f"{self.label} exists (vmafs does not replace existing "
+                                     "files)") from None
+            self._done = True
+        finally:
+            self._close()
         os.fsync(self.dir_fd)
 
     def identity(self) -> bytes | None:
@@ -481,6 +490,51 @@ class TempFile:
         if self._open:
             self._open = False
             os.close(self.fd)
+
+
+STALE_AFTER = 3600  # s: a temporary file unchanged this long and unlocked is a leftover
+
+
+def temp_final(name: str) -> str | None:
+    """The final name a temporary name (.FINAL.XXXXXX.part) was made for, else None."""
+    if not (name.startswith(".") and name.endswith(_TEMP_SUFFIX.decode())):
+        return None
+    stem, dot, tag = name[1:-len(_TEMP_SUFFIX)].rpartition(".")
+    if not dot or not stem or len(tag) != _TEMP_RANDOM or tag.strip("0123456789abcdef"):
+        return None
+    return stem
+
+
+def remove_stale_temp(dir_fd: int, name: str, *, now: float, dry_run: bool = False) -> bool:
+    """Remove a temporary file a killed command left (True), never one being written: it
+    must be a regular file unchanged for STALE_AFTER seconds that nobody holds locked (a
+    running command's TempFile holds its lock until renamed), still under this name."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < STALE_AFTER:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a command is writing it
+        try:
+            now_st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        if (now_st.st_dev, now_st.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        if not dry_run:
+            os.unlink(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import time
+from collections.abc import Callable
 from typing import Literal
 
 from vmafs.errors import VmafsError
@@ -122,6 +124,21 @@ class Place:
         except OSError as exc:
             raise VmafsError(f"cannot remove {display(name)}: {exc.strerror}") from None
         return None
+
+    def remove_stale_temps(self, wanted: Callable[[str], bool], *, dry_run: bool = False
+                           ) -> list[str]:
+        """Remove the temporary files (.FINAL.XXXXXX.part) of the final names `wanted`
+        accepts that killed commands left here, never one being written
+        (container/output.remove_stale_temp); their names. A store has none (an upload
+        appears only when complete)."""
+        if self.remote:
+            return []
+        from vmafs.container.output import remove_stale_temp, temp_final
+
+        now = time.time()
+        return [name for name in self.names()
+                if (final := temp_final(name)) is not None and wanted(final)
+                and remove_stale_temp(self._fd, name, now=now, dry_run=dry_run)]
 
     def sync(self) -> None:
         """Make removals durable (a directory's fsync; an object store's are already)."""
