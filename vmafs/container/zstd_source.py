@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import os
 import threading
 from types import TracebackType
@@ -91,6 +92,109 @@ STREAM_FRAMES = 2
 _THREAD = threading.local()
 """Each thread's decompressor and compressed-frame buffer, shared by every file it reads: a
 merge reads a chain's layers (up to 256 files) with each of its reader threads."""
+
+
+class _Direct:
+    """libzstd's buffer-less decoder (ZSTD_decompressContinue, through ctypes), for prefixes:
+    each block is decoded straight into the caller's buffer, where python-zstandard's stream
+    reader decodes into its own window and copies out, and the content checksum is not
+    hashed (ZSTD_d_forceIgnoreChecksum), which a prefix never reaches anyway: its bytes are
+    checked by the reader (checked_by_reader).  Decoding half a 1.5 MiB frame of the /usr
+    image's default .vma.zst: 0.87x the CPU time of the stream reader, the same bytes.
+    ``lib`` is None where the system has no libzstd.so.1 (>= 1.4.7, < 2): prefixes are then
+    decoded by the stream reader."""
+
+    IGNORE_CHECKSUM = 1002  # ZSTD_d_forceIgnoreChecksum (ZSTD_d_experimentalParam3)
+    lib: ctypes.CDLL | None = None
+    loaded = False
+
+    @classmethod
+    def load(cls) -> ctypes.CDLL | None:
+        """The library, loaded at the first prefix read (a command that decodes none pays
+        nothing at start); None if it is missing or of another major version."""
+        if cls.loaded:
+            return cls.lib
+        cls.loaded = True
+        try:
+            lib = ctypes.CDLL("libzstd.so.1")
+            lib.ZSTD_versionNumber.restype = ctypes.c_uint
+            if not 10407 <= lib.ZSTD_versionNumber() < 20000:
+                return None
+            vp, size = ctypes.c_void_p, ctypes.c_size_t
+            for name, res, args in (
+                    ("ZSTD_createDCtx", vp, []), ("ZSTD_freeDCtx", size, [vp]),
+                    ("ZSTD_DCtx_setParameter", size, [vp, ctypes.c_int, ctypes.c_int]),
+                    ("ZSTD_decompressBegin", size, [vp]),
+                    ("ZSTD_nextSrcSizeToDecompress", size, [vp]),
+                    ("ZSTD_decompressContinue", size, [vp, vp, size, vp, size]),
+                    ("ZSTD_isError", ctypes.c_uint, [size])):
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = res, args
+        except (OSError, AttributeError):
+            return None
+        cls.lib = lib
+        return lib
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._dctx = lib.ZSTD_createDCtx()
+        if not self._dctx:
+            raise MemoryError("ZSTD_createDCtx")
+        lib.ZSTD_DCtx_setParameter(self._dctx, self.IGNORE_CHECKSUM, 1)  # hashed if refused
+
+    def __del__(self) -> None:  # the thread's local storage is dropped when the thread ends
+        self._lib.ZSTD_freeDCtx(self._dctx)
+
+    def prefix(self, feed: _FrameFeed, out: memoryview, need: int) -> int:
+        """Decode ``feed``'s frame into ``out`` block by block until at least ``need`` bytes
+        are out (the last block whole, if ``out`` has room for it): the bytes written, or -1
+        if the frame is cut short or zstd finds an error (the caller reads it the slow way,
+        which says what)."""
+        lib, dctx = self._lib, self._dctx
+        src = _address(feed.buf)
+        dst = _address(out)
+        room = len(out)
+        if zstd_error(lib, lib.ZSTD_decompressBegin(dctx)):
+            return -1
+        got = pos = 0
+        while got < need:
+            n = lib.ZSTD_nextSrcSizeToDecompress(dctx)
+            if not n:
+                break  # the frame ended before need: the caller finds it short
+            if pos + n > feed.pos:
+                feed.fill(max(FEED_PIECE, pos + n - feed.pos))
+                if pos + n > feed.pos:
+                    return -1
+            r = lib.ZSTD_decompressContinue(dctx, dst + got, room - got, src + pos, n)
+            if zstd_error(lib, r):
+                return -1
+            pos += n
+            got += r
+        return got
+
+
+def zstd_error(lib: ctypes.CDLL, code: int) -> bool:
+    return bool(lib.ZSTD_isError(code))
+
+
+def _address(view: memoryview) -> int:
+    """Where a writable buffer's bytes are (valid while its object lives and is not resized)."""
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+def _direct() -> _Direct | None:
+    """This thread's buffer-less decoder, None without libzstd (see _Direct)."""
+    direct: _Direct | None = getattr(_THREAD, "direct", None)
+    if direct is None:
+        lib = _Direct.load()
+        if lib is None:
+            return None
+        direct = _THREAD.direct = _Direct(lib)
+    return direct
 
 
 def _read_up_to(reader: zstandard.ZstdDecompressionReader, n: int) -> bytes:
@@ -678,17 +782,24 @@ class SeekableZstdSource:
             return None
         if not unchecked and self._state[index] != _SIZED:
             return None
-        out = _prefix_buffer(need)
+        start, end = self.table.decompressed_range(index)
+        direct = _direct()
+        # room for the block that holds the read's end: the buffer-less decoder writes whole
+        # blocks (BLOCK_SIZE_MAX at most)
+        out = _prefix_buffer(min(end - start, need + BLOCK_SIZE_MAX) if direct else need)
         _THREAD.out_holds = None
         got = 0
-        try:
-            # zstd's reader calls only read(): the feed is a file to it
-            with self._dctx().stream_reader(cast("IO[bytes]", feed), read_size=FEED_PIECE,
-                                            read_across_frames=False) as reader:
-                while got < need and (n := reader.readinto(out[got:])):
-                    got += n
-        except zstandard.ZstdError:
-            return None
+        if direct is not None:
+            got = direct.prefix(feed, out, need)
+        else:
+            try:
+                # zstd's reader calls only read(): the feed is a file to it
+                with self._dctx().stream_reader(cast("IO[bytes]", feed), read_size=FEED_PIECE,
+                                                read_across_frames=False) as reader:
+                    while got < need and (n := reader.readinto(out[got:])):
+                        got += n
+            except zstandard.ZstdError:
+                return None
         if got < need:
             return None
         if unchecked and self._layout_trusted:
@@ -699,7 +810,7 @@ class SeekableZstdSource:
                 return None
         if out.obj is getattr(_THREAD, "out", None):
             _THREAD.out_holds = (self._token, index, got)
-        return out
+        return out[:got]
 
     def _local_prefix(self, index: int, need: int) -> memoryview:
         """At least the first ``need`` bytes of local frame ``index``, in this thread's prefix
