@@ -122,6 +122,27 @@ def test_prune_sweeps_what_killed_runs_left_never_a_live_one(tmp_path: Path) -> 
     assert (d / pf.vzname(6)).exists() and pf.contents(inc2) == want
 
 
+def test_boot_escapes_what_the_archive_says(tmp_path: Path) -> None:
+    """`vmafs boot` printed notes made of the archive's device names and config values, and
+    with --print a command line carrying the config's VM name, as they were: a crafted
+    archive's ESC sequences reached the terminal (retitle it, clear it, fake output)."""
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.output import open_output
+
+    archive = tmp_path / "crafted.vma"
+    conf = b"name: vm\x1b[2J\x1b]0;owned\x07\nscsihw: \x1b[31mred\nmemory: 64\n"
+    with open_output(str(archive)) as out:
+        w = ArchiveWriter(out, [DeviceSpec("disk\x1b]0;owned\x07", pf.C)],
+                          [("qemu-server.conf", conf)])
+        w.write(1, 0, b"x" * pf.C)
+        w.finish()
+    rc, out, err = run_vmafs("boot", archive, "--print")
+    assert rc == 0, err
+    assert b"\x1b" not in out and b"\x07" not in out, out
+    assert "\x1b" not in err and "\x07" not in err, err
+    assert "not a Proxmox drive name" in err and "scsihw" in err
+
+
 def _loop(backing: Path) -> str:
     return subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
                           capture_output=True, text=True).stdout.strip()

@@ -81,20 +81,23 @@ def run(args: argparse.Namespace) -> int:
                           accel=args.accel, net=args.net, qemu_args=args.qemu_args,
                           dry_run=args.dry_run)
     result = engine.run(opts)
-    for note in result.notes:
-        print(f"vmafs boot: note: {note}", file=sys.stderr)
+    from vmafs.format.names import display
+
+    for note in result.notes:  # made of the archive's names and config values
+        print(f"vmafs boot: note: {display(note)}", file=sys.stderr)
     if args.dry_run:
         if args.json:
             print_json({"ok": True, "archive": args.archive, "qemu": result.argv,
                         "devices": result.devices, "notes": result.notes})
         else:
-            print(shlex.join(result.argv))
+            line = shlex.join(result.argv)  # the config's VM name is in it
+            print(line if line.isprintable() else display(line))
         return 0
     if result.signum is not None:
         raise Signalled(result.signum)
     if not args.check:
         return 0 if not result.qemu_exit else 1
-    line = engine.describe(opts, result)
+    line = display(engine.describe(opts, result))  # QEMU's words may quote the archive's
     print(f"vmafs boot: {line}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print_json(engine.summary(opts, result))
