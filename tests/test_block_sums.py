@@ -523,6 +523,58 @@ def test_null_payloads_as_the_format_says(name: str) -> None:
         payloads("text")
 
 
+def _carried_checks(name: str) -> Any:
+    """index.carried_checks in Python, in C (skipped if not built), or whichever index.py
+    uses."""
+    if name == "python":
+        return index._carried_checks
+    if name == "index":
+        return index.carried_checks
+    native = _implementation("accelerator")
+    return lambda heads, blocks, ends: native.carried_checks(heads, blocks, ends,
+                                                             index.SUMS_REFUSED)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_carried_checks_as_the_format_says(name: str) -> None:
+    """A data extent's cluster checks from the block sums carried after it are its clusters'
+    summed checks, from any buffer of headers (more than the sums need: the rest is not
+    looked at); headers too few, a nonzero byte after the sums, or an index where the sums
+    would be: None (not sums), from both implementations alike; bad ends are refused."""
+    import numpy as np
+
+    carried = _carried_checks(name)
+    rnd = random.Random(1721)
+    for blocks_of in ([16] * 59, [rnd.randrange(1, 17) for _ in range(59)], [1], [16, 0, 3]):
+        ends = np.cumsum(np.array(blocks_of, np.int64)) * BLOCK
+        data = rnd.randbytes(int(ends[-1]))
+        blocks = len(data) // BLOCK
+        sums = index.block_sums(data)
+        heads = vma.encode_null_extents(b"u" * 16, sums)
+        n = index.sums_extents(blocks)
+        assert len(heads) == n * 512
+        want = index.checks(data, ends, summed=True)
+        more = heads + rnd.randbytes(700)  # what follows: not looked at
+        rows = np.frombuffer(heads, np.uint8).reshape(n, 512)
+        for given in (heads, bytearray(more), memoryview(more), rows, rows[:, :]):
+            assert carried(given, blocks, ends) == want
+        assert carried(heads, blocks, list(ends)) == want
+        assert carried(heads[:-1], blocks, ends) is None  # a header short
+        if blocks * 4 % vma.NULL_PAYLOAD_SIZE:  # a byte after the sums
+            bad = vma.encode_null_extents(b"u" * 16, sums + b"\1")
+            assert carried(bad, blocks, ends) is None
+            assert carried(bad, blocks + 1, np.append(ends, ends[-1] + BLOCK)) is not None
+        for magic in (index.INDEX_MAGIC, index.FOOTER_MAGIC):
+            assert carried(vma.encode_null_extents(b"u" * 16, magic + sums[8:]), blocks,
+                           ends) is None
+    assert carried(b"", 0, np.zeros(0, np.int64)) == b""
+    for bad_ends in ([BLOCK, 0], [2 * BLOCK], [-1]):
+        with pytest.raises(ValueError):
+            carried(bytes(512), 1, np.array(bad_ends, np.int64))
+    with pytest.raises(ValueError):
+        carried(bytes(512), -1, np.zeros(0, np.int64))
+
+
 def _read_pieces(name: str) -> Any:
     """walk's read_pieces in Python, or the accelerator's (skipped if it is not built)."""
     from vmafs.archive import walk

@@ -18,7 +18,7 @@ import sys
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 
@@ -97,7 +97,8 @@ class TrailerCheck:
 
     def add_extent(self, ext: Extent, data: memoryview, checks: ExtentChecks) -> None:
         """The next extent of the stream, with its data and the checks the walk hashed of its
-        stored clusters (as self.hashing asked)."""
+        stored clusters (as self.hashing asked). A data extent's index columns come with
+        add_columns."""
         if ext.is_null:
             raw = np.frombuffer(ext.raw, np.uint8).reshape(1, vma.EXTENT_HEADER_SIZE)
             self._sums_follow(raw)
@@ -107,61 +108,57 @@ class TrailerCheck:
         self._sums_follow(None)
         self.null_run = []
         self.tail = bytes(data[-vma.EXTENT_HEADER_SIZE:]) if len(data) else b""
-        stored = np.flatnonzero(ext.masks)
-        if not len(stored):
-            return
-        # the columns of index.IndexBuilder.add_extent, a few calls an extent, not 4 a cluster
+        if len(checks.ends) and self.summed is not False:
+            self.pending = (ext.offset + ext.size, len(data) // vma.BLOCK_SIZE, checks.ends)
+
+    def add_columns(self, extents: list[Extent], checks: list[ExtentChecks],
+                    dev_ids: np.ndarray, clusters: np.ndarray, masks: np.ndarray) -> None:
+        """The index columns of data extents given to add_extent (in stream order; their used
+        slots' columns joined): several extents a call, a few steps for them all."""
         built = self.index
-        built.ext_offsets.append(ext.offset)
-        built.ext_counts.append(len(stored))
-        if len(stored) == len(ext.masks):  # every slot stores data (Extent's dtypes are these)
-            built.dev_ids.frombytes(ext.dev_ids.tobytes())
-            built.clusters.frombytes(ext.clusters.tobytes())
-            built.masks.frombytes(ext.masks.tobytes())
+        counts = [len(c.ends) for c in checks]  # each extent's stored clusters
+        built.ext_offsets.extend([e.offset for e, n in zip(extents, counts, strict=True) if n])
+        built.ext_counts.extend([n for n in counts if n])
+        if sum(counts) == len(masks):  # every used slot stores data (Extent's dtypes are these)
+            built.dev_ids.frombytes(dev_ids.tobytes())
+            built.clusters.frombytes(clusters.tobytes())
+            built.masks.frombytes(masks.tobytes())
         else:
-            built.dev_ids.frombytes(ext.dev_ids[stored].astype(np.uint8).tobytes())
-            built.clusters.frombytes(ext.clusters[stored].astype(np.uint32).tobytes())
-            built.masks.frombytes(ext.masks[stored].astype(np.uint16).tobytes())
-        ends = checks.ends  # the stored clusters lie back to back
-        if self.data_checks is not None:
-            assert checks.data is not None  # asked for until data_checks is dropped
-            self.data_checks.extend(_u32(checks.data.tobytes()))
-        if checks.summed is None:  # data checksums only: these are never compared
-            built.checksums.extend(array("I", bytes(4 * len(ends))))
-        else:
-            built.checksums.extend(_u32(checks.summed.tobytes()))
-        if self.summed is not False:
-            self.pending = (ext.offset + ext.size, len(data) // vma.BLOCK_SIZE, ends)
+            stored = masks != 0
+            built.dev_ids.frombytes(dev_ids[stored].astype(np.uint8).tobytes())
+            built.clusters.frombytes(clusters[stored].astype(np.uint32).tobytes())
+            built.masks.frombytes(masks[stored].astype(np.uint16).tobytes())
+        if self.data_checks is not None:  # asked for until data_checks is dropped
+            self.data_checks.extend(_u32(b"".join(cast(np.ndarray, c.data).data
+                                                  for c in checks)))
+        built.checksums.extend(_u32(b"".join(  # data checksums only: these are never compared
+            bytes(4 * len(c.ends)) if c.summed is None else c.summed.data for c in checks)))
 
     def _sums_follow(self, nulls: np.ndarray | None) -> None:
         """What follows a data extent (the headers of the null extents right after it, in
         order; None: anything else, or the end): its block sums, if the stream carries them.
         Whether it does is decided after the first data extent, from the shape alone (its
-        data may be damaged): enough null extents, zero after the sums, and no index there."""
+        data may be damaged): enough null extents, zero after the sums, and no index there
+        (index.carried_checks)."""
         if self.pending is None:
             return
         at, blocks, ends = self.pending
         self.pending = None
-        n = index.sums_extents(blocks)
-        carried = _payloads(nulls[:n]) if nulls is not None and len(nulls) >= n else b""
-        size = blocks * index.SUM_SIZE
-        found = (len(carried) >= size and carried[size:] == bytes(len(carried) - size)
-                 and not carried.startswith((index.INDEX_MAGIC, index.FOOTER_MAGIC)))
+        carried = None if nulls is None else index.carried_checks(nulls, blocks, ends)
         if self.summed is None:
-            self.summed = found
-            if not found:
+            self.summed = carried is not None
+            if carried is None:
                 return
             self.data_checks = None  # carried sums: the index's checks are over them
             self.hashing.data = False
-        if not found:
+        if carried is None:
             if self.sums_problem is None:
                 self.sums_problem = Problem(problems.INDEX, "the block sums after the data "
                                             f"extent ending at offset {at} are missing",
                                             offset=at)
             self.carried.extend(array("I", bytes(4 * len(ends))))
             return
-        per = vma.BLOCK_SIZE // index.SUM_SIZE
-        self.carried.extend(_u32(index.checks(carried, ends // per)))
+        self.carried.extend(_u32(carried))
 
     def add_run(self, batch: HeaderBatch, used: bool = True) -> None:
         """A run of extents without data: null extents (a trailer, block sums) or zero slots
@@ -169,7 +166,8 @@ class TrailerCheck:
         extent are)."""
         if self.pending is not None:
             n = index.sums_extents(self.pending[1])
-            self._sums_follow(None if used and batch.dev_ids[:n].any() else batch.raw[:n])
+            self._sums_follow(None if used and np.count_nonzero(batch.dev_ids[:n])
+                              else batch.raw[:n])
         self.tail = b""
         if not used:
             self.null_run.append((batch.offsets, batch.raw))
@@ -320,37 +318,46 @@ def _index_problem(message: str, offset: int | None) -> Problem:
 
 _Walked = HeaderBatch | tuple[Extent, memoryview, ExtentChecks]  # iter_stream_checked's items
 RULES_BATCH = 16
-"""Data extents whose slots go to the rules in one call (~20 us of numpy and Python a call,
-in the thread that also waits for the reader)."""
+"""Data extents whose slots go to the rules, and whose columns to the index, in one call
+(~20 us of numpy and Python a call, in the thread that also waits for the reader)."""
 
 
 class _PendingSlots:
-    """Data extents' slots not yet given to the rules, in stream order."""
+    """Data extents whose slots the rules, and whose columns the trailer's index, have not
+    had yet, in stream order."""
 
-    def __init__(self, rules: ClusterRules, limit: int) -> None:
+    def __init__(self, rules: ClusterRules, trailer: TrailerCheck, limit: int) -> None:
         self.rules = rules
+        self.trailer = trailer
         self.limit = limit
         self.extents: list[Extent] = []
+        self.checks: list[ExtentChecks] = []
 
-    def add(self, ext: Extent) -> None:
+    def add(self, ext: Extent, checks: ExtentChecks) -> None:
         self.extents.append(ext)
+        self.checks.append(checks)
         if len(self.extents) >= self.limit:
             self.flush()
 
     def flush(self) -> None:
-        """Check the slots held (their first broken rule raises, as one call a slot would)."""
-        held, self.extents = self.extents, []
+        """Check the slots held (their first broken rule raises, as one call a slot would),
+        then give their columns to the index."""
+        held, checks = self.extents, self.checks
+        if not held:
+            return
+        self.extents, self.checks = [], []
         if len(held) == 1:
             ext = held[0]
-            self.rules.check(ext.dev_ids, ext.clusters, ext.masks,
-                             np.full(len(ext.dev_ids), ext.offset, np.int64))
-        elif held:
-            self.rules.check(
-                np.concatenate([e.dev_ids for e in held]),
-                np.concatenate([e.clusters for e in held]),
-                np.concatenate([e.masks for e in held]),
-                np.repeat(np.array([e.offset for e in held], np.int64),
-                          [len(e.dev_ids) for e in held]))
+            dev_ids, clusters, masks = ext.dev_ids, ext.clusters, ext.masks
+            offsets = np.full(len(dev_ids), ext.offset, np.int64)
+        else:
+            dev_ids = np.concatenate([e.dev_ids for e in held])
+            clusters = np.concatenate([e.clusters for e in held])
+            masks = np.concatenate([e.masks for e in held])
+            offsets = np.repeat(np.array([e.offset for e in held], np.int64),
+                                [len(e.dev_ids) for e in held])
+        self.rules.check(dev_ids, clusters, masks, offsets)
+        self.trailer.add_columns(held, checks, dev_ids, clusters, masks)
 
     def first(self, items: Iterator[_Walked]) -> Iterator[_Walked]:
         """The walk's items; an error of the walk comes after the held slots' (earlier in the
@@ -410,13 +417,13 @@ def scan_stream(
     # a data extent's slots are checked with the next ones' (one rules call for several):
     # before anything later in the stream is (zero slots, an error of the walk, the end), so
     # the first broken rule in stream order is still the one reported; at once for on_extent
-    pending = _PendingSlots(rules, 1 if on_extent is not None or on_data is not None
+    pending = _PendingSlots(rules, trailer, 1 if on_extent is not None or on_data is not None
                             else RULES_BATCH)
     with contextlib.closing(iter_stream_checked(stream, header, trailer.hashing,
                                                 ahead=READ_AHEAD)) as items:
         for item in pending.first(items):
             if isinstance(item, HeaderBatch):
-                any_used = bool(item.dev_ids.any())
+                any_used = bool(np.count_nonzero(item.dev_ids))
                 if any_used:  # zero slots (not null extents: a trailer, block sums)
                     used = item.dev_ids != 0
                     pending.flush()
@@ -433,7 +440,7 @@ def scan_stream(
                 end = int(item.offsets[-1]) + vma.EXTENT_HEADER_SIZE
                 continue
             ext, data, checks = item
-            pending.add(ext)
+            pending.add(ext, checks)
             if on_extent is not None:
                 on_extent(list(stored_clusters(ext, data)))
             if on_data is not None:

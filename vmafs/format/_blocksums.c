@@ -324,11 +324,12 @@ static int int64s_get(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t *
 _Static_assert(sizeof(Py_ssize_t) == sizeof(int64_t), "read_pieces needs a 64-bit Py_ssize_t");
 
 PyDoc_STRVAR(read_pieces_doc,
-"read_pieces(fd, buffer, offset, ends, bounds, state, data_out, summed_out) -> int\n\n"
+"read_pieces(fd, buffer, offset, ends, bounds, state, data_out, summed_out, limit=0) -> int\n\n"
 "Read an extent's data into buffer (file descriptor fd, from offset) piece by piece, and\n"
 "hash each piece's clusters right after its read (while it is in this core's cache), all\n"
-"with the GIL released; return how many pieces this call did. Several threads may call it\n"
-"at once on the same state: each piece is taken once.\n"
+"with the GIL released; return how many pieces this call did: every piece left, or at most\n"
+"limit (> 0). Several threads may call it at once on the same state: each piece is taken\n"
+"once.\n"
 "ends (int64): where each cluster ends in buffer; bounds (int64): the pieces, as cluster\n"
 "indices (piece k is clusters bounds[k] to bounds[k+1]); state (int64, 1 + 2 a piece): the\n"
 "next piece to take, then per piece the bytes read and the error that stopped its reading\n"
@@ -345,10 +346,10 @@ static PyObject *read_pieces(PyObject *self, PyObject *args)
     PyObject *out = NULL;
     Py_buffer buf = {0}, ends_v = {0}, bounds_v = {0}, state_v = {0}, data_out = {0},
               summed_out = {0};
-    Py_ssize_t n = 0, nb = 0, ns = 0, longest = 0, done = 0;
+    Py_ssize_t n = 0, nb = 0, ns = 0, longest = 0, done = 0, limit = 0;
     unsigned char *scratch = NULL;
-    if (!PyArg_ParseTuple(args, "iOLOOOOO:read_pieces", &fd, &buf_obj, &offset, &ends_obj,
-                          &bounds_obj, &state_obj, &data_obj, &summed_obj))
+    if (!PyArg_ParseTuple(args, "iOLOOOOO|n:read_pieces", &fd, &buf_obj, &offset, &ends_obj,
+                          &bounds_obj, &state_obj, &data_obj, &summed_obj, &limit))
         return NULL;
     if (offset < 0) {
         PyErr_SetString(PyExc_ValueError, "negative offset");
@@ -393,7 +394,7 @@ static PyObject *read_pieces(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    for (;;) {
+    while (limit <= 0 || done < limit) {
         Py_ssize_t k = __atomic_fetch_add(&state[0], 1, __ATOMIC_ACQ_REL);
         if (k >= pieces)
             break;
@@ -446,6 +447,19 @@ done:
 #define SLOTS 59
 #define PAYLOAD (SLOTS * 7)
 
+/* The payloads of n null extent headers (of each 8-byte slot all bytes but the dev_id, its
+ * 4th) into out, n * PAYLOAD bytes. */
+static void gather_payloads(const unsigned char *heads, Py_ssize_t n, unsigned char *out)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char *slot = heads + i * HEADER + SLOTS_AT;
+        for (int k = 0; k < SLOTS; k++, slot += 8, out += 7) {
+            memcpy(out, slot, 3);
+            memcpy(out + 3, slot + 4, 4);
+        }
+    }
+}
+
 PyDoc_STRVAR(null_payloads_doc,
 "null_payloads(headers) -> bytes\n\n"
 "vma.null_payloads: the payloads of consecutive 512-byte null extent headers, joined (of\n"
@@ -459,22 +473,81 @@ static PyObject *null_payloads(PyObject *self, PyObject *arg)
         return NULL;
     Py_ssize_t n = in.len / HEADER;
     PyObject *out = PyBytes_FromStringAndSize(NULL, n * PAYLOAD);
-    if (out != NULL) {
-        unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const unsigned char *slot = in.buf + i * HEADER + SLOTS_AT;
-            for (int k = 0; k < SLOTS; k++, slot += 8, dst += 7) {
-                memcpy(dst, slot, 3);
-                memcpy(dst + 3, slot + 4, 4);
-            }
+    if (out != NULL)
+        gather_payloads(in.buf, n, (unsigned char *)PyBytes_AS_STRING(out));
+    bytes_release(&in);
+    return out;
+}
+
+PyDoc_STRVAR(carried_checks_doc,
+"carried_checks(headers, blocks, ends, refused) -> bytes | None\n\n"
+"index.carried_checks: the index check (LE u32) of each stored cluster of a data extent of\n"
+"`blocks` blocks (cluster i's data ending at ends[i], int64) from the block sums carried in\n"
+"the null extent headers after it; None if they are not its sums: fewer headers than the\n"
+"sums need, a nonzero byte after the sums, or a payload starting with one of `refused`\n"
+"(bytes). Their md5 and dev_id bytes are not checked here.");
+
+static PyObject *carried_checks(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *heads_obj, *ends_obj, *refused, *out = NULL;
+    Py_ssize_t blocks, *ends = NULL, n = 0, longest = 0;
+    unsigned char *payload = NULL;
+    Bytes heads;
+    if (!PyArg_ParseTuple(args, "OnOO!:carried_checks", &heads_obj, &blocks, &ends_obj,
+                          &PyTuple_Type, &refused))
+        return NULL;
+    if (blocks < 0 || blocks > PY_SSIZE_T_MAX / BLOCK) {
+        PyErr_SetString(PyExc_ValueError, "blocks out of range");
+        return NULL;
+    }
+    if (bytes_get(heads_obj, &heads) < 0)
+        return NULL;
+    Py_ssize_t size = blocks * SUM_SIZE, count = (size + PAYLOAD - 1) / PAYLOAD;
+    ends = ends_get(ends_obj, blocks * BLOCK, &n, &longest);
+    if (ends == NULL)
+        goto done;
+    if (heads.len < count * HEADER) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    payload = PyMem_Malloc((size_t)(count ? count * PAYLOAD : 1));
+    if (payload == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    gather_payloads(heads.buf, count, payload);
+    for (Py_ssize_t at = size; at < count * PAYLOAD; at++) {
+        if (payload[at]) {
+            out = Py_NewRef(Py_None);
+            goto done;
         }
     }
-    bytes_release(&in);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(refused); k++) {
+        char *prefix;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(PyTuple_GET_ITEM(refused, k), &prefix, &len) < 0)
+            goto done;
+        if (len <= count * PAYLOAD && memcmp(payload, prefix, (size_t)len) == 0) {
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++)  /* where each cluster's sums end */
+        ends[i] /= BLOCK / SUM_SIZE;
+    out = PyBytes_FromStringAndSize(NULL, n * SUM_SIZE);
+    if (out != NULL)  /* ~4 KiB of sums: hashed with the GIL held (see GIL_FREE_FROM) */
+        checks_into(payload, ends, 0, n, 0, 0, NULL, (unsigned char *)PyBytes_AS_STRING(out));
+done:
+    PyMem_Free(payload);
+    PyMem_Free(ends);
+    bytes_release(&heads);
     return out;
 }
 
 static PyMethodDef methods[] = {
     {"null_payloads", null_payloads, METH_O, null_payloads_doc},
+    {"carried_checks", carried_checks, METH_VARARGS, carried_checks_doc},
     {"block_sums", (PyCFunction)(void (*)(void))block_sums, METH_FASTCALL, block_sums_doc},
     {"checks", (PyCFunction)(void (*)(void))checks, METH_VARARGS | METH_KEYWORDS, checks_doc},
     {"read_pieces", read_pieces, METH_VARARGS, read_pieces_doc},

@@ -144,6 +144,45 @@ def sums_extents(blocks: int) -> int:
     return -(-blocks * SUM_SIZE // vma.NULL_PAYLOAD_SIZE)
 
 
+SUMS_REFUSED = (INDEX_MAGIC, FOOTER_MAGIC)
+"""What the null extents after a data extent may not start with to be its sums: a trailing
+index there (an archive without sums whose last data extent is followed by its index)."""
+
+
+def carried_checks(headers: bytes | bytearray | memoryview | np.ndarray, blocks: int,
+                   ends: np.ndarray) -> bytes | None:
+    """The index checks (LE u32) of a data extent's stored clusters, from the block sums
+    carried after it (sums carried): `headers`, the 512-byte headers of the null extents
+    that follow it, hold its `blocks` sums (cluster i's data ends at ends[i], int64, in its
+    data) and zeros after them. None if they do not have that shape: fewer headers than
+    sums_extents(blocks), a nonzero byte after the sums, or a trailing index there. The
+    headers' md5 and dev_ids are the walk's to check. One C call when the accelerator is
+    built (tests/test_block_sums.py proves the two equal)."""
+    if _native is not None:
+        return _native.carried_checks(headers, blocks, ends, SUMS_REFUSED)
+    return _carried_checks(headers, blocks, ends)
+
+
+def _carried_checks(headers: bytes | bytearray | memoryview | np.ndarray, blocks: int,
+                    ends: np.ndarray) -> bytes | None:
+    """carried_checks without the accelerator."""
+    if blocks < 0:
+        raise ValueError("blocks out of range")
+    ends = np.asarray(ends, np.int64)
+    if len(ends) and (ends[0] < 0 or ends[-1] > blocks * vma.BLOCK_SIZE
+                      or (np.diff(ends) < 0).any()):
+        raise ValueError("ends must be non-decreasing and within the data")
+    n = sums_extents(blocks)
+    flat = _bytes_of(headers.data if isinstance(headers, np.ndarray) else headers)
+    if len(flat) < n * vma.EXTENT_HEADER_SIZE:
+        return None
+    carried = vma.gather_null_payloads(flat[:n * vma.EXTENT_HEADER_SIZE])
+    size = blocks * SUM_SIZE
+    if carried[size:] != bytes(len(carried) - size) or carried.startswith(SUMS_REFUSED):
+        return None
+    return _checks(carried, ends // (vma.BLOCK_SIZE // SUM_SIZE), False)
+
+
 def extent_ends(ext_counts: np.ndarray, masks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Stream offset where each data extent's data ends (where its block sums start), from
     its last row: one step an extent, not a pass over every row."""
