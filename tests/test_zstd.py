@@ -26,7 +26,7 @@ from vmafs.container.zstd_output import (
     compression_params,
 )
 from vmafs.container.zstd_source import MAX_FRAME_SIZE, SeekableZstdSource
-from vmafs.errors import FormatError, NotSeekableError
+from vmafs.errors import ContainerError, FormatError, NotSeekableError
 from vmafs.format.seektable import SEEKABLE_MAGIC, SKIPPABLE_MAGIC, encode_seek_table
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -454,6 +454,46 @@ def test_a_threads_last_prefix_serves_a_read_before_its_end(tmp_path: Path) -> N
         assert not reads  # within the prefix just decoded
         assert src.pread(start + 200_000, 4096) == stream[start + 200_000 : start + 204_096]
         assert reads
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_prefix_decoders_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               direct: bool) -> None:
+    """A local prefix is decoded by libzstd's buffer-less decoder where the system has one,
+    by python-zstandard's stream reader otherwise: the same bytes (the buffer-less one decodes
+    and keeps for the thread's next read the whole block that holds the read's end); a block
+    zstd cannot decode is the error either way."""
+    import vmafs.container.zstd_source as zs
+
+    if direct and zs._Direct.load() is None:
+        pytest.skip("no libzstd.so.1 on this system")
+    if not direct:
+        monkeypatch.setattr(zs, "_direct", lambda: None)
+    path, chunks, stream = _one_mib_frames(tmp_path)
+    rng = random.Random(7)
+    with SeekableZstdSource(path) as src:
+        src.checked_by_reader = True
+        for _ in range(200):
+            off = rng.randrange(src.size)
+            n = rng.choice([1, 4096, 65536])
+            assert src.pread(off, n) == stream[off : off + n], (off, n)
+        start, end = src.frame_bounds(2)
+        got = src._local_prefix(2, 5000)
+        assert bytes(got[:5000]) == stream[start : start + 5000]
+        held = zs._THREAD.out_holds[2]  # bytes decoded: to the end of a block, or exactly
+        assert 5000 <= held <= min(end - start, 5000 + zs.BLOCK_SIZE_MAX) if direct \
+            else held == 5000
+        c_start, _ = src.table.compressed_range(3)
+        head = path.read_bytes()[c_start : c_start + 18]
+    damaged = bytearray(path.read_bytes())
+    first_block = c_start + zs.decode_frame_header(head, c_start).size
+    damaged[first_block] |= 0x06  # block type 3: reserved
+    path.write_bytes(damaged)
+    with SeekableZstdSource(path) as src:
+        src.checked_by_reader = True
+        start, _ = src.frame_bounds(3)
+        with pytest.raises((FormatError, ContainerError)):
+            src.pread(start + 4096, 4096)
 
 
 def test_trusted_layout_checks_a_frame_header_only(tmp_path: Path) -> None:
