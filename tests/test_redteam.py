@@ -143,6 +143,47 @@ def test_boot_escapes_what_the_archive_says(tmp_path: Path) -> None:
     assert "not a Proxmox drive name" in err and "scsihw" in err
 
 
+def test_live_restore_never_prints_a_device_name_into_a_command_line(tmp_path: Path) -> None:
+    """A live restore names each QEMU drive by its device and prints the -drive arguments
+    to paste into QEMU's command line, unquoted: a crafted device name added QEMU options
+    (a comma) or, pasted into a shell, ran a command ($(...)). A name that is no QEMU id is
+    refused before anything is made; the printed arguments are shell-quoted."""
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.output import open_output
+
+    archive = tmp_path / "crafted.vma"
+    with open_output(str(archive)) as out:
+        w = ArchiveWriter(out, [DeviceSpec("drive-scsi0,snapshot=on $(touch PWNED)", pf.C)],
+                          [("qemu-server.conf", b"scsi0: x\n")])
+        w.write(1, 0, b"x" * pf.C)
+        w.finish()
+    out_dir = tmp_path / "out"
+    rc, _, err = run_vmafs("restore", "--live", archive, "--to", out_dir, "--qmp",
+                           tmp_path / "qmp.sock", timeout=60)
+    assert rc == 1 and "cannot be a QEMU drive id" in err, err
+    assert not out_dir.exists() or not list(out_dir.iterdir())
+
+
+def test_damage_reports_escape_the_device_name(tmp_path: Path) -> None:
+    """A checksum mismatch (or a cut-off cluster) named the device as the archive spells it:
+    a crafted name's ESC sequences reached the terminal with the error of every reader of
+    the model (restore, merge, mount)."""
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.output import open_output
+
+    archive = tmp_path / "crafted.vma"
+    with open_output(str(archive)) as out:
+        w = ArchiveWriter(out, [DeviceSpec("d\x1b]0;owned\x07", 4 * pf.C)],
+                          [("qemu-server.conf", b"x\n")])
+        for c in range(4):
+            w.write(1, c * pf.C, random.Random(c).randbytes(pf.C))
+        w.finish()
+    pf.damage_data(archive)
+    rc, _, err = run_vmafs("restore", archive, "--to", tmp_path / "r")  # (raw: scan.py's)
+    assert rc == 3 and "checksum mismatch" in err and "\x1b" not in err, err
+    assert "d\\x1b]0;owned\\x07" in err, err
+
+
 def _loop(backing: Path) -> str:
     return subprocess.run(["losetup", "-f", "--show", str(backing)], check=True,
                           capture_output=True, text=True).stdout.strip()

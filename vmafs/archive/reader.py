@@ -33,7 +33,7 @@ from vmafs.archive.walk import index_by_walking
 from vmafs.container.source import ByteSource, open_source
 from vmafs.errors import VmafsError
 from vmafs.format import chain, index, vma
-from vmafs.format.names import format_ctime
+from vmafs.format.names import display, format_ctime
 from vmafs.lru import ByteLRU
 
 CLUSTER = vma.CLUSTER_SIZE
@@ -553,8 +553,9 @@ class Archive:
                 else lazy.read(first, total))
         if len(data) != total:
             name = self.device(dev_id).name
-            raise problems.error(problems.TRUNCATED, f"cluster {clusters[j - 1]} of {name} is "
-                                 "cut off", device=name, cluster=clusters[j - 1], offset=first)
+            raise problems.error(problems.TRUNCATED, f"cluster {clusters[j - 1]} of "
+                                 f"{display(name)} is cut off", device=name,
+                                 cluster=clusters[j - 1], offset=first)
         views: list[memoryview] = []
         whole = True
         pos = 0
@@ -593,7 +594,7 @@ class Archive:
     def _mismatch(self, dev_id: int, cluster: int, offset: int) -> problems.ArchiveError:
         name = self.device(dev_id).name
         return problems.error(problems.CHECKSUM, f"data checksum mismatch in cluster {cluster} "
-                              f"of {name} (stream offset {offset})", device=name,
+                              f"of {display(name)} (stream offset {offset})", device=name,
                               cluster=cluster, offset=offset)
 
     def stream_offset(self, dev_id: int, offset: int) -> int | None:

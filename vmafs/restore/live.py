@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import socket as stdsocket
 import stat
@@ -82,6 +83,11 @@ class Result:
     resumed: bool
     seconds: float
     signum: int | None = None
+
+
+# QEMU's rule for ids and node names (id_wellformed), and what a -drive option value may hold
+# without a comma starting another option: a device is named so in the targets
+QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
 
 
 def backing_spec(sock: str, export: str, reconnect_delay: int) -> str:
@@ -164,7 +170,7 @@ class _LiveRestore:
                 if not opts.resume:
                     configs = await trio.to_thread.run_sync(
                         self._create, targets, session, sock)
-                    args = " ".join(" ".join(a) for a in qemu_args(targets))
+                    args = " ".join(shlex.join(a) for a in qemu_args(targets))
                     opts.announce(f"start QEMU on the targets (add -qmp unix:{opts.qmp},"
                                   f"server=on,wait=off; -S to start it paused): {args}")
                     nodes = " ".join(f"{a} {shlex.quote(v)}" for a, v in blockdev_args(targets))
@@ -187,6 +193,10 @@ class _LiveRestore:
         for i, d in enumerate(devices):
             if wanted and raw(d.name) not in wanted:
                 continue
+            if not QEMU_ID.fullmatch(d.name):
+                raise VmafsError(f"device '{display(d.name)}' cannot be a QEMU drive id (a "
+                                 "letter, then letters, digits, '-', '.', '_'), which a live "
+                                 "restore names it by: restore it with vmafs restore")
             fname = session.names.disks[d.dev_id].removesuffix(b".raw") + b".qcow2"
             out.append(Target(d.name, d.size, fname,
                               os.path.join(self.dir, os.fsdecode(fname)),
