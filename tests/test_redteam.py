@@ -70,6 +70,9 @@ def test_prune_counts_no_zst_copy_cut_at_a_frame_boundary(tmp_path: Path) -> Non
     assert {a["name"]: a["keep"] for a in doc["archives"]} == {good.name: True}, doc
     assert [a["name"] for a in doc["left_alone"]] == [cut.name]
     assert good.exists() and cut.exists()
+    # info called it vzdump's one-frame .vma.zst ("convert it to mount"), exit 0
+    rc, _, err = run_vmafs("info", cut)
+    assert rc == 3 and "cut short" in err, err
 
 
 KILLED_WRITER = """import os, signal, sys

@@ -16,7 +16,7 @@ import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vmafs.archive import chain, naming, protection
+from vmafs.archive import chain, naming, problems, protection
 from vmafs.archive.configs import vm_configs
 from vmafs.archive.reader import Archive, read_source_header
 from vmafs.archive.walk import read_header as read_stream_header
@@ -162,6 +162,9 @@ def describe(path: str, bases: Sequence[str] = ()) -> Info:
                 naming.archive_vmid(path, [n for n, _ in configs]),
                 chain_record.find(header.configs))
     if not seekable:
+        cut = chain.lost_seek_table(path)  # not vzdump's one frame: vmafs's, its end lost
+        if cut is not None:
+            raise problems.error(problems.TRUNCATED, f"{display(path)}: {cut}")
         if info.incremental:
             info.chain_error = NOT_SEEKABLE
         return info
