@@ -82,7 +82,7 @@ def test_direct_writes_put_what_buffered_writes_do(tmp_path: Path) -> None:
     size = 40 * DIRECT_ALIGN + 1234  # a file ending inside a page
     jobs: list[tuple[list[tuple[int, int]], int]] = [  # (views: (length, skew)), offset)
         ([(8 * DIRECT_ALIGN, 0)], 0),                         # aligned memory
-        ([(4 * DIRECT_ALIGN, 16)], 8 * DIRECT_ALIGN),          # not: through the bounce
+        ([(4 * DIRECT_ALIGN, 16)], 8 * DIRECT_ALIGN),          # not: buffered
         ([(DIRECT_ALIGN, 0), (2 * DIRECT_ALIGN, 100), (DIRECT_ALIGN, 0)], 12 * DIRECT_ALIGN),
         ([(3 * DIRECT_ALIGN + 5, 0), (DIRECT_ALIGN, 0)], 20 * DIRECT_ALIGN),  # a view ends
         # inside a page: what follows is written buffered

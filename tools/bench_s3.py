@@ -152,9 +152,10 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--tree", default=None, type=Path,
                     help="another checkout whose extract and mount run interleaved too")
-    ap.add_argument("--out", default="/dev/shm",
-                    help="where extract writes (default /dev/shm: the network path, not this "
-                         "machine's disk, is what is measured)")
+    ap.add_argument("--out", default=None,
+                    help="where extract writes (default: the scratch directory, on a disk as "
+                         "a user's would be: extract writes around the page cache there, "
+                         "O_DIRECT; /dev/shm measures the network path with buffered writes)")
     args = ap.parse_args()
     size = parse_size(args.size)
     only = set(args.only.split(","))
@@ -211,7 +212,8 @@ def main() -> int:
                     gets.append(full_get(client, bucket, key))
                     cpu["get"].append(list(CPU))
                     for label, tree in turns(trees, r):
-                        out = Path(tempfile.mkdtemp(prefix="vmafs-bench-x-", dir=args.out))
+                        out = Path(tempfile.mkdtemp(prefix="vmafs-bench-x-",
+                                                    dir=args.out or scratch))
                         exts[label].append(vmafs("extract", f"s3://{bucket}/{key}",
                                                  str(out / "x"), tree=tree))
                         cpu[label].append(list(CPU))

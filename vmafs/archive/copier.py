@@ -7,10 +7,11 @@ the gaps are discarded where the device guarantees zeros (fallocate PUNCH_HOLE, 
 `qemu-img convert` does), zeroed by the kernel otherwise (ZERO_RANGE), written as zeros last;
 clusters stored in part are written whole.
 
-The writes go around the page cache (O_DIRECT, a second descriptor of the same file) where the
-file system allows it: the file is fsynced before it is renamed into place, so the disk takes
-the data anyway, and a buffered write cost the CPU of allocating, charging and filling a page
-of cache for each 4 KiB of it (extract: ~0.5 CPU-s a GiB written, an O_DIRECT write ~0.05).
+Data read into the walk's extent buffers (page-aligned) is written around the page cache
+(O_DIRECT, a second descriptor of the same file) where the file system allows it: the file is
+fsynced before it is renamed into place, so the disk takes the data anyway, and a buffered
+write cost the CPU of allocating, charging and filling a page of cache for each 4 KiB of it
+(extract: ~0.5 CPU-s a GiB written, an O_DIRECT write ~0.05).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import ctypes
 import ctypes.util
 import errno
 import io
-import mmap
 import os
 import queue
 import stat
@@ -34,7 +34,7 @@ import numpy as np
 
 from vmafs.archive.reader import ZEROS, Archive
 from vmafs.archive.scan import StoredCluster
-from vmafs.archive.walk import Extent
+from vmafs.archive.walk import READ_AHEAD, Extent
 from vmafs.container.output import WRITEBACK_STEP, start_writeback
 from vmafs.errors import VmafsError
 from vmafs.format import vma
@@ -47,7 +47,6 @@ PARALLEL_MIN = 1 << 20   # smaller batches are written by the caller alone
 
 DIRECT_ALIGN = 4096  # O_DIRECT: offsets, lengths and memory aligned to this (a page: any
 # logical block size up to 4 KiB)
-BOUNCE_SIZE = 4 << 20  # an aligned buffer a writer thread copies unaligned data through
 _TMPFS_MAGIC = 0x01021994  # tmpfs keeps its data in the page cache: nothing to go around
 
 _KEEP_SIZE = 0x01
@@ -190,26 +189,40 @@ class DirectFds:
         self.close()
 
     def pwritev(self, fd: int, views: list[memoryview], offset: int) -> None:
-        """Write views at offset of fd: their aligned part through fd's O_DIRECT descriptor
-        (memory not aligned copied through a buffer that is), the rest buffered. A file
-        system that refuses (EINVAL) gets buffered writes from then on."""
+        """Write views at offset of fd: whole pages of page-aligned memory at page-aligned
+        offsets through fd's O_DIRECT descriptor (the walk's extent buffers), the rest
+        buffered (memory of bytes objects: a copy through an aligned buffer made a restore's
+        CPU no smaller and its wall time longer). A file system that refuses (EINVAL) gets
+        buffered writes from then on."""
         dfd = self.direct.get(fd, -1)
-        total = sum(len(v) for v in views)
-        aligned = total - total % DIRECT_ALIGN
-        if dfd < 0 or offset % DIRECT_ALIGN or not aligned:
+        if dfd < 0:
             _pwritev_all(fd, views, offset)
             return
-        try:
-            done = _direct_write(dfd, views, offset, aligned)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            del self.direct[fd]
-            os.close(dfd)
-            _pwritev_all(fd, views, offset)
-            return
-        if done < total:  # an unaligned tail (a disk's size need not be a page multiple)
-            _pwritev_all(fd, _after(views, done), offset + done)
+        at = offset
+        pending: list[memoryview] = []  # buffered views, adjacent: one pwritev
+        for view in views:
+            whole = len(view) - len(view) % DIRECT_ALIGN
+            if not (whole and at % DIRECT_ALIGN == 0 and _address(view) % DIRECT_ALIGN == 0):
+                pending.append(view)
+                at += len(view)
+                continue
+            if pending:
+                _pwritev_all(fd, pending, at - sum(len(v) for v in pending))
+                pending = []
+            try:
+                _pwrite_all(dfd, view[:whole], at)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                del self.direct[fd]
+                os.close(dfd)
+                _pwritev_all(fd, _after(views, at - offset), at)
+                return
+            if whole < len(view):  # a tail within a page (a disk's last cluster)
+                pending.append(view[whole:])
+            at += len(view)
+        if pending:
+            _pwritev_all(fd, pending, at - sum(len(v) for v in pending))
 
 
 def _direct_helps(fd: int) -> bool:
@@ -225,37 +238,6 @@ def _direct_helps(fd: int) -> bool:
     if fstatfs(fd, buf) != 0:
         return False
     return ctypes.c_long.from_buffer(buf).value != _TMPFS_MAGIC
-
-
-_BOUNCE = threading.local()
-
-
-def _direct_write(dfd: int, views: list[memoryview], offset: int, length: int) -> int:
-    """Of the first `length` bytes of views, written at offset through dfd, as many as can be
-    (whole pages up to the first view that ends within one); returns how many. Views whose
-    memory is aligned go as they are; the others through this thread's bounce buffer."""
-    done = 0
-    for view in views:
-        n = min(len(view), length - done)
-        if n <= 0:
-            break
-        whole = n - n % DIRECT_ALIGN
-        if _address(view) % DIRECT_ALIGN == 0:
-            if whole:
-                _pwrite_all(dfd, view[:whole], offset + done)
-                done += whole
-        else:
-            bounce = getattr(_BOUNCE, "buffer", None)
-            if bounce is None:
-                bounce = _BOUNCE.buffer = memoryview(mmap.mmap(-1, BOUNCE_SIZE))
-            for pos in range(0, whole, BOUNCE_SIZE):
-                step = min(BOUNCE_SIZE, whole - pos)
-                bounce[:step] = view[pos:pos + step]
-                _pwrite_all(dfd, bounce[:step], offset + done)
-                done += step
-        if whole < n:
-            break  # what follows starts within a page: buffered
-    return done
 
 
 def _after(views: list[memoryview], skip: int) -> list[memoryview]:
@@ -381,6 +363,15 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="vmafs-write", daemon=True)
         self._thread.start()
 
+    @property
+    def direct(self) -> bool:
+        """Whether some of its writes go around the page cache (and wait for the disk)."""
+        return bool(self._direct.direct)
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
     def put(self, slots: list[StoredCluster]) -> None:
         """Queue an extent's stored clusters (waits while `depth` are queued)."""
         self._queue(slots, [id(slot.data.obj) for slot in slots])
@@ -467,7 +458,11 @@ class _Fenced(io.RawIOBase):
     def __init__(self, stream: BinaryIO, behind: WriteBehind) -> None:
         self._stream = stream
         self._behind = behind
-        self.read_ahead_bytes = getattr(stream, "read_ahead_bytes", 0)  # (walk.py)
+        hint = getattr(stream, "read_ahead_bytes", 0)  # what the walk keeps read ahead
+        if behind.direct:  # its writes wait for the disk: buffers for those queued, too
+            hint = max(hint, READ_AHEAD * vma.MAX_EXTENT_SIZE) + behind.depth * \
+                vma.MAX_EXTENT_SIZE
+        self.read_ahead_bytes = hint
 
     def readable(self) -> bool:
         return True
