@@ -159,6 +159,27 @@ def test_a_sequential_reader_keeps_requests_in_flight_in_bounded_memory() -> Non
     stream.close()
 
 
+def test_views_give_what_reads_do_a_sequential_reader_without_a_copy() -> None:
+    """RangedObject.view (a zstd frame's compressed bytes): the bytes read() gives; a
+    sequential reader's read inside one chunk is a view of that chunk, not a copy."""
+    fake = _Fake(40 * MiB + 12345, delay=0)
+    obj = fake.open()
+    chunk = ranged_mod.CHUNK
+    assert bytes(obj.view(100, 5000)) == fake.data[100:5100]  # the head
+    assert bytes(obj.view(len(fake.data) - 300, 1000)) == fake.data[-300:]  # the tail
+    assert bytes(obj.view(30 * MiB + 7, 4096)) == fake.data[30 * MiB + 7:30 * MiB + 4103]
+    shared = 0
+    at, step = 2 * MiB, 700 * 1024 + 13
+    while at < len(fake.data):
+        view = obj.view(at, step)
+        assert bytes(view) == fake.data[at:at + step]
+        inside = at // chunk == (min(at + step, len(fake.data)) - 1) // chunk
+        shared += inside and len(memoryview(view.obj)) == chunk
+        at += step
+    assert shared > 30  # of 55 reads, 5 across chunks and the run's first few
+    obj.close()
+
+
 class _Cut:
     """A body of the fake object that ends (or raises, as a dropped connection does) after
     `cut` bytes; a readinto answers at most 1 MiB, as a socket does."""

@@ -177,6 +177,18 @@ class RangedObject:
             return self._get(offset, end)
         return b"".join(self._slices(offset, end))  # one copy
 
+    def view(self, offset: int, length: int) -> memoryview:
+        """What read() gives, as a view: a sequential reader's read that lies in one chunk
+        (a zstd frame) is a view of that chunk, not a copy. The view keeps the chunk's
+        buffer, which is never filled again."""
+        end = min(offset + length, self._size)
+        if offset >= end or offset >= self._tail_at or end <= HEAD:
+            return memoryview(self.read(offset, length))
+        if not self._streaming(offset, end):
+            return memoryview(self._get(offset, end))
+        pieces = self._slices(offset, end)
+        return pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+
     def _streaming(self, offset: int, end: int) -> bool:
         """True for a read of a sequential reader (a run of RUN bytes, or one large read):
         served from chunks, the next ones requested ahead; also for a read that a chunk
