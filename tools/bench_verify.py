@@ -13,7 +13,9 @@ printed beside the whole command's; and each round also scans each archive in on
 one core and on both (alternating which first): the stored data's ratio without start-up.
 The load average is printed: above 1, other processes had part of the second core.
 --baseline REV also runs the vmafs of an older commit (git archive, its C accelerator built)
-the same way, in the same rounds.
+the same way, in the same rounds. Every tree's modules are byte-compiled first, as an install
+has them (with PYTHONDONTWRITEBYTECODE set, a tree's changed modules were compiled again in
+every start-up, which the fixed cost then counted: a fresh baseline tree compiled them all).
 
 Usage: tools/bench_verify.py [--size 2G] [--rounds 7] [--dir D] [--keep] [--baseline REV]
                              [--baseline-tree DIR]
@@ -97,15 +99,16 @@ def cpu_split(path: str, tree: str = ROOT, pinned_first: bool = True
 
 
 PYTHON_ONLY = """
-import os, sys, time
+import os, sys, threading, time
 import vmafs.archive.walk as walk
 from vmafs.archive.scan import read_header, scan_stream
 from vmafs.container.streams import open_stream
-def marked(fd, buf, offset, ends, bounds, state, data_out, summed_out):
-    # every piece taken and marked whole, nothing read or hashed (the checks stay 0)
+def marked(fd, buf, offset, ends, bounds, state, data_out, summed_out, limit=0):
+    # every piece taken (at most limit, if > 0) and marked whole, nothing read or hashed
+    # (the checks stay 0)
     pieces = len(bounds) - 1
     done = 0
-    while int(state[0]) < pieces:
+    while int(state[0]) < pieces and (limit <= 0 or done < limit):
         k = int(state[0])
         state[0] = k + 1
         first, stop = int(bounds[k]), int(bounds[k + 1])
@@ -114,26 +117,39 @@ def marked(fd, buf, offset, ends, bounds, state, data_out, summed_out):
     return done
 if hasattr(walk, "_read_pieces_now"):
     walk._read_pieces_now = marked
+reader = []  # the CPU seconds of the walk's reader thread, when it ends
+run = threading.Thread.run
+def timed_run(self):
+    try:
+        run(self)
+    finally:
+        reader.append(time.thread_time())
+threading.Thread.run = timed_run
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-best = float("inf")
+best = (float("inf"), 0.0, 0.0)
 for _ in range(int(sys.argv[2])):
-    wall = time.perf_counter()
+    wall, main = time.perf_counter(), time.thread_time()
+    reader.clear()
     with open_stream(sys.argv[1]) as s:
         scan_stream(s, header=read_header(s))
-    best = min(best, time.perf_counter() - wall)
-print(best)
+    best = min(best, (time.perf_counter() - wall, time.thread_time() - main, sum(reader)))
+print(*best)
 """
 
 
-def python_only(path: str, tree: str = ROOT, reps: int = 5) -> float:
+def python_only(path: str, tree: str = ROOT, reps: int = 5) -> tuple[float, float, float]:
     """Best wall seconds of in-process scans on one core with nothing read or hashed (the C
-    read_pieces replaced by one that marks each piece read): the Python both threads run
-    with the GIL held, which two cores cannot share; less sensitive to others' load than
-    the ratios. NaN for a tree without read_pieces."""
+    read_pieces replaced by one that marks each piece read), and the CPU seconds of that
+    scan's main thread and of its reader thread: the Python both threads run with the GIL
+    held, which two cores cannot share; less sensitive to others' load than the ratios.
+    NaNs for a tree without read_pieces."""
     out = subprocess.run([sys.executable, "-c", PYTHON_ONLY, path, str(reps)], cwd=tree,
                          env={**os.environ, "PYTHONPATH": tree}, capture_output=True,
                          text=True)
-    return float(out.stdout) if out.returncode == 0 and out.stdout.strip() else float("nan")
+    if out.returncode or len(out.stdout.split()) != 3:
+        return float("nan"), float("nan"), float("nan")
+    wall, main, reader = (float(x) for x in out.stdout.split())
+    return wall, main, reader
 
 
 def build_accelerator(rev: str, tree: str) -> None:
@@ -207,13 +223,17 @@ def main() -> None:
             trees[f"{args.baseline}: "] = base
         if args.baseline_tree:
             trees[f"{args.baseline_tree}: "] = os.path.abspath(args.baseline_tree)
+        for tree in trees.values():  # as installed: bytecode cached (PYTHONDONTWRITEBYTECODE
+            # would have each run compile every module changed since its .pyc, in its start-up)
+            subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "vmafs")],
+                           check=True, capture_output=True)
         subprocess.run(["sync"], check=True)
         times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         split: dict[tuple[str, str], list[tuple[float, float, float, float, float]]] = {}
         load = os.getloadavg()[0]
         floor: dict[str, list[float]] = {}
         cached: dict[str, list[float]] = {}  # the share in the page cache after its runs
-        serial: dict[tuple[str, str], list[float]] = {}  # python_only, per round
+        serial: dict[tuple[str, str], list[tuple[float, float, float]]] = {}  # python_only
         for r in range(args.rounds):
             for name, (_, archive, _) in archives.items():
                 path = os.path.join(work, archive)
@@ -291,13 +311,17 @@ def main() -> None:
                       f"({min(ones) / min(twos):4.2f}x)")
         print("\nthe Python alone (GIL held; nothing read or hashed): one in-process scan on "
               "one core, best of 5 a round;\nmedian over the rounds (best), milliseconds and "
-              "per data extent of 3.7 MiB")
+              "per data extent of 3.7 MiB, and of the best, the CPU\nof the main thread (checks) "
+              "and of the reader thread (the walk)")
         for tag in trees:
             for name in [n for n in archives if n.startswith("plain")]:
                 runs = serial[name, tag]
+                walls = [w for w, _, _ in runs]
+                wall, main_cpu, reader_cpu = min(runs)
                 per = os.path.getsize(os.path.join(work, archives[name][1])) / (59 << 16)
-                print(f"{tag or 'this tree: '}{name:18} {statistics.median(runs) * 1e3:7.1f} ms "
-                      f"({min(runs) * 1e3:5.1f}), {min(runs) / per * 1e6:5.0f} us an extent")
+                print(f"{tag or 'this tree: '}{name:18} {statistics.median(walls) * 1e3:7.1f} ms "
+                      f"({wall * 1e3:5.1f}), {wall / per * 1e6:5.0f} us an extent: main "
+                      f"{main_cpu / per * 1e6:4.0f} us, reader {reader_cpu / per * 1e6:4.0f} us")
         for tag in list(trees)[1:]:
             print(f"\nthe same, vmafs of {tag[:-2]} (same rounds): seconds, and this tree's "
                   "speed-up over it")

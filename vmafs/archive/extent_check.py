@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from vmafs.archive.walk import Extent, decode_extent
 from vmafs.container.source import ByteSource
 from vmafs.errors import FormatError
 from vmafs.format import index, vma
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 HEAD = vma.EXTENT_HEADER_SIZE
 
@@ -104,7 +107,9 @@ POOL_THREADS = 4  # header requests in flight beside the data requests they guar
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None:  # imported here: a verify or a local open never needs the pool
+            from concurrent.futures import ThreadPoolExecutor
+
             _POOL = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="vmafs-extents")
         return _POOL
 
