@@ -22,7 +22,7 @@ from vmafs.archive.writer import ArchiveWriter, DeviceSpec
 from vmafs.container.output import open_output
 from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError
-from vmafs.format import vma
+from vmafs.format import index, vma
 
 C = vma.CLUSTER_SIZE
 SIZES = [("drive-scsi0", 560 * C), ("drive-scsi1", 70 * C + 8192)]
@@ -206,22 +206,37 @@ def test_verify_reads_standard_input(archives: dict[str, Path]) -> None:
 
 def test_pieces_in_python_report_alike(archives: dict[str, Path], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pieces of a file's extents read and hashed by the Python read_pieces (no C
-    accelerator) or by whichever walk uses: the same problems, the same bad clusters, for the
-    whole archive, a damaged one and a cut one."""
+    """The pieces of a file's extents read and hashed by the Python read_pieces, and then
+    every check in Python too (no C accelerator: the sums, the checks, the block sums carried
+    after each data extent), or by whichever walk uses: the same problems, the same bad
+    clusters, for the whole archive, a damaged one, one whose carried sums are damaged (their
+    null extent resealed) and a cut one."""
     whole = archives["a.vma"].read_bytes()
     with open(archives["a.vma"], "rb") as f:
         items, _ = summary(f, 0)
+        f.seek(0)
+        header = read_header(f)
     data_at = [item[0] for item in items if item[0] != "run"]
     damaged = bytearray(whole)
     for at in data_at[1::2]:
         assert isinstance(at, int)
         damaged[at + 512 + 5000] ^= 0xFF
-    variants = {"whole": whole, "damaged": bytes(damaged), "cut": whole[:len(whole) * 2 // 3]}
+    sums = bytearray(whole)
+    for at in data_at[::3]:
+        assert isinstance(at, int)
+        end = walk.decode_extent(whole[at:at + 512], header.uuid, at).size + at
+        head = bytearray(sums[end:end + 512])
+        head[41] ^= 0x10  # the first sum's second byte
+        sums[end:end + 512] = _resealed(head)
+    variants = {"whole": whole, "damaged": bytes(damaged), "sums": bytes(sums),
+                "cut": whole[:len(whole) * 2 // 3]}
     seen = {}
-    for impl in ("now", "python"):
+    for impl in ("now", "python", "no accelerator"):
         if impl == "python":
             monkeypatch.setattr(walk, "_read_pieces_now", walk._read_pieces)
+        if impl == "no accelerator":
+            monkeypatch.setattr(index, "_native", None)
+            monkeypatch.setattr(vma, "_native", None)
         for name, content in variants.items():
             path = tmp_path / f"{name}.vma"
             path.write_bytes(content)
@@ -234,8 +249,10 @@ def test_pieces_in_python_report_alike(archives: dict[str, Path], tmp_path: Path
                 except FormatError as exc:
                     seen[impl, name] = ([str(exc)], None)
     for name in variants:
-        assert seen["now", name] == seen["python", name], name
+        assert seen["now", name] == seen["python", name] == seen["no accelerator", name], name
     assert not seen["now", "whole"][0] and seen["now", "damaged"][1]
+    assert any("block sums" in p for p in seen["now", "sums"][0]), seen["now", "sums"]
+    assert not seen["now", "sums"][1]  # the data is intact
     assert "truncated" in seen["now", "cut"][0][0]
 
 
