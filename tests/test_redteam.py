@@ -219,3 +219,53 @@ def test_restore_onto_a_device_looks_past_its_first_4k(tmp_path: Path, at: int |
     finally:
         subprocess.run(["losetup", "-d", dev], check=True)
     assert backing.read_bytes()[:pf.SIZE] != before[:pf.SIZE]
+
+
+def _locked(dev: str) -> bool:
+    import fcntl
+    import struct
+
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                          struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        return struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+def test_restore_never_writes_onto_a_device_a_vm_runs_on(tmp_path: Path) -> None:
+    """O_EXCL refuses a mounted device, not one a running VM uses (QEMU opens its disks
+    without it, and locks byte ranges instead): restore --force wrote over the disk under
+    the running guest. A locked device is refused now, --force or not."""
+    import time
+
+    if os.geteuid() != 0 or shutil.which("losetup") is None or not shutil.which("qemu-io"):
+        pytest.skip("needs root, losetup and qemu-io")
+    d = tmp_path / "dump"
+    full, _, _ = _chain(d)
+    backing = tmp_path / "vm-disk.img"
+    backing.write_bytes(random.Random(2).randbytes(2 << 20))
+    before = backing.read_bytes()
+    dev = _loop(backing)
+    try:
+        qemu = subprocess.Popen(["qemu-io", "-f", "raw", dev], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(400):  # until QEMU has the disk open (a wait, no assertion)
+                if _locked(dev) or qemu.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert _locked(dev), "qemu-io took no lock"
+            rc, _, err = run_vmafs("restore", full, "--to-device", f"{pf.DEV}={dev}",
+                                   "--force")
+            assert rc == 1 and "in use" in err, err
+            assert backing.read_bytes() == before
+        finally:
+            qemu.kill()
+            qemu.wait()
+        rc, _, err = run_vmafs("restore", full, "--to-device", f"{pf.DEV}={dev}", "--force")
+        assert rc == 0, err
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+    assert backing.read_bytes() != before

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,6 +287,7 @@ def _open_device(path: str, dev: Device, force: bool) -> int:
     try:
         if not stat.S_ISBLK(os.fstat(fd).st_mode):  # the path was replaced since the stat
             raise VmafsError(f"{display(path)} is not a block device")
+        _lock_device(fd, path)
         size = os.lseek(fd, 0, os.SEEK_END)
         if size < dev.size:
             raise VmafsError(f"{display(path)} has {size} bytes, disk {display(dev.name)} "
@@ -296,6 +299,23 @@ def _open_device(path: str, dev: Device, force: bool) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _lock_device(fd: int, path: str) -> None:
+    """Refuse a device a process holds a lock on, and lock all of it for the restore. O_EXCL
+    refuses a mounted device, not one a running VM uses: QEMU opens its disks without it,
+    and marks them with byte-range locks instead (OFD locks at 100 and 200 + each
+    permission), which this write lock over the whole device conflicts with; held until
+    the fd is closed, it also makes a QEMU started on the device meanwhile fail to lock it."""
+    whole = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, whole)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise VmafsError(f"{display(path)} is in use (a process holds a lock on it, "
+                             "such as a VM running on it)") from None
+        if exc.errno not in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
 
 
 def _holds_data(fd: int, size: int) -> bool:
