@@ -74,7 +74,7 @@ class _Workers:
     def __init__(self, count: int) -> None:
         self._calls: queue.SimpleQueue[tuple[Callable[[], object], trio.lowlevel.TrioToken,
                                              trio.lowlevel.Task] | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._serve, name=f"vmafs-read-{i}",
+        self._threads = [threading.Thread(target=self._serve, name=f"vmafs-serve-{i}",
                                           daemon=True) for i in range(count)]
         for thread in self._threads:
             thread.start()
