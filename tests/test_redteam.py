@@ -221,25 +221,34 @@ def test_restore_onto_a_device_looks_past_its_first_4k(tmp_path: Path, at: int |
     assert backing.read_bytes()[:pf.SIZE] != before[:pf.SIZE]
 
 
-def _locked(dev: str) -> bool:
-    import fcntl
-    import struct
+def _locked(path: str | Path) -> bool:
+    from vmafs.container.output import is_locked
 
-    fd = os.open(dev, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
-                          struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
-        return struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK
+        return is_locked(fd)
     finally:
         os.close(fd)
+
+
+def _qemu_holding(path: str | Path, fmt: str) -> subprocess.Popen[bytes]:
+    """qemu-io with the image open (and locked, as a running VM holds its disks)."""
+    import time
+
+    qemu = subprocess.Popen(["qemu-io", "-f", fmt, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(400):  # until QEMU has the image open (a wait, no assertion)
+        if _locked(path) or qemu.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert _locked(path), "qemu-io took no lock"
+    return qemu
 
 
 def test_restore_never_writes_onto_a_device_a_vm_runs_on(tmp_path: Path) -> None:
     """O_EXCL refuses a mounted device, not one a running VM uses (QEMU opens its disks
     without it, and locks byte ranges instead): restore --force wrote over the disk under
     the running guest. A locked device is refused now, --force or not."""
-    import time
-
     if os.geteuid() != 0 or shutil.which("losetup") is None or not shutil.which("qemu-io"):
         pytest.skip("needs root, losetup and qemu-io")
     d = tmp_path / "dump"
@@ -249,14 +258,8 @@ def test_restore_never_writes_onto_a_device_a_vm_runs_on(tmp_path: Path) -> None
     before = backing.read_bytes()
     dev = _loop(backing)
     try:
-        qemu = subprocess.Popen(["qemu-io", "-f", "raw", dev], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        qemu = _qemu_holding(dev, "raw")
         try:
-            for _ in range(400):  # until QEMU has the disk open (a wait, no assertion)
-                if _locked(dev) or qemu.poll() is not None:
-                    break
-                time.sleep(0.05)
-            assert _locked(dev), "qemu-io took no lock"
             rc, _, err = run_vmafs("restore", full, "--to-device", f"{pf.DEV}={dev}",
                                    "--force")
             assert rc == 1 and "in use" in err, err
@@ -269,3 +272,30 @@ def test_restore_never_writes_onto_a_device_a_vm_runs_on(tmp_path: Path) -> None
     finally:
         subprocess.run(["losetup", "-d", dev], check=True)
     assert backing.read_bytes() != before
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_restore_force_never_replaces_an_image_a_vm_runs_on(tmp_path: Path, fmt: str) -> None:
+    """--force replaced an image in DIR that a running VM had open: the guest went on
+    writing into a file no name reached any more, and lost it all at its next start. Such
+    an image (locked by QEMU) is refused now."""
+    if not shutil.which("qemu-io") or not shutil.which("qemu-img"):
+        pytest.skip("needs qemu-io and qemu-img")
+    d = tmp_path / "dump"
+    full, _, _ = _chain(d)
+    out = tmp_path / "vm"
+    out.mkdir()
+    image = out / f"disk-{pf.DEV}.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "1M"], check=True)
+    inode = image.stat().st_ino
+    qemu = _qemu_holding(image, fmt)
+    try:
+        rc, _, err = run_vmafs("restore", full, "--to", out, "--format", fmt, "--force")
+        assert rc == 1 and "in use" in err, err
+        assert image.stat().st_ino == inode and not (out / "qemu-server.conf").exists()
+    finally:
+        qemu.kill()
+        qemu.wait()
+    rc, _, err = run_vmafs("restore", full, "--to", out, "--format", fmt, "--force")
+    assert rc == 0, err
+    assert image.stat().st_ino != inode

@@ -21,7 +21,13 @@ from vmafs.archive.scan import StoredCluster, read_header, scan_stream
 from vmafs.archive.walk import Extent, read_by_offset
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_base, add_json, add_quiet, progress_for
-from vmafs.container.output import WRITEBACK_STEP, TempFile, open_dir, start_writeback
+from vmafs.container.output import (
+    WRITEBACK_STEP,
+    TempFile,
+    is_locked,
+    open_dir,
+    start_writeback,
+)
 from vmafs.container.streams import open_stream
 from vmafs.errors import FormatError, VmafsError, about
 from vmafs.format import chain, vma
@@ -188,7 +194,9 @@ def made_dir(path: str) -> Iterator[int]:
 
 
 def check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
-    """Before any work: an existing file is an error without --force; a directory always."""
+    """Before any work: an existing file is an error without --force; a directory always,
+    and so is a file a process holds a lock on (a VM running on the image: replaced, its
+    writes from then on would go to a file no name reaches, and be lost)."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -197,6 +205,18 @@ def check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
         raise VmafsError(f"{display(path)} exists and is a directory")
     if not force:
         raise VmafsError(f"{display(path)} exists (use --force to replace it)")
+    if stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+        except OSError:
+            return
+        try:
+            if is_locked(fd):
+                raise VmafsError(f"{display(path)} is in use (a process holds a lock on it, "
+                                 "such as a VM running on it); not replaced")
+        finally:
+            os.close(fd)
 
 
 def commit_all(dir_fd: int, dir_path: str, configs: list[tuple[bytes, tuple[str, bytes]]],

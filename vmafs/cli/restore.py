@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import os
 import stat
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +26,7 @@ from vmafs.archive.reader import Archive, Device
 from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_base, add_json, add_quiet, int_in, progress_for
 from vmafs.cli.extract import check_target, commit_all, made_dir, temp_file
-from vmafs.container.output import TempFile
+from vmafs.container.output import TempFile, lock_whole
 from vmafs.errors import UsageError, VmafsError
 from vmafs.format.names import FileNames, display, file_names, json_name, raw
 from vmafs.progress import Progress, print_json
@@ -304,18 +302,10 @@ def _open_device(path: str, dev: Device, force: bool) -> int:
 def _lock_device(fd: int, path: str) -> None:
     """Refuse a device a process holds a lock on, and lock all of it for the restore. O_EXCL
     refuses a mounted device, not one a running VM uses: QEMU opens its disks without it,
-    and marks them with byte-range locks instead (OFD locks at 100 and 200 + each
-    permission), which this write lock over the whole device conflicts with; held until
-    the fd is closed, it also makes a QEMU started on the device meanwhile fail to lock it."""
-    whole = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, whole)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise VmafsError(f"{display(path)} is in use (a process holds a lock on it, "
-                             "such as a VM running on it)") from None
-        if exc.errno not in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
-            raise
+    and marks them with byte-range locks instead."""
+    if not lock_whole(fd):
+        raise VmafsError(f"{display(path)} is in use (a process holds a lock on it, such as "
+                         "a VM running on it)")
 
 
 def _holds_data(fd: int, size: int) -> bool:
