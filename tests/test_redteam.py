@@ -108,6 +108,7 @@ def test_prune_sweeps_what_killed_runs_left_never_a_live_one(tmp_path: Path) -> 
     with open_dir(str(d)) as dir_fd:
         live = TempFile(dir_fd, pf.vzname(6).encode())  # a run writing right now
         try:
+            os.write(live.fd, full.read_bytes())  # (its header on disk: prune goes on)
             for p in (killed, other, d / live.name.decode()):
                 os.utime(p, (hour_ago, hour_ago))
             os.utime(link, (hour_ago, hour_ago), follow_symlinks=False)
@@ -299,3 +300,39 @@ def test_restore_force_never_replaces_an_image_a_vm_runs_on(tmp_path: Path, fmt:
     rc, _, err = run_vmafs("restore", full, "--to", out, "--format", fmt, "--force")
     assert rc == 0, err
     assert image.stat().st_ino != inode
+
+
+def test_prune_keeps_the_chain_of_a_backup_being_written(tmp_path: Path) -> None:
+    """An incremental backup still running is only a .NAME.XXXXXX.part, which prune did not
+    look at: run at the same time (two cron jobs), it removed the parent chain the backup
+    links to, and the backup was useless once done. Its (locked) temporary file's header
+    says what it needs now, and that stays."""
+    from vmafs.archive.chain import link_to
+    from vmafs.archive.reader import Archive
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.output import open_output
+    from vmafs.format import chain
+
+    d = tmp_path / "dump"
+    d.mkdir()
+    full_a, inc_a = pf.build_chain(d, [pf.vzname(1), pf.vzname(2)], random.Random(3))
+    pf.write(d / pf.vzname(3), {0: b"b" * pf.C})  # a newer full backup
+    with Archive.open(str(inc_a), layer=True) as parent:
+        record = chain.encode(chain.ChainRecord(parent=link_to(parent)))
+    running = d / pf.vzname(4)
+    with open_output(str(running)) as out:  # the backup, still being written
+        w = ArchiveWriter(out, [DeviceSpec(pf.DEV, pf.SIZE)],
+                          [pf.CONF, (chain.CONFIG_NAME, record)], incremental=[1])
+        w.write(1, 0, b"c" * pf.C)  # held in the writer: nothing on disk yet
+        rc, _, err = run_vmafs("prune", d, "--keep-last", "1")
+        assert rc == 1 and "run prune again when it is done" in err, err
+        assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == [
+            full_a.name, inc_a.name, pf.vzname(3)]
+        w._flush_extent()  # noqa: SLF001 - out to disk, as a backup's first MiBs go
+        out._flush_buf()  # type: ignore[attr-defined]  # noqa: SLF001
+        rc, stdout, err = run_vmafs("prune", d, "--keep-last", "1", "--json")
+        assert rc == 0 and "Traceback" not in err, err
+        keep = {a["name"]: a["keep"] for a in json.loads(stdout)["archives"]}
+        assert keep == {pf.vzname(3): True, inc_a.name: True, full_a.name: True}, keep
+        w.finish()
+    assert pf.contents(running) is not None  # done, and its chain is all there

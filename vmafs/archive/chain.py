@@ -525,6 +525,17 @@ class Prune:
                 self._data[t.peek.key] = f"is unreadable: {exc}"
         return self._data[t.peek.key]
 
+    def add(self, path: str) -> Peek | None:
+        """An archive prune must keep what it needs of, though it is no candidate parent (a
+        backup being written, under its temporary name): its header facts, None if its
+        header cannot be read yet."""
+        try:
+            facts = peek(path)
+        except (VmafsError, OSError):
+            return None
+        self.by_path[path] = facts
+        return facts
+
     def needs(self, path: str, stays: Callable[[str], bool]) -> Needs:
         """What the archive at path needs; `stays` says which files stay anyway (they are
         preferred, so that nothing else is kept for them)."""

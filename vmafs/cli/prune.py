@@ -157,6 +157,14 @@ def _run(args: argparse.Namespace, place: Place, options: retention.KeepOptions,
          vmid: str | None) -> int:
     found = _scan(args.dir, place, vmid)
     resolver = chain.Prune(args.dir)  # every file a kept chain relies on is checked there
+    for path in place.live_temps(lambda final: final.endswith(chain.ARCHIVE_SUFFIXES)):
+        facts = resolver.add(path)  # a backup being written: it will need its chain
+        if facts is None:
+            raise VmafsError(f"{display(os.path.basename(path))}: an archive is being written "
+                             "here and its header is not on disk yet, so what it needs is not "
+                             "known: run prune again when it is done")
+        if facts.parent is not None:
+            found.staying.append(retention.Staying(path, facts.uuid, facts.parent.uuid))
     plan = _plan(found, options, resolver)
     removing = {d.entry.name for d in plan.removed}
     remaining_stems = {naming.strip_suffix(n) for n in found.names

@@ -534,6 +534,24 @@ def temp_final(name: str) -> str | None:
     return stem
 
 
+def temp_in_use(dir_fd: int, name: str) -> bool:
+    """Whether a running command is writing the temporary file (its TempFile's lock)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+    finally:
+        os.close(fd)
+    return False
+
+
 def remove_stale_temp(dir_fd: int, name: str, *, now: float, dry_run: bool = False) -> bool:
     """Remove a temporary file a killed command left (True), never one being written: it
     must be a regular file unchanged for STALE_AFTER seconds that nobody holds locked (a

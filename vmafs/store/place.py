@@ -140,6 +140,17 @@ class Place:
                 if (final := temp_final(name)) is not None and wanted(final)
                 and remove_stale_temp(self._fd, name, now=now, dry_run=dry_run)]
 
+    def live_temps(self, wanted: Callable[[str], bool]) -> list[str]:
+        """The temporary files of the final names `wanted` accepts that running commands
+        are writing here (a backup in progress): their paths."""
+        if self.remote:
+            return []
+        from vmafs.container.output import temp_final, temp_in_use
+
+        return [self.path(name) for name in self.names()
+                if (final := temp_final(name)) is not None and wanted(final)
+                and temp_in_use(self._fd, name)]
+
     def sync(self) -> None:
         """Make removals durable (a directory's fsync; an object store's are already)."""
         if self._fd >= 0:
