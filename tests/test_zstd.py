@@ -478,9 +478,9 @@ def test_prefix_decoders_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             n = rng.choice([1, 4096, 65536])
             assert src.pread(off, n) == stream[off : off + n], (off, n)
         start, end = src.frame_bounds(2)
-        got = src._local_prefix(2, 5000)
+        got = src._prefix(2, 5000)
         assert bytes(got[:5000]) == stream[start : start + 5000]
-        held = zs._THREAD.out_holds[2]  # bytes decoded: to the end of a block, or exactly
+        held = len(zs._THREAD.prefix[2])  # bytes decoded: to the end of a block, or exactly
         assert 5000 <= held <= min(end - start, 5000 + zs.BLOCK_SIZE_MAX) if direct \
             else held == 5000
         c_start, _ = src.table.compressed_range(3)

@@ -224,7 +224,7 @@ def _prefix_buffer(length: int) -> memoryview:
     if buf is None or len(buf) < length:
         buf = bytearray(-(-length // (256 << 10)) * (256 << 10))
         _THREAD.out = buf
-        _THREAD.out_holds = None
+        _THREAD.prefix = None
     return memoryview(buf)[:length]
 
 
@@ -342,7 +342,6 @@ class SeekableZstdSource:
             if isinstance(self._raw, LocalObject):
                 self._raw.own = True
         self._cache: ByteLRU[int] = ByteLRU(cache_bytes)
-        self._last_prefix: tuple[int, bytes] | None = None  # (frame, its first bytes)
         self._lock = threading.Lock()
         # pread_stream's frames, apart from the cache: a merge streams every layer of a chain at
         # once, so it holds STREAM_FRAMES frames a layer, not a cache (16 MiB) a layer
@@ -787,7 +786,7 @@ class SeekableZstdSource:
         # room for the block that holds the read's end: the buffer-less decoder writes whole
         # blocks (BLOCK_SIZE_MAX at most)
         out = _prefix_buffer(min(end - start, need + BLOCK_SIZE_MAX) if direct else need)
-        _THREAD.out_holds = None
+        _THREAD.prefix = None  # it may be a view of the buffer about to be overwritten
         got = 0
         if direct is not None:
             got = direct.prefix(feed, out, need)
@@ -808,21 +807,27 @@ class SeekableZstdSource:
             feed.ask(len(feed.buf), len(feed.buf))  # the tail's block headers: one request
             if self._checked(index, feed.buf[:feed.pos]) != _SIZED:
                 return None
-        if out.obj is getattr(_THREAD, "out", None):
-            _THREAD.out_holds = (self._token, index, got)
         return out[:got]
 
-    def _local_prefix(self, index: int, need: int) -> memoryview:
-        """At least the first ``need`` bytes of local frame ``index``, in this thread's prefix
-        buffer: the thread's last prefix if it is this frame's and long enough (a read near
-        the one before; not with caching off), else decoded (_stream_prefix, or read_prefix's
-        way if that declines)."""
-        held = getattr(_THREAD, "out_holds", None)
+    def _prefix(self, index: int, need: int) -> memoryview:
+        """At least the first ``need`` bytes of frame ``index`` for a small read: the thread's
+        last prefix if it is this file's frame and long enough (a read near the one before;
+        a read's extent header, which extent_check.py reads right after its data, mostly),
+        else decoded: a local frame into the thread's prefix buffer (_stream_prefix), a
+        store's, or a local one that _stream_prefix declines, by _read_prefix.  Kept as the
+        thread's last prefix (not with caching off): one note a thread, for local files and
+        stores alike; none past _REUSE_MAX bytes (frames of other writers: no thread keeps one
+        that size)."""
+        held: tuple[object, int, memoryview] | None = getattr(_THREAD, "prefix", None)
         if (held is not None and held[0] is self._token and held[1] == index
-                and held[2] >= need and self._cache.limit):
-            return memoryview(_THREAD.out)[:need]
-        out = self._stream_prefix(index, need)
-        return memoryview(self._read_prefix(index, need)) if out is None else out
+                and len(held[2]) >= need):
+            return held[2]
+        out = None if self.remote else self._stream_prefix(index, need)
+        if out is None:
+            out = memoryview(self._read_prefix(index, need))
+        if self._cache.limit and len(out) <= _REUSE_MAX:
+            _THREAD.prefix = (self._token, index, out)
+        return out
 
     def _prefix_guess(self, index: int, need: int) -> int:
         """Compressed bytes that the first ``need`` decompressed bytes of frame ``index`` take,
@@ -885,17 +890,8 @@ class SeekableZstdSource:
         if end <= f_end:
             if (self.checked_by_reader and end - offset <= PREFIX_READ_MAX and end < f_end
                     and self._state[first] != _UNSIZED and not self.cached(first)):
-                if not self.remote:  # decoded into a buffer the thread reuses: out, a copy
-                    prefix = self._local_prefix(first, end - f_start)
-                    return bytes(prefix[offset - f_start:end - f_start])
-                # the last prefix decoded is kept (unless caching is off): a read's extent
-                # header is in it, mostly (extent_check.py reads it right after the data)
-                last = self._last_prefix
-                if last is None or last[0] != first or len(last[1]) < end - f_start:
-                    last = (first, self.read_prefix(first, end - f_start))
-                    if self._cache.limit:
-                        self._last_prefix = last
-                return last[1][offset - f_start : end - f_start]
+                prefix = self._prefix(first, end - f_start)  # maybe the thread's buffer: a copy
+                return bytes(prefix[offset - f_start:end - f_start])
             return self.frame(first)[offset - f_start : end - f_start]
         return b"".join(self._parts(first, offset, end))  # views: the join is the only copy
 
@@ -1004,6 +1000,9 @@ class SeekableZstdSource:
     # -- lifetime -------------------------------------------------------------
 
     def close(self) -> None:
+        held = getattr(_THREAD, "prefix", None)
+        if held is not None and held[0] is getattr(self, "_token", None):
+            _THREAD.prefix = None  # this thread's note of this file (other threads': their next)
         if self._own_fd:
             self._raw.close()
             self._own_fd = False
