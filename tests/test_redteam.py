@@ -73,6 +73,11 @@ def test_prune_counts_no_zst_copy_cut_at_a_frame_boundary(tmp_path: Path) -> Non
     # info called it vzdump's one-frame .vma.zst ("convert it to mount"), exit 0
     rc, _, err = run_vmafs("info", cut)
     assert rc == 3 and "cut short" in err, err
+    rc, out, err = run_vmafs("snapshots", d, "--json")  # it was listed as a good backup
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert [s["name"] for s in doc["snapshots"]] == [good.name]
+    assert [u["name"] for u in doc["unreadable"]] == [cut.name]
 
 
 KILLED_WRITER = """import os, signal, sys

@@ -38,6 +38,7 @@ from vmafs.container.zstd_frames import walk_frame
 from vmafs.errors import EXIT_DAMAGED, NotSeekableError, VmafsError
 from vmafs.format import chain, vma
 from vmafs.format.names import display, format_ctime
+from vmafs.format.seektable import SEEKABLE_MAGIC
 from vmafs.store import absolute, is_remote, remote_key
 from vmafs.store import names as place_names
 
@@ -599,8 +600,10 @@ def lost_seek_table(path: str) -> str | None:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or st.st_size < 4:
             return None
+        if int.from_bytes(os.pread(fd, 4, st.st_size - 4), "little") == SEEKABLE_MAGIC:
+            return None  # it ends in a seek table
         info, _ = walk_frame(lambda at, n: os.pread(fd, n, at), 0, st.st_size,
                              max_blocks=FIRST_FRAME_BLOCKS)
         if info is None or info.skippable or info.end >= st.st_size:

@@ -246,7 +246,12 @@ def snapshots(directory: str, vmid: str | None = None) -> Listing:
         if path is None or st is None or not stat.S_ISREG(st.st_mode):
             continue
         owner = _vmid(path)
-        if vmid is None or owner == vmid:
+        if vmid is not None and owner != vmid:
+            continue
+        cut = chain.lost_seek_table(path) if peek.parent is None else None
+        if cut is not None:  # (an incremental's chain does not resolve: said below)
+            listing.unreadable.append((path, cut))
+        else:
             found.append((dataclasses.replace(peek, path=path), st, owner))
     for path, why in pool.unreadable:
         st = _lstat(path)
