@@ -15,6 +15,11 @@ both alike); medians over --rounds.  Page cache: the image's pages are evicted b
 timed run (posix_fadvise DONTNEED on that one file; never drop_caches), QEMU reads it with
 cache=none anyway.  The convert reads the image with -U while the (idle) VM runs.
 
+Besides the median run's timeline, per tree and kind: the fixed cost (wall time outside the
+jobs), the jobs' own time (QEMU's copy, as vmafs waits for it) and the process's CPU until the
+jobs started (its threads; a forked child's apart): on a machine with a core to spare, that
+CPU is the start-up's critical path, steadier than its wall time on a loaded one.
+
 --baseline DIR also runs the vmafs of another tree (e.g. `git archive REV | tar -x -C DIR`) in
 the same rounds, interleaved, so that a change is measured against what it changes.
 --bytecode lets Python write (in a private directory) and use .pyc files: an installed vmafs
@@ -181,6 +186,20 @@ def hook_imports():
             return sink_zeroes(self, offset, length)
         pipe.DiskSink.write_zeroes = write_zeroes
         atexit.register(lambda: zeroes_seen and mark("last NBD write-zeroes", zeroes_seen[0]))
+    import resource
+    def cpu_mark(where):
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        mark(f"CPU at {where}: self {(me.ru_utime + me.ru_stime) * 1000:.0f} ms, reaped "
+             f"children {(kids.ru_utime + kids.ru_stime) * 1000:.0f} ms")
+    sj = live.Backup._start_jobs
+    @functools.wraps(sj)
+    async def start_jobs(self, *a, **k):
+        try:
+            return await sj(self, *a, **k)
+        finally:
+            cpu_mark("jobs started")
+    live.Backup._start_jobs = start_jobs
     orun = live.run_backup
     async def run_backup(job):
         mark("trio.run started")
@@ -366,6 +385,22 @@ def main() -> int:
                                     if what == "phase _wait_jobs") for w, ev in got]
             print(f"  {name:8} {kind:11}: {statistics.median(fixed):7.1f}  "
                   f"(runs: {', '.join(f'{f:.0f}' for f in fixed)})")
+        print("\nthe backup jobs (phase _wait_jobs: QEMU's copy), median, ms:")
+        for (name, kind), got in runs.items():
+            jobs = [sum(ms - start for start, ms, what in _spans(ev) if what == "phase _wait_jobs")
+                    for _, ev in got]
+            print(f"  {name:8} {kind:11}: {statistics.median(jobs):7.1f}  "
+                  f"(runs: {', '.join(f'{j:.0f}' for j in jobs)})")
+        print("\nCPU (user + system) of the process (its threads) until the jobs started, the "
+              "critical path of the start-up when the machine has a core to spare; a reaped "
+              "child's (PREV's reader) apart, median, ms:")
+        for (name, kind), got in runs.items():
+            cpu = [[float(w) for w in what.split() if w.replace(".", "").isdigit()]
+                   for _, ev in got for what, _ in ev if what.startswith("CPU at jobs started")]
+            if cpu:
+                print(f"  {name:8} {kind:11}: self {statistics.median(c[0] for c in cpu):6.1f}, "
+                      f"children {statistics.median(c[1] for c in cpu):6.1f}  (self: "
+                      f"{', '.join(f'{c[0]:.0f}' for c in cpu)})")
         print(f"\ndisk {size / GiB:.1f} GiB; qemu-img convert median {conv:.3f} s")
         for name in trees:
             full = statistics.median(w for w, _ in runs[name, "full"])
