@@ -73,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-workers", type=int_in(0, 1024), default=None, metavar="N",
                    help="QEMU copy workers per disk (x-perf, if QEMU has it; 0: QEMU's "
                         "default). Fewer workers keep guest write latency low (default 4; "
-                        "16 for a disk of an incremental, whose copy is short and scattered)")
+                        "32 for a disk of an incremental, whose copy is short and scattered)")
     add_compression(p)
     add_json(p)
     add_quiet(p)
