@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -264,6 +263,8 @@ def _confirm_extents(source: ByteSource, header: vma.Header, table: index.IndexT
                 or k + 1 == reads):
             cuts.append(k + 1)
             size = 0
+    from concurrent.futures import ThreadPoolExecutor  # 3 ms (logging) most commands skip
+
     with ThreadPoolExecutor(CONFIRM_THREADS) as pool:
         for a, b in zip(cuts, cuts[1:], strict=False):
             found = [run for part in pool.map(read, range(a, b)) for run in part]

@@ -23,7 +23,7 @@ from vmafs.errors import (
     about,
 )
 from vmafs.format import vma
-from vmafs.format.names import display, json_name
+from vmafs.format.names import display, display_text, json_name
 from vmafs.progress import print_json
 
 if TYPE_CHECKING:
@@ -180,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for problem in found:  # a chain problem names the archive it is about
             prefix = "" if problem.kind == problems.CHAIN else f"{args.archive}: "
-            print(f"{prefix}{problem}", file=sys.stderr)
+            print(display_text(f"{prefix}{problem}"), file=sys.stderr)
         for problem in superseded:
-            print(f"vmafs verify: warning: {problem}", file=sys.stderr)
+            print(display_text(f"vmafs verify: warning: {problem}"), file=sys.stderr)
     if found:
         return EXIT_DAMAGED
     return EXIT_SUPERSEDED_DAMAGE if superseded else 0

@@ -9,7 +9,6 @@ truncated or damaged input as FormatError instead of ending the stream quietly.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import fcntl
 import io
@@ -48,6 +47,8 @@ from vmafs.format.seektable import (
 from vmafs.store import ObjectStream
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from vmafs.container.zstd_source import SeekableZstdSource
 
 CHUNK = 1 << 20
@@ -337,10 +338,12 @@ class _FramesRaw(io.RawIOBase):
         self._raw = raw
         self._source = source
         self._sizes = np.diff(source.table.d_offsets).tolist()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
+        from concurrent.futures import ThreadPoolExecutor  # 3 ms (logging) most commands skip
+
+        self._pool = ThreadPoolExecutor(
             DECODERS, thread_name_prefix="vmafs-unzstd")
         self._queue: collections.deque[
-            tuple[int, concurrent.futures.Future[tuple[bytearray, int]]]] = collections.deque()
+            tuple[int, Future[tuple[bytearray, int]]]] = collections.deque()
         self._free: collections.deque[bytearray] = collections.deque()  # appends are atomic
         self._next = 0      # the next frame to hand to a worker
         self._ahead = 0     # decompressed bytes of the frames queued

@@ -127,6 +127,13 @@ def display(name: str) -> str:
     return "".join(out)
 
 
+def display_text(text: str) -> str:
+    """A message safe to print on a terminal whatever names it quotes: its control and format
+    characters escaped as display() escapes them (what display() already escaped stays)."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else display(c) for c in text)
+
+
 def json_name(name: str | bytes, key: str = "name") -> dict[str, str]:
     """A name for JSON output, exact: {key: text} when its bytes are UTF-8; otherwise
     {key: text with U+FFFD for each bad byte, key + "_hex": the exact bytes in hex}."""
