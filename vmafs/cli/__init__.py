@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from vmafs import __version__
 from vmafs.errors import EXIT_ERROR, EXIT_USAGE, VmafsError
-from vmafs.format.names import display, hide_url_queries
+from vmafs.format.names import display, display_text, hide_url_queries
 
 # Subcommand modules under vmafs.cli; each defines add_parser(subparsers) and run(args) -> int.
 # The one-line helps live here so `vmafs --help` need not import every command's dependencies.
@@ -80,7 +80,7 @@ def _raise_signalled(signum: int, _frame: object) -> None:
 def _fail(prog: str, message: str, code: int, json: bool) -> int:
     """The one line on stderr, and for --json the failure object on stdout."""
     message = hide_url_queries(message)  # never a presigned URL's signature
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {display_text(message)}", file=sys.stderr)  # names it quotes too
     if json:
         from vmafs.progress import print_json
         print_json({"ok": False, "error": message, "exit": code})
@@ -97,8 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     words = [*(sys.argv[1:] if argv is None else argv)]  # `list` is also a subcommand module
     chosen = next((w for w in words if not w.startswith("-")), None)
-    parser = build_parser(chosen if chosen in COMMANDS else None)
-    args = parser.parse_args(words)
+    try:
+        parser = build_parser(chosen if chosen in COMMANDS else None)  # imports the command
+        args = parser.parse_args(words)
+    except KeyboardInterrupt:  # Ctrl-C before the command ran: its line, not a traceback
+        return _fail(f"vmafs {chosen}" if chosen in COMMANDS else "vmafs",
+                     "interrupted by SIGINT", 128 + signal.SIGINT, False)
     code = _run(args)
     if argv is None and getattr(args, "exit_fast", False):
         exit_now(code)
