@@ -26,6 +26,7 @@ from vmafs.container.output import (
     TempFile,
     is_locked,
     open_dir,
+    open_existing,
     start_writeback,
 )
 from vmafs.container.streams import open_stream
@@ -206,10 +207,8 @@ def check_target(dir_fd: int, path: str, name: bytes, force: bool) -> None:
     if not force:
         raise VmafsError(f"{display(path)} exists (use --force to replace it)")
     if stat.S_ISREG(st.st_mode):
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dir_fd)
-        except OSError:
+        fd = open_existing(dir_fd, name)
+        if fd is None:
             return
         try:
             if is_locked(fd):

@@ -534,12 +534,20 @@ def temp_final(name: str) -> str | None:
     return stem
 
 
+def open_existing(dir_fd: int, name: str | bytes) -> int | None:
+    """The file under name opened to look at (read-only, never through a symlink, never
+    waiting on a FIFO), None if it cannot be."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                       dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
 def temp_in_use(dir_fd: int, name: str) -> bool:
     """Whether a running command is writing the temporary file (its TempFile's lock)."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-    except OSError:
+    fd = open_existing(dir_fd, name)
+    if fd is None:
         return False
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -556,10 +564,8 @@ def remove_stale_temp(dir_fd: int, name: str, *, now: float, dry_run: bool = Fal
     """Remove a temporary file a killed command left (True), never one being written: it
     must be a regular file unchanged for STALE_AFTER seconds that nobody holds locked (a
     running command's TempFile holds its lock until renamed), still under this name."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-    except OSError:
+    fd = open_existing(dir_fd, name)
+    if fd is None:
         return False
     try:
         st = os.fstat(fd)
