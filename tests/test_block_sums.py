@@ -9,7 +9,6 @@ compute what the format defines, for every kind of buffer (so they are equal).""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import random
 import struct
 import subprocess
@@ -22,7 +21,6 @@ import xxhash
 from archive_helpers import assert_every_cluster_once, dissect_read, walk_vma
 from conftest import run_vmafs
 
-from vmafs.archive import walk
 from vmafs.archive.problems import ArchiveError
 from vmafs.archive.reader import Archive
 from vmafs.archive.writer import ArchiveWriter, DeviceSpec
@@ -649,33 +647,3 @@ def test_read_pieces_as_the_format_says(name: str, tmp_path: Path) -> None:
             with pytest.raises(ValueError):
                 read_pieces(f.fileno(), bytearray(len(data)), 777, bad_ends, bad_bounds,
                             np.zeros(1 + 2 * pieces, np.int64), None, None)
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param("python", marks=pytest.mark.skipif(
-        "limit" not in inspect.signature(walk._read_pieces).parameters,
-        reason="walk._read_pieces takes no limit yet")),
-    "accelerator"])
-def test_read_pieces_limit(name: str, tmp_path: Path) -> None:
-    """read_pieces with a limit takes at most that many pieces a call (a reader thread that
-    wants to get back to its ring after each one), in order; the pieces and their checks are
-    those of one call without it."""
-    import numpy as np
-
-    read_pieces = _read_pieces(name)
-    rnd = random.Random(1722)
-    blocks = [rnd.randrange(1, 17) for _ in range(59)]
-    ends = np.cumsum(np.array(blocks, np.int64)) * BLOCK
-    data = rnd.randbytes(int(ends[-1]))
-    path = tmp_path / "data"
-    path.write_bytes(data)
-    bounds = np.array([0, 16, 32, 48, 59], np.int64)
-    with open(path, "rb") as f:
-        buffer = bytearray(len(data))
-        state = np.zeros(9, np.int64)
-        outs = [np.zeros(len(ends), "<u4"), np.zeros(len(ends), "<u4")]
-        call = (f.fileno(), buffer, 0, ends, bounds, state, *outs)
-        assert [read_pieces(*call, limit) for limit in (1, 2, 1, 5)] == [1, 2, 1, 0]
-        assert bytes(buffer) == data and not state[2::2].any()
-        for out, summed in zip(outs, (False, True), strict=True):
-            assert out.tobytes() == index.checks(data, ends, summed=summed)

@@ -324,12 +324,11 @@ static int int64s_get(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t *
 _Static_assert(sizeof(Py_ssize_t) == sizeof(int64_t), "read_pieces needs a 64-bit Py_ssize_t");
 
 PyDoc_STRVAR(read_pieces_doc,
-"read_pieces(fd, buffer, offset, ends, bounds, state, data_out, summed_out, limit=0) -> int\n\n"
+"read_pieces(fd, buffer, offset, ends, bounds, state, data_out, summed_out) -> int\n\n"
 "Read an extent's data into buffer (file descriptor fd, from offset) piece by piece, and\n"
 "hash each piece's clusters right after its read (while it is in this core's cache), all\n"
-"with the GIL released; return how many pieces this call did: every piece left, or at most\n"
-"limit (> 0). Several threads may call it at once on the same state: each piece is taken\n"
-"once.\n"
+"with the GIL released; return how many pieces this call did. Several threads may call it\n"
+"at once on the same state: each piece is taken once.\n"
 "ends (int64): where each cluster ends in buffer; bounds (int64): the pieces, as cluster\n"
 "indices (piece k is clusters bounds[k] to bounds[k+1]); state (int64, 1 + 2 a piece): the\n"
 "next piece to take, then per piece the bytes read and the error that stopped its reading\n"
@@ -346,10 +345,10 @@ static PyObject *read_pieces(PyObject *self, PyObject *args)
     PyObject *out = NULL;
     Py_buffer buf = {0}, ends_v = {0}, bounds_v = {0}, state_v = {0}, data_out = {0},
               summed_out = {0};
-    Py_ssize_t n = 0, nb = 0, ns = 0, longest = 0, done = 0, limit = 0;
+    Py_ssize_t n = 0, nb = 0, ns = 0, longest = 0, done = 0;
     unsigned char *scratch = NULL;
-    if (!PyArg_ParseTuple(args, "iOLOOOOO|n:read_pieces", &fd, &buf_obj, &offset, &ends_obj,
-                          &bounds_obj, &state_obj, &data_obj, &summed_obj, &limit))
+    if (!PyArg_ParseTuple(args, "iOLOOOOO:read_pieces", &fd, &buf_obj, &offset, &ends_obj,
+                          &bounds_obj, &state_obj, &data_obj, &summed_obj))
         return NULL;
     if (offset < 0) {
         PyErr_SetString(PyExc_ValueError, "negative offset");
@@ -394,7 +393,7 @@ static PyObject *read_pieces(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    while (limit <= 0 || done < limit) {
+    for (;;) {
         Py_ssize_t k = __atomic_fetch_add(&state[0], 1, __ATOMIC_ACQ_REL);
         if (k >= pieces)
             break;
