@@ -31,12 +31,6 @@ SMALL_RESERVE = 4 << 20
 when copy-before-writes alone have filled this reserve too."""
 
 
-BATCH = 1 << 20
-"""A writer thread that found the queue empty is woken once for the next item, then lets
-this much gather (at most BATCH_WAIT) and stores it all: not woken again for every request."""
-BATCH_WAIT = 0.005
-
-
 class Pipe:
     """Queue from the NBD sinks' threads to the writer thread, bounded in bytes.
 
@@ -54,9 +48,6 @@ class Pipe:
         self._waiting = 0                          # sinks waiting for room
         self._items: deque[tuple[Any, ...]] = deque()
         self._bytes = 0
-        self._batch = min(BATCH, capacity // 2)
-        self._draining = False                     # the writer stores what is queued
-        self._flush = False                        # a control item: no more gathering
         self.discarding = False
         self.last_progress = time.monotonic()
         self.busy = False      # the writer thread holds an item it has not finished
@@ -82,14 +73,10 @@ class Pipe:
                 return
             items.append(item)
             self._bytes += nbytes
-            # The writer waits for an item (the queue was empty) or for a batch: woken then
-            # only, not at every request (a futex wake-up and a GIL hand-over each).
-            if len(items) == 1 or self._bytes - nbytes < self._batch <= self._bytes:
-                self._ready.notify()
+            self._ready.notify()
 
     def put_control(self, kind: int) -> None:
         with self._ready:
-            self._flush = True
             if kind == ABORT:
                 self._items.clear()
                 self._items.appendleft((ABORT,))
@@ -112,21 +99,9 @@ class Pipe:
     # writer-thread side
 
     def get(self) -> tuple[Any, ...]:
-        """The next item; from an empty queue, once a batch has gathered (BATCH, BATCH_WAIT,
-        or a control item), and then every item until the queue is empty again."""
         with self._ready:
-            if not self._items:
-                self._draining = False
-                while not self._items:
-                    self._ready.wait()
-            if not self._draining:
-                deadline = time.monotonic() + BATCH_WAIT
-                while not self._flush and self._bytes < self._batch:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._ready.wait(left)
-                self._draining = True
+            while not self._items:
+                self._ready.wait()
             self.busy = True
             return self._items.popleft()
 
