@@ -438,8 +438,10 @@ class TempFile:
         else:
             raise VmafsError(f"{self.label}: cannot create a temporary file beside it")
         self.name = name
+        # Waits if need be: a prune looking at the new file holds a shared lock for an instant
+        # (temp_in_use), and without the lock the whole run would pass for a killed one's.
         with contextlib.suppress(OSError):  # a file system without flock: no sweep finds it
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
         st = os.fstat(self.fd)
         self._id = (st.st_dev, st.st_ino)
         self._open = True

@@ -131,25 +131,28 @@ class Place:
         accepts that killed commands left here, never one being written
         (container/output.remove_stale_temp); their names. A store has none (an upload
         appears only when complete)."""
-        if self.remote:
-            return []
-        from vmafs.container.output import remove_stale_temp, temp_final
+        from vmafs.container.output import remove_stale_temp
 
         now = time.time()
-        return [name for name in self.names()
-                if (final := temp_final(name)) is not None and wanted(final)
-                and remove_stale_temp(self._fd, name, now=now, dry_run=dry_run)]
+        return [name for name in self._temps(wanted)
+                if remove_stale_temp(self._fd, name, now=now, dry_run=dry_run)]
 
     def live_temps(self, wanted: Callable[[str], bool]) -> list[str]:
         """The temporary files of the final names `wanted` accepts that running commands
         are writing here (a backup in progress): their paths."""
+        from vmafs.container.output import temp_in_use
+
+        return [self.path(name) for name in self._temps(wanted) if temp_in_use(self._fd, name)]
+
+    def _temps(self, wanted: Callable[[str], bool]) -> list[str]:
+        """The names of the temporary files here of the final names `wanted` accepts (a store
+        has none: an upload appears only when complete)."""
         if self.remote:
             return []
-        from vmafs.container.output import temp_final, temp_in_use
+        from vmafs.container.output import temp_final
 
-        return [self.path(name) for name in self.names()
-                if (final := temp_final(name)) is not None and wanted(final)
-                and temp_in_use(self._fd, name)]
+        return [name for name in self.names()
+                if (final := temp_final(name)) is not None and wanted(final)]
 
     def sync(self) -> None:
         """Make removals durable (a directory's fsync; an object store's are already)."""
