@@ -35,6 +35,7 @@ import numpy as np
 from vmafs.archive.reader import ZEROS, Archive
 from vmafs.archive.scan import StoredCluster
 from vmafs.archive.walk import READ_AHEAD, Extent
+from vmafs.buffers import address
 from vmafs.container.output import WRITEBACK_STEP, start_writeback
 from vmafs.errors import VmafsError
 from vmafs.format import vma
@@ -205,7 +206,7 @@ class DirectFds:
         pending: list[memoryview] = []  # buffered views, adjacent: one pwritev
         for view in views:
             whole = len(view) - len(view) % DIRECT_ALIGN
-            if not (whole and at % DIRECT_ALIGN == 0 and _address(view) % DIRECT_ALIGN == 0):
+            if not (whole and at % DIRECT_ALIGN == 0 and address(view) % DIRECT_ALIGN == 0):
                 pending.append(view)
                 at += len(view)
                 continue
@@ -253,10 +254,6 @@ def _after(views: list[memoryview], skip: int) -> list[memoryview]:
         rest.append(view[skip:])
         skip = 0
     return rest
-
-
-def _address(view: memoryview) -> int:
-    return int(np.frombuffer(view, np.uint8).ctypes.data)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

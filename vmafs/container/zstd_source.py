@@ -28,6 +28,7 @@ from typing import IO, cast
 import numpy as np
 import zstandard
 
+from vmafs.buffers import address
 from vmafs.container.source import open_file
 from vmafs.container.zstd_frames import (
     BLOCK_SIZE_MAX,
@@ -150,8 +151,8 @@ class _Direct:
         if the frame is cut short or zstd finds an error (the caller reads it the slow way,
         which says what)."""
         lib, dctx = self._lib, self._dctx
-        src = _address(feed.buf)
-        dst = _address(out)
+        src = address(feed.buf)
+        dst = address(out)
         room = len(out)
         if zstd_error(lib, lib.ZSTD_decompressBegin(dctx)):
             return -1
@@ -174,15 +175,6 @@ class _Direct:
 
 def zstd_error(lib: ctypes.CDLL, code: int) -> bool:
     return bool(lib.ZSTD_isError(code))
-
-
-def _address(view: memoryview) -> int:
-    """Where a writable buffer's bytes are (valid while its object lives and is not resized)."""
-    anchor = ctypes.c_char.from_buffer(view)
-    try:
-        return ctypes.addressof(anchor)
-    finally:
-        del anchor
 
 
 def _direct() -> _Direct | None:
