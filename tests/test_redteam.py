@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import run_vmafs
@@ -18,6 +19,10 @@ from conftest import run_vmafs
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prune_fuzz as pf  # noqa: E402
+
+pytest_plugins = ["rgw"]  # the S3 gateway for the prefix's test
+if TYPE_CHECKING:
+    from rgw import S3Env
 
 
 def _chain(d: Path) -> list[Path]:
@@ -341,3 +346,54 @@ def test_prune_keeps_the_chain_of_a_backup_being_written(tmp_path: Path) -> None
         assert keep == {pf.vzname(3): True, inc_a.name: True, full_a.name: True}, keep
         w.finish()
     assert pf.contents(running) is not None  # done, and its chain is all there
+
+
+def _zst_cut_at_a_frame(good: Path, cut: Path) -> None:
+    """good's bytes up to the end of its second frame (a copy killed there)."""
+    from mutations import parse_seek_table
+
+    data = good.read_bytes()
+    frames = parse_seek_table(data)
+    assert frames is not None and len(frames) >= 3
+    cut.write_bytes(data[:frames[0][0] + frames[1][0]])
+
+
+def test_prune_and_snapshots_on_a_prefix_decide_as_on_a_directory(s3: S3Env,
+                                                                   tmp_path: Path) -> None:
+    """A .vma.zst cut short at a frame boundary was told from vzdump's one-frame .vma.zst
+    only in a local directory (lost_seek_table skipped an object): on an S3 prefix prune
+    keep-last 1 kept the cut copy as the newest backup and removed the readable chain, and
+    snapshots listed it as a good backup. The same objects now get the same verdicts."""
+    d = tmp_path / "dump"
+    full, _, inc2 = _chain(d)
+    good = d / pf.vzname(5, zstd=True)
+    pf.write(good, {c: random.Random(c).randbytes(pf.C) for c in range(4)})
+    _zst_cut_at_a_frame(good, d / pf.vzname(9, zstd=True))
+    shutil.copyfile(full, d / pf.vzname(8))
+    pf.truncate(d / pf.vzname(8), 0.6)  # a plain copy killed half-way
+    for path in sorted(d.iterdir()):
+        s3.put("p/" + path.name, path.read_bytes())
+
+    def verdicts(where: str) -> tuple[object, ...]:
+        rc, out, err = run_vmafs("prune", where, "--keep-last", "1", "--json", "-n")
+        assert rc == 0 and "Traceback" not in err, err
+        doc = json.loads(out)
+        rc, snap, err = run_vmafs("snapshots", where, "--json")
+        assert rc == 0 and "Traceback" not in err, err
+        shown = json.loads(snap)
+        return ({a["name"]: a["keep"] for a in doc["archives"]},
+                sorted(a["name"] for a in doc["left_alone"]),
+                [s["name"] for s in shown["snapshots"]],
+                sorted(u["name"] for u in shown["unreadable"]))
+
+    local = verdicts(str(d))
+    assert local[0] == {good.name: True, inc2.name: False, pf.vzname(2): False,
+                        full.name: False}, local
+    assert local[1] == [pf.vzname(8), pf.vzname(9, zstd=True)], local
+    assert verdicts(s3.url("p/")) == local
+    rc, _, err = run_vmafs("info", s3.url("p/" + pf.vzname(9, zstd=True)))
+    assert rc == 3 and "cut short" in err, err
+    rc, _, err = run_vmafs("prune", s3.url("p/"), "--keep-last", "1")
+    assert rc == 0, err
+    assert s3.keys("p/") == sorted(f"p/{n}" for n in (good.name, pf.vzname(8),
+                                                      pf.vzname(9, zstd=True)))

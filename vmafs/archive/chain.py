@@ -39,8 +39,9 @@ from vmafs.errors import EXIT_DAMAGED, NotSeekableError, VmafsError
 from vmafs.format import chain, vma
 from vmafs.format.names import display, format_ctime
 from vmafs.format.seektable import SEEKABLE_MAGIC
-from vmafs.store import absolute, is_remote, remote_key
+from vmafs.store import StoredObject, absolute, is_remote, remote_key, store_for
 from vmafs.store import names as place_names
+from vmafs.store.local import LocalObject
 
 if TYPE_CHECKING:
     from vmafs.archive.retention import Needs
@@ -591,28 +592,50 @@ def lost_seek_table(path: str) -> str | None:
     vzdump's one-frame .vma.zst, which only a whole read can check): vmafs writes the VMA
     header as a frame of its own and ends the stream with a seek table, so a file whose first
     frame is exactly the header and is followed by more, but has no seek table, lost its
-    end (a copy killed half-way). Reads the first frame's headers only."""
-    if is_remote(path) or not path.endswith(".vma.zst"):
+    end (a copy killed half-way). Reads the first frame's headers only; an object in a store
+    is told the same way (prune and snapshots decide alike on a prefix and a directory)."""
+    if not path.endswith(".vma.zst"):
         return None
+    obj = _raw_object(path)
+    if obj is None:
+        return None
+    try:
+        size = obj.size
+        if size < 4:
+            return None
+        if int.from_bytes(obj.read(size - 4, 4), "little") == SEEKABLE_MAGIC:
+            return None  # it ends in a seek table
+        info, _ = walk_frame(obj.read, 0, size, max_blocks=FIRST_FRAME_BLOCKS)
+        if info is None or info.skippable or info.end >= size:
+            return None
+        fd = getattr(obj, "fd", None)
+        header = read_header(path if fd is None else f"/proc/self/fd/{fd}")
+        if info.content_size != header.header_size:
+            return None
+    except (VmafsError, OSError):
+        return None
+    finally:
+        obj.close()
+    return ("zstd frames without the seek table vmafs ends a .vma.zst with: the archive is "
+            "cut short")
+
+
+def _raw_object(path: str) -> StoredObject | None:
+    """The file's or object's stored bytes to read at random (a local file only if regular,
+    opened without waiting on a FIFO); None if it cannot be opened."""
+    if is_remote(path):
+        try:
+            return store_for(path).open(path)
+        except (VmafsError, OSError):
+            return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < 4:
-            return None
-        if int.from_bytes(os.pread(fd, 4, st.st_size - 4), "little") == SEEKABLE_MAGIC:
-            return None  # it ends in a seek table
-        info, _ = walk_frame(lambda at, n: os.pread(fd, n, at), 0, st.st_size,
-                             max_blocks=FIRST_FRAME_BLOCKS)
-        if info is None or info.skippable or info.end >= st.st_size:
-            return None
-        if info.content_size != read_header(f"/proc/self/fd/{fd}").header_size:
-            return None
-    except (VmafsError, OSError):
-        return None
-    finally:
-        os.close(fd)
-    return ("zstd frames without the seek table vmafs ends a .vma.zst with: the archive is "
-            "cut short")
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return LocalObject(fd, path)
+    except OSError:
+        pass
+    os.close(fd)
+    return None
