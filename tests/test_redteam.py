@@ -397,3 +397,32 @@ def test_prune_and_snapshots_on_a_prefix_decide_as_on_a_directory(s3: S3Env,
     assert rc == 0, err
     assert s3.keys("p/") == sorted(f"p/{n}" for n in (good.name, pf.vzname(8),
                                                       pf.vzname(9, zstd=True)))
+
+
+@pytest.mark.parametrize("how", ["copy", "convert"])
+def test_prune_counts_a_copy_of_a_backup_once(tmp_path: Path, how: str) -> None:
+    """A backup copied under a newer vzdump name (copied back from elsewhere), or converted
+    beside itself (NAME.vma -> NAME.vma.zst), counted as one more backup: keep-last 2 kept
+    the two copies of one backup and removed the backup before it. Archives with one uuid
+    are one backup now: kept together, counted once."""
+    d = tmp_path / "dump"
+    d.mkdir()
+    older, newer = d / pf.vzname(1), d / pf.vzname(2)
+    pf.write(older, {0: b"a" * pf.C})
+    pf.write(newer, {0: b"b" * pf.C})
+    if how == "copy":
+        again = d / pf.vzname(3)
+        shutil.copyfile(newer, again)
+    else:
+        again = d / pf.vzname(2, zstd=True)
+        rc, _, err = run_vmafs("convert", newer, "-o", again)
+        assert rc == 0, err
+    rc, out, err = run_vmafs("prune", d, "--keep-last", "2", "--json")
+    assert rc == 0 and "Traceback" not in err, err
+    keep = {a["name"]: (a["keep"], a["reasons"]) for a in json.loads(out)["archives"]}
+    assert keep[older.name] == (True, ["keep-last"]), keep
+    assert keep[newer.name][0] and keep[again.name][0], keep
+    assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in (older, newer, again))
+    rc, out, err = run_vmafs("prune", d, "--keep-last", "1", "--json")
+    assert rc == 0, err
+    assert not older.exists() and newer.exists() and again.exists()

@@ -15,6 +15,10 @@ with the same time in their names, such as NAME.vma and NAME.vma.zst, it keeps o
 
 Protected archives (vzdump's NAME.protected) are kept and count for no option.
 
+An archive with the uuid of one that is kept is the same backup under another name (a copy,
+NAME.vma converted to NAME.vma.zst): it is kept with it and counts for no option, so that a
+copy never takes the place of an older backup.
+
 Then the chains: an archive that is to be removed, but that an archive which stays (a kept one,
 or one the plan does not cover, such as one of another VM or not named by vzdump) needs for its
 chain, is kept, and so on up the chain: "needed by CHILD". What an archive needs is not decided
@@ -35,6 +39,7 @@ from vmafs.errors import UsageError, VmafsError
 
 OPTIONS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 NEEDED_BY = "needed by "  # the reason of an archive kept for a kept archive's chain
+SAME_BACKUP = "the same backup as "  # the reason of a copy of a kept archive (its uuid)
 
 
 @dataclass(frozen=True)
@@ -160,13 +165,19 @@ _PERIODS: dict[str, Callable[[datetime], str]] = {
 
 def _mark(group: list[Entry], marks: dict[int, tuple[bool, str]], option: str, count: int,
           period: Callable[[int], str]) -> None:
-    """One option over one VM's archives (newest first), as PBS's mark_selections."""
+    """One option over one VM's archives (newest first), as PBS's mark_selections; an
+    archive with the uuid of one already kept is that backup again (a copy, a conversion)
+    and counts for nothing."""
     if count <= 0:
         return
     covered = {period(i) for i, (keep, _) in marks.items() if keep}
     chosen: set[str] = set()
     for i in range(len(group)):
         if i in marks:
+            continue
+        same = _same_backup(group, marks, i)
+        if same is not None:
+            marks[i] = (True, same)
             continue
         p = period(i)
         if p in covered:
@@ -190,7 +201,22 @@ def _retain(group: list[Entry], options: KeepOptions) -> list[tuple[bool, str]]:
     _mark(group, marks, "last", options.last, str)  # every archive its own "period"
     for option, period in _PERIODS.items():
         _mark(group, marks, option, getattr(options, option), _by_time(group, period))
+    for i in range(len(group)):  # a copy an option passed over before it kept its backup
+        if not marks.get(i, (False, ""))[0] and (same := _same_backup(group, marks, i)):
+            marks[i] = (True, same)
     return [marks.get(i, (False, "no keep option selects it")) for i in range(len(group))]
+
+
+def _same_backup(group: list[Entry], marks: dict[int, tuple[bool, str]], i: int
+                 ) -> str | None:
+    """The reason to keep group[i] when a kept archive has its uuid: the same backup under
+    another name (a copy, a conversion), kept with it and counted once, so that a copy does
+    not cost an older backup its place (keep-last 2 kept the copy and its original and
+    removed the backup before them)."""
+    for j, (keep, _) in marks.items():
+        if keep and j != i and group[j].uuid == group[i].uuid:
+            return f"{SAME_BACKUP}{group[j].name}"
+    return None
 
 
 def plan(entries: Sequence[Entry], options: KeepOptions, staying: Sequence[Staying],
