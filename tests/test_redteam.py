@@ -426,3 +426,53 @@ def test_prune_counts_a_copy_of_a_backup_once(tmp_path: Path, how: str) -> None:
     rc, out, err = run_vmafs("prune", d, "--keep-last", "1", "--json")
     assert rc == 0, err
     assert not older.exists() and newer.exists() and again.exists()
+
+
+def _on_a_terminal(*args: str | Path) -> bytes:
+    """What `vmafs ARGS` writes to its stdout when that is a terminal (a pty)."""
+    import pty
+
+    from conftest import ROOT
+
+    leader, follower = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "vmafs", *map(str, args)],
+                                stdin=subprocess.DEVNULL, stdout=follower,
+                                stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        os.close(follower)
+        got = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the command closed its end
+                break
+            if not chunk:
+                break
+            got += chunk
+        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else None
+    finally:
+        os.close(leader)
+    return got.replace(b"\r\n", b"\n")  # (the pty's own line ending)
+
+
+def test_config_shows_no_escape_sequence_on_a_terminal(tmp_path: Path) -> None:
+    """`vmafs config` wrote a config's bytes as the archive holds them, to a terminal too:
+    a crafted archive's ESC sequences retitled or cleared it, or faked lines (CR). On a
+    terminal they are escaped now (lines and tabs as they are); a file or pipe still gets
+    the exact bytes, as `vma config` gives them."""
+    from vmafs.archive.writer import ArchiveWriter, DeviceSpec
+    from vmafs.container.output import open_output
+
+    conf = (b"name: vm\x1b[2J\x1b]0;owned\x07\n\tmemory: 64\rscsi0: x\xff\xe2\x80\xae\n"
+            b"args: -a \\x1b\n")
+    archive = tmp_path / "crafted.vma"
+    with open_output(str(archive)) as out:
+        w = ArchiveWriter(out, [DeviceSpec(pf.DEV, pf.C)], [("qemu-server.conf", conf)])
+        w.write(1, 0, b"x" * pf.C)
+        w.finish()
+    rc, piped, err = run_vmafs("config", archive)
+    assert rc == 0 and piped == conf, err
+    shown = _on_a_terminal("config", archive)
+    assert shown == (b"name: vm\\x1b[2J\\x1b]0;owned\\x07\n\tmemory: 64\\rscsi0: x\\xff"
+                     b"\\u202e\nargs: -a \\x1b\n"), shown

@@ -12,14 +12,16 @@ from vmafs.cli import COMMANDS
 from vmafs.cli.common import add_archive_input, add_json
 from vmafs.container.streams import open_stream
 from vmafs.errors import VmafsError
-from vmafs.format.names import display, json_name, raw
+from vmafs.format.names import display, display_text, json_name, raw
 from vmafs.progress import print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help=COMMANDS["config"],
                        description="Print a config file stored in an archive, like "
-                                   "Proxmox's `vma config`. Reads only the header.")
+                                   "Proxmox's `vma config`: its exact bytes, except on a "
+                                   "terminal, where control characters other than newline "
+                                   "and tab are shown escaped. Reads only the header.")
     add_archive_input(p)
     p.add_argument("name", nargs="?", default="qemu-server.conf",
                    help="config file name (default qemu-server.conf)")
@@ -41,6 +43,17 @@ def run(args: argparse.Namespace) -> int:
         print_json({"ok": True, "archive": args.archive, **json_name(args.name),
                     "size": len(data), **json_name(data, "text")})
         return 0
-    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.write(for_terminal(data) if sys.stdout.isatty() else data)
     sys.stdout.buffer.flush()
     return 0
+
+
+def for_terminal(data: bytes) -> bytes:
+    """A config's text as a terminal may show it: its lines and tabs as they are, every
+    other control or format character (ESC, CR, bidi overrides) and byte that is not UTF-8
+    escaped as names.display_text does, so a crafted archive cannot drive the terminal
+    (retitle it, clear it, fake lines). Only on a terminal: `config > FILE` and a pipe get
+    the exact bytes, as `vma config` gives them."""
+    text = data.decode("utf-8", "surrogateescape")
+    return "\n".join("\t".join(display_text(part) for part in line.split("\t"))
+                     for line in text.split("\n")).encode()
