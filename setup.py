@@ -5,4 +5,4 @@ skips it (optional=True) and vmafs.format.index computes the same sums in Python
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("vmafs.format._blocksums", ["vmafs/format/_blocksums.c"],
-                             extra_compile_args=["-O3"], optional=True)])
+                             extra_compile_args=["-O3"], libraries=["m"], optional=True)])

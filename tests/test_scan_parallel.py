@@ -228,8 +228,19 @@ def test_pieces_in_python_report_alike(archives: dict[str, Path], tmp_path: Path
         head = bytearray(sums[end:end + 512])
         head[41] ^= 0x10  # the first sum's second byte
         sums[end:end + 512] = _resealed(head)
+    # a header broken in a run read at once (a data extent's third sums extent), and a data
+    # extent's header resealed with a bad magic: the same error at the same offset
+    broken = bytearray(whole)
+    end = walk.decode_extent(whole[data_at[1]:data_at[1] + 512], header.uuid,
+                             data_at[1]).size + data_at[1]
+    broken[end + 2 * 512 + 100] ^= 0x01
+    magic = bytearray(whole)
+    head = bytearray(magic[data_at[2]:data_at[2] + 512])
+    head[3] ^= 0x20
+    magic[data_at[2]:data_at[2] + 512] = _resealed(head)
     variants = {"whole": whole, "damaged": bytes(damaged), "sums": bytes(sums),
-                "cut": whole[:len(whole) * 2 // 3]}
+                "cut": whole[:len(whole) * 2 // 3], "header": bytes(broken),
+                "magic": bytes(magic)}
     seen = {}
     for impl in ("now", "python", "no accelerator"):
         if impl == "python":
@@ -254,6 +265,9 @@ def test_pieces_in_python_report_alike(archives: dict[str, Path], tmp_path: Path
     assert any("block sums" in p for p in seen["now", "sums"][0]), seen["now", "sums"]
     assert not seen["now", "sums"][1]  # the data is intact
     assert "truncated" in seen["now", "cut"][0][0]
+    assert seen["now", "header"][0] == [f"wrong vma extent header chechsum (md5 mismatch) at "
+                                        f"offset {end + 2 * 512}"]
+    assert seen["now", "magic"][0] == [f"wrong vma extent header magic at offset {data_at[2]}"]
 
 
 def _resealed(head: bytearray) -> bytes:

@@ -448,3 +448,116 @@ def test_device_clusters() -> None:
     assert vma.Device(1, "d", 1).clusters == 1
     assert vma.Device(1, "d", 65536).clusters == 1
     assert vma.Device(1, "d", 65537).clusters == 2
+
+
+# --- runs of extent headers at once (the forward walk), C and numpy ------------------------------
+
+
+def _accelerator() -> object:
+    try:
+        from vmafs.format import _blocksums
+    except ImportError:
+        pytest.skip("the accelerator is not built (pip install -e . builds it from setup.py; "
+                    "it needs gcc, python3-dev and libxxhash-dev)")
+    return _blocksums
+
+
+def _checked_one_by_one(buf: bytes, uuid: bytes) -> tuple[int, int]:
+    """check_extent_headers by its definition: check_extent_header on each header in turn."""
+    n = len(buf) // 512
+    for i in range(n):
+        try:
+            blocks = vma.check_extent_header(buf[512 * i:512 * (i + 1)], uuid)
+        except FormatError:
+            return i, -1
+        if blocks:
+            return i, blocks
+    return n, -1
+
+
+def _header_runs(rnd: random.Random) -> list[bytes]:
+    """Runs of extent headers as a walk reads them: null extents (block sums, an index), zero
+    slots, a data header, then bytes after it; each also damaged in one of the ways a header
+    can be (any byte, or a field resealed with a good md5), and cut short anywhere."""
+    other = bytes(reversed(UUID))
+    runs = []
+    for _ in range(40):
+        heads = [vma.encode_null_extents(UUID, rnd.randbytes(rnd.randrange(0, 5000)))]
+        if rnd.random() < 0.3:
+            heads.append(vma.encode_extent_header(UUID, [(1, rnd.randrange(1 << 32), 0)
+                                                         for _ in range(rnd.randrange(60))], 0))
+        heads.append(vma.encode_extent_header(UUID, [(2, 7, 0xFFFF), (1, 3, 0x8001)], 18))
+        heads.append(rnd.randbytes(rnd.randrange(0, 1500)))  # its data
+        runs.append(b"".join(heads))
+    slots = bytes(rnd.randrange(256) if k % 8 != 3 else 0 for k in range(59 * 8))
+    random_slots = vma.seal_extent(UUID, 0, slots)  # any slot bytes: md5 over all of them
+    runs.append(random_slots * 3)
+    damaged = []
+    for run in runs:
+        n = len(run) // 512
+        i = rnd.randrange(n) if n else 0
+        head = bytearray(run[512 * i:512 * (i + 1)])
+        if len(head) < 512:
+            continue
+        flip = bytearray(run)
+        flip[512 * i + rnd.randrange(512)] ^= 1 << rnd.randrange(8)
+        damaged.append(bytes(flip))
+        for edit in ((0, b"VMAX"), (4, b"\0\1"), (6, (945).to_bytes(2, "big")),
+                     (6, (1).to_bytes(2, "big")), (8, other)):
+            head2 = bytearray(head)
+            head2[edit[0]:edit[0] + len(edit[1])] = edit[1]
+            damaged.append(run[:512 * i] + reseal_extent(head2) + run[512 * (i + 1):])
+    cut = [run[:rnd.randrange(len(run) + 1)] for run in runs]
+    return runs + damaged + cut + [b"", bytes(512), bytes(1023)]
+
+
+def test_check_extent_headers_as_one_by_one() -> None:
+    """The C check of a run of headers, its numpy fallback and check_extent_header on each
+    header in turn agree on every run, damaged or cut short (what the walk's one truth rests
+    on); C's own md5 included."""
+    native = _accelerator()
+    rnd = random.Random(17)
+    for run in _header_runs(rnd):
+        want = _checked_one_by_one(run, UUID)
+        assert vma.check_extent_headers_numpy(run, UUID) == want
+        for buf in (run, bytearray(run), memoryview(run), np.frombuffer(run, np.uint8)):
+            assert native.check_headers(buf, UUID) == want  # type: ignore[attr-defined]
+        assert vma.check_extent_headers(memoryview(run)[:len(run)], UUID) == want
+    with pytest.raises(ValueError):
+        native.check_headers(b"", b"short")  # type: ignore[attr-defined]
+
+
+def test_used_slots_c_and_numpy() -> None:
+    """used_slots: the C accelerator and numpy give the same arrays, of the same dtypes,
+    writable, for any slot bytes (dev_id 0 or not, any mask)."""
+    native = _accelerator()
+    rnd = random.Random(18)
+    heads = [vma.encode_extent_header(UUID, [], 0), vma.encode_null_extents(UUID, b"x" * 413)]
+    for _ in range(200):
+        slots = bytearray(rnd.randbytes(59 * 8))
+        for k in range(59):
+            if rnd.random() < 0.4:
+                slots[8 * k + 3] = 0  # unused
+            elif rnd.random() < 0.3:
+                slots[8 * k:8 * k + 2] = rnd.choice([b"\0\0", b"\xff\xff", b"\x80\x01"])
+        heads.append(vma.seal_extent(UUID, rnd.randrange(945), bytes(slots)))
+    for head in heads:
+        want = vma.used_slots_numpy(head)
+        got = [np.frombuffer(part, dtype) for part, dtype in zip(
+            native.used_slots(head)[:4],  # type: ignore[attr-defined]
+            (np.uint8, np.uint32, np.uint16, np.int64), strict=True)]
+        for mine, theirs in zip(got, want[:4], strict=True):
+            assert mine.dtype == theirs.dtype and mine.tolist() == theirs.tolist()
+        assert native.used_slots(head)[4] == want[4]  # type: ignore[attr-defined]
+        dev_ids, clusters, masks, ends, blocks = vma.used_slots(head)
+        assert all(a.flags.writeable for a in (dev_ids, clusters, masks, ends))
+        listed = [(d, c, m) for d, c, m in zip(dev_ids.tolist(), clusters.tolist(),
+                                               masks.tolist(), strict=True)]
+        infos = struct.unpack(">59Q", head[40:])
+        assert listed == [(i >> 32 & 0xFF, i & 0xFFFFFFFF, i >> 48) for i in infos
+                          if i >> 32 & 0xFF]
+        assert blocks == sum(bin(m).count("1") for _, _, m in listed)
+        assert ends.tolist() == list(np.cumsum([bin(m).count("1") * 4096 for _, _, m in listed
+                                               if m], dtype=np.int64))
+    with pytest.raises(ValueError):
+        native.used_slots(bytes(511))  # type: ignore[attr-defined]

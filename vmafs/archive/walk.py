@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import hashlib
 import io
 import os
 import queue
@@ -75,12 +74,14 @@ def decode_extent(raw: bytes | memoryview, uuid: bytes, offset: int) -> Extent:
 
 def _extent(raw: bytes, block_count: int, offset: int) -> Extent:
     """The Extent of a header whose fields are checked: its used slots, their blocks counted."""
-    dev_ids, clusters, masks = (c[0] for c in vma.slot_columns(raw))
-    used = dev_ids != 0
-    ext = Extent(offset, block_count, dev_ids[used], clusters[used].astype(np.uint32),
-                 masks[used].astype(np.uint16), raw)
-    _check_blocks(int(vma.POPCOUNT16[ext.masks].sum(dtype=np.int64)), block_count, offset)
-    return ext
+    return _extent_ends(raw, block_count, offset)[0]
+
+
+def _extent_ends(raw: bytes, block_count: int, offset: int) -> tuple[Extent, np.ndarray]:
+    """_extent, and where each stored cluster's data ends in its data."""
+    dev_ids, clusters, masks, ends, blocks = vma.used_slots(raw)
+    _check_blocks(blocks, block_count, offset)
+    return Extent(offset, block_count, dev_ids, clusters, masks, raw), ends
 
 
 def _at(exc: FormatError, offset: int) -> problems.ArchiveError:
@@ -230,92 +231,87 @@ def _new_buffer() -> np.ndarray:
 def _runs(source: _Source, header: vma.Header, take: Callable[[], np.ndarray], hashing: Hashing
           ) -> Iterator[HeaderBatch | tuple[Extent, _Data]]:
     """The forward walk; take() gives the buffer for the next extent's data, which the caller
-    finishes reading (_Data.finish) before it looks at it."""
+    finishes reading (_Data.finish) before it looks at it. The headers read at once (a data
+    extent's block sums and the next header; a chunk of a run without data) are checked at
+    once (vma.check_extent_headers); a header that fails is checked alone, which says why."""
     offset = header.header_size
-    offsets: list[int] = []
-    heads: list[bytes] = []
+    run = _NullRun()
+    want = vma.EXTENT_HEADER_SIZE
     try:
-        raw = source.header(offset, vma.EXTENT_HEADER_SIZE)
-        while raw:
-            if len(raw) < vma.EXTENT_HEADER_SIZE:
-                raise problems.error(problems.TRUNCATED, f"read short extent ({len(raw)} bytes) "
-                                     f"at offset {offset}", offset=offset)
-            try:
-                block_count = vma.check_extent_header(raw, header.uuid)
-            except FormatError as exc:
-                raise _at(exc, offset) from None
-            if not block_count:
-                offsets.append(offset)
-                heads.append(raw)
-                offset += vma.EXTENT_HEADER_SIZE
-                # the data-less headers after it that were read with it, checked at once
-                more = source.read_already(offset)
-                clean = _without_data(more, header.uuid)
-                while True:
-                    if len(heads) >= ZERO_RUN_BATCH:
-                        yield _batch(offsets, [0] * len(heads), heads)
-                        offsets, heads = [], []
-                    if not clean:
-                        break
-                    count = min(clean, ZERO_RUN_BATCH - len(heads))
-                    offsets.extend(range(offset, offset + count * vma.EXTENT_HEADER_SIZE,
-                                         vma.EXTENT_HEADER_SIZE))
-                    heads.extend(more[k:k + vma.EXTENT_HEADER_SIZE] for k in range(
-                        0, count * vma.EXTENT_HEADER_SIZE, vma.EXTENT_HEADER_SIZE))
-                    more = more[count * vma.EXTENT_HEADER_SIZE:]
-                    offset += count * vma.EXTENT_HEADER_SIZE
-                    clean -= count
-                raw = source.header(offset, HEADER_CHUNK)
+        while True:
+            heads = source.headers(offset, want)
+            if not heads:
+                break
+            if len(heads) < vma.EXTENT_HEADER_SIZE:
+                raise problems.error(problems.TRUNCATED, f"read short extent ({len(heads)} "
+                                     f"bytes) at offset {offset}", offset=offset)
+            nulls, block_count = vma.check_extent_headers(heads, header.uuid)
+            yield from run.add(offset, heads, nulls)
+            offset += nulls * vma.EXTENT_HEADER_SIZE
+            at = nulls * vma.EXTENT_HEADER_SIZE
+            if at + vma.EXTENT_HEADER_SIZE > len(heads):  # read on
+                want = HEADER_CHUNK
                 continue
-            if heads:
-                yield _batch(offsets, [0] * len(heads), heads)
-                offsets, heads = [], []
-            ext = _extent(raw, block_count, offset)
+            raw = bytes(heads[at:at + vma.EXTENT_HEADER_SIZE])
+            if block_count < 0:
+                try:
+                    block_count = vma.check_extent_header(raw, header.uuid)
+                except FormatError as exc:
+                    raise _at(exc, offset) from None
+                if not block_count:  # accepted alone after all
+                    yield from run.add(offset, raw, 1)
+                    offset += vma.EXTENT_HEADER_SIZE
+                    want = HEADER_CHUNK
+                    continue
+            yield from run.flush()
+            ext, ends = _extent_ends(raw, block_count, offset)
             data = source.data(take(), offset, ext.block_count * vma.BLOCK_SIZE,
-                               _Wanted(ext.masks, hashing))
+                               _Wanted(ends, hashing))
             yield ext, data
             offset += ext.size
             # its block sums' null extents, if the archive carries them, and the next header
-            raw = source.header(offset, (index.sums_extents(block_count) + 1)
-                                * vma.EXTENT_HEADER_SIZE)
+            want = (index.sums_extents(block_count) + 1) * vma.EXTENT_HEADER_SIZE
     except FormatError:
-        if heads:
-            yield _batch(offsets, [0] * len(heads), heads)
+        yield from run.flush()
         raise
-    if heads:
-        yield _batch(offsets, [0] * len(heads), heads)
+    yield from run.flush()
 
 
-_FIRST_WORD = int.from_bytes(vma.EXTENT_MAGIC + bytes(4), "little")  # magic, reserved 0, 0 blocks
+class _NullRun:
+    """Consecutive headers without data not yet handed out, as pieces of what was read
+    (stream offset, the headers' bytes); handed out as HeaderBatch of ZERO_RUN_BATCH rows (a
+    sparse disk has millions), the rest before the next data extent, error or the end."""
 
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, bytes | memoryview]] = []
+        self.rows = 0
 
-def _without_data(heads: bytes, uuid: bytes) -> int:
-    """How many of the whole 512-byte headers at the start of HEADS pass every check of
-    vma.check_extent_header with a block count of 0 (a null extent, or zero slots): those are
-    accepted together (a block-summed archive has ~10 after each data extent, a sparse one
-    runs of thousands); the first one that does not is then checked alone, which says why."""
-    n = len(heads) // vma.EXTENT_HEADER_SIZE
-    if not n:
-        return 0
-    words = np.frombuffer(heads, "<u8", n * (vma.EXTENT_HEADER_SIZE // 8)).reshape(n, -1)
-    uuid_words = np.frombuffer(uuid, "<u8")
-    ok = ((words[:, 0] == _FIRST_WORD) & (words[:, 1] == uuid_words[0])
-          & (words[:, 2] == uuid_words[1]))
-    if not ok[0]:
-        return 0
-    if not ok.all():
-        n = int(np.argmin(ok))
-    copy = np.frombuffer(heads, np.uint8, n * vma.EXTENT_HEADER_SIZE).reshape(n, -1).copy()
-    want = copy[:, 24:40].tobytes()
-    copy[:, 24:40] = 0
-    flat = copy.data.cast("B")
-    md5 = hashlib.md5
-    got = b"".join([md5(flat[k:k + vma.EXTENT_HEADER_SIZE]).digest()
-                    for k in range(0, len(flat), vma.EXTENT_HEADER_SIZE)])
-    if got == want:
-        return n
-    return int(np.argmax((np.frombuffer(got, np.uint8) != np.frombuffer(want, np.uint8))
-                         .reshape(-1, 16).any(axis=1)))
+    def add(self, offset: int, heads: bytes | memoryview, count: int
+            ) -> Iterator[HeaderBatch]:
+        """The first count headers of heads, at offset; the batches they fill."""
+        size = vma.EXTENT_HEADER_SIZE
+        while count:
+            take = min(count, ZERO_RUN_BATCH - self.rows)
+            self.pieces.append((offset, heads[:take * size]))
+            self.rows += take
+            heads, offset, count = heads[take * size:], offset + take * size, count - take
+            if self.rows >= ZERO_RUN_BATCH:
+                yield from self.flush()
+
+    def flush(self) -> Iterator[HeaderBatch]:
+        if not self.rows:
+            return
+        pieces, self.pieces, rows, self.rows = self.pieces, [], self.rows, 0
+        if len(pieces) == 1:
+            at, joined = pieces[0][0], bytes(pieces[0][1])
+            offsets = np.arange(at, at + rows * vma.EXTENT_HEADER_SIZE, vma.EXTENT_HEADER_SIZE,
+                                dtype=np.int64)
+        else:
+            joined = b"".join(heads for _, heads in pieces)
+            offsets = np.concatenate([
+                np.arange(at, at + len(heads), vma.EXTENT_HEADER_SIZE, dtype=np.int64)
+                for at, heads in pieces])
+        yield _batch(offsets, np.zeros(rows, np.int64), joined)
 
 
 def read_by_offset(stream: BinaryIO) -> bool:
@@ -336,10 +332,9 @@ class _Wanted:
     """An extent's stored clusters (where each one's data ends) and the checks wanted of them
     (the Hashing at the time it was read), with room for them."""
 
-    def __init__(self, masks: np.ndarray, hashing: Hashing) -> None:
-        blocks = vma.POPCOUNT16[masks[masks != 0]]
-        self.ends = np.cumsum(blocks, dtype=np.int64) * vma.BLOCK_SIZE
-        n = len(self.ends)
+    def __init__(self, ends: np.ndarray, hashing: Hashing) -> None:
+        self.ends = ends
+        n = len(ends)
         self.data = np.zeros(n, "<u4") if hashing.data else None
         self.summed = np.zeros(n, "<u4") if hashing.summed else None
 
@@ -385,18 +380,15 @@ class _Source:
     """Where a forward walk reads: headers by stream offset (the walk asks in order), and
     extent data."""
 
-    def header(self, offset: int, ahead: int) -> bytes:
-        """The 512 bytes at offset (fewer at the end); ahead: how many bytes from offset are
-        likely headers too (a file reads them at once)."""
+    def headers(self, offset: int, ahead: int) -> bytes | memoryview:
+        """Whole 512-byte headers from offset on, at least one (fewer bytes only at the end);
+        ahead: how many bytes from offset are likely headers (a file reads them at once, and
+        gives what it read before and has not given yet)."""
         raise NotImplementedError
 
     def data(self, buffer: np.ndarray, offset: int, need: int, wanted: _Wanted) -> _Data:
         """The data of the extent at offset, need bytes."""
         raise NotImplementedError
-
-    def read_already(self, offset: int) -> bytes:
-        """What was read from offset on, in whole headers, with no new read (a stream: none)."""
-        return b""
 
 
 class _StreamSource(_Source):
@@ -405,7 +397,7 @@ class _StreamSource(_Source):
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
 
-    def header(self, offset: int, ahead: int) -> bytes:
+    def headers(self, offset: int, ahead: int) -> bytes:
         return read_exact(self.stream, vma.EXTENT_HEADER_SIZE)
 
     def data(self, buffer: np.ndarray, offset: int, need: int, wanted: _Wanted) -> _Data:
@@ -427,22 +419,18 @@ class _FileSource(_Source):
     def __init__(self, stream: BinaryIO, header: vma.Header) -> None:
         self.fd = stream.fileno()
         self.delta = stream.tell() - header.header_size  # file offset of stream offset 0
-        self.chunk = b""
+        self.chunk = memoryview(b"")
         self.chunk_at = 0
 
-    def header(self, offset: int, ahead: int) -> bytes:
+    def headers(self, offset: int, ahead: int) -> memoryview:
         at = offset + self.delta
         rel = at - self.chunk_at
         if rel < 0 or rel + vma.EXTENT_HEADER_SIZE > len(self.chunk):
-            self.chunk = os.pread(self.fd, ahead, at)
+            self.chunk = memoryview(os.pread(self.fd, ahead, at))
             self.chunk_at, rel = at, 0
-        return self.chunk[rel:rel + vma.EXTENT_HEADER_SIZE]
-
-    def read_already(self, offset: int) -> bytes:
-        rel = offset + self.delta - self.chunk_at
-        if rel < 0 or rel >= len(self.chunk):
-            return b""
-        n = (len(self.chunk) - rel) // vma.EXTENT_HEADER_SIZE * vma.EXTENT_HEADER_SIZE
+        n = max(len(self.chunk) - rel, 0)
+        if n >= vma.EXTENT_HEADER_SIZE:
+            n -= n % vma.EXTENT_HEADER_SIZE
         return self.chunk[rel:rel + n]
 
     def data(self, buffer: np.ndarray, offset: int, need: int, wanted: _Wanted) -> _Data:
@@ -715,20 +703,24 @@ _Item = tuple[Extent, memoryview] | HeaderBatch  # what a forward walk yields
 _CheckedItem = tuple[Extent, memoryview, ExtentChecks] | HeaderBatch
 
 
-def _batch(offsets: list[int], counts: list[int], heads: list[bytes]) -> HeaderBatch:
-    joined = b"".join(heads)
+def _batch(offsets: np.ndarray, block_counts: np.ndarray, joined: bytes) -> HeaderBatch:
+    """Consecutive checked headers (joined), at offsets (int64), of block_counts (int64):
+    their slots decoded, and each one's blocks against its masks."""
     raw = np.frombuffer(joined, np.uint8).reshape(-1, vma.EXTENT_HEADER_SIZE)
     dev_ids, clusters, masks = vma.slot_columns(joined)
     # native and contiguous: every consumer selects the used slots, which is slow on views
     dev_ids, clusters, masks = dev_ids.copy(), clusters.astype(np.uint32), masks.astype(np.uint16)
-    block_counts = np.array(counts, np.int64)
     if dev_ids.any() or block_counts.any():  # not only null extents (a data extent's sums)
         blocks = (vma.POPCOUNT16[masks].astype(np.int64) * (dev_ids != 0)).sum(axis=1)
         bad = np.flatnonzero(blocks != block_counts)
         if len(bad):
             i = int(bad[0])
-            _check_blocks(int(blocks[i]), int(block_counts[i]), offsets[i])
-    return HeaderBatch(np.array(offsets, np.int64), block_counts, raw, dev_ids, clusters, masks)
+            _check_blocks(int(blocks[i]), int(block_counts[i]), int(offsets[i]))
+    return HeaderBatch(offsets, block_counts, raw, dev_ids, clusters, masks)
+
+
+def _list_batch(offsets: list[int], counts: list[int], heads: list[bytes]) -> HeaderBatch:
+    return _batch(np.array(offsets, np.int64), np.array(counts, np.int64), b"".join(heads))
 
 
 def iter_source(source: ByteSource, header: vma.Header) -> Iterator[HeaderBatch]:
@@ -764,15 +756,15 @@ def iter_source(source: ByteSource, header: vma.Header) -> Iterator[HeaderBatch]
             counts.append(block_count)
             heads.append(raw)
             if len(heads) == WALK_BATCH:
-                yield _batch(offsets, counts, heads)
+                yield _list_batch(offsets, counts, heads)
                 offsets, counts, heads = [], [], []
             offset += size
     except FormatError:
         if heads:
-            yield _batch(offsets, counts, heads)
+            yield _list_batch(offsets, counts, heads)
         raise
     if heads:
-        yield _batch(offsets, counts, heads)
+        yield _list_batch(offsets, counts, heads)
 
 
 def index_by_walking(source: ByteSource, header: vma.Header) -> index.IndexTable:

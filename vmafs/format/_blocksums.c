@@ -7,11 +7,17 @@
  *
  * Any buffer is accepted: a C-contiguous one is hashed where it is, any other is copied into
  * C order first (what memoryview.tobytes() gives), as index.py's fallback does.
+ *
+ * Also the forward walk's per-extent header work (vma.check_extent_headers, vma.used_slots:
+ * a run of extent headers checked, md5 included, in one call; an extent's used slots), so
+ * that the walk's reader thread runs a few Python steps an extent; vma.py has the same in
+ * numpy and hashlib, and tests/test_vma_codec.py proves them equal.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -544,12 +550,179 @@ done:
     return out;
 }
 
+/* --- extent headers: vma.check_extent_header's checks, for a run of headers at once -------- */
+
+/* MD5 (RFC 1321) of one 512-byte extent header with its md5 field (bytes 24-40) zeroed: the
+ * header is 8 blocks of 64 bytes, then one block of padding and the length in bits. */
+static uint32_t md5_k[64];  /* floor(|sin(i + 1)| * 2^32), filled at import */
+static const unsigned char md5_shift[4][4] = {{7, 12, 17, 22}, {5, 9, 14, 20}, {4, 11, 16, 23},
+                                              {6, 10, 15, 21}};
+
+static inline uint32_t rotl32(uint32_t x, unsigned n)
+{
+    return (x << n) | (x >> (32 - n));
+}
+
+static inline uint32_t get_le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* One MD5 step: the round's function f of b, c, d, then the rotation. */
+#define MD5_STEP(f, i, g, r)                                                                   \
+    do {                                                                                       \
+        uint32_t t = a + (f) + md5_k[i] + w[g];                                                \
+        a = d;                                                                                 \
+        d = c;                                                                                 \
+        c = b;                                                                                 \
+        b += rotl32(t, md5_shift[r][(i) % 4]);                                                 \
+    } while (0)
+
+static void md5_block(uint32_t h[4], const unsigned char *block)
+{
+    uint32_t w[16], a = h[0], b = h[1], c = h[2], d = h[3];
+    for (int i = 0; i < 16; i++)
+        w[i] = get_le32(block + 4 * i);
+    for (int i = 0; i < 16; i++)
+        MD5_STEP((b & c) | (~b & d), i, i, 0);
+    for (int i = 16; i < 32; i++)
+        MD5_STEP((d & b) | (~d & c), i, (5 * i + 1) % 16, 1);
+    for (int i = 32; i < 48; i++)
+        MD5_STEP(b ^ c ^ d, i, (3 * i + 5) % 16, 2);
+    for (int i = 48; i < 64; i++)
+        MD5_STEP(c ^ (b | ~d), i, (7 * i) % 16, 3);
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+}
+
+static void md5_header(const unsigned char *head, unsigned char digest[16])
+{
+    unsigned char block[64];
+    uint32_t h[4] = {0x67452301u, 0xefcdab89u, 0x98badcfeu, 0x10325476u};
+    memcpy(block, head, 64);
+    memset(block + 24, 0, 16);
+    md5_block(h, block);
+    for (int k = 64; k < HEADER; k += 64)
+        md5_block(h, head + k);
+    memset(block, 0, sizeof block);
+    block[0] = 0x80;
+    block[57] = (HEADER * 8) >> 8;  /* the length in bits, LE u64: 4096 */
+    md5_block(h, block);
+    for (int i = 0; i < 4; i++)
+        put_le32(digest + 4 * i, h[i]);
+}
+
+#define MAX_BLOCKS (SLOTS * 16)
+
+/* The block count of a header that passes every check of vma.check_extent_header, else -1. */
+static long header_blocks(const unsigned char *head, const unsigned char *uuid)
+{
+    unsigned char digest[16];
+    md5_header(head, digest);
+    if (memcmp(digest, head + 24, 16) != 0 || memcmp(head + 8, uuid, 16) != 0
+            || memcmp(head, "VMAE\0\0", 6) != 0)
+        return -1;
+    long blocks = (long)head[6] << 8 | head[7];
+    return blocks <= MAX_BLOCKS ? blocks : -1;
+}
+
+PyDoc_STRVAR(check_headers_doc,
+"check_headers(headers, uuid) -> (nulls, block_count)\n\n"
+"vma.check_extent_headers: how many of the whole 512-byte extent headers at the start of\n"
+"headers pass every check of vma.check_extent_header with a block count of 0, and the block\n"
+"count of the one after them if it is whole and passes them too (-1 if not). The GIL is\n"
+"released for more than a few headers.");
+
+static PyObject *check_headers(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *heads_obj;
+    const char *uuid;
+    Py_ssize_t uuid_len, nulls = 0;
+    long blocks = -1;
+    Bytes heads;
+    if (!PyArg_ParseTuple(args, "Oy#:check_headers", &heads_obj, &uuid, &uuid_len))
+        return NULL;
+    if (uuid_len != 16) {
+        PyErr_SetString(PyExc_ValueError, "uuid must be 16 bytes");
+        return NULL;
+    }
+    if (bytes_get(heads_obj, &heads) < 0)
+        return NULL;
+    Py_ssize_t n = heads.len / HEADER;
+    const unsigned char *buf = heads.buf, *id = (const unsigned char *)uuid;
+    if (n > 4) {
+        Py_BEGIN_ALLOW_THREADS
+        while (nulls < n && (blocks = header_blocks(buf + nulls * HEADER, id)) == 0)
+            nulls++;
+        Py_END_ALLOW_THREADS
+    } else {
+        while (nulls < n && (blocks = header_blocks(buf + nulls * HEADER, id)) == 0)
+            nulls++;
+    }
+    if (nulls == n)
+        blocks = -1;
+    bytes_release(&heads);
+    return Py_BuildValue("(nl)", nulls, blocks);
+}
+
+PyDoc_STRVAR(used_slots_doc,
+"used_slots(header) -> (dev_ids, clusters, masks, ends, blocks)\n\n"
+"vma.used_slots: the used slots (dev_id != 0) of a 512-byte extent header, in slot order, as\n"
+"bytearrays of native u8 dev_ids, u32 clusters and u16 masks; where each one with a nonzero\n"
+"mask ends in the extent's data (native int64, bytes); and how many blocks the masks store.\n"
+"Its md5, magic and block count are not checked here.");
+
+static PyObject *used_slots(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Bytes head;
+    uint8_t dev_ids[SLOTS];
+    uint32_t clusters[SLOTS];
+    uint16_t masks[SLOTS];
+    int64_t ends[SLOTS];
+    Py_ssize_t used = 0, stored = 0;
+    int64_t blocks = 0;
+    if (bytes_get(arg, &head) < 0)
+        return NULL;
+    if (head.len < HEADER) {
+        bytes_release(&head);
+        PyErr_SetString(PyExc_ValueError, "an extent header is 512 bytes");
+        return NULL;
+    }
+    for (int k = 0; k < SLOTS; k++) {
+        const unsigned char *slot = head.buf + SLOTS_AT + 8 * k;
+        if (!slot[3])
+            continue;
+        uint16_t mask = (uint16_t)(slot[0] << 8 | slot[1]);
+        dev_ids[used] = slot[3];
+        clusters[used] = (uint32_t)slot[4] << 24 | (uint32_t)slot[5] << 16
+                         | (uint32_t)slot[6] << 8 | slot[7];
+        masks[used++] = mask;
+        if (mask) {
+            blocks += __builtin_popcount(mask);
+            ends[stored++] = blocks * BLOCK;
+        }
+    }
+    bytes_release(&head);
+    return Py_BuildValue("(NNNNL)",
+                         PyByteArray_FromStringAndSize((const char *)dev_ids, used),
+                         PyByteArray_FromStringAndSize((const char *)clusters, used * 4),
+                         PyByteArray_FromStringAndSize((const char *)masks, used * 2),
+                         PyByteArray_FromStringAndSize((const char *)ends, stored * 8),
+                         (long long)blocks);
+}
+
 static PyMethodDef methods[] = {
     {"null_payloads", null_payloads, METH_O, null_payloads_doc},
     {"carried_checks", carried_checks, METH_VARARGS, carried_checks_doc},
     {"block_sums", (PyCFunction)(void (*)(void))block_sums, METH_FASTCALL, block_sums_doc},
     {"checks", (PyCFunction)(void (*)(void))checks, METH_VARARGS | METH_KEYWORDS, checks_doc},
     {"read_pieces", read_pieces, METH_VARARGS, read_pieces_doc},
+    {"check_headers", check_headers, METH_VARARGS, check_headers_doc},
+    {"used_slots", used_slots, METH_O, used_slots_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -561,5 +734,11 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__blocksums(void)
 {
+    for (int i = 0; i < 64; i++)
+        md5_k[i] = (uint32_t)(fabs(sin((double)(i + 1))) * 4294967296.0);
+    if (md5_k[0] != 0xd76aa478u || md5_k[63] != 0xeb86d391u) {
+        PyErr_SetString(PyExc_ImportError, "this platform's sin() is not what md5 needs");
+        return NULL;
+    }
     return PyModule_Create(&module);
 }

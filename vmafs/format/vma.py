@@ -333,7 +333,7 @@ def seal_extent(uuid: bytes, block_count: int, slot_bytes: bytes) -> bytes:
     return bytes(head)
 
 
-def check_extent_header(buf: bytes | memoryview, uuid: bytes) -> int:
+def check_extent_header(buf: bytes | bytearray | memoryview, uuid: bytes) -> int:
     """Check an extent header in Proxmox's order (md5, uuid, magic); returns block_count.
 
     block_count against the masks is the walker's check (it knows the offset).
@@ -355,6 +355,55 @@ def check_extent_header(buf: bytes | memoryview, uuid: bytes) -> int:
     return int(block_count)
 
 
+_FIRST_WORD = int.from_bytes(EXTENT_MAGIC + bytes(4), "little")  # magic, reserved 0, 0 blocks
+
+
+def check_extent_headers(headers: bytes | bytearray | memoryview, uuid: bytes
+                         ) -> tuple[int, int]:
+    """check_extent_header for a run of headers at once (a block-summed archive has ~10 null
+    extents after each data extent, a sparse one runs of thousands): (nulls, block_count),
+    how many of the whole 512-byte headers at the start pass every check with a block count
+    of 0, and the block count of the one after them if it is whole and passes too (-1 if
+    not: check_extent_header says why). In C when the accelerator is built
+    (tests/test_vma_codec.py proves the two equal)."""
+    if _native is not None:
+        return _native.check_headers(headers, uuid)
+    return check_extent_headers_numpy(headers, uuid)
+
+
+def check_extent_headers_numpy(headers: bytes | bytearray | memoryview, uuid: bytes
+                               ) -> tuple[int, int]:
+    """check_extent_headers with numpy and hashlib: the fixed fields of all at once, then
+    each one's md5."""
+    n = len(headers) // EXTENT_HEADER_SIZE
+    nulls = 0
+    if n:
+        words = np.frombuffer(headers, "<u8", n * (EXTENT_HEADER_SIZE // 8)).reshape(n, -1)
+        uuid_words = np.frombuffer(uuid, "<u8")
+        ok = ((words[:, 0] == _FIRST_WORD) & (words[:, 1] == uuid_words[0])
+              & (words[:, 2] == uuid_words[1]))
+        nulls = n if ok.all() else int(np.argmin(ok))
+        if nulls:
+            copy = np.frombuffer(headers, np.uint8, nulls * EXTENT_HEADER_SIZE).reshape(
+                nulls, -1).copy()
+            want = copy[:, 24:40].tobytes()
+            copy[:, 24:40] = 0
+            flat = copy.data.cast("B")
+            md5 = hashlib.md5
+            got = b"".join([md5(flat[k:k + EXTENT_HEADER_SIZE]).digest()
+                            for k in range(0, len(flat), EXTENT_HEADER_SIZE)])
+            if got != want:
+                nulls = int(np.argmax((np.frombuffer(got, np.uint8) != np.frombuffer(
+                    want, np.uint8)).reshape(-1, 16).any(axis=1)))
+    if nulls == n:
+        return nulls, -1
+    try:
+        return nulls, check_extent_header(
+            headers[nulls * EXTENT_HEADER_SIZE:(nulls + 1) * EXTENT_HEADER_SIZE], uuid)
+    except FormatError:
+        return nulls, -1
+
+
 def slot_columns(headers: bytes | bytearray | memoryview
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dev_ids, clusters, masks) of every slot of consecutive 512-byte extent headers, each
@@ -367,6 +416,32 @@ def slot_columns(headers: bytes | bytearray | memoryview
     return (np.ndarray(shape, np.uint8, headers, 43, strides),
             np.ndarray(shape, ">u4", headers, 44, strides),
             np.ndarray(shape, ">u2", headers, 40, strides))
+
+
+def used_slots(raw: bytes | bytearray | memoryview
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The used slots (dev_id != 0) of a 512-byte extent header, in slot order: dev_ids (u8),
+    clusters (u32), masks (u16), native and writable; where the data of each one with a
+    nonzero mask ends in the extent's data (int64), and how many blocks the masks store. Its
+    fields are not checked here (check_extent_header). In C when the accelerator is built
+    (tests/test_vma_codec.py proves the two equal)."""
+    if _native is None:
+        return used_slots_numpy(raw)
+    dev_ids, clusters, masks, ends, blocks = _native.used_slots(raw)
+    return (np.frombuffer(dev_ids, np.uint8), np.frombuffer(clusters, np.uint32),
+            np.frombuffer(masks, np.uint16), np.frombuffer(ends, np.int64), blocks)
+
+
+def used_slots_numpy(raw: bytes | bytearray | memoryview
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """used_slots in numpy."""
+    dev_ids, clusters, masks = (c[0] for c in slot_columns(bytes(raw[:EXTENT_HEADER_SIZE])))
+    used = dev_ids != 0
+    masks = masks[used].astype(np.uint16)
+    blocks = POPCOUNT16[masks[masks != 0]]
+    ends = np.cumsum(blocks, dtype=np.int64) * BLOCK_SIZE
+    return (dev_ids[used], clusters[used].astype(np.uint32), masks, ends,
+            int(blocks.sum(dtype=np.int64)))
 
 
 def decode_extent_header(buf: bytes | memoryview, uuid: bytes) -> ExtentHeader:
