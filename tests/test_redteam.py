@@ -580,3 +580,38 @@ def test_a_backup_killed_while_the_guest_is_frozen_leaves_it_thawed(tmp_path: Pa
             proxy.close()
             with contextlib.suppress(Exception):
                 lab.vm.qga("guest-fsfreeze-thaw")
+
+
+def test_prune_on_a_prefix_keeps_what_a_backup_being_uploaded_may_need(s3: S3Env,
+                                                                        tmp_path: Path) -> None:
+    """A backup to S3 is a multipart upload until it completes, which prune did not look at
+    (in a directory it reads the running backup's .part): run beside it, it removed the
+    chain the incremental being uploaded links to. An upload's parts cannot be read, so
+    every archive of its VM is left alone while it runs; an upload long idle is a killed
+    run's and holds nothing."""
+    from vmafs.store.s3 import S3Upload
+
+    d = tmp_path / "dump"
+    d.mkdir()
+    pf.build_chain(d, [pf.vzname(1), pf.vzname(2)], random.Random(3))
+    pf.write(d / pf.vzname(3), {0: b"b" * pf.C})  # a newer full backup
+    other = d / pf.vzname(1, vmid="200")
+    pf.write(other, {0: b"o" * pf.C})
+    pf.write(d / pf.vzname(2, vmid="200"), {0: b"p" * pf.C})
+    for path in sorted(d.iterdir()):
+        s3.put("u/" + path.name, path.read_bytes())
+    everything = s3.keys("u/")
+    upload = S3Upload(s3.url("u/" + pf.vzname(4)))  # the incremental of VM 100, running
+    upload.write(b"x" * 100)
+    try:
+        rc, out, err = run_vmafs("prune", s3.url("u/"), "--keep-last", "1", "--json")
+        assert rc == 0 and "Traceback" not in err, err
+        doc = json.loads(out)
+        assert sorted(a["name"] for a in doc["left_alone"]) == [
+            pf.vzname(k) for k in (1, 2, 3)], doc
+        assert s3.keys("u/") == [k for k in everything if k != f"u/{other.name}"]
+    finally:
+        upload.abort()
+    rc, _, err = run_vmafs("prune", s3.url("u/"), "--keep-last", "1")
+    assert rc == 0, err
+    assert s3.keys("u/") == [f"u/{pf.vzname(3)}", f"u/{pf.vzname(2, vmid='200')}"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 from vmafs.archive import chain, naming, retention
@@ -106,6 +107,32 @@ def _scan(directory: str, place: Place, vmid: str | None) -> _Scan:
     return found
 
 
+UPLOAD_STALE = 24 * 3600  # s: an upload without a new part this long is a killed run's
+
+
+def _hold_uploading(place: Place, found: _Scan, now: float) -> None:
+    """A backup being uploaded to a store (a multipart upload) may be an incremental whose
+    chain must stay, and what it needs cannot be read before it completes: every archive of
+    its VM (of every VM, when its name says none) is left alone. An upload that got no part
+    for UPLOAD_STALE is a killed run's, and only named."""
+    held: set[str | None] = set()
+    for name, last in place.uploads(lambda final: final.endswith(chain.ARCHIVE_SUFFIXES)):
+        if now - last > UPLOAD_STALE:
+            _warn(f"{display(name)}: an upload a killed run left unfinished (no part for "
+                  f"{(now - last) / 3600:.0f} hours); not waited for")
+            continue
+        parsed = naming.parse_vzdump_name(name)
+        held.add(parsed[0] if parsed is not None else None)
+    if not held:
+        return
+    for e in list(found.entries):
+        if None in held or e.vmid in held:
+            found.entries.remove(e)
+            found.staying.append(retention.Staying(e.path, e.uuid, e.parent))
+            found.left_alone.append((e.name, "an archive of its VM is being uploaded here, "
+                                     "whose chain is not known until it completes"))
+
+
 def _plan(found: _Scan, options: retention.KeepOptions, resolver: chain.Prune
           ) -> retention.Plan:
     """The plan, in which no archive that does not open (a copy killed half-way under a
@@ -165,6 +192,7 @@ def _run(args: argparse.Namespace, place: Place, options: retention.KeepOptions,
                              "known: run prune again when it is done")
         if facts.parent is not None:
             found.staying.append(retention.Staying(path, facts.uuid, facts.parent.uuid))
+    _hold_uploading(place, found, time.time())
     plan = _plan(found, options, resolver)
     removing = {d.entry.name for d in plan.removed}
     remaining_stems = {naming.strip_suffix(n) for n in found.names
