@@ -163,11 +163,11 @@ _PERIODS: dict[str, Callable[[datetime], str]] = {
 }
 
 
-def _mark(group: list[Entry], marks: dict[int, tuple[bool, str]], option: str, count: int,
-          period: Callable[[int], str]) -> None:
+def _mark(group: list[Entry], marks: dict[int, tuple[bool, str]], kept: dict[uuidlib.UUID, str],
+          option: str, count: int, period: Callable[[int], str]) -> None:
     """One option over one VM's archives (newest first), as PBS's mark_selections; an
-    archive with the uuid of one already kept is that backup again (a copy, a conversion)
-    and counts for nothing."""
+    archive with the uuid of one already kept (`kept`: uuid -> its name) is that backup again
+    (a copy, a conversion) and counts for nothing."""
     if count <= 0:
         return
     covered = {period(i) for i, (keep, _) in marks.items() if keep}
@@ -175,9 +175,9 @@ def _mark(group: list[Entry], marks: dict[int, tuple[bool, str]], option: str, c
     for i in range(len(group)):
         if i in marks:
             continue
-        same = _same_backup(group, marks, i)
+        same = kept.get(group[i].uuid)
         if same is not None:
-            marks[i] = (True, same)
+            marks[i] = (True, f"{SAME_BACKUP}{same}")
             continue
         p = period(i)
         if p in covered:
@@ -187,6 +187,7 @@ def _mark(group: list[Entry], marks: dict[int, tuple[bool, str]], option: str, c
                 break
             chosen.add(p)
             marks[i] = (True, f"keep-{option}" if option == "last" else f"keep-{option} {p}")
+            kept[group[i].uuid] = group[i].name
         else:
             marks[i] = (False, f"keep-{option} keeps a newer archive of {p}")
 
@@ -196,27 +197,22 @@ def _by_time(group: list[Entry], period: Callable[[datetime], str]) -> Callable[
 
 
 def _retain(group: list[Entry], options: KeepOptions) -> list[tuple[bool, str]]:
+    """Each archive's mark. Archives with one uuid are the same backup under other names (a
+    copy, NAME.vma converted to NAME.vma.zst): kept with it and counted once, so that a copy
+    does not cost an older backup its place (keep-last 2 kept a backup and its copy and
+    removed the backup before them)."""
     marks: dict[int, tuple[bool, str]] = {i: (True, "protected")
                                           for i, e in enumerate(group) if e.protected}
-    _mark(group, marks, "last", options.last, str)  # every archive its own "period"
+    kept: dict[uuidlib.UUID, str] = {}
+    for i in sorted(marks):
+        kept.setdefault(group[i].uuid, group[i].name)
+    _mark(group, marks, kept, "last", options.last, str)  # every archive its own "period"
     for option, period in _PERIODS.items():
-        _mark(group, marks, option, getattr(options, option), _by_time(group, period))
-    for i in range(len(group)):  # a copy an option passed over before it kept its backup
-        if not marks.get(i, (False, ""))[0] and (same := _same_backup(group, marks, i)):
-            marks[i] = (True, same)
+        _mark(group, marks, kept, option, getattr(options, option), _by_time(group, period))
+    for i, e in enumerate(group):  # a copy an option passed over before it kept its backup
+        if not marks.get(i, (False, ""))[0] and e.uuid in kept:
+            marks[i] = (True, f"{SAME_BACKUP}{kept[e.uuid]}")
     return [marks.get(i, (False, "no keep option selects it")) for i in range(len(group))]
-
-
-def _same_backup(group: list[Entry], marks: dict[int, tuple[bool, str]], i: int
-                 ) -> str | None:
-    """The reason to keep group[i] when a kept archive has its uuid: the same backup under
-    another name (a copy, a conversion), kept with it and counted once, so that a copy does
-    not cost an older backup its place (keep-last 2 kept the copy and its original and
-    removed the backup before them)."""
-    for j, (keep, _) in marks.items():
-        if keep and j != i and group[j].uuid == group[i].uuid:
-            return f"{SAME_BACKUP}{group[j].name}"
-    return None
 
 
 def plan(entries: Sequence[Entry], options: KeepOptions, staying: Sequence[Staying],
