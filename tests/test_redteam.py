@@ -615,3 +615,31 @@ def test_prune_on_a_prefix_keeps_what_a_backup_being_uploaded_may_need(s3: S3Env
     rc, _, err = run_vmafs("prune", s3.url("u/"), "--keep-last", "1")
     assert rc == 0, err
     assert s3.keys("u/") == [f"u/{pf.vzname(3)}", f"u/{pf.vzname(2, vmid='200')}"]
+
+
+def test_prune_never_removes_an_archive_protected_while_it_ran(tmp_path: Path) -> None:
+    """prune read the protection marks once, with the listing, and removed what it planned
+    to: an archive protected while it ran (vmafs protect, or the GUI, while prune read a
+    stand-in whole for minutes) was removed all the same. Each mark is looked at again right
+    before its archive is removed; one protected since stays, and so does its chain."""
+    import argparse
+
+    from vmafs.archive import chain, retention
+    from vmafs.cli import prune
+    from vmafs.store.place import Place
+
+    d = tmp_path / "dump"
+    full, inc1, inc2 = _chain(d)
+    newer = d / pf.vzname(5)
+    pf.write(newer, {0: b"n" * pf.C})
+    args = argparse.Namespace(dry_run=False)
+    with Place(str(d)) as place:  # prune's steps, with the user's protect in between
+        found = prune._scan(str(d), place, None)
+        plan = prune._plan(found, retention.KeepOptions(last=1), chain.Prune(str(d)))
+        assert {dec.entry.name for dec in plan.removed} == {full.name, inc1.name, inc2.name}
+        rc, _, err = run_vmafs("protect", inc2)
+        assert rc == 0, err
+        sidecars: dict[str, list[str]] = {p.name: [] for p in (full, inc1, inc2)}
+        removed = prune._remove(args, place, plan, found, sidecars, chain.Prune(str(d)))
+    assert removed == {}
+    assert pf.contents(inc2) is not None

@@ -245,6 +245,11 @@ def _remove(args: argparse.Namespace, place: Place, plan: retention.Plan, found:
             _warn(f"{display(name)}: an archive that needs it was not removed; not removed")
             held.update(resolver.needs(d.entry.path, stays).paths)
             continue
+        if place.exists(name + PROTECTED, fresh=True):
+            _warn(f"{display(name)}: protected since it was read; not removed")
+            held.add(d.entry.path)
+            held.update(resolver.needs(d.entry.path, stays).paths)
+            continue
         try:
             skipped = place.remove(name, found.identity.get(d.entry.path))
         except VmafsError as exc:

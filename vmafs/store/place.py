@@ -86,8 +86,12 @@ class Place:
                 return "link", stat_identity(target)
         return "other", b""
 
-    def exists(self, name: str) -> bool:
+    def exists(self, name: str, *, fresh: bool = False) -> bool:
+        """Whether name is here (anything, a dangling symlink too); `fresh`: asked of the
+        store now, not of the listing (a mark made since)."""
         if self.remote:
+            if fresh:
+                return store_for(self.where).stat(self.path(name)) is not None
             return name in self._entries
         try:
             os.stat(name, dir_fd=self._fd, follow_symlinks=False)
