@@ -503,6 +503,36 @@ def test_damaged_cluster_fails_only_its_reads(source: Source, kind: str,
 
 # -- in-process, and QEMU on top ------------------------------------------------------------------
 
+def test_random_reads_of_a_compressed_archive_follow_the_loop_cpu(source: Source) -> None:
+    """A local .vma.zst's random reads go to the session's own thread (Session.near), moved to
+    the CPU the loop runs on; the bytes are the disk's. Where the system refuses to move it,
+    reads go on through the other workers."""
+    from vmafs.archive.serving import open_session
+
+    disk = source.disk0.read_bytes()
+    rnd = random.Random(3)
+
+    async def main() -> None:
+        async with open_session(str(source.zstd)) as session:
+            near = session.near
+            assert near is not None
+            dev = next(d.dev_id for d in session.devices if d.name == "drive-scsi0")
+            for _ in range(20):
+                off = rnd.randrange(0, DISK0_SIZE - 4096)
+                got = await session.read(session.reader(dev), off, 4096)
+                assert bytes(got) == disk[off:off + 4096]
+                assert near.busy == 0
+            assert len(near._threads) == 1 and near._cpu >= 0
+            cpus = os.sched_getaffinity(near._threads[0].native_id or 0)
+            assert len(cpus) == 1 and cpus <= os.sched_getaffinity(0)
+            assert not near.follow(1 << 20)  # no such CPU: refused, left where it was
+            assert os.sched_getaffinity(near._threads[0].native_id or 0) == cpus
+        async with open_session(str(source.plain)) as session:
+            assert session.near is None  # read inline, no thread
+
+    trio.run(main)
+
+
 @needs_qemu
 def test_open_export_in_process(source: Source, tmp_path: Path) -> None:
     """What live restore and boot will use: `async with open_export(...)` serves while the
