@@ -63,8 +63,18 @@ EV = []
 def mark(what, t=None):
     EV.append((what, ((time.monotonic() if t is None else t) - T0) * 1000))
 mark("python up (site done)")
-import atexit
-atexit.register(lambda: (mark("exit"), open(os.environ["VMAFS_TL"], "w").write(json.dumps(EV))))
+import atexit, threading
+THREADS = []  # (thread name, its CPU ms) of every thread that ended, then the main thread's
+_thread_run = threading.Thread.run
+def _counted_run(self):
+    try:
+        _thread_run(self)
+    finally:
+        THREADS.append((self.name, time.thread_time() * 1000))
+threading.Thread.run = _counted_run
+atexit.register(lambda: (mark("exit"), THREADS.append(("main", time.thread_time() * 1000)),
+                         open(os.environ["VMAFS_TL"], "w").write(json.dumps(
+                             EV + [["thread CPU", THREADS]]))))
 import vmafs.cli
 mark("vmafs.cli imported")
 import vmafs.backup.prev as prev_mod  # imports nothing heavy (the command imports it first)
@@ -278,11 +288,25 @@ def timed_convert(img: Path, work: Path) -> float:
     return wall
 
 
+def thread_cpu(events: list[Any]) -> dict[str, float]:
+    """CPU ms of each kind of thread of one run (threads of one name summed; 'Trio thread N'
+    as 'trio threads'): which thread's work an improvement must cut."""
+    got: dict[str, float] = {}
+    for what, value in events:
+        if what == "thread CPU":
+            for name, ms in value:
+                kind = "trio threads" if name.startswith("Trio thread") else name
+                got[kind] = got.get(kind, 0.0) + ms
+    return got
+
+
 def _spans(events: list[Any]) -> list[tuple[float, float, str]]:
     """(start ms, end ms, name) of every timed span of a run."""
     opened: dict[str, float] = {}
     spans = []
     for what, ms in events:
+        if what == "thread CPU":
+            continue
         if what.startswith("/"):
             spans.append((opened.pop(what[1:], ms), ms, what[1:]))
         else:
@@ -293,6 +317,8 @@ def _spans(events: list[Any]) -> list[tuple[float, float, str]]:
 def show(events: list[Any]) -> None:
     opened: dict[str, float] = {}
     for what, ms in events:
+        if what == "thread CPU":
+            continue
         if what.startswith("/"):
             start = opened.pop(what[1:], ms)
             print(f"  {start:8.1f} .. {ms:8.1f}  ({ms - start:7.1f})  {what[1:]}")
@@ -401,6 +427,15 @@ def main() -> int:
                 print(f"  {name:8} {kind:11}: self {statistics.median(c[0] for c in cpu):6.1f}, "
                       f"children {statistics.median(c[1] for c in cpu):6.1f}  (self: "
                       f"{', '.join(f'{c[0]:.0f}' for c in cpu)})")
+        print("\nCPU (user + system) of each thread of the process over the whole run (those that "
+              "ended before it: PREV's reader, the NBD connections, the writer, the paced "
+              "writeback; 'main' includes the interpreter's start and the imports), median, ms:")
+        for (name, kind), got in runs.items():
+            per = [thread_cpu(ev) for _, ev in got]
+            kinds = sorted({k for p in per for k in p}, key=lambda k: -statistics.median(
+                p.get(k, 0.0) for p in per))
+            print(f"  {name:8} {kind:11}: " + ", ".join(
+                f"{k} {statistics.median(p.get(k, 0.0) for p in per):.0f}" for k in kinds))
         print(f"\ndisk {size / GiB:.1f} GiB; qemu-img convert median {conv:.3f} s")
         for name in trees:
             full = statistics.median(w for w, _ in runs[name, "full"])
