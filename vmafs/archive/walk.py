@@ -278,12 +278,14 @@ def _runs(source: _Source, header: vma.Header, take: Callable[[], np.ndarray], h
 
 
 class _NullRun:
-    """Consecutive headers without data not yet handed out, as pieces of what was read
-    (stream offset, the headers' bytes); handed out as HeaderBatch of ZERO_RUN_BATCH rows (a
-    sparse disk has millions), the rest before the next data extent, error or the end."""
+    """Consecutive headers without data not yet handed out, as the pieces of what was read
+    that hold them (back to back in the stream: anything else ends the run); handed out as
+    HeaderBatch of ZERO_RUN_BATCH rows (a sparse disk has millions), the rest before the next
+    data extent, an error or the end."""
 
     def __init__(self) -> None:
-        self.pieces: list[tuple[int, bytes | memoryview]] = []
+        self.pieces: list[bytes | memoryview] = []
+        self.offset = 0  # of the first
         self.rows = 0
 
     def add(self, offset: int, heads: bytes | memoryview, count: int
@@ -292,7 +294,9 @@ class _NullRun:
         size = vma.EXTENT_HEADER_SIZE
         while count:
             take = min(count, ZERO_RUN_BATCH - self.rows)
-            self.pieces.append((offset, heads[:take * size]))
+            if not self.rows:
+                self.offset = offset
+            self.pieces.append(heads[:take * size])
             self.rows += take
             heads, offset, count = heads[take * size:], offset + take * size, count - take
             if self.rows >= ZERO_RUN_BATCH:
@@ -302,15 +306,9 @@ class _NullRun:
         if not self.rows:
             return
         pieces, self.pieces, rows, self.rows = self.pieces, [], self.rows, 0
-        if len(pieces) == 1:
-            at, joined = pieces[0][0], bytes(pieces[0][1])
-            offsets = np.arange(at, at + rows * vma.EXTENT_HEADER_SIZE, vma.EXTENT_HEADER_SIZE,
-                                dtype=np.int64)
-        else:
-            joined = b"".join(heads for _, heads in pieces)
-            offsets = np.concatenate([
-                np.arange(at, at + len(heads), vma.EXTENT_HEADER_SIZE, dtype=np.int64)
-                for at, heads in pieces])
+        joined = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        offsets = np.arange(self.offset, self.offset + rows * vma.EXTENT_HEADER_SIZE,
+                            vma.EXTENT_HEADER_SIZE, dtype=np.int64)
         yield _batch(offsets, np.zeros(rows, np.int64), joined)
 
 
