@@ -28,6 +28,12 @@ checksums, index) and reported as
   ``--tree DIR`` mounts the first variant's archive by another checkout too (e.g. ``git
   archive`` of an older commit), read in the same turns: the per-read ratio is printed.
 
+``--stages`` instead mounts the default ``.vma.zst`` of each image with a daemon that stamps
+(time.perf_counter_ns, one clock with this process) each FUSE read's way through it, and prints
+the medians of one cold 4 KiB read's stages: the kernel and the loop to the read handler, the
+handler to its worker call, the worker's wake-up, the worker (disk and decoding), its answer
+back to the loop, the reply to the reader; and the FUSE requests (count, bytes) a read made.
+
 Wall times swing on a shared 2-core machine, so runs are interleaved for --rounds rounds and
 the median of the per-round ratios is shown; --nice -10 keeps other users' jobs from dominating
 the latencies.  The last lines are the curve (size vs read latency vs speed) per image and the
@@ -35,6 +41,7 @@ default's verdict against the goals.
 
     python3 tools/bench_size.py [--images usr,db] [--rounds 2] [--mount] [--reads 300] [--nice -10]
                                 [--variants default,F:L[:opts],...] [--workdir DIR] [--tree DIR]
+                                [--stages]
 
 A variant is ``default`` or ``FRAME_KIB:LEVEL`` plus options joined by ``:``: ``tN`` threads,
 ``ldm``, ``nocheck`` (frames without content checksums, as ``zstd --no-check``), ``wN`` window
@@ -102,6 +109,45 @@ def vmafs(*args: str) -> list[str]:
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+# A child that runs `vmafs mount -f` with each FUSE read stamped on its way (--stages): handler
+# in/out, worker call put/start/end/back; the stamps are written as JSON to argv[1] at exit.
+STAGES_CHILD = r"""
+import atexit, json, runpy, sys, time
+from vmafs.archive import serving
+from vmafs.mount import fs
+stamp, recs, where = time.perf_counter_ns, [], sys.argv[1]
+atexit.register(lambda: json.dump(recs, open(where, "w")))
+read, run = fs.VmaFS.read, serving._Workers.run
+async def traced_read(self, fh, off, size):
+    rec = {"in": stamp(), "size": size}
+    recs.append(rec)
+    try:
+        return await read(self, fh, off, size)
+    finally:
+        rec["out"] = stamp()
+async def traced_run(self, fn):
+    rec = recs[-1] if recs else {}
+    def call():
+        rec["start"] = stamp()
+        try:
+            return fn()
+        finally:
+            rec["end"] = stamp()
+    rec["put"] = stamp()
+    try:
+        return await run(self, call)
+    finally:
+        rec["back"] = stamp()
+fs.VmaFS.read, serving._Workers.run = traced_read, traced_run
+sys.argv = ["vmafs", *sys.argv[2:]]
+runpy.run_module("vmafs", run_name="__main__", alter_sys=True)
+"""
+STAGES = (("kernel+loop to handler", "t0", "in"), ("handler to worker call", "in", "put"),
+          ("worker wake-up", "put", "start"), ("worker (disk, decoding)", "start", "end"),
+          ("answer to the loop", "end", "back"), ("loop to reply", "back", "out"),
+          ("reply to the reader", "out", "t1"), ("total", "t0", "t1"))
 
 
 # --- images --------------------------------------------------------------------------------
@@ -329,6 +375,62 @@ def cold_reads(archives: dict[str, Path], work: Path, offsets: list[int],
     return times, cpu
 
 
+def stages(work: Path, name: str, reads: int) -> None:
+    """--stages: where one cold 4 KiB read through a mount of the default .vma.zst goes."""
+    img = image(work, name)
+    archive, mnt, out = (work / f"{name}.stages.vma.zst", work / "mnt-stages",
+                         work / "stages.json")
+    subprocess.run(vmafs("create", "-q", "-o", str(archive), f"drive-scsi0={img}"), check=True,
+                   env=env())
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", STAGES_CHILD, str(out), "mount", "-f",
+                             str(archive), str(mnt)], env=env(), cwd="/")
+    clock: list[tuple[int, int]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (mnt / DISK).exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{archive} did not get mounted")
+            time.sleep(0.02)
+        time.sleep(1)  # the block sums' preload, if any, done
+        fd = os.open(mnt / DISK, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            cpu0 = daemon_cpu(proc.pid)
+            for off in data_offsets(img, reads, seed=5):
+                evict(archive)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                t0 = time.perf_counter_ns()
+                os.pread(fd, 4096, off)
+                clock.append((t0, time.perf_counter_ns()))
+            cpu = (daemon_cpu(proc.pid) - cpu0) / reads
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        proc.wait(timeout=60)
+        archive.unlink(missing_ok=True)
+    recs = json.loads(out.read_text())
+    out.unlink()
+    per: dict[str, list[float]] = {label: [] for label, _, _ in STAGES}
+    requests: list[tuple[int, int]] = []
+    for t0, t1 in clock:
+        mine = [r for r in recs if t0 <= r["in"] <= t1]
+        requests.append((len(mine), sum(r["size"] for r in mine)))
+        if len(mine) == 1 and "start" in mine[0]:
+            at = dict(mine[0], t0=t0, t1=t1)
+            for label, a, b in STAGES:
+                per[label].append((at[b] - at[a]) / 1e3)
+    counts = sorted(set(requests))
+    print(f"\n== {name}: one cold 4 KiB read through a mount of the default .vma.zst, "
+          f"{reads} reads, load average {os.getloadavg()[0]:.1f}; FUSE requests a read "
+          f"(count, bytes): {counts[:6]}; daemon CPU {cpu * 1e3:.2f} ms a read")
+    for label, values in per.items():
+        if values:
+            print(f"{label:>26}: p50 {statistics.median(values):8.1f} us, "
+                  f"p90 {pct(values, 0.9):8.1f} us")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
@@ -467,6 +569,8 @@ def main() -> int:
     ap.add_argument("--nice", type=int, default=0,
                     help="niceness of this run and its children (e.g. -10 on a busy machine)")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--stages", action="store_true",
+                    help="where one cold 4 KiB read through a mount goes (default .vma.zst)")
     ap.add_argument("--tree", type=Path, metavar="DIR",
                     help="with --mount, also read the first variant's archive through a mount "
                          "by this checkout (e.g. a git archive of the last release), same turns")
@@ -482,6 +586,10 @@ def main() -> int:
     for name in names:
         image(work, name)
     if args.build_only:
+        return 0
+    if args.stages:
+        for name in names:
+            stages(work, name, args.reads)
         return 0
     variants = [parse_variant(v) for v in args.variants.split(",")]
     print(f"load average {os.getloadavg()[0]:.1f}; {args.rounds} rounds, "
