@@ -532,8 +532,6 @@ class _KillAfterFreeze:
         self.server.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the fix is in vmafs/backup (guard, live, runlock), "
-                   "which REDTEAM3 does not own: see its report; remove this mark with it")
 def test_a_backup_killed_while_the_guest_is_frozen_leaves_it_thawed(tmp_path: Path) -> None:
     """`vmafs backup --qga` freezes the guest's file systems, starts the jobs and thaws them;
     killed in between (OOM, kill -9 of a backup that seems to hang in the freeze), nothing

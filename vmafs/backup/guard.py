@@ -122,6 +122,26 @@ async def clean_run(execute: Execute, tags: set[str], bitmaps: Sequence[str]) ->
     return done
 
 
+async def thaw_guest(path: str, *, attempts: int = 3) -> bool:
+    """Thaw the file systems a dead run froze through the guest agent at path (thaw is
+    idempotent; the dead run's connection is closed, so the agent serves this one); True
+    when the agent thawed them, False when it could not be reached."""
+    import trio
+
+    from vmafs.backup.qmp import GuestAgent
+    for _ in range(attempts):
+        try:
+            with trio.fail_after(30):
+                async with GuestAgent.open(path) as agent:
+                    await agent.execute("guest-fsfreeze-thaw", timeout=20)
+            _log(f"thawed the guest through {path}")
+            return True
+        except (VmafsError, OSError, trio.TooSlowError) as exc:
+            _log(f"thaw through {path}: {exc}")
+            await trio.sleep(0.5)
+    return False
+
+
 async def rescue_and_clean(execute: Execute, tags: set[str], bitmaps: Sequence[str],
                            exports: Sequence[tuple[str, int]]) -> list[str]:
     """clean_run() for runs whose guard died too: first serve their NBD sockets again with a
@@ -291,6 +311,9 @@ async def _take_over(qmp_path: str, lock_fd: int) -> bool:
     record = runlock.read_record(lock_fd)
     if record is None:
         return False
+    # first the guest's file systems, if the run died with them frozen; if the agent does
+    # not answer, the lock file stays and the next backup of the VM tries again
+    thawed = record.qga is None or await thaw_guest(record.qga)
     with trio.move_on_after(120):
         while True:
             try:
@@ -307,7 +330,7 @@ async def _take_over(qmp_path: str, lock_fd: int) -> bool:
                 _log("reconnected")
                 done = await clean_run(qmp.execute, {record.tag}, dead_bitmaps(record))
                 _log(f"cleaned: {done}")
-                return True
+                return thawed
             except (OSError, VmafsError, trio.TooSlowError, trio.BrokenResourceError):
                 await trio.sleep(0.5)
             finally:

@@ -49,7 +49,13 @@ import trio
 from vmafs.archive import naming
 from vmafs.backup import bitmaps, blockgraph, runlock, switching
 from vmafs.backup.blockgraph import Disk
-from vmafs.backup.guard import RECONNECT_DELAY, Guard, dead_bitmaps, rescue_and_clean
+from vmafs.backup.guard import (
+    RECONNECT_DELAY,
+    Guard,
+    dead_bitmaps,
+    rescue_and_clean,
+    thaw_guest,
+)
 from vmafs.backup.nbd_server import NBDStats, open_listener, serve_nbd_threads
 from vmafs.backup.pipe import FINISH, DiskSink, Pipe
 from vmafs.backup.prev import PrevReader
@@ -437,6 +443,10 @@ class Backup:
             dead = [b for a in ours for b in dead_bitmaps(a.record)]
             exports = [(str(p), int(n)) for a in ours if a.record is not None
                        and a.tag in present for p, n in a.record.exports]
+            for qga in {a.record.qga for a in ours if a.record is not None and a.record.qga}:
+                changed = True
+                if await thaw_guest(qga):  # a run killed while the guest was frozen
+                    self.notes.append("thawed the guest's file systems a killed backup froze")
             if tags or dead:
                 changed = True
                 done = await rescue_and_clean(qmp.execute, tags, dead, exports)
@@ -609,6 +619,9 @@ class Backup:
     async def _freeze(self) -> None:
         assert self.opts.qga_socket
         self._st.maybe_frozen = True
+        if self.lock is not None:  # killed from here on, the guard thaws the guest
+            self.lock.record.qga = os.path.abspath(self.opts.qga_socket)
+            self.lock.write()
         async with GuestAgent.open(self.opts.qga_socket) as agent:
             self.frozen = int(await agent.execute("guest-fsfreeze-freeze",
                                                   timeout=self.opts.freeze_timeout))
@@ -624,6 +637,9 @@ class Backup:
                         await agent.execute("guest-fsfreeze-thaw",
                                             timeout=self.opts.freeze_timeout)
                 self._st.maybe_frozen = False
+                if self.lock is not None:
+                    self.lock.record.qga = None
+                    self.lock.write()
                 return
             except (VmafsError, trio.TooSlowError) as exc:
                 last = exc

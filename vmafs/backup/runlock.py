@@ -52,6 +52,7 @@ class RunRecord:
     uuid: str | None = None
     committed: bool = False
     exports: list[tuple[str, int]] = field(default_factory=list)  # NBD sockets: (path, size)
+    qga: str | None = None        # the guest agent's socket while the guest may be frozen
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
