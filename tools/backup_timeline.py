@@ -362,6 +362,9 @@ def main() -> int:
             size = size // bi.PERIOD * bi.PERIOD
             bi.make_image(img, size)
             rng = np.random.default_rng(2024)
+            pristine = work / "pristine.raw"  # bi.restore_image: every full the same disk
+            subprocess.run(["cp", "--sparse=always", str(img), str(pristine)], check=True)
+            written: list[int] = []
         else:
             make_image(img, size)
         disk = gi.Disk(img, fmt="raw", cache="none")
@@ -380,14 +383,18 @@ def main() -> int:
                 order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
                 for name, tree in order:
                     out = work / "b.vma"
+                    if like:
+                        bi.restore_image(img, pristine, written)
+                        written.clear()
                     runs.setdefault((name, "full"), []).append(
                         timed_backup(tree, vm.qmp_path, out, work))
                     line.append(f"{name} full {runs[name, 'full'][-1][0]:.3f} s")
                     if args.incremental:
                         inc = work / "i.vma"
                         if like:
-                            bi.qemu_io_writes(vm, disk.drive_id, bi.changed_clusters(rng, size),
-                                              0x41 + r)
+                            clusters = bi.changed_clusters(rng, size)
+                            bi.qemu_io_writes(vm, disk.drive_id, clusters, 0x41 + r)
+                            written.extend(clusters.tolist())
                             evict(out)
                         runs.setdefault((name, "incremental"), []).append(
                             timed_backup(tree, vm.qmp_path, inc, work, "--incremental",

@@ -8,8 +8,10 @@ clusters (1311), picked at random over the whole disk (holes included, as a gues
 
 1. live (idle guest, -drive raw cache=none disk): `vmafs backup` full, then 2 % of the clusters
    written through QEMU's block layer (HMP `qemu-io write -P`, pipelined on one QMP
-   connection), then `vmafs backup --incremental`.  Targets: incremental time <= 1/10 of the
-   full's, incremental bytes written <= 1/20 of the full's.  --runs rounds of full +
+   connection), then `vmafs backup --incremental`; what a round wrote is put back into the
+   image before the next full (restore_image), so every full backs up the same disk.
+   Targets: incremental time <= 1/10 of the full's, incremental bytes written <= 1/20 of the
+   full's.  --runs rounds of full +
    incremental; before each backup the image and the archives it reads are evicted from the
    page cache (never drop_caches: others measure on the same machine, and a backup started a
    day after its PREV finds the Python modules it runs in the cache, not PREV).  Times are the
@@ -143,6 +145,31 @@ def make_image(path: Path, size: int) -> None:
             f.write(rng.bytes(min(RUN, size - off)))
 
 
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def restore_image(img: Path, pristine: Path, clusters: list[int]) -> None:
+    """Put back what earlier rounds wrote into the image (a cluster of a data run from the
+    pristine copy, one in a hole punched out again), so that every round's full backs up the
+    disk make_image made. Without it the full grew round after round by the written clusters
+    that fell into holes (2 GiB of data, +2 % x 64 KiB x half per backup pair: 2052 -> 2585 MiB
+    over 8 rounds of two trees), and so did its time: the median ratio then depended on
+    --runs. The VM is idle and reads its disk with cache=none; the image is evicted before
+    every backup anyway."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    with open(img, "r+b") as dst, open(pristine, "rb") as src:
+        for cluster in sorted(set(clusters)):
+            off = cluster * CLUSTER
+            if off % PERIOD < RUN:
+                os.pwrite(dst.fileno(), os.pread(src.fileno(), CLUSTER, off), off)
+            elif libc.fallocate(dst.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                off, CLUSTER) != 0:
+                raise OSError(ctypes.get_errno(), f"punching a hole into {img}")
+        os.fsync(dst.fileno())
+
+
 def changed_clusters(rng: np.random.Generator, size: int) -> np.ndarray:
     n = size // CLUSTER
     return np.sort(rng.choice(n, size=max(1, round(n * CHANGE)), replace=False))
@@ -197,6 +224,9 @@ def part_live(guest: gi.Guest, img: Path, work: Path, size: int, runs: int,
     trees = trees or {"this": ROOT}
     rng = np.random.default_rng(2024)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    pristine = work / "pristine.raw"  # what restore_image puts back
+    subprocess.run(["cp", "--sparse=always", str(img), str(pristine)], check=True)
+    written: list[int] = []           # clusters written since the image was last restored
     disk = gi.Disk(img, fmt="raw", cache="none")
     t = time.perf_counter()
     with gi.QemuVM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline("idle"),
@@ -213,9 +243,12 @@ def part_live(guest: gi.Guest, img: Path, work: Path, size: int, runs: int,
                 tree = trees[name]
                 full, inc = work / f"live-full{r}.vma", work / f"live-inc{r}.vma"
                 startup = run_vmafs("backup", "--help", tree=tree)[0]
+                restore_image(img, pristine, written)
+                written.clear()
                 f = live_backup(vm, full, [img], tree=tree)
                 clusters = changed_clusters(rng, size)
                 w = qemu_io_writes(vm, disk.drive_id, clusters, 0x41 + r)
+                written.extend(clusters.tolist())
                 i = live_backup(vm, inc, [img, full], "--incremental", str(full), tree=tree)
                 assert not f["incremental"] and i["incremental"], (f, i)
                 rounds[name].append({"full": f, "inc": i, "changed_clusters": len(clusters),
