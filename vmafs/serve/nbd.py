@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import trio
 
 from vmafs.archive.serving import Reader, Session, open_session
-from vmafs.errors import UsageError, VmafsError
+from vmafs.errors import UsageError, VmafsError, leaf
 from vmafs.format import nbd
 from vmafs.format.names import display
 
@@ -158,12 +158,14 @@ class Exports:
         self.connections += 1
         try:
             await _Connection(self, stream).run()
-        except (nbd.NBDProtocolError, trio.TooSlowError) as exc:
-            log.warning("NBD client dropped: %s", exc)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("NBD connection lost: %s", exc)
-        except Exception:  # noqa: BLE001 - one connection fails, the server serves on
-            log.exception("NBD connection failed")
+        except Exception as group:  # noqa: BLE001 - one connection fails, the server serves on
+            exc = leaf(group)  # a client gone mid-reply comes out of a nursery, grouped
+            if isinstance(exc, nbd.NBDProtocolError | trio.TooSlowError):
+                log.warning("NBD client dropped: %s", exc)
+            elif isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
+                log.info("NBD connection lost: %s", exc)
+            else:
+                log.error("NBD connection failed", exc_info=exc)
         finally:
             self._slots.release()
             with contextlib.suppress(Exception):
@@ -235,7 +237,7 @@ class _Connection:
         assert self.reader is not None
         dev_id = self.reader.dev_id
         sock.setblocking(True)
-        out = _Sender(sock)
+        out = _Sender(sock, BUDGET * BUDGET_UNIT)
         # one receive buffer for the connection: a fresh 256 KiB object per request (what
         # recv(RECV_SIZE) allocates, then shrinks) costs more than parsing the request
         buffer = bytearray(RECV_SIZE)
@@ -248,6 +250,7 @@ class _Connection:
                     if ev is nbd.NEED_DATA:
                         break
                     if type(ev) is nbd.Read:
+                        out.wait_room(ev.length)  # a client that does not read holds no more
                         try:
                             data = read_inline(dev_id, ev.offset, ev.length)
                             if len(data) != ev.length:
@@ -398,13 +401,18 @@ class _Sender:
     """Replies of one connection from its thread. A large reply goes to a second thread,
     which sends it while the next request is read from the archive (pread and checksums
     overlap the socket copy); a small one is sent at once when nothing is queued. Replies
-    never interleave (one lock); at most QUEUED large replies wait (memory stays bounded)."""
+    never interleave (one lock); at most QUEUED large replies of `limit` bytes in all wait,
+    and the next read is made only when it fits beside them (`wait_room`): a client that
+    never reads its replies holds the connection's budget, as on the loop's path, no more."""
 
     QUEUED = 4
     LARGE = 256 << 10
 
-    def __init__(self, sock: stdsocket.socket) -> None:
+    def __init__(self, sock: stdsocket.socket, limit: int) -> None:
         self.sock = sock
+        self.limit = limit
+        self.queued = 0  # bytes of large replies queued or being sent
+        self.room = threading.Condition()
         self.lock = threading.Lock()
         self.queue: queue.Queue[tuple[bytes, bytes | memoryview] | None] = queue.Queue(
             self.QUEUED)
@@ -427,17 +435,29 @@ class _Sender:
             self.thread = threading.Thread(target=self._run, name="vmafs-nbd-send",
                                            daemon=True)
             self.thread.start()
+        with self.room:
+            self.queued += len(data)
         self.queue.put((head, data))
+
+    def wait_room(self, size: int) -> None:
+        """Wait until `size` more reply bytes fit the limit beside those queued (one
+        reply alone always fits); only the connection's thread queues, so it stays so."""
+        with self.room:
+            while self.queued and self.queued + size > self.limit and self.failed is None:
+                self.room.wait()
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            if self.failed is not None:
-                continue  # drain: the connection is gone
             try:
-                with self.lock:
-                    self._sendmsg(*item)
+                if self.failed is None:  # else drain: the connection is gone
+                    with self.lock:
+                        self._sendmsg(*item)
             except OSError as exc:
                 self.failed = exc
+            finally:
+                with self.room:
+                    self.queued -= len(item[1])
+                    self.room.notify()
 
     def _sendmsg(self, head: bytes, data: bytes | memoryview) -> None:
         total = len(head) + len(data)

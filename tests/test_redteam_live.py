@@ -1,0 +1,126 @@
+"""Red-team findings on the live side (serving, boot, live restore), each a test that failed
+before its fix: a hostile NBD client, a crafted archive config or a killed run must cost
+neither the server's memory nor the host's safety."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from conftest import run_vmafs
+
+from vmafs.format import nbd
+
+MiB = 1 << 20
+
+
+def _archive(d: Path, size: int, conf: str = "boot: order=scsi0\n") -> Path:
+    """A one-disk plain archive of `size` random bytes."""
+    disk, config, out = d / "disk.raw", d / "qemu-server.conf", d / "vm.vma"
+    disk.write_bytes(random.Random(1).randbytes(size))
+    config.write_text(conf)
+    rc, _, err = run_vmafs("create", "-q", "-o", out, "-c", config, f"drive-scsi0={disk}")
+    assert rc == 0, err
+    return out
+
+
+@contextlib.contextmanager
+def _serving(archive: Path, sock: Path) -> Iterator[int]:
+    rc, out, err = run_vmafs("serve", "--json", "--socket", sock, archive)
+    assert rc == 0, err
+    pid = int(json.loads(out)["pid"])
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the server did not stop on SIGTERM")
+
+
+def _opt(option: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", nbd.IHAVEOPT, option, len(data)) + data
+
+
+def _connect(sock: Path, export: str = "drive-scsi0") -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(sock))
+    assert len(s.recv(18)) == 18
+    name = export.encode()
+    s.sendall(struct.pack(">I", 3)
+              + _opt(nbd.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)))
+    end = struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, nbd.OPT_GO, nbd.REP_ACK, 0)
+    data = b""
+    while not data.endswith(end):
+        chunk = s.recv(4096)
+        assert chunk, data
+        data += chunk
+    return s
+
+
+def _anon_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon")
+
+
+def _settled_rss(pid: int) -> int:
+    """The server's anonymous memory once it stops growing (it waits on its clients)."""
+    last, same = -1, 0
+    for _ in range(200):
+        now = _anon_rss(pid)
+        same = same + 1 if now == last else 0
+        if same == 5:
+            break
+        last = now
+        time.sleep(0.1)
+    return last
+
+
+def test_a_client_that_never_reads_holds_its_budget_not_more(tmp_path: Path) -> None:
+    """A plain archive's connections are served from a thread whose sender queued up to 4
+    replies of 32 MiB, plus the one it sent and the one just read: a client that sends
+    32 MiB reads and never reads a reply made the server hold ~210 MiB, 64 such connections
+    13 GiB. Now the next read waits until it fits the connection's 64 MiB reply budget (what
+    the compressed path's loop already kept to)."""
+    archive = _archive(tmp_path, 40 * MiB)
+    sock = tmp_path / "s"
+    clients = 2
+    with _serving(archive, sock) as pid:
+        before = _settled_rss(pid)
+        conns = []
+        try:
+            for _ in range(clients):
+                s = _connect(sock)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"".join(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ,
+                                               h, 0, 32 * MiB) for h in range(24)))
+                conns.append(s)
+            grown = _settled_rss(pid) - before
+            # budget (64 MiB) + the socket's send buffer + allocator slack, per client
+            assert grown < clients * 128 * MiB, f"{grown / MiB:.0f} MiB for {clients} clients"
+            s = _connect(sock)            # and the server still answers others
+            s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 7, 0, 8))
+            reply = s.recv(24, socket.MSG_WAITALL)
+            assert reply[:16] == struct.pack(">IIQ", nbd.SIMPLE_REPLY_MAGIC, 0, 7)
+            assert reply[16:] == random.Random(1).randbytes(8)
+            s.close()
+        finally:
+            for s in conns:
+                s.close()
