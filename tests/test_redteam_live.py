@@ -8,14 +8,17 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import run_vmafs
+import pytest
+from conftest import assert_one_line_error, run_vmafs
 
 from vmafs.format import nbd
 
@@ -124,3 +127,30 @@ def test_a_client_that_never_reads_holds_its_budget_not_more(tmp_path: Path) -> 
         finally:
             for s in conns:
                 s.close()
+
+
+def _query_name(name_arg: str) -> dict[str, object]:
+    """What QEMU makes of `-name name_arg` (query-name over QMP on stdio)."""
+    qmp = ('{"execute":"qmp_capabilities"}\n{"execute":"query-name"}\n'
+           '{"execute":"quit"}\n')
+    proc = subprocess.run(["qemu-system-x86_64", "-name", name_arg, "-nodefaults",
+                           "-machine", "none", "-display", "none", "-S", "-qmp", "stdio"],
+                          input=qmp, capture_output=True, text=True, timeout=60)
+    replies = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return next(r["return"] for r in replies[2:] if "return" in r)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU")
+def test_boot_gives_qemu_the_archives_vm_name_as_a_name_only(tmp_path: Path) -> None:
+    """`name: process=pwned` in the archive's qemu-server.conf went to QEMU as `-name
+    process=pwned`, which QEMU reads as its process= option (and debug-threads=on as that
+    one): archive text as QEMU options. It is the guest's name now, whatever it says; and
+    `--timeout nan` is one line, not trio's traceback once QEMU had started."""
+    archive = _archive(tmp_path, MiB, "name: process=pwned,debug-threads=on\nmemory: 64\n")
+    rc, out, err = run_vmafs("boot", "--print", "--json", archive)
+    assert rc == 0, err
+    argv = json.loads(out)["qemu"]
+    assert _query_name(argv[argv.index("-name") + 1]) == {
+        "name": "process=pwned,debug-threads=on"}
+    rc, _, err = run_vmafs("boot", "--check", "--timeout", "nan", archive)
+    assert_one_line_error(rc, err, "--timeout")

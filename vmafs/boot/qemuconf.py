@@ -163,7 +163,9 @@ def build(cfg: VmConfig, disks: list[BootDisk], *, accel: str = "tcg",
     serial: a file for the console (None: on stdio); qga: the agent's socket if the VM has
     one; accel kvm or tcg."""
     notes = list(cfg.notes)
-    argv = ["qemu-system-x86_64", "-name", _q(cfg.name or name), "-nodefaults",
+    # the archive's VM name as the value of guest=: bare, "process=x" or "debug-threads=on"
+    # in a crafted config would be read by QEMU as those options
+    argv = ["qemu-system-x86_64", "-name", f"guest={_q(cfg.name or name)}", "-nodefaults",
             "-no-user-config", "-machine", f"{cfg.machine},accel={accel}",
             "-cpu", "host" if accel == "kvm" else "max",
             "-m", str(cfg.memory),

@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from vmafs.errors import UsageError
     from vmafs.progress import print_json
 
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    if not 0 < args.timeout < float("inf"):  # NaN too: a traceback from trio's timer
+        raise UsageError("--timeout must be a positive number of seconds")
     if (args.expect is not None) and not args.check:
         raise UsageError("--expect belongs to --check")
     opts = engine.Options(archive=args.archive, bases=[os.path.abspath(b) for b in args.base],
