@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +155,52 @@ def test_boot_gives_qemu_the_archives_vm_name_as_a_name_only(tmp_path: Path) -> 
         "name": "process=pwned,debug-threads=on"}
     rc, _, err = run_vmafs("boot", "--check", "--timeout", "nan", archive)
     assert_one_line_error(rc, err, "--timeout")
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(600):
+        if path.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert path.exists(), proc.communicate()
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("qemu-img", "qemu-io")),
+                    reason="no qemu-img, qemu-io")
+def test_a_live_restore_killed_while_making_its_targets_leaves_none_resume_takes(
+        tmp_path: Path) -> None:
+    """`restore --live` created each target under its final name, then ran qemu-img create
+    and qemu-io in it: SIGKILLed in between, it left an empty file there, and --resume took
+    it for a finished target (no backing: "done: the targets no longer need the archive",
+    exit 0, with QEMU never asked). Targets and configs are now made under hidden temporary
+    names and named when whole; --resume refuses a target that is no qcow2 of the disk's
+    size. (The qemu-io on PATH runs the real one after a pause: the moment of the kill.)"""
+    disk, archive = tmp_path / "disk.raw", tmp_path / "vm.vma"
+    with open(disk, "wb") as f:
+        f.truncate(4 * MiB)          # holes: qemu-io marks them in the target
+    rc, _, err = run_vmafs("create", "-q", "-o", archive, f"drive-scsi0={disk}")
+    assert rc == 0, err
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    real = shutil.which("qemu-io")
+    (shim / "qemu-io").write_text(f"#!/bin/sh\ntouch {tmp_path}/in-qemu-io\nsleep 30\n"
+                                  f"exec {real} \"$@\"\n")
+    (shim / "qemu-io").chmod(0o755)
+    out = tmp_path / "out"
+    args = ["restore", "--live", archive, "--to", out, "--qmp", tmp_path / "qmp"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "vmafs", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for(tmp_path / "in-qemu-io", proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+    rc, _, err = run_vmafs(*args[:1], "--resume", *args[1:])
+    assert_one_line_error(rc, err, "nothing to resume")
+    # what a killed run left before the fix: an empty file under the target's name
+    (out / "disk-drive-scsi0.qcow2").touch()
+    rc, _, err = run_vmafs(*args[:1], "--resume", *args[1:])
+    assert_one_line_error(rc, err, "not a live restore target")

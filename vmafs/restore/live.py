@@ -226,37 +226,36 @@ class _LiveRestore:
 
     def _create(self, targets: list[Target], session: Any, sock: str
                 ) -> list[tuple[bytes, str, int]]:
-        """Each target created exclusively (never through a symlink) as a qcow2 overlay of
-        its export; the config files beside them. Undone when anything fails."""
+        """Each target made whole under a hidden temporary name (never through a symlink),
+        a qcow2 overlay of its export with the holes marked, and only then given its name
+        (never replacing a file); the config files likewise. A run killed half-way leaves a
+        hidden .part, never a file under a target's name that --resume would take for a
+        finished one. Undone when anything fails."""
         made: list[bytes] = []
         dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for t in targets:
-                fd = os.open(t.file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-                made.append(t.file)
-                try:
-                    create_target(fd, t.size,
+                with _temp(dir_fd, t.file, self.dir) as tmp:
+                    create_target(tmp.fd, t.size,
                                   backing_spec(sock, t.name, self.opts.reconnect_delay))
-                    _mark_holes(fd, _holes(session, t))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                    _mark_holes(tmp.fd, _holes(session, t))
+                    keep = os.dup(tmp.fd)
+                    try:
+                        tmp.commit()
+                        made.append(t.file)
+                        os.fchmod(keep, 0o600)  # the guest's writes will be in it
+                    finally:
+                        os.close(keep)
             configs = []
             for fname, (name, data) in zip(session.names.configs, session.configs,
                                            strict=True):
-                fd = os.open(fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-                made.append(fname)
-                try:
+                with _temp(dir_fd, fname, self.dir) as tmp:
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                        view = view[os.write(tmp.fd, view):]
+                    tmp.commit()
+                    made.append(fname)
                 configs.append((fname, name, len(data)))
-            os.fsync(dir_fd)
             return configs
         except BaseException:
             for fname in made:
@@ -278,6 +277,13 @@ class _LiveRestore:
             if not stat.S_ISREG(st.st_mode):
                 raise VmafsError(f"{display(t.path)} is not a regular file")
             info = json.loads(_qemu_img(["info", "-U", "--output=json", t.path]))
+            if info.get("format") != "qcow2" or info.get("virtual-size") != t.size:
+                # an empty or half-written file (a run killed while making it, before
+                # targets were made whole under a temporary name) has no backing either
+                raise VmafsError(f"{display(t.path)} is not a live restore target (a "
+                                 f"{info.get('format')} image of {info.get('virtual-size')} "
+                                 f"bytes, not a qcow2 of {t.size}): remove it and restore "
+                                 "again")
             backing = info.get("full-backing-filename") or info.get("backing-filename")
             if not backing:
                 t.done = True
@@ -382,6 +388,18 @@ class _LiveRestore:
                     raise VmafsError(f"QEMU at {display(self.opts.qmp)} has no drive on "
                                      f"{display(t.path)}: start it with the -drive arguments "
                                      "vmafs printed")
+
+
+@contextlib.contextmanager
+def _temp(dir_fd: int, name: bytes, dir_path: str) -> Any:
+    """A TempFile for `name` in the directory, removed unless committed."""
+    from vmafs.container.output import TempFile
+
+    tmp = TempFile(dir_fd, name, label=display(os.path.join(dir_path, os.fsdecode(name))))
+    try:
+        yield tmp
+    finally:
+        tmp.discard()
 
 
 def create_target(fd: int, size: int, backing: str) -> None:
