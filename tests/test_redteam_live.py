@@ -204,3 +204,82 @@ def test_a_live_restore_killed_while_making_its_targets_leaves_none_resume_takes
     (out / "disk-drive-scsi0.qcow2").touch()
     rc, _, err = run_vmafs(*args[:1], "--resume", *args[1:])
     assert_one_line_error(rc, err, "not a live restore target")
+
+
+CLUSTER = 65536
+
+
+def _damage(archive: Path, dev_id: int, clusters: range) -> None:
+    """Flip a byte of each of these clusters of the device in a plain archive (its extents
+    walked: a 512-byte header of 59 slots, then the slots' 4 KiB blocks)."""
+    data = bytearray(archive.read_bytes())
+    pos = struct.unpack_from(">I", data, 56)[0]          # header size
+    hit = 0
+    while data[pos:pos + 4] == b"VMAE":
+        blocks = struct.unpack_from(">H", data, pos + 6)[0]
+        at = pos + 512
+        for slot in range(59):
+            info = struct.unpack_from(">Q", data, pos + 40 + 8 * slot)[0]
+            if info >> 32 & 0xFF == dev_id and info & 0xFFFFFFFF in clusters \
+                    and info >> 48 & 1:
+                data[at] ^= 0xFF
+                hit += 1
+            at += 4096 * (info >> 48).bit_count() if info >> 32 & 0xFF else 0
+        pos += 512 + 4096 * blocks
+    assert hit, "no cluster of the device there"
+    archive.write_bytes(data)
+
+
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("qemu-img", "qemu-system-x86_64")),
+                    reason="needs qemu-img and qemu-system-x86_64")
+def test_a_damaged_stream_does_not_take_the_export_from_the_others(tmp_path: Path) -> None:
+    """A live restore whose archive is damaged under one disk's stream: that stream fails
+    (EIO), and vmafs exited at once, taking the export away while the other disk's stream
+    still ran in QEMU, reading it: that job then waited out the reconnect delay (300 s),
+    and QEMU's monitor with it (`stop` got no answer). Now the others are served to their
+    end, then vmafs fails with one line naming the stream to --resume; the guest writes on."""
+    import guestimage as gi
+    from test_live_restore import SLOW, Restore, _backing, _disk, _env
+
+    guest = gi.guest_or_skip()
+    _disk(tmp_path / "a.raw", 1)
+    _disk(tmp_path / "b.raw", 2)
+    archive = tmp_path / "vm.vma"
+    subprocess.run([sys.executable, "-m", "vmafs", "create", "-q", "-o", archive,
+                    f"drive-virtio0={tmp_path / 'a.raw'}", f"drive-virtio1={tmp_path / 'b.raw'}"],
+                   check=True, env=_env())
+    out, qmp = tmp_path / "out", tmp_path / "q.sock"
+    restore = Restore(archive, "--to", out, "--qmp", qmp, "--speed", SLOW)
+    restore.wait_line(r"-drive file=")
+    targets = [out / "disk-drive-virtio0.qcow2", out / "disk-drive-virtio1.qcow2"]
+    vm = gi.QemuVM(kernel=guest.kernel, initrd=guest.initrd, append=guest.cmdline("writer"),
+                   disks=[gi.Disk(t, fmt="qcow2") for t in targets],
+                   extra_args=["-S", "-qmp", f"unix:{qmp},server=on,wait=off"])
+    try:
+        with vm:
+            vm.wait_for("VMAFS-READY", timeout=120)
+            vm.wait_for("VMAFS-COUNT", timeout=60)
+            _damage(archive, 1, range(8 * MiB // CLUSTER, 20 * MiB // CLUSTER))
+            jobs = {j["device"]: j for j in vm.qmp("query-block-jobs")}
+            assert sorted(jobs) == ["vmafs-stream-0", "vmafs-stream-1"], jobs
+            vm.qmp("block-job-set-speed", device="vmafs-stream-0", speed=0)
+            while "vmafs-stream-0" in {j["device"] for j in vm.qmp("query-block-jobs")}:
+                time.sleep(0.05)                        # failed on the damage
+            vm.qmp("block-job-set-speed", device="vmafs-stream-1", speed=0)
+            restore.proc.wait(timeout=180)
+            restore._thread.join(5)
+            err = "".join(restore.err)
+            assert restore.proc.returncode == 1, err
+            last = err.strip().splitlines()[-1]
+            assert "drive-virtio0" in last and "--resume" in last, err
+            assert vm.qmp("query-block-jobs") == []    # no stream left reading a dead export
+            assert _backing(targets[1]) is None and _backing(targets[0]) is not None
+            mark = vm.serial_mark()
+            vm.wait_for("VMAFS-COUNT", timeout=60, after=mark)
+            assert "VMAFS-ERROR" not in vm.serial()
+            vm.qmp("stop")                              # the monitor answers
+            vm.stop()
+    finally:
+        if restore.proc.poll() is None:
+            restore.proc.kill()
+            restore.proc.wait()

@@ -328,6 +328,7 @@ class _LiveRestore:
                 await qmp.execute("cont")
             progress = self.progress_of(sum(t.size for t in pending))
             waiting = {t.job: t for t in pending}
+            failed: list[str] = []
             async with trio.open_nursery() as nursery:
                 async def poll() -> None:
                     while True:
@@ -343,24 +344,31 @@ class _LiveRestore:
                     job = waiting.get(data.get("device", ""))
                     if job is None:
                         continue
+                    # One stream ending badly (a damaged cluster: EIO) must not take the
+                    # export from the others: they still read it, and a job left reading
+                    # a vanished export holds QEMU's monitor for the reconnect delay
+                    # (stop, savevm wait on it). The others are served to their end first.
                     if event["event"] == "BLOCK_JOB_CANCELLED":
-                        raise VmafsError(f"the stream of {display(job.name)} was cancelled; "
-                                         "vmafs restore --live --resume starts it again")
-                    if event["event"] == "BLOCK_JOB_COMPLETED":
-                        if "error" in data:
-                            raise VmafsError(f"the stream of {display(job.name)} failed: "
-                                             f"{data['error']}; vmafs restore --live "
-                                             "--resume starts it again")
+                        failed.append(f"the stream of {display(job.name)} was cancelled")
+                    elif event["event"] == "BLOCK_JOB_COMPLETED" and "error" in data:
+                        failed.append(f"the stream of {display(job.name)} failed: "
+                                      f"{data['error']}")
+                    elif event["event"] == "BLOCK_JOB_COMPLETED":
                         progress.update(job.size - job.offset)
                         job.offset, job.done = job.size, True
-                        del waiting[job.job]
-                        if not waiting:
-                            break
+                    else:
+                        continue
+                    del waiting[job.job]
+                    if not waiting:
+                        break
                 else:
                     raise VmafsError("QEMU exited before the stream completed: the targets "
                                      "still need the archive; start QEMU on them again and "
                                      "run vmafs restore --live --resume")
                 nursery.cancel_scope.cancel()
+            if failed:
+                raise VmafsError("; ".join(failed) + "; vmafs restore --live --resume "
+                                 "starts it again")
             progress.finish()
             await self._find_nodes(qmp, targets)   # the backing links are gone now
             for t in targets:
