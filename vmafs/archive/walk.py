@@ -30,6 +30,7 @@ import numpy as np
 
 from vmafs.archive import problems
 from vmafs.archive.rules import ClusterRules
+from vmafs.buffers import on_huge_pages
 from vmafs.container.source import ByteSource
 from vmafs.errors import FormatError
 from vmafs.format import index, vma
@@ -149,7 +150,6 @@ def read_header(stream: BinaryIO) -> vma.Header:
     return vma.decode_header(prefix + rest)
 
 
-PAGE = 4096
 ZERO_RUN_BATCH = 4096  # data-less extents in a row checked together: a sparse disk has millions
 READ_AHEAD = 2
 """Extent buffers (3.8 MiB each) of a threaded forward read: the reader thread fills one while
@@ -222,10 +222,9 @@ def _new_buffer() -> np.ndarray:
     without the GIL (a zeroed bytearray's 3.8 MiB were faulted in and cleared with it held,
     ~1-3 ms a buffer at the start of every walk); a view of it is handed out only once read
     whole. Page-aligned, so its clusters can be written with O_DIRECT (copier.DirectFds)
-    without a copy."""
-    raw = np.empty(vma.MAX_EXTENT_SIZE + PAGE, np.uint8)
-    skip = -raw.ctypes.data % PAGE
-    return raw[skip:skip + vma.MAX_EXTENT_SIZE]
+    without a copy; on huge pages (buffers.on_huge_pages), as the ring's buffers are filled
+    again and again."""
+    return on_huge_pages(vma.MAX_EXTENT_SIZE)
 
 
 def _runs(source: _Source, header: vma.Header, take: Callable[[], np.ndarray], hashing: Hashing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import numpy as np
 
@@ -94,6 +95,10 @@ class StoredPlainSource:
         return self.obj.size
 
     def pread(self, offset: int, length: int) -> memoryview:
+        view = getattr(self.obj, "view", None)
+        if view is not None:  # a sequential reader's read within one fetched chunk: a view
+            # of it, not a copy into a fresh buffer (RangedObject.view)
+            return cast(memoryview, view(offset, length))
         size = max(0, min(length, self.obj.size - offset))
         # filled straight from the fetched ranges (one copy), so never zeroed first
         buf = np.empty(size, np.uint8).data
