@@ -283,3 +283,19 @@ def test_a_damaged_stream_does_not_take_the_export_from_the_others(tmp_path: Pat
         if restore.proc.poll() is None:
             restore.proc.kill()
             restore.proc.wait()
+
+
+def test_a_live_restore_refuses_a_qmp_socket_qemu_can_never_make(tmp_path: Path) -> None:
+    """--qmp in a directory that does not exist, or longer than a unix socket path may be:
+    QEMU can never listen there, and `restore --live` made its targets, then waited for the
+    socket without end (its probe's 'path too long' taken for 'not yet'). A --speed beyond
+    QEMU's int64 passed too. Each is one line now, before anything is made."""
+    archive = _archive(tmp_path, MiB)
+    out = tmp_path / "out"
+    for extra, what in (([tmp_path / "no" / "q"], "no directory"),
+                        ([tmp_path / ("q" * 120)], "at most"),
+                        ([tmp_path / "q", "--speed", str(1 << 70)], "--speed")):
+        rc, _, err = run_vmafs("restore", "--live", archive, "--to", out, "--qmp", *extra,
+                               timeout=30)
+        assert_one_line_error(rc, err, what)
+        assert not out.exists()

@@ -100,7 +100,7 @@ def _rate(text: str) -> int:
     num, unit = text[:-1], text[-1:].upper()
     if unit not in units or unit == "":
         num, unit = text, ""
-    if not num.isdigit() or int(num) == 0:
+    if not num.isdigit() or not 0 < int(num) * units[unit] < 1 << 63:  # QEMU's int64
         raise argparse.ArgumentTypeError(f"{text!r} is not a rate (like 50M)")
     return int(num) * units[unit]
 

@@ -151,6 +151,7 @@ class _LiveRestore:
         from vmafs.serve.nbd import serving
 
         opts = self.opts
+        _check_qmp(opts.qmp)
         async with open_session(os.path.abspath(opts.archive), opts.bases) as session:
             targets = self._targets(session)
             dir_fd = self._dir_fd()
@@ -460,6 +461,17 @@ def _mark_holes(fd: int, holes: list[tuple[int, int]]) -> None:
     if proc.returncode or "error" in proc.stderr.lower() or "error" in proc.stdout.lower():
         lines = (proc.stderr or proc.stdout).strip().splitlines() or ["failed"]
         raise VmafsError(f"qemu-io write -z failed: {lines[-1]}")
+
+
+def _check_qmp(path: str) -> None:
+    """A QMP socket QEMU can never listen at is a usage error now, not a wait without end
+    for it (after the targets were made)."""
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise UsageError(f"--qmp {display(path)}: a unix socket path is at most "
+                         f"{SUN_PATH_MAX} bytes")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--qmp {display(path)}: no directory {display(parent)}")
 
 
 async def _wait_for_socket(path: str, announce: Callable[[str], None]) -> None:
