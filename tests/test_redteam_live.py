@@ -97,6 +97,13 @@ def _settled_rss(pid: int) -> int:
     return last
 
 
+def test_serve_on_a_socket_path_too_long_says_so(tmp_path: Path) -> None:
+    """A --socket path longer than a unix socket's was 'PATH: None' (the kernel's error
+    has no strerror); now one line says what is wrong."""
+    rc, _, err = run_vmafs("serve", "--socket", tmp_path / ("s" * 120), _archive(tmp_path, MiB))
+    assert_one_line_error(rc, err, "at most 107 bytes")
+
+
 def test_a_client_that_never_reads_holds_its_budget_not_more(tmp_path: Path) -> None:
     """A plain archive's connections are served from a thread whose sender queued up to 4
     replies of 32 MiB, plus the one it sent and the one just read: a client that sends

@@ -30,10 +30,10 @@ from vmafs.errors import UsageError, VmafsError, leaf
 from vmafs.format.names import display, json_name
 from vmafs.progress import Progress
 from vmafs.restore import RECONNECT_DELAY, SOCKET_NAME
+from vmafs.serve.nbd import SUN_PATH_MAX
 from vmafs.signals import on_stop_signal
 
 POLL = 0.5                        # seconds between progress polls
-SUN_PATH_MAX = 107
 HOLE_CHUNK = 1 << 30              # per qemu-io write -z (below QEMU's request limit)
 MAX_MARKS = 1 << 20               # qemu-io commands per target (the rest is streamed as zeros)
 # Targets have 2 MiB clusters of 64 KiB subclusters (extended L2): a guest write still copies

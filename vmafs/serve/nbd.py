@@ -40,6 +40,7 @@ BUDGET = 64               # tokens: reply bytes in flight per connection (64 MiB
 MAX_CONNECTIONS = 64       # more are closed at once
 SEND_BUFFER = 4 << 20      # socket send buffer asked for (root may exceed wmem_max)
 SO_SNDBUFFORCE = 32
+SUN_PATH_MAX = 107         # bytes of a unix socket's path (sun_path less its NUL)
 
 
 def export_names(session: Session) -> dict[str, int]:
@@ -84,6 +85,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 async def unix_listener(path: str) -> trio.SocketListener:
     """A listening unix socket at path, mode 0600 from the start. A stale socket (nobody
     listening) is replaced; anything else at path is an error."""
+    if len(os.fsencode(path)) > SUN_PATH_MAX:  # the kernel's words: "None"
+        raise VmafsError(f"{display(path)}: a unix socket path is at most {SUN_PATH_MAX} "
+                         "bytes")
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
         if not stat.S_ISSOCK(st.st_mode):
@@ -105,7 +109,7 @@ async def unix_listener(path: str) -> trio.SocketListener:
         await sock.bind(path)
     except OSError as exc:
         sock.close()
-        raise VmafsError(f"{display(path)}: {exc.strerror}") from None
+        raise VmafsError(f"{display(path)}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
     sock.listen(64)
