@@ -306,3 +306,21 @@ def test_a_live_restore_refuses_a_qmp_socket_qemu_can_never_make(tmp_path: Path)
                                timeout=30)
         assert_one_line_error(rc, err, what)
         assert not out.exists()
+
+
+def test_boot_gives_each_disk_its_own_overlay(tmp_path: Path) -> None:
+    """A device named no Proxmox way became virtio{20 + its index}: beside a drive-virtio20
+    both disks got virtio20.qcow2 (the second overlay replaced the first) and the same
+    QEMU ids, so QEMU refused the VM (duplicate ID). Each gets a key of its own now."""
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(MiB))
+    archive = tmp_path / "vm.vma"
+    rc, _, err = run_vmafs("create", "-q", "-o", archive, f"foo={disk}",
+                           f"drive-virtio20={disk}")
+    assert rc == 0, err
+    rc, out, err = run_vmafs("boot", "--print", "--json", archive)
+    assert rc == 0, err
+    argv = json.loads(out)["qemu"]
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    files = [d.split(",")[0] for d in drives]
+    assert len(files) == 2 and len(set(files)) == 2, drives

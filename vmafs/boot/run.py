@@ -10,6 +10,7 @@ read comes from QEMU's block statistics, polled over QMP.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -96,9 +97,13 @@ async def _boot(opts: Options) -> Result:
             if conf is None:
                 result.notes.append("no qemu-server.conf in the archive: defaults used")
             disks = []
-            for i, dev in enumerate(session.devices):
+            # a device named no Proxmox way gets a virtio key no other device has: two
+            # disks on one key shared an overlay (the second's replaced the first's)
+            taken = {qemuconf.disk_key(d.name) for d in session.devices}
+            spare = (k for k in (f"virtio{n}" for n in itertools.count(20)) if k not in taken)
+            for dev in session.devices:
                 name = dev.name
-                key = qemuconf.disk_key(name) or f"virtio{20 + i}"
+                key = qemuconf.disk_key(name) or next(spare)
                 if qemuconf.disk_key(name) is None:
                     result.notes.append(f"{name}: not a Proxmox drive name; attached as "
                                         f"{key}")

@@ -164,7 +164,9 @@ class Exports:
             await _Connection(self, stream).run()
         except Exception as group:  # noqa: BLE001 - one connection fails, the server serves on
             exc = leaf(group)  # a client gone mid-reply comes out of a nursery, grouped
-            if isinstance(exc, nbd.NBDProtocolError | trio.TooSlowError):
+            if isinstance(exc, trio.TooSlowError):
+                log.warning("NBD client dropped: no handshake within %g s", HANDSHAKE_SECONDS)
+            elif isinstance(exc, nbd.NBDProtocolError):
                 log.warning("NBD client dropped: %s", exc)
             elif isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
                 log.info("NBD connection lost: %s", exc)
