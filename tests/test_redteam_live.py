@@ -324,3 +324,20 @@ def test_boot_gives_each_disk_its_own_overlay(tmp_path: Path) -> None:
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     files = [d.split(",")[0] for d in drives]
     assert len(files) == 2 and len(set(files)) == 2, drives
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="no qemu-img")
+@pytest.mark.parametrize("backing", ["json:{x", 'json:{"file":{"server":{"path":5},'
+                                                 '"export":"drive-scsi0"}}'])
+def test_live_restore_resume_reads_a_foreign_backing_as_bad_input(tmp_path: Path,
+                                                                  backing: str) -> None:
+    """--resume reads the socket back from each target's backing: malformed JSON there, or
+    a path that is no string, was a traceback (JSONDecodeError, TypeError in fsencode)."""
+    archive = _archive(tmp_path, MiB)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw",
+                    out / "disk-drive-scsi0.qcow2", str(MiB)], check=True)
+    rc, _, err = run_vmafs("restore", "--live", "--resume", archive, "--to", out, "--qmp",
+                           tmp_path / "q", timeout=30)
+    assert_one_line_error(rc, err, "not a live restore target")

@@ -97,6 +97,19 @@ def backing_spec(sock: str, export: str, reconnect_delay: int) -> str:
         "reconnect-delay": reconnect_delay}}, separators=(",", ":"))
 
 
+def _backing_export(backing: str) -> tuple[str, str] | None:
+    """(socket path, export) of a backing as backing_spec writes it; None for any other
+    (a target's header is read back by --resume: malformed JSON is no traceback)."""
+    if not backing.startswith("json:"):
+        return None
+    try:
+        nbd = json.loads(backing[5:])["file"]
+        path, export = nbd["server"]["path"], nbd["export"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return (path, export) if isinstance(path, str) and isinstance(export, str) else None
+
+
 def qemu_args(targets: list[Target]) -> list[list[str]]:
     """The -drive arguments that run a VM on the targets (ids as Proxmox names them)."""
     return [["-drive", f"file={t.path.replace(',', ',,')},format=qcow2,if=none,"
@@ -289,14 +302,11 @@ class _LiveRestore:
             if not backing:
                 t.done = True
                 continue
-            spec = json.loads(backing[5:]) if backing.startswith("json:") else None
-            try:
-                assert spec is not None
-                nbd = spec["file"]
-                path, export = nbd["server"]["path"], nbd["export"]
-            except (AssertionError, KeyError, TypeError):
+            named = _backing_export(backing)
+            if named is None:
                 raise VmafsError(f"{display(t.path)} is not a live restore target (its "
-                                 f"backing is {backing})") from None
+                                 f"backing is {display(backing)})")
+            path, export = named
             if export != t.name:
                 raise VmafsError(f"{display(t.path)} is backed by export {export}, not "
                                  f"{t.name}")
