@@ -341,3 +341,13 @@ def test_live_restore_resume_reads_a_foreign_backing_as_bad_input(tmp_path: Path
     rc, _, err = run_vmafs("restore", "--live", "--resume", archive, "--to", out, "--qmp",
                            tmp_path / "q", timeout=30)
     assert_one_line_error(rc, err, "not a live restore target")
+
+
+def test_boot_with_a_vm_name_no_argument_can_hold(tmp_path: Path) -> None:
+    """A NUL in the config's VM name went into QEMU's argv: `boot` died in fork_exec with
+    a ValueError traceback. Such a name is left out now, with a note."""
+    archive = _archive(tmp_path, MiB, "name: a\0b\nmemory: 64\n")
+    rc, out, err = run_vmafs("boot", "--print", "--json", archive)
+    assert rc == 0, err
+    assert not [a for a in json.loads(out)["qemu"] if "\0" in a]
+    assert "name" in err and "Traceback" not in err

@@ -95,7 +95,10 @@ def parse(text: str) -> VmConfig:
             continue
         key, value = key.strip(), value.strip()
         if key == "name":
-            cfg.name = value
+            if value.isprintable():
+                cfg.name = value
+            else:  # a NUL cannot even be a QEMU argument
+                cfg.notes.append("name: not printable; the VM is named vmafs-boot")
         elif key == "memory":
             cfg.memory = _int(key, value, 16, cfg.notes, DEFAULT_MEMORY)
         elif key == "cores":
