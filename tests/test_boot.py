@@ -54,7 +54,7 @@ def _vector_plan(name: str) -> qemuconf.Plan:
 def test_vector_command_lines() -> None:
     """Every Proxmox vector's config and disks as QEMU arguments."""
     two = _vector_plan("sample-2disks.vma").argv
-    assert _option(two, "-m") == "2048" and _option(two, "-name") == "vmatest"
+    assert _option(two, "-m") == "2048" and _option(two, "-name") == "guest=vmatest"
     assert _option(two, "-smp") == "2,sockets=1,cores=2"
     assert _option(two, "-machine") == "pc,accel=tcg"
     assert _devices(two) == [
