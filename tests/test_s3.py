@@ -6,11 +6,13 @@ parts."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -318,6 +320,46 @@ def test_signal_during_upload_aborts_it(s3: S3Env, tmp_path: Path, signum: int) 
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err.decode()
     assert s3.keys() == [] and s3.uploads() == []
+
+
+def test_signal_while_the_gateway_hangs_ends_in_time(s3: S3Env, tmp_path: Path) -> None:
+    """A gateway that stops answering (SIGSTOP: connections accepted, nothing answered) holds
+    a part for minutes of timeouts and retries: SIGTERM then ends the command within the abort
+    deadline, one line naming the upload left to remove, not after those minutes."""
+    proc, stdin, rest = _start_slow_upload(s3, "hang.vma", tmp_path,
+                                           VMAFS_S3_ABORT_SECONDS="3")
+    rgw = s3.gw.procs["rgw"]
+    rgw.send_signal(signal.SIGSTOP)
+    try:
+        writer = threading.Thread(target=_write_quietly, args=(stdin, rest), daemon=True)
+        writer.start()  # more parts, which now wait on the gateway
+        writer.join(timeout=30)
+        time.sleep(1)  # the parts sent: not a timing, the signal comes with them in flight
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)  # a hang guard: held by its parts, it took minutes
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("SIGTERM did not end an upload to a gateway that stopped answering")
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "Traceback" not in err and "abort-multipart-upload" in err, err
+    finally:
+        rgw.send_signal(signal.SIGCONT)
+        stdin.close()  # type: ignore[attr-defined]
+    # the parts and the abort the command sent reach the gateway now; what is left we remove
+    for up in s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []):  # type: ignore[attr-defined]
+        with contextlib.suppress(s3.client.exceptions.NoSuchUpload):  # type: ignore[attr-defined]
+            s3.client.abort_multipart_upload(Bucket=s3.bucket, Key=up["Key"],  # type: ignore[attr-defined]
+                                             UploadId=up["UploadId"])
+    assert s3.keys() == [] and s3.uploads() == []
+
+
+def _write_quietly(stream: object, data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError, ValueError):
+        stream.write(data)  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]
 
 
 def test_gateway_gone_mid_upload_fails_cleanly(s3: S3Env, tmp_path: Path) -> None:

@@ -25,11 +25,13 @@ import functools
 import gc
 import io
 import os
+import queue
 import random
 import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmafs.errors import ContainerError, VmafsError
@@ -98,16 +100,20 @@ def _make_client() -> BaseClient:
             gc.enable()
 
 
-def _new_client() -> BaseClient:
+def _new_client(timeout: float = 60, attempts: int | None = None) -> BaseClient:
+    """A client whose requests wait at most timeout seconds for an answer, tried attempts
+    times (None: AWS_MAX_ATTEMPTS, else 6)."""
     import botocore.session
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError
 
     retries: dict[str, Any] = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
-    if "AWS_MAX_ATTEMPTS" not in os.environ:
+    if attempts is not None:
+        retries["total_max_attempts"] = attempts
+    elif "AWS_MAX_ATTEMPTS" not in os.environ:
         retries["max_attempts"] = 6
-    config = Config(retries=retries, max_pool_connections=32, connect_timeout=10,
-                    read_timeout=60, tcp_keepalive=True,
+    config = Config(retries=retries, max_pool_connections=32,
+                    connect_timeout=min(10, timeout), read_timeout=timeout, tcp_keepalive=True,
                     # S3 clones (Ceph 16 among them) refuse the newer default checksums
                     request_checksum_calculation=os.environ.get(
                         "AWS_REQUEST_CHECKSUM_CALCULATION", "when_required"),
@@ -472,14 +478,13 @@ class S3Upload:
         self._number = 0  # parts handed to the pool
         self._parts: dict[int, str] = {}  # part number -> ETag
         self._pending: deque[concurrent.futures.Future[None]] = deque()
-        self._pool = concurrent.futures.ThreadPoolExecutor(in_flight,
-                                                           thread_name_prefix="vmafs-put")
+        self._pool = _PartSenders(in_flight)
         self._done = False
         self.bytes_written = 0
         try:
             resp = self._s3.create_multipart_upload(Bucket=self.bucket, Key=self.key)
         except Exception as exc:
-            self._pool.shutdown()
+            self._pool.close()
             raise error(exc, location) from None
         self.upload_id = str(resp["UploadId"])
 
@@ -548,35 +553,46 @@ class S3Upload:
                                      "existing objects)")
             raise problem from None
         self._done = True
-        self._pool.shutdown()
+        self._pool.close()
 
     def abort(self) -> None:
-        """Remove every part (also after Ctrl-C or SIGTERM: those wait until it is done)."""
+        """Remove every part (also after Ctrl-C or SIGTERM: those wait until it is done, at
+        most about ABORT_SECONDS, whatever the gateway does)."""
         if self._done:
             return
         self._done = True
         self._pieces.clear()
+        deadline = time.monotonic() + float(os.environ.get("VMAFS_S3_ABORT_SECONDS",
+                                                           ABORT_SECONDS))
         blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
         main = threading.current_thread() is threading.main_thread()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if main else None
         try:
             for future in self._pending:
                 future.cancel()
-            self._pool.shutdown(wait=True, cancel_futures=True)  # no part lands after the abort
+            self._pool.close()
+            # parts under way land first, so none comes after the abort; but a gateway that
+            # stopped answering holds them for minutes (timeouts, retries): not past deadline
+            concurrent.futures.wait(self._pending, timeout=max(0.0, deadline - time.monotonic()))
             self._pending.clear()
-            self._abort_upload()
+            self._abort_upload(deadline)
         finally:
             if old is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-    def _abort_upload(self) -> None:
-        deadline = time.monotonic() + float(os.environ.get("VMAFS_S3_ABORT_SECONDS",
-                                                           ABORT_SECONDS))
+    def _abort_upload(self, deadline: float) -> None:
+        # a client of its own whose requests give up by the deadline (the shared one waits a
+        # minute an attempt, six attempts)
+        try:
+            s3 = _new_client(timeout=max(1.0, min(10.0, deadline - time.monotonic())),
+                             attempts=1)
+        except StoreError:
+            s3 = self._s3
         attempt = 0
         while True:
             try:
-                self._s3.abort_multipart_upload(Bucket=self.bucket, Key=self.key,
-                                                UploadId=self.upload_id)
+                s3.abort_multipart_upload(Bucket=self.bucket, Key=self.key,
+                                          UploadId=self.upload_id)
                 return
             except Exception as exc:
                 from botocore.exceptions import ClientError
@@ -592,6 +608,39 @@ class S3Upload:
                         f"--key {self.key} --upload-id {self.upload_id}") from None
                 attempt += 1
                 time.sleep(min(2.0, 0.1 * 2 ** attempt) * (0.5 + random.random() / 2))
+
+
+class _PartSenders:
+    """The threads that upload an upload's parts. Daemon threads, unlike a
+    ThreadPoolExecutor's, which the interpreter joins at exit: a part stuck on a gateway that
+    stopped answering must not hold a failed command for its minutes of timeouts and retries."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[None],
+                                             Callable[[], None]] | None] = queue.SimpleQueue()
+        for i in range(count):
+            threading.Thread(target=self._serve, name=f"vmafs-put-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._calls.put((future, functools.partial(fn, *args)))
+        return future
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    fn()
+                    future.set_result(None)
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def close(self) -> None:
+        """The threads end once the calls before this are done (a cancelled one is skipped)."""
+        for _ in range(self._count):
+            self._calls.put(None)
 
 
 def _broke(where: str, exc: Exception) -> Exception:
