@@ -322,6 +322,15 @@ def daemon_cpu(pid: int) -> float:
     return total / 1e9
 
 
+def wait_mounted(archive: Path, mnt: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Back once the mount daemon shows the disk (a hang guard of 60 s)."""
+    deadline = time.monotonic() + 60
+    while not (mnt / DISK).exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{archive} did not get mounted")
+        time.sleep(0.02)
+
+
 @contextmanager
 def mounted(archive: Path, mnt: Path, tree: Path = ROOT,
             pids: dict[Path, int] | None = None) -> Iterator[Path]:
@@ -330,11 +339,7 @@ def mounted(archive: Path, mnt: Path, tree: Path = ROOT,
     proc = subprocess.Popen(vmafs("mount", "-f", str(archive), str(mnt)), env=env(tree),
                             cwd="/")  # not this checkout's vmafs when tree is another
     try:
-        deadline = time.monotonic() + 60
-        while not (mnt / DISK).exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{archive} did not get mounted")
-            time.sleep(0.02)
+        wait_mounted(archive, mnt, proc)
         if pids is not None:
             pids[mnt] = proc.pid
         yield mnt / DISK
@@ -387,11 +392,7 @@ def stages(work: Path, name: str, reads: int) -> None:
                              str(archive), str(mnt)], env=env(), cwd="/")
     clock: list[tuple[int, int]] = []
     try:
-        deadline = time.monotonic() + 60
-        while not (mnt / DISK).exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{archive} did not get mounted")
-            time.sleep(0.02)
+        wait_mounted(archive, mnt, proc)
         time.sleep(1)  # the block sums' preload, if any, done
         fd = os.open(mnt / DISK, os.O_RDONLY)
         try:
