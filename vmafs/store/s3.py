@@ -630,12 +630,14 @@ class _PartSenders:
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
             future, fn = call
+            del call  # the part's body goes with fn once sent, not while waiting for the next
             if future.set_running_or_notify_cancel():
                 try:
                     fn()
                     future.set_result(None)
                 except BaseException as exc:
                     future.set_exception(exc)
+            del fn
 
     def close(self) -> None:
         """The threads end once the calls before this are done (a cancelled one is skipped)."""
