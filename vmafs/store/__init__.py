@@ -67,6 +67,10 @@ class Upload(Protocol):
     def abort(self) -> None: ...
 
 
+UploadsInProgress = list[tuple[str, float]]
+"""Archives being written that cannot be read yet: (name, when it last got data, epoch s)."""
+
+
 class Store(Protocol):
     """The operations every place where archives live offers."""
 
@@ -93,6 +97,11 @@ class Store(Protocol):
 
     def remove(self, location: str, identity: bytes | None = None) -> None:
         """Remove the object (only if it still has identity, when given)."""
+        ...
+
+    def uploads(self, place: str) -> UploadsInProgress:
+        """The archives being written directly under place that cannot be read yet (a
+        multipart upload: a backup under way, or one a killed run left), sorted by name."""
         ...
 
 

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from vmafs.errors import ContainerError
-from vmafs.store import Entry, StoreError, display_location
+from vmafs.store import Entry, StoreError, UploadsInProgress, display_location
 from vmafs.store.ranged import TAIL, BodyBroke, HttpBody, RangedObject
 
 ATTEMPTS = 6
@@ -155,6 +155,9 @@ class HttpStore:
 
     def remove(self, location: str, identity: bytes | None = None) -> None:
         raise StoreError(f"{display_location(location)}: an http(s) URL is read-only")
+
+    def uploads(self, place: str) -> UploadsInProgress:
+        return []  # read-only: nothing is written there through it
 
 
 def _broke(where: str, exc: Exception) -> Exception | None:

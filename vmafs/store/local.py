@@ -11,7 +11,7 @@ import struct
 
 from vmafs.errors import VmafsError
 from vmafs.format.names import display
-from vmafs.store import Entry
+from vmafs.store import Entry, UploadsInProgress
 
 
 def stat_identity(st: os.stat_result) -> bytes:
@@ -165,6 +165,9 @@ class LocalStore:
         finally:
             os.close(dir_fd)
         return True
+
+    def uploads(self, place: str) -> UploadsInProgress:
+        return []  # a file being written is a .part file beside the archives (Place.live_temps)
 
     def remove(self, location: str, identity: bytes | None = None) -> None:
         """Unlink the name (never what a symlink points to), if it still is the file read."""

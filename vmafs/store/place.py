@@ -14,7 +14,7 @@ from typing import Literal
 
 from vmafs.errors import VmafsError
 from vmafs.format.names import display
-from vmafs.store import Entry, is_remote, join, store_for
+from vmafs.store import Entry, UploadsInProgress, is_remote, join, store_for
 
 
 def stat_identity(st: os.stat_result) -> bytes:
@@ -148,38 +148,14 @@ class Place:
 
         return [self.path(name) for name in self._temps(wanted) if temp_in_use(self._fd, name)]
 
-    def uploads(self, wanted: Callable[[str], bool]) -> list[tuple[str, float]]:
-        """The uploads in progress here (a store's multipart uploads: a backup being
-        written, or one a killed run left) of the names `wanted` accepts: (name, when it last
-        got a part, or began, as epoch seconds). Their data cannot be read before they
-        complete. A directory has none (its temporary files are live_temps)."""
+    def uploads(self, wanted: Callable[[str], bool]) -> UploadsInProgress:
+        """The uploads in progress here (Store.uploads) of the names `wanted` accepts: their
+        data cannot be read before they complete. A directory has none (its temporary files
+        are live_temps)."""
         if not self.remote:
             return []
-        from vmafs.store.s3 import client, error, parse
-
-        bucket, prefix = parse(self.where)
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        s3 = client()
-        out = []
-        try:
-            pages = s3.get_paginator("list_multipart_uploads").paginate(
-                Bucket=bucket, Prefix=prefix, Delimiter="/")
-            for page in pages:
-                for upload in page.get("Uploads", ()):
-                    name = str(upload["Key"])[len(prefix):]
-                    if not name or "/" in name or not wanted(name):
-                        continue
-                    last = upload["Initiated"].timestamp()
-                    parts = s3.get_paginator("list_parts").paginate(
-                        Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                    for part_page in parts:
-                        for part in part_page.get("Parts", ()):
-                            last = max(last, part["LastModified"].timestamp())
-                    out.append((name, last))
-        except Exception as exc:
-            raise error(exc, self.where) from None
-        return sorted(out)
+        return [(name, last) for name, last in store_for(self.where).uploads(self.where)
+                if wanted(name)]
 
     def _temps(self, wanted: Callable[[str], bool]) -> list[str]:
         """The names of the temporary files here of the final names `wanted` accepts (a store

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmafs.errors import ContainerError, VmafsError
-from vmafs.store import Entry, StoreError
+from vmafs.store import Entry, StoreError, UploadsInProgress
 from vmafs.store.ranged import TAIL, BodyBroke, HttpBody, RangedObject
 
 if TYPE_CHECKING:
@@ -442,6 +442,31 @@ class S3Store:
                 return False
             raise error(exc, location) from None
         return True
+
+    def uploads(self, place: str) -> UploadsInProgress:
+        bucket, prefix = parse(place)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        s3 = client()
+        out = []
+        try:
+            pages = s3.get_paginator("list_multipart_uploads").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    name = str(upload["Key"])[len(prefix):]
+                    if not name or "/" in name:
+                        continue
+                    last = upload["Initiated"].timestamp()
+                    parts = s3.get_paginator("list_parts").paginate(
+                        Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    for part_page in parts:
+                        for part in part_page.get("Parts", ()):
+                            last = max(last, part["LastModified"].timestamp())
+                    out.append((name, last))
+        except Exception as exc:
+            raise error(exc, place) from None
+        return sorted(out)
 
     def remove(self, location: str, identity: bytes | None = None) -> None:
         bucket, key = parse(location)
